@@ -1,0 +1,1 @@
+"""Helpers shared by every pdserve service (one copy of each mechanism)."""

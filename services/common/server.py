@@ -1,0 +1,153 @@
+"""What every pdserve gRPC server shares: health checking, reflection, the Prometheus endpoint,
+a message-size guard, and graceful shutdown on SIGTERM/SIGINT (stop taking work, drain, exit)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Control messages are small; KV never travels over gRPC. A generous cap still catches misuse.
+MAX_MESSAGE_BYTES = 16 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
+    """Records the largest request and response message per method: evidence that no gRPC message
+    carries KV (the e2e tests compare it with the size of one KV block)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.largest = Gauge(
+            "pdserve_grpc_largest_message_bytes",
+            "Largest serialized gRPC message seen by this server, per method and direction.",
+            ["method", "direction"],
+            registry=registry,
+        )
+        self._max: dict[tuple[str, str], int] = {}
+
+    def _observe(self, method: str, direction: str, message) -> None:
+        size = message.ByteSize() if hasattr(message, "ByteSize") else 0
+        key = (method, direction)
+        if size > self._max.get(key, -1):
+            self._max[key] = size
+            self.largest.labels(method, direction).set(size)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        observe = self._observe
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                observe(method, "request", request)
+                response = await inner(request, context)
+                if response is not None:
+                    observe(method, "response", response)
+                return response
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                observe(method, "request", request)
+                async for response in inner_stream(request, context):
+                    observe(method, "response", response)
+                    yield response
+
+            return handler._replace(unary_stream=unary_stream)
+        return handler
+
+
+class ServiceRunner:
+    """Runs one gRPC server and its metrics endpoint until SIGTERM, then drains.
+
+    `add_servicers(server)` registers the service implementations and returns their full names
+    (for health and reflection). `drain()` is awaited after health turns NOT_SERVING and before the
+    server stops; in-flight RPCs get `grace_seconds` more to finish.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        metrics_port: int,
+        registry: CollectorRegistry,
+        grace_seconds: float = 30.0,
+    ):
+        self.name = name
+        self.host = host
+        self.port = port
+        self.metrics_port = metrics_port
+        self.registry = registry
+        self.grace_seconds = grace_seconds
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self._stop = asyncio.Event()
+        self.bound_port = 0
+
+    async def start(self, add_servicers: Callable[[grpc.aio.Server], Iterable[str]]) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[MessageSizeInterceptor(self.registry)], options=GRPC_OPTIONS
+        )
+        names = list(add_servicers(self.server))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.bound_port == 0:
+            raise RuntimeError(f"{self.name}: cannot bind gRPC port {self.host}:{self.port}")
+        await self.server.start()
+        if self.metrics_port >= 0:
+            start_http_server(self.metrics_port, addr=self.host if self.host not in ("[::]", "") else "0.0.0.0",
+                              registry=self.registry)
+        for n in names + [""]:
+            await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving gRPC on %s:%d, metrics on :%d", self.name, self.host, self.bound_port, self.metrics_port)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_and_drain(self, drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        await self._stop.wait()
+        log.info("%s: stopping: no new work, draining", self.name)
+        await self.health.enter_graceful_shutdown()
+        if drain is not None:
+            try:
+                await asyncio.wait_for(drain(), timeout=self.grace_seconds)
+            except asyncio.TimeoutError:
+                log.warning("%s: drain did not finish within %.0fs", self.name, self.grace_seconds)
+        await self.server.stop(grace=min(5.0, self.grace_seconds))
+        log.info("%s: stopped", self.name)
+
+
+def invalid_argument(field: str, problem: str) -> str:
+    """Error text for INVALID_ARGUMENT that names the offending field."""
+    return f"{field}: {problem}"

@@ -1,0 +1,202 @@
+"""The paged KV pool: one shareable allocation per worker.
+
+Pool layout (this is the wire format of KV transfer):
+
+    pool[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]   (dtype of the model)
+
+Block-major: one block holds K (index 0) and V (index 1) of `block_size` consecutive tokens for
+every layer, contiguously, `block_bytes` long. Moving a block between two pools of the same
+`KvLayout` is therefore one contiguous copy, and the kvstore daemon can treat pools as
+`[num_blocks, block_bytes]` byte arrays without knowing anything about the model. Attention reads
+one layer's K or V as a strided view `[num_blocks, block_size, num_kv_heads, head_dim]` whose block
+stride is `block_bytes`.
+
+Token t of a sequence lives in block `block_table[t // block_size]`, row `t % block_size`.
+
+The memory is shareable so that the node-local kvstore daemon can map it: on CPU a POSIX
+shared-memory file under /dev/shm; on CUDA a device allocation exported with a CUDA IPC handle.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import hashlib
+import mmap
+import os
+import uuid
+from dataclasses import asdict, dataclass
+
+import torch
+
+SHM_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    model_id: str = ""  # identifies the weights; pools of different models must not exchange KV
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n * self.element_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def fingerprint(self) -> str:
+        """Equal for two pools whose blocks can be copied into each other byte for byte."""
+        shape = "x".join(map(str, self.block_shape))
+        return f"{self.model_id}:{shape}:{self.dtype}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_id_for(model_dir_or_name: str, config_dict: dict) -> str:
+    digest = hashlib.sha256(repr(sorted(config_dict.items())).encode()).hexdigest()[:12]
+    return f"{os.path.basename(os.path.normpath(model_dir_or_name))}-{digest}"
+
+
+class KvPool:
+    """A worker's KV blocks in shareable memory, plus per-layer views for attention."""
+
+    def __init__(self, layout: KvLayout, tensor: torch.Tensor, descriptor: dict, owner: bool, closer=None):
+        self.layout = layout
+        self.tensor = tensor  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+        self.descriptor = descriptor  # how another process on this node maps the same memory
+        self._owner = owner
+        self._closer = closer
+
+    # ---- creation -------------------------------------------------------------------------
+    @classmethod
+    def allocate(cls, layout: KvLayout, device: str = "cpu", name: str | None = None) -> "KvPool":
+        dtype = getattr(torch, layout.dtype)
+        shape = (layout.num_blocks, *layout.block_shape)
+        if device == "cpu":
+            name = name or f"pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            path = os.path.join(SHM_DIR, name)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, layout.total_bytes)
+                mm = mmap.mmap(fd, layout.total_bytes)
+            finally:
+                os.close(fd)
+            flat = torch.frombuffer(mm, dtype=torch.uint8, count=layout.total_bytes)
+            tensor = flat.view(dtype).view(shape)
+            tensor.zero_()
+
+            def close(path=path, mm=mm):
+                _unlink_quietly(path)
+
+            atexit.register(close)
+            descriptor = {"kind": "shm", "path": path, "size": layout.total_bytes}
+            pool = cls(layout, tensor, descriptor, owner=True, closer=close)
+            pool._mmap = mm
+            return pool
+        tensor = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(layout, tensor, _cuda_ipc_descriptor(tensor), owner=True)
+
+    @classmethod
+    def attach(cls, layout: KvLayout, descriptor: dict) -> "KvPool":
+        """Maps a pool another process allocated on this node (used by the kvstore daemon)."""
+        kind = descriptor.get("kind")
+        if kind == "shm":
+            path = descriptor["path"]
+            if not os.path.realpath(path).startswith(SHM_DIR + "/"):
+                raise ValueError(f"shared-memory path must be under {SHM_DIR}, got {path!r}")
+            size = int(descriptor["size"])
+            if size != layout.total_bytes:
+                raise ValueError(f"pool size {size} does not match layout ({layout.total_bytes} bytes)")
+            fd = os.open(path, os.O_RDWR)
+            try:
+                if os.fstat(fd).st_size < size:
+                    raise ValueError(f"shared-memory file {path} is smaller than {size} bytes")
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            flat = torch.frombuffer(mm, dtype=torch.uint8, count=size)
+            tensor = flat.view(getattr(torch, layout.dtype)).view(layout.num_blocks, *layout.block_shape)
+            pool = cls(layout, tensor, descriptor, owner=False)
+            pool._mmap = mm
+            return pool
+        if kind == "cuda_ipc":
+            torch.cuda.set_device(int(descriptor["device"]))  # opening a handle needs a live context
+            storage = torch.UntypedStorage._new_shared_cuda(*_decode_cuda_ipc(descriptor))
+            flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{descriptor['device']}")
+            flat.set_(storage, 0, (layout.total_bytes,), (1,))
+            tensor = flat.view(getattr(torch, layout.dtype)).view(layout.num_blocks, *layout.block_shape)
+            return cls(layout, tensor, descriptor, owner=False)
+        raise ValueError(f"unknown pool memory kind {kind!r}; known: shm, cuda_ipc")
+
+    # ---- views ------------------------------------------------------------------------------
+    def key_cache(self, layer: int) -> torch.Tensor:
+        return self.tensor[:, layer, 0]
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        return self.tensor[:, layer, 1]
+
+    def block_bytes_view(self) -> torch.Tensor:
+        """The pool as [num_blocks, block_bytes] raw bytes, for transfers."""
+        return self.tensor.view(torch.uint8).view(self.layout.num_blocks, self.layout.block_bytes)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _cuda_ipc_descriptor(tensor: torch.Tensor) -> dict:
+    (device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
+        tensor.untyped_storage()._share_cuda_()
+    )
+    b64 = lambda b: base64.b64encode(b).decode() if b else ""  # noqa: E731
+    return {
+        "kind": "cuda_ipc",
+        "device": device,
+        "handle": b64(handle),
+        "size": size,
+        "offset": offset,
+        "ref_handle": b64(ref_handle),
+        "ref_offset": ref_offset,
+        "event_handle": b64(event_handle),
+        "event_sync": bool(event_sync),
+    }
+
+
+def _decode_cuda_ipc(d: dict) -> tuple:
+    unb64 = lambda s: base64.b64decode(s) if s else b""  # noqa: E731
+    return (
+        d["device"],
+        unb64(d["handle"]),
+        d["size"],
+        d["offset"],
+        unb64(d["ref_handle"]),
+        d["ref_offset"],
+        unb64(d["event_handle"]),
+        d["event_sync"],
+    )

@@ -1,0 +1,218 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over packed tokens and a paged KV pool.
+
+Numerics follow `transformers` operation for operation (RMSNorm in float32, rotate-half RoPE with
+cos/sin cast to the model dtype, residual adds in the model dtype) so that float32 logits agree with
+the reference to ~1e-5. q/k/v and gate/up projections are merged into one matmul each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, decode_attention_torch, prefill_attention, write_kv
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); the first layer passes residual=None."""
+        if x.is_cuda and x.dim() == 2:
+            from .triton_fused import add_rms_norm
+
+            if residual is None:
+                return add_rms_norm(x, None, self.weight, self.eps), x
+            return add_rms_norm(x, residual, self.weight, self.eps), residual  # residual updated in place
+        residual = x if residual is None else x + residual
+        return self(residual), residual
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for every position up to max_model_len, computed with transformers' own rope init."""
+
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        inv_freq, attention_scaling = _rope_inv_freq(config)
+        positions = torch.arange(max_positions, dtype=torch.int64).float()
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+    def rotate_and_write_kv(self, q, k, v, positions, slot_mapping, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Applies RoPE to q and k and writes k, v into their KV slots; returns rotated (q, k)."""
+        if q.is_cuda:
+            from .triton_fused import rope_and_write_kv
+
+            rope_and_write_kv(q, k, v, self.cos, self.sin, positions, slot_mapping, k_cache, v_cache)
+            return q, k
+        cos, sin = self(positions, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return q, k
+
+
+def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from .config import rope_parameters
+
+    params = rope_parameters(config.hf_config)
+    if params["rope_type"] == "default":
+        dim = config.head_dim
+        return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config.hf_config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+class PackedLinear(nn.Module):
+    """A CPU linear layer whose weight is pre-packed in oneDNN's blocked format.
+
+    At decode batch sizes (8-64 rows) this runs 2-3x faster than `F.linear` on the same weight,
+    which re-lays out the matrix on every call; at prefill sizes it is no slower. Results differ
+    from `F.linear` only by summation order (~1e-6 relative)."""
+
+    def __init__(self, linear: nn.Linear, expected_rows: int = 16):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), expected_rows)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears_for_cpu(model: nn.Module) -> int:
+    """Replaces every nn.Linear by a PackedLinear; returns how many. No-op without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear(child))
+    return len(targets)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, rotary, positions, meta: AttentionMetadata, k_cache, v_cache):
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.rotate_and_write_kv(q, k, v, positions, meta.slot_mapping, k_cache, v_cache)
+        if meta.is_prefill:
+            out = prefill_attention(q, k, v, meta.cu_seqlens, self.scale)
+        elif meta.use_triton:
+            from .triton_attention import paged_decode_attention
+
+            out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        else:
+            out = decode_attention_torch(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, self.scale
+            )
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            from .triton_fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, residual, rotary, positions, meta, k_cache, v_cache):
+        """Returns (this layer's MLP output, the residual stream before it); the next layer's
+        norm adds the two, so each residual add fuses into a norm (same sums as transformers)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.self_attn(h, rotary, positions, meta, k_cache, v_cache)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None  # computed by init_rotary once on a real device
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_rotary(self, max_positions: int, device: torch.device) -> None:
+        self.rotary = RotaryEmbedding(self.config, max_positions).to(device)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_pool, logits_indices=None):
+        """Returns logits [N, vocab] for the tokens at `logits_indices` (all when None)."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, self.rotary, positions, meta, kv_pool.key_cache(i), kv_pool.value_cache(i))
+        if logits_indices is not None:
+            x, residual = x[logits_indices], residual[logits_indices]
+        return self.lm_head(self.norm.add_norm(x, residual)[0])

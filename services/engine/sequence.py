@@ -1,0 +1,39 @@
+"""A request's state inside one worker's engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: str
+    token_ids: list[int]  # prompt followed by the output so far
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    block_table: list[int] = field(default_factory=list)
+    # tokens whose K/V is in the pool; decode feeds token_ids[num_cached] next
+    num_cached: int = 0
+    output_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @classmethod
+    def from_prompt(cls, seq_id: str, prompt: list[int], sampling: SamplingParams) -> "Sequence":
+        return cls(seq_id, list(prompt), len(prompt), sampling)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

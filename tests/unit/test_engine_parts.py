@@ -1,0 +1,185 @@
+"""Engine pieces: loading and its errors, dtypes, block accounting, the shareable pool, Triton."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from services.engine import (
+    BlockManager, Engine, EngineConfig, KvLayout, KvPool, ModelConfig, OutOfBlocksError, SamplingParams, Sequence,
+    UnsupportedModelError,
+)
+from services.engine.testmodels import get_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _greedy(engine, prompt, n=8):
+    seq = Sequence.from_prompt("s", prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    engine.prefill([seq])
+    while not seq.finished:
+        engine.decode_step([seq])
+    engine.free(seq)
+    return seq.output_token_ids
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
+    single = get_model("qwen3")
+    sharded = get_model("qwen3", max_shard_size="100KB")
+    assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    prompt = [11, 22, 33, 44, 55]
+    a = Engine(single, EngineConfig(kv_cache_bytes=2 << 20))
+    b = Engine(sharded, EngineConfig(kv_cache_bytes=2 << 20))
+    assert _greedy(a, prompt) == _greedy(b, prompt)
+
+
+def _copy_with_config(tmp_path, **changes):
+    src = get_model("llama")
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def test_unsupported_architecture_names_what_is_supported(tmp_path):
+    folder = _copy_with_config(tmp_path, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
+        ModelConfig.from_pretrained(folder)
+
+
+def test_unsupported_option_is_named(tmp_path):
+    folder = _copy_with_config(tmp_path, hidden_act="gelu")
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu'.*supported: 'silu'"):
+        ModelConfig.from_pretrained(folder)
+    folder2 = _copy_with_config(tmp_path / "b", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
+        ModelConfig.from_pretrained(folder2)
+
+
+def test_missing_weight_is_reported(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_with_config(tmp_path)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing weights for: layers.1.mlp.down_proj.weight"):
+        Engine(folder, EngineConfig(kv_cache_bytes=2 << 20))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(dtype):
+    model_dir = get_model("llama")
+    prompt = [7, 100, 200, 300, 400, 500]
+    ref = Engine(model_dir, EngineConfig(dtype="float32", kv_cache_bytes=2 << 20))
+    half = Engine(model_dir, EngineConfig(dtype=dtype, kv_cache_bytes=2 << 20))
+    assert half.kv_pool.tensor.dtype == getattr(torch, dtype)
+    s_ref = Sequence.from_prompt("a", prompt, SamplingParams(max_tokens=2, temperature=0))
+    s_half = Sequence.from_prompt("a", prompt, SamplingParams(max_tokens=2, temperature=0))
+    ref.prefill([s_ref])
+    half.prefill([s_half])
+    # same argmax, and logits within half-precision error (a few percent of their range)
+    assert s_ref.output_token_ids == s_half.output_token_ids
+    error = (ref.last_logits - half.last_logits.float()).abs().max()
+    assert error < 0.05 * ref.last_logits.abs().max()
+
+
+def test_prompt_validation():
+    eng = Engine(get_model("llama"), EngineConfig(kv_cache_bytes=2 << 20))
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.validate_prompt([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.validate_prompt([1, 5000])
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.validate_prompt([1] * eng.max_model_len)
+
+
+def test_block_manager_reference_counts():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a = bm.allocate(3)
+    assert bm.num_free == 1 and bm.blocks_for_tokens(33) == 3
+    bm.share(a[:1])
+    bm.free(a)
+    assert bm.num_free == 3 and bm.ref_count(a[0]) == 1
+    bm.free(a[:1])
+    assert bm.num_free == 4
+    with pytest.raises(ValueError, match="freed twice"):
+        bm.free(a[:1])
+    with pytest.raises(OutOfBlocksError):
+        bm.allocate(5)
+
+
+def test_engine_out_of_blocks_leaves_accounting_intact():
+    eng = Engine(get_model("llama"), EngineConfig(kv_cache_bytes=None, cpu_kv_cache_bytes=300 << 10, max_model_len=256))
+    total = eng.block_manager.num_free
+    big = Sequence.from_prompt("big", [5] * 200, SamplingParams(max_tokens=2))
+    too_many = [Sequence.from_prompt(str(i), [5] * 200, SamplingParams(max_tokens=2)) for i in range(total)]
+    with pytest.raises(OutOfBlocksError):
+        eng.prefill([big] + too_many)
+    for s in [big] + too_many:
+        eng.free(s)
+    assert eng.block_manager.num_free == total
+
+
+def test_pool_is_shared_memory_another_process_can_map(tmp_path):
+    layout = KvLayout(num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", model_id="t")
+    pool = KvPool.allocate(layout, "cpu")
+    pool.tensor[3].normal_()
+    assert pool.block_bytes_view().shape == (8, layout.block_bytes)
+    code = (
+        "import json,sys,torch; from services.engine import KvLayout, KvPool;"
+        "layout=KvLayout(**json.loads(sys.argv[1])); p=KvPool.attach(layout, json.loads(sys.argv[2]));"
+        "print(float(p.tensor[3].float().sum())); p.tensor[5].fill_(2.0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(layout.to_dict()), json.dumps(pool.descriptor)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert abs(float(out.stdout) - pool.tensor[3].float().sum().item()) < 1e-3
+    assert bool((pool.tensor[5] == 2.0).all())  # the other process wrote into our blocks
+    path = pool.descriptor["path"]
+    pool.close()
+    assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
+def test_cuda_pool_is_mappable_by_another_process_through_ipc():
+    layout = KvLayout(num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", model_id="t")
+    pool = KvPool.allocate(layout, "cuda")
+    pool.tensor[3].normal_()
+    assert pool.descriptor["kind"] == "cuda_ipc"
+    code = (
+        "import json,sys,torch; from services.engine import KvLayout, KvPool;"
+        "layout=KvLayout(**json.loads(sys.argv[1])); p=KvPool.attach(layout, json.loads(sys.argv[2]));"
+        "print(float(p.tensor[3].float().sum())); p.tensor[5].fill_(2.0); torch.cuda.synchronize()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(layout.to_dict()), json.dumps(pool.descriptor)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert abs(float(out.stdout) - pool.tensor[3].float().sum().item()) < 1e-2
+    assert bool((pool.tensor[5] == 2.0).all())
+
+
+def test_triton_kernels_match_torch_reference_in_interpreter():
+    """The CUDA kernels (paged decode attention, fused norm/RoPE/KV-write/SiLU), run by Triton's
+    CPU interpreter since there is no GPU here, against the torch ops they replace."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "unit", "triton_interpreter_checks.py")],
+                         cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(results) == 15  # 1 attention + 7 fused checks x 2 dtypes
+    for check, (error, scale) in results.items():
+        # float32: summation-order noise only. bfloat16: a few units in the last place, because the
+        # interpreter truncates float32 -> bfloat16 where GPUs (and torch) round to nearest.
+        bound = 1e-5 * max(scale, 1.0) if "float32" in check else scale * 2.0**-5
+        assert error <= bound, f"{check}: error {error} > {bound}"
