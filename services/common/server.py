@@ -127,6 +127,12 @@ class ServiceRunner:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving gRPC on %s:%d, metrics on :%d", self.name, self.host, self.bound_port, self.metrics_port)
 
+    async def set_serving(self, serving: bool) -> None:
+        """Readiness: a service that cannot do its job yet (the router without workers) reports
+        NOT_SERVING while its server is up, so liveness probes pass and readiness ones wait."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

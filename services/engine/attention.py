@@ -32,6 +32,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None
     max_context_len: int = 0
     use_triton: bool = False
+    kv_mirror: object | None = None  # DecodeKvMirror for CPU decode (cpu_kv_mirror.py)
+    context_lens_list: list[int] | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -83,10 +85,15 @@ def decode_attention_torch(
         g = torch.index_select(cache.permute(2, 0, 1, 3).unsqueeze(0), 2, flat_blocks)
         return g.view(kv_heads, batch, span, head_dim).transpose(0, 1)
 
+    return dense_decode_attention(q, gather(k_cache), gather(v_cache), context_lens, scale)
+
+
+def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float):
+    """q [B, H, D] against k/v [B, KVH, span, D] whose rows past each context length are ignored."""
+    batch, span = k.shape[0], k.shape[2]
     positions = torch.arange(span, device=q.device)
     mask = (positions[None, :] < context_lens[:, None]).view(batch, 1, 1, span)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), gather(k_cache), gather(v_cache), attn_mask=mask, scale=scale,
-        enable_gqa=q.shape[1] != kv_heads,
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.squeeze(2)

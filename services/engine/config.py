@@ -200,6 +200,8 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     attention_backend: str = "auto"  # "torch" | "triton" | "auto" (triton on cuda)
+    # CPU decode keeps a dense copy of the running batch's K/V up to this size (0: off); see cpu_kv_mirror.py
+    cpu_decode_kv_mirror_bytes: int = 256 << 20
     seed: int = 0
     kv_pool_name: str | None = None  # shared-memory name; generated when None
 

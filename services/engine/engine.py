@@ -137,6 +137,7 @@ class Engine:
         return int(self.blocks_for_tokens(len(seq.token_ids)) > len(seq.block_table))
 
     def free(self, seq: Sequence) -> None:
+        self.runner.forget(seq.seq_id)
         self.block_manager.free(seq.block_table)
         seq.block_table = []
         seq.num_cached = 0

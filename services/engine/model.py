@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, decode_attention_torch, prefill_attention, write_kv
+from .attention import AttentionMetadata, decode_attention_torch, dense_decode_attention, prefill_attention, write_kv
 from .config import ModelConfig
 
 
@@ -120,8 +120,9 @@ def pack_linears_for_cpu(model: nn.Module) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -147,6 +148,11 @@ class Attention(nn.Module):
         q, k = rotary.rotate_and_write_kv(q, k, v, positions, meta.slot_mapping, k_cache, v_cache)
         if meta.is_prefill:
             out = prefill_attention(q, k, v, meta.cu_seqlens, self.scale)
+        elif meta.kv_mirror is not None:
+            k_dense, v_dense = meta.kv_mirror.views(
+                self.layer_idx, k_cache, v_cache, meta.block_tables, k, v, meta.context_lens_list
+            )
+            out = dense_decode_attention(q, k_dense, v_dense, meta.context_lens, self.scale)
         elif meta.use_triton:
             from .triton_attention import paged_decode_attention
 
@@ -176,10 +182,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -197,7 +203,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None  # computed by init_rotary once on a real device

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from .attention import AttentionMetadata
+from .cpu_kv_mirror import DecodeKvMirror
 from .config import EngineConfig
 from .kv_cache import KvPool
 from .model import CausalLM
@@ -27,6 +28,11 @@ class ModelRunner:
         self.use_triton = self.device.type == "cuda" and config.attention_backend in ("auto", "triton")
         if config.attention_backend == "triton" and self.device.type != "cuda":
             raise ValueError("attention_backend 'triton' needs a CUDA device")
+        self.kv_mirror = None
+        if self.device.type == "cpu" and config.cpu_decode_kv_mirror_bytes > 0:
+            layout = kv_pool.layout
+            self.kv_mirror = DecodeKvMirror(layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                                            kv_pool.tensor.dtype, config.cpu_decode_kv_mirror_bytes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and config.enable_cuda_graphs and self.use_triton:
             self._capture_decode_graphs()
@@ -51,9 +57,25 @@ class ModelRunner:
         last = self._tensor([c - 1 for c in cu[1:]])
         return self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool, last)
 
+    def forget(self, seq_id: str) -> None:
+        """The sequence's blocks were freed: nothing cached about it may be reused."""
+        if self.kv_mirror is not None:
+            self.kv_mirror.drop(seq_id)
+
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One step: feeds each sequence's last token at position len-1, returns logits [B, V]."""
+        if self.kv_mirror is not None:
+            order = self.kv_mirror.prepare([s.seq_id for s in seqs], [len(s.token_ids) for s in seqs])
+            if order is not None:
+                # run in mirror-slot order, hand the logits back in the caller's order
+                logits = self._decode([seqs[i] for i in order], use_mirror=True)
+                out = torch.empty_like(logits)
+                out[torch.tensor(order)] = logits
+                return out
+        return self._decode(seqs)
+
+    def _decode(self, seqs: list[Sequence], use_mirror: bool = False) -> torch.Tensor:
         batch = len(seqs)
         input_ids = [s.token_ids[-1] for s in seqs]
         positions = [len(s.token_ids) - 1 for s in seqs]
@@ -71,8 +93,13 @@ class ModelRunner:
             context_lens=self._tensor(context_lens, torch.int32),
             max_context_len=max(context_lens),
             use_triton=self.use_triton,
+            kv_mirror=self.kv_mirror if use_mirror else None,
+            context_lens_list=context_lens,
         )
-        return self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool)
+        logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool)
+        if use_mirror:
+            self.kv_mirror.advance(context_lens)
+        return logits
 
     # ---- CUDA graphs --------------------------------------------------------------------------
     def _capture_decode_graphs(self) -> None:

@@ -1,0 +1,29 @@
+"""python -m services.colocated --port 7400 [--model DIR] ..."""
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.engine_worker import run_worker, worker_parser
+
+from .server import ColocatedService
+
+
+def main(argv=None) -> None:
+    args = worker_parser("pdserve colocated worker (prefill + decode)", port=7400, metrics_port=9400,
+                         kvstore=False).parse_args(argv)
+
+    def make_service(engine, registry, worker_id):
+        return ColocatedService(
+            engine, node_id=args.node_id, model_name=engine.kv_pool.layout.model_id,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, registry=registry,
+        )
+
+    def add_servicers(server, service):
+        worker_pb2_grpc.add_ColocatedWorkerServicer_to_server(service, server)
+        common_pb2_grpc.add_WorkerServicer_to_server(service, server)
+        return [worker_pb2.DESCRIPTOR.services_by_name["ColocatedWorker"].full_name,
+                common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+
+    run_worker("colocated", args, make_service, add_servicers)
+
+
+if __name__ == "__main__":
+    main()

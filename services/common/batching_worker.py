@@ -1,0 +1,184 @@
+"""The part of the decode and colocated workers that is the same: a continuous batch on the engine
+thread whose tokens stream back to each request's gRPC call, with cancellation that frees blocks
+at once. The decode worker adds KV admission and pulls; the colocated worker admits prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pdserve.v1 import common_pb2
+from services.engine import Engine, Sequence, StepOutput
+from services.engine.scheduler import BatchScheduler
+
+from .engine_worker import EngineThread, LoadStats, base_stats, register_kv_gauges
+from .metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class StreamJob:
+    seq: Sequence
+    request_id: str
+    outbox: asyncio.Queue
+    enqueued_at: float = field(default_factory=time.monotonic)
+    state: str = "waiting"  # waiting -> (pulling ->) running -> done
+    cancelled: bool = False
+    handle: common_pb2.KvHandle | None = None
+
+
+class BatchingMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.running = Gauge("pdserve_decode_running_requests", "Sequences in the running (decode) batch.", registry=registry)
+        self.waiting = Gauge("pdserve_decode_waiting_requests", "Requests admitted to the worker but not yet running.",
+                             registry=registry)
+        self.admission_wait = Histogram("pdserve_decode_admission_wait_seconds",
+                                        "Time from a request's arrival until it was given KV blocks.",
+                                        buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+        self.step_seconds = Histogram("pdserve_decode_step_duration_seconds", "Duration of one engine step.",
+                                      ["kind"], buckets=TOKEN_LATENCY_BUCKETS + (10.0, 30.0), registry=registry)
+        self.batch_size = Histogram("pdserve_decode_batch_size", "Sequences per decode step.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self.preemptions = Counter("pdserve_decode_preemptions_total",
+                                   "Running sequences preempted for lack of KV blocks (recomputed later).", registry=registry)
+        self.recomputes = Counter("pdserve_decode_kv_recomputes_total",
+                                  "Requests whose KV was recomputed here because the pull failed.", ["reason"],
+                                  registry=registry)
+        self.generated_tokens = Counter("pdserve_decode_generated_tokens_total", "Tokens produced by this worker.",
+                                        registry=registry)
+
+
+class BatchingWorker:
+    role = "decode"
+
+    def __init__(self, engine: Engine, *, node_id: str, model_name: str, max_num_seqs: int,
+                 max_num_batched_tokens: int, registry: CollectorRegistry):
+        self.engine = engine
+        self.node_id = node_id
+        self.model_name = model_name
+        self.scheduler = BatchScheduler(engine, max_num_seqs, max_num_batched_tokens)
+        self.metrics = BatchingMetrics(registry)
+        register_kv_gauges(registry, engine)
+        self.load = LoadStats()
+        self.jobs: dict[str, StreamJob] = {}  # seq_id -> job (engine thread)
+        self.draining = False
+        self._preemptions_seen = 0
+        self.thread = EngineThread(f"{self.role}-engine", self._step, self._has_work)
+
+    async def start(self) -> None:
+        self.thread.start(asyncio.get_running_loop())
+
+    # ---- to override ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Engine thread, before each step: move waiting requests into the scheduler."""
+
+    def _has_pending_admissions(self) -> bool:
+        return False
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work or self._has_pending_admissions()
+
+    def _step(self) -> None:
+        self._admit()
+        if not self.scheduler.has_work:
+            return
+        started = time.monotonic()
+        outputs = self.scheduler.step()
+        elapsed = time.monotonic() - started
+        if outputs:
+            kind = self.scheduler.last_step_kind
+            self.metrics.step_seconds.labels(kind).observe(elapsed)
+            if kind == "decode":
+                self.metrics.batch_size.observe(len(outputs))
+            else:
+                self.load.observe(elapsed, sum(o.seq.num_cached for o in outputs))
+        if self.scheduler.num_preemptions > self._preemptions_seen:
+            self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = self.scheduler.num_preemptions
+        self.metrics.generated_tokens.inc(len(outputs))
+        for out in outputs:
+            self._deliver(out)
+        self._update_gauges()
+
+    def _deliver(self, out: StepOutput) -> None:
+        job = self.jobs.get(out.seq.seq_id)
+        if job is None:
+            return
+        chunk = common_pb2.TokenChunk(token_ids=[out.token_id], logprobs=[out.logprob], finish_reason=out.finish_reason or "")
+        self.thread.emit(job.outbox.put_nowait, chunk)
+        if out.finish_reason:
+            job.state = "done"
+            del self.jobs[out.seq.seq_id]
+            self.thread.emit(job.outbox.put_nowait, _DONE)
+
+    def _cancel(self, job: StreamJob) -> None:
+        job.cancelled = True
+        self.jobs.pop(job.seq.seq_id, None)
+        if job.state in ("waiting", "running"):
+            self.scheduler.abort(job.seq.seq_id)
+        self._forget_cancelled(job)
+        self._update_gauges()
+
+    def _forget_cancelled(self, job: StreamJob) -> None:
+        """Subclass hook for state the scheduler does not know about."""
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.jobs) - len(self.scheduler.running))
+
+    # ---- asyncio side ---------------------------------------------------------------------------
+    def new_job(self, request_id: str, seq: Sequence) -> StreamJob:
+        return StreamJob(seq=seq, request_id=request_id, outbox=asyncio.Queue())
+
+    async def stream(self, job: StreamJob, context):
+        """Yields TokenChunks (coalescing tokens that piled up) until the sequence finishes."""
+        try:
+            while True:
+                item = await job.outbox.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    await context.abort(getattr(item, "code", grpc.StatusCode.INTERNAL), str(item))
+                while not job.outbox.empty():
+                    nxt = job.outbox.get_nowait()
+                    if nxt is _DONE or isinstance(nxt, BaseException):
+                        job.outbox.put_nowait(nxt)  # handled on the next turn
+                        break
+                    item.token_ids.extend(nxt.token_ids)
+                    item.logprobs.extend(nxt.logprobs)
+                    item.finish_reason = nxt.finish_reason
+                yield item
+        except asyncio.CancelledError:
+            self.thread.post(lambda: self._cancel(job))
+            raise
+
+    async def Stats(self, request, context):
+        stats = base_stats(self.engine, self.role, self.node_id, self.model_name)
+        stats.running = len(self.scheduler.running)
+        stats.waiting = max(0, len(self.jobs) - len(self.scheduler.running))
+        stats.prefill_seconds_per_token = self.load.seconds_per_token
+        stats.draining = self.draining
+        return stats
+
+    async def drain(self) -> None:
+        """Finish every request in flight, then stop the engine thread."""
+        self.draining = True
+        while self.jobs:
+            await asyncio.sleep(0.05)
+        self.thread.stop()
+
+
+def new_seq_id(request_id: str) -> str:
+    # request ids come from clients and may repeat; engine state is keyed by a unique id
+    return f"{request_id}#{uuid.uuid4().hex[:8]}"

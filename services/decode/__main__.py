@@ -1,0 +1,30 @@
+"""python -m services.decode --port 7300 --kvstore 127.0.0.1:7100 [--model DIR] ..."""
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.engine_worker import run_worker, worker_parser
+
+from .server import DecodeService
+
+
+def main(argv=None) -> None:
+    args = worker_parser("pdserve decode worker", port=7300, metrics_port=9300, kvstore=True).parse_args(argv)
+    from services.kvstore.client import KvStoreClient
+
+    def make_service(engine, registry, worker_id):
+        return DecodeService(
+            engine, KvStoreClient(args.kvstore), worker_id=worker_id, node_id=args.node_id,
+            model_name=engine.kv_pool.layout.model_id, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, registry=registry,
+        )
+
+    def add_servicers(server, service):
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
+        common_pb2_grpc.add_WorkerServicer_to_server(service, server)
+        return [worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name,
+                common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+
+    run_worker("decode", args, make_service, add_servicers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Prefill worker: batches prompts FCFS up to a token budget, computes their KV and first token,
+publishes the KV to the node's kvstore daemon and answers with the handle.
+
+A published entry's blocks stay allocated here until the daemon reports them RELEASED (pulled by
+a decode worker, moved to its host tier after the TTL, or released), so under a burst the prefill
+pool is the queue buffer and the batcher waits for blocks rather than dropping work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.engine_worker import (
+    EngineThread, InvalidRequest, LoadStats, base_stats, register_kv_gauges, sampling_from_proto, validate_tokens,
+)
+from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
+from services.engine import Engine, Sequence
+from services.engine.scheduler import take_prefill_batch
+from services.kvstore.client import KvStoreClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    seq: Sequence
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    started_at: float = 0.0
+    compute_seconds: float = 0.0
+    batch_size: int = 0
+
+
+class PrefillMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.queue_requests = Gauge("pdserve_prefill_queue_requests", "Requests waiting for a prefill batch.", registry=registry)
+        self.queue_tokens = Gauge("pdserve_prefill_queue_tokens", "Prompt tokens waiting for a prefill batch.", registry=registry)
+        self.batch_tokens = Histogram("pdserve_prefill_batch_tokens", "Prompt tokens per prefill batch.",
+                                      buckets=TOKEN_COUNT_BUCKETS, registry=registry)
+        self.batch_requests = Histogram("pdserve_prefill_batch_requests", "Prompts per prefill batch.",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self.step_seconds = Histogram("pdserve_prefill_step_duration_seconds", "Duration of one prefill batch's forward pass.",
+                                      buckets=TOKEN_LATENCY_BUCKETS + (10.0, 30.0), registry=registry)
+        self.queue_seconds = Histogram("pdserve_prefill_queue_time_seconds", "Time a prompt waited for its batch.",
+                                       buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+        self.published = Gauge("pdserve_prefill_published_entries", "KV entries published and not yet pulled or released.",
+                               registry=registry)
+        self.requests = Counter("pdserve_prefill_requests_total", "Prefill requests by outcome.", ["outcome"], registry=registry)
+
+
+class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Engine, kvstore: KvStoreClient, *, worker_id: str, node_id: str, model_name: str,
+                 max_num_batched_tokens: int, max_num_seqs: int, registry: CollectorRegistry):
+        self.engine = engine
+        self.kvstore = kvstore
+        self.worker_id = worker_id
+        self.node_id = node_id
+        self.model_name = model_name
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.metrics = PrefillMetrics(registry)
+        register_kv_gauges(registry, engine)
+        self.load = LoadStats()
+        # engine-thread state
+        self.waiting: deque[PrefillJob] = deque()
+        self.queued_tokens = 0
+        self.held: dict[str, Sequence] = {}  # kv_id -> sequence whose blocks back a published entry
+        self.draining = False
+        self.thread = EngineThread("prefill-engine", self._step, lambda: bool(self.waiting) and self._can_start())
+        self.metrics.published.set_function(lambda: len(self.held))
+
+    async def start(self) -> None:
+        self.thread.start(asyncio.get_running_loop())
+        await self.kvstore.register_pool(self.worker_id, self.engine.kv_pool, self._on_released)
+
+    # ---- gRPC -----------------------------------------------------------------------------------
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
+        try:
+            prompt = validate_tokens(self.engine, "token_ids", request.token_ids, extra=len(request.resumed_output_ids))
+            resumed = list(request.resumed_output_ids)
+            if resumed:
+                validate_tokens(self.engine, "resumed_output_ids", resumed, extra=len(prompt))
+            sampling = sampling_from_proto(request.sampling)
+            if len(resumed) >= sampling.max_tokens:
+                raise InvalidRequest("resumed_output_ids: already as long as sampling.max_tokens")
+        except (InvalidRequest, ValueError) as exc:
+            self.metrics.requests.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        seq = Sequence(seq_id=request.request_id or uuid.uuid4().hex, token_ids=prompt + resumed,
+                       num_prompt_tokens=len(prompt), sampling=sampling)
+        job = PrefillJob(seq, asyncio.get_running_loop().create_future())
+        self.thread.post(lambda: self._enqueue(job))
+        try:
+            out = await job.future
+        except asyncio.CancelledError:
+            self.thread.post(lambda: self._cancel(job))
+            self.metrics.requests.labels("cancelled").inc()
+            raise
+        response = worker_pb2.PrefillResponse(
+            first_token_id=out.token_id, first_logprob=out.logprob, finish_reason=out.finish_reason or "",
+            queue_seconds=job.started_at - job.enqueued_at, compute_seconds=job.compute_seconds,
+            batch_size=job.batch_size,
+        )
+        if out.finish_reason:  # done at the first token: nothing to publish (blocks already freed)
+            self.metrics.requests.labels("finished").inc()
+            return response
+        kv_id = f"{self.worker_id}/{seq.seq_id}/{uuid.uuid4().hex[:8]}"
+        self.thread.post(lambda: self.held.__setitem__(kv_id, seq))
+        try:
+            handle = await self.kvstore.publish(kv_id, list(seq.block_table), num_tokens=seq.num_cached)
+        except asyncio.CancelledError:
+            asyncio.create_task(self._abandon(kv_id))
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self.thread.post(lambda: self._free_entry(kv_id))
+            self.metrics.requests.labels("publish_failed").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kvstore publish failed: {exc.details()}")
+        if context.cancelled() or context.done():
+            asyncio.create_task(self._abandon(kv_id))  # the router is gone; nobody will pull this entry
+        response.kv.CopyFrom(handle)
+        self.metrics.requests.labels("published").inc()
+        return response
+
+    async def Stats(self, request, context):
+        stats = base_stats(self.engine, "prefill", self.node_id, self.model_name)
+        stats.waiting = len(self.waiting)
+        stats.queued_prompt_tokens = self.queued_tokens
+        stats.prefill_seconds_per_token = self.load.seconds_per_token
+        stats.published_entries = len(self.held)
+        stats.draining = self.draining
+        return stats
+
+    # ---- engine thread ------------------------------------------------------------------------------
+    def _enqueue(self, job: PrefillJob) -> None:
+        self.waiting.append(job)
+        self.queued_tokens += len(job.seq.token_ids)
+        self._update_queue_gauges()
+
+    def _cancel(self, job: PrefillJob) -> None:
+        job.cancelled = True
+        if job in self.waiting:
+            self.waiting.remove(job)
+            self.queued_tokens -= len(job.seq.token_ids)
+            self._update_queue_gauges()
+        elif job.seq.block_table and not any(s is job.seq for s in self.held.values()):
+            self.engine.free(job.seq)  # computed, never published
+
+    def _can_start(self) -> bool:
+        head = self.waiting[0].seq
+        return self.engine.blocks_for_tokens(len(head.token_ids)) <= self.engine.block_manager.num_free
+
+    def _step(self) -> None:
+        seqs = deque(job.seq for job in self.waiting)
+        batch = take_prefill_batch(seqs, self.engine, self.max_num_batched_tokens, self.max_num_seqs)
+        if not batch:
+            return
+        jobs = [self.waiting.popleft() for _ in batch]
+        self.queued_tokens -= sum(len(s.token_ids) for s in batch)
+        self._update_queue_gauges()
+        started = time.monotonic()
+        outputs = self.engine.prefill(batch)
+        compute = time.monotonic() - started
+        tokens = sum(s.num_cached for s in batch)
+        self.load.observe(compute, tokens)
+        self.metrics.step_seconds.observe(compute)
+        self.metrics.batch_tokens.observe(tokens)
+        self.metrics.batch_requests.observe(len(batch))
+        for job, out in zip(jobs, outputs):
+            job.started_at, job.compute_seconds, job.batch_size = started, compute, len(batch)
+            self.metrics.queue_seconds.observe(started - job.enqueued_at)
+            if out.finish_reason:
+                self.engine.free(job.seq)
+            self.thread.emit(_resolve, job.future, out)
+
+    def _free_entry(self, kv_id: str) -> None:
+        seq = self.held.pop(kv_id, None)
+        if seq is not None:
+            self.engine.free(seq)
+
+    def _on_released(self, kv_id: str, block_ids: list[int], reason: str) -> None:
+        self.thread.post(lambda: self._free_entry(kv_id))
+
+    def _update_queue_gauges(self) -> None:
+        self.metrics.queue_requests.set(len(self.waiting))
+        self.metrics.queue_tokens.set(self.queued_tokens)
+
+    async def _abandon(self, kv_id: str) -> None:
+        """Drops an entry nobody will pull. The blocks are freed on the daemon's RELEASED event,
+        or here if the daemon never recorded the entry (a publish cut short)."""
+        try:
+            released = await self.kvstore.release(common_pb2.KvHandle(kv_id=kv_id, kvstore_address=self.kvstore.address))
+        except grpc.aio.AioRpcError:
+            released = False
+        if not released:
+            self.thread.post(lambda: self._free_entry(kv_id))
+
+    # ---- shutdown -----------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Finish queued prompts; give published entries a chance to be pulled, then stop."""
+        self.draining = True
+        while self.waiting:
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while self.held and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.kvstore.close()
+        self.thread.stop()
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)

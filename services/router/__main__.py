@@ -1,0 +1,97 @@
+"""python -m services.router --port 7000 --prefill HOST:PORT,... --decode HOST:PORT,...
+                            [--prefill-dns NAME:PORT --decode-dns NAME:PORT] [--colocated ...] [--model DIR]"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from pdserve.v1 import router_pb2, router_pb2_grpc
+from services.common.engine_worker import resolve_model_dir
+from services.common.flags import FlagParser, common_server_flags, setup_logging
+from services.common.server import ServiceRunner
+
+from .registry import WorkerRegistry
+from .server import RouterService
+from .slo import SloTracker
+
+log = logging.getLogger("router")
+
+
+def _addresses(values: list[str] | None) -> list[str]:
+    return [a.strip() for v in values or [] for a in v.split(",") if a.strip()]
+
+
+def parser() -> FlagParser:
+    p = FlagParser(description="pdserve router: the public gRPC API")
+    common_server_flags(p, port=7000, metrics_port=9000)
+    p.add_flag("--model", default="", help="checkpoint folder for the tokenizer and config (default: the embedded tiny model)")
+    p.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
+    for role in ("prefill", "decode", "colocated"):
+        p.add_flag(f"--{role}", action="append", help=f"{role} worker addresses host:port, comma-separated")
+        p.add_flag(f"--{role}-dns", action="append",
+                   help=f"DNS names host:port resolving to {role} workers (Kubernetes headless services)")
+    p.add_flag("--default-max-tokens", default=256, type=int, help="max_tokens when a request leaves it unset")
+    p.add_flag("--slo-ttft-seconds", default=0.25, type=float, help="default TTFT SLO (DistServe chatbot 13B)")
+    p.add_flag("--slo-tpot-seconds", default=0.1, type=float, help="default TPOT SLO (DistServe chatbot 13B)")
+    p.add_flag("--slo-window-seconds", default=60.0, type=float, help="window of the attainment gauge")
+    p.add_flag("--max-retries", default=2, type=int, help="failovers per request")
+    p.add_flag("--poll-interval", default=0.5, type=float, help="seconds between worker Stats polls")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level, "router")
+    from transformers import AutoTokenizer
+
+    from services.engine import ModelConfig
+
+    model_dir = resolve_model_dir(args.model)
+    model_config = ModelConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    static = {role: _addresses(getattr(args, role)) for role in ("prefill", "decode", "colocated")}
+    dns = {role: _addresses(getattr(args, f"{role}_dns")) for role in ("prefill", "decode", "colocated")}
+    roles = {r for r in static if static[r] or dns[r]}
+    if not roles or (roles != {"colocated"} and not {"prefill", "decode"} <= roles) or (
+            "colocated" in roles and roles != {"colocated"}):
+        raise SystemExit("give prefill and decode workers (disaggregated), or colocated workers alone")
+
+    async def run():
+        registry = CollectorRegistry()
+        workers = WorkerRegistry(static, dns, poll_interval=args.poll_interval)
+        slo = SloTracker(registry, args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_window_seconds)
+        service = RouterService(
+            workers, tokenizer, model_id=args.model or "pdserve-tiny-llama",
+            max_model_len=min(args.max_model_len or model_config.max_model_len, model_config.max_model_len),
+            vocab_size=model_config.vocab_size, slo=slo, default_max_tokens=args.default_max_tokens,
+            max_retries=args.max_retries,
+        )
+        runner = ServiceRunner("router", args.host, args.port, args.metrics_port, registry, args.grace_seconds)
+
+        def add(server):
+            router_pb2_grpc.add_RouterServicer_to_server(service, server)
+            return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
+
+        await runner.start(add)
+        await runner.set_serving(False)
+        runner.install_signal_handlers()
+        await workers.start()
+
+        async def readiness():
+            while True:
+                ready = all(workers.eligible(role) for role in roles)
+                await runner.set_serving(ready)
+                await asyncio.sleep(args.poll_interval)
+
+        watcher = asyncio.create_task(readiness())
+        await runner.wait_and_drain(service.drain)
+        watcher.cancel()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

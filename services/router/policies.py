@@ -1,0 +1,53 @@
+"""Dispatch policies. Pure functions of the registry's endpoints, so they are unit-tested alone.
+
+- prefill: least estimated queue delay. A prefill worker runs one batch at a time, so the wait of
+  a new prompt is roughly the prompt tokens ahead of it times the worker's recent seconds/token.
+- decode: most free KV blocks (after what the router has just sent there), then the smaller
+  running batch; a worker on the KV's own node wins ties, since its pull is a local copy.
+- colocated: fewest requests in flight.
+"""
+
+from __future__ import annotations
+
+from .registry import Endpoint
+
+
+class NoWorkerError(RuntimeError):
+    pass
+
+
+def estimated_prefill_delay(ep: Endpoint) -> float:
+    stats = ep.stats
+    queued = max(ep.inflight_prompt_tokens, stats.queued_prompt_tokens if stats else 0)
+    seconds_per_token = stats.prefill_seconds_per_token if stats and stats.prefill_seconds_per_token > 0 else 1e-4
+    return queued * seconds_per_token
+
+
+def pick_prefill(endpoints: list[Endpoint], exclude: set[str] = frozenset()) -> Endpoint:
+    candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
+    if not candidates:
+        raise NoWorkerError("no healthy prefill worker")
+    return min(candidates, key=lambda ep: (estimated_prefill_delay(ep), ep.inflight_requests, ep.address))
+
+
+def free_blocks_after_dispatch(ep: Endpoint) -> int:
+    return (ep.stats.kv_blocks_free if ep.stats else 0) - ep.reserved_blocks
+
+
+def pick_decode(endpoints: list[Endpoint], kv_node: str = "", exclude: set[str] = frozenset()) -> Endpoint:
+    candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
+    if not candidates:
+        raise NoWorkerError("no healthy decode worker")
+
+    def key(ep: Endpoint):
+        running = (ep.stats.running + ep.stats.waiting if ep.stats else 0) + ep.inflight_requests
+        return (-free_blocks_after_dispatch(ep), running, ep.stats.node_id != kv_node if ep.stats else True, ep.address)
+
+    return min(candidates, key=key)
+
+
+def pick_colocated(endpoints: list[Endpoint], exclude: set[str] = frozenset()) -> Endpoint:
+    candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
+    if not candidates:
+        raise NoWorkerError("no healthy colocated worker")
+    return min(candidates, key=lambda ep: (ep.inflight_requests, ep.address))

@@ -1,0 +1,163 @@
+"""The router's view of its workers: where they are, whether they are healthy, how loaded.
+
+Workers come from static addresses and from DNS names that resolve to many addresses (Kubernetes
+headless services). A background task re-resolves the names and polls every worker's Stats; a
+worker is eligible when its last poll succeeded and it is not draining. Between polls the router
+adds what it dispatched itself (in-flight prompt tokens and reserved blocks), so a burst does not
+all land on the worker that looked idlest at the last poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2_grpc
+from services.common.grpc_client import aio_channel
+
+log = logging.getLogger(__name__)
+
+ROLE_STUBS = {
+    "prefill": worker_pb2_grpc.PrefillWorkerStub,
+    "decode": worker_pb2_grpc.DecodeWorkerStub,
+    "colocated": worker_pb2_grpc.ColocatedWorkerStub,
+}
+
+
+@dataclass(eq=False)
+class Endpoint:
+    address: str
+    role: str
+    source: str  # "static" or the DNS name it came from
+    channel: grpc.aio.Channel
+    stub: object
+    stats_stub: common_pb2_grpc.WorkerStub
+    stats: common_pb2.WorkerStats | None = None
+    healthy: bool = False
+    last_ok: float = 0.0
+    consecutive_failures: int = 0
+    inflight_requests: int = 0
+    inflight_prompt_tokens: int = 0
+    reserved_blocks: int = 0
+    draining: bool = field(default=False)
+
+    @property
+    def eligible(self) -> bool:
+        return self.healthy and not self.draining
+
+
+def split_host_port(name: str) -> tuple[str, int]:
+    host, _, port = name.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {name!r}")
+    return host.strip("[]"), int(port)
+
+
+class WorkerRegistry:
+    def __init__(self, static: dict[str, list[str]], dns: dict[str, list[str]], poll_interval: float = 0.5,
+                 stats_timeout: float = 2.0):
+        self.static = {role: [a for a in addrs if a] for role, addrs in static.items()}
+        self.dns = {role: [n for n in names if n] for role, names in dns.items()}
+        self.poll_interval = poll_interval
+        self.stats_timeout = stats_timeout
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}  # (role, address) -> endpoint
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def roles(self) -> set[str]:
+        return {r for r, a in self.static.items() if a} | {r for r, n in self.dns.items() if n}
+
+    def _add(self, role: str, address: str, source: str) -> None:
+        key = (role, address)
+        if key in self.endpoints:
+            return
+        channel = aio_channel(address)
+        self.endpoints[key] = Endpoint(address, role, source, channel, ROLE_STUBS[role](channel),
+                                       common_pb2_grpc.WorkerStub(channel))
+        log.info("registered %s worker %s (%s)", role, address, source)
+
+    async def _resolve(self) -> None:
+        for role, addrs in self.static.items():
+            for address in addrs:
+                self._add(role, address, "static")
+        loop = asyncio.get_running_loop()
+        for role, names in self.dns.items():
+            for name in names:
+                host, port = split_host_port(name)
+                try:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    log.warning("cannot resolve %s: %s", name, exc)
+                    continue
+                found = {f"{info[4][0]}:{port}" if info[0] == socket.AF_INET else f"[{info[4][0]}]:{port}"
+                         for info in infos}
+                for address in found:
+                    self._add(role, address, name)
+                for key, ep in list(self.endpoints.items()):
+                    if ep.source == name and ep.address not in found and ep.inflight_requests == 0:
+                        log.info("%s worker %s left %s", role, ep.address, name)
+                        del self.endpoints[key]
+                        await ep.channel.close()
+
+    async def _poll(self, ep: Endpoint) -> None:
+        try:
+            ep.stats = await ep.stats_stub.Stats(common_pb2.StatsRequest(), timeout=self.stats_timeout)
+        except grpc.aio.AioRpcError:
+            ep.consecutive_failures += 1
+            if ep.healthy and ep.consecutive_failures >= 2:
+                log.warning("%s worker %s is unhealthy", ep.role, ep.address)
+                ep.healthy = False
+            return
+        if not ep.healthy:
+            log.info("%s worker %s is healthy", ep.role, ep.address)
+            self._changed.set()
+        ep.healthy, ep.draining, ep.consecutive_failures = True, ep.stats.draining, 0
+        ep.last_ok = time.monotonic()
+        ep.reserved_blocks = 0  # the poll now reflects what was dispatched before it
+
+    async def refresh(self) -> None:
+        await self._resolve()
+        await asyncio.gather(*(self._poll(ep) for ep in list(self.endpoints.values())))
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.refresh()
+            except Exception:  # keep polling whatever one round hit
+                log.exception("worker refresh failed")
+
+    def mark_failed(self, ep: Endpoint) -> None:
+        """A call to the worker failed as if it were down: skip it until a poll succeeds."""
+        ep.healthy = False
+
+    def eligible(self, role: str) -> list[Endpoint]:
+        return [ep for ep in self.endpoints.values() if ep.role == role and ep.eligible]
+
+    async def wait_for(self, roles: set[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.eligible(role) for role in roles):
+                return True
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(self.poll_interval, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+        return all(self.eligible(role) for role in roles)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for ep in self.endpoints.values():
+            await ep.channel.close()

@@ -1,0 +1,308 @@
+"""The public API: pdserve.v1.Router.
+
+One request, disaggregated: pick a prefill worker (least queue delay) -> Prefill RPC returns the
+first token and a KV handle -> the first token goes to the client at once -> pick a decode worker
+(most free blocks) -> Decode stream -> tokens to the client as they come, detokenized
+incrementally. Colocated: one Generate stream from a colocated worker.
+
+Failover lives here, since workers never call each other: a worker that fails as if down
+(UNAVAILABLE) is skipped, and the request resumes elsewhere: the same KV handle on another decode
+worker if that stream had produced nothing yet, otherwise a re-prefill of prompt + tokens so far
+(the tokens and their sampling stream continue exactly, seeds being per output index). A client
+that cancels or whose deadline passes cancels the downstream call, which frees the blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+
+import grpc
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
+from services.common.engine_worker import InvalidRequest
+
+from services.kvstore.client import KvStoreClient
+
+from .detokenizer import IncrementalDetokenizer
+from .policies import NoWorkerError, pick_colocated, pick_decode, pick_prefill
+from .registry import Endpoint, WorkerRegistry
+from .slo import RequestTimer, SloTracker
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, registry: WorkerRegistry, tokenizer, *, model_id: str, max_model_len: int, vocab_size: int,
+                 slo: SloTracker, default_max_tokens: int = 256, max_retries: int = 2):
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.slo = slo
+        self.default_max_tokens = default_max_tokens
+        self.max_retries = max_retries
+        self.mode = "colocated" if "colocated" in registry.roles else "disaggregated"
+        self.kvstore = KvStoreClient("")  # only for Release at whichever daemon holds an entry
+        self.active = 0
+        self.draining = False
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
+        has_text, has_ids = bool(request.prompt), len(request.token_ids) > 0
+        if has_text == has_ids:
+            raise InvalidRequest("prompt: set exactly one of prompt and token_ids")
+        if has_text:
+            ids = self.tokenizer.encode(request.prompt)
+            if not ids:
+                raise InvalidRequest("prompt: encodes to no tokens")
+        else:
+            ids = list(request.token_ids)
+            bad = next((t for t in ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt: {len(ids)} tokens leave no room under max_model_len {self.max_model_len}")
+        return ids
+
+    def _sampling(self, request: router_pb2.GenerateRequest, prompt_len: int) -> common_pb2.SamplingParams:
+        sp = common_pb2.SamplingParams()
+        sp.CopyFrom(request.sampling)
+        if sp.HasField("temperature") and not 0 <= sp.temperature <= 100:
+            raise InvalidRequest(f"sampling.temperature: must be in [0, 100], got {sp.temperature}")
+        if not 0 <= sp.top_p <= 1:
+            raise InvalidRequest(f"sampling.top_p: must be in (0, 1], got {sp.top_p}")
+        if sp.top_k < 0:
+            raise InvalidRequest(f"sampling.top_k: must be >= 0, got {sp.top_k}")
+        bad = next((t for t in sp.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sampling.stop_token_ids: token id {bad} is outside the vocabulary")
+        # the context limit caps generation; generation then ends with finish_reason "length"
+        sp.max_tokens = min(sp.max_tokens or self.default_max_tokens, self.max_model_len - prompt_len)
+        if not sp.HasField("seed"):
+            sp.seed = random.getrandbits(63)
+        return sp
+
+    def _slo_targets(self, request: router_pb2.GenerateRequest) -> tuple[float, float]:
+        ttft = request.slo.ttft_seconds if request.slo.HasField("ttft_seconds") else None
+        tpot = request.slo.tpot_seconds if request.slo.HasField("tpot_seconds") else None
+        for name, value in (("slo.ttft_seconds", ttft), ("slo.tpot_seconds", tpot)):
+            if value is not None and value <= 0:
+                raise InvalidRequest(f"{name}: must be > 0, got {value}")
+        return self.slo.targets(ttft, tpot)
+
+    # ---- Generate -----------------------------------------------------------------------------
+    async def Generate(self, request: router_pb2.GenerateRequest, context):
+        timer = RequestTimer()
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
+        try:
+            prompt = self._prompt_ids(request)
+            sampling = self._sampling(request, len(prompt))
+            ttft_slo, tpot_slo = self._slo_targets(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        request_id = request.request_id or uuid.uuid4().hex
+        skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
+        state = _RequestState(prompt, sampling, request_id, context)
+        finish_reason = "error"
+        self.active += 1
+        self.slo.inflight.inc()
+        try:
+            async for chunk in self._tokens(state, timer):
+                gap = timer.tokens(len(chunk.token_ids))
+                if timer.num_tokens > len(chunk.token_ids):
+                    self.slo.itl.observe(gap)
+                response = router_pb2.GenerateResponse(
+                    token_ids=chunk.token_ids, text=detok.add(list(chunk.token_ids)), request_id=request_id)
+                if request.logprobs:
+                    response.logprobs.extend(chunk.logprobs)
+                if chunk.finish_reason:
+                    finish_reason = chunk.finish_reason
+                    response.text += detok.flush()
+                    ttft_met, tpot_met = self.slo.finish(timer, finish_reason, len(prompt), ttft_slo, tpot_slo)
+                    if state.queue_seconds:
+                        self.slo.queue.observe(state.queue_seconds)
+                    response.finish_reason = finish_reason
+                    response.usage.CopyFrom(router_pb2.Usage(
+                        prompt_tokens=len(prompt), completion_tokens=timer.num_tokens, seed=sampling.seed))
+                    response.timing.CopyFrom(router_pb2.Timing(
+                        ttft_seconds=timer.ttft, tpot_seconds=timer.tpot, e2e_seconds=timer.e2e,
+                        queue_seconds=state.queue_seconds, prefill_seconds=state.prefill_seconds,
+                        kv_transfer_seconds=state.kv_transfer_seconds, slo_ttft_met=ttft_met, slo_tpot_met=tpot_met,
+                        slo_ttft_seconds=ttft_slo, slo_tpot_seconds=tpot_slo, retries=state.retries))
+                yield response
+                if chunk.finish_reason:
+                    return
+        except asyncio.CancelledError:
+            finish_reason = "cancelled"
+            self.slo.finish(timer, finish_reason, len(prompt), ttft_slo, tpot_slo)
+            raise
+        except NoWorkerError as exc:
+            self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.aio.AioRpcError as exc:
+            self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
+            await context.abort(exc.code(), f"worker call failed: {exc.details()}")
+        finally:
+            self.active -= 1
+            self.slo.inflight.dec()
+            if state.handle is not None and not state.decode_dispatched:
+                asyncio.create_task(self._release(state.handle))  # nobody will pull it now
+
+    def _timeout(self, context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else max(remaining, 0.001)
+
+    async def _tokens(self, state: "_RequestState", timer: RequestTimer):
+        """Yields TokenChunks until a finish_reason, failing over between workers."""
+        while True:
+            try:
+                if self.mode == "colocated":
+                    async for chunk in self._colocated(state, timer):
+                        yield chunk
+                else:
+                    async for chunk in self._disaggregated(state, timer):
+                        yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or state.retries >= self.max_retries:
+                    raise
+                state.retries += 1
+                self.slo.retries.inc()
+                log.warning("request %s: %s; retrying elsewhere (%d/%d)", state.request_id, exc.details(),
+                            state.retries, self.max_retries)
+
+    async def _colocated(self, state: "_RequestState", timer: RequestTimer):
+        ep = pick_colocated(self.registry.eligible("colocated"), exclude=state.failed)
+        request = worker_pb2.GenerateTokensRequest(request_id=state.request_id, token_ids=state.prompt,
+                                                   sampling=state.sampling, resumed_output_ids=state.outputs)
+        async for chunk in self._stream(ep, ep.stub.Generate(request, timeout=self._timeout(state.context)), state,
+                                        len(state.prompt) + len(state.outputs)):
+            yield chunk
+
+    async def _disaggregated(self, state: "_RequestState", timer: RequestTimer):
+        if state.handle is None:
+            ep = pick_prefill(self.registry.eligible("prefill"), exclude=state.failed)
+            response = await self._prefill(ep, state)
+            state.prefill_seconds = response.compute_seconds
+            state.queue_seconds = (time.monotonic() - timer.arrived) - response.compute_seconds
+            state.outputs.append(response.first_token_id)
+            yield common_pb2.TokenChunk(token_ids=[response.first_token_id], logprobs=[response.first_logprob],
+                                        finish_reason=response.finish_reason)
+            if response.finish_reason:
+                return
+            state.handle = response.kv
+            state.handle_sent_at = time.monotonic()
+            state.decode_dispatched = False
+        ep = pick_decode(self.registry.eligible("decode"), kv_node=state.handle.node_id, exclude=state.failed)
+        block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
+        ep.reserved_blocks += -(-(state.handle.num_tokens + 1) // block_size)
+        request = worker_pb2.DecodeRequest(request_id=state.request_id, prompt_token_ids=state.prompt,
+                                           output_token_ids=state.outputs, sampling=state.sampling, kv=state.handle)
+        produced = 0
+        state.decode_dispatched = True  # from here the decode worker owns the entry's fate
+        try:
+            async for chunk in self._stream(ep, ep.stub.Decode(request, timeout=self._timeout(state.context)), state, 0):
+                if produced == 0:
+                    state.kv_transfer_seconds = time.monotonic() - state.handle_sent_at
+                produced += len(chunk.token_ids)
+                yield chunk
+        except grpc.aio.AioRpcError:
+            if produced:  # the KV behind the handle no longer matches the tokens: re-prefill
+                state.handle = None
+            raise
+
+    async def _prefill(self, ep: Endpoint, state: "_RequestState") -> worker_pb2.PrefillResponse:
+        tokens = len(state.prompt) + len(state.outputs)
+        ep.inflight_requests += 1
+        ep.inflight_prompt_tokens += tokens
+        try:
+            return await ep.stub.Prefill(worker_pb2.PrefillRequest(
+                request_id=state.request_id, token_ids=state.prompt, sampling=state.sampling,
+                resumed_output_ids=state.outputs), timeout=self._timeout(state.context))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RETRYABLE:
+                self.registry.mark_failed(ep)
+                state.failed.add(ep.address)
+            raise
+        finally:
+            ep.inflight_requests -= 1
+            ep.inflight_prompt_tokens -= tokens
+
+    async def _stream(self, ep: Endpoint, call, state: "_RequestState", prompt_tokens: int):
+        """Relays a worker's TokenChunk stream; cancels the call if the client goes away."""
+        ep.inflight_requests += 1
+        ep.inflight_prompt_tokens += prompt_tokens
+        try:
+            async for chunk in call:
+                if prompt_tokens:
+                    ep.inflight_prompt_tokens -= prompt_tokens
+                    prompt_tokens = 0
+                state.outputs.extend(chunk.token_ids)
+                yield chunk
+                if chunk.finish_reason:
+                    return
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details=f"{ep.role} worker {ep.address} ended the stream early")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RETRYABLE:
+                self.registry.mark_failed(ep)
+                state.failed.add(ep.address)
+            raise
+        finally:
+            call.cancel()
+            ep.inflight_requests -= 1
+            ep.inflight_prompt_tokens -= prompt_tokens
+
+    async def _release(self, handle: common_pb2.KvHandle) -> None:
+        """Drops a KV entry no decode worker will pull (the request ended before decode)."""
+        try:
+            await self.kvstore.release(handle)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("release of %s failed: %s", handle.kv_id, exc.details())
+
+    # ---- other RPCs ---------------------------------------------------------------------------
+    async def ListModels(self, request, context):
+        return router_pb2.ListModelsResponse(models=[router_pb2.ModelInfo(
+            id=self.model_id, max_model_len=self.max_model_len, vocab_size=self.vocab_size, mode=self.mode)])
+
+    async def ListWorkers(self, request, context):
+        workers = []
+        for ep in self.registry.endpoints.values():
+            info = router_pb2.WorkerInfo(address=ep.address, role=ep.role, healthy=ep.eligible)
+            if ep.stats is not None:
+                info.stats.CopyFrom(ep.stats)
+            workers.append(info)
+        return router_pb2.ListWorkersResponse(workers=workers)
+
+    async def drain(self) -> None:
+        self.draining = True
+        while self.active:
+            await asyncio.sleep(0.05)
+        await self.registry.close()
+        await self.kvstore.close()
+
+
+class _RequestState:
+    def __init__(self, prompt, sampling, request_id, context):
+        self.prompt = prompt
+        self.sampling = sampling
+        self.request_id = request_id
+        self.context = context
+        self.outputs: list[int] = []
+        self.handle: common_pb2.KvHandle | None = None
+        self.handle_sent_at = 0.0
+        self.decode_dispatched = False
+        self.failed: set[str] = set()
+        self.retries = 0
+        self.queue_seconds = 0.0
+        self.prefill_seconds = 0.0
+        self.kv_transfer_seconds = 0.0

@@ -1,0 +1,129 @@
+"""Request latency metrics and SLO accounting, measured where the client sees them: the router.
+
+Counters of finished requests, of requests meeting the TTFT SLO, the TPOT SLO, and both, make
+attainment over any window a PromQL ratio of increases; a gauge also reports attainment over a
+sliding window for dashboards without PromQL. The SLO in force is exported too. Each request is
+judged against its own SLO (a per-request override, or the configured default).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
+
+FINISH_REASONS = ("stop", "length", "abort", "cancelled", "error")
+
+
+@dataclass
+class RequestTimer:
+    """Token timestamps of one request, from its arrival at the router."""
+
+    arrived: float = field(default_factory=time.monotonic)
+    first_token: float = 0.0
+    last_token: float = 0.0
+    num_tokens: int = 0
+    compute_started: float = 0.0  # arrival + time queued before a worker began on it
+
+    def tokens(self, n: int, now: float | None = None) -> float:
+        """Records n tokens sent now; returns the gap since the previous token (0 for the first)."""
+        now = now or time.monotonic()
+        gap = 0.0 if self.num_tokens == 0 else now - self.last_token
+        if self.num_tokens == 0:
+            self.first_token = now
+        self.last_token = now
+        self.num_tokens += n
+        return gap
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrived if self.num_tokens else 0.0
+
+    @property
+    def tpot(self) -> float:
+        return (self.last_token - self.first_token) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
+
+    @property
+    def e2e(self) -> float:
+        return (self.last_token or time.monotonic()) - self.arrived
+
+
+class SloTracker:
+    def __init__(self, registry: CollectorRegistry, ttft_slo: float, tpot_slo: float, window_seconds: float):
+        self.ttft_slo = ttft_slo
+        self.tpot_slo = tpot_slo
+        self.window_seconds = window_seconds
+        self._window: deque[tuple[float, bool, bool]] = deque()  # (finished at, ttft met, tpot met)
+        r = registry
+        self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Time to first token, per request, at the router.",
+                              buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdserve_time_per_output_token_seconds",
+                              "Time per output token after the first, per request: (t_last - t_first) / (n - 1).",
+                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve_inter_token_latency_seconds", "Gaps between consecutive token messages to clients.",
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve_e2e_request_latency_seconds", "Request arrival to last token.",
+                             buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("pdserve_request_queue_time_seconds",
+                               "Request arrival until a worker started computing it (router dispatch + worker queue).",
+                               buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated for clients.", registry=r)
+        self.prompt_len = Histogram("pdserve_request_prompt_tokens", "Prompt length per request.",
+                                    buckets=TOKEN_COUNT_BUCKETS, registry=r)
+        self.output_len = Histogram("pdserve_request_generation_tokens", "Generated tokens per request.",
+                                    buckets=TOKEN_COUNT_BUCKETS, registry=r)
+        self.slo_requests = Counter("pdserve_slo_requests_total", "Requests judged against their SLOs (finished normally).",
+                                    registry=r)
+        self.slo_ttft_met = Counter("pdserve_slo_ttft_met_total", "Requests whose TTFT met their TTFT SLO.", registry=r)
+        self.slo_tpot_met = Counter("pdserve_slo_tpot_met_total", "Requests whose TPOT met their TPOT SLO.", registry=r)
+        self.slo_met = Counter("pdserve_slo_met_total", "Requests that met both SLOs (they count toward goodput).",
+                               registry=r)
+        self.slo_target = Gauge("pdserve_slo_target_seconds", "The configured default SLOs.", ["slo"], registry=r)
+        self.slo_target.labels("ttft").set(ttft_slo)
+        self.slo_target.labels("tpot").set(tpot_slo)
+        self.attainment = Gauge("pdserve_slo_attainment_ratio",
+                                "Fraction of requests finished in the last window that met both SLOs (1 when none).",
+                                registry=r)
+        self.attainment.set_function(self.window_attainment)
+        self.retries = Counter("pdserve_request_retries_total", "Failovers of requests to other workers.", registry=r)
+        self.inflight = Gauge("pdserve_requests_in_flight", "Requests being served.", registry=r)
+
+    def targets(self, ttft_override: float | None, tpot_override: float | None) -> tuple[float, float]:
+        return (ttft_override if ttft_override is not None else self.ttft_slo,
+                tpot_override if tpot_override is not None else self.tpot_slo)
+
+    def finish(self, timer: RequestTimer, finish_reason: str, prompt_tokens: int, ttft_slo: float, tpot_slo: float,
+               ) -> tuple[bool, bool]:
+        self.requests.labels(finish_reason if finish_reason in FINISH_REASONS else "error").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(timer.num_tokens)
+        self.prompt_len.observe(prompt_tokens)
+        self.output_len.observe(timer.num_tokens)
+        if timer.num_tokens:
+            self.ttft.observe(timer.ttft)
+            self.e2e.observe(timer.e2e)
+            if timer.num_tokens > 1:
+                self.tpot.observe(timer.tpot)
+        ttft_met = timer.num_tokens > 0 and timer.ttft <= ttft_slo
+        tpot_met = timer.num_tokens > 0 and timer.tpot <= tpot_slo
+        if finish_reason in ("stop", "length"):
+            self.slo_requests.inc()
+            self.slo_ttft_met.inc(ttft_met)
+            self.slo_tpot_met.inc(tpot_met)
+            self.slo_met.inc(ttft_met and tpot_met)
+            self._window.append((time.monotonic(), ttft_met, tpot_met))
+        return ttft_met, tpot_met
+
+    def window_attainment(self) -> float:
+        horizon = time.monotonic() - self.window_seconds
+        while self._window and self._window[0][0] < horizon:
+            self._window.popleft()
+        if not self._window:
+            return 1.0
+        return sum(1 for _, a, b in self._window if a and b) / len(self._window)
