@@ -87,9 +87,6 @@ def demo(args) -> int:
     model = args.model or get_model("llama")
     spec = ClusterSpec(model=model, mode=args.mode, nodes=args.nodes if args.mode == "disaggregated" else 1,
                        router_port=0, log_dir=args.log_dir)
-    from .launcher import free_port
-
-    spec.router_port = free_port()
     cluster = Cluster(spec)
     print(f"starting a {args.mode} cluster on {spec.nodes} emulated node(s) (logs in {args.log_dir}/):", flush=True)
     try:

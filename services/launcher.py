@@ -107,7 +107,8 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 node = node_for(role, i)
                 add(f"{role}-{i}", role, node, f"services.{role}",
                     common + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"])
-    router_args = ["--port", str(spec.router_port)]
+    router_port = spec.router_port or free_port(host)
+    router_args = ["--port", str(router_port)]
     for role in ("prefill", "decode", "colocated"):
         addrs = [p.grpc for p in procs if p.role == role]
         if addrs:
@@ -115,7 +116,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
     if spec.model:
         router_args += ["--model", spec.model]
     mport = free_port(host)
-    procs.append(ServiceProcess("router", "router", nodes[0], f"{host}:{spec.router_port}", f"{host}:{mport}",
+    procs.append(ServiceProcess("router", "router", nodes[0], f"{host}:{router_port}", f"{host}:{mport}",
                                 py + ["services.router", "--host", host, "--metrics-port", str(mport)]
                                 + router_args + spec.router_args))
     return procs
@@ -215,7 +216,7 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--placement", choices=["split", "spread"], default="split",
                     help="split: prefill on the first half of the nodes, decode on the rest")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=7000, help="router gRPC port")
+    ap.add_argument("--port", type=int, default=7000, help="router gRPC port (0: any free port)")
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")

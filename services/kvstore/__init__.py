@@ -1,0 +1,1 @@
+"""The node-local KV-transfer daemon (python -m services.kvstore) and its worker-side client."""

@@ -1,0 +1,91 @@
+"""python -m services.kvstore: the node-local KV-transfer daemon (one per node).
+
+Every flag also reads PDSERVE_<FLAG> (e.g. PDSERVE_NODE_ID, PDSERVE_TTL_SECONDS). Stops on
+SIGTERM: in-flight pulls finish, watch streams end, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from prometheus_client import CollectorRegistry
+
+from services.common.flags import FlagParser, common_server_flags, setup_logging
+from services.common.server import ServiceRunner
+
+from .daemon import KvStoreConfig, KvStoreDaemon
+from .ucx_endpoints import configure_ucx_environment
+
+log = logging.getLogger("services.kvstore")
+
+
+def parse_args(argv=None):
+    p = FlagParser(prog="python -m services.kvstore", description=__doc__.splitlines()[0])
+    common_server_flags(p, port=7100, metrics_port=9100)
+    p.add_flag("--node-id", default=socket.gethostname(), help="this node's name (Kubernetes: spec.nodeName)")
+    p.add_flag("--advertise-address", default="",
+               help="gRPC host:port other nodes use to reach this daemon (default: transfer host and --port)")
+    p.add_flag("--transfer-host", default="", help="address of this node that peers use for UCX (default: this host's IP)")
+    p.add_flag("--transfer-port", default=0, type=int, help="UCX listener port (0: any free port)")
+    p.add_flag("--ucx-tls", default="",
+               help="UCX transports (default: $UCX_TLS, else tcp,self,sm; GPU: rc,cuda_copy,cuda_ipc,tcp,sm,self)")
+    p.add_flag("--ttl-seconds", default=30.0, type=float, help="unpulled entries move to the host tier after this")
+    p.add_flag("--host-tier-bytes", default=1 << 30, type=int, help="host-memory tier capacity (0: off)")
+    p.add_flag("--host-ttl-seconds", default=600.0, type=float, help="host-tier entries expire after this")
+    p.add_flag("--transfer-timeout-seconds", default=30.0, type=float, help="limit of one UCX transfer")
+    p.add_flag("--connect-timeout-seconds", default=5.0, type=float, help="limit of connecting to a peer daemon")
+    p.add_flag("--watch-grace-seconds", default=30.0, type=float,
+               help="a registered pool that nobody watches is dropped after this")
+    return p.parse_args(argv)
+
+
+def default_transfer_host() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+async def serve(args) -> None:
+    transfer_host = args.transfer_host or default_transfer_host()
+    grpc_host = args.host if args.host not in ("0.0.0.0", "::", "[::]", "") else transfer_host
+    config = KvStoreConfig(
+        node_id=args.node_id,
+        transfer_host=transfer_host,
+        transfer_port=args.transfer_port,
+        advertise_address=args.advertise_address or f"{grpc_host}:{args.port}",
+        ttl_seconds=args.ttl_seconds,
+        host_tier_bytes=args.host_tier_bytes,
+        host_ttl_seconds=args.host_ttl_seconds,
+        transfer_timeout_seconds=args.transfer_timeout_seconds,
+        connect_timeout_seconds=args.connect_timeout_seconds,
+        watch_grace_seconds=args.watch_grace_seconds,
+    )
+    registry = CollectorRegistry()
+    daemon = KvStoreDaemon(config, registry)
+    runner = ServiceRunner("kvstore", args.host, args.port, args.metrics_port, registry, args.grace_seconds)
+    await daemon.start()
+    try:
+        await runner.start(lambda server: [daemon.add_to_server(server)])
+        if not args.advertise_address and args.port == 0:
+            config.advertise_address = f"{grpc_host}:{runner.bound_port}"
+        runner.install_signal_handlers()
+        log.info("node %s: kvstore at %s", config.node_id, config.advertise_address)
+        await runner.wait_and_drain(daemon.drain)
+    finally:
+        await daemon.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level, "kvstore")
+    logging.getLogger("ucx").setLevel(logging.WARNING)  # ucxx logs its own env defaults at INFO
+    tls = configure_ucx_environment(args.ucx_tls)
+    log.info("UCX_TLS=%s", tls)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""What a prefill/decode worker uses to talk to its node's kvstore daemon.
+
+    client = KvStoreClient("127.0.0.1:7100")
+    pool_id = await client.register_pool("prefill-0", kv_pool, on_released)
+    handle = await client.publish(kv_id, block_ids, num_tokens)      # prefill: blocks stay owned
+    ...                                                               # until on_released(kv_id, ...)
+    response = await client.pull(dst_block_ids, handle)              # decode: KV lands in its blocks
+    await client.release(handle)                                     # nobody will pull it
+    await client.close()                                             # ends the watch: pool dropped
+
+`on_released(kv_id, block_ids, reason)` (a function or a coroutine function) is where the worker
+frees blocks. reason is the daemon's ("pulled", "moved_to_host", "released", "expired"), or
+"daemon_lost" when the watch stream ends while the client is open (the daemon stopped or
+restarted): the daemon forgot every entry, so the client hands back all blocks it still holds for
+published entries. Register the pool again once the daemon is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.grpc_client import aio_channel
+from services.engine.kv_cache import KvPool
+
+log = logging.getLogger(__name__)
+
+OnReleased = Callable[[str, list[int], str], object]
+
+
+class KvStoreClient:
+    def __init__(self, address: str):
+        self.address = address  # this node's daemon
+        self.pool_id = ""
+        self.node_id = ""
+        self._stubs: dict[str, tuple[grpc.aio.Channel, kvstore_pb2_grpc.KvStoreStub]] = {}
+        self._watch: asyncio.Task | None = None
+        self._published: dict[str, list[int]] = {}  # kv_id -> blocks not yet released to us
+        self._closing = False
+
+    def stub(self, address: str = "") -> kvstore_pb2_grpc.KvStoreStub:
+        """The stub of the daemon at `address` (default: this node's), one channel per address."""
+        address = address or self.address
+        if address not in self._stubs:
+            channel = aio_channel(address)
+            self._stubs[address] = (channel, kvstore_pb2_grpc.KvStoreStub(channel))
+        return self._stubs[address][1]
+
+    async def register_pool(self, worker_id: str, kv_pool: KvPool, on_released: OnReleased,
+                            timeout: float = 30.0) -> str:
+        """Registers the pool and opens its watch stream; returns once the daemon sent READY."""
+        if self._watch is not None:
+            raise RuntimeError("this client already registered a pool")
+        layout = kv_pool.layout
+        response = await self.stub().RegisterPool(kvstore_pb2.RegisterPoolRequest(
+            worker_id=worker_id,
+            layout=kvstore_pb2.PoolLayout(
+                num_blocks=layout.num_blocks, num_layers=layout.num_layers, block_size=layout.block_size,
+                num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                model_id=layout.model_id),
+            memory_descriptor=json.dumps(kv_pool.descriptor),
+        ), timeout=timeout)
+        self.pool_id, self.node_id = response.pool_id, response.node_id
+        ready = asyncio.get_running_loop().create_future()
+        self._watch = asyncio.create_task(self._watch_pool(on_released, ready), name=f"watch-{self.pool_id}")
+        await asyncio.wait_for(asyncio.shield(ready), timeout)
+        return self.pool_id
+
+    async def publish(self, kv_id: str, block_ids: list[int], num_tokens: int,
+                      timeout: float | None = 10.0) -> common_pb2.KvHandle:
+        # Recorded before the call so that a RELEASED racing the response finds the entry.
+        self._published[kv_id] = list(block_ids)
+        try:
+            response = await self.stub().Publish(kvstore_pb2.PublishRequest(
+                pool_id=self.pool_id, kv_id=kv_id, block_ids=block_ids, num_tokens=num_tokens), timeout=timeout)
+        except BaseException:
+            self._published.pop(kv_id, None)
+            raise
+        return response.handle
+
+    async def pull(self, dst_block_ids: list[int], handle: common_pb2.KvHandle,
+                   timeout: float | None = 60.0) -> kvstore_pb2.PullResponse:
+        """Asks this node's daemon to copy the entry into our blocks; raises grpc.aio.AioRpcError
+        (NOT_FOUND: the entry is gone; UNAVAILABLE: its node cannot be reached)."""
+        return await self.stub().Pull(kvstore_pb2.PullRequest(
+            pool_id=self.pool_id, block_ids=dst_block_ids, handle=handle), timeout=timeout)
+
+    async def release(self, handle: common_pb2.KvHandle, timeout: float | None = 10.0) -> bool:
+        """Drops an entry nobody will pull, at the daemon holding it. False if it was gone."""
+        response = await self.stub(handle.kvstore_address).Release(
+            kvstore_pb2.ReleaseRequest(kv_id=handle.kv_id), timeout=timeout)
+        return response.released
+
+    async def stats(self, address: str = "") -> kvstore_pb2.KvStoreStats:
+        return await self.stub(address).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=10.0)
+
+    async def close(self) -> None:
+        """Ends the watch stream (the daemon then drops the pool and its entries) and the channels."""
+        self._closing = True
+        if self._watch is not None:
+            self._watch.cancel()
+            try:
+                await self._watch
+            except (asyncio.CancelledError, Exception):
+                pass
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+
+    async def _watch_pool(self, on_released: OnReleased, ready: asyncio.Future) -> None:
+        try:
+            async for event in self.stub().WatchPool(kvstore_pb2.WatchPoolRequest(pool_id=self.pool_id)):
+                if event.kind == kvstore_pb2.PoolEvent.READY:
+                    if not ready.done():
+                        ready.set_result(None)
+                elif event.kind == kvstore_pb2.PoolEvent.RELEASED:
+                    self._published.pop(event.kv_id, None)
+                    await _call(on_released, event.kv_id, list(event.block_ids), event.reason)
+        except grpc.aio.AioRpcError as e:
+            if not ready.done():
+                ready.set_exception(e)
+            if not self._closing:
+                log.warning("watch of pool %s failed: %s", self.pool_id, e.details())
+        if not ready.done():
+            ready.set_exception(RuntimeError("the kvstore daemon closed the watch stream before READY"))
+        if not self._closing:
+            await self._hand_back_everything(on_released)
+
+    async def _hand_back_everything(self, on_released: OnReleased) -> None:
+        log.warning("kvstore daemon at %s went away: freeing the blocks of %d published entries",
+                    self.address, len(self._published))
+        published, self._published = self._published, {}
+        for kv_id, block_ids in published.items():
+            await _call(on_released, kv_id, block_ids, "daemon_lost")
+
+
+async def _call(callback: OnReleased, *args) -> None:
+    try:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # a worker's bug must not end the watch (the daemon would drop the pool)
+        log.exception("on_released%r failed", args)

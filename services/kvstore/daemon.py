@@ -1,0 +1,308 @@
+"""The kvstore daemon: the KvStore gRPC servicer, pulls (local copy or UCX), and the TTL sweeper.
+
+One asyncio loop runs everything: gRPC handlers, the UCX listener's handlers and the sweeper.
+Block copies between mapped pools run in worker threads (torch releases the GIL), so a large
+copy does not stall the loop. See docs/kvstore.md for the protocol and the entry lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry
+
+from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.engine.kv_cache import SHM_DIR, KvLayout, KvPool
+
+from .block_runs import copy_blocks
+from .entries import EntryTable, KvEntry, KvError, bad_field, check_block_ids
+from .host_tier import HostTier
+from .metrics import KvStoreMetrics
+from .ucx_transfer import UcxPuller, UcxTransferServer
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class KvStoreConfig:
+    node_id: str
+    transfer_host: str = "127.0.0.1"  # advertised host of the UCX listener
+    transfer_port: int = 0
+    advertise_address: str = ""  # gRPC host:port other nodes use; set once the port is bound
+    ttl_seconds: float = 30.0
+    host_tier_bytes: int = 1 << 30
+    host_ttl_seconds: float = 600.0
+    transfer_timeout_seconds: float = 30.0
+    connect_timeout_seconds: float = 5.0
+    watch_grace_seconds: float = 30.0  # a registered pool nobody watches is dropped after this
+
+    @property
+    def sweep_interval(self) -> float:
+        return max(0.05, min(1.0, self.ttl_seconds / 4, self.host_ttl_seconds / 4))
+
+
+class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
+    def __init__(self, config: KvStoreConfig, registry: CollectorRegistry):
+        self.config = config
+        self.table = EntryTable(HostTier(config.host_tier_bytes, config.host_ttl_seconds))
+        self.metrics = KvStoreMetrics(registry)
+        self.metrics.bind_state(self.table.count, lambda: self.table.host.used_bytes, lambda: len(self.table.pools))
+        self.ucx_server = UcxTransferServer(self.table, config.transfer_timeout_seconds, self._count_sent)
+        self.puller = UcxPuller(config.connect_timeout_seconds, config.transfer_timeout_seconds)
+        self.transfer_address = ""
+        self.totals = {"bytes_local": 0, "bytes_ucx_sent": 0, "bytes_ucx_received": 0,
+                       "pulls": 0, "failures": 0, "ttl_moves": 0}
+        self._pulls_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sweeper: asyncio.Task | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        port = self.ucx_server.start(self.config.transfer_port)
+        self.transfer_address = f"{self.config.transfer_host}:{port}"
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="kvstore-sweeper")
+        log.info("node %s: UCX transfers on %s", self.config.node_id, self.transfer_address)
+
+    def add_to_server(self, server: grpc.aio.Server) -> str:
+        kvstore_pb2_grpc.add_KvStoreServicer_to_server(self, server)
+        return kvstore_pb2.DESCRIPTOR.services_by_name["KvStore"].full_name
+
+    async def drain(self) -> None:
+        """On SIGTERM: let pulls in flight finish, then end every watch stream."""
+        await self._idle.wait()
+        for record in self.table.pools.values():
+            record.events.put_nowait(None)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.ucx_server.close()
+        await self.puller.close()
+
+    # ---- RPCs -------------------------------------------------------------------------------
+    async def RegisterPool(self, request, context):
+        try:
+            if not request.worker_id:
+                raise bad_field("worker_id", "empty")
+            layout = layout_from_proto(request.layout)
+            kv_pool = map_pool(layout, request.memory_descriptor)
+        except KvError as e:
+            await context.abort(e.code, e.message)
+        record = self.table.add_pool(request.worker_id, kv_pool)
+        log.info("registered pool %s (%d blocks of %d bytes)", record.pool_id, layout.num_blocks, layout.block_bytes)
+        return kvstore_pb2.RegisterPoolResponse(pool_id=record.pool_id, node_id=self.config.node_id)
+
+    async def WatchPool(self, request, context):
+        record = self.table.pools.get(request.pool_id)
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id: unknown pool {request.pool_id!r}")
+        if record.watched:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"pool_id: {request.pool_id!r} is already watched")
+        record.watched = True
+        try:
+            yield kvstore_pb2.PoolEvent(kind=kvstore_pb2.PoolEvent.READY)
+            while (event := await record.events.get()) is not None:
+                yield kvstore_pb2.PoolEvent(kind=kvstore_pb2.PoolEvent.RELEASED, kv_id=event.kv_id,
+                                            reason=event.reason, block_ids=event.block_ids)
+        finally:  # the worker is gone (stream cancelled) or the daemon is stopping
+            dropped = self.table.drop_pool(record.pool_id)
+            log.info("pool %s unwatched: dropped with %d entries", record.pool_id, dropped)
+
+    async def Publish(self, request, context):
+        try:
+            entry = self.table.publish(request.pool_id, request.kv_id, request.block_ids, request.num_tokens)
+        except KvError as e:
+            await context.abort(e.code, e.message)
+        return kvstore_pb2.PublishResponse(handle=common_pb2.KvHandle(
+            kv_id=entry.kv_id,
+            node_id=self.config.node_id,
+            kvstore_address=self.config.advertise_address,
+            transfer_address=self.transfer_address,
+            num_tokens=entry.num_tokens,
+            num_blocks=entry.num_blocks,
+            layout_fingerprint=entry.fingerprint,
+        ))
+
+    async def Pull(self, request, context):
+        started = time.perf_counter()
+        try:
+            nbytes, path = await self._counted_pull(request)
+        except KvError as e:
+            log.info("pull of %r failed: %s %s", request.handle.kv_id, e.code.name, e.message)
+            self.totals["failures"] += 1
+            self.metrics.failures.labels(e.code.name.lower()).inc()
+            await context.abort(e.code, e.message)
+        seconds = time.perf_counter() - started
+        self.totals["pulls"] += 1
+        self.totals["bytes_ucx_received" if path == "ucx" else "bytes_local"] += nbytes
+        self.metrics.pulls.labels(path).inc()
+        self.metrics.transferred_bytes.labels(path).inc(nbytes)
+        self.metrics.transfer_duration.labels(path).observe(seconds)
+        return kvstore_pb2.PullResponse(bytes=nbytes, path=path, seconds=seconds)
+
+    async def Release(self, request, context):
+        return kvstore_pb2.ReleaseResponse(released=self.table.release(request.kv_id))
+
+    async def Stats(self, request, context):
+        return kvstore_pb2.KvStoreStats(
+            node_id=self.config.node_id,
+            pools=len(self.table.pools),
+            entries_device=self.table.count("device"),
+            entries_host=self.table.count("host"),
+            host_tier_bytes=self.table.host.used_bytes,
+            **self.totals,
+        )
+
+    # ---- pulls ------------------------------------------------------------------------------
+    async def _counted_pull(self, request) -> tuple[int, str]:
+        """_pull, counted as in flight (SIGTERM lets these finish); any failure becomes a KvError."""
+        self._pulls_in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._pull(request)
+        except KvError:
+            raise
+        except Exception as e:  # a bug or a failing copy: still a counted, reported failure
+            log.exception("pull of %r failed", request.handle.kv_id)
+            raise KvError(grpc.StatusCode.INTERNAL, f"pull failed: {e!r}") from e
+        finally:
+            self._pulls_in_flight -= 1
+            if self._pulls_in_flight == 0:
+                self._idle.set()
+
+    async def _pull(self, request) -> tuple[int, str]:
+        handle = request.handle
+        record = self.table.pool(request.pool_id)
+        if not handle.kv_id:
+            raise bad_field("handle.kv_id", "empty")
+        dst_ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
+        fingerprint = record.layout.fingerprint()
+        if handle.layout_fingerprint != fingerprint:
+            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"layout mismatch: handle.layout_fingerprint {handle.layout_fingerprint!r}, "
+                          f"destination pool {fingerprint!r}")
+        if len(dst_ids) != handle.num_blocks:
+            raise bad_field("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
+        if handle.node_id != self.config.node_id:
+            nbytes = await self.puller.fetch(handle.transfer_address, handle.kv_id, fingerprint, record.rows, dst_ids)
+            return nbytes, "ucx"
+        entry = await self.table.begin_transfer(handle.kv_id, fingerprint, len(dst_ids))
+        path = "host" if entry.in_host_tier else "local"
+        succeeded = False
+        try:
+            src_rows, src_ids = entry.source()
+            nbytes = await asyncio.to_thread(copy_blocks, src_rows, src_ids, record.rows, dst_ids)
+            succeeded = True
+        finally:
+            self.table.end_transfer(entry, succeeded)
+        return nbytes, path
+
+    def _count_sent(self, nbytes: int) -> None:
+        self.totals["bytes_ucx_sent"] += nbytes
+        self.metrics.served_bytes.inc(nbytes)
+
+    # ---- TTL sweeper ------------------------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("TTL sweep failed")
+
+    async def sweep(self) -> None:
+        cfg, table = self.config, self.table
+        for kv_id in table.host.expired():
+            entry = table.entries.get(kv_id)
+            if entry is not None and not entry.lock.locked():
+                table.drop(entry, reason=None)  # its worker already freed the blocks (moved_to_host)
+                self.metrics.expired.inc()
+        for entry in table.device_entries_older_than(cfg.ttl_seconds):
+            if not await self._move_to_host(entry) and time.monotonic() - entry.published_at > cfg.ttl_seconds + cfg.host_ttl_seconds:
+                table.drop(entry, "expired")  # the host tier never had room: give the blocks back
+                self.metrics.expired.inc()
+        await self.puller.endpoints.close_idle()
+        now = time.monotonic()
+        for record in list(table.pools.values()):
+            if not record.watched and now - record.registered_at > cfg.watch_grace_seconds:
+                log.warning("pool %s was never watched: dropping it", record.pool_id)
+                table.drop_pool(record.pool_id)
+
+    async def _move_to_host(self, entry: KvEntry) -> bool:
+        """Copies a device entry into the host tier, evicting the oldest idle host entries if
+        needed. When the tier cannot make room the entry stays in its worker's pool (returns
+        False): dropping newer work to keep older work would be the wrong way round."""
+        table = self.table
+        victims = table.host.plan_admission(entry.nbytes, lambda kv: not table.entries[kv].lock.locked())
+        if victims is None:
+            return False
+        for kv_id in victims:
+            table.drop(table.entries[kv_id], reason=None)  # its worker freed the blocks long ago
+            self.metrics.evicted.inc()
+        async with entry.lock:
+            if entry.dropped:
+                return True
+            buffer = table.host.allocate(entry.kv_id, entry.num_blocks, entry.block_bytes,
+                                         pin_memory=entry.pool.rows.is_cuda)
+            rows, ids = entry.source()
+            await asyncio.to_thread(copy_blocks, rows, ids, buffer, list(range(entry.num_blocks)))
+            if entry.dropped:  # released or its pool went away during the copy
+                table.host.free(entry.kv_id)
+                return True
+            table.move_to_host(entry, buffer)
+            if entry.release_pending:
+                table.drop(entry, reason=None)
+        self.totals["ttl_moves"] += 1
+        self.metrics.ttl_moves.inc()
+        return True
+
+
+def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:
+    for name in ("num_blocks", "num_layers", "block_size", "num_kv_heads", "head_dim"):
+        if getattr(layout, name) == 0:
+            raise bad_field(f"layout.{name}", "must be > 0")
+    if layout.dtype not in DTYPES:
+        raise bad_field("layout.dtype", f"{layout.dtype!r} is not one of {', '.join(DTYPES)}")
+    return KvLayout(layout.num_blocks, layout.num_layers, layout.block_size, layout.num_kv_heads,
+                    layout.head_dim, layout.dtype, layout.model_id)
+
+
+def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
+    """Maps a worker's pool after checking its descriptor field by field (errors name the field)."""
+    try:
+        descriptor = json.loads(memory_descriptor)
+    except ValueError as e:
+        raise bad_field("memory_descriptor", f"not valid JSON ({e})") from None
+    if not isinstance(descriptor, dict):
+        raise bad_field("memory_descriptor", "must be a JSON object")
+    kind = descriptor.get("kind")
+    if kind == "shm":
+        path, size = descriptor.get("path"), descriptor.get("size")
+        if not isinstance(path, str) or not os.path.realpath(path).startswith(SHM_DIR + "/"):
+            raise bad_field("memory_descriptor.path", f"must be a file under {SHM_DIR}, got {path!r}")
+        if not os.path.isfile(path):
+            raise bad_field("memory_descriptor.path", f"{path} does not exist")
+        if not isinstance(size, int) or size != layout.total_bytes:
+            raise bad_field("memory_descriptor.size", f"{size!r} does not match the layout ({layout.total_bytes} bytes)")
+        if os.path.getsize(path) < size:
+            raise bad_field("memory_descriptor.size", f"{path} is smaller than {size} bytes")
+    elif kind == "cuda_ipc":
+        if not torch.cuda.is_available():
+            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+                          "memory_descriptor.kind: cuda_ipc pool, but this daemon sees no GPU")
+    else:
+        raise bad_field("memory_descriptor.kind", f"{kind!r} is not one of shm, cuda_ipc")
+    try:
+        return KvPool.attach(layout, descriptor)
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+        raise bad_field("memory_descriptor", f"cannot map the pool: {e}") from None

@@ -1,0 +1,264 @@
+"""The daemon's state: registered pools and published KV entries, and their lifecycle.
+
+    published (device tier: blocks in a worker's pool, owned by the worker until RELEASED)
+      -> pulled          RELEASED(reason="pulled") to the pool's watcher; entry gone
+      -> released        RELEASED(reason="released"); entry gone
+      -> moved_to_host   (TTL) copied into the host tier, RELEASED(reason="moved_to_host");
+                           -> pulled / released / evicted (tier full) / expired: entry gone
+      -> expired         (TTL + host TTL, when the host tier never had room) RELEASED("expired")
+    pool dropped (its watch stream ended): its device entries vanish without events.
+
+One transfer at a time reads an entry: `begin_transfer` takes the entry's lock, `end_transfer`
+releases it and, on success, drops the entry. A second pull of the same entry waits and then finds
+it gone (NOT_FOUND). A Release that arrives mid-transfer is remembered and applied when the
+transfer fails (a successful pull releases the blocks anyway). Nothing here does I/O; the daemon
+(daemon.py) and the UCX server (ucx_transfer.py) drive it from one asyncio loop, so no thread
+locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from services.common.server import invalid_argument
+from services.engine.kv_cache import KvLayout, KvPool
+
+from .host_tier import HostTier
+
+
+class KvError(Exception):
+    """A failure with the gRPC status it maps to (also carried across UCX by its name)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bad_field(field_name: str, problem: str) -> KvError:
+    return KvError(grpc.StatusCode.INVALID_ARGUMENT, invalid_argument(field_name, problem))
+
+
+@dataclass(frozen=True)
+class ReleasedEvent:
+    kv_id: str
+    block_ids: list[int]
+    reason: str  # "pulled" | "released" | "moved_to_host" | "expired"
+
+
+@dataclass
+class PoolRecord:
+    pool_id: str
+    worker_id: str
+    kv_pool: KvPool  # the daemon's mapping of the worker's memory; unmapped when the last reference goes
+    events: asyncio.Queue  # ReleasedEvent, or None to end the watch stream
+    registered_at: float
+    watched: bool = False
+    block_owner: dict[int, str] = field(default_factory=dict)  # block -> kv_id of the entry holding it
+
+    @property
+    def layout(self) -> KvLayout:
+        return self.kv_pool.layout
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.kv_pool.block_bytes_view()
+
+
+@dataclass
+class KvEntry:
+    kv_id: str
+    fingerprint: str
+    num_tokens: int
+    block_bytes: int
+    block_ids: list[int]  # in the source pool, token order
+    published_at: float
+    pool: PoolRecord | None  # device tier: the pool holding the blocks
+    host_buffer: torch.Tensor | None = None  # host tier: [num_blocks, block_bytes]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by the one transfer/move reading it
+    release_pending: bool = False
+    dropped: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def in_host_tier(self) -> bool:
+        return self.host_buffer is not None
+
+    def source(self) -> tuple[torch.Tensor, list[int]]:
+        """(rows, row ids): where the entry's bytes are now, block i of the entry in rows[ids[i]]."""
+        if self.host_buffer is not None:
+            return self.host_buffer, list(range(self.num_blocks))
+        return self.pool.rows, self.block_ids
+
+
+def check_block_ids(field_name: str, block_ids: Sequence[int], num_blocks: int) -> list[int]:
+    ids = list(block_ids)
+    if not ids:
+        raise bad_field(field_name, "no blocks given")
+    bad = [b for b in ids if b >= num_blocks]
+    if bad:
+        raise bad_field(field_name, f"block {bad[0]} out of range (pool has {num_blocks} blocks)")
+    if len(set(ids)) != len(ids):
+        raise bad_field(field_name, "a block appears twice")
+    return ids
+
+
+class EntryTable:
+    def __init__(self, host_tier: HostTier):
+        self.host = host_tier
+        self.pools: dict[str, PoolRecord] = {}
+        self.entries: dict[str, KvEntry] = {}
+
+    # ---- pools ------------------------------------------------------------------------------
+    def add_pool(self, worker_id: str, kv_pool: KvPool) -> PoolRecord:
+        pool_id = f"{worker_id}-{uuid.uuid4().hex[:8]}"
+        record = PoolRecord(pool_id, worker_id, kv_pool, asyncio.Queue(), time.monotonic())
+        self.pools[pool_id] = record
+        return record
+
+    def pool(self, pool_id: str) -> PoolRecord:
+        record = self.pools.get(pool_id)
+        if record is None:
+            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"pool_id: pool {pool_id!r} is not registered here (register it again)")
+        return record
+
+    def drop_pool(self, pool_id: str) -> int:
+        """Forgets a pool and its device-tier entries (the worker is gone: nobody to notify).
+        Host-tier entries survive: their bytes are the daemon's own. Returns entries dropped."""
+        record = self.pools.pop(pool_id, None)
+        if record is None:
+            return 0
+        doomed = [e for e in self.entries.values() if e.pool is record]
+        for entry in doomed:
+            self._forget(entry)
+        record.events.put_nowait(None)  # ends a watch stream that is still open
+        return len(doomed)
+
+    # ---- entries ----------------------------------------------------------------------------
+    def publish(self, pool_id: str, kv_id: str, block_ids: Sequence[int], num_tokens: int) -> KvEntry:
+        record = self.pool(pool_id)
+        layout = record.layout
+        if not kv_id:
+            raise bad_field("kv_id", "empty")
+        if kv_id in self.entries:
+            raise KvError(grpc.StatusCode.ALREADY_EXISTS, f"kv_id: {kv_id!r} is already published")
+        ids = check_block_ids("block_ids", block_ids, layout.num_blocks)
+        if num_tokens <= 0:
+            raise bad_field("num_tokens", "must be > 0")
+        needed = math.ceil(num_tokens / layout.block_size)
+        if needed != len(ids):
+            raise bad_field("num_tokens", f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, "
+                                          f"got {len(ids)} block_ids")
+        taken = [b for b in ids if b in record.block_owner]
+        if taken:
+            raise bad_field("block_ids", f"block {taken[0]} already belongs to entry {record.block_owner[taken[0]]!r}")
+        entry = KvEntry(kv_id, layout.fingerprint(), num_tokens, layout.block_bytes, ids, time.monotonic(), record)
+        for b in ids:
+            record.block_owner[b] = kv_id
+        self.entries[kv_id] = entry
+        return entry
+
+    def get(self, kv_id: str) -> KvEntry:
+        entry = self.entries.get(kv_id)
+        if entry is None:
+            raise KvError(grpc.StatusCode.NOT_FOUND,
+                          f"no KV entry {kv_id!r} here (already pulled, released, expired, or its worker is gone)")
+        return entry
+
+    async def begin_transfer(self, kv_id: str, fingerprint: str, num_dst_blocks: int) -> KvEntry:
+        """Checks a pull against the entry and takes the entry's lock; pair with end_transfer."""
+        entry = self.get(kv_id)
+        if entry.fingerprint != fingerprint:
+            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"layout mismatch: entry {kv_id!r} has layout {entry.fingerprint!r}, "
+                          f"destination pool has {fingerprint!r}")
+        if entry.num_blocks != num_dst_blocks:
+            raise bad_field("block_ids", f"{num_dst_blocks} destination blocks for an entry of {entry.num_blocks} blocks")
+        await entry.lock.acquire()
+        if entry.dropped:  # another pull won, or it was released, while we waited
+            entry.lock.release()
+            raise self._gone(kv_id)
+        return entry
+
+    def end_transfer(self, entry: KvEntry, succeeded: bool) -> None:
+        try:
+            if succeeded:
+                self.drop(entry, "pulled")
+            elif entry.release_pending:
+                self.drop(entry, "released")
+        finally:
+            entry.lock.release()
+
+    def release(self, kv_id: str) -> bool:
+        entry = self.entries.get(kv_id)
+        if entry is None:
+            return False
+        if entry.lock.locked():
+            entry.release_pending = True  # applied when the transfer reading it ends
+        else:
+            self.drop(entry, "released")
+        return True
+
+    def move_to_host(self, entry: KvEntry, host_buffer: torch.Tensor) -> None:
+        """The entry's bytes are now in `host_buffer`: the worker may free its blocks."""
+        record = entry.pool
+        entry.host_buffer = host_buffer
+        entry.pool = None
+        self._notify(record, entry, "moved_to_host")
+
+    def drop(self, entry: KvEntry, reason: str | None) -> None:
+        """Removes an entry; a device-tier entry's worker hears RELEASED(reason)."""
+        if entry.dropped:
+            return
+        record = entry.pool
+        self._forget(entry)
+        if record is not None and reason is not None and record.pool_id in self.pools:
+            self._notify(record, entry, reason)
+
+    # ---- queries for the sweeper and Stats ----------------------------------------------------
+    def device_entries_older_than(self, age_seconds: float) -> list[KvEntry]:
+        """Idle device-tier entries published more than `age_seconds` ago, oldest first."""
+        deadline = time.monotonic() - age_seconds
+        old = [e for e in self.entries.values()
+               if e.pool is not None and e.published_at <= deadline and not e.lock.locked()]
+        return sorted(old, key=lambda e: e.published_at)
+
+    def count(self, tier: str) -> int:
+        in_host = tier == "host"
+        return sum(1 for e in self.entries.values() if e.in_host_tier == in_host)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _forget(self, entry: KvEntry) -> None:
+        entry.dropped = True
+        self.entries.pop(entry.kv_id, None)
+        if entry.pool is not None:
+            for b in entry.block_ids:
+                entry.pool.block_owner.pop(b, None)
+        if entry.host_buffer is not None:
+            self.host.free(entry.kv_id)
+            entry.host_buffer = None
+
+    def _notify(self, record: PoolRecord, entry: KvEntry, reason: str) -> None:
+        for b in entry.block_ids:
+            record.block_owner.pop(b, None)
+        record.events.put_nowait(ReleasedEvent(entry.kv_id, list(entry.block_ids), reason))
+
+    @staticmethod
+    def _gone(kv_id: str) -> KvError:
+        return KvError(grpc.StatusCode.NOT_FOUND, f"KV entry {kv_id!r} was pulled or released by another request")

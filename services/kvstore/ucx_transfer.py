@@ -1,0 +1,241 @@
+"""Daemon-to-daemon KV transfer over UCX (ucxx), received straight into the destination pool.
+
+The pulling daemon connects to the source daemon's listener (KvHandle.transfer_address), or reuses
+an idle endpoint to it (ucx_endpoints.py). A control frame is one tagged message on tag 0 holding
+UTF-8 JSON (the receiver learns its length by probing the tag). Data messages use tags 1, 2, ...
+One transfer on an endpoint:
+
+    puller -> source   {"op": "fetch", "kv_id", "fingerprint", "dst_blocks": [...]}
+    source -> puller   {"ok": false, "code": "NOT_FOUND", "message": ...}        (end)
+                    or {"ok": true, "runs": [[offset, count], ...], "bytes": N}
+    source -> puller   run i as one message on tag 1+i: entry blocks offset..offset+count-1, which
+                       are consecutive in the source rows and in the destination pool, so the
+                       puller posts each receive directly on the destination blocks' memory
+    puller -> source   {"op": "commit"}      (every run has landed)
+    source -> puller   {"ok": true}          (the source dropped the entry and told its worker)
+
+Each side's last message is received before the other sends again, so a transfer ends with nothing
+in flight and the endpoint can carry the next one. On any failure both sides close the endpoint.
+
+The source holds the entry's lock from "fetch" to "commit", so the entry cannot be pulled twice,
+moved to the host tier or freed while its bytes are on the wire. If anything fails before the
+commit, the source keeps the entry (still pullable) and the puller reports an error; the
+destination blocks then hold garbage, which is fine: they are the puller's and unused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from .block_runs import contiguous_runs
+from .entries import EntryTable, KvError
+from .ucx_endpoints import CONTROL_TAG, EndpointPool, RequestWaiter, ucxx_module
+
+log = logging.getLogger(__name__)
+
+FIRST_RUN_TAG = 1
+MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
+
+
+def _ucx_buffer(rows: torch.Tensor):
+    """What ucxx can send from / receive into without a copy: numpy shares a CPU tensor's memory,
+    a CUDA tensor is passed as is (__cuda_array_interface__)."""
+    return rows if rows.is_cuda else rows.numpy()
+
+
+async def send_frame(ep, message: dict) -> None:
+    await ep.send(np.frombuffer(json.dumps(message).encode(), dtype=np.uint8), tag=CONTROL_TAG)
+
+
+async def recv_frame(ep) -> dict:
+    """The next control frame. Probing the tag tells its length, so a frame is a single message."""
+    while not (probe := ep.tag_probe(CONTROL_TAG, remove=True)).matched:
+        if ep.closed:
+            raise ConnectionError("the peer closed the connection")
+        await asyncio.sleep(0)
+    if not 0 < probe.length <= MAX_CONTROL_BYTES:
+        raise ValueError(f"bad control frame length {probe.length}")
+    body = np.empty(probe.length, dtype=np.uint8)
+    await ep.recv_with_handle(body, probe)
+    message = json.loads(body.tobytes())
+    if not isinstance(message, dict):
+        raise ValueError("control frame is not a JSON object")
+    return message
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise KvError(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"handle.transfer_address: expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """The source's runs must tile the entry in order, each onto consecutive destination blocks."""
+    checked, expected_offset = [], 0
+    for run in runs:
+        offset, count = int(run[0]), int(run[1])
+        if offset != expected_offset or count <= 0 or offset + count > len(dst_ids):
+            raise ValueError(f"bad run {run!r} from source")
+        if any(dst_ids[offset + k] != dst_ids[offset] + k for k in range(count)):
+            raise ValueError(f"run {run!r} is not contiguous in the destination")
+        checked.append((offset, count))
+        expected_offset += count
+    if expected_offset != len(dst_ids):
+        raise ValueError(f"source runs cover {expected_offset} of {len(dst_ids)} blocks")
+    return checked
+
+
+class UcxTransferServer:
+    """The source side: serves this daemon's entries to pulling daemons on other nodes."""
+
+    def __init__(self, table: EntryTable, transfer_timeout: float, on_sent: Callable[[int], None]):
+        self.table = table
+        self.transfer_timeout = transfer_timeout
+        self.on_sent = on_sent
+        self._listener = None
+        self._connections: dict[object, asyncio.Task] = {}  # endpoint -> the task serving it
+        self._waiter = RequestWaiter()
+
+    def start(self, port: int) -> int:
+        """Listens on all interfaces; returns the bound port (port 0: any free one)."""
+        self._listener = ucxx_module().create_listener(self._serve_connection, port=port)
+        return self._listener.port
+
+    async def close(self) -> None:
+        """Ends every connection (a transfer in progress fails; its entry stays as it was), then
+        the listener: ucxx warns about a listener dropped while its handlers still run."""
+        self._waiter.close()
+        for ep, task in list(self._connections.items()):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections.values()), timeout=5.0)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def _serve_connection(self, ep) -> None:
+        """One peer connection: serves its transfers one after another until the peer closes."""
+        self._connections[ep] = asyncio.current_task()
+        try:
+            while await self._waiter.next_request(ep):
+                await asyncio.wait_for(self._serve_one(ep), self.transfer_timeout)
+        except asyncio.TimeoutError:
+            log.warning("UCX transfer to a peer timed out after %.1fs", self.transfer_timeout)
+        except Exception as e:  # the peer went away or broke protocol: only this connection ends
+            log.info("UCX transfer to a peer failed: %r", e)
+        finally:
+            self._connections.pop(ep, None)
+            if not ep.closed:
+                ep.abort()
+
+    async def _serve_one(self, ep) -> None:
+        request = await recv_frame(ep)
+        if request.get("op") != "fetch":
+            raise ValueError(f"expected a fetch request, got {request.get('op')!r}")
+        dst_ids = [int(b) for b in request["dst_blocks"]]
+        try:
+            entry = await self.table.begin_transfer(str(request["kv_id"]), str(request["fingerprint"]), len(dst_ids))
+        except KvError as e:
+            await send_frame(ep, {"ok": False, "code": e.code.name, "message": e.message})
+            return
+        committed = False
+        try:
+            rows, src_ids = entry.source()
+            runs = contiguous_runs(src_ids, dst_ids, entry.block_bytes)
+            await send_frame(ep, {"ok": True, "runs": runs, "bytes": entry.nbytes})
+            await asyncio.gather(*(
+                ep.send(_ucx_buffer(rows[src_ids[offset]: src_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
+                for i, (offset, count) in enumerate(runs)
+            ))
+            committed = (await recv_frame(ep)).get("op") == "commit"
+        finally:
+            self.table.end_transfer(entry, succeeded=committed)
+        if not committed:
+            raise ValueError("expected a commit")
+        self.on_sent(entry.nbytes)
+        await send_frame(ep, {"ok": True})
+
+
+class UcxPuller:
+    """The pulling side: fetches one entry from a remote daemon into blocks of a local pool."""
+
+    def __init__(self, connect_timeout: float, transfer_timeout: float):
+        self.endpoints = EndpointPool(connect_timeout)
+        self.transfer_timeout = transfer_timeout
+
+    async def fetch(self, address: str, kv_id: str, fingerprint: str,
+                    dst_rows: torch.Tensor, dst_ids: list[int]) -> int:
+        """Pulls entry `kv_id` from the daemon at `address` into `dst_rows[dst_ids]`; returns the
+        bytes received. Raises KvError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
+        cannot be reached or the connection fails, DEADLINE_EXCEEDED on timeout."""
+        host, port = split_host_port(address)
+        may_retry = True
+        while True:
+            try:
+                ep, reused = await self.endpoints.acquire(host, port)
+            except Exception as e:
+                raise KvError(grpc.StatusCode.UNAVAILABLE,
+                              f"cannot reach the kvstore transfer listener at {address}: {e!r}") from None
+            try:
+                nbytes, clean = await asyncio.wait_for(
+                    self._fetch(ep, kv_id, fingerprint, dst_rows, dst_ids), self.transfer_timeout)
+            except KvError:  # the source said no: the conversation ended cleanly
+                await self.endpoints.give_back(host, port, ep)
+                raise
+            except asyncio.TimeoutError:
+                await self.endpoints.discard(ep)
+                raise KvError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"transfer of {kv_id!r} from {address} took over {self.transfer_timeout}s") from None
+            except Exception as e:
+                await self.endpoints.discard(ep)
+                # Nothing was committed, so trying again is safe; a pooled endpoint may have died
+                # idle (its peer restarted) without us noticing yet.
+                if reused and may_retry:
+                    log.info("pooled endpoint to %s failed (%r): retrying on a new one", address, e)
+                    may_retry = False
+                    continue
+                raise KvError(grpc.StatusCode.UNAVAILABLE, f"transfer of {kv_id!r} from {address} failed: {e!r}") from None
+            except BaseException:  # cancelled: receives may still be posted on our blocks
+                await self.endpoints.discard(ep)
+                raise
+            if clean:
+                await self.endpoints.give_back(host, port, ep)
+            else:
+                await self.endpoints.discard(ep)
+            return nbytes
+
+    async def _fetch(self, ep, kv_id: str, fingerprint: str, dst_rows: torch.Tensor,
+                     dst_ids: list[int]) -> tuple[int, bool]:
+        """(bytes received, whether the endpoint is clean for reuse)."""
+        await send_frame(ep, {"op": "fetch", "kv_id": kv_id, "fingerprint": fingerprint, "dst_blocks": dst_ids})
+        reply = await recv_frame(ep)
+        if not reply.get("ok"):
+            code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)
+            raise KvError(code, f"source daemon: {reply.get('message', '')}")
+        runs = check_runs(reply["runs"], dst_ids)
+        await asyncio.gather(*(
+            ep.recv(_ucx_buffer(dst_rows[dst_ids[offset]: dst_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
+            for i, (offset, count) in enumerate(runs)
+        ))
+        nbytes = len(dst_ids) * dst_rows.shape[1]
+        try:
+            await send_frame(ep, {"op": "commit"})
+            await recv_frame(ep)
+        except Exception as e:
+            # Every byte has landed, so the pull succeeded; the source may not have heard the
+            # commit and then keeps the entry until its TTL runs out.
+            log.warning("pull of %r: no commit acknowledgement from the source: %r", kv_id, e)
+            return nbytes, False
+        return nbytes, True
+
+    async def close(self) -> None:
+        await self.endpoints.close_idle(everything=True)

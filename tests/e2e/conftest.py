@@ -1,0 +1,106 @@
+"""A real local cluster, started with `pdserve up` as a subprocess and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class RunningCluster:
+    def __init__(self, proc: subprocess.Popen, info: dict, log_path: str):
+        self.proc = proc
+        self.info = info
+        self.log_path = log_path
+
+    @property
+    def router(self) -> str:
+        return self.info["router"]
+
+    def services(self, role: str) -> list[dict]:
+        return [s for s in self.info["services"] if s["role"] == role]
+
+    def worker_stats(self, role: str) -> list[common_pb2.WorkerStats]:
+        out = []
+        for svc in self.services(role):
+            with grpc.insecure_channel(svc["grpc"]) as ch:
+                out.append(common_pb2_grpc.WorkerStub(ch).Stats(common_pb2.StatsRequest(), timeout=5))
+        return out
+
+    def kvstore_stats(self) -> list[kvstore_pb2.KvStoreStats]:
+        out = []
+        for svc in self.services("kvstore"):
+            with grpc.insecure_channel(svc["grpc"]) as ch:
+                out.append(kvstore_pb2_grpc.KvStoreStub(ch).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=5))
+        return out
+
+    def metrics_text(self, service: dict) -> str:
+        with urllib.request.urlopen(f"http://{service['metrics']}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Every worker pool fully free and no kvstore entry left (releases are asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = [s for role in ("prefill", "decode", "colocated") for s in self.worker_stats(role)]
+            pools_free = all(s.kv_blocks_free == s.kv_blocks_total for s in workers)
+            entries = sum(k.entries_device + k.entries_host for k in self.kvstore_stats())
+            if pools_free and entries == 0:
+                return
+            if time.monotonic() > deadline:
+                used = {s.role + "@" + s.node_id: s.kv_blocks_total - s.kv_blocks_free for s in workers}
+                raise AssertionError(f"not idle after {timeout}s: blocks in use {used}, kvstore entries {entries}")
+            time.sleep(0.1)
+
+
+def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluster:
+    ready = tmp_path / "ready.json"
+    log_path = tmp_path / "launcher.log"
+    cmd = [sys.executable, "-m", "services.cli", "up", "--port", "0", "--ready-file", str(ready),
+           "--log-dir", str(tmp_path / "logs"), *args]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"cluster did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
+    return RunningCluster(proc, json.loads(ready.read_text()), str(log_path))
+
+
+def stop_cluster(cluster: RunningCluster) -> int:
+    cluster.proc.send_signal(signal.SIGTERM)
+    try:
+        return cluster.proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        cluster.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def cluster_factory(tmp_path_factory):
+    started: list[RunningCluster] = []
+
+    def make(*args: str) -> RunningCluster:
+        cluster = start_cluster(tmp_path_factory.mktemp("cluster"), *args)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        if cluster.proc.poll() is None:
+            code = stop_cluster(cluster)
+            assert code == 0, f"launcher exited {code}:\n{open(cluster.log_path).read()[-3000:]}"

@@ -1,0 +1,195 @@
+"""The product, end to end: real processes on loopback, a plain generated gRPC client.
+
+Disaggregated on two emulated nodes (prefill on node A, decode on node B: KV crosses between the
+kvstore daemons over UCX), on one node (local copies), and colocated. Every output equals Hugging
+Face `generate` greedy; afterwards every pool is free and no kvstore entry is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine import ModelConfig
+from services.engine.testmodels import _CORPUS_WORDS, get_model
+
+pytestmark = pytest.mark.slow
+
+NUM_REQUESTS = 32
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return get_model("llama")
+
+
+@pytest.fixture(scope="module")
+def workload(model_dir):
+    """32 prompts of varied length and max_tokens, with HF greedy references."""
+    rng = random.Random(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    items = []
+    for i in range(NUM_REQUESTS):
+        prompt = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
+        max_tokens = rng.choice([1, 2, 5, 17, 33, 48])
+        ids = tokenizer.encode(prompt)
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens)[0, len(ids):].tolist()
+        items.append({"prompt": prompt, "ids": ids, "max_tokens": max_tokens, "expected": ref})
+    return items
+
+
+def block_bytes(model_dir: str) -> int:
+    mc = ModelConfig.from_pretrained(model_dir)
+    return mc.kv_elements_per_token * BLOCK_SIZE * 4  # float32
+
+
+async def _generate(router: str, item: dict, **sampling) -> tuple[list[int], str, router_pb2.GenerateResponse]:
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        request = router_pb2.GenerateRequest(
+            prompt=item["prompt"], request_id=f"req-{item['prompt'][:8]}",
+            sampling=common_pb2.SamplingParams(max_tokens=item["max_tokens"], temperature=0, **sampling))
+        tokens, text, last = [], "", None
+        async for response in stub.Generate(request, timeout=120):
+            tokens.extend(response.token_ids)
+            text += response.text
+            last = response
+        return tokens, text, last
+
+
+def run_workload(router: str, workload: list[dict]) -> list[tuple]:
+    async def all_at_once():
+        return await asyncio.gather(*(_generate(router, item) for item in workload))
+
+    return asyncio.run(all_at_once())
+
+
+def check_outputs(workload, results, tokenizer) -> None:
+    for item, (tokens, text, last) in zip(workload, results):
+        assert tokens == item["expected"], f"prompt {item['prompt'][:30]!r}"
+        assert last.finish_reason in ("stop", "length")
+        assert last.usage.prompt_tokens == len(item["ids"]) and last.usage.completion_tokens == len(tokens)
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+        assert last.timing.ttft_seconds > 0 and last.timing.e2e_seconds >= last.timing.ttft_seconds
+
+
+def expected_kv_bytes(workload, model_dir) -> int:
+    """KV moved = the prompt's blocks, for every request that continued past its first token."""
+    per_block = block_bytes(model_dir)
+    total = 0
+    for item in workload:
+        if len(item["expected"]) > 1:
+            total += -(-len(item["ids"]) // BLOCK_SIZE) * per_block
+    return total
+
+
+def largest_grpc_message(cluster) -> int:
+    largest = 0
+    for svc in cluster.info["services"]:
+        for m in re.finditer(r'^pdserve_grpc_largest_message_bytes\{[^}]*\} ([0-9.e+]+)$', cluster.metrics_text(svc), re.M):
+            largest = max(largest, int(float(m.group(1))))
+    return largest
+
+
+# ---- disaggregated, two nodes --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_node(cluster_factory, model_dir):
+    return cluster_factory("--model", model_dir, "--prefill", "2", "--decode", "2", "--nodes", "2")
+
+
+def test_two_nodes_exact_outputs_with_kv_over_ucx(two_node, workload, model_dir):
+    prefill_nodes = {s["node"] for s in two_node.services("prefill")}
+    decode_nodes = {s["node"] for s in two_node.services("decode")}
+    assert len(two_node.services("kvstore")) == 2 and prefill_nodes.isdisjoint(decode_nodes)
+
+    results = run_workload(two_node.router, workload)
+    check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+    two_node.wait_idle()
+
+    stats = {s.node_id: s for s in two_node.kvstore_stats()}
+    want = expected_kv_bytes(workload, model_dir)
+    (prefill_node,), (decode_node,) = prefill_nodes, decode_nodes
+    assert stats[prefill_node].bytes_ucx_sent == want
+    assert stats[decode_node].bytes_ucx_received == want
+    assert sum(s.bytes_local for s in stats.values()) == 0
+    # control messages only: the largest gRPC message anywhere is smaller than one KV block
+    assert 0 < largest_grpc_message(two_node) < block_bytes(model_dir)
+
+
+def test_cancel_mid_stream_frees_decode_blocks_within_a_second(two_node):
+    async def cancel_after_some_tokens():
+        async with grpc.aio.insecure_channel(two_node.router) as channel:
+            call = router_pb2_grpc.RouterStub(channel).Generate(router_pb2.GenerateRequest(
+                prompt="a long story " * 20, sampling=common_pb2.SamplingParams(max_tokens=800, temperature=0, ignore_eos=True)))
+            received = 0
+            async for response in call:
+                received += len(response.token_ids)
+                if received >= 5:
+                    break
+            busy = [s.kv_blocks_total - s.kv_blocks_free for s in two_node.worker_stats("decode")]
+            call.cancel()
+            return busy, time.monotonic()
+
+    busy, cancelled_at = asyncio.run(cancel_after_some_tokens())
+    assert sum(busy) > 0  # the stream really held decode blocks when it was cancelled
+    while True:
+        stats = two_node.worker_stats("decode")
+        if all(s.kv_blocks_free == s.kv_blocks_total for s in stats):
+            break
+        assert time.monotonic() - cancelled_at < 1.0, "decode blocks not freed within 1 s of the cancel"
+        time.sleep(0.02)
+    two_node.wait_idle()
+
+
+@pytest.mark.parametrize("request_kwargs, field", [
+    (dict(), "prompt"),
+    (dict(prompt="hi", token_ids=[1, 2]), "prompt"),
+    (dict(token_ids=[1, 99999]), "token_ids"),
+    (dict(prompt="hi", sampling=common_pb2.SamplingParams(temperature=-1)), "sampling.temperature"),
+    (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), "sampling.top_p"),
+    (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-3)), "sampling.top_k"),
+    (dict(prompt="hi", slo=router_pb2.SloTargets(ttft_seconds=-1)), "slo.ttft_seconds"),
+    (dict(token_ids=[5] * 5000), "prompt"),
+])
+def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs, field):
+    async def call():
+        async with grpc.aio.insecure_channel(two_node.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            async for _ in stub.Generate(router_pb2.GenerateRequest(**request_kwargs), timeout=30):
+                pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(call())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+    two_node.wait_idle(timeout=2)
+
+
+# ---- disaggregated, one node ----------------------------------------------------------------------
+def test_one_node_local_copies(cluster_factory, workload, model_dir):
+    cluster = cluster_factory("--model", model_dir, "--prefill", "2", "--decode", "2", "--nodes", "1")
+    results = run_workload(cluster.router, workload)
+    check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+    cluster.wait_idle()
+    (stats,) = cluster.kvstore_stats()
+    assert stats.bytes_local == expected_kv_bytes(workload, model_dir)
+    assert stats.bytes_ucx_sent == stats.bytes_ucx_received == 0
+
+
+# ---- colocated -----------------------------------------------------------------------------------
+def test_colocated_mode(cluster_factory, workload, model_dir):
+    cluster = cluster_factory("--model", model_dir, "--mode", "colocated", "--colocated", "2")
+    results = run_workload(cluster.router, workload)
+    check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+    cluster.wait_idle()
+    assert not cluster.services("kvstore")

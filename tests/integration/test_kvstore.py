@@ -1,0 +1,525 @@
+"""The kvstore daemon for real: daemon processes on loopback, real gRPC, real UCX (tcp), pools in
+POSIX shared memory allocated by this test process (standing in for prefill/decode workers).
+
+Nodes: A and B (TTL 30 s) for transfers; C (TTL 1 s, host TTL 3 s, an 8-block host tier) for
+the host tier; D only for the SIGTERM test. Every test leaves every daemon without entries or pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.engine.kv_cache import KvLayout, KvPool
+from services.kvstore.client import KvStoreClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# 64 blocks of 4 KiB: runs of several blocks exceed UCX's 8 KiB rendezvous threshold.
+LAYOUT = KvLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2, head_dim=32,
+                  dtype="float32", model_id="kvstore-test")
+BLOCK_BYTES = LAYOUT.block_bytes
+HOST_TIER_BLOCKS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    node_id: str
+    port: int
+    metrics_port: int
+    proc: subprocess.Popen
+    log_path: str
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stats(self) -> kvstore_pb2.KvStoreStats:
+        with grpc.insecure_channel(self.address) as channel:
+            return kvstore_pb2_grpc.KvStoreStub(channel).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=5)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, default: float | None = None, **labels) -> float:
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        if default is not None:  # a labelled series appears with its first increment
+            return default
+        raise KeyError(f"{name}{labels} not exported by node {self.node_id}")
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"node {self.node_id} ignored SIGTERM:\n{self.log()}")
+
+
+def _die_with_parent() -> None:
+    """A daemon gets SIGTERM if the test process dies (a killed pytest leaves no daemons behind)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def launch(node_id: str, log_dir, *extra: str, env: dict | None = None) -> Daemon:
+    port, metrics_port = free_port(), free_port()
+    log_path = str(log_dir / f"kvstore-{node_id}.log")
+    args = [sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics_port), "--transfer-host", "127.0.0.1", "--transfer-port", "0",
+            "--grace-seconds", "5", *extra]
+    if env is None or "PDSERVE_NODE_ID" not in env:
+        args += ["--node-id", node_id]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    return Daemon(node_id, port, metrics_port, proc, log_path)
+
+
+def wait_until_serving(daemon: Daemon, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"node {daemon.node_id} exited with {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            daemon.stats()
+            return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise AssertionError(f"node {daemon.node_id} did not start:\n{daemon.log()}")
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("kvstore")
+    daemons = {
+        "A": launch("A", log_dir, "--ttl-seconds", "30"),
+        "B": launch("B", log_dir, "--ttl-seconds", "30", "--connect-timeout-seconds", "1"),
+        "C": launch("C", log_dir, "--ttl-seconds", "1", "--host-ttl-seconds", "3",
+                    "--host-tier-bytes", str(HOST_TIER_BLOCKS * BLOCK_BYTES)),
+        # D takes its settings from the environment, as in a container.
+        "D": launch("D", log_dir, env={"PDSERVE_NODE_ID": "D", "PDSERVE_TTL_SECONDS": "30"}),
+    }
+    try:
+        for daemon in daemons.values():
+            wait_until_serving(daemon)
+        yield daemons
+    finally:
+        failures = []
+        for daemon in daemons.values():
+            if daemon.proc.poll() is None:
+                rc = daemon.stop()
+            else:
+                rc = daemon.proc.returncode
+            if rc != 0 or "Traceback" in daemon.log():
+                failures.append(f"node {daemon.node_id} exit code {rc}:\n{daemon.log()}")
+        assert not failures, "\n".join(failures)
+
+
+@pytest.fixture(autouse=True)
+def leaves_nothing_behind(nodes):
+    yield
+    deadline = time.monotonic() + 5
+    for daemon in nodes.values():
+        if daemon.proc.poll() is not None:
+            continue
+        while True:
+            s = daemon.stats()
+            if s.pools == 0 and s.entries_device == 0 and s.entries_host == 0 and s.host_tier_bytes == 0:
+                break
+            assert time.monotonic() < deadline, f"node {daemon.node_id} kept state after the test:\n{s}"
+            time.sleep(0.05)
+
+
+def run(coro, timeout: float = 30.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Worker:
+    """A prefill or decode worker as the daemon sees it: a shared-memory pool plus a client."""
+
+    def __init__(self, node: Daemon, name: str):
+        self.name = name
+        self.pool = KvPool.allocate(LAYOUT)
+        self.rows = self.pool.block_bytes_view()
+        self.client = KvStoreClient(node.address)
+        self.released: dict[str, tuple[list[int], str]] = {}
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> "Worker":
+        await self.client.register_pool(self.name, self.pool, self._on_released)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+        self.pool.close()
+
+    def _on_released(self, kv_id: str, block_ids: list[int], reason: str) -> None:
+        self.released[kv_id] = (block_ids, reason)
+        self._changed.set()
+
+    async def wait_released(self, kv_id: str, timeout: float = 5.0) -> tuple[list[int], str]:
+        deadline = time.monotonic() + timeout
+        while kv_id not in self.released:
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{self.name}: no RELEASED event for {kv_id!r}"
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return self.released[kv_id]
+
+    def fill_random(self, blocks: list[int], seed: int) -> torch.Tensor:
+        """Random bytes in `blocks`, as a prefill would leave KV there; returns a copy."""
+        g = torch.Generator().manual_seed(seed)
+        data = torch.randint(0, 256, (len(blocks), BLOCK_BYTES), dtype=torch.uint8, generator=g)
+        self.rows[blocks] = data
+        return data.clone()
+
+    async def publish(self, kv_id: str, blocks: list[int], seed: int) -> tuple[common_pb2.KvHandle, torch.Tensor]:
+        data = self.fill_random(blocks, seed)
+        handle = await self.client.publish(kv_id, blocks, num_tokens=(len(blocks) - 1) * LAYOUT.block_size + 1)
+        return handle, data
+
+
+async def expect_rpc_error(code: grpc.StatusCode, coro) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await coro
+    assert e.value.code() == code, e.value.details()
+    return e.value.details()
+
+
+# ---- transfers ----------------------------------------------------------------------------------
+def test_cross_node_pull_over_ucx_is_byte_exact(nodes):
+    a, b = nodes["A"], nodes["B"]
+    src, dst = [3, 4, 5, 10, 11, 40, 2], [60, 61, 0, 1, 2, 30, 31]
+    before_a, before_b = a.stats(), b.stats()
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
+            handle, data = await prefill.publish("req-ucx", src, seed=1)
+            assert (handle.node_id, handle.kvstore_address) == ("A", a.address)
+            assert handle.transfer_address.startswith("127.0.0.1:")
+            assert (handle.num_blocks, handle.num_tokens) == (7, 25)
+            assert handle.layout_fingerprint == LAYOUT.fingerprint()
+
+            response = await decode.client.pull(dst, handle)
+            assert (response.path, response.bytes) == ("ucx", 7 * BLOCK_BYTES)
+            assert response.seconds > 0
+            assert torch.equal(decode.rows[dst], data)
+            others = [i for i in range(LAYOUT.num_blocks) if i not in dst]
+            assert int(decode.rows[others].count_nonzero()) == 0  # nothing written elsewhere
+
+            assert await prefill.wait_released("req-ucx") == (src, "pulled")
+            await expect_rpc_error(grpc.StatusCode.NOT_FOUND, decode.client.pull(dst, handle))
+
+    run(scenario())
+    after_a, after_b = a.stats(), b.stats()
+    assert after_a.bytes_ucx_sent - before_a.bytes_ucx_sent == 7 * BLOCK_BYTES
+    assert after_b.bytes_ucx_received - before_b.bytes_ucx_received == 7 * BLOCK_BYTES
+    assert after_b.pulls - before_b.pulls == 1
+    assert after_b.failures - before_b.failures == 1  # the second pull
+
+
+def test_same_node_pull_is_a_local_copy(nodes):
+    a = nodes["A"]
+    before = a.stats()
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(a, "decode-a") as decode:
+            handle, data = await prefill.publish("req-local", [7, 8, 9, 20], seed=2)
+            response = await decode.client.pull([0, 1, 50, 51], handle)
+            assert (response.path, response.bytes) == ("local", 4 * BLOCK_BYTES)
+            assert torch.equal(decode.rows[[0, 1, 50, 51]], data)
+            assert await prefill.wait_released("req-local") == ([7, 8, 9, 20], "pulled")
+
+    run(scenario())
+    after = a.stats()
+    assert after.bytes_local - before.bytes_local == 4 * BLOCK_BYTES
+    assert after.bytes_ucx_sent == before.bytes_ucx_sent
+
+
+def test_concurrent_pulls_across_nodes_are_byte_exact(nodes):
+    a, b = nodes["A"], nodes["B"]
+    before_a, before_b = a.stats(), b.stats()
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill_a, Worker(b, "decode-b") as decode_b, \
+                Worker(b, "prefill-b") as prefill_b, Worker(a, "decode-a") as decode_a:
+            g = torch.Generator().manual_seed(3)
+            # 16 entries of 4 blocks A -> B and 8 B -> A at the same time, 2 of them local on A,
+            # with scattered destination blocks so that runs break up.
+            pulls = []
+            dst_b = torch.randperm(64, generator=g).tolist()
+            for i in range(16):
+                handle, data = await prefill_a.publish(f"a-{i}", list(range(4 * i, 4 * i + 4)), seed=100 + i)
+                pulls.append((decode_b, dst_b[4 * i: 4 * i + 4], handle, data, prefill_a))
+            dst_a = torch.randperm(64, generator=g).tolist()
+            for i in range(8):
+                src = list(range(8 * i, 8 * i + 4))
+                handle, data = await prefill_b.publish(f"b-{i}", src, seed=200 + i)
+                pulls.append((decode_a, dst_a[4 * i: 4 * i + 4], handle, data, prefill_b))
+
+            responses = await asyncio.gather(*(w.client.pull(dst, h) for w, dst, h, _, _ in pulls))
+            for (worker, dst, handle, data, source), response in zip(pulls, responses):
+                assert response.path == "ucx"
+                assert torch.equal(worker.rows[dst], data), f"{handle.kv_id} corrupted"
+                _, reason = await source.wait_released(handle.kv_id)
+                assert reason == "pulled"
+
+    run(scenario())
+    after_a, after_b = a.stats(), b.stats()
+    assert after_a.bytes_ucx_sent - before_a.bytes_ucx_sent == 16 * 4 * BLOCK_BYTES
+    assert after_b.bytes_ucx_received - before_b.bytes_ucx_received == 16 * 4 * BLOCK_BYTES
+    assert after_b.bytes_ucx_sent - before_b.bytes_ucx_sent == 8 * 4 * BLOCK_BYTES
+    assert after_a.bytes_ucx_received - before_a.bytes_ucx_received == 8 * 4 * BLOCK_BYTES
+
+
+# ---- lifecycle ----------------------------------------------------------------------------------
+def test_release_is_idempotent_and_frees_the_blocks(nodes):
+    a, b = nodes["A"], nodes["B"]
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
+            handle, _ = await prefill.publish("req-cancelled", [5, 6], seed=4)
+            # Released from another node's client: it goes to the daemon named in the handle.
+            assert await decode.client.release(handle) is True
+            assert await prefill.wait_released("req-cancelled") == ([5, 6], "released")
+            assert await decode.client.release(handle) is False
+            await expect_rpc_error(grpc.StatusCode.NOT_FOUND, decode.client.pull([0, 1], handle))
+
+    run(scenario())
+
+
+def test_ending_the_watch_drops_the_pool_and_its_entries(nodes):
+    a, b = nodes["A"], nodes["B"]
+    pools_before = a.stats().pools
+
+    async def scenario():
+        async with Worker(b, "decode-b") as decode:
+            prefill = Worker(a, "prefill-a")
+            await prefill.__aenter__()
+            h1, _ = await prefill.publish("orphan-1", [1, 2], seed=5)
+            await prefill.publish("orphan-2", [3], seed=6)
+            assert (a.stats().pools, a.stats().entries_device) == (pools_before + 1, 2)
+            await prefill.__aexit__(None, None, None)  # the worker goes away: its watch stream ends
+            deadline = time.monotonic() + 5
+            while a.stats().pools != pools_before or a.stats().entries_device != 0:
+                assert time.monotonic() < deadline, a.stats()
+                await asyncio.sleep(0.05)
+            await expect_rpc_error(grpc.StatusCode.NOT_FOUND, decode.client.pull([0, 1], h1))
+
+    run(scenario())
+
+
+def test_unpulled_entries_move_to_the_host_tier_and_are_pulled_from_there(nodes):
+    b, c = nodes["B"], nodes["C"]
+    moves_before = c.metric("pdserve_kvstore_ttl_moves_total")
+
+    async def scenario():
+        async with Worker(c, "prefill-c") as prefill, Worker(c, "decode-c") as decode_c, \
+                Worker(b, "decode-b") as decode_b:
+            h1, d1 = await prefill.publish("slow-1", [10, 11], seed=7)
+            h2, d2 = await prefill.publish("slow-2", [20, 22, 21], seed=8)
+            assert await prefill.wait_released("slow-1") == ([10, 11], "moved_to_host")
+            assert await prefill.wait_released("slow-2") == ([20, 22, 21], "moved_to_host")
+            s = c.stats()
+            assert (s.entries_device, s.entries_host, s.host_tier_bytes) == (0, 2, 5 * BLOCK_BYTES)
+            prefill.rows.zero_()  # the prefill worker reuses its blocks: the host copy must not care
+
+            local = await decode_c.client.pull([3, 4], h1)
+            assert (local.path, local.bytes) == ("host", 2 * BLOCK_BYTES)
+            assert torch.equal(decode_c.rows[[3, 4]], d1)
+
+            remote = await decode_b.client.pull([40, 41, 42], h2)  # served from C's host tier over UCX
+            assert remote.path == "ucx"
+            assert torch.equal(decode_b.rows[[40, 41, 42]], d2)
+            assert set(prefill.released) == {"slow-1", "slow-2"}  # no second event after the pulls
+
+    run(scenario())
+    assert c.metric("pdserve_kvstore_ttl_moves_total") - moves_before == 2
+    assert c.stats().entries_host == 0
+
+
+def test_host_tier_evicts_the_oldest_and_expires_the_rest(nodes):
+    c = nodes["C"]
+    expired_before = c.metric("pdserve_kvstore_expired_entries_total")
+    evicted_before = c.metric("pdserve_kvstore_host_evictions_total")
+
+    async def scenario():
+        async with Worker(c, "prefill-c") as prefill, Worker(c, "decode-c") as decode:
+            # Bigger than the whole tier: stays in the pool, then expires (TTL + host TTL).
+            await prefill.publish("too-big", list(range(40, 40 + HOST_TIER_BLOCKS + 1)), seed=9)
+            h1, _ = await prefill.publish("old", [0, 1, 2, 3], seed=10)
+            assert (await prefill.wait_released("old"))[1] == "moved_to_host"
+            await prefill.publish("mid", [4, 5, 6, 7], seed=11)
+            assert (await prefill.wait_released("mid"))[1] == "moved_to_host"
+            await prefill.publish("new", [8, 9, 10, 11], seed=12)  # the tier is full: "old" goes
+            assert (await prefill.wait_released("new"))[1] == "moved_to_host"
+            await expect_rpc_error(grpc.StatusCode.NOT_FOUND, decode.client.pull([0, 1, 2, 3], h1))
+            assert c.stats().host_tier_bytes == HOST_TIER_BLOCKS * BLOCK_BYTES
+
+            assert await prefill.wait_released("too-big", timeout=8) == (list(range(40, 49)), "expired")
+            deadline = time.monotonic() + 8
+            while c.stats().entries_host:  # "mid" and "new" expire 3 s after their moves
+                assert time.monotonic() < deadline, c.stats()
+                await asyncio.sleep(0.1)
+
+    run(scenario(), timeout=40)
+    assert c.metric("pdserve_kvstore_host_evictions_total") - evicted_before == 1
+    assert c.metric("pdserve_kvstore_expired_entries_total") - expired_before == 3
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def test_bad_requests_are_rejected_naming_the_field(nodes):
+    a = nodes["A"]
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(a, "decode-a") as decode:
+            stub = prefill.client.stub()
+            good = kvstore_pb2.PoolLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2,
+                                          head_dim=32, dtype="float32", model_id="kvstore-test")
+            path, size = prefill.pool.descriptor["path"], LAYOUT.total_bytes
+
+            def register(worker_id="w", layout=good, descriptor=f'{{"kind": "shm", "path": "{path}", "size": {size}}}'):
+                return stub.RegisterPool(kvstore_pb2.RegisterPoolRequest(
+                    worker_id=worker_id, layout=layout, memory_descriptor=descriptor))
+
+            invalid = grpc.StatusCode.INVALID_ARGUMENT
+            for call, field in [
+                (register(worker_id=""), "worker_id"),
+                (register(descriptor="not json"), "memory_descriptor"),
+                (register(descriptor='{"kind": "tmpfs"}'), "memory_descriptor.kind"),
+                (register(descriptor=f'{{"kind": "shm", "path": "/etc/passwd", "size": {size}}}'), "memory_descriptor.path"),
+                (register(descriptor=f'{{"kind": "shm", "path": "/dev/shm/no-such-pool", "size": {size}}}'), "memory_descriptor.path"),
+                (register(descriptor=f'{{"kind": "shm", "path": "{path}", "size": 12}}'), "memory_descriptor.size"),
+                (register(layout=kvstore_pb2.PoolLayout(num_blocks=0)), "layout.num_blocks"),
+                (register(layout=kvstore_pb2.PoolLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2,
+                                                        head_dim=32, dtype="int3")), "layout.dtype"),
+            ]:
+                details = await expect_rpc_error(invalid, call)
+                assert details.startswith(field + ":"), details
+
+            client = prefill.client
+            for blocks, tokens, field in [([64], 1, "block_ids"), ([1, 1], 5, "block_ids"), ([1, 2], 3, "num_tokens")]:
+                details = await expect_rpc_error(invalid, client.publish("bad", blocks, tokens))
+                assert details.startswith(field + ":"), details
+            handle, _ = await prefill.publish("good", [1, 2], seed=13)
+            assert "already published" in await expect_rpc_error(
+                grpc.StatusCode.ALREADY_EXISTS, client.publish("good", [3], 1))
+            assert (await expect_rpc_error(grpc.StatusCode.FAILED_PRECONDITION, stub.Publish(
+                kvstore_pb2.PublishRequest(pool_id="nope", kv_id="x", block_ids=[1], num_tokens=1)))).startswith("pool_id:")
+
+            # Pulls checked on the pulling node before anything moves.
+            assert (await expect_rpc_error(invalid, decode.client.pull([5, 6, 7], handle))).startswith("block_ids:")
+            other_model = common_pb2.KvHandle()
+            other_model.CopyFrom(handle)
+            other_model.layout_fingerprint = "other-model:2x2x4x2x32:float32"
+            assert "layout mismatch" in await expect_rpc_error(
+                grpc.StatusCode.FAILED_PRECONDITION, decode.client.pull([5, 6], other_model))
+            assert await client.release(handle)
+
+    run(scenario())
+
+
+def test_failed_remote_pulls_leave_the_entry_pullable(nodes):
+    a, b = nodes["A"], nodes["B"]
+    failures_before = b.metric("pdserve_kvstore_transfer_failures_total", default=0, reason="unavailable")
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
+            handle, data = await prefill.publish("fragile", [1, 2, 3], seed=14)
+            # The source daemon rejects a pull of the wrong size (the handle was tampered with).
+            short = common_pb2.KvHandle()
+            short.CopyFrom(handle)
+            short.num_blocks = 2
+            details = await expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, decode.client.pull([0, 1], short))
+            assert "destination blocks for an entry of 3 blocks" in details
+            # A source node that cannot be reached.
+            gone = common_pb2.KvHandle()
+            gone.CopyFrom(handle)
+            gone.node_id, gone.transfer_address = "Z", f"127.0.0.1:{free_port()}"
+            started = time.monotonic()
+            await expect_rpc_error(grpc.StatusCode.UNAVAILABLE, decode.client.pull([0, 1, 2], gone))
+            assert time.monotonic() - started < 5  # B's --connect-timeout-seconds is 1
+
+            response = await decode.client.pull([10, 11, 12], handle)  # still there, intact
+            assert response.path == "ucx" and torch.equal(decode.rows[[10, 11, 12]], data)
+            assert (await prefill.wait_released("fragile"))[1] == "pulled"
+
+    run(scenario())
+    assert b.metric("pdserve_kvstore_transfer_failures_total", reason="unavailable") - failures_before == 1
+
+
+# ---- operations ---------------------------------------------------------------------------------
+def test_metrics_endpoint_exposes_the_kvstore_metrics(nodes):
+    a, b = nodes["A"], nodes["B"]
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
+            handle, _ = await prefill.publish("scraped", [1], seed=15)
+            await decode.client.pull([2], handle)
+
+    run(scenario())
+    text = b.metrics_text()
+    for name in ["pdserve_kvstore_transferred_bytes_total", "pdserve_kvstore_transfer_duration_seconds_bucket",
+                 "pdserve_kvstore_entries", "pdserve_kvstore_host_tier_bytes", "pdserve_kvstore_ttl_moves_total",
+                 "pdserve_kvstore_pools", "pdserve_kvstore_pulls_total", "pdserve_kvstore_expired_entries_total",
+                 "pdserve_kvstore_served_bytes_total", "pdserve_grpc_largest_message_bytes"]:
+        assert name in text, name
+    assert "# HELP pdserve_kvstore_transfer_failures_total" in text
+    assert b.metric("pdserve_kvstore_transferred_bytes_total", path="ucx") >= BLOCK_BYTES
+    assert b.metric("pdserve_kvstore_pulls_total", path="ucx") >= 1
+    assert b.metric("pdserve_kvstore_transfer_duration_seconds_count", path="ucx") >= 1
+    assert a.metric("pdserve_kvstore_served_bytes_total") >= BLOCK_BYTES
+    assert a.metric("pdserve_kvstore_entries", tier="device") == 0
+    # KV bytes never travel over gRPC: the largest Pull message is a tiny control message.
+    assert b.metric("pdserve_grpc_largest_message_bytes", method="Pull", direction="request") < BLOCK_BYTES
+
+
+def test_sigterm_ends_watch_streams_and_the_client_frees_its_blocks(nodes):
+    b, d = nodes["B"], nodes["D"]
+    assert d.stats().node_id == "D"  # from PDSERVE_NODE_ID
+
+    async def scenario():
+        async with Worker(d, "prefill-d") as prefill, Worker(b, "decode-b") as decode:
+            handle, _ = await prefill.publish("before-stop", [5], seed=16)
+            await decode.client.pull([5], handle)  # B now keeps an idle UCX endpoint to D
+            h1, _ = await prefill.publish("in-flight-1", [1, 2], seed=17)
+            await prefill.publish("in-flight-2", [3], seed=18)
+            d.proc.send_signal(signal.SIGTERM)
+            assert await prefill.wait_released("in-flight-1", timeout=10) == ([1, 2], "daemon_lost")
+            assert await prefill.wait_released("in-flight-2", timeout=10) == ([3], "daemon_lost")
+            assert d.proc.wait(timeout=20) == 0
+            # B's pooled endpoint to D is dead now: the pull fails fast instead of hanging.
+            await expect_rpc_error(grpc.StatusCode.UNAVAILABLE, decode.client.pull([1, 2], h1))
+
+    run(scenario())
+    assert "Traceback" not in d.log()

@@ -1,0 +1,196 @@
+"""Unit tests of the kvstore's pure pieces: block runs, host-tier accounting, the entry table."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from services.engine.kv_cache import KvLayout, KvPool
+from services.kvstore.block_runs import contiguous_runs, copy_blocks
+from services.kvstore.entries import EntryTable, KvError
+from services.kvstore.host_tier import HostTier
+from services.kvstore.ucx_transfer import check_runs, split_host_port
+
+LAYOUT = KvLayout(num_blocks=16, num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype="float32", model_id="t")
+
+
+# ---- block runs ---------------------------------------------------------------------------------
+def test_runs_are_contiguous_on_both_sides():
+    src = [3, 4, 5, 10, 11, 40, 2]
+    dst = [60, 61, 0, 1, 2, 30, 31]
+    # 3,4 -> 60,61 | 5 -> 0 (dst continues 0,1,2 but src jumps to 10) | 10,11 -> 1,2 | 40 -> 30 | 2 -> 31
+    assert contiguous_runs(src, dst, block_bytes=1) == [(0, 2), (2, 1), (3, 2), (5, 1), (6, 1)]
+
+
+def test_runs_split_at_the_size_cap():
+    assert contiguous_runs(list(range(10)), list(range(10)), block_bytes=100, max_run_bytes=400) == [(0, 4), (4, 4), (8, 2)]
+
+
+def test_runs_need_equal_lengths():
+    with pytest.raises(ValueError):
+        contiguous_runs([1, 2], [1], block_bytes=1)
+
+
+def test_copy_blocks_moves_each_block_to_its_place():
+    src = torch.randint(0, 256, (8, 16), dtype=torch.uint8)
+    dst = torch.zeros((8, 16), dtype=torch.uint8)
+    assert copy_blocks(src, [1, 2, 7], dst, [4, 5, 0]) == 3 * 16
+    assert torch.equal(dst[[4, 5, 0]], src[[1, 2, 7]])
+    assert dst[[1, 2, 3, 6, 7]].sum() == 0
+
+
+def test_check_runs_rejects_a_source_that_does_not_tile_the_destination():
+    dst = [5, 6, 9]
+    assert check_runs([[0, 2], [2, 1]], dst) == [(0, 2), (2, 1)]
+    with pytest.raises(ValueError):
+        check_runs([[0, 3]], dst)  # 6 -> 9 is not contiguous
+    with pytest.raises(ValueError):
+        check_runs([[0, 2]], dst)  # leaves a block out
+    with pytest.raises(ValueError):
+        check_runs([[1, 2]], dst)  # does not start at 0
+
+
+def test_split_host_port():
+    assert split_host_port("10.0.0.1:7000") == ("10.0.0.1", 7000)
+    assert split_host_port("[::1]:7000") == ("::1", 7000)
+    with pytest.raises(KvError) as e:
+        split_host_port("nonsense")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "transfer_address" in e.value.message
+
+
+# ---- host tier ----------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_host_tier_evicts_oldest_idle_entries_first():
+    clock = FakeClock()
+    tier = HostTier(capacity_bytes=100, ttl_seconds=10, clock=clock)
+    for name in ("a", "b", "c"):
+        tier.allocate(name, num_blocks=3, block_bytes=10)
+        clock.now += 1
+    assert tier.used_bytes == 90
+    assert tier.plan_admission(10, evictable=lambda kv: True) == []
+    assert tier.plan_admission(30, evictable=lambda kv: True) == ["a"]
+    assert tier.plan_admission(30, evictable=lambda kv: kv != "a") == ["b"]  # "a" is being read
+    assert tier.plan_admission(101, evictable=lambda kv: True) is None  # never fits
+    assert tier.plan_admission(80, evictable=lambda kv: kv == "c") is None  # not enough evictable
+    tier.free("a")
+    assert tier.used_bytes == 60 and "a" not in tier
+
+
+def test_host_tier_expiry_is_oldest_first():
+    clock = FakeClock()
+    tier = HostTier(capacity_bytes=100, ttl_seconds=10, clock=clock)
+    tier.allocate("a", 1, 10)
+    clock.now = 5
+    tier.allocate("b", 1, 10)
+    clock.now = 12
+    assert tier.expired() == ["a"]
+    clock.now = 20
+    assert tier.expired() == ["a", "b"]
+
+
+# ---- entry table --------------------------------------------------------------------------------
+@pytest.fixture
+def table_and_pool():
+    pool = KvPool.allocate(LAYOUT)
+    table = EntryTable(HostTier(1 << 20, 60))
+    record = table.add_pool("w", pool)
+    yield table, record
+    pool.close()
+
+
+@pytest.mark.parametrize("kv_id, blocks, tokens, field", [
+    ("", [1], 4, "kv_id"),
+    ("x", [], 4, "block_ids"),
+    ("x", [16], 4, "block_ids"),      # out of range
+    ("x", [1, 1], 8, "block_ids"),    # twice
+    ("x", [1, 2], 4, "num_tokens"),   # 4 tokens fit one block
+    ("x", [1], 5, "num_tokens"),      # 5 tokens need two
+    ("x", [1], 0, "num_tokens"),
+])
+def test_publish_validates_and_names_the_field(table_and_pool, kv_id, blocks, tokens, field):
+    table, record = table_and_pool
+    with pytest.raises(KvError) as e:
+        table.publish(record.pool_id, kv_id, blocks, tokens)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.startswith(field + ":")
+
+
+def test_publish_rejects_blocks_of_another_entry_and_duplicate_ids(table_and_pool):
+    table, record = table_and_pool
+    table.publish(record.pool_id, "a", [1, 2], 8)
+    with pytest.raises(KvError) as e:
+        table.publish(record.pool_id, "b", [2, 3], 8)
+    assert "already belongs to entry 'a'" in e.value.message
+    with pytest.raises(KvError) as e:
+        table.publish(record.pool_id, "a", [5], 1)
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_release_during_a_transfer_waits_for_it(table_and_pool):
+    table, record = table_and_pool
+
+    async def scenario():
+        entry = table.publish(record.pool_id, "a", [1, 2], 8)
+        held = await table.begin_transfer("a", entry.fingerprint, 2)
+        assert table.release("a") is True
+        assert record.events.empty()  # blocks are still being read
+        table.end_transfer(held, succeeded=False)
+        event = record.events.get_nowait()
+        assert (event.kv_id, event.block_ids, event.reason) == ("a", [1, 2], "released")
+        assert table.release("a") is False
+
+    asyncio.run(scenario())
+
+
+def test_second_pull_of_an_entry_finds_it_gone(table_and_pool):
+    table, record = table_and_pool
+
+    async def scenario():
+        entry = table.publish(record.pool_id, "a", [1], 4)
+        first = await table.begin_transfer("a", entry.fingerprint, 1)
+        second = asyncio.create_task(table.begin_transfer("a", entry.fingerprint, 1))
+        await asyncio.sleep(0)
+        table.end_transfer(first, succeeded=True)
+        with pytest.raises(KvError) as e:
+            await second
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        assert record.events.get_nowait().reason == "pulled"
+        assert record.block_owner == {}
+
+    asyncio.run(scenario())
+
+
+def test_transfer_checks_fingerprint_and_block_count(table_and_pool):
+    table, record = table_and_pool
+
+    async def scenario():
+        entry = table.publish(record.pool_id, "a", [1, 2], 8)
+        with pytest.raises(KvError) as e:
+            await table.begin_transfer("a", "other-model:1x2:float32", 2)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(KvError) as e:
+            await table.begin_transfer("a", entry.fingerprint, 3)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith("block_ids:")
+        assert not entry.lock.locked()
+
+    asyncio.run(scenario())
+
+
+def test_dropping_a_pool_forgets_its_device_entries_but_keeps_host_ones(table_and_pool):
+    table, record = table_and_pool
+    table.publish(record.pool_id, "a", [1], 4)
+    moved = table.publish(record.pool_id, "b", [2], 4)
+    table.host.allocate("b", 1, LAYOUT.block_bytes)
+    table.move_to_host(moved, torch.zeros((1, LAYOUT.block_bytes), dtype=torch.uint8))
+    assert record.events.get_nowait().reason == "moved_to_host"
+    assert table.drop_pool(record.pool_id) == 1
+    assert list(table.entries) == ["b"] and table.count("host") == 1
+    assert record.events.get_nowait() is None  # ends the watch stream
