@@ -6,9 +6,18 @@ PROTOS := $(wildcard protos/pdserve/v1/*.proto)
 # Tests and the demo keep their generated tiny models here (not in ~/.cache) so a clone is self-contained.
 export PDSERVE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install protos demo test test-fast bench lint clean
+.PHONY: install system-packages protos demo test test-fast bench lint clean
 
-install: $(VENV)/.installed protos
+install: $(VENV)/.installed protos system-packages
+
+# Debian's prometheus/promtool, for the observability tests; installed when missing and possible.
+system-packages:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's prometheus package"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	      && (service prometheus stop >/dev/null 2>&1 || true); \
+	  else echo "warning: prometheus is not installed (apt-get install prometheus); its tests will fail"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_RESTARTS = 3  # per service; past that the launcher stops the cluster
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -135,13 +136,14 @@ class Cluster:
         self.spec = spec
         self.procs = plan_processes(spec)
         self._popen: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
 
-    def _start(self, proc: ServiceProcess) -> None:
+    def _start(self, proc: ServiceProcess, append_log: bool = False) -> None:
         os.makedirs(self.spec.log_dir, exist_ok=True)
         proc.log = os.path.join(self.spec.log_dir, f"{proc.name}.log")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        with open(proc.log, "w") as log:
+        with open(proc.log, "a" if append_log else "w") as log:
             popen = subprocess.Popen(proc.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         proc.pid = popen.pid
         self._popen[proc.name] = popen
@@ -160,6 +162,11 @@ class Cluster:
                 names = ", ".join(p.name for p in pending)
                 raise TimeoutError(f"not healthy after {timeout:.0f}s: {names}\n{self.log_tail(pending[0])}")
             time.sleep(0.2)
+
+    def restart(self, proc: ServiceProcess) -> None:
+        """Starts a crashed service again on the same ports (its peers find it by address)."""
+        self.restarts[proc.name] = self.restarts.get(proc.name, 0) + 1
+        self._start(proc, append_log=True)
 
     def log_tail(self, proc: ServiceProcess, lines: int = 30) -> str:
         try:
@@ -221,6 +228,8 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
     ap.add_argument("--log-dir", default="results/cluster-logs")
+    ap.add_argument("--on-exit", choices=["restart", "stop"], default="restart",
+                    help="when a service dies: start it again (up to 3 times) or stop the whole cluster")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
     ap.add_argument("--kvstore-arg", action="append", default=[], help="extra flag for every kvstore (repeatable)")
@@ -268,7 +277,12 @@ def up(args) -> int:
     while not stop["requested"]:
         for proc in cluster.procs:
             code = cluster._popen[proc.name].poll()
-            if code is not None:
+            if code is None:
+                continue
+            if args.on_exit == "restart" and cluster.restarts.get(proc.name, 0) < MAX_RESTARTS:
+                print(f"{proc.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
+                cluster.restart(proc)
+            else:
                 print(f"{proc.name} exited with code {code}; stopping the cluster", file=sys.stderr, flush=True)
                 stop["requested"] = True
                 break

@@ -51,6 +51,11 @@ class Endpoint:
         return self.healthy and not self.draining
 
 
+async def _resolve_host(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
 def split_host_port(name: str) -> tuple[str, int]:
     host, _, port = name.rpartition(":")
     if not host or not port.isdigit():
@@ -60,7 +65,7 @@ def split_host_port(name: str) -> tuple[str, int]:
 
 class WorkerRegistry:
     def __init__(self, static: dict[str, list[str]], dns: dict[str, list[str]], poll_interval: float = 0.5,
-                 stats_timeout: float = 2.0):
+                 stats_timeout: float = 2.0, resolve_host=None):
         self.static = {role: [a for a in addrs if a] for role, addrs in static.items()}
         self.dns = {role: [n for n in names if n] for role, names in dns.items()}
         self.poll_interval = poll_interval
@@ -68,6 +73,7 @@ class WorkerRegistry:
         self.endpoints: dict[tuple[str, str], Endpoint] = {}  # (role, address) -> endpoint
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        self._resolve_host = resolve_host or _resolve_host  # async (host, port) -> list of IP strings
 
     @property
     def roles(self) -> set[str]:
@@ -86,17 +92,15 @@ class WorkerRegistry:
         for role, addrs in self.static.items():
             for address in addrs:
                 self._add(role, address, "static")
-        loop = asyncio.get_running_loop()
         for role, names in self.dns.items():
             for name in names:
                 host, port = split_host_port(name)
                 try:
-                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                    ips = await self._resolve_host(host, port)
                 except OSError as exc:
                     log.warning("cannot resolve %s: %s", name, exc)
                     continue
-                found = {f"{info[4][0]}:{port}" if info[0] == socket.AF_INET else f"[{info[4][0]}]:{port}"
-                         for info in infos}
+                found = {f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips}
                 for address in found:
                     self._add(role, address, name)
                 for key, ep in list(self.endpoints.items()):

@@ -1,0 +1,99 @@
+"""Failure handling with real processes: a decode worker SIGKILLed mid-stream, deadlines, and the
+standard health and reflection services on every server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine.testmodels import get_model
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_SERVICES = {
+    "router": {"pdserve.v1.Router"},
+    "prefill": {"pdserve.v1.PrefillWorker", "pdserve.v1.Worker"},
+    "decode": {"pdserve.v1.DecodeWorker", "pdserve.v1.Worker"},
+    "kvstore": {"pdserve.v1.KvStore"},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_factory):
+    return cluster_factory("--model", get_model("llama"), "--prefill", "1", "--decode", "2", "--nodes", "2",
+                           "--placement", "spread")
+
+
+def test_every_server_has_health_and_reflection(cluster):
+    for svc in cluster.info["services"]:
+        with grpc.insecure_channel(svc["grpc"]) as channel:
+            names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert EXPECTED_SERVICES[svc["role"]] <= names, svc["name"]
+        assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_decode_worker_killed_mid_stream_client_sees_one_uninterrupted_exact_stream(cluster):
+    model_dir = get_model("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = "the decode worker streams tokens while the router watches it"
+    ids = tokenizer.encode(prompt)
+    expected = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=400)[0, len(ids):].tolist()
+    assert len(expected) >= 100  # long enough to kill a worker in the middle
+
+    async def run():
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            call = stub.Generate(router_pb2.GenerateRequest(
+                prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=400, temperature=0)), timeout=120)
+            tokens, killed, last = [], None, None
+            async for response in call:
+                tokens.extend(response.token_ids)
+                last = response
+                if killed is None and len(tokens) >= 20:
+                    busy = [(s, st) for s, st in zip(cluster.services("decode"), cluster.worker_stats("decode"))
+                            if st.running > 0]
+                    assert len(busy) == 1
+                    killed = busy[0][0]
+                    os.kill(killed["pid"], signal.SIGKILL)
+            return tokens, last, killed
+
+    tokens, last, killed = asyncio.run(run())
+    assert killed is not None
+    assert tokens == expected
+    assert last.timing.retries == 1 and last.finish_reason in ("stop", "length")
+    # the launcher restarts the dead worker; the cluster returns to idle with nothing leaked
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cluster.wait_idle(timeout=1)
+            break
+        except (AssertionError, grpc.RpcError):
+            assert time.monotonic() < deadline, "cluster did not recover"
+            time.sleep(0.5)
+
+
+def test_deadline_is_honoured_and_frees_blocks(cluster):
+    async def run():
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Generate(router_pb2.GenerateRequest(
+                        prompt="deadline", sampling=common_pb2.SamplingParams(max_tokens=900, ignore_eos=True)),
+                        timeout=0.5):
+                    pass
+            return err.value.code(), time.monotonic() - started
+
+    code, elapsed = asyncio.run(run())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 2
+    cluster.wait_idle(timeout=3)

@@ -1,0 +1,96 @@
+"""Worker discovery: static addresses and a DNS name resolving to several workers (a Kubernetes
+headless service), health from real gRPC Stats servers, and the dispatch policies."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from pdserve.v1 import common_pb2, common_pb2_grpc
+from services.launcher import free_port
+from services.router.policies import pick_decode, pick_prefill
+from services.router.registry import WorkerRegistry
+
+
+class FakeWorkerStats(common_pb2_grpc.WorkerServicer):
+    """A real gRPC server answering Stats, standing in for a worker's load report."""
+
+    def __init__(self, **fields):
+        self.stats = common_pb2.WorkerStats(**fields)
+
+    async def Stats(self, request, context):
+        return self.stats
+
+
+async def _serve(address: str, servicer) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    common_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    assert server.add_insecure_port(address)
+    await server.start()
+    return server
+
+
+def test_dns_name_resolving_to_many_workers_and_churn():
+    async def run():
+        port = free_port()
+        ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        fakes = {ip: FakeWorkerStats(role="decode", kv_blocks_free=100 * (i + 1), kv_blocks_total=400)
+                 for i, ip in enumerate(ips)}
+        servers = {ip: await _serve(f"{ip}:{port}", fakes[ip]) for ip in ips}
+        answer = list(ips)
+
+        async def resolve(host, p):
+            assert (host, p) == ("decode.pdserve.svc", port)
+            return list(answer)
+
+        registry = WorkerRegistry({}, {"decode": [f"decode.pdserve.svc:{port}"]}, poll_interval=0.1,
+                                  resolve_host=resolve)
+        await registry.start()
+        try:
+            assert sorted(ep.address for ep in registry.eligible("decode")) == [f"{ip}:{port}" for ip in ips]
+            # most free blocks wins; what the router dispatched since the last poll counts against it
+            best = pick_decode(registry.eligible("decode"))
+            assert best.address == f"127.0.0.3:{port}"
+            best.reserved_blocks = 250
+            assert pick_decode(registry.eligible("decode")).address == f"127.0.0.2:{port}"
+            # a pod goes away: it leaves DNS, and the registry drops it
+            answer.remove("127.0.0.2")
+            await servers["127.0.0.2"].stop(None)
+            await registry.refresh()
+            assert sorted(ep.address for ep in registry.endpoints.values()) == [f"127.0.0.1:{port}", f"127.0.0.3:{port}"]
+            # a pod dies without leaving DNS yet: it turns unhealthy after failed polls
+            await servers["127.0.0.3"].stop(None)
+            await registry.refresh()
+            await registry.refresh()
+            assert [ep.address for ep in registry.eligible("decode")] == [f"127.0.0.1:{port}"]
+            # draining workers take no new work
+            fakes["127.0.0.1"].stats.draining = True
+            await registry.refresh()
+            assert registry.eligible("decode") == []
+        finally:
+            await registry.close()
+            for server in servers.values():
+                await server.stop(None)
+
+    asyncio.run(run())
+
+
+def test_prefill_policy_least_estimated_queue_delay():
+    async def run():
+        ports = [free_port(), free_port()]
+        slow_busy = FakeWorkerStats(role="prefill", queued_prompt_tokens=2000, prefill_seconds_per_token=1e-4)
+        fast_idle = FakeWorkerStats(role="prefill", queued_prompt_tokens=300, prefill_seconds_per_token=2e-4)
+        servers = [await _serve(f"127.0.0.1:{p}", f) for p, f in zip(ports, (slow_busy, fast_idle))]
+        registry = WorkerRegistry({"prefill": [f"127.0.0.1:{p}" for p in ports]}, {}, poll_interval=10)
+        await registry.start()
+        try:
+            eligible = registry.eligible("prefill")
+            assert pick_prefill(eligible).address == f"127.0.0.1:{ports[1]}"  # 0.06 s of queue against 0.2 s
+            eligible[1].inflight_prompt_tokens = 1500  # the router just sent it a burst
+            assert pick_prefill(registry.eligible("prefill")).address == f"127.0.0.1:{ports[0]}"
+        finally:
+            await registry.close()
+            for server in servers:
+                await server.stop(None)
+
+    asyncio.run(run())

@@ -1,0 +1,63 @@
+"""Router pieces: incremental detokenization, env-var flags, SLO accounting."""
+
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+from transformers import AutoTokenizer
+
+from services.common.flags import FlagParser
+from services.engine.testmodels import get_model
+from services.router.detokenizer import IncrementalDetokenizer
+from services.router.slo import RequestTimer, SloTracker
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(get_model("llama"))
+
+
+@pytest.mark.parametrize("text", ["plain words and numbers 123", "héllo wörld, naïve café", "日本語のテキスト 🙂🚀 ok"])
+def test_incremental_text_equals_full_decode_and_never_splits_a_character(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    rng = random.Random(0)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("prompt"))
+    pieces, i = [], 0
+    while i < len(ids):
+        n = rng.randint(1, 3)
+        pieces.append(detok.add(ids[i : i + n]))
+        i += n
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_flags_fall_back_to_environment(monkeypatch):
+    monkeypatch.setenv("PDSERVE_KV_CACHE_GB", "1.5")
+    monkeypatch.setenv("PDSERVE_DECODE", "a:1,b:2")
+    monkeypatch.setenv("PDSERVE_VERBOSE", "true")
+    p = FlagParser()
+    p.add_flag("--kv-cache-gb", default=0.25, type=float)
+    p.add_flag("--decode", action="append")
+    p.add_flag("--verbose", action="store_true")
+    p.add_flag("--port", default=7, type=int)
+    args = p.parse_args([])
+    assert (args.kv_cache_gb, args.decode, args.verbose, args.port) == (1.5, ["a:1", "b:2"], True, 7)
+    assert p.parse_args(["--kv-cache-gb", "3"]).kv_cache_gb == 3.0  # the command line wins
+
+
+def test_slo_accounting_per_request_targets():
+    slo = SloTracker(CollectorRegistry(), ttft_slo=0.25, tpot_slo=0.1, window_seconds=60)
+    fast, slow_tpot = RequestTimer(arrived=0.0), RequestTimer(arrived=0.0)
+    for i, t in enumerate([0.1, 0.15, 0.2]):
+        fast.tokens(1, now=t)
+    for t in [0.2, 0.5, 0.8]:
+        slow_tpot.tokens(1, now=t)
+    assert fast.ttft == pytest.approx(0.1) and fast.tpot == pytest.approx(0.05)
+    assert slo.finish(fast, "length", 10, 0.25, 0.1) == (True, True)
+    assert slo.finish(slow_tpot, "stop", 10, 0.25, 0.1) == (True, False)
+    assert slo.finish(slow_tpot, "stop", 10, 0.25, 0.5) == (True, True)  # a looser per-request SLO
+    assert slo.window_attainment() == pytest.approx(2 / 3)
+    slo.finish(RequestTimer(arrived=0.0), "cancelled", 10, 0.25, 0.1)  # not judged
+    assert slo.slo_requests._value.get() == 3 and slo.slo_met._value.get() == 2
