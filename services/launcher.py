@@ -123,6 +123,23 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
     return procs
 
 
+def prometheus_config(info: dict, rules_dir: str = os.path.join(ROOT, "deploy", "prometheus", "rules"),
+                      scrape_interval: str = "5s") -> dict:
+    """A Prometheus configuration scraping a local cluster, with the project's rule files.
+    Targets carry the same `component` label the Kubernetes scrape config derives from pod labels,
+    so the dashboards and rules work on both."""
+    return {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "rule_files": [os.path.join(rules_dir, "*.yml")],
+        "scrape_configs": [{
+            "job_name": "pdserve",
+            "static_configs": [{"targets": [svc["metrics"]], "labels": {"component": svc["role"], "node": svc["node"],
+                                                                      "service": svc["name"]}}
+                               for svc in info["services"]],
+        }],
+    }
+
+
 def health_status(address: str, timeout: float = 1.0) -> int:
     try:
         with grpc.insecure_channel(address) as channel:
@@ -228,6 +245,8 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
     ap.add_argument("--log-dir", default="results/cluster-logs")
+    ap.add_argument("--prometheus-config", default="",
+                    help="write a Prometheus config scraping this cluster (with deploy/prometheus rules) here")
     ap.add_argument("--on-exit", choices=["restart", "stop"], default="restart",
                     help="when a service dies: start it again (up to 3 times) or stop the whole cluster")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
@@ -268,6 +287,11 @@ def up(args) -> int:
         cluster.stop(grace=5)
         return 1
     info = cluster.info()
+    if args.prometheus_config:
+        import yaml
+
+        with open(args.prometheus_config, "w") as f:
+            yaml.safe_dump(prometheus_config(info), f, sort_keys=False)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:

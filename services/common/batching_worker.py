@@ -24,6 +24,8 @@ from .metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS
 log = logging.getLogger(__name__)
 
 _DONE = object()
+# why a decode worker recomputed KV instead of pulling it (gRPC status names of the failed pull)
+RECOMPUTE_REASONS = ("not_found", "unavailable", "deadline_exceeded", "failed_precondition", "internal", "other")
 
 
 @dataclass(eq=False)
@@ -54,6 +56,10 @@ class BatchingMetrics:
         self.recomputes = Counter("pdserve_decode_kv_recomputes_total",
                                   "Requests whose KV was recomputed here because the pull failed.", ["reason"],
                                   registry=registry)
+        for kind in ("prefill", "decode"):
+            self.step_seconds.labels(kind)
+        for reason in RECOMPUTE_REASONS:
+            self.recomputes.labels(reason)
         self.generated_tokens = Counter("pdserve_decode_generated_tokens_total", "Tokens produced by this worker.",
                                         registry=registry)
 
@@ -68,7 +74,7 @@ class BatchingWorker:
         self.model_name = model_name
         self.scheduler = BatchScheduler(engine, max_num_seqs, max_num_batched_tokens)
         self.metrics = BatchingMetrics(registry)
-        register_kv_gauges(registry, engine)
+        register_kv_gauges(registry, engine, self.role)
         self.load = LoadStats()
         self.jobs: dict[str, StreamJob] = {}  # seq_id -> job (engine thread)
         self.draining = False

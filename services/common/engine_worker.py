@@ -195,13 +195,13 @@ class LoadStats:
             self.alpha * sample + (1 - self.alpha) * self.seconds_per_token)
 
 
-def register_kv_gauges(registry, engine: Engine) -> None:
+def register_kv_gauges(registry, engine: Engine, role: str) -> None:
     from prometheus_client import Gauge
 
-    Gauge("pdserve_kv_blocks_used", "KV blocks in use in this worker's pool.", registry=registry).set_function(
-        lambda: engine.block_manager.num_used)
-    Gauge("pdserve_kv_blocks_total", "KV blocks in this worker's pool.", registry=registry).set_function(
-        lambda: engine.block_manager.num_blocks)
+    used = Gauge("pdserve_kv_blocks_used", "KV blocks in use in this worker's pool.", ["role"], registry=registry)
+    used.labels(role).set_function(lambda: engine.block_manager.num_used)
+    total = Gauge("pdserve_kv_blocks_total", "KV blocks in this worker's pool.", ["role"], registry=registry)
+    total.labels(role).set_function(lambda: engine.block_manager.num_blocks)
 
 
 def base_stats(engine: Engine, role: str, node_id: str, model_name: str) -> common_pb2.WorkerStats:
@@ -234,16 +234,15 @@ def run_worker(name: str, args, make_service, add_servicers) -> None:
     """Builds the engine, serves until SIGTERM, drains. `make_service(engine, registry, worker_id)`
     returns the servicer (with async start() and drain()); `add_servicers(server, service)` registers
     it and returns the service names."""
-    from prometheus_client import CollectorRegistry
-
     from .flags import setup_logging
+    from .metrics import new_registry
     from .server import ServiceRunner
 
     setup_logging(args.log_level, name)
 
     async def main():
         engine = engine_from_flags(args)
-        registry = CollectorRegistry()
+        registry = new_registry()
         runner = ServiceRunner(name, args.host, args.port, args.metrics_port, registry, args.grace_seconds)
         worker_id = args.worker_id or f"{name}-{os.uname().nodename}-{args.port}"
         service = make_service(engine, registry, worker_id)

@@ -1,6 +1,19 @@
-"""Prometheus conventions shared by all services: bucket layouts sized for LLM serving."""
+"""Prometheus conventions shared by all services: one registry per service, bucket layouts sized
+for LLM serving."""
 
 from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
+
+
+def new_registry() -> CollectorRegistry:
+    """A service's registry: its own metrics plus the standard process_* and python_info ones.
+    (Per service, not the global default, so several services can share a test process.)"""
+    disable_created_metrics()  # *_created series double every counter's series for no use here
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 # Request-level latencies (TTFT, end-to-end, queueing): milliseconds to minutes.
 REQUEST_LATENCY_BUCKETS = (

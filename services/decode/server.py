@@ -17,7 +17,7 @@ from collections import deque
 import grpc
 
 from pdserve.v1 import worker_pb2_grpc
-from services.common.batching_worker import BatchingWorker, StreamJob, new_seq_id
+from services.common.batching_worker import RECOMPUTE_REASONS, BatchingWorker, StreamJob, new_seq_id
 from services.common.engine_worker import InvalidRequest, sampling_from_proto, validate_tokens
 from services.engine import Sequence
 from services.kvstore.client import KvStoreClient
@@ -130,8 +130,10 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             await self.kvstore.pull(block_ids, job.handle)
         except grpc.aio.AioRpcError as exc:
             failure = exc.code().name.lower()
-        except Exception as exc:  # noqa: BLE001 - any failure falls back to recompute
-            failure = type(exc).__name__
+        except Exception:  # noqa: BLE001 - any failure falls back to recompute
+            failure = "other"
+        if failure is not None and failure not in RECOMPUTE_REASONS:
+            failure = "other"  # keeps the label set bounded
         self.thread.post(lambda: self._pulled(job, failure))
 
     def _release_entry(self, handle) -> None:

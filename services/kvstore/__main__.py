@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 
-from prometheus_client import CollectorRegistry
+from services.common.metrics import new_registry
 
 from services.common.flags import FlagParser, common_server_flags, setup_logging
 from services.common.server import ServiceRunner
@@ -63,7 +63,7 @@ async def serve(args) -> None:
         connect_timeout_seconds=args.connect_timeout_seconds,
         watch_grace_seconds=args.watch_grace_seconds,
     )
-    registry = CollectorRegistry()
+    registry = new_registry()
     daemon = KvStoreDaemon(config, registry)
     runner = ServiceRunner("kvstore", args.host, args.port, args.metrics_port, registry, args.grace_seconds)
     await daemon.start()

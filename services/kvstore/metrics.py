@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.metrics import TRANSFER_LATENCY_BUCKETS
 
 PATHS = ("local", "ucx", "host")  # label values of `path`, as in PullResponse.path
+# the failure reasons seen in practice, pre-created at zero; others still appear when they occur
+FAILURE_REASONS = ("not_found", "unavailable", "deadline_exceeded", "failed_precondition", "internal")
 
 
 class KvStoreMetrics:
@@ -47,6 +49,9 @@ class KvStoreMetrics:
         for path in PATHS:  # so that every series exists from the start (rate() needs a zero)
             self.transferred_bytes.labels(path)
             self.pulls.labels(path)
+            self.transfer_duration.labels(path)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
 
     def bind_state(self, entries: Callable[[str], int], host_bytes: Callable[[], int], pools: Callable[[], int]) -> None:
         """Gauges read the daemon's state when scraped (nothing to keep in sync)."""

@@ -56,6 +56,8 @@ class PrefillMetrics:
         self.published = Gauge("pdserve_prefill_published_entries", "KV entries published and not yet pulled or released.",
                                registry=registry)
         self.requests = Counter("pdserve_prefill_requests_total", "Prefill requests by outcome.", ["outcome"], registry=registry)
+        for outcome in ("published", "finished", "cancelled", "invalid", "publish_failed"):
+            self.requests.labels(outcome)
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.WorkerServicer):
@@ -69,7 +71,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.metrics = PrefillMetrics(registry)
-        register_kv_gauges(registry, engine)
+        register_kv_gauges(registry, engine, "prefill")
         self.load = LoadStats()
         # engine-thread state
         self.waiting: deque[PrefillJob] = deque()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry
+from services.common.metrics import new_registry
 
 from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.common.engine_worker import resolve_model_dir
@@ -37,6 +37,7 @@ def parser() -> FlagParser:
     p.add_flag("--slo-ttft-seconds", default=0.25, type=float, help="default TTFT SLO (DistServe chatbot 13B)")
     p.add_flag("--slo-tpot-seconds", default=0.1, type=float, help="default TPOT SLO (DistServe chatbot 13B)")
     p.add_flag("--slo-window-seconds", default=60.0, type=float, help="window of the attainment gauge")
+    p.add_flag("--slo-attainment-target", default=0.9, type=float, help="attainment goal (DistServe: 90%%)")
     p.add_flag("--max-retries", default=2, type=int, help="failovers per request")
     p.add_flag("--poll-interval", default=0.5, type=float, help="seconds between worker Stats polls")
     return p
@@ -60,9 +61,10 @@ def main(argv=None) -> None:
         raise SystemExit("give prefill and decode workers (disaggregated), or colocated workers alone")
 
     async def run():
-        registry = CollectorRegistry()
+        registry = new_registry()
         workers = WorkerRegistry(static, dns, poll_interval=args.poll_interval)
-        slo = SloTracker(registry, args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_window_seconds)
+        slo = SloTracker(registry, args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_window_seconds,
+                         args.slo_attainment_target)
         service = RouterService(
             workers, tokenizer, model_id=args.model or "pdserve-tiny-llama",
             max_model_len=min(args.max_model_len or model_config.max_model_len, model_config.max_model_len),

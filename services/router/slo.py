@@ -53,7 +53,8 @@ class RequestTimer:
 
 
 class SloTracker:
-    def __init__(self, registry: CollectorRegistry, ttft_slo: float, tpot_slo: float, window_seconds: float):
+    def __init__(self, registry: CollectorRegistry, ttft_slo: float, tpot_slo: float, window_seconds: float,
+                 attainment_target: float = 0.9):
         self.ttft_slo = ttft_slo
         self.tpot_slo = tpot_slo
         self.window_seconds = window_seconds
@@ -72,6 +73,8 @@ class SloTracker:
                                "Request arrival until a worker started computing it (router dispatch + worker queue).",
                                buckets=REQUEST_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r)
+        for reason in FINISH_REASONS:
+            self.requests.labels(reason)
         self.prompt_tokens = Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated for clients.", registry=r)
         self.prompt_len = Histogram("pdserve_request_prompt_tokens", "Prompt length per request.",
@@ -87,6 +90,9 @@ class SloTracker:
         self.slo_target = Gauge("pdserve_slo_target_seconds", "The configured default SLOs.", ["slo"], registry=r)
         self.slo_target.labels("ttft").set(ttft_slo)
         self.slo_target.labels("tpot").set(tpot_slo)
+        self.attainment_target = Gauge("pdserve_slo_attainment_target_ratio",
+                                       "Attainment the deployment aims for (alerts fire below it).", registry=r)
+        self.attainment_target.set(attainment_target)
         self.attainment = Gauge("pdserve_slo_attainment_ratio",
                                 "Fraction of requests finished in the last window that met both SLOs (1 when none).",
                                 registry=r)

@@ -1,0 +1,256 @@
+"""Observability against the real thing: a live cluster under load, scraped by a real Prometheus
+(Debian's package, installed by `make install`), evaluating the project's rules and dashboards."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine.testmodels import _CORPUS_WORDS, get_model
+from services.launcher import free_port, prometheus_config
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROM_DIR = os.path.join(ROOT, "deploy", "prometheus")
+GRAFANA_DIR = os.path.join(ROOT, "deploy", "grafana")
+NUM_REQUESTS = 24
+
+
+def _need(binary: str) -> str:
+    path = shutil.which(binary)
+    assert path, f"{binary} is not installed: run `make install` (installs Debian's prometheus package)"
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_factory):
+    return cluster_factory("--model", get_model("llama"), "--prefill", "1", "--decode", "1", "--nodes", "2")
+
+
+@pytest.fixture(scope="module")
+def loaded(cluster):
+    """Sends NUM_REQUESTS requests in waves; half carry a per-request TTFT SLO no one can meet."""
+    rng = random.Random(1)
+
+    async def one(i: int):
+        sampling = common_pb2.SamplingParams(max_tokens=rng.choice([1, 8, 20]), temperature=0.7, seed=i)
+        request = router_pb2.GenerateRequest(
+            prompt=" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 40))), sampling=sampling)
+        if i % 2:
+            request.slo.ttft_seconds = 1e-6
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            last = None
+            async for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=60):
+                last = response
+            return last
+
+    async def waves():
+        out = []
+        for start in range(0, NUM_REQUESTS, 4):
+            out += await asyncio.gather(*(one(i) for i in range(start, start + 4)))
+            await asyncio.sleep(1.0)
+        return out
+
+    return asyncio.run(waves())
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster, loaded, tmp_path_factory):
+    binary = _need("prometheus")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config_path = tmp / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(prometheus_config(cluster.info, scrape_interval="1s")))
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.3)
+    # more traffic while Prometheus watches, so rates over the last minute are not zero
+    loaded.extend(load_again(cluster))
+    time.sleep(4)  # a few scrapes and rule evaluations after the load
+    yield url, config_path
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def load_again(cluster, n: int = 12) -> list:
+    async def run():
+        out = []
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            for i in range(n):
+                async for response in stub.Generate(router_pb2.GenerateRequest(
+                        prompt=f"request number {i}", sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0))):
+                    last = response
+                out.append(last)
+                await asyncio.sleep(0.4)
+        return out
+
+    return asyncio.run(run())
+
+
+def query(url: str, expr: str) -> list:
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    exprs = []
+    for path in sorted(glob.glob(os.path.join(GRAFANA_DIR, "dashboards", "*.json"))):
+        for panel in json.load(open(path))["panels"]:
+            for target in panel["targets"]:
+                exprs.append((f"{os.path.basename(path)}: {panel['title']}", target["expr"]))
+    return exprs
+
+
+def rules() -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(PROM_DIR, "rules", "*.yml"))):
+        for group in yaml.safe_load(open(path))["groups"]:
+            out += group["rules"]
+    return out
+
+
+# ---- the checks ----------------------------------------------------------------------------------
+def test_promtool_accepts_configs_and_rules(prometheus):
+    promtool = _need("promtool")
+    _, generated = prometheus
+    for config in (os.path.join(PROM_DIR, "prometheus.yml"), str(generated)):
+        out = subprocess.run([promtool, "check", "config", config], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run([promtool, "check", "rules", *glob.glob(os.path.join(PROM_DIR, "rules", "*.yml"))],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_target_is_scraped(prometheus, cluster):
+    url, _ = prometheus
+    up = {r["metric"]["service"]: r["value"][1] for r in query(url, "up")}
+    assert up == {svc["name"]: "1" for svc in cluster.info["services"]}
+
+
+def test_every_dashboard_expression_returns_data(prometheus):
+    url, _ = prometheus
+    exprs = dashboard_expressions()
+    assert len(exprs) > 40
+    empty = [where for where, expr in exprs if not query(url, expr.replace("$__rate_interval", "1m"))]
+    assert not empty, f"no data for: {empty}"
+
+
+def test_every_recording_rule_evaluates_and_returns_data(prometheus):
+    url, _ = prometheus
+    recording = [r for r in rules() if "record" in r]
+    assert len(recording) >= 10
+    for rule in recording:
+        assert query(url, rule["expr"]), f"{rule['record']}: its expression returned nothing"
+        assert query(url, rule["record"]), f"{rule['record']}: Prometheus has not recorded it"
+
+
+def test_every_alert_rule_evaluates_and_its_signal_returns_data(prometheus):
+    """An alert returns data only while firing, so the whole expression must evaluate without error
+    and the signal it compares (the expression left of the threshold) must have data."""
+    url, _ = prometheus
+    alerts = [r for r in rules() if "alert" in r]
+    assert {a["alert"] for a in alerts} >= {"PdserveSloAttainmentLow", "PdserveKvPoolNearlyFull",
+                                            "PdserveKvTransferFailures"}
+    for rule in alerts:
+        query(url, rule["expr"])
+        signal = re.split(r"\s(?:<|>|==|!=|<=|>=)\s", rule["expr"])[0]
+        assert query(url, signal), f"{rule['alert']}: no data for {signal!r}"
+
+
+def test_histograms_and_slo_counters_agree_with_what_clients_saw(cluster, loaded):
+    """Every request this module sent (`loaded`) against the router's own histogram and counters."""
+    router = next(s for s in cluster.info["services"] if s["role"] == "router")
+    families = {f.name: f for f in text_string_to_metric_families(cluster.metrics_text(router))}
+
+    def sample(family: str, name: str, **labels) -> float:
+        return next(s.value for s in families[family].samples
+                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert len(loaded) >= NUM_REQUESTS
+    assert sample("pdserve_time_to_first_token_seconds", "pdserve_time_to_first_token_seconds_count") == len(loaded)
+    ttfts = [r.timing.ttft_seconds for r in loaded]
+    assert sample("pdserve_time_to_first_token_seconds", "pdserve_time_to_first_token_seconds_sum") == pytest.approx(sum(ttfts))
+    for s in families["pdserve_time_to_first_token_seconds"].samples:
+        if s.name.endswith("_bucket"):
+            le = float(s.labels["le"])
+            assert s.value == sum(1 for t in ttfts if t <= le), f"bucket le={le}"
+    assert sample("pdserve_slo_requests", "pdserve_slo_requests_total") == len(loaded)
+    assert sample("pdserve_slo_ttft_met", "pdserve_slo_ttft_met_total") == sum(r.timing.slo_ttft_met for r in loaded)
+    assert sample("pdserve_slo_tpot_met", "pdserve_slo_tpot_met_total") == sum(r.timing.slo_tpot_met for r in loaded)
+    assert sample("pdserve_slo_met", "pdserve_slo_met_total") == sum(
+        r.timing.slo_ttft_met and r.timing.slo_tpot_met for r in loaded)
+    # the impossible per-request SLO really was applied to half of the first wave
+    first = loaded[:NUM_REQUESTS]
+    assert all(r.timing.slo_ttft_seconds == 1e-6 and not r.timing.slo_ttft_met for r in first[1::2])
+    assert all(r.timing.slo_ttft_seconds == 0.25 for r in first[0::2])
+
+
+def documented_metrics() -> dict[str, set[str]]:
+    sections: dict[str, set[str]] = {}
+    current = None
+    for line in open(os.path.join(ROOT, "docs", "metrics.md")):
+        if line.startswith("## "):
+            current = line[3:].strip()
+        m = re.match(r"\| `(pdserve_[a-z0-9_]+)` \|", line)
+        if m and current:
+            sections.setdefault(current, set()).add(m.group(1))
+    return sections
+
+
+def exposed_metrics(text: str) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("pdserve_"):
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def test_docs_metrics_md_matches_live_metrics_both_ways(cluster, loaded):
+    docs = documented_metrics()
+    for svc in cluster.info["services"]:
+        documented = docs["All services"] | docs[svc["role"]]
+        exposed = exposed_metrics(cluster.metrics_text(svc))
+        assert exposed - documented == set(), f"{svc['name']} exposes undocumented metrics"
+        assert documented - exposed == set(), f"{svc['name']} lacks documented metrics"
+        # and the standard process metrics are there too
+        assert "process_resident_memory_bytes" in cluster.metrics_text(svc)
+
+
+def test_committed_dashboards_are_the_generator_output():
+    sys.path.insert(0, GRAFANA_DIR)
+    try:
+        import dashboards
+    finally:
+        sys.path.pop(0)
+    for name, text in dashboards.build().items():
+        assert open(os.path.join(GRAFANA_DIR, "dashboards", name)).read() == text, f"regenerate {name}"
