@@ -55,13 +55,9 @@ def main(argv=None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=generate_main)
 
-    try:
-        from .planner.cli import add_subparsers as add_plan
-    except ImportError:
-        add_plan = None
-    if add_plan is not None:
-        plan = sub.add_parser("plan", help="profile, simulate and search placements (DistServe)")
-        add_plan(plan.add_subparsers(dest="plan_command", required=True))
+    from .planner.cli import add_subparsers as add_plan
+
+    add_plan(sub)  # pdserve plan profile|simulate|search
 
     args = ap.parse_args(argv)
     return args.func(args) or 0

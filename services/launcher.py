@@ -59,6 +59,7 @@ class ClusterSpec:
     threads: int = 0  # torch threads per worker (0: cores / workers)
     log_dir: str = "results/cluster-logs"
     worker_args: list[str] = field(default_factory=list)
+    role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per role (prefill, decode, ...)
     router_args: list[str] = field(default_factory=list)
     kvstore_args: list[str] = field(default_factory=list)
 
@@ -101,13 +102,14 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
     if spec.mode == "colocated":
         for i in range(spec.colocated):
             add(f"colocated-{i}", "colocated", nodes[i % len(nodes)], "services.colocated",
-                common + ["--node-id", nodes[i % len(nodes)]])
+                common + ["--node-id", nodes[i % len(nodes)]] + spec.role_args.get("colocated", []))
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):
             for i in range(count):
                 node = node_for(role, i)
                 add(f"{role}-{i}", role, node, f"services.{role}",
-                    common + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"])
+                    common + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"]
+                    + spec.role_args.get(role, []))
     router_port = spec.router_port or free_port(host)
     router_args = ["--port", str(router_port)]
     for role in ("prefill", "decode", "colocated"):

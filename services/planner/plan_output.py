@@ -1,0 +1,113 @@
+"""Writing a plan: JSON (complete), YAML (same content), and Helm values for deploy/.
+
+The values are for an umbrella chart with subcharts `prefill`, `decode`, `router` and `kvstore`
+(docs/planner.md lists every key). A replica whose pipeline spans nodes is one pod per node
+(`podsPerReplica`), each asking for the GPUs of its stages on that node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import yaml
+
+from .search import Plan
+
+
+def _role_values(plan: Plan, role: str) -> dict:
+    choice = plan.prefill if role == "prefill" else plan.decode
+    replicas = plan.num_prefill if role == "prefill" else plan.num_decode
+    instances = [i for i in plan.instances if i["role"] == role]
+    pods, gpus_per_pod = 1, choice.num_gpus
+    if instances:
+        per_node: dict[int, int] = {}
+        for st in instances[0]["stages"]:
+            per_node[st["node"]] = per_node.get(st["node"], 0) + len(st["gpus"])
+        pods, gpus_per_pod = len(per_node), max(per_node.values())
+    values = {
+        "enabled": True,
+        "replicaCount": replicas,
+        "tensorParallel": choice.tensor_parallel,
+        "pipelineParallel": choice.pipeline_parallel,
+        "podsPerReplica": pods,
+        "resources": {"limits": {"nvidia.com/gpu": gpus_per_pod}},
+        "expectedGoodputPerReplica": round(choice.goodput, 4),
+    }
+    if role == "prefill":
+        values["maxBatchedTokens"] = choice.max_batched_tokens
+    return values
+
+
+def helm_values(plan: Plan) -> dict:
+    affinity = "low" if plan.segments else "high"
+    placement = {
+        "algorithm": f"{affinity}-affinity",
+        # Logical node indices: label nodes pdserve.io/node-index=<n> and pin pods with a nodeSelector.
+        "nodeLabel": "pdserve.io/node-index",
+        "instances": [
+            {"role": i["role"], "index": i["index"], **({"unit": i["unit"]} if "unit" in i else {}),
+             "stages": [{"stage": st["stage"], "node": st["node"], "gpus": st["gpus"]} for st in i["stages"]]}
+            for i in plan.instances
+        ],
+    }
+    if plan.segments:
+        # Algorithm 2: stage s of a unit's prefill and decode instances share a node, so the KV
+        # of each layer moves over NVLink only.
+        placement["segments"] = [
+            {"name": f"unit{seg['unit']}-stage{seg['stage']}", "node": seg["node"],
+             "prefill": seg["prefill"], "decode": seg["decode"]}
+            for seg in plan.segments
+        ]
+    return {
+        "global": {
+            "model": plan.model,
+            "gpu": plan.gpu,
+            "slo": {"ttftSeconds": plan.slo["ttft_s"], "tpotSeconds": plan.slo["tpot_s"],
+                    "attainment": plan.slo["attainment"]},
+            "plannedRate": round(plan.rate, 4),
+        },
+        "prefill": _role_values(plan, "prefill"),
+        "decode": _role_values(plan, "decode"),
+        "router": {"enabled": True, "replicaCount": 1},
+        "kvstore": {"enabled": True},  # a DaemonSet: one per node
+        "placement": placement,
+    }
+
+
+def write_plan(plan: Plan, out_dir: str) -> dict[str, str]:
+    """Writes plan.json, plan.yaml and values.yaml into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    data = finite(plan.to_json())
+    paths = {"json": os.path.join(out_dir, "plan.json"), "yaml": os.path.join(out_dir, "plan.yaml"),
+             "helm": os.path.join(out_dir, "values.yaml")}
+    with open(paths["json"], "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    with open(paths["yaml"], "w") as f:
+        yaml.dump(data, f, Dumper=_PlainDumper, sort_keys=False)
+    with open(paths["helm"], "w") as f:
+        f.write(f"# Helm values for the pdserve umbrella chart, from `pdserve plan search` ({plan.algorithm}).\n")
+        f.write(f"# Planned for {plan.rate:.3g} req/s of {plan.workload['name']} on {plan.gpus_used} x {plan.gpu}.\n")
+        yaml.dump(helm_values(plan), f, Dumper=_PlainDumper, sort_keys=False)
+    return paths
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """No &anchors / *aliases: the same GPU list appears under instances and segments, and a
+    person (or Helm) should read each where it is."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def finite(obj):
+    """The same structure with inf and nan replaced by None (strict JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

@@ -1,0 +1,70 @@
+"""The planner's command line end to end: profile the tiny engine, simulate on a trace, search."""
+
+import argparse
+import json
+
+import yaml
+
+from services.common.trace import make_trace, write_trace
+from services.planner.cli import add_subparsers, main
+from services.planner.latency_model import LatencyProfile
+
+
+def test_profile_the_tiny_engine_then_simulate_it(tmp_path, capsys):
+    profile_path = tmp_path / "profile.json"
+    assert main(["profile", "--model", "llama", "--quick", "--threads", "1", "--kv-cache-mib", "16",
+                 "--out", str(profile_path), "--first-token-ms", "2"]) == 0
+    data = json.loads(profile_path.read_text())
+    assert data["schema"] == "pdserve.profile/v1" and data["source"] == "measured"
+    assert data["prefill"]["a"] + data["prefill"]["b"] > 0 and data["decode"]["a"] + data["decode"]["c"] > 0
+    assert data["kv_capacity_tokens"] > 0 and data["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # 2 layers, 2 KV heads
+    assert data["overheads"]["first_token_s"] == 0.002
+    assert len(data["samples"]["prefill"]) >= 3 and len(data["samples"]["decode"]) >= 3
+    profile = LatencyProfile.load(str(profile_path))
+    assert profile.max_batched_tokens >= 128
+    assert "profiling" in capsys.readouterr().err  # the progress bar
+
+    trace_path = tmp_path / "trace.jsonl"
+    write_trace(str(trace_path), make_trace("chat", 2.0, 60, seed=0, scale=0.1))
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--profile", str(profile_path), "--trace", str(trace_path), "--rates", "1,2,4,8",
+                 "--slo-ttft", "1.0", "--slo-tpot", "0.5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [run["rate"] for run in result["runs"]] == [1.0, 2.0, 4.0, 8.0]
+    for run in result["runs"]:
+        assert len(run["requests"]) == 60
+        assert {"ttft_s", "tpot_s", "ok"} <= set(run["requests"][0])
+        assert 0.0 <= run["summary"]["attainment"] <= 1.0
+        assert run["summary"]["ttft_s"]["mean"] >= 0.002  # includes the first-token overhead
+    out = tmp_path / "coloc.json"
+    assert main(["simulate", "--profile", str(profile_path), "--mode", "colocated", "--workload", "code",
+                 "--rate", "3", "--num-requests", "50", "--scale", "0.1", "--no-requests", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert "requests" not in run and run["summary"]["num_requests"] == 50
+
+
+def test_analytic_profile_and_search_commands(tmp_path, capsys):
+    profile_path = tmp_path / "a100.json"
+    assert main(["profile", "--analytic", "--model", "llama-3-8b", "--gpu", "H100-80G", "--tp", "2", "--pp", "2",
+                 "--inter-node-gbps", "3.125", "--out", str(profile_path)]) == 0
+    data = json.loads(profile_path.read_text())
+    assert data["source"] == "analytic" and data["tensor_parallel"] == 2 and data["pipeline_parallel"] == 2
+    assert data["notes"]["gpu"]["inter_node_bytes_per_s"] == 3.125e9
+
+    out_dir = tmp_path / "plan"
+    assert main(["search", "--model", "llama-3-8b", "--gpu", "H100-80G", "--nodes", "2", "--gpus-per-node", "4",
+                 "--affinity", "low", "--num-requests", "150", "--min-duration", "2", "--rel-tol", "0.2",
+                 "--top-segments", "1", "--no-colocated", "--out-dir", str(out_dir)]) == 0
+    plan = json.loads((out_dir / "plan.json").read_text())
+    assert plan["algorithm"].startswith("low-affinity")
+    values = yaml.safe_load((out_dir / "values.yaml").read_text())
+    assert values["prefill"]["replicaCount"] == plan["prefill"]["replicas"]
+    assert "segments" in values["placement"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_plan_command_plugs_into_a_parent_cli():
+    parser = argparse.ArgumentParser(prog="pdserve")
+    add_subparsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", "simulate", "--profile", "p.json", "--rates", "1,2"])
+    assert args.command == "plan" and args.plan_command == "simulate" and callable(args.func)

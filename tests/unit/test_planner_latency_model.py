@@ -1,0 +1,145 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from services.planner.analytic import (Parallelism, analytic_profile, decode_step_seconds,
+                                       kv_capacity_tokens, prefill_pass_seconds)
+from services.planner.hardware import ClusterSpec, get_gpu, get_model_shape, shape_from_hf_config
+from services.planner.latency_model import (DecodeLatency, LatencyProfile, PrefillLatency, critical_batch_tokens,
+                                            fit_decode, fit_prefill, nonneg_lstsq)
+
+TRUE_PREFILL = PrefillLatency(a=0.012, b=1.7e-4, c=2.5e-8)
+TRUE_DECODE = DecodeLatency(a=0.016, b=4e-7, c=9e-5)
+
+
+def prefill_samples(noise: float, seed: int = 0):
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(60):
+        # Log-uniform lengths, like a profile grid: short prompts pin down a, long ones c.
+        lengths = [int(2 ** rng.uniform(3, 11)) for _ in range(rng.randint(1, 8))]
+        samples.append((lengths, TRUE_PREFILL.time(lengths) * (1 + rng.gauss(0, noise))))
+    return samples
+
+
+def decode_samples(noise: float, seed: int = 0):
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(60):
+        batch = int(2 ** rng.uniform(0, 8))
+        ctx = batch * int(2 ** rng.uniform(4, 11))
+        samples.append((batch, ctx, TRUE_DECODE.step_time(batch, ctx) * (1 + rng.gauss(0, noise))))
+    return samples
+
+
+def test_fit_recovers_exact_coefficients():
+    prefill, quality = fit_prefill(prefill_samples(0.0))
+    assert (prefill.a, prefill.b, prefill.c) == pytest.approx((TRUE_PREFILL.a, TRUE_PREFILL.b, TRUE_PREFILL.c), rel=1e-6)
+    assert quality["r2"] == pytest.approx(1.0)
+    decode, _ = fit_decode(decode_samples(0.0))
+    assert (decode.a, decode.b, decode.c) == pytest.approx((TRUE_DECODE.a, TRUE_DECODE.b, TRUE_DECODE.c), rel=1e-6)
+
+
+def test_fit_recovers_coefficients_under_noise():
+    prefill, _ = fit_prefill(prefill_samples(0.02, seed=1))
+    assert prefill.a == pytest.approx(TRUE_PREFILL.a, rel=0.15)
+    assert prefill.b == pytest.approx(TRUE_PREFILL.b, rel=0.05)
+    assert prefill.c == pytest.approx(TRUE_PREFILL.c, rel=0.15)
+    decode, quality = fit_decode(decode_samples(0.02, seed=1))
+    assert decode.a == pytest.approx(TRUE_DECODE.a, rel=0.05)
+    assert decode.b == pytest.approx(TRUE_DECODE.b, rel=0.05)
+    assert decode.c == pytest.approx(TRUE_DECODE.c, rel=0.1)
+    assert quality["mean_abs_rel_error"] < 0.03
+
+
+def test_nonnegative_least_squares_drops_a_negative_term():
+    x = np.array([[1.0, n, n * n] for n in (1, 2, 3, 4, 5)])
+    y = 2.0 + 3.0 * x[:, 1] - 0.01 * x[:, 2]  # a slightly concave curve: unconstrained c < 0
+    coef = nonneg_lstsq(x, y)
+    assert np.all(coef >= 0) and coef[2] == 0.0
+
+
+def test_critical_batch_tokens():
+    # a = 10 ms, b = 0.1 ms/token: batching amortises a to 10% of b at 1000 tokens.
+    assert critical_batch_tokens(PrefillLatency(0.01, 1e-4, 0.0), typical_len=256) == 1024
+    assert critical_batch_tokens(PrefillLatency(0.0, 1e-4, 0.0), typical_len=256) == 256
+
+
+def test_profile_json_round_trip(tmp_path):
+    profile = LatencyProfile(TRUE_PREFILL, TRUE_DECODE, kv_bytes_per_token=819200, kv_capacity_tokens=57780)
+    profile.transfer.bytes_per_s = 25e9
+    path = tmp_path / "p.json"
+    profile.save(str(path))
+    data = json.loads(path.read_text())
+    assert data["schema"] == "pdserve.profile/v1" and data["prefill"]["b"] == TRUE_PREFILL.b
+    back = LatencyProfile.load(str(path))
+    assert back == profile
+
+
+def test_model_shapes():
+    opt = get_model_shape("13b")
+    assert opt.name == "opt-13b" and 12.5e9 < opt.num_params() < 13.2e9
+    llama = get_model_shape("llama-2-13b")
+    assert 12.8e9 < llama.num_params() < 13.2e9
+    assert llama.kv_bytes_per_token == 2 * 40 * 5120 * 2
+    assert 7.9e9 < get_model_shape("llama-3-8b").num_params() < 8.1e9
+    assert 170e9 < get_model_shape("175b").num_params() < 180e9
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1024}
+    tiny = shape_from_hf_config(cfg)
+    assert tiny.head_dim == 16 and tiny.num_kv_heads == 2
+    with pytest.raises(ValueError):
+        get_model_shape("no-such-model")
+
+
+def test_model_shape_from_checkpoint_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1000, "tie_word_embeddings": True,
+        "max_position_embeddings": 2048}))
+    shape = get_model_shape(str(tmp_path))
+    assert (shape.num_layers, shape.num_kv_heads, shape.max_model_len) == (3, 2, 2048)
+
+
+A100 = ClusterSpec(4, 8, get_gpu("A100-80G"))
+OPT13B = get_model_shape("13b")
+
+
+def test_analytic_tensor_parallel_helps_with_diminishing_returns():
+    lengths = [512]
+    t1 = prefill_pass_seconds(lengths, OPT13B, A100.gpu, Parallelism(1, 1))
+    t2 = prefill_pass_seconds(lengths, OPT13B, A100.gpu, Parallelism(2, 1))
+    t8 = prefill_pass_seconds(lengths, OPT13B, A100.gpu, Parallelism(8, 1))
+    assert 1.0 < t1 / t2 < 2.0  # all-reduces and fixed costs: the speedup K of CONTEXT.md is below 2
+    assert t1 / t8 < 8.0 * 0.8
+    # 13B on one A100: ~60-120 ms for a 512-token prefill, ~15-25 ms for a small decode step.
+    assert 0.05 < t1 < 0.15
+    assert 0.012 < decode_step_seconds(1, 512, OPT13B, A100.gpu, Parallelism(1, 1)) < 0.03
+
+
+def test_analytic_pipeline_keeps_latency_and_adds_hops():
+    single = prefill_pass_seconds([512], OPT13B, A100.gpu, Parallelism(1, 1))
+    intra = prefill_pass_seconds([512], OPT13B, A100.gpu, Parallelism(1, 4, inter_node_hops=0))
+    inter = prefill_pass_seconds([512], OPT13B, A100.gpu, Parallelism(1, 4, inter_node_hops=3))
+    assert single < intra < inter < single * 1.2
+
+
+def test_analytic_profile_fits_its_own_roofline():
+    profile = analytic_profile(OPT13B, A100, 2, 1)
+    assert profile.source == "analytic" and profile.tensor_parallel == 2
+    assert profile.fit["prefill"]["mean_abs_rel_error"] < 0.1
+    assert profile.fit["decode"]["mean_abs_rel_error"] < 0.1
+    exact = decode_step_seconds(32, 32 * 600, OPT13B, A100.gpu, Parallelism(2, 1))
+    assert profile.decode.step_time(32, 32 * 600) == pytest.approx(exact, rel=0.1)
+    assert profile.kv_capacity_tokens == kv_capacity_tokens(OPT13B, A100, 2, 1)
+    assert 128 <= profile.max_batched_tokens <= 8192
+
+
+def test_memory_capacity():
+    # 26 GB of weights: one A100-80G holds them with room for ~57k tokens of KV (800 KB/token).
+    one = kv_capacity_tokens(OPT13B, A100, 1, 1)
+    assert 40_000 < one < 70_000
+    assert kv_capacity_tokens(OPT13B, A100, 2, 1) > 2 * one  # the weights split too
+    assert kv_capacity_tokens(get_model_shape("175b"), A100, 1, 1) == 0  # 350 GB do not fit one GPU
