@@ -51,54 +51,76 @@ def measure_copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def bench_engine(engine: Engine, batch: int, prompt_len: int, decode_steps: int, repeats: int) -> dict:
-    vocab = engine.model_config.vocab_size
+def engine_trial(engine: Engine, batch: int, prompt_len: int, decode_steps: int, seed: int) -> tuple[float, float]:
+    """One prefill of `batch` prompts and `decode_steps` decode steps: (prefill s, seconds per step)."""
     device = engine.config.device
-    prefill_times, decode_times = [], []
-    for r in range(repeats):
-        prompts = _prompts(batch, prompt_len, vocab, seed=r)
-        params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
-        seqs = [Sequence.from_prompt(str(i), p, params) for i, p in enumerate(prompts)]
-        _sync(device)
-        t = time.perf_counter()
-        engine.prefill(seqs)
-        _sync(device)
-        prefill_times.append(time.perf_counter() - t)
-        engine.decode_step(seqs)  # first step outside the timing (graph replay warm-up)
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(decode_steps - 1):
-            engine.decode_step(seqs)
-        _sync(device)
-        decode_times.append((time.perf_counter() - t) / (decode_steps - 1))
-        for s in seqs:
-            engine.free(s)
-    prefill_s, step_s = statistics.median(prefill_times), statistics.median(decode_times)
-    return {
-        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
-        "prefill_seconds": prefill_s,
-        "tpot_seconds": step_s,
-        "decode_tokens_per_s": batch / step_s,
-    }
+    prompts = _prompts(batch, prompt_len, engine.model_config.vocab_size, seed)
+    params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
+    seqs = [Sequence.from_prompt(str(i), p, params) for i, p in enumerate(prompts)]
+    _sync(device)
+    t = time.perf_counter()
+    engine.prefill(seqs)
+    _sync(device)
+    prefill_s = time.perf_counter() - t
+    engine.decode_step(seqs)  # first step outside the timing (graph replay warm-up)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(decode_steps - 1):
+        engine.decode_step(seqs)
+    _sync(device)
+    step_s = (time.perf_counter() - t) / (decode_steps - 1)
+    for s in seqs:
+        engine.free(s)
+    return prefill_s, step_s
 
 
-def bench_hf(hf_model, batch: int, prompt_len: int, decode_steps: int, repeats: int, vocab: int, device: str) -> dict:
-    """HF generate, greedy, fixed length; decode time = generate(n) - generate(1) (prefill)."""
-    prompts = torch.tensor(_prompts(batch, prompt_len, vocab, seed=0), device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+class HfTrial:
+    """HF generate, greedy, fixed length; its decode step time is (generate(n+1) - generate(1)) / n."""
 
-    def timed(n):
-        _sync(device)
+    def __init__(self, hf_model, batch: int, prompt_len: int, decode_steps: int, vocab: int, device: str):
+        self.model, self.steps, self.device = hf_model, decode_steps, device
+        self.prompts = torch.tensor(_prompts(batch, prompt_len, vocab, seed=0), device=device)
+        self._timed(2)  # warm-up
+
+    def _timed(self, n: int) -> float:
+        _sync(self.device)
         t = time.perf_counter()
-        hf_model.generate(prompts, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        _sync(device)
+        self.model.generate(self.prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)
+        _sync(self.device)
         return time.perf_counter() - t
 
-    timed(2)  # warm-up
-    first = statistics.median(timed(1) for _ in range(repeats))
-    full = statistics.median(timed(decode_steps + 1) for _ in range(repeats))
-    step_s = max(full - first, 1e-9) / decode_steps
-    return {"decode_tokens_per_s": batch / step_s, "tpot_seconds": step_s}
+    def __call__(self) -> float:
+        return max(self._timed(self.steps + 1) - self._timed(1), 1e-9) / self.steps
+
+
+def bench_batch(engine: Engine, hf_model, batch: int, prompt_len: int, decode_steps: int, repeats: int) -> dict:
+    """Alternates engine and HF trials, so that both see the same machine conditions (this kind of
+    machine drifts by tens of percent over a minute); reports medians and the median of the
+    per-pair ratios."""
+    hf = HfTrial(hf_model, batch, prompt_len, decode_steps, engine.model_config.vocab_size,
+                 engine.config.device) if hf_model is not None else None
+    engine_trial(engine, batch, prompt_len, decode_steps, seed=100)  # warm-up
+    prefill, steps, hf_steps = [], [], []
+    for r in range(repeats):
+        p, s = engine_trial(engine, batch, prompt_len, decode_steps, seed=r)
+        prefill.append(p)
+        steps.append(s)
+        if hf is not None:
+            hf_steps.append(hf())
+    step_s = statistics.median(steps)
+    row = {"batch_size": batch, "pdserve": {
+        "prefill_tokens_per_s": batch * prompt_len / statistics.median(prefill),
+        "prefill_seconds": statistics.median(prefill),
+        "tpot_seconds": step_s,
+        "decode_tokens_per_s": batch / step_s,
+        "trial_step_seconds": steps,
+    }}
+    if hf is not None:
+        hf_s = statistics.median(hf_steps)
+        row["hf"] = {"decode_tokens_per_s": batch / hf_s, "tpot_seconds": hf_s, "trial_step_seconds": hf_steps}
+        row["decode_speedup_vs_hf"] = statistics.median(h / o for h, o in zip(hf_steps, steps))
+    return row
 
 
 def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_hf: bool, threads: int | None):
@@ -157,7 +179,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-sizes", default="1,4,16,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
@@ -167,7 +189,7 @@ def main(argv=None) -> dict:
     kv = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else (None if args.device.startswith("cuda") else 512 << 20)
     engine, hf = load(args.model, args.device, args.dtype, kv, not args.no_hf, args.threads)
     mc = engine.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    weight_bytes = mc.num_params() * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     result = {
         "model": args.model, "device": args.device, "dtype": args.dtype,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads",
@@ -180,14 +202,11 @@ def main(argv=None) -> dict:
         result["tpot_roofline_seconds"] = weight_bytes / bw
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     for bs in tqdm(batch_sizes, desc="batch sizes"):
-        row = {"batch_size": bs, "pdserve": bench_engine(engine, bs, args.prompt_len, args.decode_steps, args.repeats)}
-        if hf is not None:
-            row["hf"] = bench_hf(hf, bs, args.prompt_len, args.decode_steps, args.repeats, mc.vocab_size, args.device)
-            row["decode_speedup_vs_hf"] = row["pdserve"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
-        result["rows"].append(row)
+        result["rows"].append(bench_batch(engine, hf, bs, args.prompt_len, args.decode_steps, args.repeats))
 
     print(f"\n{args.model} ({mc.num_params() / 1e6:.0f}M params, {args.dtype}) on {result['device_name']}, "
-          f"prompt {args.prompt_len}, {args.decode_steps} decode steps, medians of {args.repeats}")
+          f"prompt {args.prompt_len}, {args.decode_steps} decode steps, medians of {args.repeats} "
+          f"(engine and HF trials alternate; 'vs HF' is the median of the per-trial ratios)")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'TPOT ms':>8} {'HF decode tok/s':>16} {'vs HF':>6}")
     for r in result["rows"]:
         p, h = r["pdserve"], r.get("hf")

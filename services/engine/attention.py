@@ -34,13 +34,23 @@ class AttentionMetadata:
     use_triton: bool = False
     kv_mirror: object | None = None  # DecodeKvMirror for CPU decode (cpu_kv_mirror.py)
     context_lens_list: list[int] | None = None
+    # Computed once per forward pass rather than in every layer (each is a few small ops, which
+    # on CPU add up to a noticeable share of a decode step):
+    slot_blocks: torch.Tensor | None = None  # slot_mapping // block_size
+    slot_rows: torch.Tensor | None = None  # slot_mapping % block_size
+    cos: torch.Tensor | None = None  # RoPE for each token, in the model dtype
+    sin: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, span]: context positions each query may see
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatters K/V of T tokens [T, kv_heads, head_dim] into their slots."""
-    block_size = k_cache.shape[1]
+def slot_indices(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    rows = slot_mapping - blocks * block_size
+    return blocks, slot_mapping - blocks * block_size
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             blocks: torch.Tensor, rows: torch.Tensor) -> None:
+    """Scatters K/V of T tokens [T, kv_heads, head_dim] into (block, row) slots."""
     k_cache.index_put_((blocks, rows), k)
     v_cache.index_put_((blocks, rows), v)
 
@@ -85,14 +95,17 @@ def decode_attention_torch(
         g = torch.index_select(cache.permute(2, 0, 1, 3).unsqueeze(0), 2, flat_blocks)
         return g.view(kv_heads, batch, span, head_dim).transpose(0, 1)
 
-    return dense_decode_attention(q, gather(k_cache), gather(v_cache), context_lens, scale)
+    return dense_decode_attention(q, gather(k_cache), gather(v_cache), context_mask(context_lens, span), scale)
 
 
-def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float):
-    """q [B, H, D] against k/v [B, KVH, span, D] whose rows past each context length are ignored."""
-    batch, span = k.shape[0], k.shape[2]
-    positions = torch.arange(span, device=q.device)
-    mask = (positions[None, :] < context_lens[:, None]).view(batch, 1, 1, span)
+def context_mask(context_lens: torch.Tensor, span: int) -> torch.Tensor:
+    """[B, 1, 1, span]: True where a position is inside the sequence's context."""
+    positions = torch.arange(span, device=context_lens.device)
+    return (positions[None, :] < context_lens[:, None]).view(-1, 1, 1, span)
+
+
+def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """q [B, H, D] against k/v [B, KVH, span, D]; mask [B, 1, 1, span] marks the valid positions."""
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

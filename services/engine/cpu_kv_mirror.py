@@ -86,6 +86,11 @@ class DecodeKvMirror:
         self.keys = [grown(k) for k, _ in olds]
         self.values = [grown(v) for _, v in olds]
 
+    def begin_step(self, context_lens: list[int]) -> None:
+        """Index tensors of this step's new tokens, shared by every layer."""
+        self._step_slots = torch.arange(len(context_lens))
+        self._step_positions = torch.tensor(context_lens) - 1
+
     def views(self, layer: int, k_cache, v_cache, block_tables, k_new, v_new, context_lens: list[int]):
         """Brings slot j up to date (gathering from the pool what it lacks, appending this step's
         token), then returns K, V as [B, kv_heads, span, head_dim] views."""
@@ -99,10 +104,8 @@ class DecodeKvMirror:
                 for cache, dense in ((k_cache, keys), (v_cache, values)):
                     gathered = cache[blocks].reshape(nb * block_size, self.kv_heads, self.head_dim)
                     dense[:, slot, have : ctx - 1] = gathered[have : ctx - 1].transpose(0, 1)
-        slots = torch.arange(batch)
-        positions = torch.tensor(context_lens) - 1
-        keys[:, slots, positions] = k_new.transpose(0, 1)
-        values[:, slots, positions] = v_new.transpose(0, 1)
+        keys[:, self._step_slots, self._step_positions] = k_new.transpose(0, 1)
+        values[:, self._step_slots, self._step_positions] = v_new.transpose(0, 1)
         span = max(context_lens)
         return keys[:, :batch, :span].transpose(0, 1), values[:, :batch, :span].transpose(0, 1)
 

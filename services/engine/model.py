@@ -54,18 +54,6 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
-    def rotate_and_write_kv(self, q, k, v, positions, slot_mapping, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Applies RoPE to q and k and writes k, v into their KV slots; returns rotated (q, k)."""
-        if q.is_cuda:
-            from .triton_fused import rope_and_write_kv
-
-            rope_and_write_kv(q, k, v, self.cos, self.sin, positions, slot_mapping, k_cache, v_cache)
-            return q, k
-        cos, sin = self(positions, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, slot_mapping)
-        return q, k
-
 
 def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -139,20 +127,31 @@ class Attention(nn.Module):
 
     def forward(self, x, rotary, positions, meta: AttentionMetadata, k_cache, v_cache):
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.rotate_and_write_kv(q, k, v, positions, meta.slot_mapping, k_cache, v_cache)
+        if x.is_cuda:
+            from .triton_fused import rope_and_write_kv
+
+            rope_and_write_kv(q, k, v, rotary.cos, rotary.sin, positions, meta.slot_mapping, k_cache, v_cache)
+        else:
+            if self.q_norm is None:  # q and k sit side by side in qkv: rotate both in one pass
+                qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim), meta.cos, meta.sin)
+                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            else:
+                q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
+            write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_rows)
         if meta.is_prefill:
             out = prefill_attention(q, k, v, meta.cu_seqlens, self.scale)
         elif meta.kv_mirror is not None:
             k_dense, v_dense = meta.kv_mirror.views(
                 self.layer_idx, k_cache, v_cache, meta.block_tables, k, v, meta.context_lens_list
             )
-            out = dense_decode_attention(q, k_dense, v_dense, meta.context_lens, self.scale)
+            out = dense_decode_attention(q, k_dense, v_dense, meta.decode_mask, self.scale)
         elif meta.use_triton:
             from .triton_attention import paged_decode_attention
 
@@ -216,6 +215,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_pool, logits_indices=None):
         """Returns logits [N, vocab] for the tokens at `logits_indices` (all when None)."""
         x = self.embed_tokens(input_ids)
+        if not x.is_cuda:  # the CUDA kernels index the cos/sin tables themselves
+            meta.cos, meta.sin = self.rotary(positions, x.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, self.rotary, positions, meta, kv_pool.key_cache(i), kv_pool.value_cache(i))

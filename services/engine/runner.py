@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, context_mask, slot_indices
 from .cpu_kv_mirror import DecodeKvMirror
 from .config import EngineConfig
 from .kv_cache import KvPool
@@ -53,9 +53,14 @@ class ModelRunner:
             positions.extend(range(n))
             slots.extend(self._slot(seq, p) for p in range(n))
             cu.append(cu[-1] + n)
-        meta = AttentionMetadata(is_prefill=True, slot_mapping=self._tensor(slots), cu_seqlens=cu)
+        meta = self._with_slot_indices(AttentionMetadata(is_prefill=True, slot_mapping=self._tensor(slots), cu_seqlens=cu))
         last = self._tensor([c - 1 for c in cu[1:]])
         return self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool, last)
+
+    def _with_slot_indices(self, meta: AttentionMetadata) -> AttentionMetadata:
+        if self.device.type == "cpu":
+            meta.slot_blocks, meta.slot_rows = slot_indices(meta.slot_mapping, self.block_size)
+        return meta
 
     def forget(self, seq_id: str) -> None:
         """The sequence's blocks were freed: nothing cached about it may be reused."""
@@ -86,7 +91,7 @@ class ModelRunner:
             return self._replay(graph_bs, seqs, input_ids, positions, slots, context_lens)
         max_blocks = -(-max(context_lens) // self.block_size)
         tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in seqs]
-        meta = AttentionMetadata(
+        meta = self._with_slot_indices(AttentionMetadata(
             is_prefill=False,
             slot_mapping=self._tensor(slots),
             block_tables=self._tensor(tables, torch.int32),
@@ -95,7 +100,10 @@ class ModelRunner:
             use_triton=self.use_triton,
             kv_mirror=self.kv_mirror if use_mirror else None,
             context_lens_list=context_lens,
-        )
+        ))
+        if use_mirror:
+            meta.decode_mask = context_mask(meta.context_lens, max(context_lens))
+            self.kv_mirror.begin_step(context_lens)
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool)
         if use_mirror:
             self.kv_mirror.advance(context_lens)

@@ -45,13 +45,16 @@ class SampleResult:
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> SampleResult:
     """logits [B, V] (any float dtype); steps[i] is the index of the output token being sampled."""
     logits = logits.float()
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    tokens = logits.argmax(dim=-1)
+    top_logits, tokens = logits.max(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)
         tokens[idx] = _sample_random(logits[idx], [params[i] for i in random_rows], [steps[i] for i in random_rows])
-    chosen = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+        chosen_logits = logits.gather(1, tokens[:, None]).squeeze(1)
+    else:
+        chosen_logits = top_logits
+    # log_softmax at the chosen token, without materialising the whole log-softmax
+    chosen = chosen_logits - torch.logsumexp(logits, dim=-1)
     return SampleResult(tokens.tolist(), chosen.tolist())
 
 

@@ -6,7 +6,7 @@ import json
 import torch
 
 from services.engine import triton_fused as tf
-from services.engine.attention import write_kv
+from services.engine.attention import slot_indices, write_kv
 from services.engine.model import RMSNorm, apply_rope
 
 def check_paged_attention():
@@ -62,7 +62,7 @@ def check_fused():
         pool_ref = pool.clone()
         c, s = cos[positions].to(dtype), sin[positions].to(dtype)
         q_ref, k_ref = apply_rope(q.clone(), c, s), apply_rope(k.clone(), c, s)
-        write_kv(pool_ref[:, 1, 0], pool_ref[:, 1, 1], k_ref, v, slots)
+        write_kv(pool_ref[:, 1, 0], pool_ref[:, 1, 1], k_ref, v, *slot_indices(slots, block_size))
         tf.rope_and_write_kv(q, k, v, cos, sin, positions, slots, pool[:, 1, 0], pool[:, 1, 1])
         results[f"rope q {name}"] = _diff(q, q_ref)
         results[f"rope k {name}"] = _diff(k, k_ref)
