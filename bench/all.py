@@ -1,0 +1,30 @@
+"""`make bench`: a short run of every benchmark on this machine (CPU, tiny models), < 10 minutes.
+
+1. bench.engine: engine decode/prefill throughput against Hugging Face generate (~50M Llama).
+2. bench.serving: SLO attainment against rate and goodput, colocated against disaggregated on the
+   same cores, chat-like workload (a shortened sweep; docs/benchmarks.md has the longer runs).
+
+Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from . import engine, serving
+
+
+def main(argv=None) -> int:
+    started = time.monotonic()
+    print("== engine: pdserve against HF generate ==", flush=True)
+    engine.main(["--batch-sizes", "1,4,16", "--repeats", "3", "--out", "results/engine"])
+    print("\n== serving: colocated against disaggregated, chat workload ==", flush=True)
+    serving.main(["--workload", "chat", "--scale", "0.5", "--n", "30", "--rates", "2,4,6", "--rel-tol", "0.2",
+                  "--out", "results/serving-chat"])
+    print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""The benchmark's arithmetic on synthetic latencies with known answers: attainment, percentiles,
+and the goodput search (the same bisection the planner uses), without running a cluster."""
+
+import math
+import random
+
+import pytest
+
+from bench.loadgen import RequestResult, attainment, percentile, summarize
+from bench.serving import goodput
+from services.common.trace import make_trace, read_trace, rescale_rate, write_trace
+
+
+def _result(ttft: float, tpot: float, tokens: int = 10, error: str = "") -> RequestResult:
+    return RequestResult("r", 10, tokens, tokens=0 if error else tokens, ttft=ttft, tpot=tpot, error=error)
+
+
+def test_attainment_needs_both_slos_and_counts_failures_as_misses():
+    results = [
+        _result(0.1, 0.01),  # meets both
+        _result(0.3, 0.01),  # TTFT miss
+        _result(0.1, 0.20),  # TPOT miss
+        _result(0.25, 0.1),  # exactly at both SLOs: met (<=)
+        _result(0.0, 0.0, error="UNAVAILABLE: gone"),  # failed request: a miss
+    ]
+    assert attainment(results, ttft_slo=0.25, tpot_slo=0.1) == pytest.approx(2 / 5)
+    s = summarize(results, 0.25, 0.1)
+    assert s["errors"] == 1 and s["ttft_attainment"] == pytest.approx(3 / 5) and s["tpot_attainment"] == pytest.approx(3 / 5)
+
+
+def test_percentile_interpolates_and_ignores_nan():
+    assert percentile([1, 2, 3, 4, 5], 0.5) == 3
+    assert percentile([1, 2, 3, 4], 0.5) == pytest.approx(2.5)
+    assert percentile([float("nan"), 10.0], 0.99) == 10.0
+    assert math.isnan(percentile([], 0.5))
+
+
+class SyntheticRunner:
+    """Stands in for a cluster: at rate r every request's TTFT grows past the SLO once r exceeds a
+    known capacity, like a queue that saturates; records which rates were probed."""
+
+    def __init__(self, capacity: float, n: int = 200, seed: int = 0):
+        self.capacity, self.n, self.rng, self.probed = capacity, n, random.Random(seed), []
+
+    def run(self, rate: float):
+        self.probed.append(rate)
+        if rate <= self.capacity:
+            return [_result(0.05, 0.01) for _ in range(self.n)]
+        miss = min(1.0, 0.2 + (rate - self.capacity))  # above capacity at least 20% miss
+        return [_result(0.5 if i < miss * self.n else 0.05, 0.01) for i in range(self.n)]
+
+
+@pytest.mark.parametrize("capacity, swept", [(3.3, [1, 2, 4, 8]), (0.7, [1, 2, 4]), (20.0, [1, 2, 4])])
+def test_goodput_search_finds_the_known_capacity(capacity, swept):
+    runner = SyntheticRunner(capacity)
+    found = goodput(runner, swept, ttft_slo=0.25, tpot_slo=0.1, target=0.9, rel_tol=0.02)
+    assert found <= capacity  # never reports a rate that misses the target
+    assert found == pytest.approx(capacity, rel=0.03)
+
+
+def test_goodput_is_zero_when_nothing_meets_the_target():
+    class Hopeless(SyntheticRunner):
+        def run(self, rate):
+            return [_result(1.0, 0.01)] * 10
+
+    assert goodput(Hopeless(0), [1, 2], 0.25, 0.1, 0.9, 0.05) == 0.0
+
+
+def test_traces_are_reproducible_and_rescale_keeps_the_requests(tmp_path):
+    a, b = make_trace("chat", 2.0, 50, seed=7), make_trace("chat", 2.0, 50, seed=7)
+    assert a == b and make_trace("chat", 2.0, 50, seed=8) != a
+    fast = rescale_rate(a, 8.0, from_rate=2.0)
+    assert [r.prompt_tokens for r in fast] == [r.prompt_tokens for r in a]
+    assert fast[-1].arrival_s == pytest.approx(a[-1].arrival_s / 4)
+    write_trace(str(tmp_path / "t.jsonl"), a)
+    assert read_trace(str(tmp_path / "t.jsonl")) == a
