@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     print("== engine: pdserve against HF generate ==", flush=True)
     engine.main(["--batch-sizes", "1,4,16", "--repeats", "3", "--out", "results/engine"])
     print("\n== serving: colocated against disaggregated, chat workload ==", flush=True)
-    serving.main(["--workload", "chat", "--scale", "0.5", "--n", "30", "--rates", "2,4,6", "--rel-tol", "0.2",
+    serving.main(["--workload", "chat", "--scale", "1.0", "--n", "30", "--rates", "1,2,4", "--rel-tol", "0.2",
                   "--out", "results/serving-chat"])
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0

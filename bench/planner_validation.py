@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
 
     spec = cluster_spec("disaggregated", model, 2, os.path.join(os.path.dirname(args.out) or ".", "logs-validation"), 0.25)
     with ConfigRunner("disaggregated", spec, trace, mc.vocab_size, args.seed) as runner:
-        ttft0, tpot0 = runner.unloaded()
+        ttft0, tpot0, _ = runner.unloaded()
         slo = Slo(ttft0 * args.ttft_scale, tpot0 * args.tpot_scale)
         profile, calibration = system_profile(profile, runner)
         mean_output = statistics.fmean(r.output_tokens for r in trace)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -82,30 +83,44 @@ class ConfigRunner:
             self.runs[rate] = run_trace(self.router, trace, self.vocab, seed=self.seed, progress=False)
         return self.runs[rate]
 
-    def unloaded(self, n: int = 8) -> tuple[float, float]:
-        """Median TTFT and TPOT of requests sent one at a time."""
+    def unloaded(self, n: int = 8) -> tuple[float, float, float]:
+        """Median TTFT, TPOT and end-to-end latency of requests sent one at a time."""
         results = []
         for i, request in enumerate(self.base_trace[:n]):
             one = [type(request)(0.0, request.prompt_tokens, request.output_tokens, request.prompt, f"solo-{i}")]
             results += run_trace(self.router, one, self.vocab, seed=self.seed + i, progress=False)
         ok = [r for r in results if r.ok]
-        return statistics.median(r.ttft for r in ok), statistics.median(r.tpot for r in ok if r.tokens > 1)
+        return (statistics.median(r.ttft for r in ok), statistics.median(r.tpot for r in ok if r.tokens > 1),
+                statistics.median(r.e2e for r in ok))
+
+
+def steady_state_limit(n: int, unloaded_e2e: float, windows: float = 4.0) -> float:
+    """The highest rate a trace of n requests can probe: its arrivals must span several request
+    lifetimes, or the run measures how a burst drains rather than the rate it claims."""
+    return n / (windows * unloaded_e2e)
 
 
 def goodput(runner: ConfigRunner, swept: list[float], ttft_slo: float, tpot_slo: float, target: float,
-            rel_tol: float) -> float:
+            rel_tol: float, max_rate: float = math.inf) -> tuple[float, bool]:
+    """(goodput, capped): capped when every rate the trace can probe met the target, so the true
+    goodput is at least the number returned."""
     def att(rate: float) -> float:
         return attainment(runner.run(rate), ttft_slo, tpot_slo)
 
+    swept = [r for r in swept if r <= max_rate] or [max_rate]
     passing = [r for r in swept if att(r) >= target]
     if not passing:
-        return bisect_rate(att, target, 0.0, min(swept), rel_tol) if att(min(swept) / 4) >= target else 0.0
+        return (bisect_rate(att, target, 0.0, min(swept), rel_tol) if att(min(swept) / 4) >= target else 0.0), False
     lo = max(passing)
     failing = [r for r in swept if r > lo and att(r) < target]
     hi = min(failing) if failing else lo * 2
-    while not failing and att(hi) >= target:
+    while not failing:
+        if hi > max_rate:
+            return (lo, True) if att(max_rate) < target else (max_rate, True)
+        if att(hi) < target:
+            break
         lo, hi = hi, hi * 2
-    return bisect_rate(att, target, lo, hi, rel_tol)
+    return bisect_rate(att, target, lo, hi, rel_tol), False
 
 
 def plot(result: dict, path_prefix: str) -> list[str]:
@@ -185,20 +200,23 @@ def main(argv=None) -> dict:
         spec = cluster_spec(name, model, args.cores, os.path.join(os.path.dirname(args.out) or ".", f"logs-{name}"),
                             args.kv_cache_gb)
         with ConfigRunner(name, spec, base_trace, model_config.vocab_size, args.seed) as runner:
+            ttft0, tpot0, e2e0 = runner.unloaded()
             if not slo["ttft"] or not slo["tpot"]:
-                ttft0, tpot0 = runner.unloaded()
                 slo = {"ttft": slo["ttft"] or ttft0 * args.ttft_scale, "tpot": slo["tpot"] or tpot0 * args.tpot_scale,
                        "calibrated_on": name, "unloaded_ttft": ttft0, "unloaded_tpot": tpot0}
-            for rate in tqdm(rates, desc=f"{name} sweep", leave=False):
+            max_rate = steady_state_limit(args.n, e2e0)
+            for rate in tqdm([r for r in rates if r <= max_rate], desc=f"{name} sweep", leave=False):
                 runner.run(rate)
-            best = goodput(runner, rates, slo["ttft"], slo["tpot"], args.target, args.rel_tol)
+            best, capped = goodput(runner, rates, slo["ttft"], slo["tpot"], args.target, args.rel_tol, max_rate)
             result["configs"][name] = {
                 "goodput": best,
+                "goodput_is_lower_bound": capped,
+                "max_probed_rate": max_rate,
                 "runs": {str(rate): {"summary": summarize(res, slo["ttft"], slo["tpot"]),
                                      "requests": [asdict(r) for r in res]}
                          for rate, res in sorted(runner.runs.items())},
             }
-        tqdm.write(f"{name}: goodput {best:.2f} req/s at {args.target:.0%} attainment")
+        tqdm.write(f"{name}: goodput {'>= ' if capped else ''}{best:.2f} req/s at {args.target:.0%} attainment")
     result["slo"] = slo
     result["cdf_rate"] = max((r for r in rates if all(str(r) in c["runs"] for c in result["configs"].values())),
                              key=lambda r: -abs(r - statistics.median(rates)), default=rates[0])
@@ -225,7 +243,9 @@ def print_table(result: dict) -> None:
             s = run["summary"]
             print(f"{name:<14} {float(rate):>6.2f} {s['attainment']:>7.2f} {s['ttft_p50'] * 1e3:>8.1f}m "
                   f"{s['ttft_p99'] * 1e3:>8.1f}m {s['tpot_p50'] * 1e3:>8.2f}m {s['tpot_p99'] * 1e3:>8.2f}m")
-        print(f"{name:<14} goodput {cfg['goodput']:.2f} req/s")
+        bound = ">= " if cfg.get("goodput_is_lower_bound") else ""
+        print(f"{name:<14} goodput {bound}{cfg['goodput']:.2f} req/s"
+              + (f" (a {result['n']}-request trace cannot probe past {cfg['max_probed_rate']:.2f} req/s)" if bound else ""))
     if "goodput_ratio_disaggregated_over_colocated" in result:
         print(f"goodput ratio disaggregated / colocated: {result['goodput_ratio_disaggregated_over_colocated']:.2f}")
 

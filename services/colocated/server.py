@@ -8,7 +8,7 @@ import grpc
 
 from pdserve.v1 import worker_pb2_grpc
 from services.common.batching_worker import BatchingWorker, StreamJob, new_seq_id
-from services.common.engine_worker import InvalidRequest, sampling_from_proto, validate_tokens
+from services.common.engine_worker import InvalidRequest, validate_generation
 from services.engine import Sequence
 
 
@@ -19,13 +19,9 @@ class ColocatedService(BatchingWorker, worker_pb2_grpc.ColocatedWorkerServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
         try:
-            prompt = validate_tokens(self.engine, "token_ids", request.token_ids, extra=len(request.resumed_output_ids))
-            resumed = list(request.resumed_output_ids)
-            if resumed:
-                validate_tokens(self.engine, "resumed_output_ids", resumed, extra=len(prompt))
-            sampling = sampling_from_proto(request.sampling)
-            if len(resumed) >= sampling.max_tokens:
-                raise InvalidRequest("resumed_output_ids: already as long as sampling.max_tokens")
+            prompt, resumed, sampling = validate_generation(
+                self.engine, "token_ids", request.token_ids, "resumed_output_ids", request.resumed_output_ids,
+                request.sampling)
         except (InvalidRequest, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         seq = Sequence(seq_id=new_seq_id(request.request_id), token_ids=prompt + resumed,

@@ -192,8 +192,20 @@ def validate_tokens(engine: Engine, field: str, token_ids, extra: int = 0) -> li
     return tokens
 
 
-async def abort_invalid(context: grpc.aio.ServicerContext, exc: InvalidRequest):
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+def validate_generation(engine: Engine, prompt_field: str, prompt_ids, output_field: str, output_ids,
+                        sampling_proto, *, need_output: bool = False) -> tuple[list[int], list[int], SamplingParams]:
+    """A prompt, the tokens generated for it so far, and its sampling, checked together (the
+    resumed or already-generated tokens count against max_model_len and max_tokens)."""
+    prompt = validate_tokens(engine, prompt_field, prompt_ids, extra=len(output_ids))
+    outputs = list(output_ids)
+    if need_output and not outputs:
+        raise InvalidRequest(f"{output_field}: must hold at least the prefill's first token")
+    if outputs:
+        validate_tokens(engine, output_field, outputs, extra=len(prompt))
+    sampling = sampling_from_proto(sampling_proto)
+    if len(outputs) >= sampling.max_tokens:
+        raise InvalidRequest(f"{output_field}: already as long as sampling.max_tokens")
+    return prompt, outputs, sampling
 
 
 class LoadStats:

@@ -18,7 +18,7 @@ import grpc
 
 from pdserve.v1 import worker_pb2_grpc
 from services.common.batching_worker import RECOMPUTE_REASONS, BatchingWorker, StreamJob, new_seq_id
-from services.common.engine_worker import InvalidRequest, sampling_from_proto, validate_tokens
+from services.common.engine_worker import InvalidRequest, validate_generation
 from services.engine import Sequence
 from services.kvstore.client import KvStoreClient
 
@@ -44,15 +44,9 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is shutting down")
         try:
-            prompt = validate_tokens(self.engine, "prompt_token_ids", request.prompt_token_ids,
-                                     extra=len(request.output_token_ids))
-            outputs = list(request.output_token_ids)
-            if not outputs:
-                raise InvalidRequest("output_token_ids: must hold at least the prefill's first token")
-            validate_tokens(self.engine, "output_token_ids", outputs, extra=len(prompt))
-            sampling = sampling_from_proto(request.sampling)
-            if len(outputs) >= sampling.max_tokens:
-                raise InvalidRequest("output_token_ids: already as long as sampling.max_tokens")
+            prompt, outputs, sampling = validate_generation(
+                self.engine, "prompt_token_ids", request.prompt_token_ids, "output_token_ids",
+                request.output_token_ids, request.sampling, need_output=True)
             if not request.kv.kv_id:
                 raise InvalidRequest("kv.kv_id: a KV handle is required")
             cached = len(prompt) + len(outputs) - 1

@@ -21,7 +21,7 @@ from .ucx_endpoints import configure_ucx_environment
 log = logging.getLogger("services.kvstore")
 
 
-def parse_args(argv=None):
+def parser() -> FlagParser:
     p = FlagParser(prog="python -m services.kvstore", description=__doc__.splitlines()[0])
     common_server_flags(p, port=7100, metrics_port=9100)
     p.add_flag("--node-id", default=socket.gethostname(), help="this node's name (Kubernetes: spec.nodeName)")
@@ -38,7 +38,11 @@ def parse_args(argv=None):
     p.add_flag("--connect-timeout-seconds", default=5.0, type=float, help="limit of connecting to a peer daemon")
     p.add_flag("--watch-grace-seconds", default=30.0, type=float,
                help="a registered pool that nobody watches is dropped after this")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def default_transfer_host() -> str:

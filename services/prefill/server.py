@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import (
-    EngineThread, InvalidRequest, LoadStats, base_stats, register_kv_gauges, sampling_from_proto, validate_tokens,
+    EngineThread, InvalidRequest, LoadStats, base_stats, register_kv_gauges, validate_generation,
 )
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
 from services.engine import Engine, Sequence
@@ -90,13 +90,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         try:
-            prompt = validate_tokens(self.engine, "token_ids", request.token_ids, extra=len(request.resumed_output_ids))
-            resumed = list(request.resumed_output_ids)
-            if resumed:
-                validate_tokens(self.engine, "resumed_output_ids", resumed, extra=len(prompt))
-            sampling = sampling_from_proto(request.sampling)
-            if len(resumed) >= sampling.max_tokens:
-                raise InvalidRequest("resumed_output_ids: already as long as sampling.max_tokens")
+            prompt, resumed, sampling = validate_generation(
+                self.engine, "token_ids", request.token_ids, "resumed_output_ids", request.resumed_output_ids,
+                request.sampling)
         except (InvalidRequest, ValueError) as exc:
             self.metrics.requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -69,7 +69,7 @@ def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluste
     log_path = tmp_path / "launcher.log"
     cmd = [sys.executable, "-m", "services.cli", "up", "--port", "0", "--ready-file", str(ready),
            "--log-dir", str(tmp_path / "logs"), *args]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout

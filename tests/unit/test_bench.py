@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bench.loadgen import RequestResult, attainment, percentile, summarize
-from bench.serving import goodput
+from bench.serving import goodput, steady_state_limit
 from services.common.trace import make_trace, read_trace, rescale_rate, write_trace
 
 
@@ -53,7 +53,8 @@ class SyntheticRunner:
 @pytest.mark.parametrize("capacity, swept", [(3.3, [1, 2, 4, 8]), (0.7, [1, 2, 4]), (20.0, [1, 2, 4])])
 def test_goodput_search_finds_the_known_capacity(capacity, swept):
     runner = SyntheticRunner(capacity)
-    found = goodput(runner, swept, ttft_slo=0.25, tpot_slo=0.1, target=0.9, rel_tol=0.02)
+    found, capped = goodput(runner, swept, ttft_slo=0.25, tpot_slo=0.1, target=0.9, rel_tol=0.02)
+    assert not capped
     assert found <= capacity  # never reports a rate that misses the target
     assert found == pytest.approx(capacity, rel=0.03)
 
@@ -63,7 +64,14 @@ def test_goodput_is_zero_when_nothing_meets_the_target():
         def run(self, rate):
             return [_result(1.0, 0.01)] * 10
 
-    assert goodput(Hopeless(0), [1, 2], 0.25, 0.1, 0.9, 0.05) == 0.0
+    assert goodput(Hopeless(0), [1, 2], 0.25, 0.1, 0.9, 0.05) == (0.0, False)
+
+
+def test_goodput_past_what_the_trace_can_probe_is_reported_as_a_lower_bound():
+    runner = SyntheticRunner(capacity=50.0)
+    found, capped = goodput(runner, [1, 2, 4], 0.25, 0.1, 0.9, 0.02, max_rate=6.0)
+    assert capped and found == 6.0 and max(runner.probed) <= 6.0
+    assert steady_state_limit(n=40, unloaded_e2e=2.0) == 5.0  # arrivals span 4 request lifetimes
 
 
 def test_traces_are_reproducible_and_rescale_keeps_the_requests(tmp_path):

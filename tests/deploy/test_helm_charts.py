@@ -1,0 +1,339 @@
+"""The Helm charts (deploy/helm), rendered by real Helm: lint, Kubernetes schemas, and the
+invariants that make a deployment work: every container flag is one its service accepts, probes
+and Prometheus annotations use the ports the service listens on, workers get GPUs and share IPC
+with the kvstore DaemonSet, and the router is given exactly the headless Services the worker
+charts create. Flags come from the services' own parsers (conftest.parsers)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import sys
+
+import kubernetes_validate
+import pytest
+
+from deploy_helpers import CHARTS, HELM_DIR, KUBE_VERSION, NAMESPACE, ROOT, helm, render, render_error
+
+# Placeholders for the downward-API variables the args refer to as $(NAME).
+FIELD_VALUES = {"spec.nodeName": "gpu-node-1", "status.hostIP": "10.0.0.7", "status.podIP": "10.244.1.9"}
+HEALTH_SERVICES = {"router": "pdserve.v1.Router", "prefill": "pdserve.v1.PrefillWorker",
+                   "decode": "pdserve.v1.DecodeWorker", "kvstore": "pdserve.v1.KvStore"}
+WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet")
+
+
+def workloads(objects, component=None):
+    return [o for o in objects if o["kind"] in WORKLOAD_KINDS
+            and (component is None or component_of(o) == component)]
+
+
+def component_of(obj) -> str:
+    return obj["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def container_of(workload) -> dict:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def parse_container(container: dict, parser):
+    """Parses the container's args with the service's parser, as the pod would: $(VAR) expanded from
+    the container's env. Each flag must be spelled exactly as the parser has it (argparse would
+    also take an abbreviation, which a later flag could make ambiguous)."""
+    env = {e["name"]: e for e in container.get("env", [])}
+
+    def expand(match):
+        name = match.group(1)
+        assert name in env, f"$({name}) is not in the container's env: Kubernetes would pass it literally"
+        source = env[name]
+        return source["value"] if "value" in source else FIELD_VALUES[source["valueFrom"]["fieldRef"]["fieldPath"]]
+
+    args = [re.sub(r"\$\((\w+)\)", expand, a) for a in container["args"]]
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        assert flag in parser._option_string_actions, f"{arg}: not a flag of {parser.prog}"
+    for name in env:  # flags also read PDSERVE_<FLAG>; PDSERVE_CACHE is the one non-flag variable
+        if name.startswith("PDSERVE_") and name != "PDSERVE_CACHE":
+            assert "--" + name[len("PDSERVE_"):].lower().replace("_", "-") in parser._option_string_actions, name
+    try:
+        return parser.parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{parser.prog} rejects {args}")
+
+
+def ports_by_name(container) -> dict:
+    return {p["name"]: p for p in container["ports"]}
+
+
+def all_renders(renders):
+    return [(name, obj) for name, objects in renders.items() for obj in objects]
+
+
+# ---- Helm itself -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chart", CHARTS)
+def test_helm_lint(chart):
+    report = helm.lint(os.path.join(HELM_DIR, chart), strict=True, kube_version="v" + KUBE_VERSION)
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+def test_helm_lint_with_planner_values(planner_values):
+    report = helm.lint(os.path.join(HELM_DIR, "pdserve"), planner_values, strict=True, kube_version="v" + KUBE_VERSION)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+
+
+def test_every_render_is_valid_kubernetes(renders):
+    """Kubernetes' OpenAPI schemas, strict (unknown fields fail). The Prometheus Operator's CRDs have
+    no schema there: their fields are checked in test_monitoring_objects."""
+    kinds = collections.Counter()
+    for name, obj in all_renders(renders):
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        manifest = {k: v for k, v in obj.items() if k != "_template"}
+        try:
+            kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name} {obj['_template']} {obj['kind']}: {e.message} at {list(e.path)}")
+        kinds[obj["kind"]] += 1
+    assert {"Deployment", "DaemonSet", "Service", "PodDisruptionBudget", "ConfigMap", "Ingress"} <= set(kinds)
+
+
+# ---- invariants --------------------------------------------------------------------------------
+
+def test_workloads_match_their_services_flags(renders, parsers):
+    """Every container's flags parse with its service's parser; probes use the gRPC port it listens
+    on; the Prometheus annotation names its metrics port; the kubelet waits longer than the drain."""
+    checked = collections.Counter()
+    for name, obj in all_renders(renders):
+        if obj["kind"] not in WORKLOAD_KINDS:
+            continue
+        component = component_of(obj)
+        pod = obj["spec"]["template"]
+        container = container_of(obj)
+        assert "command" not in container  # the image's ENTRYPOINT runs python -m services.<name>
+        args = parse_container(container, parsers[component])
+        ports = ports_by_name(container)
+        assert ports["grpc"]["containerPort"] == args.port, name
+        assert ports["metrics"]["containerPort"] == args.metrics_port, name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == args.port, (name, probe)
+        assert "service" not in container["readinessProbe"]["grpc"]  # overall health: NOT_SERVING until ready
+        assert container["livenessProbe"]["grpc"]["service"] == HEALTH_SERVICES[component]
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+        assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "pdserve"
+        assert pod["spec"]["terminationGracePeriodSeconds"] > args.grace_seconds
+        checked[component] += 1
+    assert set(checked) == set(HEALTH_SERVICES), checked
+
+
+def test_health_services_exist_in_the_protos():
+    from pdserve.v1 import common_pb2, kvstore_pb2, router_pb2, worker_pb2
+
+    defined = {s.full_name for m in (common_pb2, kvstore_pb2, router_pb2, worker_pb2)
+               for s in m.DESCRIPTOR.services_by_name.values()}
+    assert set(HEALTH_SERVICES.values()) <= defined
+
+
+def test_workers_get_gpus_and_their_nodes_kvstore(renders, parsers):
+    for name, objects in renders.items():
+        (kvstore,) = workloads(objects, "kvstore") or [None]
+        for worker in workloads(objects, "prefill") + workloads(objects, "decode"):
+            assert worker["kind"] == "Deployment"
+            container = container_of(worker)
+            args = parse_container(container, parsers[component_of(worker)])
+            assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
+            assert args.device == "cuda"
+            assert worker["spec"]["template"]["spec"]["hostIPC"] is True
+            assert args.node_id == FIELD_VALUES["spec.nodeName"]
+            host, port = args.kvstore.rsplit(":", 1)
+            assert host == FIELD_VALUES["status.hostIP"], "workers dial the kvstore at their node's IP"
+            if kvstore is not None:  # ... on the DaemonSet's host port
+                assert int(port) == ports_by_name(container_of(kvstore))["grpc"]["hostPort"]
+
+
+def test_kvstore_is_a_daemonset_with_host_ipc(renders, parsers):
+    for name, objects in renders.items():
+        for daemon in workloads(objects, "kvstore"):
+            assert daemon["kind"] == "DaemonSet"
+            pod = daemon["spec"]["template"]["spec"]
+            assert pod["hostIPC"] is True
+            container = container_of(daemon)
+            args = parse_container(container, parsers["kvstore"])
+            ports = ports_by_name(container)
+            assert ports["grpc"]["hostPort"] == args.port
+            assert ports["ucx"]["containerPort"] == args.transfer_port > 0
+            assert args.node_id == FIELD_VALUES["spec.nodeName"]
+            reachable = FIELD_VALUES["status.hostIP" if pod.get("hostNetwork") else "status.podIP"]
+            assert args.transfer_host == reachable, name
+            assert args.advertise_address == f"{reachable}:{args.port}"
+            assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), "GPUs belong to the workers"
+
+
+def test_router_is_given_the_worker_headless_services(renders, parsers):
+    """--prefill-dns / --decode-dns name exactly the headless Services that select the worker pods,
+    with the workers' gRPC port."""
+    for name in ("pdserve-defaults", "pdserve-planner", "pdserve-options"):
+        objects = renders[name]
+        (router,) = workloads(objects, "router")
+        args = parse_container(container_of(router), parsers["router"])
+        for role in ("prefill", "decode"):
+            workers = workloads(objects, role)
+            headless = [o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"
+                        and all(o["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                                for w in workers)]
+            assert len(headless) == 1, (name, role)
+            service = headless[0]
+            port = ports_by_name(container_of(workers[0]))["grpc"]["containerPort"]
+            assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == port
+            expected = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port}"
+            assert getattr(args, f"{role}_dns") == [expected], name
+            assert service["spec"]["publishNotReadyAddresses"] is False
+        assert not args.prefill and not args.decode and not args.colocated_dns
+
+
+def test_router_service_and_disruption_budgets(renders):
+    objects = renders["pdserve-defaults"]
+    (router,) = workloads(objects, "router")
+    labels = router["spec"]["template"]["metadata"]["labels"]
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "pd-router"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"].get("clusterIP") != "None"
+    budgets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"pd-router", "pd-prefill", "pd-decode"}
+    for workload in workloads(objects):
+        if workload["kind"] == "Deployment":
+            pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+            assert any(b["spec"]["selector"]["matchLabels"].items() <= pod_labels.items() for b in budgets.values())
+
+
+# ---- the planner's values ----------------------------------------------------------------------
+
+def test_planner_values_drive_the_umbrella(renders, planner_values, parsers):
+    objects = renders["pdserve-planner"]
+    placement = planner_values["placement"]
+    for role in ("prefill", "decode"):
+        planned = planner_values[role]
+        deployments = workloads(objects, role)
+        assert sum(d["spec"]["replicas"] for d in deployments) == planned["replicaCount"]
+        per_node = collections.Counter(str(i["stages"][0]["node"]) for i in placement["instances"] if i["role"] == role)
+        pinned = {d["spec"]["template"]["spec"]["nodeSelector"][placement["nodeLabel"]]: d["spec"]["replicas"]
+                  for d in deployments}
+        assert pinned == dict(per_node)
+        for d in deployments:
+            container = container_of(d)
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == planned["resources"]["limits"]["nvidia.com/gpu"]
+            assert float(d["metadata"]["annotations"]["pdserve.io/expected-goodput-per-replica"]) == \
+                planned["expectedGoodputPerReplica"]
+            args = parse_container(container, parsers[role])
+            if role == "prefill":
+                assert args.max_num_batched_tokens == planned["maxBatchedTokens"]
+    assert len({n for i in placement["instances"] for n in [i["stages"][0]["node"]]}) == 2  # the plan uses both nodes
+    (router,) = workloads(objects, "router")
+    args = parse_container(container_of(router), parsers["router"])
+    slo = planner_values["global"]["slo"]
+    assert (args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_attainment_target) == \
+        (slo["ttftSeconds"], slo["tpotSeconds"], slo["attainment"])
+    (plan,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "pd-plan"]
+    assert "instances" in plan["data"]["plan.yaml"]
+
+
+def test_placement_can_be_turned_off(planner_values):
+    values = {**planner_values, "placement": {**planner_values["placement"], "enabled": False}}
+    deployments = workloads(render("pdserve", values), "decode")
+    assert [d["spec"]["replicas"] for d in deployments] == [planner_values["decode"]["replicaCount"]]
+    assert "nodeSelector" not in deployments[0]["spec"]["template"]["spec"]
+
+
+def test_unsupported_or_invalid_values_are_refused(planner_values):
+    tp2 = {**planner_values, "prefill": {**planner_values["prefill"], "tensorParallel": 2}}
+    assert "tensor and pipeline parallelism are not implemented" in render_error("pdserve", tp2)
+    assert "not implemented" in render_error("decode", {"pipelineParallel": 4})
+    mismatch = {**planner_values, "decode": {**planner_values["decode"], "replicaCount": 9}}
+    assert "placement.instances places" in render_error("pdserve", mismatch)
+    assert "replicaCount" in render_error("prefill", {"replicaCount": "two"})
+    assert "replicas" in render_error("prefill", {"replicas": 2})  # misspelt key: unknown keys are refused
+    assert "router.discovery.prefill.port" in render_error("pdserve", {"prefill": {"port": 7201}})
+    assert "kvstorePort" in render_error("pdserve", {"kvstore": {"port": 7111}})
+
+
+# ---- monitoring, dashboards, TLS, models ---------------------------------------------------------
+
+def test_monitoring_objects(renders):
+    objects = renders["pdserve-options"]
+    services = [o for o in objects if o["kind"] == "Service"]
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {"pd-router", "pd-prefill", "pd-decode", "pd-kvstore"}
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        selected = [s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        assert selected, monitor["metadata"]["name"]
+        for service in selected:
+            assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    (rule,) = [o for o in objects if o["kind"] == "PrometheusRule"]
+    names = {r.get("record") or r.get("alert") for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert "pdserve:slo_attainment:ratio_rate5m" in names and "PdserveSloAttainmentLow" in names
+
+
+def test_dashboard_configmaps_carry_deploy_grafana(renders):
+    """Each chart links its dashboard from deploy/grafana/dashboards (files/dashboards/*.json are
+    symlinks, which Helm follows): the ConfigMaps hold exactly those files, all four of them."""
+    source = os.path.join(ROOT, "deploy", "grafana", "dashboards")
+    found = {}
+    for obj in renders["pdserve-options"]:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].endswith("-dashboards"):
+            assert obj["metadata"]["labels"]["grafana_dashboard"] == "1"
+            found.update(obj["data"])
+    assert set(found) == set(os.listdir(source))
+    for filename, text in found.items():
+        with open(os.path.join(source, filename)) as f:
+            assert text == f.read()
+        assert json.loads(text)["uid"]
+
+
+def test_ingress_tls_and_model_volume(renders, parsers):
+    objects = renders["pdserve-options"]
+    (ingress,) = [o for o in objects if o["kind"] == "Ingress"]
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "pd-router"
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        container = container_of(workload)
+        if component_of(workload) == "kvstore":
+            continue
+        args = parse_container(container, parsers[component_of(workload)])
+        assert args.model == "/models/Meta-Llama-3-8B-Instruct"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "models"
+        mount = {m["name"]: m for m in container["volumeMounts"]}["model"]
+        assert mount["readOnly"] and args.model.startswith(mount["mountPath"] + "/")
+
+
+# ---- files kept in step ------------------------------------------------------------------------
+
+def test_values_schemas_are_generated():
+    sys.path.insert(0, HELM_DIR)
+    try:
+        import schemas
+    finally:
+        sys.path.remove(HELM_DIR)
+    for chart, schema in schemas.build().items():
+        with open(os.path.join(HELM_DIR, chart, "values.schema.json")) as f:
+            assert f.read() == schemas.render(schema), f"run python deploy/helm/schemas.py ({chart})"
+
+
+def test_linked_files_resolve_into_deploy():
+    """The subcharts, dashboards and rules inside the charts are symlinks; each must point at the
+    file it stands for, or Helm would load nothing (or something stale)."""
+    for chart in CHARTS:
+        for folder, _, files in os.walk(os.path.join(HELM_DIR, chart, "files")):
+            for filename in files:
+                path = os.path.join(folder, filename)
+                assert os.path.islink(path) and os.path.isfile(path), path
+                assert os.path.realpath(path).startswith(os.path.join(ROOT, "deploy") + os.sep)
+    for name in ("router", "prefill", "decode", "kvstore", "pdserve-lib"):
+        link = os.path.join(HELM_DIR, "pdserve", "charts", name)
+        assert os.path.realpath(link) == os.path.join(HELM_DIR, name)

@@ -1,0 +1,41 @@
+"""The cluster on a GPU: CUDA-IPC KV pools mapped by the kvstore daemons, KV moved between daemons
+by UCX from GPU memory (and by device copies on one node), exact greedy outputs.
+
+Skipped without a CUDA GPU (there is none in CI); run on a GPU machine with
+`pytest tests/e2e/test_gpu_cluster.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from workload import (  # noqa: F401 - fixtures
+    check_outputs, expected_kv_bytes, largest_grpc_message, block_bytes, model_dir, run_workload, workload,
+)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")]
+
+GPU_WORKERS = ["--worker-arg", "--device cuda", "--kvstore-arg", "--ucx-tls tcp,sm,self,cuda_copy,cuda_ipc"]
+
+
+def test_gpu_two_nodes_cuda_ipc_pools_and_ucx(cluster_factory, workload, model_dir):
+    cluster = cluster_factory("--model", model_dir, "--prefill", "1", "--decode", "1", "--nodes", "2", *GPU_WORKERS)
+    results = run_workload(cluster.router, workload)
+    check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+    cluster.wait_idle()
+    stats = cluster.kvstore_stats()
+    want = expected_kv_bytes(workload, model_dir)
+    assert sum(s.bytes_ucx_received for s in stats) == want
+    assert sum(s.bytes_ucx_sent for s in stats) == want
+    assert 0 < largest_grpc_message(cluster) < block_bytes(model_dir)
+
+
+def test_gpu_one_node_device_copies(cluster_factory, workload, model_dir):
+    cluster = cluster_factory("--model", model_dir, "--prefill", "1", "--decode", "1", "--nodes", "1", *GPU_WORKERS)
+    results = run_workload(cluster.router, workload)
+    check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+    cluster.wait_idle()
+    (stats,) = cluster.kvstore_stats()
+    assert stats.bytes_local == expected_kv_bytes(workload, model_dir)

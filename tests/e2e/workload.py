@@ -1,0 +1,94 @@
+"""The shared e2e workload: 32 prompts of varied length and max_tokens with HF greedy references,
+and the checks every cluster configuration must pass."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine import ModelConfig
+from services.engine.testmodels import _CORPUS_WORDS, get_model
+
+NUM_REQUESTS = 32
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return get_model("llama")
+
+
+@pytest.fixture(scope="module")
+def workload(model_dir):
+    """32 prompts of varied length and max_tokens, with HF greedy references."""
+    rng = random.Random(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    items = []
+    for i in range(NUM_REQUESTS):
+        prompt = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
+        max_tokens = rng.choice([1, 2, 5, 17, 33, 48])
+        ids = tokenizer.encode(prompt)
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens)[0, len(ids):].tolist()
+        items.append({"prompt": prompt, "ids": ids, "max_tokens": max_tokens, "expected": ref})
+    return items
+
+
+def block_bytes(model_dir: str) -> int:
+    mc = ModelConfig.from_pretrained(model_dir)
+    return mc.kv_elements_per_token * BLOCK_SIZE * 4  # float32
+
+
+async def _generate(router: str, item: dict, **sampling) -> tuple[list[int], str, router_pb2.GenerateResponse]:
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        request = router_pb2.GenerateRequest(
+            prompt=item["prompt"], request_id=f"req-{item['prompt'][:8]}",
+            sampling=common_pb2.SamplingParams(max_tokens=item["max_tokens"], temperature=0, **sampling))
+        tokens, text, last = [], "", None
+        async for response in stub.Generate(request, timeout=120):
+            tokens.extend(response.token_ids)
+            text += response.text
+            last = response
+        return tokens, text, last
+
+
+def run_workload(router: str, workload: list[dict]) -> list[tuple]:
+    async def all_at_once():
+        return await asyncio.gather(*(_generate(router, item) for item in workload))
+
+    return asyncio.run(all_at_once())
+
+
+def check_outputs(workload, results, tokenizer) -> None:
+    for item, (tokens, text, last) in zip(workload, results):
+        assert tokens == item["expected"], f"prompt {item['prompt'][:30]!r}"
+        assert last.finish_reason in ("stop", "length")
+        assert last.usage.prompt_tokens == len(item["ids"]) and last.usage.completion_tokens == len(tokens)
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+        assert last.timing.ttft_seconds > 0 and last.timing.e2e_seconds >= last.timing.ttft_seconds
+
+
+def expected_kv_bytes(workload, model_dir) -> int:
+    """KV moved = the prompt's blocks, for every request that continued past its first token."""
+    per_block = block_bytes(model_dir)
+    total = 0
+    for item in workload:
+        if len(item["expected"]) > 1:
+            total += -(-len(item["ids"]) // BLOCK_SIZE) * per_block
+    return total
+
+
+def largest_grpc_message(cluster) -> int:
+    largest = 0
+    for svc in cluster.info["services"]:
+        for m in re.finditer(r'^pdserve_grpc_largest_message_bytes\{[^}]*\} ([0-9.e+]+)$', cluster.metrics_text(svc), re.M):
+            largest = max(largest, int(float(m.group(1))))
+    return largest
