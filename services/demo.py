@@ -50,7 +50,8 @@ async def _run(router: str, max_tokens: int) -> None:
 
     async with grpc.aio.insecure_channel(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        print(f"\n> {PROMPTS[0]}\n", end="")
+        print("\n(the embedded model has random weights: its text is gibberish, the serving path is real)")
+        print(f"> {PROMPTS[0]}\n", end="")
         _, last = await _stream(stub, PROMPTS[0], max_tokens, show=True)
         print(f"\n  [{last.finish_reason}] TTFT {last.timing.ttft_seconds * 1e3:.1f} ms, "
               f"TPOT {last.timing.tpot_seconds * 1e3:.1f} ms\n")
