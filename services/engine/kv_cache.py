@@ -138,9 +138,10 @@ class KvPool:
             pool._mmap = mm
             return pool
         if kind == "cuda_ipc":
-            torch.cuda.set_device(int(descriptor["device"]))  # opening a handle needs a live context
-            storage = torch.UntypedStorage._new_shared_cuda(*_decode_cuda_ipc(descriptor))
-            flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{descriptor['device']}")
+            device = local_cuda_index(descriptor)
+            torch.cuda.set_device(device)  # opening a handle needs a live context on the owning GPU
+            storage = torch.UntypedStorage._new_shared_cuda(*_decode_cuda_ipc({**descriptor, "device": device}))
+            flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
             flat.set_(storage, 0, (layout.total_bytes,), (1,))
             tensor = flat.view(getattr(torch, layout.dtype)).view(layout.num_blocks, *layout.block_shape)
             return cls(layout, tensor, descriptor, owner=False)
@@ -170,6 +171,19 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def local_cuda_index(descriptor: dict) -> int:
+    """This process's index of the GPU a descriptor names. Processes number GPUs differently (a
+    worker sees its one GPU as cuda:0, the node's kvstore daemon sees them all), so the GPU is
+    identified by UUID; the index is the fallback for descriptors without one."""
+    uuid_ = descriptor.get("uuid")
+    if uuid_:
+        for index in range(torch.cuda.device_count()):
+            if str(torch.cuda.get_device_properties(index).uuid) == uuid_:
+                return index
+        raise ValueError(f"GPU {uuid_} of the pool is not visible to this process")
+    return int(descriptor["device"])
+
+
 def _cuda_ipc_descriptor(tensor: torch.Tensor) -> dict:
     (device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
         tensor.untyped_storage()._share_cuda_()
@@ -177,6 +191,7 @@ def _cuda_ipc_descriptor(tensor: torch.Tensor) -> dict:
     b64 = lambda b: base64.b64encode(b).decode() if b else ""  # noqa: E731
     return {
         "kind": "cuda_ipc",
+        "uuid": str(torch.cuda.get_device_properties(device).uuid),
         "device": device,
         "handle": b64(handle),
         "size": size,

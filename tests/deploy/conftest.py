@@ -43,19 +43,28 @@ def parsers() -> dict:
     return result
 
 
-@pytest.fixture(scope="session")
-def planner_values(tmp_path_factory) -> dict:
-    """values.yaml from `python -m services.planner search` (Algorithm 1, 2 nodes x 4 A100-80G,
-    60 req/s of chat on a 7B model: 2 prefill + 4 decode single-GPU instances over both nodes).
-    Short probe traces and one process keep it to a few seconds."""
-    out = tmp_path_factory.mktemp("plan")
+def run_planner(out_dir, affinity: str) -> dict:
+    """values.yaml from `python -m services.planner search`: 60 req/s of chat on a 7B model over
+    2 nodes x 4 A100-80G, which it serves with single-GPU instances on both nodes (Algorithm 1) or
+    on one node (Algorithm 2). Short probe traces and one process keep it to a few seconds."""
     cmd = [sys.executable, "-m", "services.planner", "search", "--model", "llama-2-7b", "--gpu", "A100-80G",
            "--nodes", "2", "--gpus-per-node", "4", "--rate", "60", "--slo-ttft", "0.3", "--slo-tpot", "0.08",
-           "--min-duration", "5", "--num-requests", "200", "--no-colocated", "--workers", "1", "--out-dir", str(out)]
+           "--affinity", affinity, "--min-duration", "5", "--num-requests", "200", "--no-colocated",
+           "--workers", "1", "--out-dir", str(out_dir)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "values.yaml") as f:
+    with open(os.path.join(out_dir, "values.yaml")) as f:
         return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="session")
+def planner_values(tmp_path_factory) -> dict:
+    return run_planner(tmp_path_factory.mktemp("plan-high"), "high")
+
+
+@pytest.fixture(scope="session")
+def planner_values_low(tmp_path_factory) -> dict:
+    return run_planner(tmp_path_factory.mktemp("plan-low"), "low")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+import jsonschema
 import kubernetes_validate
 import pytest
 
@@ -48,7 +49,11 @@ def parse_container(container: dict, parser):
         name = match.group(1)
         assert name in env, f"$({name}) is not in the container's env: Kubernetes would pass it literally"
         source = env[name]
-        return source["value"] if "value" in source else FIELD_VALUES[source["valueFrom"]["fieldRef"]["fieldPath"]]
+        if "value" in source:
+            return source["value"]
+        field = source["valueFrom"]["fieldRef"]["fieldPath"]
+        assert field in FIELD_VALUES, f"$({name}) comes from {field}, not the node name, node IP or pod IP"
+        return FIELD_VALUES[field]
 
     args = [re.sub(r"\$\((\w+)\)", expand, a) for a in container["args"]]
     for arg in args:
@@ -95,7 +100,7 @@ def test_every_render_is_valid_kubernetes(renders):
         manifest = {k: v for k, v in obj.items() if k != "_template"}
         try:
             kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
+        except jsonschema.ValidationError as e:  # kubernetes_validate's own error subclasses it
             pytest.fail(f"{name} {obj['_template']} {obj['kind']}: {e.message} at {list(e.path)}")
         kinds[obj["kind"]] += 1
     assert {"Deployment", "DaemonSet", "Service", "PodDisruptionBudget", "ConfigMap", "Ingress"} <= set(kinds)
@@ -241,6 +246,23 @@ def test_planner_values_drive_the_umbrella(renders, planner_values, parsers):
     assert "instances" in plan["data"]["plan.yaml"]
 
 
+def test_low_affinity_plan_keeps_each_segment_on_its_node(planner_values_low):
+    """Algorithm 2: the prefill and decode instances of a segment must share a node; pinning every
+    instance to its planned node does that."""
+    placement = planner_values_low["placement"]
+    assert placement["algorithm"] == "low-affinity" and placement["segments"]
+    objects = render("pdserve", planner_values_low)
+    pinned = collections.Counter()
+    for deployment in workloads(objects, "prefill") + workloads(objects, "decode"):
+        node = deployment["spec"]["template"]["spec"]["nodeSelector"][placement["nodeLabel"]]
+        pinned[(component_of(deployment), node)] += deployment["spec"]["replicas"]
+    planned = collections.Counter()
+    for segment in placement["segments"]:
+        for role in ("prefill", "decode"):
+            planned[(role, str(segment["node"]))] += len(segment[role])
+    assert pinned == planned
+
+
 def test_placement_can_be_turned_off(planner_values):
     values = {**planner_values, "placement": {**planner_values["placement"], "enabled": False}}
     deployments = workloads(render("pdserve", values), "decode")
@@ -337,3 +359,16 @@ def test_linked_files_resolve_into_deploy():
     for name in ("router", "prefill", "decode", "kvstore", "pdserve-lib"):
         link = os.path.join(HELM_DIR, "pdserve", "charts", name)
         assert os.path.realpath(link) == os.path.join(HELM_DIR, name)
+
+
+def test_packaged_umbrella_renders_the_same(tmp_path, planner_values):
+    """`helm package` stores the linked files, so the archive (what a chart repository would serve)
+    renders exactly what the chart folder does."""
+    import tarfile
+
+    archive = helm.package(os.path.join(HELM_DIR, "pdserve"), destination=str(tmp_path))
+    with tarfile.open(archive) as tar:
+        assert not [m.name for m in tar.getmembers() if m.issym() or m.islnk()]
+    values = {**planner_values, "global": {**planner_values["global"], "monitoring": {"dashboards": True}}}
+    with helm.Chart.load(archive) as packaged, helm.Chart.load(os.path.join(HELM_DIR, "pdserve")) as folder:
+        assert packaged.render(values, name="pd", namespace=NAMESPACE) == folder.render(values, name="pd", namespace=NAMESPACE)

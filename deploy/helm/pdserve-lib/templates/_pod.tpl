@@ -1,0 +1,129 @@
+{{/*
+Pieces of every pdserve pod. They take a chart's context (`.`) unless said otherwise.
+*/}}
+
+{{/* Prometheus pod discovery (deploy/prometheus/prometheus-kubernetes.yml) reads these. */}}
+{{- define "pdserve-lib.podAnnotations" -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.metricsPort | quote }}
+prometheus.io/path: /metrics
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Flags every server has (services/common/flags.py common_server_flags). */}}
+{{- define "pdserve-lib.serverArgs" -}}
+- --port={{ .Values.port }}
+- --metrics-port={{ .Values.metricsPort }}
+- --grace-seconds={{ .Values.graceSeconds }}
+- --log-level={{ .Values.logLevel }}
+{{- end -}}
+
+{{/* --model: a checkpoint folder inside the model volume; none: the embedded tiny test model. */}}
+{{- define "pdserve-lib.modelArgs" -}}
+{{- $g := .Values.global | default dict -}}
+{{- with $g.modelPath }}
+- --model={{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* Drain on SIGTERM takes up to --grace-seconds, then the server stops (up to 5 s more) and the
+engine closes: the kubelet waits a little longer than that before SIGKILL. */}}
+{{- define "pdserve-lib.terminationGracePeriod" -}}
+{{- add (int .Values.graceSeconds) 20 -}}
+{{- end -}}
+
+{{/* Native gRPC probes (Kubernetes >= 1.27) against grpc.health.v1 on the gRPC port.
+Readiness asks for the server's overall status (""), which is NOT_SERVING while the service
+cannot work yet (the router without workers of each role) and while draining. Startup and
+liveness ask for the service's own name, SERVING from start-up until the drain: a router waiting
+for workers is alive, not ready. (dict "root" . "service" "pdserve.v1.Router") */}}
+{{- define "pdserve-lib.probes" -}}
+{{- $v := .root.Values -}}
+startupProbe:
+  grpc:
+    port: {{ $v.port }}
+    service: {{ .service }}
+  {{- toYaml $v.probes.startup | nindent 2 }}
+readinessProbe:
+  grpc:
+    port: {{ $v.port }}
+  {{- toYaml $v.probes.readiness | nindent 2 }}
+livenessProbe:
+  grpc:
+    port: {{ $v.port }}
+    service: {{ .service }}
+  {{- toYaml $v.probes.liveness | nindent 2 }}
+{{- end -}}
+
+{{/* Downward-API variables, used in args as $(K8S_NODE_NAME) etc. (Kubernetes expands them).
+PDSERVE_CACHE is not a flag: the folder for the generated tiny model and compile caches. */}}
+{{- define "pdserve-lib.env" -}}
+- name: K8S_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: K8S_HOST_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
+- name: K8S_POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: PDSERVE_CACHE
+  value: /cache/pdserve
+- name: TRITON_CACHE_DIR
+  value: /cache/triton
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve-lib.volumeMounts" -}}
+{{- $g := .Values.global | default dict -}}
+- name: cache
+  mountPath: /cache
+{{- if $g.modelVolume }}
+- name: model
+  mountPath: {{ $g.modelMountPath | default "/models" }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve-lib.volumes" -}}
+{{- $g := .Values.global | default dict -}}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.cacheSizeLimit | default "4Gi" }}
+{{- with $g.modelVolume }}
+- name: model
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Scheduling and security fields shared by all pods (each value may be empty). */}}
+{{- define "pdserve-lib.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
