@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from services.common.trace import make_trace, rescale_rate
 from services.engine import ModelConfig
-from services.engine.testmodels import SPECS, get_model
+from services.engine.testmodels import get_model
 from services.launcher import Cluster, ClusterSpec
 from services.planner.goodput import bisect_rate
 

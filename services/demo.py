@@ -9,7 +9,6 @@ TTFT/TPOT and the KV bytes the daemons moved, and shuts the cluster down.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 PROMPTS = [

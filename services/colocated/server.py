@@ -28,8 +28,7 @@ class ColocatedService(BatchingWorker, worker_pb2_grpc.ColocatedWorkerServicer):
                        num_prompt_tokens=len(prompt), sampling=sampling)
         job = self.new_job(request.request_id, seq)
         self.thread.post(lambda: self._enqueue(job))
-        async for chunk in self.stream(job, context):
-            yield chunk
+        await self.stream(job, context)
 
     def _enqueue(self, job: StreamJob) -> None:
         self.jobs[job.seq.seq_id] = job

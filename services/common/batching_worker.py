@@ -147,12 +147,18 @@ class BatchingWorker:
     def new_job(self, request_id: str, seq: Sequence) -> StreamJob:
         return StreamJob(seq=seq, request_id=request_id, outbox=asyncio.Queue())
 
-    async def stream(self, job: StreamJob, context):
-        """Yields TokenChunks (coalescing tokens that piled up) until the sequence finishes."""
+    async def stream(self, job: StreamJob, context) -> None:
+        """Writes TokenChunks (coalescing tokens that piled up) until the sequence finishes.
+
+        A coroutine writing with context.write, not an async generator: when the caller cancels,
+        grpc cancels this coroutine wherever it waits (a generator paused at `yield` would only
+        be finalised by the garbage collector, leaving the sequence running, its blocks held)."""
+        finished = False
         try:
             while True:
                 item = await job.outbox.get()
                 if item is _DONE:
+                    finished = True
                     return
                 if isinstance(item, BaseException):
                     await context.abort(getattr(item, "code", grpc.StatusCode.INTERNAL), str(item))
@@ -164,10 +170,10 @@ class BatchingWorker:
                     item.token_ids.extend(nxt.token_ids)
                     item.logprobs.extend(nxt.logprobs)
                     item.finish_reason = nxt.finish_reason
-                yield item
-        except asyncio.CancelledError:
-            self.thread.post(lambda: self._cancel(job))
-            raise
+                await context.write(item)
+        finally:
+            if not finished:  # cancelled, deadline passed, or the write failed: stop the sequence now
+                self.thread.post(lambda: self._cancel(job))
 
     async def Stats(self, request, context):
         stats = base_stats(self.engine, self.role, self.node_id, self.model_name)

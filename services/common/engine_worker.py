@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import grpc
 import torch
 
 from pdserve.v1 import common_pb2

@@ -4,6 +4,7 @@ a message-size guard, and graceful shutdown on SIGTERM/SIGINT (stop taking work,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -67,15 +68,34 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                observe(method, "request", request)
-                async for response in inner_stream(request, context):
-                    observe(method, "response", response)
-                    yield response
+            if inspect.isasyncgenfunction(inner_stream):
+                async def unary_stream(request, context):
+                    observe(method, "request", request)
+                    async for response in inner_stream(request, context):
+                        observe(method, "response", response)
+                        yield response
+            else:  # a coroutine that writes with context.write: watch the writes
+                async def unary_stream(request, context):
+                    observe(method, "request", request)
+                    return await inner_stream(request, _ObservedWrites(context, lambda m: observe(method, "response", m)))
 
             return handler._replace(unary_stream=unary_stream)
         return handler
+
+
+class _ObservedWrites:
+    """A servicer context whose write() reports each message first; everything else delegates."""
+
+    def __init__(self, context, on_write):
+        self._context = context
+        self._on_write = on_write
+
+    async def write(self, message) -> None:
+        self._on_write(message)
+        await self._context.write(message)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
 
 
 class ServiceRunner:

@@ -64,8 +64,7 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         job = self.new_job(request.request_id, seq)
         job.handle = request.kv
         self.thread.post(lambda: self._enqueue(job))
-        async for chunk in self.stream(job, context):
-            yield chunk
+        await self.stream(job, context)
 
     # ---- engine thread ------------------------------------------------------------------------
     def _enqueue(self, job: StreamJob) -> None:

@@ -493,7 +493,7 @@ class PlacementSearch:
             unit = min(usable, key=lambda u: (u["nodes_needed"], math.ceil(s.rate / u["goodput"]) * u["gpus"]))
         pp, tp_p, n_p, tp_d, n_d = (unit[k] for k in ("pipeline_parallel", "prefill_tensor_parallel", "prefill_per_node",
                                                         "decode_tensor_parallel", "decode_per_node"))
-        units_per_group, max_units = unit["units_per_node_group"], unit["max_units"]
+        max_units = unit["max_units"]
         rate = s.rate if s.rate is not None else max_units * unit["goodput"]
         num_units = math.ceil(rate / unit["goodput"])
         if num_units > max_units:

@@ -99,6 +99,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     # ---- Generate -----------------------------------------------------------------------------
     async def Generate(self, request: router_pb2.GenerateRequest, context):
+        # A coroutine writing with context.write rather than an async generator, so that a client
+        # cancel always lands inside this code and the downstream call is cancelled at once.
         timer = RequestTimer()
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
@@ -138,7 +140,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         queue_seconds=state.queue_seconds, prefill_seconds=state.prefill_seconds,
                         kv_transfer_seconds=state.kv_transfer_seconds, slo_ttft_met=ttft_met, slo_tpot_met=tpot_met,
                         slo_ttft_seconds=ttft_slo, slo_tpot_seconds=tpot_slo, retries=state.retries))
-                yield response
+                await context.write(response)
                 if chunk.finish_reason:
                     return
         except asyncio.CancelledError:
@@ -154,6 +156,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             self.active -= 1
             self.slo.inflight.dec()
+            if state.call is not None:
+                state.call.cancel()  # idempotent; frees the worker's blocks at once whatever ended us
             if state.handle is not None and not state.decode_dispatched:
                 asyncio.create_task(self._release(state.handle))  # nobody will pull it now
 
@@ -241,6 +245,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """Relays a worker's TokenChunk stream; cancels the call if the client goes away."""
         ep.inflight_requests += 1
         ep.inflight_prompt_tokens += prompt_tokens
+        state.call = call
         try:
             async for chunk in call:
                 if prompt_tokens:
@@ -301,6 +306,7 @@ class _RequestState:
         self.handle: common_pb2.KvHandle | None = None
         self.handle_sent_at = 0.0
         self.decode_dispatched = False
+        self.call = None  # the streaming worker call in progress, cancelled when the request ends
         self.failed: set[str] = set()
         self.retries = 0
         self.queue_seconds = 0.0

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
+from workload import model_dir, workload  # noqa: F401 - fixtures shared by the e2e modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

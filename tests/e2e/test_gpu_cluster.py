@@ -10,9 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from workload import (  # noqa: F401 - fixtures
-    check_outputs, expected_kv_bytes, largest_grpc_message, block_bytes, model_dir, run_workload, workload,
-)
+from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")]

@@ -4,7 +4,6 @@ headless service), health from real gRPC Stats servers, and the dispatch policie
 import asyncio
 
 import grpc
-import pytest
 
 from pdserve.v1 import common_pb2, common_pb2_grpc
 from services.launcher import free_port
