@@ -44,8 +44,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure_profile(model: str, out: str, core: int) -> LatencyProfile:
-    cmd = [sys.executable, "-m", "services.planner", "profile", "--model", model, "--threads", "1", "--out", out]
-    subprocess.run(cmd, cwd=ROOT, check=True, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "services.planner", "profile", "--model", model,
+           "--threads", "1", "--out", out]
+    subprocess.run(cmd, cwd=ROOT, check=True)
     return LatencyProfile.load(out)
 
 

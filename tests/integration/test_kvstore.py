@@ -8,7 +8,6 @@ the host tier; D only for the SIGTERM test. Every test leaves every daemon witho
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import socket
@@ -83,12 +82,6 @@ class Daemon:
             raise AssertionError(f"node {self.node_id} ignored SIGTERM:\n{self.log()}")
 
 
-def _die_with_parent() -> None:
-    """A daemon gets SIGTERM if the test process dies (a killed pytest leaves no daemons behind)."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def launch(node_id: str, log_dir, *extra: str, env: dict | None = None) -> Daemon:
     port, metrics_port = free_port(), free_port()
     log_path = str(log_dir / f"kvstore-{node_id}.log")
@@ -97,7 +90,9 @@ def launch(node_id: str, log_dir, *extra: str, env: dict | None = None) -> Daemo
             "--grace-seconds", "5", *extra]
     if env is None or "PDSERVE_NODE_ID" not in env:
         args += ["--node-id", node_id]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent,
+    # No preexec_fn: it runs Python in a child forked from a process with live gRPC threads, which
+    # can abort that child before exec (seen once: "epoll_wait error: Bad file descriptor").
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     return Daemon(node_id, port, metrics_port, proc, log_path)
 
