@@ -1,6 +1,5 @@
 """python -m services.colocated --port 7400 [--model DIR] ..."""
 
-from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import run_worker, worker_parser
 
 from .server import ColocatedService
@@ -16,13 +15,7 @@ def main(argv=None) -> None:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, registry=registry,
         )
 
-    def add_servicers(server, service):
-        worker_pb2_grpc.add_ColocatedWorkerServicer_to_server(service, server)
-        common_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        return [worker_pb2.DESCRIPTOR.services_by_name["ColocatedWorker"].full_name,
-                common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
-
-    run_worker("colocated", args, make_service, add_servicers)
+    run_worker("colocated", args, make_service, "ColocatedWorker")
 
 
 if __name__ == "__main__":

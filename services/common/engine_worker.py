@@ -257,10 +257,18 @@ def worker_parser(description: str, *, port: int, metrics_port: int, kvstore: bo
     return parser
 
 
-def run_worker(name: str, args, make_service, add_servicers) -> None:
+def run_worker(name: str, args, make_service, role_service: str) -> None:
     """Builds the engine, serves until SIGTERM, drains. `make_service(engine, registry, worker_id)`
-    returns the servicer (with async start() and drain()); `add_servicers(server, service)` registers
-    it and returns the service names."""
+    returns the servicer (async start() and drain()), which implements the role's service
+    (`role_service`, e.g. "PrefillWorker" in worker.proto) and the Worker service (Stats)."""
+    from pdserve.v1 import common_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+    def add_servicers(server, service):
+        getattr(worker_pb2_grpc, f"add_{role_service}Servicer_to_server")(service, server)
+        common_pb2_grpc.add_WorkerServicer_to_server(service, server)
+        return [worker_pb2.DESCRIPTOR.services_by_name[role_service].full_name,
+                common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+
     from .flags import setup_logging
     from .metrics import new_registry
     from .server import ServiceRunner

@@ -1,6 +1,5 @@
 """python -m services.decode --port 7300 --kvstore 127.0.0.1:7100 [--model DIR] ..."""
 
-from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import run_worker, worker_parser
 
 from .server import DecodeService
@@ -17,13 +16,7 @@ def main(argv=None) -> None:
             max_num_batched_tokens=args.max_num_batched_tokens, registry=registry,
         )
 
-    def add_servicers(server, service):
-        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
-        common_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        return [worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name,
-                common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
-
-    run_worker("decode", args, make_service, add_servicers)
+    run_worker("decode", args, make_service, "DecodeWorker")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """python -m services.prefill --port 7200 --kvstore 127.0.0.1:7100 [--model DIR] ..."""
 
-from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import run_worker, worker_parser
 
 from .server import PrefillService
@@ -18,13 +17,7 @@ def main(argv=None) -> None:
             max_num_seqs=args.max_num_seqs, registry=registry,
         )
 
-    def add_servicers(server, service):
-        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
-        common_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        return [worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name,
-                common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
-
-    run_worker("prefill", args, make_service, add_servicers)
+    run_worker("prefill", args, make_service, "PrefillWorker")
 
 
 if __name__ == "__main__":
