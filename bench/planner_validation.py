@@ -5,12 +5,14 @@
 1. Profile the engine exactly as the real workers run it: one thread, pinned to one core, in a
    separate process (`pdserve plan profile --threads 1`).
 2. Start the real disaggregated cluster (prefill pinned to core 0, decode to core 1, as in
-   bench.serving) and refit the latency model on it as a client sees it: TTFT of single prompts
-   of several lengths, TPOT of B streams decoding together (system_profile below). This is the
-   only calibration; no rate of the validation is used for it.
-   On this 2-core machine the router, the load generator and the kvstore daemon float over the
-   same two cores as the pinned workers, and their work grows with the generated-token rate, so
-   engine times stretch under load. One number models it: every engine time is multiplied by
+   bench.serving; with --pin-serving, the default, the router, the kvstore daemon and the load
+   generator share core 0 with prefill, so the decode core runs the decode worker alone) and refit
+   the latency model on it as a client sees it: TTFT of single prompts of several lengths, TPOT of
+   B streams decoding together, and the handoff (first to second token of 2-token requests, less
+   one decode step: the router's Decode call, the KV pull, admission) (system_profile below).
+   This is the only calibration; no rate of the validation is used for it.
+   The serving processes' work grows with the generated-token rate and shares the workers' cores,
+   so engine times stretch under load. One number models it: every engine time is multiplied by
    1 + gamma * (tokens/s), gamma fitted so that the simulated mean TPOT matches the measured one at
    --calibration-rate (kept out of the validation rates). On GPUs, where serving processes do not
    share the accelerator, gamma is 0.
@@ -31,6 +33,7 @@ import time
 import numpy as np
 from dataclasses import asdict, replace
 
+from services.common.flags import pin_to_cpus
 from services.common.trace import TraceRequest, make_trace, rescale_rate
 from services.engine import ModelConfig
 from services.engine.testmodels import get_model
@@ -73,9 +76,18 @@ def system_profile(profile: LatencyProfile, runner: ConfigRunner) -> tuple[Laten
         decode_samples.append((batch, batch * (prompt + output // 2), tpot))
     prefill, prefill_fit = fit_prefill(prefill_samples)
     decode, decode_fit = fit_decode(decode_samples)
-    fitted = replace(profile, prefill=prefill, decode=decode, overheads=Overheads())
+    # Handoff: the gap between a request's first token (from prefill) and its second (the first
+    # decode step, after the router's Decode call, the KV pull and admission), less that step.
+    gaps = []
+    for i in range(8):
+        one = [TraceRequest(0.0, 64, 2, request_id=f"ho-{i}")]
+        (r,) = run_trace(runner.router, one, vocab, seed=3000 + i, progress=False)
+        gaps.append(r.tpot)
+    handoff = max(0.0, statistics.median(gaps) - decode.step_time(1, 65))
+    fitted = replace(profile, prefill=prefill, decode=decode, overheads=Overheads(handoff_s=handoff))
     return fitted, {"prefill": asdict(prefill), "prefill_fit": prefill_fit, "decode": asdict(decode),
-                    "decode_fit": decode_fit, "prefill_samples": prefill_samples, "decode_samples": decode_samples,
+                    "decode_fit": decode_fit, "handoff_s": handoff, "handoff_gaps": gaps,
+                    "prefill_samples": prefill_samples, "decode_samples": decode_samples,
                     "engine_only": {"prefill": asdict(profile.prefill), "decode": asdict(profile.decode)}}
 
 
@@ -135,13 +147,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="llama-serve")
     ap.add_argument("--workload", default="chat")
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--rates", default="1.5,2.5,3,4,5", help="validation rates")
     ap.add_argument("--calibration-rate", type=float, default=2.0,
                     help="the one rate whose mean TPOT fits the CPU-contention factor (not a validation rate)")
     ap.add_argument("--ttft-scale", type=float, default=5.0, help="SLO = scale x unloaded latency (as bench.serving)")
     ap.add_argument("--tpot-scale", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pin-serving", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the router, kvstore and load generator on the prefill core, so that the decode "
+                         "core runs the decode worker alone (--no-pin-serving: they float over both cores)")
     ap.add_argument("--out", default="results/planner-validation")
     args = ap.parse_args(argv)
 
@@ -153,7 +168,10 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     profile = measure_profile(model, args.out + "-profile.json", core=1)
 
-    spec = cluster_spec("disaggregated", model, 2, os.path.join(os.path.dirname(args.out) or ".", "logs-validation"), 0.25)
+    if args.pin_serving:  # the load generator (this process) joins the router and kvstore on core 0
+        pin_to_cpus({0})
+    spec = cluster_spec("disaggregated", model, 2, os.path.join(os.path.dirname(args.out) or ".", "logs-validation"), 0.25,
+                        pin_serving_to_prefill=args.pin_serving)
     with ConfigRunner("disaggregated", spec, trace, mc.vocab_size, args.seed) as runner:
         ttft0, tpot0, _ = runner.unloaded()
         slo = Slo(ttft0 * args.ttft_scale, tpot0 * args.tpot_scale)
@@ -176,6 +194,7 @@ def main(argv=None) -> dict:
                   f"error {100 * (simulated - measured):+.1f} points", flush=True)
     result = {
         "model": os.path.basename(model), "workload": args.workload, "scale": args.scale, "n": args.n,
+        "pin_serving": args.pin_serving,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "unloaded_ttft_s": ttft0, "unloaded_tpot_s": tpot0},
         "system_profile": calibration,
         "rows": rows, "max_abs_error_points": max(abs(r["error_points"]) for r in rows),

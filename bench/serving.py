@@ -40,7 +40,11 @@ from services.planner.goodput import bisect_rate
 from .loadgen import RequestResult, attainment, run_trace, summarize
 
 
-def cluster_spec(config: str, model: str, cores: int, log_dir: str, kv_cache_gb: float) -> ClusterSpec:
+def cluster_spec(config: str, model: str, cores: int, log_dir: str, kv_cache_gb: float,
+                 pin_serving_to_prefill: bool = False) -> ClusterSpec:
+    """Colocated: one worker on all cores. Disaggregated: prefill on the first half, decode on the
+    second. The router and kvstore float over all cores, unless `pin_serving_to_prefill` puts them
+    on the prefill cores (then nothing but the decode worker runs on the decode cores)."""
     all_cores = f"0-{cores - 1}"
     if config == "colocated":
         return ClusterSpec(model=model, mode="colocated", colocated=1, threads=cores, kv_cache_gb=kv_cache_gb,
@@ -48,10 +52,12 @@ def cluster_spec(config: str, model: str, cores: int, log_dir: str, kv_cache_gb:
     half = max(1, cores // 2)
     prefill_cores = f"0-{half - 1}" if half > 1 else "0"
     decode_cores = f"{half}-{cores - 1}" if cores - half > 1 else str(min(half, cores - 1))
+    serving = ["--cpu-affinity", prefill_cores] if pin_serving_to_prefill else []
     return ClusterSpec(model=model, mode="disaggregated", prefill=1, decode=1, nodes=1, threads=max(1, cores // 2),
                        kv_cache_gb=kv_cache_gb, log_dir=log_dir, router_port=0,
                        role_args={"prefill": ["--cpu-affinity", prefill_cores],
-                                  "decode": ["--cpu-affinity", decode_cores]})
+                                  "decode": ["--cpu-affinity", decode_cores]},
+                       router_args=serving, kvstore_args=list(serving))
 
 
 class ConfigRunner:

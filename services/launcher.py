@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_RESTARTS = 3  # per service; past that the launcher stops the cluster
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port that is free now, below the kernel's ephemeral range.
+
+    The port is chosen here and bound later by a child process. A port from the ephemeral range
+    (what binding to port 0 returns) can be taken in between as the source port of any outgoing
+    connection, and a cluster's own gRPC clients open many; ports below the range are only ever
+    taken by explicit binds."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = 20000 if ephemeral_low > 21000 else 1024
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, ephemeral_low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{low}, {ephemeral_low}) on {host}")
 
 
 @dataclass

@@ -121,7 +121,8 @@ class BatchingWorker:
         job = self.jobs.get(out.seq.seq_id)
         if job is None:
             return
-        chunk = common_pb2.TokenChunk(token_ids=[out.token_id], logprobs=[out.logprob], finish_reason=out.finish_reason or "")
+        chunk = common_pb2.TokenChunk(token_ids=[out.token_id], finish_reason=out.finish_reason or "",
+                                      logprobs=[out.logprob] if out.seq.sampling.logprobs else [])
         self.thread.emit(job.outbox.put_nowait, chunk)
         if out.finish_reason:
             job.state = "done"

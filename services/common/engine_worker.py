@@ -37,7 +37,6 @@ def add_engine_flags(parser: FlagParser) -> None:
     parser.add_flag("--max-num-batched-tokens", default=8192, type=int, help="prefill token budget per batch (L_m)")
     parser.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
     parser.add_flag("--threads", default=0, type=int, help="torch CPU threads (0: all cores this process may use)")
-    parser.add_flag("--cpu-affinity", default="", help="pin this worker to these CPU cores, e.g. 0 or 0,1 or 0-3")
     parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
     parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: host:port)")
 
@@ -50,22 +49,9 @@ def resolve_model_dir(model: str) -> str:
     return get_model("llama")
 
 
-def parse_cpu_list(text: str) -> set[int]:
-    cpus: set[int] = set()
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            cpus.update(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            cpus.add(int(part))
-    return cpus
-
-
 def engine_from_flags(args) -> Engine:
-    if args.cpu_affinity:
-        os.sched_setaffinity(0, parse_cpu_list(args.cpu_affinity))
-        if args.threads == 0:
-            torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if args.cpu_affinity and args.threads == 0:  # pinned by setup_process
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     config = EngineConfig(
@@ -175,6 +161,7 @@ def sampling_from_proto(sp: common_pb2.SamplingParams, *, default_max_tokens: in
         seed=sp.seed if sp.HasField("seed") else 0,
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs,
     )
 
 
@@ -269,11 +256,11 @@ def run_worker(name: str, args, make_service, role_service: str) -> None:
         return [worker_pb2.DESCRIPTOR.services_by_name[role_service].full_name,
                 common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
 
-    from .flags import setup_logging
+    from .flags import setup_process
     from .metrics import new_registry
     from .server import ServiceRunner
 
-    setup_logging(args.log_level, name)
+    setup_process(args, name)
 
     async def main():
         engine = engine_from_flags(args)

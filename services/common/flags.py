@@ -39,6 +39,35 @@ def common_server_flags(parser: FlagParser, *, port: int, metrics_port: int) -> 
     parser.add_flag("--metrics-port", default=metrics_port, type=int, help="Prometheus /metrics port (-1: off)")
     parser.add_flag("--grace-seconds", default=30.0, type=float, help="drain time on SIGTERM")
     parser.add_flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_flag("--cpu-affinity", default="", help="pin this process to these CPU cores, e.g. 0 or 0,1 or 0-3")
+
+
+def setup_process(args, service: str) -> None:
+    """What every service does first: logging, then CPU pinning (--cpu-affinity)."""
+    setup_logging(args.log_level, service)
+    if args.cpu_affinity:
+        pin_to_cpus(parse_cpu_list(args.cpu_affinity))
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.update(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            cpus.add(int(part))
+    return cpus
+
+
+def pin_to_cpus(cpus: set[int]) -> None:
+    """Pins every thread of this process (sched_setaffinity(0) would pin the calling thread only;
+    imports may already have started others, e.g. OpenMP or gRPC pools)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread has exited
+            pass
 
 
 def setup_logging(level: str, service: str) -> None:

@@ -231,6 +231,7 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # compute the chosen token's logprob (NaN otherwise)
 
     def __post_init__(self):
         if self.max_tokens < 1:

@@ -7,8 +7,11 @@ a sequence is gathered once when it joins the batch, then each step appends only
 The paged pool stays the source of truth (transfers and preemption read it); the mirror is a cache
 of it for attention and is dropped whenever it could be stale.
 
-Layout per layer: [kv_heads, slots, capacity, head_dim]. Running sequences occupy slots 0..B-1 in
-batch order (the runner orders each step's batch by slot), so attention reads a plain view.
+Layout per layer: [2 (K, V), kv_heads, slots, capacity, head_dim]. Running sequences occupy slots
+0..B-1 in batch order (the runner orders each step's batch by slot), so attention reads a plain view.
+
+Each step's new K/V also go to the pool, but all layers at once after the forward pass (one
+scatter instead of two per layer: on CPU each scatter costs ~40 us whatever its size).
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ class DecodeKvMirror:
         self.max_bytes = max_bytes
         self.seq_ids: list[str] = []  # slot -> sequence id
         self.lengths: list[int] = []  # slot -> tokens of K/V present
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.caches: list[torch.Tensor] = []  # per layer [2, kv_heads, slots, capacity, head_dim]
+        self._step_kv: torch.Tensor | None = None  # this step's new K/V [B, layers, 2, kv_heads, head_dim]
 
     def _bytes(self, slots: int, capacity: int) -> int:
         return 2 * self.num_layers * self.kv_heads * slots * capacity * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def clear(self) -> None:
-        self.seq_ids, self.lengths, self.keys, self.values = [], [], [], []
+        self.seq_ids, self.lengths, self.caches = [], [], []
 
     @torch.inference_mode()  # the caches are inference tensors (created during decode)
     def drop(self, seq_id: str) -> None:
@@ -43,8 +46,8 @@ class DecodeKvMirror:
         last = len(self.seq_ids) - 1
         if slot != last:  # move the last slot into the hole so slots stay 0..B-1
             n = self.lengths[last]
-            for cache in self.keys + self.values:
-                cache[:, slot, :n] = cache[:, last, :n]
+            for cache in self.caches:
+                cache[:, :, slot, :n] = cache[:, :, last, :n]
             self.seq_ids[slot], self.lengths[slot] = self.seq_ids[last], self.lengths[last]
         self.seq_ids.pop()
         self.lengths.pop()
@@ -62,8 +65,8 @@ class DecodeKvMirror:
                 self.seq_ids.append(sid)
                 self.lengths.append(0)
         need_slots, need_capacity = len(self.seq_ids), max(context_lens)
-        have_slots = self.keys[0].shape[1] if self.keys else 0
-        have_capacity = self.keys[0].shape[2] if self.keys else 0
+        have_slots = self.caches[0].shape[2] if self.caches else 0
+        have_capacity = self.caches[0].shape[3] if self.caches else 0
         if need_slots > have_slots or need_capacity > have_capacity:
             slots = max(need_slots, 2 * have_slots, 8)
             capacity = max(need_capacity + 64, 2 * have_capacity)
@@ -77,37 +80,45 @@ class DecodeKvMirror:
     def _grow(self, slots: int, capacity: int) -> None:
         def grown(old: torch.Tensor | None) -> torch.Tensor:
             # zeros, not empty: attention masks rows past each length, but 0 * NaN garbage is NaN
-            new = torch.zeros(self.kv_heads, slots, capacity, self.head_dim, dtype=self.dtype)
+            new = torch.zeros(2, self.kv_heads, slots, capacity, self.head_dim, dtype=self.dtype)
             if old is not None:
-                new[:, : old.shape[1], : old.shape[2]] = old
+                new[:, :, : old.shape[2], : old.shape[3]] = old
             return new
 
-        olds = list(zip(self.keys, self.values)) or [(None, None)] * self.num_layers
-        self.keys = [grown(k) for k, _ in olds]
-        self.values = [grown(v) for _, v in olds]
+        self.caches = [grown(old) for old in (self.caches or [None] * self.num_layers)]
 
     def begin_step(self, context_lens: list[int]) -> None:
         """Index tensors of this step's new tokens, shared by every layer."""
-        self._step_slots = torch.arange(len(context_lens))
+        batch = len(context_lens)
+        self._step_slots = torch.arange(batch)
         self._step_positions = torch.tensor(context_lens) - 1
+        self._step_kv = torch.empty(batch, self.num_layers, 2, self.kv_heads, self.head_dim, dtype=self.dtype)
 
     def views(self, layer: int, k_cache, v_cache, block_tables, k_new, v_new, context_lens: list[int]):
         """Brings slot j up to date (gathering from the pool what it lacks, appending this step's
         token), then returns K, V as [B, kv_heads, span, head_dim] views."""
-        keys, values = self.keys[layer], self.values[layer]
+        cache = self.caches[layer]
         block_size = k_cache.shape[1]
         batch = len(context_lens)
         for slot, (have, ctx) in enumerate(zip(self.lengths, context_lens)):
             if have < ctx - 1:  # joined (or fell behind): copy positions [have, ctx-1) from its blocks
                 nb = -(-(ctx - 1) // block_size)
                 blocks = block_tables[slot, :nb].long()
-                for cache, dense in ((k_cache, keys), (v_cache, values)):
-                    gathered = cache[blocks].reshape(nb * block_size, self.kv_heads, self.head_dim)
-                    dense[:, slot, have : ctx - 1] = gathered[have : ctx - 1].transpose(0, 1)
-        keys[:, self._step_slots, self._step_positions] = k_new.transpose(0, 1)
-        values[:, self._step_slots, self._step_positions] = v_new.transpose(0, 1)
+                for i, pool in enumerate((k_cache, v_cache)):
+                    gathered = pool[blocks].reshape(nb * block_size, self.kv_heads, self.head_dim)
+                    cache[i, :, slot, have : ctx - 1] = gathered[have : ctx - 1].transpose(0, 1)
+        step_kv = self._step_kv[:, layer]  # [B, 2, kv_heads, head_dim]
+        step_kv[:, 0] = k_new
+        step_kv[:, 1] = v_new
+        cache[:, :, self._step_slots, self._step_positions] = step_kv.permute(1, 2, 0, 3)
         span = max(context_lens)
-        return keys[:, :batch, :span].transpose(0, 1), values[:, :batch, :span].transpose(0, 1)
+        return cache[0, :, :batch, :span].transpose(0, 1), cache[1, :, :batch, :span].transpose(0, 1)
+
+    def write_step_to_pool(self, pool: torch.Tensor, slot_blocks: torch.Tensor, slot_rows: torch.Tensor) -> None:
+        """Scatters this step's K/V of every layer into the paged pool
+        [blocks, layers, 2, block_size, kv_heads, head_dim] (one index_put for the whole step)."""
+        pool[slot_blocks, :, :, slot_rows] = self._step_kv
+        self._step_kv = None
 
     def advance(self, context_lens: list[int]) -> None:
         """Called once per step after all layers wrote: each slot now holds ctx tokens."""

@@ -22,10 +22,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # transformers: weight * (x / rms(x) in float32, cast back to the model dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, same values
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(x + residual), x + residual); the first layer passes residual=None."""
@@ -144,7 +144,8 @@ class Attention(nn.Module):
                 q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             else:
                 q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
-            write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_rows)
+            if meta.kv_mirror is None:  # the mirror writes the pool once per step, all layers at once
+                write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_rows)
         if meta.is_prefill:
             out = prefill_attention(q, k, v, meta.cu_seqlens, self.scale)
         elif meta.kv_mirror is not None:

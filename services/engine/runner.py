@@ -75,6 +75,8 @@ class ModelRunner:
             if order is not None:
                 # run in mirror-slot order, hand the logits back in the caller's order
                 logits = self._decode([seqs[i] for i in order], use_mirror=True)
+                if order == list(range(len(seqs))):
+                    return logits
                 out = torch.empty_like(logits)
                 out[torch.tensor(order)] = logits
                 return out
@@ -106,6 +108,7 @@ class ModelRunner:
             self.kv_mirror.begin_step(context_lens)
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool)
         if use_mirror:
+            self.kv_mirror.write_step_to_pool(self.kv_pool.tensor, meta.slot_blocks, meta.slot_rows)
             self.kv_mirror.advance(context_lens)
         return logits
 

@@ -8,6 +8,7 @@ sampled each token: the first token in prefill and the rest in decode use the sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,19 +44,44 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> SampleResult:
-    """logits [B, V] (any float dtype); steps[i] is the index of the output token being sampled."""
+    """logits [B, V] (any float dtype); steps[i] is the index of the output token being sampled.
+    Logprobs are computed only for rows whose params ask for them (NaN elsewhere): on CPU the
+    log-sum-exp over the vocabulary costs ~2% of a small model's decode step."""
     logits = logits.float()
-    top_logits, tokens = logits.max(dim=-1)
+    tokens = greedy_tokens(logits)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)
         tokens[idx] = _sample_random(logits[idx], [params[i] for i in random_rows], [steps[i] for i in random_rows])
-        chosen_logits = logits.gather(1, tokens[:, None]).squeeze(1)
-    else:
-        chosen_logits = top_logits
-    # log_softmax at the chosen token, without materialising the whole log-softmax
-    chosen = chosen_logits - torch.logsumexp(logits, dim=-1)
-    return SampleResult(tokens.tolist(), chosen.tolist())
+    logprobs = [math.nan] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs]
+    if wanted:
+        idx = torch.tensor(wanted, device=logits.device)
+        rows = logits[idx]
+        # log_softmax at the chosen token, without materialising the whole log-softmax
+        chosen = rows.gather(1, tokens[idx, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)
+        for i, value in zip(wanted, chosen.tolist()):
+            logprobs[i] = value
+    return SampleResult(tokens.tolist(), logprobs)
+
+
+def greedy_tokens(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """argmax over the last dim (first index of the maximum, as torch.argmax).
+
+    On CPU torch's index-returning reductions (argmax, max(dim)) are not vectorised: ~0.6 ms for
+    16 x 32k logits against ~0.05 ms for amax. So: the maximum of each chunk of `chunk` columns
+    (vectorised), the first chunk holding the row maximum, and argmax inside that chunk only."""
+    rows, vocab = logits.shape
+    if logits.is_cuda or vocab <= 2 * chunk:
+        return logits.argmax(dim=-1)
+    whole = vocab - vocab % chunk
+    chunk_max = logits[:, :whole].view(rows, whole // chunk, chunk).amax(dim=-1)
+    if whole < vocab:  # the short last chunk
+        chunk_max = torch.cat([chunk_max, logits[:, whole:].amax(dim=-1, keepdim=True)], dim=1)
+    starts = chunk_max.argmax(dim=-1) * chunk
+    # a short last chunk's window repeats its last column: a later duplicate never wins argmax
+    columns = (starts[:, None] + torch.arange(chunk, device=logits.device)).clamp_(max=vocab - 1)
+    return starts + logits.gather(1, columns).argmax(dim=-1)
 
 
 def _sample_random(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import socket
 
 from services.common.metrics import new_registry
 
-from services.common.flags import FlagParser, common_server_flags, setup_logging
+from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.server import ServiceRunner
 
 from .daemon import KvStoreConfig, KvStoreDaemon
@@ -84,7 +84,7 @@ async def serve(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    setup_logging(args.log_level, "kvstore")
+    setup_process(args, "kvstore")
     logging.getLogger("ucx").setLevel(logging.WARNING)  # ucxx logs its own env defaults at INFO
     tls = configure_ucx_environment(args.ucx_tls)
     log.info("UCX_TLS=%s", tls)

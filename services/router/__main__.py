@@ -10,7 +10,7 @@ from services.common.metrics import new_registry
 
 from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.common.engine_worker import resolve_model_dir
-from services.common.flags import FlagParser, common_server_flags, setup_logging
+from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.server import ServiceRunner
 
 from .registry import WorkerRegistry
@@ -45,7 +45,7 @@ def parser() -> FlagParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    setup_logging(args.log_level, "router")
+    setup_process(args, "router")
     from transformers import AutoTokenizer
 
     from services.engine import ModelConfig

@@ -87,6 +87,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         sp.max_tokens = min(sp.max_tokens or self.default_max_tokens, self.max_model_len - prompt_len)
         if not sp.HasField("seed"):
             sp.seed = random.getrandbits(63)
+        sp.logprobs = sp.logprobs or request.logprobs
         return sp
 
     def _slo_targets(self, request: router_pb2.GenerateRequest) -> tuple[float, float]:
@@ -124,8 +125,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     self.slo.itl.observe(gap)
                 response = router_pb2.GenerateResponse(
                     token_ids=chunk.token_ids, text=detok.add(list(chunk.token_ids)), request_id=request_id)
-                if request.logprobs:
-                    response.logprobs.extend(chunk.logprobs)
+                response.logprobs.extend(chunk.logprobs)  # present only when requested
                 if chunk.finish_reason:
                     finish_reason = chunk.finish_reason
                     response.text += detok.flush()
@@ -199,8 +199,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             state.prefill_seconds = response.compute_seconds
             state.queue_seconds = (time.monotonic() - timer.arrived) - response.compute_seconds
             state.outputs.append(response.first_token_id)
-            yield common_pb2.TokenChunk(token_ids=[response.first_token_id], logprobs=[response.first_logprob],
-                                        finish_reason=response.finish_reason)
+            yield common_pb2.TokenChunk(token_ids=[response.first_token_id], finish_reason=response.finish_reason,
+                                        logprobs=[response.first_logprob] if state.sampling.logprobs else [])
             if response.finish_reason:
                 return
             state.handle = response.kv

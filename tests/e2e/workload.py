@@ -1,5 +1,6 @@
-"""The shared e2e workload: 32 prompts of varied length and max_tokens with HF greedy references,
-and the checks every cluster configuration must pass."""
+"""The shared e2e workload: 32 prompts of varied length and max_tokens with HF greedy references
+(tokens and their logprobs), and the checks every cluster configuration must pass. Every other
+request asks for logprobs."""
 
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ def workload(model_dir):
         prompt = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
         max_tokens = rng.choice([1, 2, 5, 17, 33, 48])
         ids = tokenizer.encode(prompt)
-        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens)[0, len(ids):].tolist()
-        items.append({"prompt": prompt, "ids": ids, "max_tokens": max_tokens, "expected": ref})
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens,
+                          output_scores=True, return_dict_in_generate=True)
+        ref = out.sequences[0, len(ids):].tolist()
+        logprobs = [torch.log_softmax(score[0], -1)[t].item() for score, t in zip(out.scores, ref)]
+        items.append({"prompt": prompt, "ids": ids, "max_tokens": max_tokens, "expected": ref,
+                      "expected_logprobs": logprobs, "logprobs": i % 2 == 0})
     return items
 
 
@@ -50,13 +55,16 @@ async def _generate(router: str, item: dict, **sampling) -> tuple[list[int], str
     async with grpc.aio.insecure_channel(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         request = router_pb2.GenerateRequest(
-            prompt=item["prompt"], request_id=f"req-{item['prompt'][:8]}",
+            prompt=item["prompt"], request_id=f"req-{item['prompt'][:8]}", logprobs=item.get("logprobs", False),
             sampling=common_pb2.SamplingParams(max_tokens=item["max_tokens"], temperature=0, **sampling))
-        tokens, text, last = [], "", None
+        tokens, text, last, logprobs = [], "", None, []
         async for response in stub.Generate(request, timeout=120):
             tokens.extend(response.token_ids)
             text += response.text
+            logprobs.extend(response.logprobs)
             last = response
+        del last.logprobs[:]
+        last.logprobs.extend(logprobs)  # the whole stream's, for the checks
         return tokens, text, last
 
 
@@ -70,6 +78,10 @@ def run_workload(router: str, workload: list[dict]) -> list[tuple]:
 def check_outputs(workload, results, tokenizer) -> None:
     for item, (tokens, text, last) in zip(workload, results):
         assert tokens == item["expected"], f"prompt {item['prompt'][:30]!r}"
+        if item["logprobs"]:
+            assert list(last.logprobs) == pytest.approx(item["expected_logprobs"], abs=1e-4)
+        else:
+            assert not last.logprobs
         assert last.finish_reason in ("stop", "length")
         assert last.usage.prompt_tokens == len(item["ids"]) and last.usage.completion_tokens == len(tokens)
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.engine.kv_cache import KvLayout, KvPool
 from services.kvstore.client import KvStoreClient
+from services.launcher import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # 64 blocks of 4 KiB: runs of several blocks exceed UCX's 8 KiB rendezvous threshold.
@@ -32,12 +32,6 @@ LAYOUT = KvLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2, hea
                   dtype="float32", model_id="kvstore-test")
 BLOCK_BYTES = LAYOUT.block_bytes
 HOST_TIER_BLOCKS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -518,3 +512,16 @@ def test_sigterm_ends_watch_streams_and_the_client_frees_its_blocks(nodes):
 
     run(scenario())
     assert "Traceback" not in d.log()
+
+
+def test_cpu_affinity_flag_pins_every_thread(tmp_path):
+    """--cpu-affinity (a flag of every service) pins all the process's threads, including those
+    that imports and the gRPC server started before or after the flag was applied."""
+    daemon = launch("node-pinned", tmp_path, "--cpu-affinity", "0")
+    try:
+        wait_until_serving(daemon)
+        tids = os.listdir(f"/proc/{daemon.proc.pid}/task")
+        assert len(tids) > 1
+        assert {int(t): os.sched_getaffinity(int(t)) for t in tids} == {int(t): {0} for t in tids}
+    finally:
+        assert daemon.stop() == 0

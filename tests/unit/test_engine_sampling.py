@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.engine import Engine, EngineConfig, SamplingParams, Sequence
-from services.engine.sampler import sample, uniform_noise
+from services.engine.sampler import greedy_tokens, sample, uniform_noise
 from services.engine.testmodels import get_model
 
 
@@ -66,10 +66,26 @@ def test_top_k_and_top_p_restrict_the_candidates():
 
 def test_greedy_and_logprob_of_chosen_token():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]])
-    result = sample(logits, [SamplingParams(temperature=0)] * 2, [0, 0])
+    result = sample(logits, [SamplingParams(temperature=0, logprobs=True)] * 2, [0, 0])
     assert result.token_ids == [1, 0]
     expected = torch.log_softmax(logits, -1)[[0, 1], [1, 0]]
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(result.logprobs, expected.tolist()))
+    # logprobs are opt-in per row; a random row's logprob is that of the token it drew
+    mixed = sample(logits, [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3, logprobs=True)], [0, 0])
+    assert math.isnan(mixed.logprobs[0])
+    assert math.isclose(mixed.logprobs[1], torch.log_softmax(logits[1], -1)[mixed.token_ids[1]].item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [50, 300, 1000, 32000, 32001])
+def test_greedy_tokens_equal_argmax_including_ties(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    for _ in range(10):
+        logits = torch.randn(16, vocab, generator=g)
+        logits[3, vocab // 2] = logits[3].max() + 1
+        logits[3, vocab - 1] = logits[3, vocab // 2]  # a tie: the first index wins
+        logits[5] = 0.0  # all equal
+        logits[7, -1] = 100.0  # in the short last chunk
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
 
 
 def test_noise_is_uniform_and_depends_on_seed_and_step():
