@@ -20,6 +20,7 @@ import torch
 
 from pdserve.v1 import common_pb2
 from services.engine import Engine, EngineConfig, SamplingParams
+from services.engine.engine import default_threads
 
 from .flags import FlagParser
 
@@ -50,10 +51,7 @@ def resolve_model_dir(model: str) -> str:
 
 
 def engine_from_flags(args) -> Engine:
-    if args.cpu_affinity and args.threads == 0:  # pinned by setup_process
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())  # the cores left to it by --cpu-affinity
     config = EngineConfig(
         dtype=args.dtype,
         device=args.device,
