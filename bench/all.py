@@ -1,7 +1,8 @@
 """`make bench`: a short run of every benchmark on this machine (CPU, tiny models), < 10 minutes.
 
 1. bench.engine: engine decode/prefill throughput against Hugging Face generate (~50M Llama).
-2. bench.serving: SLO attainment against rate and goodput, colocated against disaggregated on the
+2. bench.mixed_batch: CPU decode of mixed-context batches, grouped attention against padded.
+3. bench.serving: SLO attainment against rate and goodput, colocated against disaggregated on the
    same cores, chat-like workload (a shortened sweep; docs/benchmarks.md has the longer runs).
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
@@ -12,13 +13,15 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, serving
+from . import engine, mixed_batch, serving
 
 
 def main(argv=None) -> int:
     started = time.monotonic()
     print("== engine: pdserve against HF generate ==", flush=True)
     engine.main(["--batch-sizes", "1,4,16", "--repeats", "3", "--out", "results/engine"])
+    print("\n== CPU decode of mixed contexts: grouped attention against padded ==", flush=True)
+    mixed_batch.main(["--batch-sizes", "16,38", "--trials", "3", "--out", "results/mixed-batch"])
     print("\n== serving: colocated against disaggregated, chat workload ==", flush=True)
     serving.main(["--workload", "chat", "--scale", "1.0", "--n", "30", "--rates", "1,2,4", "--rel-tol", "0.2",
                   "--out", "results/serving-chat"])

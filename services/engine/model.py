@@ -152,7 +152,7 @@ class Attention(nn.Module):
             k_dense, v_dense = meta.kv_mirror.views(
                 self.layer_idx, k_cache, v_cache, meta.block_tables, k, v, meta.context_lens_list
             )
-            out = dense_decode_attention(q, k_dense, v_dense, meta.decode_mask, self.scale)
+            out = meta.kv_mirror.attention(q, k_dense, v_dense, meta.decode_mask, self.scale, dense_decode_attention)
         elif meta.use_triton:
             from .triton_attention import paged_decode_attention
 
