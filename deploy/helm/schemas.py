@@ -148,6 +148,8 @@ def worker_schema(role: str) -> dict:
         "gpuMemoryUtilization": number(0, exclusive=True, maximum=1, nullable=True),
         "kvCacheGb": number(0, exclusive=True, nullable=True),
         "maxModelLen": integer(1, nullable=True),
+        **({"streamInterval": integer(1, nullable=True, description="--stream-interval: tokens per streamed message")}
+           if role == "decode" else {}),
         "resources": GPU_RESOURCES,
         "updateStrategy": ANY_OBJECT,
         "podDisruptionBudget": PDB,

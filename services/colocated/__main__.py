@@ -13,6 +13,7 @@ def main(argv=None) -> None:
         return ColocatedService(
             engine, node_id=args.node_id, model_name=engine.kv_pool.layout.model_id,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, registry=registry,
+            stream_interval=args.stream_interval,
         )
 
     run_worker("colocated", args, make_service, "ColocatedWorker")

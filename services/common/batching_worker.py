@@ -20,6 +20,7 @@ from services.engine.scheduler import BatchScheduler
 
 from .engine_worker import EngineThread, LoadStats, base_stats, register_kv_gauges
 from .metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS
+from .step_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class StreamJob:
     state: str = "waiting"  # waiting -> (pulling ->) running -> done
     cancelled: bool = False
     handle: common_pb2.KvHandle | None = None
+    unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
 
 
 class BatchingMetrics:
@@ -66,10 +68,16 @@ class BatchingMetrics:
 
 class BatchingWorker:
     role = "decode"
+    step_log: StepLog | None = None  # --step-log
 
     def __init__(self, engine: Engine, *, node_id: str, model_name: str, max_num_seqs: int,
-                 max_num_batched_tokens: int, registry: CollectorRegistry):
+                 max_num_batched_tokens: int, registry: CollectorRegistry, stream_interval: int = 1):
         self.engine = engine
+        # Tokens per message to the router (the last always goes at once). Every message costs the
+        # worker, the router and the client tens of microseconds of CPU; at high token rates,
+        # sending every 4-8 tokens saves most of it, at no cost to TTFT or TPOT, only to how
+        # smoothly text appears (SGLang's and vLLM's --stream-interval).
+        self.stream_interval = stream_interval
         self.node_id = node_id
         self.model_name = model_name
         self.scheduler = BatchScheduler(engine, max_num_seqs, max_num_batched_tokens)
@@ -100,8 +108,11 @@ class BatchingWorker:
         if not self.scheduler.has_work:
             return
         started = time.monotonic()
+        lengths = [len(seq.token_ids) for seq in self.scheduler.running] if self.step_log is not None else []
         outputs = self.scheduler.step()
         elapsed = time.monotonic() - started
+        if self.step_log is not None and outputs:
+            self._log_step(started, elapsed, outputs, lengths)
         if outputs:
             kind = self.scheduler.last_step_kind
             self.metrics.step_seconds.labels(kind).observe(elapsed)
@@ -117,13 +128,29 @@ class BatchingWorker:
             self._deliver(out)
         self._update_gauges()
 
+    def _log_step(self, started: float, elapsed: float, outputs: list[StepOutput], lengths: list[int]) -> None:
+        record = {"t": round(started, 6), "kind": self.scheduler.last_step_kind}
+        if record["kind"] == "decode":
+            record.update(batch=len(lengths), context_tokens=sum(lengths), max_context=max(lengths))
+        else:
+            record["lengths"] = [o.seq.num_cached for o in outputs]
+        record.update(running_after=len(self.scheduler.running), seconds=round(elapsed, 6))
+        self.step_log.write(record)
+
     def _deliver(self, out: StepOutput) -> None:
         job = self.jobs.get(out.seq.seq_id)
         if job is None:
             return
-        chunk = common_pb2.TokenChunk(token_ids=[out.token_id], finish_reason=out.finish_reason or "",
-                                      logprobs=[out.logprob] if out.seq.sampling.logprobs else [])
-        self.thread.emit(job.outbox.put_nowait, chunk)
+        chunk = job.unsent or common_pb2.TokenChunk()
+        chunk.token_ids.append(out.token_id)
+        if out.seq.sampling.logprobs:
+            chunk.logprobs.append(out.logprob)
+        chunk.finish_reason = out.finish_reason or ""
+        if out.finish_reason or len(chunk.token_ids) >= self.stream_interval:
+            job.unsent = None
+            self.thread.emit(job.outbox.put_nowait, chunk)
+        else:
+            job.unsent = chunk
         if out.finish_reason:
             job.state = "done"
             del self.jobs[out.seq.seq_id]

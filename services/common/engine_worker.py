@@ -36,10 +36,14 @@ def add_engine_flags(parser: FlagParser) -> None:
     parser.add_flag("--gpu-memory-utilization", default=0.85, type=float)
     parser.add_flag("--max-num-seqs", default=256, type=int, help="largest decode batch")
     parser.add_flag("--max-num-batched-tokens", default=8192, type=int, help="prefill token budget per batch (L_m)")
+    parser.add_flag("--stream-interval", default=1, type=int,
+                    help="decode and colocated workers: tokens per streamed message (the last goes at once)")
     parser.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
     parser.add_flag("--threads", default=0, type=int, help="torch CPU threads (0: all cores this process may use)")
     parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
     parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: host:port)")
+    parser.add_flag("--step-log", default="", help="append one JSON line per engine step to this file; "
+                    "{worker} in it becomes the worker id (for `pdserve plan profile --step-log`)")
 
 
 def resolve_model_dir(model: str) -> str:
@@ -266,6 +270,10 @@ def run_worker(name: str, args, make_service, role_service: str) -> None:
         runner = ServiceRunner(name, args.host, args.port, args.metrics_port, registry, args.grace_seconds)
         worker_id = args.worker_id or f"{name}-{os.uname().nodename}-{args.port}"
         service = make_service(engine, registry, worker_id)
+        if args.step_log:
+            from .step_log import StepLog
+
+            service.step_log = StepLog(args.step_log.replace("{worker}", worker_id))
         await service.start()
         await runner.start(lambda server: add_servicers(server, service))
         runner.install_signal_handlers()

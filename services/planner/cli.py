@@ -117,6 +117,9 @@ def _add_profile(p) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-cuda-graphs", action="store_true", help="profile decode without CUDA graphs")
     p.add_argument("--analytic", action="store_true", help="derive from --gpu and the model's shape instead")
+    p.add_argument("--step-log", action="append", default=[], metavar="FILE",
+                   help="a serving worker's --step-log (repeatable): refit each phase the logs hold on the "
+                        "instance's own steps, as clients see them (streaming and admission included)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (analytic)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (analytic)")
     p.add_argument("--typical-prompt-len", type=int, default=512, help="prompt length used to choose L_m (analytic)")
@@ -180,6 +183,10 @@ def cmd_profile(args) -> int:
             profile = profile_engine(engine, grid, model_name=args.model)
         finally:
             engine.close()
+    if args.step_log:
+        from .profile import refit_from_step_logs
+
+        profile = refit_from_step_logs(profile, args.step_log)
     if args.max_batched_tokens:
         profile.max_batched_tokens = args.max_batched_tokens
     _apply_overheads(profile, args)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -203,3 +203,54 @@ def profile_engine(engine, grid: ProfileGrid = ProfileGrid(), *, model_name: str
         notes={"profile_seconds": time.perf_counter() - start, "params": mc.num_params(),
                "engine_max_num_batched_tokens": cfg.max_num_batched_tokens},
     )
+
+
+def step_log_samples(records: list[dict], since: float = float("-inf"), until: float = float("inf"),
+                     context_bin: int = 32) -> tuple[list, list]:
+    """(prefill samples, decode samples) for fit_prefill / fit_decode from one worker's step log
+    (services/common/step_log.py), keeping the steps that started in [since, until).
+
+    A decode step's cost is the time to the next step while the batch keeps running (the engine
+    call plus the worker's own streaming and admissions between steps: what a client's TPOT is
+    made of). Steps are binned by (batch size, context per sequence to `context_bin` tokens) and
+    each bin gives its mean: a TPOT is a mean of step times, slow steps (GC pauses, page faults)
+    included, and the cycle time is skewed, so a median would understate it (by 5-10% here)."""
+    records = sorted(records, key=lambda r: r["t"])
+    prefill, bins = [], {}
+    for rec, nxt in zip(records, records[1:] + [None]):
+        if not since <= rec["t"] < until:
+            continue
+        if rec["kind"] == "prefill":
+            prefill.append((rec["lengths"], rec["seconds"]))
+        elif rec["kind"] == "decode" and nxt is not None and rec["running_after"] > 0:
+            batch, context = rec["batch"], rec["context_tokens"]
+            bins.setdefault((batch, round(context / batch / context_bin)), []).append((context, nxt["t"] - rec["t"]))
+    decode = [(batch, statistics.fmean(c for c, _ in steps), statistics.fmean(s for _, s in steps))
+              for (batch, _), steps in sorted(bins.items()) if len(steps) >= 3]
+    return prefill, decode
+
+
+def refit_from_step_logs(profile: LatencyProfile, paths: list[str], since: float = float("-inf"),
+                         until: float = float("inf")) -> LatencyProfile:
+    """The profile with each phase the logs hold refitted on the serving instance's own steps."""
+    from services.common.step_log import read_step_log
+
+    prefill_samples, decode_samples = [], []
+    for path in paths:
+        p, d = step_log_samples(read_step_log(path), since, until)
+        prefill_samples += p
+        decode_samples += d
+    fit = dict(profile.fit)
+    samples = dict(profile.samples)
+    prefill, decode = profile.prefill, profile.decode
+    if len(prefill_samples) >= 3:
+        prefill, fit["prefill"] = fit_prefill(prefill_samples)
+        samples["prefill"] = [{"lengths": ls, "seconds": t} for ls, t in prefill_samples]
+    if len(decode_samples) >= 3:
+        decode, fit["decode"] = fit_decode(decode_samples)
+        samples["decode"] = [{"batch_size": bs, "sum_context": ctx, "seconds": t} for bs, ctx, t in decode_samples]
+    if prefill is profile.prefill and decode is profile.decode:
+        raise ValueError(f"no usable steps in {', '.join(paths)} (need 3 prefill batches or 3 decode bins)")
+    notes = dict(profile.notes, step_logs=list(paths), step_log_samples={"prefill": len(prefill_samples),
+                                                                         "decode": len(decode_samples)})
+    return replace(profile, prefill=prefill, decode=decode, fit=fit, samples=samples, notes=notes)

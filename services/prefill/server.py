@@ -23,6 +23,7 @@ from services.common.engine_worker import (
     EngineThread, InvalidRequest, LoadStats, base_stats, register_kv_gauges, validate_generation,
 )
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
+from services.common.step_log import StepLog
 from services.engine import Engine, Sequence
 from services.engine.scheduler import take_prefill_batch
 from services.kvstore.client import KvStoreClient
@@ -61,6 +62,8 @@ class PrefillMetrics:
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.WorkerServicer):
+    step_log: StepLog | None = None  # --step-log
+
     def __init__(self, engine: Engine, kvstore: KvStoreClient, *, worker_id: str, node_id: str, model_name: str,
                  max_num_batched_tokens: int, max_num_seqs: int, registry: CollectorRegistry):
         self.engine = engine
@@ -175,6 +178,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.step_seconds.observe(compute)
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.batch_requests.observe(len(batch))
+        if self.step_log is not None:
+            self.step_log.write({"t": round(started, 6), "kind": "prefill", "lengths": [s.num_cached for s in batch],
+                                 "seconds": round(compute, 6)})
         for job, out in zip(jobs, outputs):
             job.started_at, job.compute_seconds, job.batch_size = started, compute, len(batch)
             self.metrics.queue_seconds.observe(started - job.enqueued_at)

@@ -79,6 +79,7 @@ def renders(planner_values) -> dict[str, list[dict]]:
                    "replicaCount": 2},
         "kvstore": {"hostNetwork": False, "ucxTls": "tcp,cuda_copy,cuda_ipc,sm,self"},
         "prefill": {"replicaCount": 3},
+        "decode": {"streamInterval": 4},
     }
     result = {f"{chart}-defaults": render(chart) for chart in CHARTS}
     result["pdserve-planner"] = render("pdserve", planner_values)

@@ -135,6 +135,13 @@ def test_workloads_match_their_services_flags(renders, parsers):
     assert set(checked) == set(HEALTH_SERVICES), checked
 
 
+def test_decode_stream_interval_reaches_the_worker(renders, parsers):
+    (default,) = workloads(renders["decode-defaults"], "decode")
+    (tuned,) = workloads(renders["pdserve-options"], "decode")
+    assert parse_container(container_of(default), parsers["decode"]).stream_interval == 1
+    assert parse_container(container_of(tuned), parsers["decode"]).stream_interval == 4
+
+
 def test_health_services_exist_in_the_protos():
     from pdserve.v1 import common_pb2, kvstore_pb2, router_pb2, worker_pb2
 

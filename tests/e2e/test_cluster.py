@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.step_log import read_step_log
 from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
 pytestmark = pytest.mark.slow
@@ -106,14 +107,28 @@ def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs
 
 
 # ---- disaggregated, one node ----------------------------------------------------------------------
-def test_one_node_local_copies(cluster_factory, workload, model_dir):
-    cluster = cluster_factory("--model", model_dir, "--prefill", "2", "--decode", "2", "--nodes", "1")
+def test_one_node_local_copies(cluster_factory, workload, model_dir, tmp_path):
+    """Also with the decode workers streaming every 3 tokens (--stream-interval) and writing step logs."""
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    cluster = cluster_factory("--model", model_dir, "--prefill", "2", "--decode", "2", "--nodes", "1",
+                              f"--worker-arg=--step-log={steps}/{{worker}}.jsonl", "--worker-arg=--stream-interval=3")
     results = run_workload(cluster.router, workload)
     check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
     cluster.wait_idle()
     (stats,) = cluster.kvstore_stats()
     assert stats.bytes_local == expected_kv_bytes(workload, model_dir)
     assert stats.bytes_ucx_sent == stats.bytes_ucx_received == 0
+    # --step-log: one file per worker; every prompt token was prefilled once, and every token after
+    # the first was made by a decode step
+    logs = {p.name: read_step_log(str(p)) for p in steps.iterdir()}
+    assert len(logs) == 4, sorted(logs)
+    records = [r for rs in logs.values() for r in rs]
+    prefilled = sum(sum(r["lengths"]) for r in records if r["kind"] == "prefill")
+    decoded = sum(r["batch"] for r in records if r["kind"] == "decode")
+    assert prefilled == sum(len(item["ids"]) for item in workload)
+    assert decoded == sum(len(tokens) - 1 for tokens, _, _ in results)
+    assert all(r["seconds"] > 0 for r in records)
 
 
 # ---- colocated -----------------------------------------------------------------------------------

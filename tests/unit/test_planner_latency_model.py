@@ -143,3 +143,47 @@ def test_memory_capacity():
     assert 40_000 < one < 70_000
     assert kv_capacity_tokens(OPT13B, A100, 2, 1) > 2 * one  # the weights split too
     assert kv_capacity_tokens(get_model_shape("175b"), A100, 1, 1) == 0  # 350 GB do not fit one GPU
+
+
+def test_step_log_refit_recovers_the_decode_model_clients_see(tmp_path):
+    """A worker's step log (services/common/step_log.py) as a decode worker writes it: steps of a
+    running batch, each followed by the worker's own work before the next (here 0.4 ms per
+    sequence of streaming), sequences joining and leaving, and idle gaps when the batch empties. The refit recovers the cost a client sees: engine step plus streaming, per step."""
+    from services.common.step_log import StepLog
+    from services.planner.profile import refit_from_step_logs, step_log_samples
+
+    streaming_per_seq = 4e-4
+    seen = DecodeLatency(TRUE_DECODE.a, TRUE_DECODE.b, TRUE_DECODE.c + streaming_per_seq)
+    rng = random.Random(3)
+    path = tmp_path / "decode.jsonl"
+    log = StepLog(str(path))
+    t = 100.0
+    log.write({"t": t, "kind": "prefill", "lengths": [40], "running_after": 1, "seconds": 0.01})  # a recompute
+    t += 0.01
+    for _ in range(60):  # busy periods of a batch with its own sizes and contexts
+        contexts = [rng.randint(16, 1500) for _ in range(rng.randint(1, 48))]
+        steps = rng.randint(5, 40)
+        for step in range(steps):
+            batch, context = len(contexts), sum(contexts)
+            engine = TRUE_DECODE.step_time(batch, context) * (1 + rng.gauss(0, 0.02))
+            contexts = [c + 1 for c in contexts]
+            last = step == steps - 1 or rng.random() < 0.05
+            log.write({"t": t, "kind": "decode", "batch": batch, "context_tokens": context,
+                       "max_context": max(contexts), "running_after": 0 if last else batch, "seconds": engine})
+            t += engine + streaming_per_seq * batch
+            if last:
+                break
+        t += rng.uniform(0.5, 3.0)  # idle: never counted as a step
+    log.close()
+    _, decode = step_log_samples([json.loads(line) for line in path.read_text().splitlines()])
+    assert len(decode) > 30
+    profile = LatencyProfile(prefill=TRUE_PREFILL, decode=DecodeLatency(1, 1, 1), kv_bytes_per_token=1,
+                             kv_capacity_tokens=1 << 20, block_size=16, max_batched_tokens=2048, max_num_seqs=256)
+    refit = refit_from_step_logs(profile, [str(path)])
+    for batch, context in ((1, 100), (8, 4000), (32, 20000), (48, 60000)):
+        assert refit.decode.step_time(batch, context) == pytest.approx(seen.step_time(batch, context), rel=0.05)
+    assert refit.prefill == TRUE_PREFILL  # one prefill batch is not enough to refit prefill
+    assert refit.notes["step_log_samples"]["decode"] == len(decode)
+    # only the steps inside a window count
+    with pytest.raises(ValueError, match="no usable steps"):
+        refit_from_step_logs(profile, [str(path)], since=t + 1)

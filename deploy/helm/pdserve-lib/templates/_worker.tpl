@@ -136,6 +136,9 @@ spec:
             {{- with $v.maxModelLen }}
             - --max-model-len={{ . }}
             {{- end }}
+            {{- with $v.streamInterval }}
+            - --stream-interval={{ . }}
+            {{- end }}
             {{- with $v.extraArgs }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
