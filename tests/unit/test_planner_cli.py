@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import pytest
 import yaml
 
 from services.common.trace import make_trace, write_trace
@@ -68,3 +69,31 @@ def test_plan_command_plugs_into_a_parent_cli():
     add_subparsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["plan", "simulate", "--profile", "p.json", "--rates", "1,2"])
     assert args.command == "plan" and args.plan_command == "simulate" and callable(args.func)
+
+
+def test_profile_refits_decode_on_a_worker_step_log(tmp_path):
+    """`plan profile --step-log`: the engine is measured, then decode is refitted on the log's
+    steps (here a decode worker whose steps cost 4 ms + 0.5 us per context token + 0.3 ms per
+    sequence), while prefill, absent from the log, keeps the engine's fit."""
+    from services.common.step_log import StepLog
+
+    log_path = tmp_path / "decode-steps.jsonl"
+    log = StepLog(str(log_path))
+    t = 50.0
+    for batch in (1, 2, 4, 8, 16, 32):
+        for context_per_seq in (64, 256, 1024):
+            for step in range(5):  # the last step finishes the batch: the idle gap after it is no step's cost
+                seconds = 0.004 + 5e-7 * batch * context_per_seq + 3e-4 * batch
+                log.write({"t": t, "kind": "decode", "batch": batch, "context_tokens": batch * context_per_seq,
+                           "max_context": context_per_seq, "running_after": 0 if step == 4 else batch,
+                           "seconds": seconds})
+                t += seconds
+            t += 1.0
+    log.close()
+    out = tmp_path / "served.json"
+    assert main(["profile", "--model", "llama", "--quick", "--threads", "1", "--kv-cache-mib", "16",
+                 "--step-log", str(log_path), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["decode"] == pytest.approx({"a": 0.004, "b": 5e-7, "c": 3e-4}, rel=1e-6)
+    assert data["notes"]["step_logs"] == [str(log_path)]
+    assert len(data["samples"]["prefill"]) >= 3  # the engine's prefill points, not the log's
