@@ -47,7 +47,7 @@ from services.common.trace import TraceRequest, make_trace, rescale_rate
 from services.engine import ModelConfig
 from services.engine.testmodels import get_model
 from services.planner.latency_model import LatencyProfile, Overheads, fit_decode, fit_prefill
-from services.planner.profile import step_log_samples
+from services.planner.profile import decode_cycles, step_log_samples
 from services.planner.simulator import SimConfig, Slo, simulate
 
 from .loadgen import attainment, percentile, run_trace
@@ -71,8 +71,8 @@ def system_profile(profile: LatencyProfile, runner: ConfigRunner, step_logs: dic
     sampling included). Decode: the decode worker's own steps (its --step-log) during bursts of B
     streams whose prompts are drawn from the workload's (so batches mix contexts as the workload's
     do, and B and the total context vary apart), and during the trace replayed at
-    `calibration_rate`; a
-    step's cost is the time to the next one, streaming and admissions included. This is how
+    `calibration_rate`; a step's cost is the time to the next one, streaming and admissions
+    included. This is how
     DistServe profiles too: on the serving instances themselves. The calibration-rate run also
     gives the serving processes' CPU per generated token."""
     vocab = runner.vocab
@@ -83,8 +83,7 @@ def system_profile(profile: LatencyProfile, runner: ConfigRunner, step_logs: dic
         (r,) = run_trace(runner.router, one, vocab, seed=1000 + i, progress=False)
         prefill_samples.append(([length], r.ttft))
     # how fast the prefill engine ran in the cluster while its model was calibrated, against its profile
-    prefill_speed, _ = observed_speed(profile, profile, step_logs["decode"], step_logs["prefill"], prefill_since,
-                                      time.monotonic())
+    prefill_at_calibration = prefill_speed(profile, step_logs["prefill"], prefill_since, time.monotonic())
     windows = [time.monotonic()]
     rng = np.random.default_rng(2000)
     for draw in range(2):
@@ -112,7 +111,7 @@ def system_profile(profile: LatencyProfile, runner: ConfigRunner, step_logs: dic
     fitted = replace(profile, prefill=prefill, decode=decode, overheads=Overheads(handoff_s=handoff))
     return fitted, {"prefill": asdict(prefill), "prefill_fit": prefill_fit, "decode": asdict(decode),
                     "decode_fit": decode_fit, "handoff_s": handoff, "handoff_gaps": gaps,
-                    "prefill_speed_at_calibration": prefill_speed, "serving_cpu_s_per_token": cpu_per_token,
+                    "prefill_speed_at_calibration": prefill_at_calibration, "serving_cpu_s_per_token": cpu_per_token,
                     "calibration_rate": calibration_rate,
                     "prefill_samples": prefill_samples, "decode_samples": decode_samples,
                     "engine_only": {"prefill": asdict(profile.prefill), "decode": asdict(profile.decode)}}
@@ -137,26 +136,34 @@ def serving_cpu_seconds(runner: ConfigRunner) -> float:
     return total
 
 
-def observed_speed(system: LatencyProfile, engine_only: LatencyProfile, decode_log: str, prefill_log: str,
-                   since: float, until: float, prefill_at_calibration: float = 1.0) -> tuple[float, float]:
-    """(prefill, decode): how much slower the workers' own steps were during a run than the models
-    predict for the same batches (1.0: the model held). Decode: the step cycles against the
-    calibrated model; prefill: the engine calls against the engine's profile, relative to the same
-    ratio while the prefill model was calibrated (`prefill_at_calibration`; CPU taken by the
-    serving processes on the prefill core counts as slowness). From each worker's --step-log."""
-    records = sorted(read_step_log(decode_log), key=lambda r: r["t"])
+def decode_speed(system: LatencyProfile, decode_log: str, since: float, until: float) -> float:
+    """The decode worker's step cycles in [since, until) against what the calibrated model predicts
+    for the same batches (1.0: the model held)."""
     cycles = predicted = 0.0
-    for rec, nxt in zip(records, records[1:]):
-        if since <= rec["t"] < until and rec["kind"] == "decode" and rec["running_after"] > 0:
-            cycles += nxt["t"] - rec["t"]
-            predicted += system.decode.step_time(rec["batch"], rec["context_tokens"])
-    decode = cycles / predicted if predicted else 1.0
+    for rec, cycle in decode_cycles(read_step_log(decode_log), since, until):
+        cycles += cycle
+        predicted += system.decode.step_time(rec["batch"], rec["context_tokens"])
+    return cycles / predicted if predicted else 1.0
+
+
+def prefill_speed(engine_only: LatencyProfile, prefill_log: str, since: float, until: float) -> float:
+    """The prefill worker's engine calls in [since, until) against the engine's profile (CPU taken
+    by the serving processes on the prefill core counts as slowness)."""
     spent = expected = 0.0
     for rec in read_step_log(prefill_log):
         if since <= rec["t"] < until and rec["kind"] == "prefill":
             spent += rec["seconds"]
             expected += engine_only.prefill.time(rec["lengths"])
-    return (spent / expected / prefill_at_calibration if expected else 1.0), decode
+    return spent / expected if expected else 1.0
+
+
+def observed_speed(system: LatencyProfile, engine_only: LatencyProfile, step_logs: dict, calibration: dict,
+                   since: float, until: float) -> tuple[float, float]:
+    """(prefill, decode): how much slower the workers' own steps were in [since, until) than the
+    calibrated models say (1.0: the model held); prefill relative to its speed while its model was
+    calibrated. From each worker's --step-log."""
+    prefill = prefill_speed(engine_only, step_logs["prefill"], since, until)
+    return prefill / calibration["prefill_speed_at_calibration"], decode_speed(system, step_logs["decode"], since, until)
 
 
 def speed_probe(runner: ConfigRunner, trace, system: LatencyProfile, engine_only: LatencyProfile, step_logs: dict,
@@ -172,8 +179,7 @@ def speed_probe(runner: ConfigRunner, trace, system: LatencyProfile, engine_only
         prompts = rng.choice([r.prompt_tokens for r in trace], size=batch)
         burst = [TraceRequest(0.0, int(p), 64, request_id=f"probe-{seed}-{batch}-{j}") for j, p in enumerate(prompts)]
         run_trace(runner.router, burst, runner.vocab, seed=seed + batch, progress=False)
-    return observed_speed(system, engine_only, step_logs["decode"], step_logs["prefill"], since, time.monotonic(),
-                          calibration["prefill_speed_at_calibration"])
+    return observed_speed(system, engine_only, step_logs, calibration, since, time.monotonic())
 
 
 def at_observed_speed(system: LatencyProfile, engine_only: LatencyProfile, prefill: float, decode: float) -> LatencyProfile:
@@ -287,8 +293,7 @@ def main(argv=None) -> dict:
             probe = speed_probe(runner, trace, profile, engine_only, step_logs, calibration, seed=5000 + i)
             since = time.monotonic()
             real = runner.run(rate)
-            speed = observed_speed(profile, engine_only, step_logs["decode"], step_logs["prefill"], since, time.monotonic(),
-                                   calibration["prefill_speed_at_calibration"])
+            speed = observed_speed(profile, engine_only, step_logs, calibration, since, time.monotonic())
             contention = contention_factors(cpu_per_token, rate * mean_output, args.pin_serving)
             factors = (contention[0] * probe[0], contention[1] * probe[1])
             predicted = simulate(_config(contended(profile, *factors)), replay, slo)

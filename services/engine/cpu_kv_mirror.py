@@ -16,10 +16,9 @@ longest context was 2.1x the mean context). So the slots are kept longest first,
 over groups of neighbouring slots, each only as wide as its own longest (`attention_groups`): the
 cost follows the sum of the contexts, as the planner's latency model assumes (a step of 38 chat
 sequences with contexts up to 1,200 costs ~15% more than 38 of equal length and the same total,
-instead of 2x). The order holds by
-itself, since every running sequence grows by one token per step; a sequence that joins is put in
-its place and the ones after it move down one slot (a copy of their K/V, once per join or leave,
-not per step).
+instead of 2x). The order holds by itself, since every running sequence grows by one token per
+step; a sequence that joins is put in its place and the ones after it move down one slot (a copy
+of their K/V, once per join or leave, not per step).
 
 Each step's new K/V also go to the pool, but all layers at once after the forward pass (one
 scatter instead of two per layer: on CPU each scatter costs ~40 us whatever its size).

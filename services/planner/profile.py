@@ -215,19 +215,25 @@ def step_log_samples(records: list[dict], since: float = float("-inf"), until: f
     made of). Steps are binned by (batch size, context per sequence to `context_bin` tokens) and
     each bin gives its mean: a TPOT is a mean of step times, slow steps (GC pauses, page faults)
     included, and the cycle time is skewed, so a median would understate it (by 5-10% here)."""
-    records = sorted(records, key=lambda r: r["t"])
-    prefill, bins = [], {}
-    for rec, nxt in zip(records, records[1:] + [None]):
-        if not since <= rec["t"] < until:
-            continue
-        if rec["kind"] == "prefill":
-            prefill.append((rec["lengths"], rec["seconds"]))
-        elif rec["kind"] == "decode" and nxt is not None and rec["running_after"] > 0:
-            batch, context = rec["batch"], rec["context_tokens"]
-            bins.setdefault((batch, round(context / batch / context_bin)), []).append((context, nxt["t"] - rec["t"]))
+    prefill = [(rec["lengths"], rec["seconds"]) for rec in records
+               if rec["kind"] == "prefill" and since <= rec["t"] < until]
+    bins = {}
+    for rec, cycle in decode_cycles(records, since, until):
+        batch, context = rec["batch"], rec["context_tokens"]
+        bins.setdefault((batch, round(context / batch / context_bin)), []).append((context, cycle))
     decode = [(batch, statistics.fmean(c for c, _ in steps), statistics.fmean(s for _, s in steps))
               for (batch, _), steps in sorted(bins.items()) if len(steps) >= 3]
     return prefill, decode
+
+
+def decode_cycles(records: list[dict], since: float = float("-inf"), until: float = float("inf")):
+    """(decode step record, seconds to the next step) for the decode steps in [since, until) after
+    which the batch kept running: a step's cost as a client's TPOT sees it. A step that emptied
+    the batch is left out, since the gap after it is idle time."""
+    records = sorted(records, key=lambda r: r["t"])
+    for rec, nxt in zip(records, records[1:]):
+        if rec["kind"] == "decode" and rec["running_after"] > 0 and since <= rec["t"] < until:
+            yield rec, nxt["t"] - rec["t"]
 
 
 def refit_from_step_logs(profile: LatencyProfile, paths: list[str], since: float = float("-inf"),
