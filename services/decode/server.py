@@ -73,10 +73,17 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         self._update_gauges()
 
     def _fits(self, job: StreamJob) -> bool:
-        in_flight = len(self.scheduler.running) + self.pulling + len(self.scheduler.waiting)
+        """Room for the job's KV now. Sequences preempted back to the scheduler's queue come
+        first (as in vLLM): while any waits, nothing new is admitted, or a steady stream of
+        arrivals would take every block they free and starve them. The watermark (blocks kept
+        spare so that running sequences can grow) applies only while something else holds
+        blocks: an idle worker admits any request its pool can hold."""
+        if self.scheduler.waiting:
+            return False
+        in_flight = len(self.scheduler.running) + self.pulling
         need = self.engine.blocks_for_tokens(len(job.seq.token_ids))  # cached tokens + the next one
-        return (in_flight < self.scheduler.max_num_seqs
-                and need + self.scheduler.watermark_blocks <= self.engine.block_manager.num_free)
+        spare = self.scheduler.watermark_blocks if in_flight else 0
+        return in_flight < self.scheduler.max_num_seqs and need + spare <= self.engine.block_manager.num_free
 
     def _has_pending_admissions(self) -> bool:
         return bool(self.admission) and self._fits(self.admission[0])

@@ -12,7 +12,10 @@
 frees blocks. reason is the daemon's ("pulled", "moved_to_host", "released", "expired"), or
 "daemon_lost" when the watch stream ends while the client is open (the daemon stopped or
 restarted): the daemon forgot every entry, so the client hands back all blocks it still holds for
-published entries. Register the pool again once the daemon is back.
+published entries. It then registers the pool again, retrying with backoff until the daemon is
+back (a restarted DaemonSet pod, or the launcher restarting a crashed daemon); until then
+`registered` is False and publishes and pulls fail (UNAVAILABLE or FAILED_PRECONDITION), which
+the router treats as a worker to avoid for a while.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class KvStoreClient:
         self._watch: asyncio.Task | None = None
         self._published: dict[str, list[int]] = {}  # kv_id -> blocks not yet released to us
         self._closing = False
+        self.registered = False  # the daemon knows our pool (READY received, watch still open)
+        self.registrations = 0  # how many times the pool was registered (1 + re-registrations)
 
     def stub(self, address: str = "") -> kvstore_pb2_grpc.KvStoreStub:
         """The stub of the daemon at `address` (default: this node's), one channel per address."""
@@ -54,23 +59,29 @@ class KvStoreClient:
 
     async def register_pool(self, worker_id: str, kv_pool: KvPool, on_released: OnReleased,
                             timeout: float = 30.0) -> str:
-        """Registers the pool and opens its watch stream; returns once the daemon sent READY."""
+        """Registers the pool and opens its watch stream; returns once the daemon sent READY.
+        From then on the pool is kept registered (re-registered after a daemon restart) until
+        `close`."""
         if self._watch is not None:
             raise RuntimeError("this client already registered a pool")
-        layout = kv_pool.layout
-        response = await self.stub().RegisterPool(kvstore_pb2.RegisterPoolRequest(
+        request = kvstore_pb2.RegisterPoolRequest(
             worker_id=worker_id,
             layout=kvstore_pb2.PoolLayout(
-                num_blocks=layout.num_blocks, num_layers=layout.num_layers, block_size=layout.block_size,
-                num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
-                model_id=layout.model_id),
+                num_blocks=kv_pool.layout.num_blocks, num_layers=kv_pool.layout.num_layers,
+                block_size=kv_pool.layout.block_size, num_kv_heads=kv_pool.layout.num_kv_heads,
+                head_dim=kv_pool.layout.head_dim, dtype=kv_pool.layout.dtype, model_id=kv_pool.layout.model_id),
             memory_descriptor=json.dumps(kv_pool.descriptor),
-        ), timeout=timeout)
-        self.pool_id, self.node_id = response.pool_id, response.node_id
+        )
+        await self._register(request, timeout)
         ready = asyncio.get_running_loop().create_future()
-        self._watch = asyncio.create_task(self._watch_pool(on_released, ready), name=f"watch-{self.pool_id}")
+        self._watch = asyncio.create_task(self._keep_registered(request, on_released, ready, timeout),
+                                          name=f"watch-{worker_id}")
         await asyncio.wait_for(asyncio.shield(ready), timeout)
         return self.pool_id
+
+    async def _register(self, request: kvstore_pb2.RegisterPoolRequest, timeout: float) -> None:
+        response = await self.stub().RegisterPool(request, timeout=timeout)
+        self.pool_id, self.node_id = response.pool_id, response.node_id
 
     async def publish(self, kv_id: str, block_ids: list[int], num_tokens: int,
                       timeout: float | None = 10.0) -> common_pb2.KvHandle:
@@ -113,10 +124,44 @@ class KvStoreClient:
             await channel.close()
         self._stubs.clear()
 
+    async def _keep_registered(self, request, on_released: OnReleased, ready: asyncio.Future,
+                               timeout: float) -> None:
+        """Watches the pool; when the watch ends while the client is open, hands back the blocks
+        of every published entry and registers the pool again (backoff 0.2 s doubling to 2 s).
+        The first registration's failure goes to register_pool's caller instead."""
+        delay = 0.2
+        first = True
+        while True:
+            await self._watch_pool(on_released, ready)
+            failed_before_ready = ready.exception() is not None  # (also marks it retrieved)
+            if self._closing or (first and failed_before_ready):
+                return
+            first = False
+            if not failed_before_ready:
+                delay = 0.2  # it was up: start the backoff afresh
+            await self._hand_back_everything(on_released)
+            while not self._closing:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+                try:
+                    await self._register(request, timeout)
+                    break
+                except grpc.aio.AioRpcError as e:
+                    log.info("kvstore daemon at %s still unavailable (%s); retrying in %.1f s",
+                             self.address, e.code().name, delay)
+            if self._closing:
+                return
+            ready = asyncio.get_running_loop().create_future()
+
     async def _watch_pool(self, on_released: OnReleased, ready: asyncio.Future) -> None:
         try:
             async for event in self.stub().WatchPool(kvstore_pb2.WatchPoolRequest(pool_id=self.pool_id)):
                 if event.kind == kvstore_pb2.PoolEvent.READY:
+                    self.registered = True
+                    self.registrations += 1
+                    if self.registrations > 1:
+                        log.warning("pool registered again with the kvstore daemon at %s as %s",
+                                    self.address, self.pool_id)
                     if not ready.done():
                         ready.set_result(None)
                 elif event.kind == kvstore_pb2.PoolEvent.RELEASED:
@@ -127,10 +172,10 @@ class KvStoreClient:
                 ready.set_exception(e)
             if not self._closing:
                 log.warning("watch of pool %s failed: %s", self.pool_id, e.details())
+        finally:
+            self.registered = False
         if not ready.done():
             ready.set_exception(RuntimeError("the kvstore daemon closed the watch stream before READY"))
-        if not self._closing:
-            await self._hand_back_everything(on_released)
 
     async def _hand_back_everything(self, on_released: OnReleased) -> None:
         log.warning("kvstore daemon at %s went away: freeing the blocks of %d published entries",

@@ -76,9 +76,10 @@ class Daemon:
             raise AssertionError(f"node {self.node_id} ignored SIGTERM:\n{self.log()}")
 
 
-def launch(node_id: str, log_dir, *extra: str, env: dict | None = None) -> Daemon:
-    port, metrics_port = free_port(), free_port()
-    log_path = str(log_dir / f"kvstore-{node_id}.log")
+def launch(node_id: str, log_dir, *extra: str, env: dict | None = None, port: int | None = None,
+           log_name: str | None = None) -> Daemon:
+    port, metrics_port = port or free_port(), free_port()
+    log_path = str(log_dir / f"{log_name or 'kvstore-' + node_id}.log")
     args = [sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", str(metrics_port), "--transfer-host", "127.0.0.1", "--transfer-port", "0",
             "--grace-seconds", "5", *extra]
@@ -512,6 +513,45 @@ def test_sigterm_ends_watch_streams_and_the_client_frees_its_blocks(nodes):
 
     run(scenario())
     assert "Traceback" not in d.log()
+
+
+def test_a_restarted_daemon_gets_the_pool_registered_again(tmp_path):
+    """SIGKILL of the node's daemon, then a new one on the same port (a DaemonSet pod restarting):
+    the client hands back the blocks of its published entries, registers the pool again by
+    itself, and publishing and pulling work again."""
+    first = launch("E", tmp_path, "--ttl-seconds", "30", log_name="kvstore-E-first")
+    wait_until_serving(first)
+    second = None
+    try:
+        async def scenario():
+            nonlocal second
+            async with Worker(first, "prefill-e") as prefill, Worker(first, "decode-e") as decode:
+                assert prefill.client.registered and prefill.client.registrations == 1
+                await prefill.publish("before-crash", [1, 2], seed=21)
+                first.proc.kill()
+                first.proc.wait(timeout=10)
+                assert await prefill.wait_released("before-crash", timeout=10) == ([1, 2], "daemon_lost")
+                assert not prefill.client.registered
+                await expect_rpc_error(grpc.StatusCode.UNAVAILABLE, prefill.publish("while-down", [3], seed=22))
+                second = launch("E", tmp_path, "--ttl-seconds", "30", port=first.port, log_name="kvstore-E-second")
+                deadline = time.monotonic() + 30
+                while not (prefill.client.registered and decode.client.registered):
+                    assert time.monotonic() < deadline, f"pools not registered again:\n{second.log()}"
+                    await asyncio.sleep(0.1)
+                assert prefill.client.registrations == 2 and decode.client.registrations == 2
+                assert second.stats().pools == 2
+                handle, data = await prefill.publish("after-restart", [4, 5], seed=23)
+                await decode.client.pull([6, 7], handle)
+                assert torch.equal(decode.rows[[6, 7]], data)
+                assert await prefill.wait_released("after-restart") == ([4, 5], "pulled")
+
+        run(scenario(), timeout=60)
+        assert second.stats().pools == 0  # the clients closed: their pools were dropped
+    finally:
+        for daemon in (first, second):
+            if daemon is not None and daemon.proc.poll() is None:
+                daemon.stop()
+    assert "Traceback" not in second.log()
 
 
 def test_cpu_affinity_flag_pins_every_thread(tmp_path):
