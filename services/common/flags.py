@@ -1,6 +1,7 @@
 """Command-line flags that also read environment variables (for containers).
 
-Every flag `--some-flag` falls back to `PDSERVE_SOME_FLAG`; a flag given on the command line wins.
+Every flag `--some-flag` falls back to `PDSERVE_SOME_FLAG`; a flag given on the command line wins
+(for a repeatable flag, the values on the command line replace the environment's list).
 """
 
 from __future__ import annotations
@@ -26,11 +27,22 @@ class FlagParser(argparse.ArgumentParser):
             else:
                 default = type(raw)
         text = f"{help} [env {env}]" if help else f"[env {env}]"
-        if kwargs.get("action") in ("store_true", "append"):
-            if kwargs["action"] == "append":
-                kwargs.setdefault("type", type)
+        if kwargs.get("action") == "append":
+            kwargs.update(action=_AppendOverridingDefault, type=kwargs.get("type", type))
+            return self.add_argument(flag, default=default, help=text, **kwargs)
+        if kwargs.get("action") == "store_true":
             return self.add_argument(flag, default=default, help=text, **kwargs)
         return self.add_argument(flag, default=default, type=type, help=text, **kwargs)
+
+
+class _AppendOverridingDefault(argparse.Action):
+    """argparse's "append", except that the first value on the command line starts a new list
+    instead of extending the default (argparse would append to the environment's list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, items + [values])
 
 
 def common_server_flags(parser: FlagParser, *, port: int, metrics_port: int) -> None:

@@ -31,7 +31,9 @@ GRPC_OPTIONS = [
 
 class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
     """Records the largest request and response message per method: evidence that no gRPC message
-    carries KV (the e2e tests compare it with the size of one KV block)."""
+    carries KV (the e2e tests compare it with the size of one KV block). Also turns a request that
+    does not parse (e.g. a string field that is not UTF-8) into INVALID_ARGUMENT: grpc's own
+    answer is UNKNOWN, which clients read as a server fault."""
 
     def __init__(self, registry: CollectorRegistry):
         self.largest = Gauge(
@@ -55,10 +57,13 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
         observe = self._observe
+        if handler.request_deserializer is not None and (handler.unary_unary or handler.unary_stream):
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                await _reject_undecodable(request, context)
                 observe(method, "request", request)
                 response = await inner(request, context)
                 if response is not None:
@@ -70,17 +75,40 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
             if inspect.isasyncgenfunction(inner_stream):
                 async def unary_stream(request, context):
+                    await _reject_undecodable(request, context)
                     observe(method, "request", request)
                     async for response in inner_stream(request, context):
                         observe(method, "response", response)
                         yield response
             else:  # a coroutine that writes with context.write: watch the writes
                 async def unary_stream(request, context):
+                    await _reject_undecodable(request, context)
                     observe(method, "request", request)
                     return await inner_stream(request, _ObservedWrites(context, lambda m: observe(method, "response", m)))
 
             return handler._replace(unary_stream=unary_stream)
         return handler
+
+
+class _Undecodable:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything else unparseable
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _reject_undecodable(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: cannot be parsed ({request.error}); string fields must be valid UTF-8")
 
 
 class _ObservedWrites:

@@ -672,7 +672,9 @@ class BatchingInstance:
 
 class DecodeInstance(BatchingInstance):
     """The decode worker (services/decode/server.py): a request waits, holding nothing, until a
-    boundary finds it a batch slot and the blocks of its context plus the watermark; then its KV
+    boundary finds it a batch slot and the blocks of its context plus the watermark (the
+    watermark only while others hold blocks; nothing is admitted while a preempted sequence
+    waits for its recompute); then its KV
     is pulled (one transfer at a time over the instance's link) into blocks for its cached
     tokens, and it joins the running batch at the boundary after the pull."""
 
@@ -708,16 +710,21 @@ class DecodeInstance(BatchingInstance):
                 self._cut(t, soonest)
 
     def _need(self, r: _Req) -> int:
-        """Free blocks admission asks for: the context's (cached tokens + the next) and the watermark."""
+        """Free blocks admission asks for: the context's (cached tokens + the next), and the
+        watermark while other sequences hold blocks."""
         tokens = r.prompt + r.output - 1 if self.reserve else r.prompt + r.generated
-        return _blocks(tokens, self.block_size) + self.watermark
+        return _blocks(tokens, self.block_size) + (self.watermark if self.in_flight() else 0)
+
+    def _recomputes_waiting(self) -> bool:
+        """Preempted sequences waiting for a recompute: they go first, nothing is admitted."""
+        return any(lane.waiting for lane in self.lanes)
 
     def _fits(self, r: _Req, t: float | None = None) -> bool:
         """Whether the head of the queue could be admitted (at t's next boundary, when t is given)."""
-        if self.in_flight() >= self.max_seqs * len(self.lanes):
+        if self._recomputes_waiting() or self.in_flight() >= self.max_seqs * len(self.lanes):
             return False
         need = self._need(r)
-        if need <= self.free_blocks or (self.in_flight() == 0 and self.free_blocks == self.total_blocks):
+        if need <= self.free_blocks:
             return True
         if t is None:
             return False
@@ -731,7 +738,8 @@ class DecodeInstance(BatchingInstance):
         while self.admission:
             r = self.admission[0]
             if not self._fits(r):
-                if self.in_flight() >= self.max_seqs * len(self.lanes) or not self._settle(t, self._need(r)):
+                if (self._recomputes_waiting() or self.in_flight() >= self.max_seqs * len(self.lanes)
+                        or not self._settle(t, self._need(r))):
                     return
             self.admission.popleft()
             held = self._blocks_to_hold(r, r.prompt + r.generated - 1)

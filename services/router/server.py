@@ -50,16 +50,26 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.max_retries = max_retries
         self.mode = "colocated" if "colocated" in registry.roles else "disaggregated"
         self.kvstore = KvStoreClient("")  # only for Release at whichever daemon holds an entry
+        # A token covers at most this many characters of prompt (its longest vocabulary entry in
+        # UTF-8 bytes, times 4 for what normalizers may fold into one character): a longer prompt
+        # cannot fit max_model_len, and is refused before tokenizing it.
+        self.max_prompt_chars = max_model_len * 4 * max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
         self.active = 0
         self.draining = False
 
     # ---- validation ---------------------------------------------------------------------------
-    def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
         has_text, has_ids = bool(request.prompt), len(request.token_ids) > 0
         if has_text == has_ids:
             raise InvalidRequest("prompt: set exactly one of prompt and token_ids")
         if has_text:
-            ids = self.tokenizer.encode(request.prompt)
+            if len(request.prompt) > self.max_prompt_chars:
+                raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit in max_model_len "
+                                     f"{self.max_model_len} tokens")
+            if len(request.prompt) > 4096:  # long: tokenize off the event loop (the tokenizer drops the GIL)
+                ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
+            else:
+                ids = self.tokenizer.encode(request.prompt)
             if not ids:
                 raise InvalidRequest("prompt: encodes to no tokens")
         else:
@@ -68,7 +78,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if bad is not None:
                 raise InvalidRequest(f"token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
-            raise InvalidRequest(f"prompt: {len(ids)} tokens leave no room under max_model_len {self.max_model_len}")
+            field = "prompt" if has_text else "token_ids"
+            raise InvalidRequest(f"{field}: {len(ids)} tokens leave no room under max_model_len {self.max_model_len}")
         return ids
 
     def _sampling(self, request: router_pb2.GenerateRequest, prompt_len: int) -> common_pb2.SamplingParams:
@@ -94,7 +105,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ttft = request.slo.ttft_seconds if request.slo.HasField("ttft_seconds") else None
         tpot = request.slo.tpot_seconds if request.slo.HasField("tpot_seconds") else None
         for name, value in (("slo.ttft_seconds", ttft), ("slo.tpot_seconds", tpot)):
-            if value is not None and value <= 0:
+            if value is not None and not value > 0:  # NaN too
                 raise InvalidRequest(f"{name}: must be > 0, got {value}")
         return self.slo.targets(ttft, tpot)
 
@@ -106,7 +117,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
         try:
-            prompt = self._prompt_ids(request)
+            prompt = await self._prompt_ids(request)
             sampling = self._sampling(request, len(prompt))
             ttft_slo, tpot_slo = self._slo_targets(request)
         except InvalidRequest as exc:
@@ -158,8 +169,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.slo.inflight.dec()
             if state.call is not None:
                 state.call.cancel()  # idempotent; frees the worker's blocks at once whatever ended us
-            if state.handle is not None and not state.decode_dispatched:
-                asyncio.create_task(self._release(state.handle))  # nobody will pull it now
+            if state.handle is not None and not state.decode_started:
+                # No decode worker has confirmed (by streaming a token) that it took the entry:
+                # the request may have ended before the Decode call reached one, or one rejected
+                # it. Release it now rather than leaving it to the TTL. Harmless if a worker did
+                # pull it (the entry is gone) or is pulling it (the release waits for the pull).
+                asyncio.create_task(self._release(state.handle))
 
     def _timeout(self, context) -> float | None:
         remaining = context.time_remaining()
@@ -194,29 +209,34 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _disaggregated(self, state: "_RequestState", timer: RequestTimer):
         if state.handle is None:
+            # a re-prefill after a failover queues afresh: only its own wait counts
+            started = timer.arrived if not state.outputs else time.monotonic()
             ep = pick_prefill(self.registry.eligible("prefill"), exclude=state.failed)
             response = await self._prefill(ep, state)
-            state.prefill_seconds = response.compute_seconds
-            state.queue_seconds = (time.monotonic() - timer.arrived) - response.compute_seconds
+            state.prefill_seconds += response.compute_seconds
+            state.queue_seconds += (time.monotonic() - started) - response.compute_seconds
             state.outputs.append(response.first_token_id)
+            if not response.finish_reason:
+                # recorded before the first token goes out: a cancel during that write must
+                # still find the entry to release
+                state.handle = response.kv
+                state.handle_sent_at = time.monotonic()
+                state.decode_started = False
             yield common_pb2.TokenChunk(token_ids=[response.first_token_id], finish_reason=response.finish_reason,
                                         logprobs=[response.first_logprob] if state.sampling.logprobs else [])
             if response.finish_reason:
                 return
-            state.handle = response.kv
-            state.handle_sent_at = time.monotonic()
-            state.decode_dispatched = False
         ep = pick_decode(self.registry.eligible("decode"), kv_node=state.handle.node_id, exclude=state.failed)
         block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
         ep.reserved_blocks += -(-(state.handle.num_tokens + 1) // block_size)
         request = worker_pb2.DecodeRequest(request_id=state.request_id, prompt_token_ids=state.prompt,
                                            output_token_ids=state.outputs, sampling=state.sampling, kv=state.handle)
         produced = 0
-        state.decode_dispatched = True  # from here the decode worker owns the entry's fate
         try:
             async for chunk in self._stream(ep, ep.stub.Decode(request, timeout=self._timeout(state.context)), state, 0):
                 if produced == 0:
                     state.kv_transfer_seconds = time.monotonic() - state.handle_sent_at
+                    state.decode_started = True  # the worker has the KV: the entry is its business
                 produced += len(chunk.token_ids)
                 yield chunk
         except grpc.aio.AioRpcError:
@@ -305,7 +325,7 @@ class _RequestState:
         self.outputs: list[int] = []
         self.handle: common_pb2.KvHandle | None = None
         self.handle_sent_at = 0.0
-        self.decode_dispatched = False
+        self.decode_started = False  # a decode worker streamed a token from the current handle
         self.call = None  # the streaming worker call in progress, cancelled when the request ends
         self.failed: set[str] = set()
         self.retries = 0

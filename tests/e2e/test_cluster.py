@@ -82,6 +82,27 @@ def test_cancel_mid_stream_frees_decode_blocks_within_a_second(two_node):
     two_node.wait_idle()
 
 
+def test_cancel_right_after_the_first_token_leaves_no_kv_entry(two_node):
+    """Cancels that land just after the first token, while the router is handing the KV to a
+    decode worker (or has not yet): every prefill block and kvstore entry is free within 2 s,
+    not held until the entry's TTL."""
+    async def first_token_then_cancel(stub, i: int):
+        call = stub.Generate(router_pb2.GenerateRequest(
+            prompt=f"cancel me {i} " * 10,
+            sampling=common_pb2.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)))
+        async for _ in call:
+            break
+        call.cancel()
+
+    async def run():
+        async with grpc.aio.insecure_channel(two_node.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            await asyncio.gather(*(first_token_then_cancel(stub, i) for i in range(12)))
+
+    asyncio.run(run())
+    two_node.wait_idle(timeout=2)
+
+
 @pytest.mark.parametrize("request_kwargs, field", [
     (dict(), "prompt"),
     (dict(prompt="hi", token_ids=[1, 2]), "prompt"),
@@ -90,7 +111,9 @@ def test_cancel_mid_stream_frees_decode_blocks_within_a_second(two_node):
     (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), "sampling.top_p"),
     (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-3)), "sampling.top_k"),
     (dict(prompt="hi", slo=router_pb2.SloTargets(ttft_seconds=-1)), "slo.ttft_seconds"),
-    (dict(token_ids=[5] * 5000), "prompt"),
+    (dict(token_ids=[5] * 5000), "token_ids"),
+    (dict(prompt="hi " * 100_000), "prompt"),
+    (dict(prompt="hi", slo=router_pb2.SloTargets(tpot_seconds=float("nan"))), "slo.tpot_seconds"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs, field):
     async def call():
@@ -104,6 +127,30 @@ def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":"), err.value.details()
     two_node.wait_idle(timeout=2)
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument(two_node):
+    """A prompt whose bytes are not UTF-8 (protobuf refuses to parse the message): INVALID_ARGUMENT
+    naming the request, not UNKNOWN; the router keeps serving."""
+    async def call():
+        async with grpc.aio.insecure_channel(two_node.router) as channel:
+            generate = channel.unary_stream("/pdserve.v1.Router/Generate", request_serializer=lambda raw: raw,
+                                            response_deserializer=router_pb2.GenerateResponse.FromString)
+            async for _ in generate(b"\x0a\x02\xff\xfe", timeout=30):  # field 1 (prompt), 2 bytes
+                pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(call())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith("request: cannot be parsed"), err.value.details()
+
+    async def still_serving():
+        async with grpc.aio.insecure_channel(two_node.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            return [r async for r in stub.Generate(router_pb2.GenerateRequest(
+                prompt="hello", sampling=common_pb2.SamplingParams(max_tokens=2)), timeout=30)]
+
+    assert asyncio.run(still_serving())[-1].finish_reason == "length"
 
 
 # ---- disaggregated, one node ----------------------------------------------------------------------

@@ -165,8 +165,9 @@ def reference_worker(trace, a, b, c, pa, pb, max_seqs, total_blocks, bs, colocat
     """pdserve's decode or colocated worker written step by step after services/engine/scheduler.py
     and services/decode/server.py, with a zero-time KV pull. Each engine iteration, at time t:
     requests that arrived by t enter (decode: the admission queue; colocated: the waiting queue);
-    decode admits FCFS while a batch slot and the context's blocks plus a watermark are free,
-    giving each the blocks of its cached tokens; then a prefill batch of waiting sequences runs if
+    decode admits FCFS, while no preempted sequence waits, a batch slot and the context's blocks
+    plus a watermark (while others hold blocks) are free, giving each the blocks of its cached
+    tokens; then a prefill batch of waiting sequences runs if
     one fits (token budget, blocks plus the watermark while others run), else every running
     sequence takes a block if its context crosses one, preempting the newest to the head of the
     waiting queue while blocks are short, and advances one token."""
@@ -188,12 +189,11 @@ def reference_worker(trace, a, b, c, pa, pb, max_seqs, total_blocks, bs, colocat
                 finish[k] = trace[k].arrival_s
             else:
                 (waiting if colocated else admission).append(k)
-        while admission:
+        while admission and not waiting:
             k = admission[0]
-            in_flight = len(running) + len(waiting)
-            if in_flight >= max_seqs:
+            if len(running) >= max_seqs:
                 break
-            if cdiv(P[k] + gen[k]) + watermark > free and not (in_flight == 0 and free == total_blocks):
+            if cdiv(P[k] + gen[k]) + (watermark if running else 0) > free:
                 break
             admission.pop(0)
             held[k] = cdiv(P[k] + gen[k] - 1)

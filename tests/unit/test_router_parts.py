@@ -45,6 +45,13 @@ def test_flags_fall_back_to_environment(monkeypatch):
     args = p.parse_args([])
     assert (args.kv_cache_gb, args.decode, args.verbose, args.port) == (1.5, ["a:1", "b:2"], True, 7)
     assert p.parse_args(["--kv-cache-gb", "3"]).kv_cache_gb == 3.0  # the command line wins
+    # a repeatable flag on the command line replaces the environment's list, not extends it
+    assert p.parse_args(["--decode", "c:3", "--decode", "d:4"]).decode == ["c:3", "d:4"]
+    assert p.parse_args([]).decode == ["a:1", "b:2"]  # the default list is not mutated
+    monkeypatch.delenv("PDSERVE_DECODE")
+    q = FlagParser()
+    q.add_flag("--decode", action="append")
+    assert q.parse_args([]).decode is None and q.parse_args(["--decode", "x:1"]).decode == ["x:1"]
 
 
 def test_slo_accounting_per_request_targets():
