@@ -18,7 +18,7 @@ from pdserve.v1 import common_pb2
 from services.engine import Engine, Sequence, StepOutput
 from services.engine.scheduler import BatchScheduler
 
-from .engine_worker import EngineThread, LoadStats, base_stats, register_kv_gauges
+from .engine_worker import EngineThread, LoadStats, StepFailed, base_stats, register_kv_gauges
 from .metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS
 from .step_log import StepLog
 
@@ -64,6 +64,8 @@ class BatchingMetrics:
             self.recomputes.labels(reason)
         self.generated_tokens = Counter("pdserve_decode_generated_tokens_total", "Tokens produced by this worker.",
                                         registry=registry)
+        self.failed_steps = Counter("pdserve_decode_failed_steps_total",
+                                    "Engine steps that raised; their requests failed with INTERNAL.", registry=registry)
 
 
 class BatchingWorker:
@@ -109,7 +111,14 @@ class BatchingWorker:
             return
         started = time.monotonic()
         lengths = [len(seq.token_ids) for seq in self.scheduler.running] if self.step_log is not None else []
-        outputs = self.scheduler.step()
+        involved = list(self.scheduler.running) + list(self.scheduler.waiting)  # the step takes from these
+        try:
+            outputs = self.scheduler.step()
+        except Exception as exc:  # noqa: BLE001 - e.g. a device error: fail its requests, keep serving
+            log.exception("engine step failed; failing its %d requests", len(involved))
+            self.metrics.failed_steps.inc()
+            self._fail(involved, StepFailed(exc))
+            return
         elapsed = time.monotonic() - started
         if self.step_log is not None and outputs:
             self._log_step(started, elapsed, outputs, lengths)
@@ -155,6 +164,20 @@ class BatchingWorker:
             job.state = "done"
             del self.jobs[out.seq.seq_id]
             self.thread.emit(job.outbox.put_nowait, _DONE)
+
+    def _fail(self, seqs: list[Sequence], error: StepFailed) -> None:
+        """Ends these sequences with `error`: out of the scheduler, blocks freed, streams told."""
+        ids = {id(seq) for seq in seqs}
+        self.scheduler.running = [s for s in self.scheduler.running if id(s) not in ids]
+        for seq in [s for s in self.scheduler.waiting if id(s) in ids]:
+            self.scheduler.waiting.remove(seq)
+        for seq in seqs:
+            self.engine.free(seq)  # whatever it holds (nothing if the step had freed it already)
+            job = self.jobs.pop(seq.seq_id, None)
+            if job is not None:
+                job.state = "done"
+                self.thread.emit(job.outbox.put_nowait, error)
+        self._update_gauges()
 
     def _cancel(self, job: StreamJob) -> None:
         job.cancelled = True

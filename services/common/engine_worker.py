@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import grpc
 import torch
 
 from pdserve.v1 import common_pb2
@@ -145,6 +146,16 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
 
 class InvalidRequest(ValueError):
     """A request field is out of range; the message starts with the field's name."""
+
+
+class StepFailed(RuntimeError):
+    """An engine step raised: the requests in it fail with INTERNAL, their blocks freed, and the
+    worker goes on serving (a failing step must not wedge the engine thread or leak KV)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"engine step failed: {error!r}")
 
 
 def sampling_from_proto(sp: common_pb2.SamplingParams, *, default_max_tokens: int = 16) -> SamplingParams:

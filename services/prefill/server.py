@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import (
-    EngineThread, InvalidRequest, LoadStats, base_stats, register_kv_gauges, validate_generation,
+    EngineThread, InvalidRequest, LoadStats, StepFailed, base_stats, register_kv_gauges, validate_generation,
 )
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
 from services.common.step_log import StepLog
@@ -109,6 +109,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             self.thread.post(lambda: self._cancel(job))
             self.metrics.requests.labels("cancelled").inc()
             raise
+        except StepFailed as exc:
+            self.metrics.requests.labels("failed").inc()
+            await context.abort(exc.code, str(exc))
         response = worker_pb2.PrefillResponse(
             first_token_id=out.token_id, first_logprob=out.logprob, finish_reason=out.finish_reason or "",
             queue_seconds=job.started_at - job.enqueued_at, compute_seconds=job.compute_seconds,
@@ -171,7 +174,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.queued_tokens -= sum(len(s.token_ids) for s in batch)
         self._update_queue_gauges()
         started = time.monotonic()
-        outputs = self.engine.prefill(batch)
+        try:
+            outputs = self.engine.prefill(batch)
+        except Exception as exc:  # noqa: BLE001 - e.g. a device error: fail these prompts, keep serving
+            log.exception("prefill of %d prompts failed", len(batch))
+            for job in jobs:
+                self.engine.free(job.seq)
+                self.thread.emit(_reject, job.future, StepFailed(exc))
+            return
         compute = time.monotonic() - started
         tokens = sum(s.num_cached for s in batch)
         self.load.observe(compute, tokens)
@@ -226,3 +236,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
 def _resolve(future: asyncio.Future, value) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _reject(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

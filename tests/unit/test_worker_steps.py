@@ -1,19 +1,23 @@
-"""The decode worker's admission policy, stepped by hand on a real engine.
+"""The workers' engine-thread logic, stepped by hand on a real engine: the decode worker's
+admission policy, and what a failing engine step does to a decode and a prefill worker.
 
-The KV pull is the one thing not real here: a pull is taken to succeed at once (the kvstore and
-the transfer are tested in tests/integration and tests/e2e); what is checked is which request
-gets blocks when.
+Not real here: the KV pull is taken to succeed at once (the kvstore and the transfer are tested
+in tests/integration and tests/e2e), and a failing step is injected (it stands in for a device
+error, which a CPU run cannot produce).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.batching_worker import new_seq_id
+from services.common.engine_worker import StepFailed
 from services.decode.server import DecodeService
+from services.prefill.server import PrefillJob, PrefillService
 from services.engine import Engine, EngineConfig, SamplingParams, Sequence
 from services.engine.testmodels import get_model
 
@@ -90,6 +94,71 @@ def test_preempted_sequences_resume_before_new_requests_are_admitted():
     assert admitted_while_preempted == []
     assert all(job.state == "done" and job.seq.num_output_tokens == 150 for job in longs)
     assert not service.jobs and service.engine.block_manager.num_free == service.engine.block_manager.num_blocks
+
+
+def _drain(job) -> list:
+    items = []
+    while not job.outbox.empty():
+        items.append(job.outbox.get_nowait())
+    return items
+
+
+def test_a_failing_decode_step_fails_its_requests_frees_their_blocks_and_the_worker_goes_on(monkeypatch):
+    service = _service(num_blocks=64, max_model_len=256)
+    service.thread.loop = asyncio.get_event_loop()
+    emitted = []
+    pull = service.thread.emit
+    service.thread.emit = lambda fn, *args: pull(fn, *args) if fn == service._start_pull else emitted.append((fn, args))
+    jobs = [_submit(service, f"r{i}", context=20 + 10 * i, max_tokens=50) for i in range(3)]
+    for _ in range(3):
+        _step(service)
+    assert [job.state for job in jobs] == ["running"] * 3
+    real_decode = service.engine.runner.decode
+    monkeypatch.setattr(service.engine.runner, "decode", lambda seqs: (_ for _ in ()).throw(RuntimeError("device lost")))
+    _step(service)  # blocks are allocated for the step, then the forward pass raises
+    errors = [args[0] for fn, args in emitted if isinstance(args[0], StepFailed)]
+    assert len(errors) == 3 and "device lost" in str(errors[0])
+    assert all(job.state == "done" for job in jobs) and not service.jobs
+    assert service.scheduler.running == [] and service.scheduler.waiting == deque()
+    assert service.engine.block_manager.num_free == service.engine.block_manager.num_blocks
+    assert service.metrics.failed_steps._value.get() == 1
+    monkeypatch.setattr(service.engine.runner, "decode", real_decode)
+    after = _submit(service, "after", context=30, max_tokens=5)
+    for _ in range(6):
+        _step(service)
+    assert after.state == "done" and after.seq.num_output_tokens == 5
+    assert service.engine.block_manager.num_free == service.engine.block_manager.num_blocks
+
+
+def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_goes_on(monkeypatch):
+    engine = Engine(get_model("llama"), EngineConfig(kv_cache_bytes=4 << 20, max_model_len=256))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    service = PrefillService(engine, kvstore=None, worker_id="prefill-test", node_id="n", model_name="m",
+                             max_num_batched_tokens=8192, max_num_seqs=16, registry=CollectorRegistry())
+    service.thread.loop = loop  # emit() hands results to this loop; run_until_complete delivers them
+
+    def enqueue(n):
+        seq = Sequence.from_prompt(f"p{n}", [5 + i % 40 for i in range(10 + n)],
+                                   SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        job = PrefillJob(seq, loop.create_future())
+        service._enqueue(job)
+        return job
+
+    real_prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda seqs: (_ for _ in ()).throw(RuntimeError("device lost")))
+    failed = [enqueue(n) for n in range(3)]
+    service._step()  # blocks allocated for the batch, then the forward pass raises
+    loop.run_until_complete(asyncio.wait([job.future for job in failed], timeout=5))
+    assert all(isinstance(job.future.exception(), StepFailed) for job in failed)
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    assert not service.waiting and service.queued_tokens == 0
+    monkeypatch.setattr(engine.runner, "prefill", real_prefill)
+    ok = enqueue(5)
+    service._step()
+    loop.run_until_complete(asyncio.wait([ok.future], timeout=5))
+    assert ok.future.result().token_id >= 0 and ok.seq.block_table  # computed, held for publishing
+    loop.close()
 
 
 @pytest.fixture(autouse=True)
