@@ -255,7 +255,15 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             buffer = table.host.allocate(entry.kv_id, entry.num_blocks, entry.block_bytes,
                                          pin_memory=entry.pool.rows.is_cuda)
             rows, ids = entry.source()
-            await asyncio.to_thread(copy_blocks, rows, ids, buffer, list(range(entry.num_blocks)))
+            try:
+                await asyncio.to_thread(copy_blocks, rows, ids, buffer, list(range(entry.num_blocks)))
+            except Exception:  # the entry stays on the device: a later sweep retries, or it expires
+                log.exception("moving %s to the host tier failed", entry.kv_id)
+                table.host.free(entry.kv_id)
+                return False
+            except BaseException:
+                table.host.free(entry.kv_id)
+                raise
             if entry.dropped:  # released or its pool went away during the copy
                 table.host.free(entry.kv_id)
                 return True

@@ -194,3 +194,30 @@ def test_dropping_a_pool_forgets_its_device_entries_but_keeps_host_ones(table_an
     assert table.drop_pool(record.pool_id) == 1
     assert list(table.entries) == ["b"] and table.count("host") == 1
     assert record.events.get_nowait() is None  # ends the watch stream
+
+
+def test_a_failed_move_to_the_host_tier_gives_its_bytes_back(monkeypatch):
+    """The TTL sweep copies an entry into the host tier; if that copy raises (here injected: CPU
+    copies do not fail), the reserved host bytes are returned and the entry stays pullable on the
+    device, so the next sweep can try again (or expire it after the host TTL)."""
+    from prometheus_client import CollectorRegistry
+
+    from services.kvstore import daemon as daemon_module
+
+    daemon = daemon_module.KvStoreDaemon(daemon_module.KvStoreConfig(node_id="n", ttl_seconds=0.0),
+                                         CollectorRegistry())
+    pool = KvPool.allocate(LAYOUT)
+    record = daemon.table.add_pool("w", pool)
+    daemon.table.publish(record.pool_id, "a", [1, 2], 8)
+
+    def failing_copy(*args):
+        raise OSError("copy failed")
+
+    monkeypatch.setattr(daemon_module, "copy_blocks", failing_copy)
+    asyncio.run(daemon.sweep())
+    assert daemon.table.host.used_bytes == 0
+    assert daemon.table.count("device") == 1 and daemon.table.count("host") == 0
+    monkeypatch.setattr(daemon_module, "copy_blocks", copy_blocks)
+    asyncio.run(daemon.sweep())  # the retry moves it
+    assert daemon.table.count("host") == 1 and daemon.table.host.used_bytes == 2 * LAYOUT.block_bytes
+    pool.close()
