@@ -93,3 +93,58 @@ def test_prefill_policy_least_estimated_queue_delay():
                 await server.stop(None)
 
     asyncio.run(run())
+
+
+def test_router_readiness_follows_its_workers_for_the_server_and_the_service_name(tmp_path):
+    """A real router process: NOT_SERVING (both for the server, "", and for pdserve.v1.Router, which
+    a probe may name) until a prefill and a decode worker answer Stats polls, then SERVING."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    router_port, prefill_port, decode_port = free_port(), free_port(), free_port()
+    log_path = tmp_path / "router.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.router", "--host", "127.0.0.1", "--port", str(router_port),
+         "--metrics-port", "-1", "--prefill", f"127.0.0.1:{prefill_port}", "--decode", f"127.0.0.1:{decode_port}",
+         "--poll-interval", "0.2"],
+        cwd=root, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+    def statuses() -> tuple[int, int] | None:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{router_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                return tuple(stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+                             for name in ("", "pdserve.v1.Router"))
+        except grpc.RpcError:
+            return None  # not up yet
+
+    def wait_for(want, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while (got := statuses()) != want:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"health {got}, wanted {want}:\n{log_path.read_text()}"
+            time.sleep(0.1)
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        wait_for((not_serving, not_serving))
+
+        async def with_workers():
+            servers = [await _serve(f"127.0.0.1:{prefill_port}", FakeWorkerStats(role="prefill", kv_blocks_total=10)),
+                       await _serve(f"127.0.0.1:{decode_port}", FakeWorkerStats(role="decode", kv_blocks_total=10))]
+            try:
+                await asyncio.to_thread(wait_for, (serving, serving))
+            finally:
+                for server in servers:
+                    await server.stop(None)
+            await asyncio.to_thread(wait_for, (not_serving, not_serving))  # workers gone: not ready again
+
+        asyncio.run(with_workers())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
