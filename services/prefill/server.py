@@ -122,10 +122,13 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             return response
         kv_id = f"{self.worker_id}/{seq.seq_id}/{uuid.uuid4().hex[:8]}"
         self.thread.post(lambda: self.held.__setitem__(kv_id, seq))
+        # Not cancelled with the request: a Publish cut short may still be recorded by the daemon
+        # after our Release found nothing, leaving an entry on blocks freed here.
+        publish = asyncio.ensure_future(self.kvstore.publish(kv_id, list(seq.block_table), num_tokens=seq.num_cached))
         try:
-            handle = await self.kvstore.publish(kv_id, list(seq.block_table), num_tokens=seq.num_cached)
+            handle = await asyncio.shield(publish)
         except asyncio.CancelledError:
-            asyncio.create_task(self._abandon(kv_id))
+            asyncio.create_task(self._abandon(kv_id, publish))
             raise
         except grpc.aio.AioRpcError as exc:
             self.thread.post(lambda: self._free_entry(kv_id))
@@ -210,9 +213,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.queue_requests.set(len(self.waiting))
         self.metrics.queue_tokens.set(self.queued_tokens)
 
-    async def _abandon(self, kv_id: str) -> None:
-        """Drops an entry nobody will pull. The blocks are freed on the daemon's RELEASED event,
-        or here if the daemon never recorded the entry (a publish cut short)."""
+    async def _abandon(self, kv_id: str, publish: asyncio.Future | None = None) -> None:
+        """Drops an entry nobody will pull, once its publish (if still running) has ended. The
+        blocks are freed on the daemon's RELEASED event, or here if the daemon has no entry."""
+        if publish is not None:
+            try:
+                await publish
+            except Exception:  # noqa: BLE001 - never recorded: free the blocks below
+                pass
         try:
             released = await self.kvstore.release(common_pb2.KvHandle(kv_id=kv_id, kvstore_address=self.kvstore.address))
         except grpc.aio.AioRpcError:
