@@ -127,6 +127,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
         state = _RequestState(prompt, sampling, request_id, context)
         finish_reason = "error"
+        judged = False  # slo.finish ran: a cancel during the last write must not count it twice
         self.active += 1
         self.slo.inflight.inc()
         try:
@@ -141,6 +142,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     finish_reason = chunk.finish_reason
                     response.text += detok.flush()
                     ttft_met, tpot_met = self.slo.finish(timer, finish_reason, len(prompt), ttft_slo, tpot_slo)
+                    judged = True
                     if state.queue_seconds:
                         self.slo.queue.observe(state.queue_seconds)
                     response.finish_reason = finish_reason
@@ -155,8 +157,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if chunk.finish_reason:
                     return
         except asyncio.CancelledError:
-            finish_reason = "cancelled"
-            self.slo.finish(timer, finish_reason, len(prompt), ttft_slo, tpot_slo)
+            if not judged:
+                self.slo.finish(timer, "cancelled", len(prompt), ttft_slo, tpot_slo)
             raise
         except NoWorkerError as exc:
             self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
@@ -164,6 +166,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except grpc.aio.AioRpcError as exc:
             self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
             await context.abort(exc.code(), f"worker call failed: {exc.details()}")
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise  # an abort on its way out, or the call already over
+        except Exception as exc:  # noqa: BLE001 - a router bug: counted, and a clear status, not UNKNOWN
+            if judged:
+                raise
+            log.exception("request %s failed", request_id)
+            self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
+            await context.abort(grpc.StatusCode.INTERNAL, f"router error: {exc!r}")
         finally:
             self.active -= 1
             self.slo.inflight.dec()

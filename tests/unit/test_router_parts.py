@@ -68,3 +68,46 @@ def test_slo_accounting_per_request_targets():
     assert slo.window_attainment() == pytest.approx(2 / 3)
     slo.finish(RequestTimer(arrived=0.0), "cancelled", 10, 0.25, 0.1)  # not judged
     assert slo.slo_requests._value.get() == 3 and slo.slo_met._value.get() == 2
+
+
+def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
+    """A bug inside the router (here: a worker registry that raises) reaches the client as
+    INTERNAL with the error, not UNKNOWN, and counts as an errored request; the server goes on."""
+    import asyncio
+
+    import grpc
+
+    from pdserve.v1 import router_pb2, router_pb2_grpc
+    from services.launcher import free_port
+    from services.router.server import RouterService
+
+    class BrokenRegistry:
+        roles = {"prefill", "decode"}
+
+        def eligible(self, role):
+            raise RuntimeError("registry bug")
+
+    registry = CollectorRegistry()
+    slo = SloTracker(registry, ttft_slo=1.0, tpot_slo=1.0, window_seconds=60)
+
+    async def run():
+        service = RouterService(BrokenRegistry(), tokenizer, model_id="m", max_model_len=256, vocab_size=1024, slo=slo)
+        server = grpc.aio.server()
+        router_pb2_grpc.add_RouterServicer_to_server(service, server)
+        port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                for _ in range(2):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        async for _ in stub.Generate(router_pb2.GenerateRequest(prompt="hi"), timeout=10):
+                            pass
+                    assert err.value.code() == grpc.StatusCode.INTERNAL
+                    assert "registry bug" in err.value.details()
+        finally:
+            await server.stop(None)
+            await service.kvstore.close()
+
+    asyncio.run(run())
+    assert slo.requests.labels("error")._value.get() == 2
