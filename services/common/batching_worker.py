@@ -39,6 +39,7 @@ class StreamJob:
     cancelled: bool = False
     handle: common_pb2.KvHandle | None = None
     unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
+    prefilled: bool = False  # its first prefill here was reported (TokenChunk.queue_seconds)
 
 
 class BatchingMetrics:
@@ -133,8 +134,9 @@ class BatchingWorker:
             self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = self.scheduler.num_preemptions
         self.metrics.generated_tokens.inc(len(outputs))
+        prefilled = self.scheduler.last_step_kind == "prefill"
         for out in outputs:
-            self._deliver(out)
+            self._deliver(out, (started, elapsed) if prefilled else None)
         self._update_gauges()
 
     def _log_step(self, started: float, elapsed: float, outputs: list[StepOutput], lengths: list[int]) -> None:
@@ -146,11 +148,15 @@ class BatchingWorker:
         record.update(running_after=len(self.scheduler.running), seconds=round(elapsed, 6))
         self.step_log.write(record)
 
-    def _deliver(self, out: StepOutput) -> None:
+    def _deliver(self, out: StepOutput, prefill: tuple[float, float] | None = None) -> None:
+        """prefill: (started, seconds) when `out` comes from a prefill step."""
         job = self.jobs.get(out.seq.seq_id)
         if job is None:
             return
         chunk = job.unsent or common_pb2.TokenChunk()
+        if prefill is not None and not job.prefilled:  # (a recompute after preemption is not a wait)
+            job.prefilled = True
+            chunk.queue_seconds, chunk.prefill_seconds = prefill[0] - job.enqueued_at, prefill[1]
         chunk.token_ids.append(out.token_id)
         if out.seq.sampling.logprobs:
             chunk.logprobs.append(out.logprob)

@@ -215,6 +215,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                                    sampling=state.sampling, resumed_output_ids=state.outputs)
         async for chunk in self._stream(ep, ep.stub.Generate(request, timeout=self._timeout(state.context)), state,
                                         len(state.prompt) + len(state.outputs)):
+            if chunk.prefill_seconds:  # the worker's own queue and prefill; after a failover, added up
+                state.queue_seconds += chunk.queue_seconds
+                state.prefill_seconds += chunk.prefill_seconds
             yield chunk
 
     async def _disaggregated(self, state: "_RequestState", timer: RequestTimer):

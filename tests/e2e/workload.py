@@ -86,6 +86,10 @@ def check_outputs(workload, results, tokenizer) -> None:
         assert last.usage.prompt_tokens == len(item["ids"]) and last.usage.completion_tokens == len(tokens)
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)
         assert last.timing.ttft_seconds > 0 and last.timing.e2e_seconds >= last.timing.ttft_seconds
+        # where the first token's time went, reported by the worker that prefilled (either mode)
+        timing = last.timing
+        assert timing.prefill_seconds > 0 and timing.queue_seconds >= 0
+        assert timing.queue_seconds + timing.prefill_seconds <= timing.ttft_seconds
 
 
 def expected_kv_bytes(workload, model_dir) -> int:
