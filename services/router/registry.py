@@ -110,6 +110,7 @@ class WorkerRegistry:
                         await ep.channel.close()
 
     async def _poll(self, ep: Endpoint) -> None:
+        reserved_before = ep.reserved_blocks  # dispatches during the poll may not be in its answer
         try:
             ep.stats = await ep.stats_stub.Stats(common_pb2.StatsRequest(), timeout=self.stats_timeout)
         except grpc.aio.AioRpcError:
@@ -123,7 +124,7 @@ class WorkerRegistry:
             self._changed.set()
         ep.healthy, ep.draining, ep.consecutive_failures = True, ep.stats.draining, 0
         ep.last_ok = time.monotonic()
-        ep.reserved_blocks = 0  # the poll now reflects what was dispatched before it
+        ep.reserved_blocks -= reserved_before  # the answer reflects what was dispatched before the poll
 
     async def refresh(self) -> None:
         await self._resolve()
