@@ -153,14 +153,12 @@ class ServiceRunner:
         self.server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
         self.bound_port = 0
-        self.service_names: list[str] = []
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], Iterable[str]]) -> None:
         self.server = grpc.aio.server(
             interceptors=[MessageSizeInterceptor(self.registry)], options=GRPC_OPTIONS
         )
         names = list(add_servicers(self.server))
-        self.service_names = names
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -181,8 +179,10 @@ class ServiceRunner:
         """Readiness: a service that cannot do its job yet (the router without workers) reports
         NOT_SERVING while its server is up, so liveness probes pass and readiness ones wait."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in [""] + self.service_names:  # a probe may ask for the server or for a service by name
-            await self.health.set(name, status)
+        # Only the server's overall status (""): the services' own names stay SERVING while the
+        # process is up, because startup and liveness probes ask for them (deploy/helm) and a
+        # router waiting for workers must not be restarted for it.
+        await self.health.set("", status)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

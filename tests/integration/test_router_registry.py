@@ -96,8 +96,10 @@ def test_prefill_policy_least_estimated_queue_delay():
 
 
 def test_router_readiness_follows_its_workers_for_the_server_and_the_service_name(tmp_path):
-    """A real router process: NOT_SERVING (both for the server, "", and for pdserve.v1.Router, which
-    a probe may name) until a prefill and a decode worker answer Stats polls, then SERVING."""
+    """A real router process: the server's status ("", the readiness probe's) is NOT_SERVING until a
+    prefill and a decode worker answer Stats polls, SERVING while they do, NOT_SERVING when they go;
+    pdserve.v1.Router (the startup and liveness probes') stays SERVING throughout: a router waiting
+    for workers must not be restarted."""
     import os
     import subprocess
     import sys
@@ -132,7 +134,7 @@ def test_router_readiness_follows_its_workers_for_the_server_and_the_service_nam
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     try:
-        wait_for((not_serving, not_serving))
+        wait_for((not_serving, serving))
 
         async def with_workers():
             servers = [await _serve(f"127.0.0.1:{prefill_port}", FakeWorkerStats(role="prefill", kv_blocks_total=10)),
@@ -142,7 +144,7 @@ def test_router_readiness_follows_its_workers_for_the_server_and_the_service_nam
             finally:
                 for server in servers:
                     await server.stop(None)
-            await asyncio.to_thread(wait_for, (not_serving, not_serving))  # workers gone: not ready again
+            await asyncio.to_thread(wait_for, (not_serving, serving))  # workers gone: not ready, still live
 
         asyncio.run(with_workers())
     finally:
