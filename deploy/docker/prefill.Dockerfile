@@ -41,13 +41,16 @@ RUN pip install . \
 # ---- runtime: the same base, the virtualenv, a non-root user -------------------------------------
 FROM ${CUDA_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
+# gcc, libc headers and Python.h: Triton compiles its CUDA driver module on first use (the engine's
+# kernels on GPU); without a C compiler at run time the first forward pass fails.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 pdserve \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/pdserve pdserve
 COPY --from=builder /opt/pdserve /opt/pdserve
 ENV PATH=/opt/pdserve/bin:$PATH \
+    CC=gcc \
     PYTHONUNBUFFERED=1 \
     PDSERVE_CACHE=/home/pdserve/.cache/pdserve
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.

@@ -73,7 +73,7 @@ PROBE = obj({"periodSeconds": integer(1), "timeoutSeconds": integer(1), "failure
 PROBES = obj({"startup": PROBE, "readiness": PROBE, "liveness": PROBE}, required=("startup", "readiness", "liveness"))
 PDB = obj({"enabled": BOOL, "maxUnavailable": {"type": ["integer", "string"]},
            "minAvailable": {"type": ["integer", "string"]}})
-SERVICE_MONITOR = obj({"enabled": BOOL, "interval": string(pattern="^[0-9]+(ms|s|m|h)$"), "labels": STRING_MAP})
+SERVICE_MONITOR = obj({"enabled": BOOL, "interval": string(pattern="^([0-9]+(ms|s|m|h|d|w|y))+$"), "labels": STRING_MAP})
 DASHBOARDS = obj({"enabled": BOOL, "labels": STRING_MAP, "annotations": STRING_MAP})
 RESOURCES = obj({"requests": {"type": "object", "additionalProperties": QUANTITY},
                  "limits": {"type": "object", "additionalProperties": QUANTITY}})

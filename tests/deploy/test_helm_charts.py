@@ -142,6 +142,18 @@ def test_decode_stream_interval_reaches_the_worker(renders, parsers):
     assert parse_container(container_of(tuned), parsers["decode"]).stream_interval == 4
 
 
+def test_large_integers_and_an_explicit_zero_render_as_given(renders, parsers):
+    objects = renders["pdserve-options"]
+    (prefill,) = workloads(objects, "prefill")
+    args = parse_container(container_of(prefill), parsers["prefill"])
+    assert (args.max_model_len, args.max_num_batched_tokens) == (1048576, 2000000)
+    budgets = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PodDisruptionBudget"}
+    assert budgets["pd-decode"]["maxUnavailable"] == 0  # blocks voluntary evictions, as asked
+    assert budgets["pd-prefill"]["maxUnavailable"] == 1  # the default
+    monitors = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceMonitor"}
+    assert monitors["pd-router"]["spec"]["endpoints"][0]["interval"] == "1m30s"
+
+
 def test_health_services_exist_in_the_protos():
     from pdserve.v1 import common_pb2, kvstore_pb2, router_pb2, worker_pb2
 

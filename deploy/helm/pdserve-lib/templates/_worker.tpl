@@ -123,9 +123,9 @@ spec:
             - --node-id=$(K8S_NODE_NAME)
             - --device={{ $v.device }}
             - --dtype={{ $v.dtype }}
-            - --max-num-seqs={{ $v.maxNumSeqs }}
+            - --max-num-seqs={{ $v.maxNumSeqs | int64 }}
             {{- with $v.maxBatchedTokens }}
-            - --max-num-batched-tokens={{ . }}
+            - --max-num-batched-tokens={{ . | int64 }}
             {{- end }}
             {{- with $v.gpuMemoryUtilization }}
             - --gpu-memory-utilization={{ . }}
@@ -134,10 +134,10 @@ spec:
             - --kv-cache-gb={{ . }}
             {{- end }}
             {{- with $v.maxModelLen }}
-            - --max-model-len={{ . }}
+            - --max-model-len={{ . | int64 }}
             {{- end }}
             {{- with $v.streamInterval }}
-            - --stream-interval={{ . }}
+            - --stream-interval={{ . | int64 }}
             {{- end }}
             {{- with $v.extraArgs }}
             {{- toYaml . | nindent 12 }}
@@ -207,7 +207,8 @@ spec:
   {{- if hasKey .Values.podDisruptionBudget "minAvailable" }}
   minAvailable: {{ .Values.podDisruptionBudget.minAvailable }}
   {{- else }}
-  maxUnavailable: {{ .Values.podDisruptionBudget.maxUnavailable | default 1 }}
+  {{- /* not `default`: it would turn an explicit 0 (block voluntary evictions) into 1 */}}
+  maxUnavailable: {{ hasKey .Values.podDisruptionBudget "maxUnavailable" | ternary .Values.podDisruptionBudget.maxUnavailable 1 }}
   {{- end }}
   selector:
     matchLabels:
