@@ -7,6 +7,26 @@ import asyncio
 import sys
 
 
+def run_command(func, args) -> int:
+    """Runs a subcommand; a user's mistake (bad value, missing or malformed file) becomes one line on
+    stderr and exit status 2, not a traceback."""
+    try:
+        return func(args) or 0
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def generate_main(args) -> int:
     """Streams one request through a running router and prints text and timings."""
     import grpc
@@ -26,7 +46,13 @@ def generate_main(args) -> int:
                     print(f"\n[{response.finish_reason}] {response.usage.completion_tokens} tokens, "
                           f"TTFT {t.ttft_seconds * 1e3:.1f} ms, TPOT {t.tpot_seconds * 1e3:.1f} ms")
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except grpc.RpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -49,9 +75,9 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="stream one request through a router")
     gen.add_argument("prompt")
     gen.add_argument("--router", default="127.0.0.1:7000")
-    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--max-tokens", type=at_least(1), default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=at_least(0), default=None)
     gen.set_defaults(func=generate_main)
 
     from .planner.cli import add_subparsers as add_plan
@@ -59,7 +85,7 @@ def main(argv=None) -> int:
     add_plan(sub)  # pdserve plan profile|simulate|search
 
     args = ap.parse_args(argv)
-    return args.func(args) or 0
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .cli import at_least
+
 PROMPTS = [
     "Once upon a time there lived a little fox who loved numbers",
     "The prefill worker computes the key value cache of the prompt",
@@ -22,8 +24,8 @@ PROMPTS = [
 
 def add_demo_arguments(ap) -> None:
     ap.add_argument("--model", default="", help="checkpoint folder (default: the embedded tiny model)")
-    ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--max-tokens", type=at_least(1), default=24)
+    ap.add_argument("--nodes", type=at_least(1), default=2)
     ap.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
     ap.add_argument("--log-dir", default="results/demo-logs")
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -176,6 +177,10 @@ def health_status(address: str, timeout: float = 1.0) -> int:
         return health_pb2.HealthCheckResponse.UNKNOWN
 
 
+class StartCancelled(Exception):
+    pass
+
+
 class Cluster:
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
@@ -189,14 +194,19 @@ class Cluster:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         with open(proc.log, "a" if append_log else "w") as log:
-            popen = subprocess.Popen(proc.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            # Its own session: a terminal's Ctrl-C reaches only the launcher, which then stops the
+            # services in order (router first) instead of all of them draining at once.
+            popen = subprocess.Popen(proc.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                     start_new_session=True)
         proc.pid = popen.pid
         self._popen[proc.name] = popen
 
-    def _wait_serving(self, procs: list[ServiceProcess], timeout: float) -> None:
+    def _wait_serving(self, procs: list[ServiceProcess], timeout: float, cancelled=lambda: False) -> None:
         deadline = time.monotonic() + timeout
         pending = list(procs)
         while pending:
+            if cancelled():
+                raise StartCancelled("stop requested while starting")
             for proc in list(pending):
                 code = self._popen[proc.name].poll()
                 if code is not None:
@@ -220,13 +230,14 @@ class Cluster:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 180.0, progress=print) -> None:
-        """Starts in dependency order: kvstore daemons, workers, router."""
+    def start(self, timeout: float = 180.0, progress=print, cancelled=lambda: False) -> None:
+        """Starts in dependency order: kvstore daemons, workers, router. Raises StartCancelled
+        as soon as `cancelled()` turns true (a Ctrl-C while a large model loads)."""
         for roles in (("kvstore",), ("prefill", "decode", "colocated"), ("router",)):
             group = [p for p in self.procs if p.role in roles]
             for proc in group:
                 self._start(proc)
-            self._wait_serving(group, timeout)
+            self._wait_serving(group, timeout, cancelled)
             for proc in group:
                 progress(f"  {proc.name:<14} {proc.grpc:<22} metrics {proc.metrics:<22} node {proc.node}")
 
@@ -277,14 +288,16 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
                     help="write a Prometheus config scraping this cluster (with deploy/prometheus rules) here")
     ap.add_argument("--on-exit", choices=["restart", "stop"], default="restart",
                     help="when a service dies: start it again (up to 3 times) or stop the whole cluster")
-    ap.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
+    ap.add_argument("--worker-arg", action="append", default=[],
+                    help='extra flags for every worker (repeatable): "--dtype bfloat16", or --worker-arg=--no-cuda-graphs '
+                         "for a flag without a value")
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
     ap.add_argument("--kvstore-arg", action="append", default=[], help="extra flag for every kvstore (repeatable)")
 
 
 def spec_from_args(args) -> ClusterSpec:
-    def split_flags(values):
-        return [part for v in values for part in v.split(" ", 1)]
+    def split_flags(values):  # "--a 1 --b 'x y'" -> ["--a", "1", "--b", "x y"]
+        return [part for v in values for part in shlex.split(v)]
 
     return ClusterSpec(
         model=args.model, mode=args.mode, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
@@ -295,10 +308,26 @@ def spec_from_args(args) -> ClusterSpec:
     )
 
 
+def _check_args(args, spec: ClusterSpec) -> None:
+    counts = {"--nodes": spec.nodes}
+    counts.update({"--prefill": spec.prefill, "--decode": spec.decode} if spec.mode == "disaggregated"
+                  else {"--colocated": spec.colocated})
+    for flag, value in counts.items():
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
+    for flag, path in (("--ready-file", args.ready_file), ("--prometheus-config", args.prometheus_config)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if path and not os.path.isdir(folder):
+            raise SystemExit(f"{flag}: folder {folder} does not exist")
+    if spec.model and not os.path.isfile(os.path.join(spec.model, "config.json")):
+        raise SystemExit(f"--model: {spec.model} is not a checkpoint folder (no config.json)")
+
+
 def up(args) -> int:
     spec = spec_from_args(args)
-    if spec.mode == "disaggregated" and spec.nodes < 1:
-        raise SystemExit("--nodes must be >= 1")
+    _check_args(args, spec)
+    if args.ready_file and os.path.exists(args.ready_file):
+        os.remove(args.ready_file)  # a stale file would point scripts at a dead cluster
     cluster = Cluster(spec)
     stop = {"requested": False}
 
@@ -309,39 +338,52 @@ def up(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     print(f"starting {spec.mode} cluster ({spec.nodes} node(s)); logs in {spec.log_dir}/", flush=True)
     try:
-        cluster.start()
-    except Exception as exc:
-        print(f"cluster failed to start: {exc}", file=sys.stderr, flush=True)
-        cluster.stop(grace=5)
-        return 1
-    info = cluster.info()
-    if args.prometheus_config:
-        import yaml
+        try:
+            cluster.start(cancelled=lambda: stop["requested"])
+        except StartCancelled:
+            print("stop requested while starting", flush=True)
+            # a service still importing has no SIGTERM handler yet and dies of the signal: expected
+            return 0 if _stopped_cleanly(cluster, also_ok=(-signal.SIGTERM,)) else 1
+        except Exception as exc:
+            print(f"cluster failed to start: {exc}", file=sys.stderr, flush=True)
+            cluster.stop(grace=5)
+            return 1
+        info = cluster.info()
+        if args.prometheus_config:
+            import yaml
 
-        with open(args.prometheus_config, "w") as f:
-            yaml.safe_dump(prometheus_config(info), f, sort_keys=False)
-    if args.ready_file:
-        tmp = args.ready_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(tmp, args.ready_file)
-    print(f"ready: router at {info['router']} (Ctrl-C to stop)", flush=True)
-    while not stop["requested"]:
-        for proc in cluster.procs:
-            code = cluster._popen[proc.name].poll()
-            if code is None:
-                continue
-            if args.on_exit == "restart" and cluster.restarts.get(proc.name, 0) < MAX_RESTARTS:
-                print(f"{proc.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
-                cluster.restart(proc)
-            else:
-                print(f"{proc.name} exited with code {code}; stopping the cluster", file=sys.stderr, flush=True)
-                stop["requested"] = True
-                break
-        time.sleep(0.2)
-    print("stopping...", flush=True)
+            with open(args.prometheus_config, "w") as f:
+                yaml.safe_dump(prometheus_config(info), f, sort_keys=False)
+        if args.ready_file:
+            tmp = args.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=2)
+            os.replace(tmp, args.ready_file)
+        print(f"ready: router at {info['router']} (Ctrl-C to stop)", flush=True)
+        while not stop["requested"]:
+            for proc in cluster.procs:
+                code = cluster._popen[proc.name].poll()
+                if code is None:
+                    continue
+                if args.on_exit == "restart" and cluster.restarts.get(proc.name, 0) < MAX_RESTARTS:
+                    print(f"{proc.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
+                    cluster.restart(proc)
+                else:
+                    print(f"{proc.name} exited with code {code}; stopping the cluster", file=sys.stderr, flush=True)
+                    stop["requested"] = True
+                    break
+            time.sleep(0.2)
+        print("stopping...", flush=True)
+        return 0 if _stopped_cleanly(cluster) else 1
+    finally:
+        cluster.stop(grace=5)  # whatever ended us (a no-op after a clean stop)
+        if args.ready_file and os.path.exists(args.ready_file):
+            os.remove(args.ready_file)
+
+
+def _stopped_cleanly(cluster: Cluster, also_ok: tuple[int, ...] = ()) -> bool:
     codes = cluster.stop()
-    bad = {n: c for n, c in codes.items() if c != 0}
+    bad = {n: c for n, c in codes.items() if c != 0 and c not in also_ok}
     if bad:
         print(f"unclean exits: {bad}", file=sys.stderr)
-    return 0 if not bad else 1
+    return not bad

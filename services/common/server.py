@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # Control messages are small; KV never travels over gRPC. A generous cap still catches misuse.
 MAX_MESSAGE_BYTES = 16 << 20
 GRPC_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start "fine" and
+    # the kernel would split connections between the two (two clusters on the default port).
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),

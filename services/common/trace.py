@@ -46,17 +46,25 @@ def read_trace(path: str) -> list[TraceRequest]:
             line = line.strip()
             if not line:
                 continue
-            raw = json.loads(line)
             try:
-                requests.append(TraceRequest(
+                raw = json.loads(line)
+                request = TraceRequest(
                     arrival_s=float(raw["arrival_s"]),
                     prompt_tokens=int(raw["prompt_tokens"]),
                     output_tokens=int(raw["output_tokens"]),
                     prompt=raw.get("prompt"),
                     request_id=raw.get("request_id"),
-                ))
+                )
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
             except KeyError as e:
                 raise ValueError(f"{path}:{line_no}: missing field {e}") from None
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line_no}: {e}") from None
+            if request.prompt_tokens < 1 or request.output_tokens < 1 or request.arrival_s < 0:
+                raise ValueError(f"{path}:{line_no}: prompt_tokens and output_tokens must be >= 1 and "
+                                 f"arrival_s >= 0")
+            requests.append(request)
     requests.sort(key=lambda r: r.arrival_s)
     return requests
 

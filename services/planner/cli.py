@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_commands(parser.add_subparsers(dest="plan_command", required=True, metavar="{profile,simulate,search}"))
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    from services.cli import run_command
+
+    return run_command(args.func, args)
 
 
 def _add_commands(sub) -> None:
@@ -96,6 +98,25 @@ def _apply_overheads(profile, args) -> None:
         profile.transfer.fixed_s = args.transfer_ms / 1000
     if getattr(args, "transfer_gbps", None) is not None:
         profile.transfer.bytes_per_s = args.transfer_gbps * GB or None
+
+
+def _positive_floats(flag: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: comma-separated numbers, got {text!r}") from None
+    if not all(v > 0 for v in values):
+        raise ValueError(f"{flag}: every value must be > 0, got {text!r}")
+    return values
+
+
+def _check_out_folder(path: str, create: bool = False) -> None:
+    """Before the work, not after it: a long run must not end on a missing output folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if create:
+        os.makedirs(folder, exist_ok=True)
+    elif not os.path.isdir(folder):
+        raise ValueError(f"output folder {folder} does not exist")
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -174,6 +195,7 @@ def cmd_profile(args) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        _check_out_folder(args.out)
         model_dir, model_config = _engine_source(args.model)
         config = EngineConfig(dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_mib << 20,
                               max_num_seqs=args.max_num_seqs, enable_cuda_graphs=not args.no_cuda_graphs)
@@ -252,6 +274,14 @@ def cmd_simulate(args) -> int:
         _apply_overheads(prof, args)
         return prof
 
+    counts = ({"--num-colocated": args.num_colocated} if args.mode == "colocated"
+              else {"--num-prefill": args.num_prefill, "--num-decode": args.num_decode})
+    if any(n < 0 for n in counts.values()) or not any(counts.values()):
+        raise ValueError(f"{' and '.join(counts)}: need at least one instance, and no negative counts "
+                         f"(0 prefill or 0 decode instances simulates the other phase alone), got "
+                         f"{', '.join(f'{k} {v}' for k, v in counts.items())}")
+    rates = _positive_floats("--rates", args.rates) if args.rates else [None]
+    _check_out_folder(args.out)
     if args.mode == "colocated":
         profiles = {"colocated_profile": load(args.profile or args.prefill_profile)}
     else:
@@ -270,11 +300,12 @@ def cmd_simulate(args) -> int:
     else:
         base_rate = args.rate
         trace = make_trace(args.workload, args.rate, args.num_requests, args.seed, cv=args.cv, scale=args.scale)
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
+    if not trace:
+        raise ValueError(f"{args.trace or '--num-requests'}: no requests to simulate")
     slo = Slo(args.slo_ttft, args.slo_tpot)
     runs = []
     for rate in tqdm(rates, desc="simulating", unit="rate", disable=len(rates) == 1):
-        replay = rescale_rate(trace, rate, from_rate=base_rate) if rate else trace
+        replay = rescale_rate(trace, rate, from_rate=base_rate) if rate is not None else trace
         start = time.perf_counter()
         result = simulate(config, replay, slo)
         run = result.to_json()
@@ -328,6 +359,14 @@ def _add_search(p) -> None:
 
 
 def cmd_search(args) -> int:
+    if not 0 < args.attainment <= 1:
+        raise ValueError(f"--attainment: a fraction in (0, 1], got {args.attainment}")
+    if not args.rel_tol > 0:
+        raise ValueError(f"--rel-tol: must be > 0, got {args.rel_tol}")
+    for flag in ("nodes", "gpus_per_node"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    _check_out_folder(os.path.join(args.out_dir, "x"), create=True)
     from .hardware import get_model_shape
     from .plan_output import write_plan
     from .search import SearchSpec, search

@@ -186,4 +186,10 @@ class LatencyProfile:
     @classmethod
     def load(cls, path: str) -> "LatencyProfile":
         with open(path) as f:
-            return cls.from_json(json.load(f))
+            try:
+                return cls.from_json(json.load(f))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not JSON ({e})") from None
+            except (KeyError, TypeError) as e:  # a missing or unexpected field
+                raise ValueError(f"{path}: not a latency profile ({type(e).__name__}: {e}); "
+                                 "write one with `pdserve plan profile`") from None

@@ -342,6 +342,9 @@ class PlacementSearch:
         p, d = self._choose_phases(candidates)
         total = s.cluster.total_gpus
         rate = s.rate if s.rate is not None else _max_rate_two_pools(p, d, total)
+        if rate <= 0:
+            raise ValueError(f"the cluster's {total} GPUs cannot hold one prefill instance ({p.num_gpus} GPUs) and "
+                             f"one decode instance ({d.num_gpus} GPUs)")
         n_p, n_d = math.ceil(rate / p.goodput), math.ceil(rate / d.goodput)
         if n_p * p.num_gpus + n_d * d.num_gpus > total:
             raise ValueError(f"covering {rate:.2f} req/s needs {n_p} prefill x {p.num_gpus} + {n_d} decode x "

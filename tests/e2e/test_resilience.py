@@ -97,3 +97,79 @@ def test_deadline_is_honoured_and_frees_blocks(cluster):
     code, elapsed = asyncio.run(run())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 2
     cluster.wait_idle(timeout=3)
+
+
+# ---- the launcher, stopped the ways people stop it ------------------------------------------------
+def _launch(tmp_path):
+    """`pdserve up` in its own session, as a shell runs a foreground job: killpg(SIGINT) is Ctrl-C."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ready = tmp_path / "ready.json"
+    ready.write_text("{}")  # a stale file from an earlier run: must not survive
+    log = open(tmp_path / "launcher.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", "0", "--ready-file", str(ready),
+                             "--log-dir", str(tmp_path / "logs"), "--model", get_model("llama")],
+                            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, ready
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(c) for c in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if _alive(p)]}"
+        time.sleep(0.1)
+
+
+def test_ctrl_c_stops_a_running_cluster_cleanly(tmp_path):
+    proc, ready = _launch(tmp_path)
+    children: set[int] = set()
+    deadline = time.monotonic() + 240
+    while not (ready.exists() and ready.read_text() != "{}"):
+        children |= _children(proc.pid)
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+        time.sleep(0.2)
+    children |= _children(proc.pid)
+    assert len(children) == 4  # kvstore, prefill, decode, router
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole foreground process group
+    assert proc.wait(timeout=90) == 0, (tmp_path / "launcher.log").read_text()
+    assert "unclean" not in (tmp_path / "launcher.log").read_text()
+    assert not ready.exists()  # nobody should find the addresses of a stopped cluster
+    _wait_gone(children)
+
+
+def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path):
+    proc, ready = _launch(tmp_path)
+    assert not ready.exists() or ready.read_text() == "{}"
+    children: set[int] = set()
+    deadline = time.monotonic() + 60
+    while not children:  # the first service (a kvstore daemon) is starting
+        children |= _children(proc.pid)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    while proc.poll() is None:
+        children |= _children(proc.pid)
+        assert time.monotonic() - stopped_at < 30, "the launcher went on starting the cluster"
+        time.sleep(0.05)
+    assert proc.returncode == 0, (tmp_path / "launcher.log").read_text()
+    assert not ready.exists()
+    _wait_gone(children)

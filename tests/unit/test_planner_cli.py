@@ -97,3 +97,40 @@ def test_profile_refits_decode_on_a_worker_step_log(tmp_path):
     assert data["decode"] == pytest.approx({"a": 0.004, "b": 5e-7, "c": 3e-4}, rel=1e-6)
     assert data["notes"]["step_logs"] == [str(log_path)]
     assert len(data["samples"]["prefill"]) >= 3  # the engine's prefill points, not the log's
+
+
+@pytest.fixture
+def small_profile(tmp_path):
+    path = tmp_path / "p.json"
+    assert main(["profile", "--analytic", "--model", "llama-3-8b", "--gpu", "H100-80G", "--out", str(path)]) == 0
+    return str(path)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d, p: ["simulate", "--profile", str(d / "missing.json")], "No such file"),
+    (lambda d, p: ["simulate", "--profile", _write(d / "bad.json", "{not json")], "bad.json: not JSON"),
+    (lambda d, p: ["simulate", "--profile", _write(d / "empty.json", "{}")], "not a latency profile"),
+    (lambda d, p: ["simulate", "--profile", p, "--trace", _write(d / "t.jsonl", '{"arrival_s": 0}\n')],
+     "t.jsonl:1: missing field 'prompt_tokens'"),
+    (lambda d, p: ["simulate", "--profile", p, "--trace", _write(d / "t.jsonl", "{oops\n")], "t.jsonl:1: not JSON"),
+    (lambda d, p: ["simulate", "--profile", p, "--trace", _write(d / "t.jsonl", "")], "no requests"),
+    (lambda d, p: ["simulate", "--profile", p, "--rates", "0,4"], "--rates: every value must be > 0"),
+    (lambda d, p: ["simulate", "--profile", p, "--rates", "1,x"], "--rates: comma-separated numbers"),
+    (lambda d, p: ["simulate", "--profile", p, "--num-prefill", "0", "--num-decode", "0"], "need at least one"),
+    (lambda d, p: ["simulate", "--profile", p, "--rate", "-1"], "rate"),
+    (lambda d, p: ["simulate", "--profile", p, "--out", str(d / "nodir" / "s.json")], "does not exist"),
+    (lambda d, p: ["search", "--attainment", "90"], "--attainment"),
+    (lambda d, p: ["search", "--rel-tol", "0"], "--rel-tol"),
+    (lambda d, p: ["search", "--model", "llama-2-7b", "--nodes", "1", "--gpus-per-node", "1", "--workers", "1",
+                   "--num-requests", "100", "--no-colocated", "--out-dir", str(d / "plan")], "cannot hold one prefill"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, small_profile, capsys, make_args, message):
+    """Bad values and bad files end with `error: ...` naming the problem and exit status 2."""
+    assert main(make_args(tmp_path, small_profile)) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # (after any progress bar)
+    assert last_line.startswith("error: ") and message in last_line, last_line
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
