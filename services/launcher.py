@@ -193,6 +193,7 @@ class Cluster:
         proc.log = os.path.join(self.spec.log_dir, f"{proc.name}.log")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env["PDSERVE_EXIT_WITH_PARENT"] = str(os.getpid())  # services/common/flags.py: exit_with_parent
         with open(proc.log, "a" if append_log else "w") as log:
             # Its own session: a terminal's Ctrl-C reaches only the launcher, which then stops the
             # services in order (router first) instead of all of them draining at once.

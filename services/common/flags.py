@@ -55,10 +55,29 @@ def common_server_flags(parser: FlagParser, *, port: int, metrics_port: int) -> 
 
 
 def setup_process(args, service: str) -> None:
-    """What every service does first: logging, then CPU pinning (--cpu-affinity)."""
+    """What every service does first: logging, CPU pinning (--cpu-affinity), and, when a launcher
+    asks (PDSERVE_EXIT_WITH_PARENT=its pid), a SIGTERM when that launcher dies."""
     setup_logging(args.log_level, service)
     if args.cpu_affinity:
         pin_to_cpus(parse_cpu_list(args.cpu_affinity))
+    parent = os.environ.get("PDSERVE_EXIT_WITH_PARENT")
+    if parent:
+        exit_with_parent(int(parent))
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """SIGTERM (a graceful drain) when the parent process dies, however it dies: `pdserve up`
+    killed with SIGKILL must not leave its services running. Linux only (prctl)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def parse_cpu_list(text: str) -> set[int]:

@@ -173,3 +173,20 @@ def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path):
     assert proc.returncode == 0, (tmp_path / "launcher.log").read_text()
     assert not ready.exists()
     _wait_gone(children)
+
+
+def test_a_killed_launcher_takes_its_services_with_it(tmp_path):
+    """SIGKILL cannot be handled, so the services watch for it themselves (PR_SET_PDEATHSIG): each
+    gets a SIGTERM and drains; none is left running without its launcher."""
+    proc, ready = _launch(tmp_path)
+    children: set[int] = set()
+    deadline = time.monotonic() + 240
+    while not (ready.exists() and ready.read_text() != "{}"):
+        children |= _children(proc.pid)
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+        time.sleep(0.2)
+    children |= _children(proc.pid)
+    assert len(children) == 4
+    proc.kill()
+    proc.wait(timeout=10)
+    _wait_gone(children, timeout=60)
