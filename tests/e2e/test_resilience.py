@@ -56,6 +56,7 @@ def test_decode_worker_killed_mid_stream_client_sees_one_uninterrupted_exact_str
             call = stub.Generate(router_pb2.GenerateRequest(
                 prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=400, temperature=0)), timeout=120)
             tokens, killed, last = [], None, None
+            started = time.monotonic()
             async for response in call:
                 tokens.extend(response.token_ids)
                 last = response
@@ -65,12 +66,16 @@ def test_decode_worker_killed_mid_stream_client_sees_one_uninterrupted_exact_str
                     assert len(busy) == 1
                     killed = busy[0][0]
                     os.kill(killed["pid"], signal.SIGKILL)
-            return tokens, last, killed
+                    killed_after = time.monotonic() - started
+            return tokens, last, killed, killed_after
 
-    tokens, last, killed = asyncio.run(run())
+    tokens, last, killed, killed_after = asyncio.run(run())
     assert killed is not None
     assert tokens == expected
     assert last.timing.retries == 1 and last.finish_reason in ("stop", "length")
+    # queue time counts the waits for a prefill (the first and the re-prefill's), not the first
+    # decode worker's lifetime before it died
+    assert last.timing.queue_seconds < killed_after
     # the launcher restarts the dead worker; the cluster returns to idle with nothing leaked
     deadline = time.monotonic() + 60
     while True:
