@@ -95,6 +95,42 @@ def test_prefill_policy_least_estimated_queue_delay():
     asyncio.run(run())
 
 
+def test_a_stats_poll_clears_only_the_reservations_it_can_reflect():
+    """Blocks the router reserved on a decode worker before a Stats poll are in the poll's answer
+    and cleared; blocks reserved while the poll was in flight may not be, and are kept."""
+    class SlowStats(FakeWorkerStats):
+        def __init__(self, **fields):
+            super().__init__(**fields)
+            self.answer = None  # an Event: the next Stats waits for it
+
+        async def Stats(self, request, context):
+            if self.answer is not None:
+                await self.answer.wait()
+            return self.stats
+
+    async def run():
+        port = free_port()
+        worker = SlowStats(role="decode", kv_blocks_free=100, kv_blocks_total=100)
+        server = await _serve(f"127.0.0.1:{port}", worker)
+        registry = WorkerRegistry({"decode": [f"127.0.0.1:{port}"]}, {}, poll_interval=3600)
+        await registry.start()
+        try:
+            (ep,) = registry.eligible("decode")
+            ep.reserved_blocks = 3  # dispatched before the poll
+            worker.answer = asyncio.Event()
+            poll = asyncio.create_task(registry.refresh())
+            await asyncio.sleep(0.3)  # the poll is waiting for its answer
+            ep.reserved_blocks += 5  # dispatched meanwhile
+            worker.answer.set()
+            await poll
+            assert ep.reserved_blocks == 5
+        finally:
+            await registry.close()
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
 def test_router_readiness_follows_its_workers_for_the_server_and_the_service_name(tmp_path):
     """A real router process: the server's status ("", the readiness probe's) is NOT_SERVING until a
     prefill and a decode worker answer Stats polls, SERVING while they do, NOT_SERVING when they go;
