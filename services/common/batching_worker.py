@@ -173,12 +173,9 @@ class BatchingWorker:
 
     def _fail(self, seqs: list[Sequence], error: StepFailed) -> None:
         """Ends these sequences with `error`: out of the scheduler, blocks freed, streams told."""
-        ids = {id(seq) for seq in seqs}
-        self.scheduler.running = [s for s in self.scheduler.running if id(s) not in ids]
-        for seq in [s for s in self.scheduler.waiting if id(s) in ids]:
-            self.scheduler.waiting.remove(seq)
         for seq in seqs:
-            self.engine.free(seq)  # whatever it holds (nothing if the step had freed it already)
+            if self.scheduler.abort(seq.seq_id) is None:  # the failed step had taken it off the queues
+                self.engine.free(seq)  # (nothing to free if the step had freed it already)
             job = self.jobs.pop(seq.seq_id, None)
             if job is not None:
                 job.state = "done"

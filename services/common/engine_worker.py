@@ -96,9 +96,9 @@ class EngineThread:
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                self.loop.call_soon_threadsafe(_set_exception, future, exc)
+                self.loop.call_soon_threadsafe(set_exception, future, exc)
             else:
-                self.loop.call_soon_threadsafe(_set_result, future, result)
+                self.loop.call_soon_threadsafe(set_result, future, result)
 
         self.post(run)
         return await future
@@ -134,12 +134,12 @@ class EngineThread:
                         time.sleep(0.1)
 
 
-def _set_result(future: asyncio.Future, result) -> None:
+def set_result(future: asyncio.Future, result) -> None:
     if not future.done():
         future.set_result(result)
 
 
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+def set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
 

@@ -64,12 +64,13 @@ class KvStoreClient:
         `close`."""
         if self._watch is not None:
             raise RuntimeError("this client already registered a pool")
+        layout = kv_pool.layout
         request = kvstore_pb2.RegisterPoolRequest(
             worker_id=worker_id,
             layout=kvstore_pb2.PoolLayout(
-                num_blocks=kv_pool.layout.num_blocks, num_layers=kv_pool.layout.num_layers,
-                block_size=kv_pool.layout.block_size, num_kv_heads=kv_pool.layout.num_kv_heads,
-                head_dim=kv_pool.layout.head_dim, dtype=kv_pool.layout.dtype, model_id=kv_pool.layout.model_id),
+                num_blocks=layout.num_blocks, num_layers=layout.num_layers, block_size=layout.block_size,
+                num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                model_id=layout.model_id),
             memory_descriptor=json.dumps(kv_pool.descriptor),
         )
         await self._register(request, timeout)

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import (
-    EngineThread, InvalidRequest, LoadStats, StepFailed, base_stats, register_kv_gauges, validate_generation,
+    EngineThread, InvalidRequest, LoadStats, StepFailed, base_stats, register_kv_gauges, set_exception, set_result,
+    validate_generation,
 )
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
 from services.common.step_log import StepLog
@@ -183,7 +184,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             log.exception("prefill of %d prompts failed", len(batch))
             for job in jobs:
                 self.engine.free(job.seq)
-                self.thread.emit(_reject, job.future, StepFailed(exc))
+                self.thread.emit(set_exception, job.future, StepFailed(exc))
             return
         compute = time.monotonic() - started
         tokens = sum(s.num_cached for s in batch)
@@ -199,7 +200,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             self.metrics.queue_seconds.observe(started - job.enqueued_at)
             if out.finish_reason:
                 self.engine.free(job.seq)
-            self.thread.emit(_resolve, job.future, out)
+            self.thread.emit(set_result, job.future, out)
 
     def _free_entry(self, kv_id: str) -> None:
         seq = self.held.pop(kv_id, None)
@@ -240,12 +241,3 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         await self.kvstore.close()
         self.thread.stop()
 
-
-def _resolve(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _reject(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -143,15 +143,20 @@ def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_ctrl_c_stops_a_running_cluster_cleanly(tmp_path):
-    proc, ready = _launch(tmp_path)
+def _wait_ready(proc, ready, tmp_path) -> set[int]:
+    """Waits for the launcher's ready file; returns the pids of the services it started."""
     children: set[int] = set()
     deadline = time.monotonic() + 240
     while not (ready.exists() and ready.read_text() != "{}"):
         children |= _children(proc.pid)
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
         time.sleep(0.2)
-    children |= _children(proc.pid)
+    return children | _children(proc.pid)
+
+
+def test_ctrl_c_stops_a_running_cluster_cleanly(tmp_path):
+    proc, ready = _launch(tmp_path)
+    children = _wait_ready(proc, ready, tmp_path)
     assert len(children) == 4  # kvstore, prefill, decode, router
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole foreground process group
     assert proc.wait(timeout=90) == 0, (tmp_path / "launcher.log").read_text()
@@ -184,13 +189,7 @@ def test_a_killed_launcher_takes_its_services_with_it(tmp_path):
     """SIGKILL cannot be handled, so the services watch for it themselves (PR_SET_PDEATHSIG): each
     gets a SIGTERM and drains; none is left running without its launcher."""
     proc, ready = _launch(tmp_path)
-    children: set[int] = set()
-    deadline = time.monotonic() + 240
-    while not (ready.exists() and ready.read_text() != "{}"):
-        children |= _children(proc.pid)
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
-        time.sleep(0.2)
-    children |= _children(proc.pid)
+    children = _wait_ready(proc, ready, tmp_path)
     assert len(children) == 4
     proc.kill()
     proc.wait(timeout=10)
