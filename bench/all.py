@@ -1,7 +1,7 @@
 """`make bench`: a short run of every benchmark on this machine (CPU, tiny models), < 10 minutes.
 
 1. bench.engine: engine decode/prefill throughput against Hugging Face generate (~50M Llama).
-2. bench.mixed_batch: CPU decode of mixed-context batches, grouped attention against padded.
+2. bench.mixed_batch: CPU decode of mixed-context batches: the CPU kernels, and the torch path grouped and padded.
 3. bench.serving: SLO attainment against rate and goodput, colocated against disaggregated on the
    same cores, chat-like workload (a shortened sweep; docs/benchmarks.md has the longer runs).
 

@@ -123,7 +123,8 @@ def bench_batch(engine: Engine, hf_model, batch: int, prompt_len: int, decode_st
     return row
 
 
-def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_hf: bool, threads: int | None):
+def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_hf: bool, threads: int | None,
+         cpu_kernels: bool = True):
     """Returns (engine, hf_model or None). In-memory specs get random weights shared by both."""
     import transformers
 
@@ -131,7 +132,7 @@ def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_h
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
     cfg = EngineConfig(dtype=dtype, device=device, kv_cache_bytes=kv_cache_bytes, max_num_seqs=256,
-                       max_model_len=4096 if model in IN_MEMORY_ONLY else None)
+                       max_model_len=4096 if model in IN_MEMORY_ONLY else None, cpu_kernels=cpu_kernels)
     if model in IN_MEMORY_ONLY:
         config = hf_config(model)
         hf = None
@@ -183,17 +184,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    ap.add_argument("--cpu-kernels", choices=["on", "off"], default="on",
+                    help="float32 on CPU: pdserve's decode kernels (services/engine/cpu_kernels.py) or the torch path")
     ap.add_argument("--out", default="results/engine")
     args = ap.parse_args(argv)
 
     kv = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else (None if args.device.startswith("cuda") else 512 << 20)
-    engine, hf = load(args.model, args.device, args.dtype, kv, not args.no_hf, args.threads)
+    engine, hf = load(args.model, args.device, args.dtype, kv, not args.no_hf, args.threads, args.cpu_kernels == "on")
     mc = engine.model_config
+    decode_path = "CUDA" if args.device.startswith("cuda") else (
+        "pdserve CPU kernels" if engine.model.kernel_attention else "torch path")
     weight_bytes = mc.num_params() * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     result = {
         "model": args.model, "device": args.device, "dtype": args.dtype,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads",
-        "params": mc.num_params(), "weight_bytes": weight_bytes,
+        "params": mc.num_params(), "weight_bytes": weight_bytes, "decode_path": decode_path,
         "prompt_len": args.prompt_len, "decode_steps": args.decode_steps, "rows": [],
     }
     if args.device.startswith("cuda"):
@@ -204,7 +209,7 @@ def main(argv=None) -> dict:
     for bs in tqdm(batch_sizes, desc="batch sizes"):
         result["rows"].append(bench_batch(engine, hf, bs, args.prompt_len, args.decode_steps, args.repeats))
 
-    print(f"\n{args.model} ({mc.num_params() / 1e6:.0f}M params, {args.dtype}) on {result['device_name']}, "
+    print(f"\n{args.model} ({mc.num_params() / 1e6:.0f}M params, {args.dtype}) on {result['device_name']} ({decode_path}), "
           f"prompt {args.prompt_len}, {args.decode_steps} decode steps, medians of {args.repeats} "
           f"(engine and HF trials alternate; 'vs HF' is the median of the per-trial ratios)")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'TPOT ms':>8} {'HF decode tok/s':>16} {'vs HF':>6}")

@@ -1,11 +1,14 @@
 """CPU decode of a batch whose contexts differ, as real traffic makes them, against a batch of equal
-contexts with the same total, with and without the KV mirror's grouped attention
-(services/engine/cpu_kv_mirror.py). All three measured side by side in one run, alternating.
+contexts with the same total, through both CPU decode paths, side by side in one run, alternating:
+- pdserve's CPU kernels (services/engine/cpu_kernels.py): each sequence attends over exactly its
+  own context, so a step should cost about what the equal batch costs;
+- the torch path, with the KV mirror's grouped attention (services/engine/cpu_kv_mirror.py) and
+  without it (every sequence padded to the batch's longest).
 
     python -m bench.mixed_batch --batch-sizes 8,16,38 --trials 5
 
 Contexts are prompt + part of the output of requests drawn from the chat workload (as a running
-decode batch holds them). Without grouping, attention pads every sequence to the batch's longest.
+decode batch holds them).
 """
 
 from __future__ import annotations
@@ -53,8 +56,12 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    engine = Engine(get_model(args.model), EngineConfig(dtype="float32", device="cpu", kv_cache_bytes=512 << 20))
-    trace = make_trace("chat", 1.0, 2000, seed=0, max_model_len=engine.max_model_len)
+    kernels, torch_path = (Engine(get_model(args.model), EngineConfig(dtype="float32", device="cpu",
+                                                                      kv_cache_bytes=512 << 20, cpu_kernels=use))
+                           for use in (True, False))
+    if not kernels.model.kernel_attention:
+        print("note: the CPU kernels are unavailable here (see the log); both columns run the torch path")
+    trace = make_trace("chat", 1.0, 2000, seed=0, max_model_len=kernels.max_model_len)
     rng = random.Random(0)
     ungrouped = float("inf")  # a ratio no batch reaches: one group, padded to the longest
     rows = []
@@ -63,23 +70,27 @@ def main(argv=None) -> dict:
         for _ in tqdm(range(args.trials), desc=f"batch {batch}", unit="trial"):
             mixed = [r.prompt_tokens + rng.randint(1, r.output_tokens) for r in rng.sample(trace, batch)]
             equal = [sum(mixed) // batch] * batch
-            grouped = step_seconds(engine, mixed, rng, args.steps)
+            trial = {"kernels_mixed_s": step_seconds(kernels, mixed, rng, args.steps),
+                     "kernels_equal_s": step_seconds(kernels, equal, rng, args.steps),
+                     "torch_grouped_s": step_seconds(torch_path, mixed, rng, args.steps)}
             saved, cpu_kv_mirror.GROUP_LENGTH_RATIO = cpu_kv_mirror.GROUP_LENGTH_RATIO, ungrouped
             try:
-                padded = step_seconds(engine, mixed, rng, args.steps)
+                trial["torch_padded_s"] = step_seconds(torch_path, mixed, rng, args.steps)
             finally:
                 cpu_kv_mirror.GROUP_LENGTH_RATIO = saved
-            trials.append({"mixed_grouped_s": grouped, "mixed_padded_s": padded,
-                           "equal_s": step_seconds(engine, equal, rng, args.steps),
-                           "mean_context": sum(mixed) / batch, "longest_context": max(mixed)})
+            trials.append(dict(trial, mean_context=sum(mixed) / batch, longest_context=max(mixed)))
         row = {"batch": batch, "trials": trials,
-               "grouped_vs_padded": statistics.median(t["mixed_padded_s"] / t["mixed_grouped_s"] for t in trials),
-               "grouped_vs_equal": statistics.median(t["mixed_grouped_s"] / t["equal_s"] for t in trials)}
+               "kernels_mixed_vs_equal": statistics.median(t["kernels_mixed_s"] / t["kernels_equal_s"] for t in trials),
+               "kernels_vs_torch_grouped": statistics.median(t["torch_grouped_s"] / t["kernels_mixed_s"] for t in trials),
+               "torch_grouped_vs_padded": statistics.median(t["torch_padded_s"] / t["torch_grouped_s"] for t in trials)}
         rows.append(row)
-        med = {k: statistics.median(t[k] for t in trials) * 1e3 for k in ("mixed_grouped_s", "mixed_padded_s", "equal_s")}
-        print(f"batch {batch:3d}: mixed contexts {med['mixed_grouped_s']:.2f} ms grouped, {med['mixed_padded_s']:.2f} ms "
-              f"padded to the longest ({row['grouped_vs_padded']:.2f}x faster grouped); equal contexts of the same "
-              f"total {med['equal_s']:.2f} ms (mixed grouped = {row['grouped_vs_equal']:.2f}x that)", flush=True)
+        med = {k: statistics.median(t[k] for t in trials) * 1e3
+               for k in ("kernels_mixed_s", "kernels_equal_s", "torch_grouped_s", "torch_padded_s")}
+        print(f"batch {batch:3d}: CPU kernels {med['kernels_mixed_s']:.2f} ms mixed, {med['kernels_equal_s']:.2f} ms "
+              f"equal contexts of the same total ({row['kernels_mixed_vs_equal']:.2f}x); torch path "
+              f"{med['torch_grouped_s']:.2f} ms grouped ({row['kernels_vs_torch_grouped']:.2f}x the kernels' time), "
+              f"{med['torch_padded_s']:.2f} ms padded to the longest ({row['torch_grouped_vs_padded']:.2f}x grouped)",
+              flush=True)
     result = {"model": args.model, "threads": args.threads, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:

@@ -42,7 +42,8 @@ RUN pip install . \
 FROM ${CUDA_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 # gcc, libc headers and Python.h: Triton compiles its CUDA driver module on first use (the engine's
-# kernels on GPU); without a C compiler at run time the first forward pass fails.
+# kernels on GPU); without a C compiler at run time the first forward pass fails. On a CPU node the
+# engine builds its AVX-512 decode kernels with the same gcc (services/engine/cpu_kernels.py).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \

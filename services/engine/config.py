@@ -202,6 +202,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" | "triton" | "auto" (triton on cuda)
     # CPU decode keeps a dense copy of the running batch's K/V up to this size (0: off); see cpu_kv_mirror.py
     cpu_decode_kv_mirror_bytes: int = 256 << 20
+    # float32 on CPU: pdserve's AVX-512 decode kernels when they can be built here (cpu_kernels.py)
+    cpu_kernels: bool = True
     seed: int = 0
     kv_pool_name: str | None = None  # shared-memory name; generated when None
 

@@ -129,25 +129,41 @@ class DecodeKvMirror:
         self._step_positions = torch.tensor(context_lens) - 1
         self._step_kv = torch.empty(batch, self.num_layers, 2, self.kv_heads, self.head_dim, dtype=self.dtype)
 
-    def views(self, layer: int, k_cache, v_cache, block_tables, k_new, v_new, context_lens: list[int]):
-        """Brings slot j up to date (gathering from the pool what it lacks, appending this step's
-        token), then returns K, V as [B, kv_heads, span, head_dim] views."""
+    def _catch_up(self, layer: int, k_cache, v_cache, block_tables, context_lens: list[int]) -> None:
+        """Gathers from the pool what each slot lacks before this step's token (a sequence that
+        joined, or fell behind)."""
         cache = self.caches[layer]
         block_size = k_cache.shape[1]
-        batch = len(context_lens)
         for slot, (have, ctx) in enumerate(zip(self.lengths, context_lens)):
-            if have < ctx - 1:  # joined (or fell behind): copy positions [have, ctx-1) from its blocks
+            if have < ctx - 1:  # copy positions [have, ctx-1) from its blocks
                 nb = -(-(ctx - 1) // block_size)
                 blocks = block_tables[slot, :nb].long()
                 for i, pool in enumerate((k_cache, v_cache)):
                     gathered = pool[blocks].reshape(nb * block_size, self.kv_heads, self.head_dim)
                     cache[i, :, slot, have : ctx - 1] = gathered[have : ctx - 1].transpose(0, 1)
+
+    def views(self, layer: int, k_cache, v_cache, block_tables, k_new, v_new, context_lens: list[int]):
+        """Brings slot j up to date (gathering from the pool what it lacks, appending this step's
+        token), then returns K, V as [B, kv_heads, span, head_dim] views."""
+        self._catch_up(layer, k_cache, v_cache, block_tables, context_lens)
+        cache = self.caches[layer]
+        batch = len(context_lens)
         step_kv = self._step_kv[:, layer]  # [B, 2, kv_heads, head_dim]
         step_kv[:, 0] = k_new
         step_kv[:, 1] = v_new
         cache[:, :, self._step_slots, self._step_positions] = step_kv.permute(1, 2, 0, 3)
         span = max(context_lens)
         return cache[0, :, :batch, :span].transpose(0, 1), cache[1, :, :batch, :span].transpose(0, 1)
+
+    def kernel_attention(self, layer: int, qkv, meta, k_cache, v_cache, kernels, num_heads: int, num_kv_heads: int,
+                         head_dim: int, scale: float) -> torch.Tensor:
+        """`views` + `attention` in one call of the CPU kernels (cpu_kernels.py): RoPE, this step's
+        K/V appended, each sequence attending over exactly its own context (no groups, no mask).
+        qkv [B, (H + 2*KVH) * D] before RoPE -> [B, H * D]."""
+        self._catch_up(layer, k_cache, v_cache, meta.block_tables, meta.context_lens_list)
+        return kernels.decode_attention(qkv, meta.cos, meta.sin, self.caches[layer], meta.context_lens,
+                                        meta.max_context_len, self._step_kv[:, layer], num_heads, num_kv_heads,
+                                        head_dim, scale)
 
     def attention(self, q, k, v, mask, scale, attend) -> torch.Tensor:
         """attend(q, k, v, mask, scale) per group of slots, each cut to its own longest context."""

@@ -19,7 +19,8 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
 from .kv_cache import KvLayout, KvPool, model_id_for
-from .model import CausalLM, pack_linears_for_cpu
+from . import cpu_kernels
+from .model import CausalLM, prepare_for_cpu
 from .runner import ModelRunner
 from .sampler import sample
 from .sequence import Sequence
@@ -76,7 +77,8 @@ class Engine:
         else:
             init_random_weights(model, seed=config.seed)
         if self.device.type == "cpu" and config.dtype in ("float32", "bfloat16"):
-            pack_linears_for_cpu(model)
+            kernels = cpu_kernels.load() if config.cpu_kernels and config.dtype == "float32" else None
+            prepare_for_cpu(model, kernels)
         self.model = model.eval()
 
         hf_dict = mc.hf_config.to_dict() if mc.hf_config is not None else {}

@@ -104,7 +104,8 @@ class ModelRunner:
             context_lens_list=context_lens,
         ))
         if use_mirror:
-            meta.decode_mask = context_mask(meta.context_lens, max(context_lens))
+            if not self.model.kernel_attention:  # the CPU kernels need neither
+                meta.decode_mask = context_mask(meta.context_lens, max(context_lens))
             self.kv_mirror.begin_step(context_lens)
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool)
         if use_mirror:

@@ -1,0 +1,217 @@
+// pdserve's CPU decode kernels (float32, AVX-512). Built and loaded by cpu_kernels.py, which says
+// why they exist; the torch path in model.py/attention.py is the reference they are tested against.
+// Compiled with -ffp-contract=off, so the elementwise kernels round like torch (a multiply, then an
+// add), not like a fused multiply-add.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+// ---- linear: y[M, N] = x[M, K] @ W^T + bias, for decode-sized M ---------------------------------
+//
+// W is packed as [ceil(N/16)][K][16] (16 output columns per tile, zero padded), so a tile is one
+// contiguous stream. Each step of k loads one 64-byte row of the tile and does R fused
+// multiply-adds with x[r, k] broadcast from L1: the weights are read once whatever R is, which is
+// what makes decode memory bound. The software prefetch runs PREFETCH_BYTES ahead of the loads so
+// that the next cache lines arrive while this one's FMAs run (oneDNN's kernel for these shapes
+// leaves the two serialised: ~1.5x slower at 16 rows on Sapphire Rapids).
+#define PREFETCH_BYTES 4096
+
+static inline __attribute__((always_inline)) void linear_tile(
+    const float* restrict x, int64_t ldx, const float* restrict w, const float* restrict bias,
+    float* restrict y, int64_t ldy, int K, const int R, __mmask16 mask) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++)
+        if (r < R) acc[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        _mm_prefetch((const char*)(w + (int64_t)k * 16) + PREFETCH_BYTES, _MM_HINT_T0);
+        __m512 wk = _mm512_load_ps(w + (int64_t)k * 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; r++)
+            if (r < R) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, acc[r]);
+    }
+    __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++)
+        if (r < R) _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(acc[r], b));
+}
+
+#define ROWS_CASE(R) case R: linear_tile(x, ldx, w, bias, y, ldy, K, R, mask); break;
+static void linear_rows(const float* x, int64_t ldx, const float* w, const float* bias, float* y,
+                        int64_t ldy, int K, int R, __mmask16 mask) {
+    switch (R) {  // R as a constant, so that each case keeps its accumulators in registers
+        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7)
+        ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12) ROWS_CASE(13)
+        ROWS_CASE(14) ROWS_CASE(15) ROWS_CASE(16)
+    }
+}
+
+void pd_linear(const float* x, int64_t ldx, int M, int K, const float* packed, int N, const float* bias,
+               float* y, int threads) {
+    int tiles = (N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < tiles; t++) {
+        int n0 = t * 16, width = N - n0 < 16 ? N - n0 : 16;
+        __mmask16 mask = (__mmask16)((1u << width) - 1);
+        const float* w = packed + (int64_t)t * K * 16;
+        for (int m = 0; m < M; m += 16)  // the next 16 rows re-read the tile from L1/L2, not memory
+            linear_rows(x + m * ldx, ldx, w, bias ? bias + n0 : 0, y + (int64_t)m * N + n0, N, K,
+                        M - m < 16 ? M - m : 16, mask);
+    }
+}
+
+// ---- exp: Cephes' expf polynomial, ~1 ulp on [-87, 88] --------------------------------------------
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n*ln2, ln2 in two parts
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(int remaining) {
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
+// ---- residual add + RMSNorm, as transformers: out = weight * (r * rsqrt(mean(r^2) + eps)) --------
+// With `residual`, r = x + residual, written back to `residual`; without, r = x.
+void pd_add_rms_norm(const float* x, float* residual, const float* weight, float* out, int M, int H,
+                     float eps) {
+    for (int m = 0; m < M; m++) {
+        const float* xr = x + (int64_t)m * H;
+        float* rr = residual ? residual + (int64_t)m * H : 0;
+        __m512 ss = _mm512_setzero_ps();
+        for (int i = 0; i < H; i += 16) {
+            __mmask16 k = tail_mask(H - i);
+            __m512 v = _mm512_maskz_loadu_ps(k, xr + i);
+            if (rr) {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, rr + i));
+                _mm512_mask_storeu_ps(rr + i, k, v);
+            }
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const float* r = rr ? rr : xr;
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)H + eps));
+        for (int i = 0; i < H; i += 16) {
+            __mmask16 k = tail_mask(H - i);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, r + i), inv);
+            _mm512_mask_storeu_ps(out + (int64_t)m * H + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, weight + i), v));
+        }
+    }
+}
+
+// ---- SiLU(gate) * up over [M, 2I] (gate | up) -> [M, I]; silu(g) = g / (1 + exp(-g)) as torch ---
+void pd_silu_mul(const float* gate_up, float* out, int M, int I) {
+    for (int m = 0; m < M; m++) {
+        const float* g = gate_up + (int64_t)m * 2 * I;
+        const float* u = g + I;
+        float* o = out + (int64_t)m * I;
+        for (int i = 0; i < I; i += 16) {
+            __mmask16 k = tail_mask(I - i);
+            __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(k, u + i)));
+        }
+    }
+}
+
+// ---- rotate-half RoPE in place on one head: x*cos + rotate_half(x)*sin ----------------------------
+static void rope_head(float* x, const float* cos, const float* sin, int D) {
+    int half = D / 2;
+    float rotated[D];
+    for (int i = 0; i < half; i++) {
+        rotated[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+        rotated[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+    for (int i = 0; i < D; i++) x[i] = rotated[i];
+}
+
+static inline float dot_ps(const float* a, const float* b, int D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+// ---- one decode step of one layer's attention over the dense K/V mirror (cpu_kv_mirror.py) --------
+//
+// qkv [B, (H + 2*KVH) * D] is this step's projection (row stride qkv_stride). For each sequence b
+// and KV head g: RoPE on q's heads of group g and on k's head g, in place; k and v appended at
+// position ctx[b]-1 of the mirror (cache [2][KVH][slots][capacity][D], strides in floats) and put
+// in step_kv ([B][2][KVH][D] at step_kv_stride per sequence: the step's K/V, scattered into the
+// paged pool afterwards); then the group's q heads attend over positions [0, ctx[b]) into out
+// [B, H*D]. Each sequence reads exactly its own context, K and V once: no padding, no mask.
+// D must be a multiple of 16 (the loader checks).
+void pd_decode_attention(float* qkv, int64_t qkv_stride, const float* cos, const float* sin,
+                         float* cache, int64_t kv_stride, int64_t head_stride, int64_t slot_stride,
+                         const int* ctx, float* step_kv, int64_t step_kv_stride,
+                         int B, int H, int KVH, int D, float scale, float* scores, int64_t scores_stride,
+                         float* out, int threads) {
+    // scores: [threads][H/KVH][scores_stride] scratch, scores_stride >= every ctx[b]
+    int G = H / KVH;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int task = 0; task < B * KVH; task++) {
+        int b = task / KVH, g = task % KVH, n = ctx[b];
+        float* row = qkv + b * qkv_stride;
+        float* q = row + (int64_t)g * G * D;
+        float* k_new = row + (int64_t)(H + g) * D;
+        const float* v_new = row + (int64_t)(H + KVH + g) * D;
+        const float* c = cos + (int64_t)b * D;
+        const float* s = sin + (int64_t)b * D;
+        for (int h = 0; h < G; h++) rope_head(q + h * D, c, s, D);
+        rope_head(k_new, c, s, D);
+        float* K = cache + g * head_stride + b * slot_stride;
+        float* V = K + kv_stride;
+        float* sk = step_kv + b * step_kv_stride + (int64_t)g * D;
+        float* sv = sk + (int64_t)KVH * D;
+        for (int d = 0; d < D; d++) {
+            K[(int64_t)(n - 1) * D + d] = sk[d] = k_new[d];
+            V[(int64_t)(n - 1) * D + d] = sv[d] = v_new[d];
+        }
+        float* sc = scores + (int64_t)omp_get_thread_num() * G * scores_stride;  // [G][n]
+        for (int j = 0; j < n; j++) {
+            const float* kj = K + (int64_t)j * D;
+            _mm_prefetch((const char*)(kj + 8 * D), _MM_HINT_T0);
+            for (int h = 0; h < G; h++) sc[h * scores_stride + j] = dot_ps(q + h * D, kj, D) * scale;
+        }
+        for (int h = 0; h < G; h++) {  // softmax over [0, n)
+            float* p = sc + h * scores_stride;
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < n; j += 16)
+                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(n - j), p + j));
+            __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            __m512 vsum = _mm512_setzero_ps();
+            for (int j = 0; j < n; j += 16) {
+                __mmask16 k = tail_mask(n - j);
+                __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), mx)));
+                vsum = _mm512_add_ps(vsum, e);
+                _mm512_mask_storeu_ps(p + j, k, e);
+            }
+            float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+            for (int j = 0; j < n; j++) p[j] *= inv;
+        }
+        float acc[G * D];  // [G][D]: the group's outputs, so V is read once for all of them
+        for (int i = 0; i < G * D; i++) acc[i] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float* vj = V + (int64_t)j * D;
+            _mm_prefetch((const char*)(vj + 8 * D), _MM_HINT_T0);
+            for (int h = 0; h < G; h++) {
+                __m512 pj = _mm512_set1_ps(sc[h * scores_stride + j]);
+                for (int d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(acc + h * D + d,
+                                     _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + d), _mm512_loadu_ps(acc + h * D + d)));
+            }
+        }
+        float* o = out + (int64_t)b * H * D + (int64_t)g * G * D;
+        for (int i = 0; i < G * D; i++) o[i] = acc[i];
+    }
+}

@@ -1,0 +1,153 @@
+"""pdserve's CPU decode kernels (services/engine/cpu_kernels.c) against the torch ops they replace,
+and an engine running them against one running the torch path, K/V pool included.
+(The whole-model check against transformers is test_engine_exact.py, which runs both paths.)"""
+
+import random
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine import Engine, EngineConfig, SamplingParams, Sequence, cpu_kernels
+from services.engine.model import apply_rope
+from services.engine.testmodels import get_model
+
+KERNELS = cpu_kernels.load()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels cannot be built here")
+
+
+def test_kernels_build_wherever_they_can():
+    """On an AVX-512 machine with a C compiler (CI's), the kernels must build and load: a build
+    error would otherwise only show as a slower engine."""
+    if cpu_kernels._unavailable_reason() is not None or cpu_kernels._compiler() is None:
+        pytest.skip(f"not buildable here: {cpu_kernels._unavailable_reason() or 'no C compiler'}")
+    assert KERNELS is not None
+    assert KERNELS.path.exists() and KERNELS.path.parent.name == "kernels"
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 15, 16, 17, 31, 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(100, 72, generator=g)  # 100 outputs: the last tile is partly padding
+    b = torch.randn(100, generator=g) if bias else None
+    wide = torch.randn(rows, 90, generator=g)
+    x = wide[:, 5:77]  # rows not contiguous with each other: the kernel honours the row stride
+    out = KERNELS.linear(x, KERNELS.pack_linear(weight), 100, b)
+    torch.testing.assert_close(out, F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_torch(with_residual):
+    g = torch.Generator().manual_seed(0)
+    x, residual, weight = torch.randn(9, 72, generator=g), torch.randn(9, 72, generator=g), torch.randn(72, generator=g)
+    total = x + residual if with_residual else x
+    out, new_residual = KERNELS.add_rms_norm(x, residual.clone() if with_residual else None, weight, 1e-6)
+    torch.testing.assert_close(out, F.rms_norm(total, (72,), weight, 1e-6), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(new_residual, total, atol=0, rtol=0)
+
+
+@needs_kernels
+def test_silu_mul_matches_torch_including_saturation():
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(5, 2 * 40, generator=g) * 4
+    gate_up[0, :6] = torch.tensor([-200.0, -90.0, -20.0, 20.0, 90.0, 200.0])
+    gate, up = gate_up.split(40, dim=-1)
+    torch.testing.assert_close(KERNELS.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+
+
+def _reference_step(qkv, cos, sin, cache, lens, heads, kv_heads, head_dim):
+    """What the kernel must do, in torch: RoPE, append K/V at position len-1, attend over [0, len)."""
+    batch = qkv.shape[0]
+    q = qkv[:, : heads * head_dim].view(batch, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(batch, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(batch, kv_heads, head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cache = cache.clone()
+    outs = []
+    for b, n in enumerate(lens.tolist()):
+        cache[0, :, b, n - 1], cache[1, :, b, n - 1] = k[b], v[b]
+        o = F.scaled_dot_product_attention(q[b].unsqueeze(1), cache[0, :, b, :n], cache[1, :, b, :n],
+                                           scale=head_dim**-0.5, enable_gqa=True)
+        outs.append(o.reshape(-1))
+    return torch.stack(outs), cache, q, k, v
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 64), (8, 1, 32), (4, 2, 128)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads * head_dim)
+    lens = torch.tensor([70, 1, 33, 16, 17, 2], dtype=torch.int32)  # 1: only the token written now
+    batch, slots, capacity, layers = len(lens), 8, 96, 3
+    cache = torch.randn(2, kv_heads, slots, capacity, head_dim, generator=g)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=g)
+    cos, sin = torch.randn(batch, head_dim, generator=g), torch.randn(batch, head_dim, generator=g)
+    step_kv = torch.zeros(batch, layers, 2, kv_heads, head_dim)
+    expected, expected_cache, q, k, v = _reference_step(qkv, cos, sin, cache, lens, heads, kv_heads, head_dim)
+
+    out = KERNELS.decode_attention(qkv, cos, sin, cache, lens, int(lens.max()), step_kv[:, 1], heads, kv_heads,
+                                   head_dim, head_dim**-0.5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache, expected_cache, atol=0, rtol=0)  # appended, nothing else touched
+    torch.testing.assert_close(step_kv[:, 1, 0], k, atol=0, rtol=0)
+    torch.testing.assert_close(step_kv[:, 1, 1], v, atol=0, rtol=0)
+    assert not step_kv[:, [0, 2]].any(), "only this layer's slice of step_kv is written"
+    torch.testing.assert_close(qkv[:, : heads * head_dim].view(batch, heads, head_dim), q, atol=0, rtol=0)
+
+
+def test_engine_with_kernels_equals_torch_path_including_the_kv_pool():
+    """Sequences join and leave a decode batch on two engines, one per path: the same tokens, logits
+    within 1e-4, and the same K/V in the paged pool (which transfers and preemption read)."""
+    if KERNELS is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    engines = [Engine(get_model("qwen3"), EngineConfig(dtype="float32", block_size=8, kv_cache_bytes=16 << 20,
+                                                       cpu_kernels=use)) for use in (True, False)]
+    assert engines[0].model.kernel_attention and not engines[1].model.kernel_attention
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 40, 1, 23, 60, 9)]
+    running: list[list[Sequence]] = [[], []]
+    for step in range(30):
+        if step % 5 == 0 and prompts:
+            prompt = prompts.pop()
+            for engine, batch in zip(engines, running):
+                seq = Sequence.from_prompt(f"s{step}", list(prompt), SamplingParams(max_tokens=100, temperature=0))
+                engine.prefill([seq])
+                batch.append(seq)
+        if step == 17:  # one leaves mid-way
+            for engine, batch in zip(engines, running):
+                engine.free(batch.pop(1))
+        outs = [engine.decode_step(batch) for engine, batch in zip(engines, running)]
+        assert [o.token_id for o in outs[0]] == [o.token_id for o in outs[1]]
+        torch.testing.assert_close(engines[0].last_logits, engines[1].last_logits, atol=1e-4, rtol=0)
+    def kv_of(engine, seq):  # pool [blocks, layers, 2, block_size, KVH, D] -> [layers, 2, tokens, KVH, D]
+        n = len(seq.token_ids) - 1  # written so far (the last token's K/V comes with the next step)
+        return engine.kv_pool.tensor[seq.block_table].permute(1, 2, 0, 3, 4, 5).flatten(2, 3)[:, :, :n]
+
+    for a, b in zip(*running):
+        assert a.block_table == b.block_table
+        torch.testing.assert_close(kv_of(engines[0], a), kv_of(engines[1], b), atol=1e-5, rtol=1e-5)
+    for engine in engines:
+        engine.close()
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("PDSERVE_CPU_KERNELS", "0")
+    assert cpu_kernels._unavailable_reason() == "disabled by PDSERVE_CPU_KERNELS=0"
+
+
+def test_missing_compiler_is_reported_not_raised(monkeypatch, caplog):
+    """No compiler: load() says why and returns None; the engine then runs the torch path."""
+    if cpu_kernels._unavailable_reason() is not None:
+        pytest.skip(cpu_kernels._unavailable_reason())
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    cpu_kernels.load.cache_clear()
+    try:
+        assert shutil.which("/nonexistent/cc") is None
+        assert cpu_kernels.load() is None
+        assert "no C compiler" in caplog.text
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.load.cache_clear()
