@@ -15,13 +15,21 @@ Token t of a sequence lives in block `block_table[t // block_size]`, row `t % bl
 
 The memory is shareable so that the node-local kvstore daemon can map it: on CPU a POSIX
 shared-memory file under /dev/shm; on CUDA a device allocation exported with a CUDA IPC handle.
+
+A /dev/shm file outlives a process killed by SIGKILL or the OOM killer (and, with the host's IPC
+namespace, its pod): hundreds of MB of the node's memory each time. So the owner holds an
+exclusive flock on its pool file for as long as it lives (the kernel drops it when the process dies,
+however it dies), and every new CPU pool first removes the `pdserve-kv-*` files that nobody holds
+(`remove_stale_pools`). The daemon maps files without locking them.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import uuid
@@ -30,6 +38,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 SHM_DIR = "/dev/shm"
+POOL_FILE_PREFIX = "pdserve-kv-"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,20 +102,27 @@ class KvPool:
         dtype = getattr(torch, layout.dtype)
         shape = (layout.num_blocks, *layout.block_shape)
         if device == "cpu":
-            name = name or f"pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            remove_stale_pools()
+            name = name or f"{POOL_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             path = os.path.join(SHM_DIR, name)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fd = _create_locked(path)
             try:
                 os.ftruncate(fd, layout.total_bytes)
                 mm = mmap.mmap(fd, layout.total_bytes)
-            finally:
+            except BaseException:
                 os.close(fd)
+                _unlink_quietly(path)
+                raise
             flat = torch.frombuffer(mm, dtype=torch.uint8, count=layout.total_bytes)
             tensor = flat.view(dtype).view(shape)
             tensor.zero_()
 
-            def close(path=path, mm=mm):
+            held = [fd]  # closed once: at exit the number may belong to another file by then
+
+            def close(path=path, held=held):
                 _unlink_quietly(path)
+                if held:
+                    os.close(held.pop())  # releases the lock
 
             atexit.register(close)
             descriptor = {"kind": "shm", "path": path, "size": layout.total_bytes}
@@ -162,6 +180,55 @@ class KvPool:
         if self._closer is not None:
             self._closer()
             self._closer = None
+
+
+def _create_locked(path: str) -> int:
+    """Creates `path` (failing if it exists) already flock-ed by this process: the file is made
+    under a name the sweep ignores, locked, then linked to its real name, so that no other
+    process's `remove_stale_pools` can see it unlocked."""
+    folder, name = os.path.split(path)
+    hidden = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.link(hidden, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        _unlink_quietly(hidden)
+    return fd
+
+
+def remove_stale_pools(folder: str = SHM_DIR) -> list[str]:
+    """Removes the pool files whose owner has died (no flock held on them); returns their paths.
+    Files this user cannot open are left alone."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(POOL_FILE_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its owner is alive
+        except OSError:
+            continue
+        else:
+            _unlink_quietly(path)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed %d KV pool file(s) left in %s by processes that died: %s%s", len(removed), folder,
+                    ", ".join(removed[:5]), ", ..." if len(removed) > 5 else "")
+    return removed
 
 
 def _unlink_quietly(path: str) -> None:
