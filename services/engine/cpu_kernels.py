@@ -14,7 +14,12 @@ compile in about a second into $PDSERVE_CACHE/kernels (keyed by source, flags an
 of that is missing, or with PDSERVE_CPU_KERNELS=0 or EngineConfig(cpu_kernels=False), the engine
 runs the torch path, which stays the reference: tests check the kernels against it and against
 transformers. OpenMP: the library links `libgomp.so.1`, which resolves to the copy torch already
-loaded, so both share one thread pool (two pools spinning on two cores would halve both).
+loaded, so both share one thread pool (two pools spinning on two cores would halve both); a torch
+built on another OpenMP runtime would bring a second pool.
+
+Limits: the wrappers trust their callers (float32, contiguous rows, head_dim a multiple of 16: the
+model checks these once, not per call). Attention is parallel over (sequence, KV head) pairs, so a
+single sequence with one KV head attends on one core: right for two cores, wasteful on many.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -143,24 +150,38 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc"))
+def _compiler() -> list[str] | None:
+    """$CC split like a shell would ("ccache gcc" is two words), or cc; None when not found."""
+    words = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    found = shutil.which(words[0])
+    return [found, *words[1:]] if found else None
 
 
-def _build(cc: str) -> Path:
+BUILDING_PREFIX = "building-"
+STALE_BUILD_SECONDS = 600
+
+
+def _build(cc: list[str]) -> Path:
     from .testmodels import cache_dir
 
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([*cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
     folder = Path(cache_dir()) / "kernels"
     path = folder / f"cpu_kernels-{key}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    for old in folder.glob(BUILDING_PREFIX + "*"):  # left by a process killed while building
+        try:
+            if time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
+                old.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=BUILDING_PREFIX, suffix=".so", dir=folder)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
         os.replace(tmp, path)  # atomic: workers building at once each load a whole library
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -170,7 +191,8 @@ def _build(cc: str) -> Path:
 
 @functools.cache
 def load() -> CpuKernels | None:
-    """The kernels, or None (logged once, with the reason) when they cannot be used here."""
+    """The kernels, or None (logged once, with the reason) when they cannot be used here. Decided
+    once per process: PDSERVE_CPU_KERNELS and CC are read at the first call."""
     reason = _unavailable_reason()
     cc = _compiler() if reason is None else None
     if reason is None and cc is None:

@@ -151,3 +151,39 @@ def test_missing_compiler_is_reported_not_raised(monkeypatch, caplog):
     finally:
         monkeypatch.undo()
         cpu_kernels.load.cache_clear()
+
+
+@needs_kernels
+def test_linear_keeps_float32_precision_over_a_long_k():
+    """K = 14336 (Llama-3-8B's down_proj): against float64, no worse than a few times F.linear's
+    error (one serial sum over all of K was ~12x worse)."""
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(64, 14336, generator=g) * 0.02, torch.randn(16, 14336, generator=g)
+    exact = x.double() @ weight.double().T
+    ours = (KERNELS.linear(x, KERNELS.pack_linear(weight), 64, None).double() - exact).abs().max().item()
+    torch_error = (F.linear(x, weight).double() - exact).abs().max().item()
+    assert ours <= 3 * torch_error, f"kernel error {ours:.2e}, F.linear's {torch_error:.2e}"
+
+
+@needs_kernels
+def test_nan_propagates_like_torch():
+    """A NaN in a score or a gate must come out as NaN (a numerical fault shows), not as e^-87."""
+    gate_up = torch.ones(1, 32)
+    gate_up[0, 3] = float("nan")
+    assert torch.isnan(KERNELS.silu_mul(gate_up)[0, 3])
+    heads, kv_heads, head_dim = 2, 1, 16
+    cache = torch.randn(2, kv_heads, 1, 8, head_dim)
+    cache[0, 0, 0, 2, 5] = float("nan")  # one key position
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim)
+    cos, sin = torch.ones(1, head_dim), torch.zeros(1, head_dim)
+    out = KERNELS.decode_attention(qkv, cos, sin, cache, torch.tensor([5], dtype=torch.int32), 5,
+                                   torch.empty(1, 1, 2, kv_heads, head_dim)[:, 0], heads, kv_heads, head_dim, 0.25)
+    assert torch.isnan(out).all()
+
+
+def test_compiler_from_cc_with_arguments(monkeypatch):
+    """CC="ccache gcc" or "gcc -O2" names a compiler plus arguments, as in make."""
+    monkeypatch.setenv("CC", "sh -e")
+    assert cpu_kernels._compiler() == [shutil.which("sh"), "-e"]
+    monkeypatch.setenv("CC", "/nonexistent/cc -O2")
+    assert cpu_kernels._compiler() is None
