@@ -24,6 +24,9 @@ from services.kvstore.client import KvStoreClient
 
 log = logging.getLogger(__name__)
 
+# Pull failures answered before any copy started: the destination blocks were never written.
+SETTLED_PULL_FAILURES = ("not_found", "failed_precondition", "invalid_argument")
+
 
 class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     role = "decode"
@@ -34,6 +37,11 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         self.worker_id = worker_id
         self.admission: deque[StreamJob] = deque()  # engine thread: waiting for blocks
         self.pulling = 0
+        # After a pull that failed mid-transfer (our deadline passed, the call broke off), the
+        # daemon may still be writing into its blocks until it notices (it stops at its next
+        # copy run, within milliseconds): they return to the pool only after this long.
+        self.unsettled_pull_grace_seconds = 5.0
+        self.quarantined_blocks = 0  # engine thread
 
     async def start(self) -> None:
         await super().start()
@@ -98,9 +106,12 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             self.metrics.admission_wait.observe(time.monotonic() - job.enqueued_at)
             self.thread.emit(self._start_pull, job, list(seq.block_table))
 
-    def _pulled(self, job: StreamJob, failure: str | None) -> None:
+    def _pulled(self, job: StreamJob, failure: str | None, code: str | None = None) -> None:
+        """`failure` is the recompute reason (a bounded label), `code` the pull's own status."""
         self.pulling -= 1
         seq = job.seq
+        if failure is not None and code not in SETTLED_PULL_FAILURES:
+            self._quarantine(seq)  # the daemon may still be writing into its blocks
         if job.cancelled:
             self.engine.free(seq)
         elif failure is None:
@@ -108,12 +119,21 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             job.state = "running"
             self.scheduler.add_running(seq)
         else:
-            log.warning("request %s: KV pull failed (%s); recomputing it here", job.request_id, failure)
+            log.warning("request %s: KV pull failed (%s); recomputing it here", job.request_id, code or failure)
             self.metrics.recomputes.labels(failure).inc()
             self.engine.free(seq)
             job.state = "running"
             self.scheduler.add_prompt(seq)
         self._update_gauges()
+
+    def _quarantine(self, seq: Sequence) -> None:
+        blocks = self.engine.detach_blocks(seq)
+        self.quarantined_blocks += len(blocks)
+        self.thread.emit(self._release_quarantine_later, blocks)
+
+    def _release_quarantined(self, blocks: list[int]) -> None:
+        self.engine.free_blocks(blocks)
+        self.quarantined_blocks -= len(blocks)
 
     def _forget_cancelled(self, job: StreamJob) -> None:
         if job in self.admission:
@@ -125,16 +145,19 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         asyncio.create_task(self._pull(job, block_ids))
 
     async def _pull(self, job: StreamJob, block_ids: list[int]) -> None:
-        failure = None
+        code = None
         try:
             await self.kvstore.pull(block_ids, job.handle)
         except grpc.aio.AioRpcError as exc:
-            failure = exc.code().name.lower()
+            code = exc.code().name.lower()
         except Exception:  # noqa: BLE001 - any failure falls back to recompute
-            failure = "other"
-        if failure is not None and failure not in RECOMPUTE_REASONS:
-            failure = "other"  # keeps the label set bounded
-        self.thread.post(lambda: self._pulled(job, failure))
+            code = "other"
+        failure = code if code in RECOMPUTE_REASONS or code is None else "other"  # a bounded label set
+        self.thread.post(lambda: self._pulled(job, failure, code))
+
+    def _release_quarantine_later(self, blocks: list[int]) -> None:
+        asyncio.get_running_loop().call_later(self.unsettled_pull_grace_seconds, self.thread.post,
+                                              lambda: self._release_quarantined(blocks))
 
     def _release_entry(self, handle) -> None:
         asyncio.create_task(self._release_entry_async(handle))

@@ -139,10 +139,17 @@ class Engine:
         return int(self.blocks_for_tokens(len(seq.token_ids)) > len(seq.block_table))
 
     def free(self, seq: Sequence) -> None:
+        self.free_blocks(self.detach_blocks(seq))
+
+    def detach_blocks(self, seq: Sequence) -> list[int]:
+        """Takes the sequence's blocks from it without freeing them (give them back with
+        free_blocks): for blocks that something outside the engine may still be writing."""
         self.runner.forget(seq.seq_id)
-        self.block_manager.free(seq.block_table)
-        seq.block_table = []
-        seq.num_cached = 0
+        blocks, seq.block_table, seq.num_cached = seq.block_table, [], 0
+        return blocks
+
+    def free_blocks(self, blocks: list[int]) -> None:
+        self.block_manager.free(blocks)
 
     # ---- compute ---------------------------------------------------------------------------
     def validate_prompt(self, prompt: list[int]) -> None:

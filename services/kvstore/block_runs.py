@@ -7,6 +7,7 @@ straight from source memory into destination memory, with no staging buffer.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -39,12 +40,20 @@ def contiguous_runs(
     return runs
 
 
-def copy_blocks(src_rows: torch.Tensor, src_ids: Sequence[int], dst_rows: torch.Tensor, dst_ids: Sequence[int]) -> int:
+class CopyStopped(Exception):
+    """copy_blocks saw its stop event between two runs."""
+
+
+def copy_blocks(src_rows: torch.Tensor, src_ids: Sequence[int], dst_rows: torch.Tensor, dst_ids: Sequence[int],
+                stop: threading.Event | None = None) -> int:
     """Copies block src_ids[i] of `src_rows` into block dst_ids[i] of `dst_rows` (both
     `[n, block_bytes]` uint8) run by run. Returns the bytes copied. Runs in a worker thread:
-    torch releases the GIL while copying."""
+    torch releases the GIL while copying. With `stop` set, raises CopyStopped before the next run
+    (runs are at most MAX_RUN_BYTES, so it stops within one run's copy)."""
     block_bytes = dst_rows.shape[1]
     for offset, count in contiguous_runs(src_ids, dst_ids, block_bytes):
+        if stop is not None and stop.is_set():
+            raise CopyStopped(f"stopped after {offset} of {len(dst_ids)} blocks")
         s, d = src_ids[offset], dst_ids[offset]
         dst_rows[d : d + count].copy_(src_rows[s : s + count], non_blocking=False)
     if dst_rows.is_cuda or src_rows.is_cuda:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -201,7 +202,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         succeeded = False
         try:
             src_rows, src_ids = entry.source()
-            nbytes = await asyncio.to_thread(copy_blocks, src_rows, src_ids, record.rows, dst_ids)
+            nbytes = await copy_until_cancelled(src_rows, src_ids, record.rows, dst_ids)
             succeeded = True
         finally:
             self.table.end_transfer(entry, succeeded)
@@ -273,6 +274,24 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         self.totals["ttl_moves"] += 1
         self.metrics.ttl_moves.inc()
         return True
+
+
+async def copy_until_cancelled(src_rows, src_ids, dst_rows, dst_ids) -> int:
+    """copy_blocks in a thread. If the caller is cancelled (the puller's deadline passed, or it went
+    away), the copy stops at its next run and this returns (raising CancelledError) only once the
+    thread has stopped: until then the destination blocks are still being written, and the source
+    blocks read, so neither may be handed back before. (The decode worker also waits a grace period
+    before reusing the blocks of a pull that failed this way: its own deadline fires on its side.)"""
+    stop = threading.Event()
+    copy = asyncio.ensure_future(asyncio.to_thread(copy_blocks, src_rows, src_ids, dst_rows, dst_ids, stop))
+    try:
+        return await asyncio.shield(copy)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait([copy])
+        if not copy.cancelled():
+            copy.exception()  # retrieved (CopyStopped, most likely): nobody waits for it any more
+        raise
 
 
 def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from services.engine.kv_cache import KvLayout, KvPool
-from services.kvstore.block_runs import contiguous_runs, copy_blocks
+import threading
+
+from services.kvstore.block_runs import CopyStopped, contiguous_runs, copy_blocks
+from services.kvstore.daemon import copy_until_cancelled
 from services.kvstore.entries import EntryTable, KvError
 from services.kvstore.host_tier import HostTier
 from services.kvstore.ucx_transfer import check_runs, split_host_port
@@ -38,6 +41,40 @@ def test_copy_blocks_moves_each_block_to_its_place():
     assert copy_blocks(src, [1, 2, 7], dst, [4, 5, 0]) == 3 * 16
     assert torch.equal(dst[[4, 5, 0]], src[[1, 2, 7]])
     assert dst[[1, 2, 3, 6, 7]].sum() == 0
+
+
+def test_copy_blocks_stops_between_runs():
+    src = torch.arange(4 * 8, dtype=torch.uint8).view(4, 8)
+    dst = torch.zeros(8, 8, dtype=torch.uint8)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CopyStopped):
+        copy_blocks(src, [0, 1, 2, 3], dst, [0, 2, 4, 6], stop)
+    assert not dst.any()
+
+
+def test_a_cancelled_local_copy_has_stopped_writing_when_the_cancellation_returns():
+    """The daemon's Pull handler is cancelled when the puller's deadline passes: by the time the
+    CancelledError leaves copy_until_cancelled, nothing writes into the destination any more (it
+    used to keep copying in its thread while the decode worker reused the blocks)."""
+    blocks, block_bytes = 4000, 32 << 10
+    src = torch.ones(blocks, block_bytes, dtype=torch.uint8)
+    dst = torch.zeros(2 * blocks, block_bytes, dtype=torch.uint8)
+    dst_ids = list(range(0, 2 * blocks, 2))  # every other block: 4000 separate runs
+
+    async def cancel_midway():
+        task = asyncio.ensure_future(copy_until_cancelled(src, list(range(blocks)), dst, dst_ids))
+        await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        written = int(dst[:, 0].sum())
+        await asyncio.sleep(0.05)
+        return written, int(dst[:, 0].sum())
+
+    at_return, later = asyncio.run(cancel_midway())
+    assert at_return == later, "the copy went on after the cancellation returned"
+    assert at_return < blocks, "cancelled 2 ms into a copy of 4000 runs, it should have stopped early"
 
 
 def test_check_runs_rejects_a_source_that_does_not_tile_the_destination():

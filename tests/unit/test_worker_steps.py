@@ -103,6 +103,43 @@ def _drain(job) -> list:
     return items
 
 
+def test_blocks_of_a_pull_that_failed_mid_transfer_are_reused_only_after_a_grace():
+    """A pull that failed on its deadline may still have the daemon's copy writing into its blocks
+    (the daemon stops at its next copy run): they stay out of the pool for the grace period, while
+    the request is recomputed in fresh blocks. A pull refused before any copy (NOT_FOUND) gives
+    its blocks back at once."""
+    service = _service(num_blocks=64, max_model_len=512)
+    loop = asyncio.get_event_loop()
+    posted = []  # engine-thread callables from the asyncio side, run by hand below
+    service.thread.emit = lambda fn, *args: (service.started_pulls.append(args[0]) if fn == service._start_pull
+                                             else loop.call_soon(fn, *args))
+    service.thread.post = posted.append
+    service.unsettled_pull_grace_seconds = 0.2
+    total = service.engine.block_manager.num_blocks
+    late, refused = _submit(service, "late", 100, 5), _submit(service, "refused", 100, 5)
+    service._step()
+    assert service.started_pulls == [late, refused]
+    late_blocks = list(late.seq.block_table)
+
+    service._pulled(late, "deadline_exceeded", "deadline_exceeded")
+    service._pulled(refused, "not_found", "not_found")
+    assert service.quarantined_blocks == len(late_blocks) == 7
+    assert service.engine.block_manager.num_free == total - len(late_blocks)  # only late's are held back
+    loop.run_until_complete(asyncio.sleep(0.05))
+    service._step()  # both recompute, in blocks other than the quarantined ones
+    assert not set(late.seq.block_table) & set(late_blocks) and late.seq.block_table and refused.seq.block_table
+    assert not posted, "nothing is released before the grace"
+
+    loop.run_until_complete(asyncio.sleep(0.3))
+    assert len(posted) == 1
+    posted.pop()()
+    assert service.quarantined_blocks == 0
+    for _ in range(10):
+        _step(service)
+    assert late.state == refused.state == "done"
+    assert service.engine.block_manager.num_free == total
+
+
 def test_a_failing_decode_step_fails_its_requests_frees_their_blocks_and_the_worker_goes_on(monkeypatch):
     service = _service(num_blocks=64, max_model_len=256)
     service.thread.loop = asyncio.get_event_loop()
