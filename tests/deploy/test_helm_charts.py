@@ -299,6 +299,10 @@ def test_unsupported_or_invalid_values_are_refused(planner_values):
     assert "replicas" in render_error("prefill", {"replicas": 2})  # misspelt key: unknown keys are refused
     assert "router.discovery.prefill.port" in render_error("pdserve", {"prefill": {"port": 7201}})
     assert "kvstorePort" in render_error("pdserve", {"kvstore": {"port": 7111}})
+    # two listeners on one port: the second bind would fail and the pod crash-loop
+    assert "decode.port and decode.metricsPort are both 7300" in render_error("decode", {"metricsPort": 7300})
+    assert "kvstore.port and kvstore.transferPort are both 7100" in render_error("kvstore", {"transferPort": 7100})
+    assert "router.port and router.metricsPort" in render_error("router", {"metricsPort": 7000})
 
 
 # ---- monitoring, dashboards, TLS, models ---------------------------------------------------------
@@ -391,3 +395,47 @@ def test_packaged_umbrella_renders_the_same(tmp_path, planner_values):
     values = {**planner_values, "global": {**planner_values["global"], "monitoring": {"dashboards": True}}}
     with helm.Chart.load(archive) as packaged, helm.Chart.load(os.path.join(HELM_DIR, "pdserve")) as folder:
         assert packaged.render(values, name="pd", namespace=NAMESPACE) == folder.render(values, name="pd", namespace=NAMESPACE)
+
+
+# ---- Prometheus pod discovery -------------------------------------------------------------------
+
+def _relabel(rules: list[dict], labels: dict) -> dict | None:
+    """Prometheus' relabelling (replace and keep, the actions the file uses): regexes fully
+    anchored, source labels joined by ';', $N in the replacement. None: the target is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if rule.get("action", "replace") == "keep":
+            if not match:
+                return None
+        elif match:
+            labels[rule["target_label"]] = re.sub(r"\$(\d+)", r"\\g<\1>", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(labels[rule["target_label"]])
+    return labels
+
+
+@pytest.mark.parametrize("pod_ip,address", [("10.244.1.9", "10.244.1.9:9300"),
+                                             ("fd00:10:244::9", "[fd00:10:244::9]:9300"),
+                                             ("::ffff:10.0.0.7", "[::ffff:10.0.0.7]:9300")])
+def test_prometheus_scrapes_the_metrics_port_on_ipv4_and_ipv6_pods(renders, pod_ip, address):
+    """deploy/prometheus/prometheus-kubernetes.yml against the labels Kubernetes discovery gives a
+    rendered decode pod (its annotation, its IP): the scrape address is the metrics port, with
+    brackets around an IPv6 address (the old `host:port` rewrite of __address__ left IPv6 pods on
+    their first container port, gRPC)."""
+    import yaml
+
+    with open(os.path.join(ROOT, "deploy", "prometheus", "prometheus-kubernetes.yml")) as f:
+        (job,) = yaml.safe_load(f)["scrape_configs"]
+    (decode,) = workloads(renders["decode-defaults"], "decode")
+    pod = decode["spec"]["template"]
+    labels = {"__address__": f"[{pod_ip}]:7300" if ":" in pod_ip else f"{pod_ip}:7300",
+              "__meta_kubernetes_pod_ip": pod_ip,
+              "__meta_kubernetes_namespace": NAMESPACE, "__meta_kubernetes_pod_name": "decode-0"}
+    for key, value in pod["metadata"]["labels"].items():
+        labels["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    for key, value in pod["metadata"]["annotations"].items():
+        labels["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    target = _relabel(job["relabel_configs"], labels)
+    assert target is not None and target["__address__"] == address
+    assert target["component"] == "decode"

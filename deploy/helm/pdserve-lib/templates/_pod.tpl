@@ -12,8 +12,20 @@ prometheus.io/path: /metrics
 {{- end }}
 {{- end -}}
 
-{{/* Flags every server has (services/common/flags.py common_server_flags). */}}
+{{/* Flags every server has (services/common/flags.py common_server_flags). The ports the pod
+listens on must differ (the kvstore's transferPort too), or the second bind fails at start-up and
+the pod crash-loops. */}}
 {{- define "pdserve-lib.serverArgs" -}}
+{{- $ports := dict -}}
+{{- range $key := list "port" "metricsPort" "transferPort" -}}
+{{- with index $.Values $key -}}
+{{- $taken := get $ports (toString (int .)) -}}
+{{- if $taken -}}
+{{- fail (printf "%s.%s and %s.%s are both %d: the pod listens on each, so they must differ" $.Chart.Name $taken $.Chart.Name $key (int .)) -}}
+{{- end -}}
+{{- $_ := set $ports (toString (int .)) $key -}}
+{{- end -}}
+{{- end -}}
 - --port={{ .Values.port }}
 - --metrics-port={{ .Values.metricsPort }}
 - --grace-seconds={{ .Values.graceSeconds }}
