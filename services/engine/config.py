@@ -200,7 +200,8 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     attention_backend: str = "auto"  # "torch" | "triton" | "auto" (triton on cuda)
-    # CPU decode keeps a dense copy of the running batch's K/V up to this size (0: off); see cpu_kv_mirror.py
+    # CPU decode on the torch path keeps a dense copy of the running batch's K/V up to this size
+    # (0: off); see cpu_kv_mirror.py. The CPU kernels read the pool in place and keep none.
     cpu_decode_kv_mirror_bytes: int = 256 << 20
     # float32 on CPU: pdserve's AVX-512 decode kernels when they can be built here (cpu_kernels.py)
     cpu_kernels: bool = True

@@ -155,76 +155,102 @@ static inline float dot_ps(const float* a, const float* b, int D) {
     return _mm512_reduce_add_ps(acc);
 }
 
-// ---- one decode step of one layer's attention over the dense K/V mirror (cpu_kv_mirror.py) --------
+// ---- one decode step of one layer's attention, reading the paged KV pool in place ------------------
 //
-// qkv [B, (H + 2*KVH) * D] is this step's projection (row stride qkv_stride). For each sequence b
-// and KV head g: RoPE on q's heads of group g and on k's head g, in place; k and v appended at
-// position ctx[b]-1 of the mirror (cache [2][KVH][slots][capacity][D], strides in floats) and put
-// in step_kv ([B][2][KVH][D] at step_kv_stride per sequence: the step's K/V, scattered into the
-// paged pool afterwards); then the group's q heads attend over positions [0, ctx[b]) into out
-// [B, H*D]. Each sequence reads exactly its own context, K and V once: no padding, no mask.
-// D must be a multiple of 16 (the loader checks).
-void pd_decode_attention(float* qkv, int64_t qkv_stride, const float* cos, const float* sin,
-                         float* cache, int64_t kv_stride, int64_t head_stride, int64_t slot_stride,
-                         const int* ctx, float* step_kv, int64_t step_kv_stride,
-                         int B, int H, int KVH, int D, float scale, float* scores, int64_t scores_stride,
-                         float* out, int threads) {
-    // scores: [threads][H/KVH][scores_stride] scratch, scores_stride >= every ctx[b]
+// qkv [B, (H + 2*KVH) * D] is this step's projection (row stride qkv_stride). For sequence b: RoPE
+// on its q and k heads, in place; k and v written to the pool at position ctx[b]-1; then each q
+// head attends over positions [0, ctx[b]) of its KV head into out [B, H*D]. The layer's K and V are
+// [num_blocks][block_size][KVH][D] views of the pool (k_cache, v_cache: block_stride floats between
+// blocks); position j of sequence b is row j % block_size of block block_tables[b][j / block_size].
+// Each sequence reads exactly its own context, K and V once, no copy, no padding, no mask.
+// A task is one sequence and a range of its KV heads, so that it reads each position's row for
+// those heads as one contiguous piece (a task per head would read 1/KVH of every row, strided: ~1.7x
+// slower measured); sequences are split into head ranges only when there are fewer of them than
+// twice the threads. D must be a multiple of 16 (the loader checks).
+#define CHUNK 256
+void pd_paged_decode_attention(float* qkv, int64_t qkv_stride, const float* cos, const float* sin,
+                               float* k_cache, float* v_cache, int64_t block_stride, int block_size,
+                               const int* block_tables, int64_t table_stride, const int* ctx,
+                               int B, int H, int KVH, int D, float scale, float* scores, float* out,
+                               int threads) {
+    // scores: [threads][H][CHUNK] scratch
     int G = H / KVH;
+    int64_t row_stride = (int64_t)KVH * D;
+    int splits = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B;
+    if (splits > KVH) splits = KVH;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int task = 0; task < B * KVH; task++) {
-        int b = task / KVH, g = task % KVH, n = ctx[b];
+    for (int task = 0; task < B * splits; task++) {
+        int b = task / splits, part = task % splits, n = ctx[b];
+        int g0 = (int)((int64_t)KVH * part / splits), g1 = (int)((int64_t)KVH * (part + 1) / splits);
+        int h0 = g0 * G, heads = (g1 - g0) * G, width = (g1 - g0) * D;
+        const int* table = block_tables + b * table_stride;
         float* row = qkv + b * qkv_stride;
-        float* q = row + (int64_t)g * G * D;
-        float* k_new = row + (int64_t)(H + g) * D;
-        const float* v_new = row + (int64_t)(H + KVH + g) * D;
+        float* q = row + (int64_t)h0 * D;
         const float* c = cos + (int64_t)b * D;
         const float* s = sin + (int64_t)b * D;
-        for (int h = 0; h < G; h++) rope_head(q + h * D, c, s, D);
-        rope_head(k_new, c, s, D);
-        float* K = cache + g * head_stride + b * slot_stride;
-        float* V = K + kv_stride;
-        float* sk = step_kv + b * step_kv_stride + (int64_t)g * D;
-        float* sv = sk + (int64_t)KVH * D;
-        for (int d = 0; d < D; d++) {
-            K[(int64_t)(n - 1) * D + d] = sk[d] = k_new[d];
-            V[(int64_t)(n - 1) * D + d] = sv[d] = v_new[d];
+        for (int h = 0; h < heads; h++) rope_head(q + (int64_t)h * D, c, s, D);
+        for (int g = g0; g < g1; g++) rope_head(row + (int64_t)(H + g) * D, c, s, D);
+#define AT(cache, j) ((cache) + table[(j) / block_size] * block_stride + ((j) % block_size) * row_stride + (int64_t)g0 * D)
+        float* k_slot = AT(k_cache, n - 1);
+        float* v_slot = AT(v_cache, n - 1);
+        const float* k_new = row + (int64_t)(H + g0) * D;
+        const float* v_new = row + (int64_t)(H + KVH + g0) * D;
+        for (int i = 0; i < width; i++) {
+            k_slot[i] = k_new[i];
+            v_slot[i] = v_new[i];
         }
-        float* sc = scores + (int64_t)omp_get_thread_num() * G * scores_stride;  // [G][n]
-        for (int j = 0; j < n; j++) {
-            const float* kj = K + (int64_t)j * D;
-            _mm_prefetch((const char*)(kj + 8 * D), _MM_HINT_T0);
-            for (int h = 0; h < G; h++) sc[h * scores_stride + j] = dot_ps(q + h * D, kj, D) * scale;
-        }
-        for (int h = 0; h < G; h++) {  // softmax over [0, n)
-            float* p = sc + h * scores_stride;
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
-            for (int j = 0; j < n; j += 16)
-                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(n - j), p + j));
-            __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-            __m512 vsum = _mm512_setzero_ps();
-            for (int j = 0; j < n; j += 16) {
-                __mmask16 k = tail_mask(n - j);
-                __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), mx)));
-                vsum = _mm512_add_ps(vsum, e);
-                _mm512_mask_storeu_ps(p + j, k, e);
+        // Online softmax over chunks of CHUNK positions (as flash-decoding does), so the scratch is
+        // [H][CHUNK] per thread whatever the context: running max m, running sum l, and the
+        // outputs o rescaled whenever the max grows.
+        float* sc = scores + (int64_t)omp_get_thread_num() * H * CHUNK;
+        float m[heads], l[heads];
+        float* o = out + (int64_t)b * H * D + (int64_t)h0 * D;  // accumulated in place: [heads][D]
+        for (int h = 0; h < heads; h++) m[h] = -INFINITY, l[h] = 0.0f;
+        for (int i = 0; i < heads * D; i++) o[i] = 0.0f;
+        for (int j0 = 0; j0 < n; j0 += CHUNK) {
+            int len = n - j0 < CHUNK ? n - j0 : CHUNK;
+            for (int j = 0; j < len; j++) {
+                const float* kj = AT(k_cache, j0 + j);
+                if (j0 + j + 2 < n) _mm_prefetch((const char*)AT(k_cache, j0 + j + 2), _MM_HINT_T0);
+                for (int h = 0; h < heads; h++)
+                    sc[h * CHUNK + j] = dot_ps(q + (int64_t)h * D, kj + (int64_t)(h / G) * D, D) * scale;
             }
-            float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-            for (int j = 0; j < n; j++) p[j] *= inv;
-        }
-        float acc[G * D];  // [G][D]: the group's outputs, so V is read once for all of them
-        for (int i = 0; i < G * D; i++) acc[i] = 0.0f;
-        for (int j = 0; j < n; j++) {
-            const float* vj = V + (int64_t)j * D;
-            _mm_prefetch((const char*)(vj + 8 * D), _MM_HINT_T0);
-            for (int h = 0; h < G; h++) {
-                __m512 pj = _mm512_set1_ps(sc[h * scores_stride + j]);
-                for (int d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(acc + h * D + d,
-                                     _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + d), _mm512_loadu_ps(acc + h * D + d)));
+            for (int h = 0; h < heads; h++) {
+                float* p = sc + h * CHUNK;
+                __m512 vmax = _mm512_set1_ps(-INFINITY);
+                for (int j = 0; j < len; j += 16)
+                    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(len - j), p + j));
+                float m_new = fmaxf(m[h], _mm512_reduce_max_ps(vmax));
+                float alpha = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
+                __m512 mx = _mm512_set1_ps(m_new);
+                __m512 vsum = _mm512_setzero_ps();
+                for (int j = 0; j < len; j += 16) {
+                    __mmask16 k = tail_mask(len - j);
+                    __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), mx)));
+                    vsum = _mm512_add_ps(vsum, e);
+                    _mm512_mask_storeu_ps(p + j, k, e);
+                }
+                l[h] = l[h] * alpha + _mm512_reduce_add_ps(vsum);
+                m[h] = m_new;
+                if (alpha != 1.0f)
+                    for (int d = 0; d < D; d++) o[h * D + d] *= alpha;
+            }
+            for (int j = 0; j < len; j++) {
+                const float* vj = AT(v_cache, j0 + j);
+                if (j0 + j + 2 < n) _mm_prefetch((const char*)AT(v_cache, j0 + j + 2), _MM_HINT_T0);
+                for (int h = 0; h < heads; h++) {
+                    __m512 pj = _mm512_set1_ps(sc[h * CHUNK + j]);
+                    const float* vh = vj + (int64_t)(h / G) * D;
+                    float* oh = o + (int64_t)h * D;
+                    for (int d = 0; d < D; d += 16)
+                        _mm512_storeu_ps(oh + d, _mm512_fmadd_ps(pj, _mm512_loadu_ps(vh + d), _mm512_loadu_ps(oh + d)));
+                }
             }
         }
-        float* o = out + (int64_t)b * H * D + (int64_t)g * G * D;
-        for (int i = 0; i < G * D; i++) o[i] = acc[i];
+        for (int h = 0; h < heads; h++) {
+            float inv = 1.0f / l[h];
+            for (int d = 0; d < D; d++) o[h * D + d] *= inv;
+        }
+#undef AT
     }
 }

@@ -6,8 +6,11 @@ at decode shapes. Measured on the CI machine (2 Sapphire Rapids cores, llama-50m
 oneDNN's packed GEMM runs the model's 33 linear layers in ~11 ms where the weights alone would
 stream in ~6; SDPA spends ~0.7 ms a layer on 9.5 MB of K/V; and each RMSNorm, RoPE or SiLU is a
 few small torch ops at several microseconds apiece. The kernels here are a prefetching skinny GEMM
-(`linear`), one fused call per layer for RoPE + K/V append + attention over the exact context of
-each sequence (`decode_attention`), and fused residual-add + RMSNorm and SiLU-and-multiply.
+(`linear`), one fused call per layer for RoPE + K/V write + attention reading each sequence's
+exact context from the paged pool in place (`paged_decode_attention`), and fused residual-add +
+RMSNorm and SiLU-and-multiply. Reading the pool in place (rather than a dense copy of the batch's
+K/V, as the torch path's cpu_kv_mirror.py keeps) costs the same per step and needs no extra memory,
+no gather when a sequence joins, and no size limit.
 
 They are float32 only, need AVX-512 (x86-64) and a C compiler with OpenMP (`cc`, or $CC), and
 compile in about a second into $PDSERVE_CACHE/kernels (keyed by source, flags and CPU). Where any
@@ -18,8 +21,8 @@ loaded, so both share one thread pool (two pools spinning on two cores would hal
 built on another OpenMP runtime would bring a second pool.
 
 Limits: the wrappers trust their callers (float32, contiguous rows, head_dim a multiple of 16: the
-model checks these once, not per call). Attention is parallel over (sequence, KV head) pairs, so a
-single sequence with one KV head attends on one core: right for two cores, wasteful on many.
+model checks these once, not per call). Attention splits a sequence over at most its KV heads, so
+a single sequence with one KV head attends on one core: right for two cores, wasteful on many.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-f
 # At most this many rows use the skinny GEMM; prefill-sized inputs use oneDNN, which blocks for
 # reuse (measured crossover between 32 and 64 rows on the 50M model's layers).
 MAX_LINEAR_ROWS = 32
+ATTENTION_CHUNK = 256  # CHUNK in cpu_kernels.c: positions per step of the online softmax
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -66,9 +70,9 @@ class CpuKernels:
         self._add_rms_norm.argtypes = [_P, _P, _P, _P, _I, _I, _F]
         self._silu_mul = lib.pd_silu_mul
         self._silu_mul.argtypes = [_P, _P, _I, _I]
-        self._attention = lib.pd_decode_attention
-        self._attention.argtypes = [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64,
-                                    _I, _I, _I, _I, _F, _P, _I64, _P, _I]
+        self._attention = lib.pd_paged_decode_attention
+        self._attention.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I, _P, _I64, _P,
+                                    _I, _I, _I, _I, _F, _P, _P, _I]
         for f in (self._linear, self._add_rms_norm, self._silu_mul, self._attention):
             f.restype = None
 
@@ -105,23 +109,22 @@ class CpuKernels:
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
         return out
 
-    def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                         context_lens: torch.Tensor, max_context_len: int, step_kv: torch.Tensor, num_heads: int,
-                         num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
-        """One layer's decode attention over the mirror (see pd_decode_attention in cpu_kernels.c).
-
-        qkv [B, (H + 2*KVH) * D] (q and k get RoPE in place); cos/sin [B, D]; cache the layer's
-        mirror [2, KVH, slots, capacity, D] with sequence b in slot b; context_lens int32 [B];
-        step_kv [B, 2, KVH, D] view (any row stride). Returns [B, H * D]."""
+    def paged_decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+        """One layer's decode attention over the paged pool (pd_paged_decode_attention in
+        cpu_kernels.c): RoPE on q and k in place in qkv [B, (H + 2*KVH) * D], this step's K/V
+        written at position context_lens[b]-1, attention over [0, context_lens[b]).
+        k_cache/v_cache: the layer's [num_blocks, block_size, KVH, D] views of the pool;
+        block_tables int32 [B, >= max blocks]; context_lens int32 [B]. Returns [B, H * D]."""
         batch = qkv.shape[0]
         threads = torch.get_num_threads()
-        scores = torch.empty(threads, num_heads // num_kv_heads, max_context_len, dtype=torch.float32)
+        scores = torch.empty(threads, num_heads, ATTENTION_CHUNK, dtype=torch.float32)
         out = torch.empty(batch, num_heads * head_dim, dtype=torch.float32)
         self._attention(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
-                        cache.data_ptr(), cache.stride(0), cache.stride(1), cache.stride(2),
-                        context_lens.data_ptr(), step_kv.data_ptr(), step_kv.stride(0),
-                        batch, num_heads, num_kv_heads, head_dim, scale, scores.data_ptr(), max_context_len,
-                        out.data_ptr(), threads)
+                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.shape[1],
+                        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+                        batch, num_heads, num_kv_heads, head_dim, scale, scores.data_ptr(), out.data_ptr(), threads)
         return out
 
     @staticmethod

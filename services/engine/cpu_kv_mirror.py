@@ -1,4 +1,5 @@
-"""CPU decode: a dense copy of the running batch's K/V, appended to one token per step.
+"""CPU decode on the torch path: a dense copy of the running batch's K/V, appended to one token per
+step. (The CPU kernels, cpu_kernels.py, read the paged pool in place and need no mirror.)
 
 On CPU there is no paged-attention kernel, so attention must first gather each sequence's blocks
 into a dense tensor, every layer, every step: a full copy of the batch's KV per step (~20% of a
@@ -154,16 +155,6 @@ class DecodeKvMirror:
         cache[:, :, self._step_slots, self._step_positions] = step_kv.permute(1, 2, 0, 3)
         span = max(context_lens)
         return cache[0, :, :batch, :span].transpose(0, 1), cache[1, :, :batch, :span].transpose(0, 1)
-
-    def kernel_attention(self, layer: int, qkv, meta, k_cache, v_cache, kernels, num_heads: int, num_kv_heads: int,
-                         head_dim: int, scale: float) -> torch.Tensor:
-        """`views` + `attention` in one call of the CPU kernels (cpu_kernels.py): RoPE, this step's
-        K/V appended, each sequence attending over exactly its own context (no groups, no mask).
-        qkv [B, (H + 2*KVH) * D] before RoPE -> [B, H * D]."""
-        self._catch_up(layer, k_cache, v_cache, meta.block_tables, meta.context_lens_list)
-        return kernels.decode_attention(qkv, meta.cos, meta.sin, self.caches[layer], meta.context_lens,
-                                        meta.max_context_len, self._step_kv[:, layer], num_heads, num_kv_heads,
-                                        head_dim, scale)
 
     def attention(self, q, k, v, mask, scale, attend) -> torch.Tensor:
         """attend(q, k, v, mask, scale) per group of slots, each cut to its own longest context."""

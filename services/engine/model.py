@@ -124,7 +124,7 @@ def prepare_for_cpu(model: "CausalLM", kernels: CpuKernels | None) -> None:
 
 
 class Attention(nn.Module):
-    kernels = None  # CpuKernels for decode over the K/V mirror, set by prepare_for_cpu
+    kernels = None  # CpuKernels for decode attention over the paged pool, set by prepare_for_cpu
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -146,8 +146,8 @@ class Attention(nn.Module):
     def forward(self, x, rotary, positions, meta: AttentionMetadata, k_cache, v_cache):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        if self.kernels is not None and meta.kv_mirror is not None:
-            return self.o_proj(self._mirror_kernel_attention(qkv, meta, k_cache, v_cache))
+        if self.kernels is not None and not meta.is_prefill:
+            return self.o_proj(self._kernel_decode_attention(qkv, meta, k_cache, v_cache))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
@@ -183,15 +183,16 @@ class Attention(nn.Module):
             )
         return self.o_proj(out.reshape(tokens, self.q_size))
 
-    def _mirror_kernel_attention(self, qkv, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+    def _kernel_decode_attention(self, qkv, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
         if self.q_norm is not None:  # the kernel applies RoPE in place, so normalise in place first
             tokens = qkv.shape[0]
             q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(tokens, self.num_kv_heads, self.head_dim)
             q.copy_(self.q_norm(q))
             k.copy_(self.k_norm(k))
-        return meta.kv_mirror.kernel_attention(self.layer_idx, qkv, meta, k_cache, v_cache, self.kernels,
-                                               self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
+        return self.kernels.paged_decode_attention(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.block_tables,
+                                                   meta.context_lens, self.num_heads, self.num_kv_heads,
+                                                   self.head_dim, self.scale)
 
 
 class MLP(nn.Module):
@@ -241,7 +242,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None  # computed by init_rotary once on a real device
-        self.kernel_attention = False  # decode attention over the K/V mirror by cpu_kernels (prepare_for_cpu)
+        self.kernel_attention = False  # decode attention by cpu_kernels (prepare_for_cpu): no K/V mirror then
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

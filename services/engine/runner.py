@@ -29,7 +29,8 @@ class ModelRunner:
         if config.attention_backend == "triton" and self.device.type != "cuda":
             raise ValueError("attention_backend 'triton' needs a CUDA device")
         self.kv_mirror = None
-        if self.device.type == "cpu" and config.cpu_decode_kv_mirror_bytes > 0:
+        # the mirror serves the torch path; the CPU kernels read the pool in place
+        if self.device.type == "cpu" and config.cpu_decode_kv_mirror_bytes > 0 and not model.kernel_attention:
             layout = kv_pool.layout
             self.kv_mirror = DecodeKvMirror(layout.num_layers, layout.num_kv_heads, layout.head_dim,
                                             kv_pool.tensor.dtype, config.cpu_decode_kv_mirror_bytes)
@@ -104,8 +105,7 @@ class ModelRunner:
             context_lens_list=context_lens,
         ))
         if use_mirror:
-            if not self.model.kernel_attention:  # the CPU kernels need neither
-                meta.decode_mask = context_mask(meta.context_lens, max(context_lens))
+            meta.decode_mask = context_mask(meta.context_lens, max(context_lens))
             self.kv_mirror.begin_step(context_lens)
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_pool)
         if use_mirror:

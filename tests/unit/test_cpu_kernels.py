@@ -59,43 +59,49 @@ def test_silu_mul_matches_torch_including_saturation():
     torch.testing.assert_close(KERNELS.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
 
 
-def _reference_step(qkv, cos, sin, cache, lens, heads, kv_heads, head_dim):
-    """What the kernel must do, in torch: RoPE, append K/V at position len-1, attend over [0, len)."""
-    batch = qkv.shape[0]
+def _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, head_dim):
+    """What the kernel must do, in torch: RoPE, write K/V at position len-1 of the paged pool
+    [blocks, layers, 2, block_size, KVH, D], attend over [0, len)."""
+    batch, block_size = qkv.shape[0], pool.shape[3]
     q = qkv[:, : heads * head_dim].view(batch, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(batch, kv_heads, head_dim)
     v = qkv[:, (heads + kv_heads) * head_dim :].view(batch, kv_heads, head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache = cache.clone()
+    pool = pool.clone()
     outs = []
     for b, n in enumerate(lens.tolist()):
-        cache[0, :, b, n - 1], cache[1, :, b, n - 1] = k[b], v[b]
-        o = F.scaled_dot_product_attention(q[b].unsqueeze(1), cache[0, :, b, :n], cache[1, :, b, :n],
+        block, row = tables[b][(n - 1) // block_size], (n - 1) % block_size
+        pool[block, layer, 0, row], pool[block, layer, 1, row] = k[b], v[b]
+        blocks = tables[b][: -(-n // block_size)]
+        kv = pool[blocks, layer].transpose(0, 1).flatten(1, 2)[:, :n]  # [2, n, KVH, D]
+        o = F.scaled_dot_product_attention(q[b].unsqueeze(1), kv[0].transpose(0, 1), kv[1].transpose(0, 1),
                                            scale=head_dim**-0.5, enable_gqa=True)
         outs.append(o.reshape(-1))
-    return torch.stack(outs), cache, q, k, v
+    return torch.stack(outs), pool, q
 
 
 @needs_kernels
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 64), (8, 1, 32), (4, 2, 128)])
-def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+    """Sequences in scattered blocks of the pool, of lengths from 1 (only the token written now)
+    to several blocks and past the kernel's softmax chunk (600 positions: 3 chunks, rescaled as the
+    running maximum grows), on the middle one of 3 layers."""
     g = torch.Generator().manual_seed(heads * head_dim)
-    lens = torch.tensor([70, 1, 33, 16, 17, 2], dtype=torch.int32)  # 1: only the token written now
-    batch, slots, capacity, layers = len(lens), 8, 96, 3
-    cache = torch.randn(2, kv_heads, slots, capacity, head_dim, generator=g)
-    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=g)
-    cos, sin = torch.randn(batch, head_dim, generator=g), torch.randn(batch, head_dim, generator=g)
-    step_kv = torch.zeros(batch, layers, 2, kv_heads, head_dim)
-    expected, expected_cache, q, k, v = _reference_step(qkv, cos, sin, cache, lens, heads, kv_heads, head_dim)
+    lens = torch.tensor([600, 1, 33, 257, 17, 2], dtype=torch.int32)
+    block_size, layers, layer, width = 16, 3, 1, 38
+    pool = torch.randn(6 * width, layers, 2, block_size, kv_heads, head_dim, generator=g)
+    order = torch.randperm(6 * width, generator=g).tolist()
+    tables = [order[i * width:(i + 1) * width] for i in range(len(lens))]
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim, generator=g)
+    cos, sin = torch.randn(len(lens), head_dim, generator=g), torch.randn(len(lens), head_dim, generator=g)
+    expected, expected_pool, q = _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, head_dim)
 
-    out = KERNELS.decode_attention(qkv, cos, sin, cache, lens, int(lens.max()), step_kv[:, 1], heads, kv_heads,
-                                   head_dim, head_dim**-0.5)
+    out = KERNELS.paged_decode_attention(qkv, cos, sin, pool[:, layer, 0], pool[:, layer, 1],
+                                         torch.tensor(tables, dtype=torch.int32), lens, heads, kv_heads, head_dim,
+                                         head_dim**-0.5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache, expected_cache, atol=0, rtol=0)  # appended, nothing else touched
-    torch.testing.assert_close(step_kv[:, 1, 0], k, atol=0, rtol=0)
-    torch.testing.assert_close(step_kv[:, 1, 1], v, atol=0, rtol=0)
-    assert not step_kv[:, [0, 2]].any(), "only this layer's slice of step_kv is written"
-    torch.testing.assert_close(qkv[:, : heads * head_dim].view(batch, heads, head_dim), q, atol=0, rtol=0)
+    torch.testing.assert_close(pool, expected_pool, atol=0, rtol=0)  # K/V written, nothing else touched
+    torch.testing.assert_close(qkv[:, : heads * head_dim].view(len(lens), heads, head_dim), q, atol=0, rtol=0)
 
 
 def test_engine_with_kernels_equals_torch_path_including_the_kv_pool():
@@ -172,12 +178,12 @@ def test_nan_propagates_like_torch():
     gate_up[0, 3] = float("nan")
     assert torch.isnan(KERNELS.silu_mul(gate_up)[0, 3])
     heads, kv_heads, head_dim = 2, 1, 16
-    cache = torch.randn(2, kv_heads, 1, 8, head_dim)
-    cache[0, 0, 0, 2, 5] = float("nan")  # one key position
+    pool = torch.randn(2, 1, 2, 16, kv_heads, head_dim)
+    pool[1, 0, 0, 2, 0, 5] = float("nan")  # one key position
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim)
     cos, sin = torch.ones(1, head_dim), torch.zeros(1, head_dim)
-    out = KERNELS.decode_attention(qkv, cos, sin, cache, torch.tensor([5], dtype=torch.int32), 5,
-                                   torch.empty(1, 1, 2, kv_heads, head_dim)[:, 0], heads, kv_heads, head_dim, 0.25)
+    out = KERNELS.paged_decode_attention(qkv, cos, sin, pool[:, 0, 0], pool[:, 0, 1], torch.tensor([[1]], dtype=torch.int32),
+                                         torch.tensor([5], dtype=torch.int32), heads, kv_heads, head_dim, 0.25)
     assert torch.isnan(out).all()
 
 

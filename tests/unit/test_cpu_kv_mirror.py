@@ -1,4 +1,4 @@
-"""The CPU decode path's dense K/V mirror (services/engine/cpu_kv_mirror.py) against the plain
+"""The torch CPU decode path's dense K/V mirror (services/engine/cpu_kv_mirror.py) against the plain
 gather path, on batches whose contexts differ widely and change as sequences join and leave."""
 
 import random
@@ -11,8 +11,10 @@ from services.engine.testmodels import get_model
 
 
 def _engine(mirror_bytes: int) -> Engine:
+    # the mirror serves the torch path (the CPU kernels read the pool in place)
     return Engine(get_model("llama"), EngineConfig(dtype="float32", device="cpu", block_size=16,
-                                                   kv_cache_bytes=64 << 20, cpu_decode_kv_mirror_bytes=mirror_bytes))
+                                                   kv_cache_bytes=64 << 20, cpu_decode_kv_mirror_bytes=mirror_bytes,
+                                                   cpu_kernels=False))
 
 
 def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
