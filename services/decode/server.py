@@ -93,6 +93,17 @@ class DecodeService(BatchingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         spare = self.scheduler.watermark_blocks if in_flight else 0
         return in_flight < self.scheduler.max_num_seqs and need + spare <= self.engine.block_manager.num_free
 
+    def _has_work(self) -> bool:
+        # With blocks in quarantine and nothing running, a recompute that does not fit cannot be
+        # stepped until they come back (the release is posted to the engine thread, waking it):
+        # reporting work then would spin the engine thread for the whole grace period.
+        waiting, running = self.scheduler.waiting, self.scheduler.running
+        if self.quarantined_blocks and waiting and not running:
+            need = self.engine.blocks_for_tokens(len(waiting[0].token_ids))
+            if not self.engine.block_manager.can_allocate(need):
+                return False
+        return super()._has_work()
+
     def _has_pending_admissions(self) -> bool:
         return bool(self.admission) and self._fits(self.admission[0])
 

@@ -221,14 +221,25 @@ def remove_stale_pools(folder: str = SHM_DIR) -> list[str]:
         except OSError:
             continue
         else:
-            _unlink_quietly(path)
-            removed.append(path)
+            # Only if the name still is the file we locked: between our open and our lock, another
+            # sweep may have removed it and an owner created a new (locked) pool of the same name.
+            try:
+                same = _same_file(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                _unlink_quietly(path)
+                removed.append(path)
         finally:
             os.close(fd)
     if removed:
         log.warning("removed %d KV pool file(s) left in %s by processes that died: %s%s", len(removed), folder,
                     ", ".join(removed[:5]), ", ..." if len(removed) > 5 else "")
     return removed
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -53,6 +53,8 @@ def copy_blocks(src_rows: torch.Tensor, src_ids: Sequence[int], dst_rows: torch.
     block_bytes = dst_rows.shape[1]
     for offset, count in contiguous_runs(src_ids, dst_ids, block_bytes):
         if stop is not None and stop.is_set():
+            if dst_rows.is_cuda or src_rows.is_cuda:  # the runs already queued finish first
+                torch.cuda.synchronize(dst_rows.device if dst_rows.is_cuda else src_rows.device)
             raise CopyStopped(f"stopped after {offset} of {len(dst_ids)} blocks")
         s, d = src_ids[offset], dst_ids[offset]
         dst_rows[d : d + count].copy_(src_rows[s : s + count], non_blocking=False)

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.engine.kv_cache import SHM_DIR, KvLayout, KvPool
 
-from .block_runs import copy_blocks
+from .block_runs import CopyStopped, copy_blocks
 from .entries import EntryTable, KvEntry, KvError, bad_field, check_block_ids
 from .host_tier import HostTier
 from .metrics import KvStoreMetrics
@@ -288,9 +288,14 @@ async def copy_until_cancelled(src_rows, src_ids, dst_rows, dst_ids) -> int:
         return await asyncio.shield(copy)
     except asyncio.CancelledError:
         stop.set()
-        await asyncio.wait([copy])
-        if not copy.cancelled():
-            copy.exception()  # retrieved (CopyStopped, most likely): nobody waits for it any more
+        while not copy.done():  # a second cancellation (server stop) must not end the wait early
+            try:
+                await asyncio.wait([copy])
+            except asyncio.CancelledError:
+                pass
+        error = None if copy.cancelled() else copy.exception()
+        if error is not None and not isinstance(error, CopyStopped):
+            log.error("copy of a cancelled pull failed: %r", error)
         raise
 
 

@@ -81,13 +81,14 @@ def _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, h
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch", [6, 1])  # 1: the sequence is split over KV-head ranges between threads
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 64), (8, 1, 32), (4, 2, 128)])
-def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, batch):
     """Sequences in scattered blocks of the pool, of lengths from 1 (only the token written now)
     to several blocks and past the kernel's softmax chunk (600 positions: 3 chunks, rescaled as the
     running maximum grows), on the middle one of 3 layers."""
     g = torch.Generator().manual_seed(heads * head_dim)
-    lens = torch.tensor([600, 1, 33, 257, 17, 2], dtype=torch.int32)
+    lens = torch.tensor([600, 1, 33, 257, 17, 2][:batch], dtype=torch.int32)
     block_size, layers, layer, width = 16, 3, 1, 38
     pool = torch.randn(6 * width, layers, 2, block_size, kv_heads, head_dim, generator=g)
     order = torch.randperm(6 * width, generator=g).tolist()

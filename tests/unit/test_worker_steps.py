@@ -140,6 +140,23 @@ def test_blocks_of_a_pull_that_failed_mid_transfer_are_reused_only_after_a_grace
     assert service.engine.block_manager.num_free == total
 
 
+def test_the_engine_thread_idles_while_a_recompute_waits_for_quarantined_blocks():
+    """Nothing running, and the one waiting recompute needs blocks that are in quarantine: no work
+    until they come back (the engine thread spun at 100% CPU through the grace before)."""
+    service = _service(num_blocks=64, max_model_len=1000)
+    loop = asyncio.get_event_loop()
+    service.thread.emit = lambda fn, *args: (service.started_pulls.append(args[0]) if fn == service._start_pull
+                                             else loop.call_soon(fn, *args))
+    big = _submit(service, "big", 900, 5)
+    service._step()
+    held = list(big.seq.block_table)
+    service._pulled(big, "deadline_exceeded", "deadline_exceeded")
+    assert service.quarantined_blocks == len(held) and service.scheduler.waiting
+    assert not service._has_work()
+    service._release_quarantined(held)
+    assert service._has_work()
+
+
 def test_a_failing_decode_step_fails_its_requests_frees_their_blocks_and_the_worker_goes_on(monkeypatch):
     service = _service(num_blocks=64, max_model_len=256)
     service.thread.loop = asyncio.get_event_loop()
