@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch 2.13.0 (a plain `torch` would fetch a multi-GB CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[engine,bench,dev]' --config-settings editable_mode=compat
 	touch $@
 
 protos: pdserve/v1/.generated

@@ -20,8 +20,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from services.engine import Engine, EngineConfig, ModelConfig, SamplingParams, Sequence
-from services.engine.testmodels import IN_MEMORY_ONLY, get_model, hf_config
+from services.engine.config import BACKENDS, EngineConfig, ModelConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.sequence import Sequence
+from services.tiny_models import IN_MEMORY_ONLY, get_model, hf_config
 
 
 def _sync(device):
@@ -124,7 +126,7 @@ def bench_batch(engine: Engine, hf_model, batch: int, prompt_len: int, decode_st
 
 
 def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_hf: bool, threads: int | None,
-         cpu_kernels: bool = True):
+         backend: str = "auto"):
     """Returns (engine, hf_model or None). In-memory specs get random weights shared by both."""
     import transformers
 
@@ -132,7 +134,7 @@ def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_h
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
     cfg = EngineConfig(dtype=dtype, device=device, kv_cache_bytes=kv_cache_bytes, max_num_seqs=256,
-                       max_model_len=4096 if model in IN_MEMORY_ONLY else None, cpu_kernels=cpu_kernels)
+                       max_model_len=4096 if model in IN_MEMORY_ONLY else None, backend=backend)
     if model in IN_MEMORY_ONLY:
         config = hf_config(model)
         hf = None
@@ -184,16 +186,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    ap.add_argument("--cpu-kernels", choices=["on", "off"], default="on",
-                    help="float32 on CPU: pdserve's decode kernels (services/engine/cpu_kernels.py) or the torch path")
+    ap.add_argument("--backend", choices=list(BACKENDS), default="auto",
+                    help="the engine's backend (services/engine/backends): auto, the torch reference, "
+                         "pdserve's CPU kernels or triton")
     ap.add_argument("--out", default="results/engine")
     args = ap.parse_args(argv)
 
     kv = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else (None if args.device.startswith("cuda") else 512 << 20)
-    engine, hf = load(args.model, args.device, args.dtype, kv, not args.no_hf, args.threads, args.cpu_kernels == "on")
+    engine, hf = load(args.model, args.device, args.dtype, kv, not args.no_hf, args.threads, args.backend)
     mc = engine.model_config
-    decode_path = "CUDA" if args.device.startswith("cuda") else (
-        "pdserve CPU kernels" if engine.model.kernel_attention else "torch path")
+    decode_path = f"{engine.backend.name} backend"
     weight_bytes = mc.num_params() * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     result = {
         "model": args.model, "device": args.device, "dtype": args.dtype,

@@ -23,7 +23,7 @@ import grpc
 from tqdm import tqdm
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.common.trace import TraceRequest, make_trace, read_trace
+from services.planner.workload import TraceRequest, make_trace, read_trace
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """CPU decode of a batch whose contexts differ, as real traffic makes them, against a batch of equal
-contexts with the same total, through both CPU decode paths, side by side in one run, alternating:
-- pdserve's CPU kernels (services/engine/cpu_kernels.py): each sequence attends over exactly its
+contexts with the same total, through both CPU backends, side by side in one run, alternating:
+- pdserve's CPU kernels (services/engine/kernels/cpu.py): each sequence attends over exactly its
   own context, so a step should cost about what the equal batch costs;
-- the torch path, with the KV mirror's grouped attention (services/engine/cpu_kv_mirror.py) and
+- the torch backend, with the KV mirror's grouped attention (services/engine/backends/kv_mirror.py) and
   without it (every sequence padded to the batch's longest).
 
     python -m bench.mixed_batch --batch-sizes 8,16,38 --trials 5
@@ -23,9 +23,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from services.common.trace import make_trace
-from services.engine import Engine, EngineConfig, SamplingParams, Sequence, cpu_kv_mirror
-from services.engine.testmodels import get_model
+from services.planner.workload import make_trace
+from services.engine.backends import kv_mirror
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.sequence import Sequence
+from services.tiny_models import get_model
 
 
 def step_seconds(engine: Engine, lengths: list[int], rng: random.Random, steps: int) -> float:
@@ -57,10 +60,10 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     kernels, torch_path = (Engine(get_model(args.model), EngineConfig(dtype="float32", device="cpu",
-                                                                      kv_cache_bytes=512 << 20, cpu_kernels=use))
-                           for use in (True, False))
-    if not kernels.model.kernel_attention:
-        print("note: the CPU kernels are unavailable here (see the log); both columns run the torch path")
+                                                                      kv_cache_bytes=512 << 20, backend=backend))
+                           for backend in ("auto", "torch"))
+    if kernels.backend.name != "cpu-kernels":
+        print("note: the CPU kernels are unavailable here (see the log); both columns run the torch backend")
     trace = make_trace("chat", 1.0, 2000, seed=0, max_model_len=kernels.max_model_len)
     rng = random.Random(0)
     ungrouped = float("inf")  # a ratio no batch reaches: one group, padded to the longest
@@ -73,11 +76,11 @@ def main(argv=None) -> dict:
             trial = {"kernels_mixed_s": step_seconds(kernels, mixed, rng, args.steps),
                      "kernels_equal_s": step_seconds(kernels, equal, rng, args.steps),
                      "torch_grouped_s": step_seconds(torch_path, mixed, rng, args.steps)}
-            saved, cpu_kv_mirror.GROUP_LENGTH_RATIO = cpu_kv_mirror.GROUP_LENGTH_RATIO, ungrouped
+            saved, kv_mirror.GROUP_LENGTH_RATIO = kv_mirror.GROUP_LENGTH_RATIO, ungrouped
             try:
                 trial["torch_padded_s"] = step_seconds(torch_path, mixed, rng, args.steps)
             finally:
-                cpu_kv_mirror.GROUP_LENGTH_RATIO = saved
+                kv_mirror.GROUP_LENGTH_RATIO = saved
             trials.append(dict(trial, mean_context=sum(mixed) / batch, longest_context=max(mixed)))
         row = {"batch": batch, "trials": trials,
                "kernels_mixed_vs_equal": statistics.median(t["kernels_mixed_s"] / t["kernels_equal_s"] for t in trials),

@@ -42,10 +42,10 @@ import numpy as np
 from dataclasses import asdict, replace
 
 from services.common.flags import pin_to_cpus
-from services.common.step_log import read_step_log
-from services.common.trace import TraceRequest, make_trace, rescale_rate
-from services.engine import ModelConfig
-from services.engine.testmodels import get_model
+from services.runtime.step_log import read_step_log
+from services.planner.workload import TraceRequest, make_trace, rescale_rate
+from services.engine.config import ModelConfig
+from services.tiny_models import get_model
 from services.planner.latency_model import LatencyProfile, Overheads, fit_decode, fit_prefill
 from services.planner.profile import decode_cycles, step_log_samples
 from services.planner.simulator import SimConfig, Slo, simulate

@@ -31,9 +31,9 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from services.common.trace import make_trace, rescale_rate
-from services.engine import ModelConfig
-from services.engine.testmodels import get_model
+from services.planner.workload import make_trace, rescale_rate
+from services.engine.config import ModelConfig
+from services.tiny_models import get_model
 from services.launcher import Cluster, ClusterSpec
 from services.planner.goodput import bisect_rate
 

@@ -1,19 +1,16 @@
-"""`pdserve up`: a whole cluster as local processes.
+"""A whole cluster as local processes (`pdserve up`, the demo, the e2e tests and benchmarks).
 
-Starts K kvstore daemons (each emulating one node), N prefill and M decode workers spread over
-those nodes (or colocated workers), and the router; waits until every gRPC server reports SERVING
-through the standard health service; writes a ready file (JSON: the router's address and every
-service's gRPC and metrics address); on SIGINT/SIGTERM stops everything (SIGTERM, then SIGKILL
-after the grace period) and exits.
+`Cluster` starts K kvstore daemons (each emulating one node), N prefill and M decode workers
+spread over those nodes (or colocated workers), and the router, in that order; waits until every
+gRPC server reports SERVING through the standard health service; `info()` is every service's gRPC
+and metrics address; `stop()` stops them router first (SIGTERM, then SIGKILL after the grace
+period). The command around it (ready file, signals, restarts) is services/cli/up.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import shlex
 import signal
 import socket
 import subprocess
@@ -219,6 +216,10 @@ class Cluster:
                 raise TimeoutError(f"not healthy after {timeout:.0f}s: {names}\n{self.log_tail(pending[0])}")
             time.sleep(0.2)
 
+    def exit_code(self, proc: ServiceProcess) -> int | None:
+        """The service's exit code, or None while it runs."""
+        return self._popen[proc.name].poll()
+
     def restart(self, proc: ServiceProcess) -> None:
         """Starts a crashed service again on the same ports (its peers find it by address)."""
         self.restarts[proc.name] = self.restarts.get(proc.name, 0) + 1
@@ -268,123 +269,3 @@ class Cluster:
                     self._popen[proc.name].kill()
                     self._popen[proc.name].wait()
         return {name: p.returncode for name, p in self._popen.items()}
-
-
-def add_up_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default="", help="checkpoint folder (default: the embedded tiny model)")
-    ap.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
-    ap.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    ap.add_argument("--decode", type=int, default=1, help="decode workers")
-    ap.add_argument("--colocated", type=int, default=1, help="workers in colocated mode")
-    ap.add_argument("--nodes", type=int, default=1, help="kvstore daemons, each emulating a node")
-    ap.add_argument("--placement", choices=["split", "spread"], default="split",
-                    help="split: prefill on the first half of the nodes, decode on the rest")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=7000, help="router gRPC port (0: any free port)")
-    ap.add_argument("--kv-cache-gb", type=float, default=0.25)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
-    ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
-    ap.add_argument("--log-dir", default="results/cluster-logs")
-    ap.add_argument("--prometheus-config", default="",
-                    help="write a Prometheus config scraping this cluster (with deploy/prometheus rules) here")
-    ap.add_argument("--on-exit", choices=["restart", "stop"], default="restart",
-                    help="when a service dies: start it again (up to 3 times) or stop the whole cluster")
-    ap.add_argument("--worker-arg", action="append", default=[],
-                    help='extra flags for every worker (repeatable): "--dtype bfloat16", or --worker-arg=--no-cuda-graphs '
-                         "for a flag without a value")
-    ap.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
-    ap.add_argument("--kvstore-arg", action="append", default=[], help="extra flag for every kvstore (repeatable)")
-
-
-def spec_from_args(args) -> ClusterSpec:
-    def split_flags(values):  # "--a 1 --b 'x y'" -> ["--a", "1", "--b", "x y"]
-        return [part for v in values for part in shlex.split(v)]
-
-    return ClusterSpec(
-        model=args.model, mode=args.mode, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
-        nodes=args.nodes, placement=args.placement, host=args.host, router_port=args.port,
-        kv_cache_gb=args.kv_cache_gb, threads=args.threads, log_dir=args.log_dir,
-        worker_args=split_flags(args.worker_arg), router_args=split_flags(args.router_arg),
-        kvstore_args=split_flags(args.kvstore_arg),
-    )
-
-
-def _check_args(args, spec: ClusterSpec) -> None:
-    counts = {"--nodes": spec.nodes}
-    counts.update({"--prefill": spec.prefill, "--decode": spec.decode} if spec.mode == "disaggregated"
-                  else {"--colocated": spec.colocated})
-    for flag, value in counts.items():
-        if value < 1:
-            raise SystemExit(f"{flag} must be >= 1, got {value}")
-    for flag, path in (("--ready-file", args.ready_file), ("--prometheus-config", args.prometheus_config)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else ""
-        if path and not os.path.isdir(folder):
-            raise SystemExit(f"{flag}: folder {folder} does not exist")
-    if spec.model and not os.path.isfile(os.path.join(spec.model, "config.json")):
-        raise SystemExit(f"--model: {spec.model} is not a checkpoint folder (no config.json)")
-
-
-def up(args) -> int:
-    spec = spec_from_args(args)
-    _check_args(args, spec)
-    if args.ready_file and os.path.exists(args.ready_file):
-        os.remove(args.ready_file)  # a stale file would point scripts at a dead cluster
-    cluster = Cluster(spec)
-    stop = {"requested": False}
-
-    def on_signal(signum, frame):
-        stop["requested"] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    print(f"starting {spec.mode} cluster ({spec.nodes} node(s)); logs in {spec.log_dir}/", flush=True)
-    try:
-        try:
-            cluster.start(cancelled=lambda: stop["requested"])
-        except StartCancelled:
-            print("stop requested while starting", flush=True)
-            # a service still importing has no SIGTERM handler yet and dies of the signal: expected
-            return 0 if _stopped_cleanly(cluster, also_ok=(-signal.SIGTERM,)) else 1
-        except Exception as exc:
-            print(f"cluster failed to start: {exc}", file=sys.stderr, flush=True)
-            cluster.stop(grace=5)
-            return 1
-        info = cluster.info()
-        if args.prometheus_config:
-            import yaml
-
-            with open(args.prometheus_config, "w") as f:
-                yaml.safe_dump(prometheus_config(info), f, sort_keys=False)
-        if args.ready_file:
-            tmp = args.ready_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(info, f, indent=2)
-            os.replace(tmp, args.ready_file)
-        print(f"ready: router at {info['router']} (Ctrl-C to stop)", flush=True)
-        while not stop["requested"]:
-            for proc in cluster.procs:
-                code = cluster._popen[proc.name].poll()
-                if code is None:
-                    continue
-                if args.on_exit == "restart" and cluster.restarts.get(proc.name, 0) < MAX_RESTARTS:
-                    print(f"{proc.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
-                    cluster.restart(proc)
-                else:
-                    print(f"{proc.name} exited with code {code}; stopping the cluster", file=sys.stderr, flush=True)
-                    stop["requested"] = True
-                    break
-            time.sleep(0.2)
-        print("stopping...", flush=True)
-        return 0 if _stopped_cleanly(cluster) else 1
-    finally:
-        cluster.stop(grace=5)  # whatever ended us (a no-op after a clean stop)
-        if args.ready_file and os.path.exists(args.ready_file):
-            os.remove(args.ready_file)
-
-
-def _stopped_cleanly(cluster: Cluster, also_ok: tuple[int, ...] = ()) -> bool:
-    codes = cluster.stop()
-    bad = {n: c for n, c in codes.items() if c != 0 and c not in also_ok}
-    if bad:
-        print(f"unclean exits: {bad}", file=sys.stderr)
-    return not bad

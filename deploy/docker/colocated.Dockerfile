@@ -29,9 +29,11 @@ COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY services/ services/
 COPY bench/ bench/
-# pdserve with its dependencies (grpcio-tools among them), then the stubs generated from protos/ as
-# `make protos` does, then pdserve again with the stubs in it.
-RUN pip install . \
+# pdserve with the engine's dependencies (the `engine` extra: torch, safetensors, ucxx; grpcio-tools
+# among the base ones), then the stubs generated from protos/ as `make protos` does, then pdserve
+# again with the stubs in it. (".[engine]" is this source tree, which hadolint takes for an unpinned package.)
+# hadolint ignore=DL3013
+RUN pip install ".[engine]" \
  && mkdir -p pdserve/v1 \
  && python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve/v1/*.proto \
  && touch pdserve/__init__.py pdserve/v1/__init__.py \
@@ -43,7 +45,7 @@ FROM ${CUDA_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 # gcc, libc headers and Python.h: Triton compiles its CUDA driver module on first use (the engine's
 # kernels on GPU); without a C compiler at run time the first forward pass fails. On a CPU node the
-# engine builds its AVX-512 decode kernels with the same gcc (services/engine/cpu_kernels.py).
+# engine builds its AVX-512 decode kernels with the same gcc (services/engine/kernels/cpu.py).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \

@@ -29,9 +29,11 @@ COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY services/ services/
 COPY bench/ bench/
-# pdserve with its dependencies (grpcio-tools among them), then the stubs generated from protos/ as
-# `make protos` does, then pdserve again with the stubs in it.
-RUN pip install . \
+# pdserve with the engine's dependencies (the `engine` extra: torch, safetensors, ucxx; grpcio-tools
+# among the base ones), then the stubs generated from protos/ as `make protos` does, then pdserve
+# again with the stubs in it. (".[engine]" is this source tree, which hadolint takes for an unpinned package.)
+# hadolint ignore=DL3013
+RUN pip install ".[engine]" \
  && mkdir -p pdserve/v1 \
  && python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve/v1/*.proto \
  && touch pdserve/__init__.py pdserve/v1/__init__.py \

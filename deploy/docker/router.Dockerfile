@@ -2,8 +2,8 @@
 # pdserve router (the public gRPC API; tokenizer, no GPU): `python -m services.router`.
 # Build from the repository root:
 #   docker build -f deploy/docker/router.Dockerfile -t REGISTRY/pdserve-router:0.1.0 .
-# The router imports torch only for the model config; build with TORCH_INDEX_URL set to PyTorch's
-# CPU wheel index to keep the image small (docs/deploy.md).
+# No torch: the router tokenizes and dispatches; pdserve's base dependencies (no `engine` extra)
+# hold what it needs (tests/deploy/test_dockerfiles.py checks that no torch gets in).
 ARG PYTHON_IMAGE=python:3.12-slim
 
 # ---- builder: a virtualenv with pdserve, its dependencies and the generated gRPC stubs ----------
@@ -13,23 +13,20 @@ ENV VIRTUAL_ENV=/opt/pdserve \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/pdserve
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=""
-# hadolint ignore=DL3013
-RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY services/ services/
 COPY bench/ bench/
-# pdserve with its dependencies (grpcio-tools among them), then the stubs generated from protos/ as
-# `make protos` does, then pdserve again with the stubs in it.
+# pdserve with its base dependencies (grpcio-tools among them), then the stubs generated from protos/
+# as `make protos` does, then pdserve again with the stubs in it.
 RUN pip install . \
  && mkdir -p pdserve/v1 \
  && python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve/v1/*.proto \
  && touch pdserve/__init__.py pdserve/v1/__init__.py \
  && pip install --no-deps --force-reinstall . \
- && python -c "import pdserve.v1.router_pb2_grpc, services.router.__main__"
+ && python -c "import pdserve.v1.router_pb2_grpc, services.router.__main__" \
+ && ! python -c "import torch" 2>/dev/null
 
 # ---- runtime: the same base, the virtualenv, a non-root user -------------------------------------
 FROM ${PYTHON_IMAGE}

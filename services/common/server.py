@@ -1,5 +1,6 @@
 """What every pdserve gRPC server shares: health checking, reflection, the Prometheus endpoint,
-a message-size guard, and graceful shutdown on SIGTERM/SIGINT (stop taking work, drain, exit)."""
+one interceptor (message sizes, unparseable requests, ServiceError -> its status), and graceful
+shutdown on SIGTERM/SIGINT (stop taking work, drain, exit)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from .errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,13 @@ GRPC_OPTIONS = [
 ]
 
 
-class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
-    """Records the largest request and response message per method: evidence that no gRPC message
-    carries KV (the e2e tests compare it with the size of one KV block). Also turns a request that
-    does not parse (e.g. a string field that is not UTF-8) into INVALID_ARGUMENT: grpc's own
-    answer is UNKNOWN, which clients read as a server fault."""
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Around every handler of a pdserve server:
+    - records the largest request and response message per method: evidence that no gRPC message
+      carries KV (the e2e tests compare it with the size of one KV block);
+    - turns a request that does not parse (e.g. a string field that is not UTF-8) into
+      INVALID_ARGUMENT: grpc's own answer is UNKNOWN, which clients read as a server fault;
+    - turns a ServiceError the handler raises into its status (handlers never abort themselves)."""
 
     def __init__(self, registry: CollectorRegistry):
         self.largest = Gauge(
@@ -68,7 +73,10 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request, context):
                 await _reject_undecodable(request, context)
                 observe(method, "request", request)
-                response = await inner(request, context)
+                try:
+                    response = await inner(request, context)
+                except ServiceError as exc:
+                    await context.abort(exc.code, exc.message)
                 if response is not None:
                     observe(method, "response", response)
                 return response
@@ -80,14 +88,20 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
                 async def unary_stream(request, context):
                     await _reject_undecodable(request, context)
                     observe(method, "request", request)
-                    async for response in inner_stream(request, context):
-                        observe(method, "response", response)
-                        yield response
+                    try:
+                        async for response in inner_stream(request, context):
+                            observe(method, "response", response)
+                            yield response
+                    except ServiceError as exc:
+                        await context.abort(exc.code, exc.message)
             else:  # a coroutine that writes with context.write: watch the writes
                 async def unary_stream(request, context):
                     await _reject_undecodable(request, context)
                     observe(method, "request", request)
-                    return await inner_stream(request, _ObservedWrites(context, lambda m: observe(method, "response", m)))
+                    try:
+                        return await inner_stream(request, _ObservedWrites(context, lambda m: observe(method, "response", m)))
+                    except ServiceError as exc:
+                        await context.abort(exc.code, exc.message)
 
             return handler._replace(unary_stream=unary_stream)
         return handler
@@ -159,7 +173,7 @@ class ServiceRunner:
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], Iterable[str]]) -> None:
         self.server = grpc.aio.server(
-            interceptors=[MessageSizeInterceptor(self.registry)], options=GRPC_OPTIONS
+            interceptors=[ServiceInterceptor(self.registry)], options=GRPC_OPTIONS
         )
         names = list(add_servicers(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -206,8 +220,3 @@ class ServiceRunner:
                 log.warning("%s: drain did not finish within %.0fs", self.name, self.grace_seconds)
         await self.server.stop(grace=min(5.0, self.grace_seconds))
         log.info("%s: stopped", self.name)
-
-
-def invalid_argument(field: str, problem: str) -> str:
-    """Error text for INVALID_ARGUMENT that names the offending field."""
-    return f"{field}: {problem}"

@@ -1,12 +1,3 @@
-"""The model engine shared by prefill, decode and colocated workers."""
-
-from .block_manager import BlockManager, OutOfBlocksError
-from .config import EngineConfig, ModelConfig, SamplingParams, UnsupportedModelError
-from .engine import Engine, StepOutput
-from .kv_cache import KvLayout, KvPool
-from .sequence import Sequence
-
-__all__ = [
-    "BlockManager", "Engine", "EngineConfig", "KvLayout", "KvPool", "ModelConfig", "OutOfBlocksError",
-    "SamplingParams", "Sequence", "StepOutput", "UnsupportedModelError",
-]
+"""The model engine shared by prefill, decode and colocated workers (docs/architecture.md has the
+module map). Import from the modules: config, sequence, block_manager and scheduler import no
+torch, so the router can read a model's limits without loading the engine."""

@@ -3,11 +3,20 @@
 Blocks are integers indexing the pool (see kv_cache.py). A block is free when its reference count
 is zero. Reference counts let a block be held by more than one owner: a sequence and a published
 KV entry awaiting transfer, or two sequences sharing a prefix.
+
+Token t of a sequence lives in block `seq.block_table[t // block_size]`. Every sequence whose
+blocks are given back is logged (`take_discarded`): the model runner drops what it cached about
+them (the torch backend's K/V mirror) before its next step, so a cache can never outlive the KV
+it copies, whoever freed the blocks.
 """
 
 from __future__ import annotations
 
 from collections import deque
+
+from services.common.arith import ceil_div
+
+from .sequence import Sequence
 
 
 class OutOfBlocksError(RuntimeError):
@@ -20,7 +29,9 @@ class BlockManager:
         self.block_size = block_size
         self._ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._discarded: list[str] = []  # ids of sequences whose blocks were taken from them
 
+    # ---- blocks -----------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         return len(self._free)
@@ -30,7 +41,7 @@ class BlockManager:
         return self.num_blocks - len(self._free)
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)
@@ -61,3 +72,31 @@ class BlockManager:
 
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
+
+    # ---- sequences --------------------------------------------------------------------------------
+    def allocate_seq(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Gives `seq` blocks for its first `num_tokens` tokens (default: all); allocates only what
+        it lacks."""
+        need = self.blocks_for_tokens(len(seq.token_ids) if num_tokens is None else num_tokens)
+        if need > len(seq.block_table):
+            seq.block_table.extend(self.allocate(need - len(seq.block_table)))
+
+    def blocks_needed_for_step(self, seq: Sequence) -> int:
+        """Blocks a decode step of `seq` would allocate (0 or 1)."""
+        return int(self.blocks_for_tokens(len(seq.token_ids)) > len(seq.block_table))
+
+    def free_seq(self, seq: Sequence) -> None:
+        self.free(self.detach(seq))
+
+    def detach(self, seq: Sequence) -> list[int]:
+        """Takes the sequence's blocks from it without freeing them (give them back with `free`):
+        for blocks that something outside the engine may still be writing."""
+        if seq.block_table:
+            self._discarded.append(seq.seq_id)
+        blocks, seq.block_table, seq.num_cached = seq.block_table, [], 0
+        return blocks
+
+    def take_discarded(self) -> list[str]:
+        """The sequences whose KV was given up since the last call (for caches of it)."""
+        ids, self._discarded = self._discarded, []
+        return ids

@@ -3,15 +3,16 @@
 `ModelConfig` is read from a Hugging Face checkpoint's config.json through `transformers`' own
 config classes, so defaults and legacy field names (rope_theta/rope_scaling against
 rope_parameters) resolve exactly as the reference implementation resolves them.
+
+Nothing here imports torch: the router reads the model's limits (vocabulary, context) from the same
+`ModelConfig` as the engine without loading the engine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass, field, replace
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -20,7 +21,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class UnsupportedModelError(ValueError):
@@ -108,7 +110,7 @@ class ModelConfig:
                 gen_eos = json.load(f).get("eos_token_id")
             if gen_eos is not None:
                 ids = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,)
-                config = _replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + ids)))
+                config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + ids)))
         return config
 
     @property
@@ -130,12 +132,6 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
 
 def _arch_from_model_type(model_type: str) -> str:
     return _MODEL_TYPES.get(model_type, model_type or "<unknown>")
-
-
-def _replace(config: ModelConfig, **changes) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 def rope_parameters(hf_config) -> dict:
@@ -179,6 +175,11 @@ def _sliding_window(hf_config, arch: str) -> int | None:
     return None
 
 
+# How the model's math runs (services/engine/backends): "torch" is the reference on any device;
+# "auto" picks triton on CUDA and, for float32 on CPU, the AVX-512 kernels where they build.
+BACKENDS = ("auto", "torch", "cpu-kernels", "triton")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one worker runs its model.
@@ -199,12 +200,10 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    attention_backend: str = "auto"  # "torch" | "triton" | "auto" (triton on cuda)
-    # CPU decode on the torch path keeps a dense copy of the running batch's K/V up to this size
-    # (0: off); see cpu_kv_mirror.py. The CPU kernels read the pool in place and keep none.
+    backend: str = "auto"  # one of BACKENDS
+    # CPU decode on the torch backend keeps a dense copy of the running batch's K/V up to this size
+    # (0: off); see backends/kv_mirror.py. The CPU kernels read the pool in place and keep none.
     cpu_decode_kv_mirror_bytes: int = 256 << 20
-    # float32 on CPU: pdserve's AVX-512 decode kernels when they can be built here (cpu_kernels.py)
-    cpu_kernels: bool = True
     seed: int = 0
     kv_pool_name: str | None = None  # shared-memory name; generated when None
 
@@ -215,17 +214,18 @@ class EngineConfig:
             raise ValueError(f"device {self.device!r} is not supported; supported: cpu, cuda[:N]")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return SUPPORTED_DTYPES[self.dtype]
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature == 0 means greedy."""
+    """Per-request sampling. temperature == 0 means greedy. Requests are validated where they
+    arrive (services/common/validation.py), not here."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -235,16 +235,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # compute the chosen token's logprob (NaN otherwise)
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:

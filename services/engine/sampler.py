@@ -45,8 +45,8 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> SampleResult:
     """logits [B, V] (any float dtype); steps[i] is the index of the output token being sampled.
-    Logprobs are computed only for rows whose params ask for them (NaN elsewhere): on CPU the
-    log-sum-exp over the vocabulary costs ~2% of a small model's decode step."""
+    Logprobs are computed only for rows whose params ask for them (NaN elsewhere): the log-sum-exp
+    over the vocabulary is a noticeable share of a small model's decode step on CPU (docs/engine.md)."""
     logits = logits.float()
     tokens = greedy_tokens(logits)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -68,8 +68,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
 def greedy_tokens(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """argmax over the last dim (first index of the maximum, as torch.argmax).
 
-    On CPU torch's index-returning reductions (argmax, max(dim)) are not vectorised: ~0.6 ms for
-    16 x 32k logits against ~0.05 ms for amax. So: the maximum of each chunk of `chunk` columns
+    On CPU torch's index-returning reductions (argmax, max(dim)) are not vectorised, an order of
+    magnitude slower than amax (docs/engine.md). So: the maximum of each chunk of `chunk` columns
     (vectorised), the first chunk holding the row maximum, and argmax inside that chunk only."""
     rows, vocab = logits.shape
     if logits.is_cuda or vocab <= 2 * chunk:

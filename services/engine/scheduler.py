@@ -1,107 +1,290 @@
-"""Continuous batching over one Engine: which sequences run in the next step.
+"""Every scheduling decision of the workers, as plain state with no I/O and no model: which
+sequences run in the next step, which blocks they hold, and when a request may take blocks. The
+worker's engine thread asks a scheduler for a step, runs the engine on it, and reports back.
 
-Used by the decode worker (sequences arrive with their KV already pulled into blocks) and by the
-colocated worker (sequences arrive as prompts). The policy is vLLM's default: a step prefills
-waiting prompts when any fit (prefill first, FCFS, up to a token budget), otherwise it advances
-every running sequence by one token. When a step needs a block and none is free, the most
-recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
-the queue to be recomputed (prompt + tokens so far) by a later prefill.
-
-Single-threaded by design: the worker's engine thread is the only caller.
+- `PrefillScheduler` (prefill worker): one FCFS queue, batched up to a token budget and the free
+  blocks; after the step a sequence's blocks stay held while its KV is published, until released.
+- `BatchScheduler` (colocated worker): continuous batching, vLLM's default policy. A step
+  prefills waiting prompts when any fit (prefill first, FCFS, up to a token budget), otherwise it
+  advances every running sequence by one token. When a decode step needs a block and none is
+  free, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
+  the front of the queue to be recomputed (prompt + tokens so far) by a later prefill.
+- `DecodeScheduler` (decode worker): the same continuous batch, entered through pull-based
+  admission (DistServe 4.4): a request waits holding nothing until blocks for its KV are free, is
+  given them and pulls its KV into them, then runs; a failed pull is recomputed here instead.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from enum import Enum
 
-from .engine import Engine, StepOutput
-from .sequence import Sequence
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
 
 
-def take_prefill_batch(waiting: deque[Sequence], engine: Engine, max_tokens: int, max_seqs: int,
+class StepKind(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class StepPlan:
+    kind: StepKind
+    seqs: list[Sequence]
+
+
+class AbortOutcome(Enum):
+    """Where an aborted sequence was, which says what else its worker must do."""
+
+    NOT_ADMITTED = "not_admitted"  # decode: it held nothing; its KV entry will never be pulled (release it)
+    PULLING = "pulling"  # decode: its pull is in flight; its blocks are dealt with when the pull ends
+    FREED = "freed"  # it was queued or running; its blocks (if any) are free
+    UNKNOWN = "unknown"  # it had finished already
+
+
+def take_prefill_batch(waiting: deque[Sequence], blocks: BlockManager, max_tokens: int, max_seqs: int,
                        reserve_blocks: int = 0) -> list[Sequence]:
     """Pops the longest FCFS prefix of `waiting` that fits the token budget and the free blocks.
 
     A prompt longer than the budget still runs, alone: the budget bounds batching, not prompts."""
     batch: list[Sequence] = []
-    tokens = blocks = 0
-    free = engine.block_manager.num_free - reserve_blocks
+    tokens = needed = 0
+    free = blocks.num_free - reserve_blocks
     while waiting and len(batch) < max_seqs:
         seq = waiting[0]
         n = len(seq.token_ids)
-        need = engine.blocks_for_tokens(n) - len(seq.block_table)
+        need = blocks.blocks_for_tokens(n) - len(seq.block_table)
         if batch and tokens + n > max_tokens:
             break
-        if blocks + need > free:
+        if needed + need > free:
             break
         batch.append(waiting.popleft())
         tokens += n
-        blocks += need
+        needed += need
     return batch
 
 
+class PrefillScheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+        self.blocks = blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.queued_tokens = 0
+        self.published: dict[str, Sequence] = {}  # kv_id -> the sequence whose blocks back the entry
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.queued_tokens += len(seq.token_ids)
+
+    def has_work(self) -> bool:
+        """The head of the queue fits the free blocks (it may need to wait for releases)."""
+        return bool(self.waiting) and self.blocks.can_allocate(self.blocks.blocks_for_tokens(len(self.waiting[0])))
+
+    def schedule(self) -> list[Sequence]:
+        """The next batch, its blocks allocated (empty when the head does not fit yet)."""
+        batch = take_prefill_batch(self.waiting, self.blocks, self.max_num_batched_tokens, self.max_num_seqs)
+        for seq in batch:
+            self.queued_tokens -= len(seq.token_ids)
+            self.blocks.allocate_seq(seq)
+            seq.status = SequenceStatus.RUNNING
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """The sequence ended at its first token, or its step failed: nothing to publish."""
+        seq.status = SequenceStatus.FINISHED
+        self.blocks.free_seq(seq)
+
+    def publish(self, kv_id: str, seq: Sequence) -> None:
+        """Its blocks back published entry `kv_id` until `release(kv_id)`."""
+        seq.status = SequenceStatus.PUBLISHED
+        self.published[kv_id] = seq
+
+    def release(self, kv_id: str) -> bool:
+        """The entry was pulled, dropped or never recorded: its blocks are free again."""
+        seq = self.published.pop(kv_id, None)
+        if seq is None:
+            return False
+        self.finish(seq)
+        return True
+
+    def abort(self, seq: Sequence) -> None:
+        """Its request went away: out of the queue, or its blocks freed if computed and not published
+        (a published entry is released through the kvstore instead)."""
+        if seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+            self.queued_tokens -= len(seq.token_ids)
+            seq.status = SequenceStatus.FINISHED
+        elif seq.status is SequenceStatus.RUNNING:
+            self.finish(seq)
+
+
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_num_seqs: int, max_num_batched_tokens: int):
-        self.engine = engine
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()  # need a prefill: new prompts and preempted ones
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.last_step_kind = ""  # "prefill" | "decode": what the last step() ran
         # Keep a few blocks spare so that admitting a prompt does not force a preemption at once.
-        self.watermark_blocks = max(1, engine.block_manager.num_blocks // 100)
+        self.watermark_blocks = max(1, blocks.num_blocks // 100)
 
-    @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add_prompt(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
         """A sequence whose KV for all but its last token is already in its blocks."""
+        seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def abort(self, seq_id: str) -> Sequence | None:
+    def abort(self, seq: Sequence) -> AbortOutcome:
+        """Takes the sequence out wherever it is and frees its blocks."""
         for queue in (self.waiting, self.running):
-            for seq in queue:
-                if seq.seq_id == seq_id:
-                    queue.remove(seq)
-                    self.engine.free(seq)
-                    return seq
-        return None
+            if seq in queue:
+                queue.remove(seq)
+                self._finish(seq)
+                return AbortOutcome.FREED
+        return AbortOutcome.UNKNOWN
 
-    def step(self) -> list[StepOutput]:
+    def schedule(self) -> StepPlan | None:
+        """The next step, its blocks allocated; None when nothing can run now."""
         room = self.max_num_seqs - len(self.running)
-        batch = take_prefill_batch(self.waiting, self.engine, self.max_num_batched_tokens, room,
+        batch = take_prefill_batch(self.waiting, self.blocks, self.max_num_batched_tokens, room,
                                    reserve_blocks=self.watermark_blocks if self.running else 0)
         if batch:
-            outputs = self.engine.prefill(batch)
-            self.last_step_kind = "prefill"
-        elif self.running:
-            self.last_step_kind = "decode"
-            self._reserve_decode_blocks()
-            outputs = self.engine.decode_step(self.running) if self.running else []
-        else:
-            return []
-        finished = {id(o.seq) for o in outputs if o.finish_reason}
-        for out in outputs:
-            if out.finish_reason:
-                self.engine.free(out.seq)
-        if batch:
-            self.running.extend(s for s in batch if id(s) not in finished)
-        else:
-            self.running = [s for s in self.running if id(s) not in finished]
-        return outputs
+            for seq in batch:
+                self.blocks.allocate_seq(seq)
+                seq.status = SequenceStatus.RUNNING
+            return StepPlan(StepKind.PREFILL, batch)
+        self._reserve_decode_blocks()
+        if not self.running:
+            return None
+        for seq in self.running:
+            self.blocks.allocate_seq(seq)
+        return StepPlan(StepKind.DECODE, list(self.running))
 
     def _reserve_decode_blocks(self) -> None:
         """Preempts from the back until every running sequence can grow by one token."""
         while self.running:
-            need = sum(self.engine.blocks_needed_for_step(s) for s in self.running)
-            if need <= self.engine.block_manager.num_free:
+            need = sum(self.blocks.blocks_needed_for_step(s) for s in self.running)
+            if need <= self.blocks.num_free:
                 return
             victim = self.running.pop()
-            self.engine.free(victim)
+            self.blocks.free_seq(victim)
+            victim.status = SequenceStatus.WAITING
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
+
+    def finish_step(self, plan: StepPlan) -> list[Sequence]:
+        """After the engine ran `plan`: finished sequences leave (blocks freed), prefilled ones join
+        the running batch. Returns the finished ones."""
+        finished = [seq for seq in plan.seqs if seq.finished]
+        for seq in finished:
+            self._finish(seq)
+        if plan.kind is StepKind.PREFILL:
+            self.running.extend(seq for seq in plan.seqs if not seq.finished)
+        elif finished:
+            self.running = [seq for seq in self.running if not seq.finished]
+        return finished
+
+    def fail_step(self, plan: StepPlan) -> None:
+        """The engine raised on `plan`: its sequences leave, their blocks freed."""
+        for seq in plan.seqs:
+            if self.abort(seq) is AbortOutcome.UNKNOWN:  # a prefill batch has left the queue already
+                self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        self.blocks.free_seq(seq)
+
+
+class DecodeScheduler(BatchScheduler):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        super().__init__(blocks, max_num_seqs, max_num_batched_tokens)
+        self.admission: deque[Sequence] = deque()  # waiting for blocks, holding nothing
+        self.num_pulling = 0
+        self.quarantined_blocks = 0  # of pulls that failed mid-transfer, not reusable yet
+
+    def add_request(self, seq: Sequence) -> None:
+        """A request whose KV (all tokens but the last) is to be pulled from a kvstore."""
+        seq.status = SequenceStatus.WAITING
+        self.admission.append(seq)
+
+    def fits(self, seq: Sequence) -> bool:
+        """Room for the sequence's KV now. Sequences preempted back to the waiting queue come
+        first (as in vLLM): while any waits, nothing new is admitted, or a steady stream of
+        arrivals would take every block they free and starve them. The watermark (blocks kept
+        spare so that running sequences can grow) applies only while something else holds
+        blocks: an idle worker admits any request its pool can hold."""
+        if self.waiting:
+            return False
+        in_flight = len(self.running) + self.num_pulling
+        need = self.blocks.blocks_for_tokens(len(seq.token_ids))  # cached tokens + the next one
+        spare = self.watermark_blocks if in_flight else 0
+        return in_flight < self.max_num_seqs and need + spare <= self.blocks.num_free
+
+    def admit(self) -> list[Sequence]:
+        """Gives the requests at the head of the queue that fit their blocks (FCFS); the caller
+        pulls their KV into `seq.block_table` and reports with pull_succeeded / pull_failed."""
+        admitted = []
+        while self.admission and self.fits(self.admission[0]):
+            seq = self.admission.popleft()
+            self.blocks.allocate_seq(seq, len(seq.token_ids) - 1)
+            seq.status = SequenceStatus.PULLING
+            self.num_pulling += 1
+            admitted.append(seq)
+        return admitted
+
+    def pull_succeeded(self, seq: Sequence) -> None:
+        self.num_pulling -= 1
+        if seq.status is not SequenceStatus.PULLING:  # aborted meanwhile
+            self.blocks.free_seq(seq)
+            return
+        seq.num_cached = len(seq.token_ids) - 1
+        self.add_running(seq)
+
+    def pull_failed(self, seq: Sequence, blocks_may_be_written: bool) -> list[int]:
+        """The sequence is recomputed here (unless it was aborted meanwhile). Returns the blocks
+        to keep out of use for a while, when the transfer may still be writing into them (a pull
+        that broke off mid-copy); give them back with release_quarantined."""
+        self.num_pulling -= 1
+        quarantined: list[int] = []
+        if blocks_may_be_written:
+            quarantined = self.blocks.detach(seq)
+            self.quarantined_blocks += len(quarantined)
+        else:
+            self.blocks.free_seq(seq)
+        if seq.status is SequenceStatus.PULLING:
+            self.add_prompt(seq)
+        return quarantined
+
+    def release_quarantined(self, blocks: list[int]) -> None:
+        self.blocks.free(blocks)
+        self.quarantined_blocks -= len(blocks)
+
+    def abort(self, seq: Sequence) -> AbortOutcome:
+        if seq.status is SequenceStatus.PULLING:
+            seq.status = SequenceStatus.FINISHED  # pull_succeeded/failed frees its blocks
+            return AbortOutcome.PULLING
+        if seq in self.admission:
+            self.admission.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            return AbortOutcome.NOT_ADMITTED
+        return super().abort(seq)
+
+    def has_work(self) -> bool:
+        # With blocks in quarantine and nothing running, a recompute that does not fit cannot be
+        # stepped until they come back (the worker is woken when they do): reporting work then
+        # would spin the engine thread for the whole quarantine.
+        if self.quarantined_blocks and self.waiting and not self.running:
+            if not self.blocks.can_allocate(self.blocks.blocks_for_tokens(len(self.waiting[0]))):
+                return False
+        return super().has_work() or (bool(self.admission) and self.fits(self.admission[0]))

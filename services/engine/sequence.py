@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+from services.common.enums import FinishReason
 
 from .config import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # queued: for a prefill, or (decode worker) for blocks to pull its KV into
+    PULLING = "pulling"  # decode worker: blocks allocated, its KV being pulled into them
+    RUNNING = "running"  # in the batch (prefill worker: being prefilled)
+    PUBLISHED = "published"  # prefill worker: its blocks back a published KV entry until released
+    FINISHED = "finished"  # done, cancelled or failed; its blocks are freed (or being given back)
 
 
 @dataclass(eq=False)
@@ -13,14 +24,15 @@ class Sequence:
     token_ids: list[int]  # prompt followed by the output so far
     num_prompt_tokens: int
     sampling: SamplingParams
+    status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     # tokens whose K/V is in the pool; decode feeds token_ids[num_cached] next
     num_cached: int = 0
     output_logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @classmethod
-    def from_prompt(cls, seq_id: str, prompt: list[int], sampling: SamplingParams) -> "Sequence":
+    def from_prompt(cls, seq_id: str, prompt: list[int], sampling: SamplingParams) -> Sequence:
         return cls(seq_id, list(prompt), len(prompt), sampling)
 
     def __len__(self) -> int:

@@ -1,7 +1,8 @@
 """Loads Hugging Face weights (safetensors, single file or sharded index) into `CausalLM`.
 
 Hugging Face keeps q/k/v and gate/up as separate matrices; the model keeps them merged, so each
-such tensor is copied into its slice of the merged parameter.
+such tensor goes to its shard of the merged layer, whose `load` knows where (layers/linear.py,
+which also cuts a tensor-parallel rank's part).
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import re
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch import nn
 
+from .layers.linear import Linear, Shard
 from .model import CausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+# checkpoint module name -> (our module name, shard)
+_MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -36,55 +42,60 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    cfg = model.config
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    qkv_slices = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
-    mlp_slices = {"gate_proj": (0, cfg.intermediate_size), "up_proj": (cfg.intermediate_size, 2 * cfg.intermediate_size)}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected: dict[str, int] = {}  # parameter name -> rows still to fill (merged params fill in slices)
-    for name, p in params.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        expected[name] = p.shape[0]
+def _target(src: str) -> tuple[str, str, Shard]:
+    """Checkpoint tensor name -> (our module path, parameter name, shard)."""
+    if src == "model.embed_tokens.weight":
+        return "embed_tokens", "weight", None
+    if src == "model.norm.weight":
+        return "norm", "weight", None
+    if src == "lm_head.weight":
+        return "lm_head", "weight", None
+    m = _LAYER.match(src)
+    if not m:
+        raise ValueError(f"unexpected weight {src!r} in checkpoint")
+    module, _, param = m.group(2).rpartition(".")  # e.g. self_attn.q_proj , weight
+    parent, _, leaf = module.rpartition(".")
+    if leaf in _MERGED:
+        leaf, shard = _MERGED[leaf]
+        return f"layers.{m.group(1)}.{parent}.{leaf}", param, shard
+    return f"layers.{m.group(1)}.{module}", param, None
 
-    def copy(dst_name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None):
-        dst = params[dst_name]
-        target = dst.data if rows is None else dst.data[rows[0] : rows[1]]
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"weight {src!r}: shape {tuple(tensor.shape)} does not fit {dst_name} {tuple(target.shape)}")
-        target.copy_(tensor.to(dtype=dst.dtype))
-        expected[dst_name] -= target.shape[0]
+
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    tied = model.config.tie_word_embeddings
+    modules = dict(model.named_modules())
+    # (module path, parameter) -> the shards still to load
+    expected: dict[tuple[str, str], set[Shard]] = {}
+    for path, module in modules.items():
+        for param_name, _ in module.named_parameters(recurse=False):
+            if path == "lm_head" and tied:
+                continue
+            expected[(path, param_name)] = set(module.shards if isinstance(module, Linear) else (None,))
 
     for src, tensor in weights:
-        if _IGNORED.search(src):
+        if _IGNORED.search(src) or (src == "lm_head.weight" and tied):
             continue
-        if src == "model.embed_tokens.weight":
-            copy("embed_tokens.weight", tensor)
-        elif src == "model.norm.weight":
-            copy("norm.weight", tensor)
-        elif src == "lm_head.weight":
-            if not cfg.tie_word_embeddings:
-                copy("lm_head.weight", tensor)
-        else:
-            m = _LAYER.match(src)
-            if not m:
-                raise ValueError(f"unexpected weight {src!r} in checkpoint")
-            layer, rest = m.group(1), m.group(2)
-            prefix = f"layers.{layer}."
-            module, _, kind = rest.rpartition(".")  # e.g. self_attn.q_proj , weight
-            leaf = module.rsplit(".", 1)[-1]
-            if leaf in qkv_slices:
-                copy(f"{prefix}self_attn.qkv_proj.{kind}", tensor, qkv_slices[leaf])
-            elif leaf in mlp_slices:
-                copy(f"{prefix}mlp.gate_up_proj.{kind}", tensor, mlp_slices[leaf])
-            elif f"{prefix}{rest}" in params:
-                copy(f"{prefix}{rest}", tensor)
+        path, param_name, shard = _target(src)
+        module = modules.get(path)
+        if module is None or (path, param_name) not in expected:
+            raise ValueError(f"unexpected weight {src!r} in checkpoint")
+        try:
+            if isinstance(module, Linear):
+                module.load(param_name, tensor, shard)
             else:
-                raise ValueError(f"unexpected weight {src!r} in checkpoint")
-    missing = sorted(name for name, rows in expected.items() if rows != 0)
+                _copy(getattr(module, param_name), tensor)
+        except ValueError as exc:
+            raise ValueError(f"weight {src!r}: {exc}") from None
+        expected[(path, param_name)].discard(shard)
+    missing = sorted(f"{path}.{name}" for (path, name), shards in expected.items() if shards)
     if missing:
         raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _copy(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+    param.data.copy_(tensor.to(dtype=param.dtype))
 
 
 def init_random_weights(model: CausalLM, seed: int, std: float = 0.02) -> None:

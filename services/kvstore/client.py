@@ -25,12 +25,15 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.common.grpc_client import aio_channel
-from services.engine.kv_cache import KvPool
+
+if TYPE_CHECKING:  # the router uses this client (Release) and imports no torch
+    from services.engine.kv_cache import KvPool
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,9 @@ from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.engine.kv_cache import SHM_DIR, KvLayout, KvPool
 
 from .block_runs import CopyStopped, copy_blocks
-from .entries import EntryTable, KvEntry, KvError, bad_field, check_block_ids
+from services.common.errors import ServiceError, invalid
+
+from .entries import EntryTable, KvEntry, check_block_ids
 from .host_tier import HostTier
 from .metrics import KvStoreMetrics
 from .ucx_transfer import UcxPuller, UcxTransferServer
@@ -92,13 +94,10 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
 
     # ---- RPCs -------------------------------------------------------------------------------
     async def RegisterPool(self, request, context):
-        try:
-            if not request.worker_id:
-                raise bad_field("worker_id", "empty")
-            layout = layout_from_proto(request.layout)
-            kv_pool = map_pool(layout, request.memory_descriptor)
-        except KvError as e:
-            await context.abort(e.code, e.message)
+        if not request.worker_id:
+            raise invalid("worker_id", "empty")
+        layout = layout_from_proto(request.layout)
+        kv_pool = map_pool(layout, request.memory_descriptor)
         record = self.table.add_pool(request.worker_id, kv_pool)
         log.info("registered pool %s (%d blocks of %d bytes)", record.pool_id, layout.num_blocks, layout.block_bytes)
         return kvstore_pb2.RegisterPoolResponse(pool_id=record.pool_id, node_id=self.config.node_id)
@@ -106,9 +105,9 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
     async def WatchPool(self, request, context):
         record = self.table.pools.get(request.pool_id)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id: unknown pool {request.pool_id!r}")
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"pool_id: unknown pool {request.pool_id!r}")
         if record.watched:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"pool_id: {request.pool_id!r} is already watched")
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"pool_id: {request.pool_id!r} is already watched")
         record.watched = True
         try:
             yield kvstore_pb2.PoolEvent(kind=kvstore_pb2.PoolEvent.READY)
@@ -120,10 +119,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             log.info("pool %s unwatched: dropped with %d entries", record.pool_id, dropped)
 
     async def Publish(self, request, context):
-        try:
-            entry = self.table.publish(request.pool_id, request.kv_id, request.block_ids, request.num_tokens)
-        except KvError as e:
-            await context.abort(e.code, e.message)
+        entry = self.table.publish(request.pool_id, request.kv_id, request.block_ids, request.num_tokens)
         return kvstore_pb2.PublishResponse(handle=common_pb2.KvHandle(
             kv_id=entry.kv_id,
             node_id=self.config.node_id,
@@ -138,11 +134,11 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         started = time.perf_counter()
         try:
             nbytes, path = await self._counted_pull(request)
-        except KvError as e:
+        except ServiceError as e:
             log.info("pull of %r failed: %s %s", request.handle.kv_id, e.code.name, e.message)
             self.totals["failures"] += 1
             self.metrics.failures.labels(e.code.name.lower()).inc()
-            await context.abort(e.code, e.message)
+            raise
         seconds = time.perf_counter() - started
         self.totals["pulls"] += 1
         self.totals["bytes_ucx_received" if path == "ucx" else "bytes_local"] += nbytes
@@ -166,16 +162,16 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
 
     # ---- pulls ------------------------------------------------------------------------------
     async def _counted_pull(self, request) -> tuple[int, str]:
-        """_pull, counted as in flight (SIGTERM lets these finish); any failure becomes a KvError."""
+        """_pull, counted as in flight (SIGTERM lets these finish); any failure becomes a ServiceError."""
         self._pulls_in_flight += 1
         self._idle.clear()
         try:
             return await self._pull(request)
-        except KvError:
+        except ServiceError:
             raise
         except Exception as e:  # a bug or a failing copy: still a counted, reported failure
             log.exception("pull of %r failed", request.handle.kv_id)
-            raise KvError(grpc.StatusCode.INTERNAL, f"pull failed: {e!r}") from e
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"pull failed: {e!r}") from e
         finally:
             self._pulls_in_flight -= 1
             if self._pulls_in_flight == 0:
@@ -185,15 +181,15 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         handle = request.handle
         record = self.table.pool(request.pool_id)
         if not handle.kv_id:
-            raise bad_field("handle.kv_id", "empty")
+            raise invalid("handle.kv_id", "empty")
         dst_ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
         fingerprint = record.layout.fingerprint()
         if handle.layout_fingerprint != fingerprint:
-            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                           f"layout mismatch: handle.layout_fingerprint {handle.layout_fingerprint!r}, "
                           f"destination pool {fingerprint!r}")
         if len(dst_ids) != handle.num_blocks:
-            raise bad_field("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
+            raise invalid("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
         if handle.node_id != self.config.node_id:
             nbytes = await self.puller.fetch(handle.transfer_address, handle.kv_id, fingerprint, record.rows, dst_ids)
             return nbytes, "ucx"
@@ -302,9 +298,9 @@ async def copy_until_cancelled(src_rows, src_ids, dst_rows, dst_ids) -> int:
 def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:
     for name in ("num_blocks", "num_layers", "block_size", "num_kv_heads", "head_dim"):
         if getattr(layout, name) == 0:
-            raise bad_field(f"layout.{name}", "must be > 0")
+            raise invalid(f"layout.{name}", "must be > 0")
     if layout.dtype not in DTYPES:
-        raise bad_field("layout.dtype", f"{layout.dtype!r} is not one of {', '.join(DTYPES)}")
+        raise invalid("layout.dtype", f"{layout.dtype!r} is not one of {', '.join(DTYPES)}")
     return KvLayout(layout.num_blocks, layout.num_layers, layout.block_size, layout.num_kv_heads,
                     layout.head_dim, layout.dtype, layout.model_id)
 
@@ -314,27 +310,27 @@ def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
     try:
         descriptor = json.loads(memory_descriptor)
     except ValueError as e:
-        raise bad_field("memory_descriptor", f"not valid JSON ({e})") from None
+        raise invalid("memory_descriptor", f"not valid JSON ({e})") from None
     if not isinstance(descriptor, dict):
-        raise bad_field("memory_descriptor", "must be a JSON object")
+        raise invalid("memory_descriptor", "must be a JSON object")
     kind = descriptor.get("kind")
     if kind == "shm":
         path, size = descriptor.get("path"), descriptor.get("size")
         if not isinstance(path, str) or not os.path.realpath(path).startswith(SHM_DIR + "/"):
-            raise bad_field("memory_descriptor.path", f"must be a file under {SHM_DIR}, got {path!r}")
+            raise invalid("memory_descriptor.path", f"must be a file under {SHM_DIR}, got {path!r}")
         if not os.path.isfile(path):
-            raise bad_field("memory_descriptor.path", f"{path} does not exist")
+            raise invalid("memory_descriptor.path", f"{path} does not exist")
         if not isinstance(size, int) or size != layout.total_bytes:
-            raise bad_field("memory_descriptor.size", f"{size!r} does not match the layout ({layout.total_bytes} bytes)")
+            raise invalid("memory_descriptor.size", f"{size!r} does not match the layout ({layout.total_bytes} bytes)")
         if os.path.getsize(path) < size:
-            raise bad_field("memory_descriptor.size", f"{path} is smaller than {size} bytes")
+            raise invalid("memory_descriptor.size", f"{path} is smaller than {size} bytes")
     elif kind == "cuda_ipc":
         if not torch.cuda.is_available():
-            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                           "memory_descriptor.kind: cuda_ipc pool, but this daemon sees no GPU")
     else:
-        raise bad_field("memory_descriptor.kind", f"{kind!r} is not one of shm, cuda_ipc")
+        raise invalid("memory_descriptor.kind", f"{kind!r} is not one of shm, cuda_ipc")
     try:
         return KvPool.attach(layout, descriptor)
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
-        raise bad_field("memory_descriptor", f"cannot map the pool: {e}") from None
+        raise invalid("memory_descriptor", f"cannot map the pool: {e}") from None

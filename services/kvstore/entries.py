@@ -28,23 +28,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from services.common.server import invalid_argument
+from services.common.arith import ceil_div
+from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import KvLayout, KvPool
 
 from .host_tier import HostTier
-
-
-class KvError(Exception):
-    """A failure with the gRPC status it maps to (also carried across UCX by its name)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def bad_field(field_name: str, problem: str) -> KvError:
-    return KvError(grpc.StatusCode.INVALID_ARGUMENT, invalid_argument(field_name, problem))
 
 
 @dataclass(frozen=True)
@@ -109,12 +97,12 @@ class KvEntry:
 def check_block_ids(field_name: str, block_ids: Sequence[int], num_blocks: int) -> list[int]:
     ids = list(block_ids)
     if not ids:
-        raise bad_field(field_name, "no blocks given")
+        raise invalid(field_name, "no blocks given")
     bad = [b for b in ids if b >= num_blocks]
     if bad:
-        raise bad_field(field_name, f"block {bad[0]} out of range (pool has {num_blocks} blocks)")
+        raise invalid(field_name, f"block {bad[0]} out of range (pool has {num_blocks} blocks)")
     if len(set(ids)) != len(ids):
-        raise bad_field(field_name, "a block appears twice")
+        raise invalid(field_name, "a block appears twice")
     return ids
 
 
@@ -134,7 +122,7 @@ class EntryTable:
     def pool(self, pool_id: str) -> PoolRecord:
         record = self.pools.get(pool_id)
         if record is None:
-            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                           f"pool_id: pool {pool_id!r} is not registered here (register it again)")
         return record
 
@@ -155,19 +143,19 @@ class EntryTable:
         record = self.pool(pool_id)
         layout = record.layout
         if not kv_id:
-            raise bad_field("kv_id", "empty")
+            raise invalid("kv_id", "empty")
         if kv_id in self.entries:
-            raise KvError(grpc.StatusCode.ALREADY_EXISTS, f"kv_id: {kv_id!r} is already published")
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"kv_id: {kv_id!r} is already published")
         ids = check_block_ids("block_ids", block_ids, layout.num_blocks)
         if num_tokens <= 0:
-            raise bad_field("num_tokens", "must be > 0")
-        needed = math.ceil(num_tokens / layout.block_size)
+            raise invalid("num_tokens", "must be > 0")
+        needed = ceil_div(num_tokens, layout.block_size)
         if needed != len(ids):
-            raise bad_field("num_tokens", f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, "
+            raise invalid("num_tokens", f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, "
                                           f"got {len(ids)} block_ids")
         taken = [b for b in ids if b in record.block_owner]
         if taken:
-            raise bad_field("block_ids", f"block {taken[0]} already belongs to entry {record.block_owner[taken[0]]!r}")
+            raise invalid("block_ids", f"block {taken[0]} already belongs to entry {record.block_owner[taken[0]]!r}")
         entry = KvEntry(kv_id, layout.fingerprint(), num_tokens, layout.block_bytes, ids, time.monotonic(), record)
         for b in ids:
             record.block_owner[b] = kv_id
@@ -177,7 +165,7 @@ class EntryTable:
     def get(self, kv_id: str) -> KvEntry:
         entry = self.entries.get(kv_id)
         if entry is None:
-            raise KvError(grpc.StatusCode.NOT_FOUND,
+            raise ServiceError(grpc.StatusCode.NOT_FOUND,
                           f"no KV entry {kv_id!r} here (already pulled, released, expired, or its worker is gone)")
         return entry
 
@@ -185,11 +173,11 @@ class EntryTable:
         """Checks a pull against the entry and takes the entry's lock; pair with end_transfer."""
         entry = self.get(kv_id)
         if entry.fingerprint != fingerprint:
-            raise KvError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                           f"layout mismatch: entry {kv_id!r} has layout {entry.fingerprint!r}, "
                           f"destination pool has {fingerprint!r}")
         if entry.num_blocks != num_dst_blocks:
-            raise bad_field("block_ids", f"{num_dst_blocks} destination blocks for an entry of {entry.num_blocks} blocks")
+            raise invalid("block_ids", f"{num_dst_blocks} destination blocks for an entry of {entry.num_blocks} blocks")
         await entry.lock.acquire()
         if entry.dropped:  # another pull won, or it was released, while we waited
             entry.lock.release()
@@ -260,5 +248,5 @@ class EntryTable:
         record.events.put_nowait(ReleasedEvent(entry.kv_id, list(entry.block_ids), reason))
 
     @staticmethod
-    def _gone(kv_id: str) -> KvError:
-        return KvError(grpc.StatusCode.NOT_FOUND, f"KV entry {kv_id!r} was pulled or released by another request")
+    def _gone(kv_id: str) -> ServiceError:
+        return ServiceError(grpc.StatusCode.NOT_FOUND, f"KV entry {kv_id!r} was pulled or released by another request")

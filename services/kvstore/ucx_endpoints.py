@@ -1,8 +1,8 @@
 """UCX plumbing for the kvstore: environment, pooled endpoints to peers, idle-connection waiting.
 
-Why pool endpoints: opening a UCX endpoint (connect + wire-up + ucxx's tag exchange) costs 10-25 ms
-on TCP here, a pull's messages well under 1 ms. So a pulling daemon keeps a few idle endpoints per
-peer and uses each for one transfer at a time (ucxx tagged messages on one endpoint match in
+Why pool endpoints: opening a UCX endpoint (connect + wire-up + ucxx's tag exchange) costs far more
+than a pull's messages (docs/kvstore.md has the figures). So a pulling daemon keeps a few idle
+endpoints per peer and uses each for one transfer at a time (ucxx tagged messages on one endpoint match in
 order, so interleaving two transfers on one endpoint would mix their messages).
 
 Why not simply post a receive on every idle endpoint: in ucxx's default (thread) progress mode an
@@ -130,7 +130,7 @@ class RequestWaiter:
                 elif ep.tag_probe(CONTROL_TAG).matched:
                     future.set_result(True)
                     arrived = True
-            # Busy: look again at once. Quiet: back off, so idle endpoints cost ~500 wake-ups/s.
+            # Busy: look again at once. Quiet: back off to IDLE_POLL_MAX_SECONDS between looks.
             self._delay = 0.0 if arrived else min(max(2 * self._delay, 0.0001), IDLE_POLL_MAX_SECONDS)
             await asyncio.sleep(self._delay)
         self._task = None

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from .block_runs import contiguous_runs
-from .entries import EntryTable, KvError
+from services.common.errors import ServiceError
+
+from .entries import EntryTable
 from .ucx_endpoints import CONTROL_TAG, EndpointPool, RequestWaiter, ucxx_module
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ async def recv_frame(ep) -> dict:
 def split_host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise KvError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                       f"handle.transfer_address: expected host:port, got {address!r}")
     return host.strip("[]"), int(port)
 
@@ -144,7 +146,7 @@ class UcxTransferServer:
         dst_ids = [int(b) for b in request["dst_blocks"]]
         try:
             entry = await self.table.begin_transfer(str(request["kv_id"]), str(request["fingerprint"]), len(dst_ids))
-        except KvError as e:
+        except ServiceError as e:
             await send_frame(ep, {"ok": False, "code": e.code.name, "message": e.message})
             return
         committed = False
@@ -175,7 +177,7 @@ class UcxPuller:
     async def fetch(self, address: str, kv_id: str, fingerprint: str,
                     dst_rows: torch.Tensor, dst_ids: list[int]) -> int:
         """Pulls entry `kv_id` from the daemon at `address` into `dst_rows[dst_ids]`; returns the
-        bytes received. Raises KvError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
+        bytes received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
         cannot be reached or the connection fails, DEADLINE_EXCEEDED on timeout."""
         host, port = split_host_port(address)
         may_retry = True
@@ -183,17 +185,17 @@ class UcxPuller:
             try:
                 ep, reused = await self.endpoints.acquire(host, port)
             except Exception as e:
-                raise KvError(grpc.StatusCode.UNAVAILABLE,
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                               f"cannot reach the kvstore transfer listener at {address}: {e!r}") from None
             try:
                 nbytes, clean = await asyncio.wait_for(
                     self._fetch(ep, kv_id, fingerprint, dst_rows, dst_ids), self.transfer_timeout)
-            except KvError:  # the source said no: the conversation ended cleanly
+            except ServiceError:  # the source said no: the conversation ended cleanly
                 await self.endpoints.give_back(host, port, ep)
                 raise
             except asyncio.TimeoutError:
                 await self.endpoints.discard(ep)
-                raise KvError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"transfer of {kv_id!r} from {address} took over {self.transfer_timeout}s") from None
             except Exception as e:
                 await self.endpoints.discard(ep)
@@ -203,7 +205,7 @@ class UcxPuller:
                     log.info("pooled endpoint to %s failed (%r): retrying on a new one", address, e)
                     may_retry = False
                     continue
-                raise KvError(grpc.StatusCode.UNAVAILABLE, f"transfer of {kv_id!r} from {address} failed: {e!r}") from None
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"transfer of {kv_id!r} from {address} failed: {e!r}") from None
             except BaseException:  # cancelled: receives may still be posted on our blocks
                 await self.endpoints.discard(ep)
                 raise
@@ -220,7 +222,7 @@ class UcxPuller:
         reply = await recv_frame(ep)
         if not reply.get("ok"):
             code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)
-            raise KvError(code, f"source daemon: {reply.get('message', '')}")
+            raise ServiceError(code, f"source daemon: {reply.get('message', '')}")
         runs = check_runs(reply["runs"], dst_ids)
         await asyncio.gather(*(
             ep.recv(_ucx_buffer(dst_rows[dst_ids[offset]: dst_ids[offset] + count]), tag=FIRST_RUN_TAG + i)

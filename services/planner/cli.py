@@ -18,6 +18,9 @@ import time
 
 from tqdm import tqdm
 
+from services.common.arith import ceil_div
+from services.cli.args import run_command
+
 GB = 1e9
 
 
@@ -34,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_commands(parser.add_subparsers(dest="plan_command", required=True, metavar="{profile,simulate,search}"))
     args = parser.parse_args(argv)
-    from services.cli import run_command
-
     return run_command(args.func, args)
 
 
@@ -154,10 +155,9 @@ def _engine_source(name: str) -> tuple[str | None, object]:
     engine builds with random weights (timing does not depend on the values)."""
     if os.path.isdir(name):
         return name, None
-    from services.engine import testmodels
-    from services.engine.testmodels import SPECS, get_model
+    from services.tiny_models import IN_MEMORY_ONLY, SPECS, get_model
 
-    if name in SPECS and name not in getattr(testmodels, "IN_MEMORY_ONLY", ()):
+    if name in SPECS and name not in IN_MEMORY_ONLY:
         return get_model(name), None
     from .hardware import MODELS
 
@@ -165,7 +165,7 @@ def _engine_source(name: str) -> tuple[str | None, object]:
     if shape is not None and shape.gated_mlp:
         import transformers
 
-        from services.engine import ModelConfig
+        from services.engine.config import ModelConfig
 
         hf = transformers.LlamaConfig(
             hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
@@ -183,13 +183,14 @@ def cmd_profile(args) -> int:
         from .hardware import get_model_shape
 
         shape = get_model_shape(args.model, args.dtype_bytes)
-        cluster = _cluster(args, num_nodes=max(1, -(-args.tp * args.pp // args.gpus_per_node)))
+        cluster = _cluster(args, num_nodes=max(1, ceil_div(args.tp * args.pp, args.gpus_per_node)))
         profile = analytic_profile(shape, cluster, args.tp, args.pp, assumptions=_assumptions(args),
                                    typical_prompt_len=args.typical_prompt_len, max_num_seqs=args.max_num_seqs)
     else:
         import torch
 
-        from services.engine import Engine, EngineConfig
+        from services.engine.config import EngineConfig
+        from services.engine.engine import Engine
 
         from .profile import ProfileGrid, profile_engine
 
@@ -262,7 +263,7 @@ def _add_simulate(p) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from services.common.trace import make_trace, read_trace, rescale_rate
+    from services.planner.workload import make_trace, read_trace, rescale_rate
 
     from .latency_model import LatencyProfile
     from .simulator import SimConfig, Slo, simulate

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from services.common.trace import TraceRequest, rescale_rate
+from services.planner.workload import TraceRequest, rescale_rate
 
 from .latency_model import LatencyProfile
 from .simulator import SimConfig, Slo, simulate

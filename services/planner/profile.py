@@ -50,7 +50,7 @@ def _sync(device: torch.device) -> None:
 
 class EngineProfiler:
     def __init__(self, engine, grid: ProfileGrid, seed: int = 0):
-        from services.engine import SamplingParams
+        from services.engine.config import SamplingParams
 
         self.engine = engine
         self.grid = grid
@@ -60,7 +60,7 @@ class EngineProfiler:
         self._sampling = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
     def _seqs(self, lengths: list[int], max_tokens: int):
-        from services.engine import Sequence
+        from services.engine.sequence import Sequence
 
         vocab = self.engine.model_config.vocab_size
         seqs = []
@@ -72,7 +72,7 @@ class EngineProfiler:
 
     def time_prefill(self, lengths: list[int]) -> float | None:
         engine = self.engine
-        needed = sum(engine.blocks_for_tokens(n + 1) for n in lengths)
+        needed = sum(engine.block_manager.blocks_for_tokens(n + 1) for n in lengths)
         if needed > engine.block_manager.num_free:
             return None
         times = []
@@ -92,7 +92,7 @@ class EngineProfiler:
         engine = self.engine
         steps = self.grid.decode_steps
         prompt_len = max(1, context - 1)
-        needed = batch_size * engine.blocks_for_tokens(prompt_len + steps + 2)
+        needed = batch_size * engine.block_manager.blocks_for_tokens(prompt_len + steps + 2)
         if needed > engine.block_manager.num_free or prompt_len + steps + 1 > self.max_len:
             return []
         seqs = self._seqs([prompt_len] * batch_size, steps + 2)
@@ -178,7 +178,7 @@ def profile_engine(engine, grid: ProfileGrid = ProfileGrid(), *, model_name: str
     prefill, prefill_fit = fit_prefill(prefill_samples)
     decode, decode_fit = fit_decode(decode_samples)
     mc, cfg = engine.model_config, engine.config
-    element = torch.empty((), dtype=cfg.torch_dtype).element_size()
+    element = cfg.dtype_bytes
     device = engine.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return LatencyProfile(
@@ -208,7 +208,7 @@ def profile_engine(engine, grid: ProfileGrid = ProfileGrid(), *, model_name: str
 def step_log_samples(records: list[dict], since: float = float("-inf"), until: float = float("inf"),
                      context_bin: int = 32) -> tuple[list, list]:
     """(prefill samples, decode samples) for fit_prefill / fit_decode from one worker's step log
-    (services/common/step_log.py), keeping the steps that started in [since, until).
+    (services/runtime/step_log.py), keeping the steps that started in [since, until).
 
     A decode step's cost is the time to the next step while the batch keeps running (the engine
     call plus the worker's own streaming and admissions between steps: what a client's TPOT is
@@ -239,7 +239,7 @@ def decode_cycles(records: list[dict], since: float = float("-inf"), until: floa
 def refit_from_step_logs(profile: LatencyProfile, paths: list[str], since: float = float("-inf"),
                          until: float = float("inf")) -> LatencyProfile:
     """The profile with each phase the logs hold refitted on the serving instance's own steps."""
-    from services.common.step_log import read_step_log
+    from services.runtime.step_log import read_step_log
 
     prefill_samples, decode_samples = [], []
     for path in paths:

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from tqdm import tqdm
 
-from services.common.trace import make_trace, rescale_rate
+from services.common.arith import ceil_div
+from services.planner.workload import make_trace, rescale_rate
 
 from .analytic import AnalyticAssumptions, Parallelism, analytic_profile, kv_capacity_tokens
 from .goodput import (bisect_rate, decode_capacity, decode_goodput, max_rate_meeting, prefill_capacity, prefill_goodput,
@@ -155,7 +156,7 @@ def parallel_config_problems(model: ModelShape, cluster: ClusterSpec, tp: int, p
     if model.num_layers % pp:
         problems.append(f"{model.num_layers} layers are not divisible by pipeline degree {pp}")
     if tp <= m:
-        nodes = pp if stages_on_separate_nodes else math.ceil(pp / (m // tp))
+        nodes = pp if stages_on_separate_nodes else ceil_div(pp, m // tp)
         if nodes > cluster.node_limit:
             problems.append(f"{pp} stages of {tp} GPUs span {nodes} nodes; the limit is {cluster.node_limit}")
     kv = kv_capacity_tokens(model, cluster, tp, pp)

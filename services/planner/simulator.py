@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.common.trace import TraceRequest
+from services.common.arith import ceil_div
+from services.planner.workload import TraceRequest
 
 from .latency_model import LatencyProfile, Overheads, TransferSpec
 
@@ -106,7 +107,7 @@ class _Req:
 
 
 def _blocks(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
+    return ceil_div(tokens, block_size)
 
 
 class DecodeBatch:

@@ -1,9 +1,10 @@
 """Prefill worker: batches prompts FCFS up to a token budget, computes their KV and first token,
 publishes the KV to the node's kvstore daemon and answers with the handle.
 
-A published entry's blocks stay allocated here until the daemon reports them RELEASED (pulled by
-a decode worker, moved to its host tier after the TTL, or released), so under a burst the prefill
-pool is the queue buffer and the batcher waits for blocks rather than dropping work.
+The batching policy is PrefillScheduler's. A published entry's blocks stay allocated until the
+daemon reports them RELEASED (pulled by a decode worker, moved to its host tier after the TTL, or
+released), so under a burst the prefill pool is the queue buffer and the batcher waits for blocks
+rather than dropping work.
 """
 
 from __future__ import annotations
@@ -12,32 +13,43 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.common.engine_worker import (
-    EngineThread, InvalidRequest, LoadStats, StepFailed, base_stats, register_kv_gauges, set_exception, set_result,
-    validate_generation,
-)
+from services.common.enums import Role
+from services.common.errors import ServiceError
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
-from services.common.step_log import StepLog
-from services.engine import Engine, Sequence
-from services.engine.scheduler import take_prefill_batch
+from services.engine.engine import Engine, StepOutput
+from services.engine.scheduler import PrefillScheduler
+from services.engine.sequence import Sequence
 from services.kvstore.client import KvStoreClient
+from services.runtime.engine_thread import EngineThread, reject, resolve
+from services.runtime.step_log import StepLog
+from services.runtime.worker import PrefillRate, register_kv_gauges, validate_generation, worker_stats
 
 log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """How a Prefill request ended (`pdserve_prefill_requests_total{outcome}`)."""
+
+    PUBLISHED = "published"
+    FINISHED = "finished"  # at its first token: nothing to publish
+    CANCELLED = "cancelled"
+    INVALID = "invalid"
+    PUBLISH_FAILED = "publish_failed"
+    FAILED = "failed"  # the engine step raised
 
 
 @dataclass(eq=False)
 class PrefillJob:
     seq: Sequence
-    future: asyncio.Future
+    future: asyncio.Future  # the StepOutput of its prefill
     enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
     started_at: float = 0.0
     compute_seconds: float = 0.0
     batch_size: int = 0
@@ -58,7 +70,7 @@ class PrefillMetrics:
         self.published = Gauge("pdserve_prefill_published_entries", "KV entries published and not yet pulled or released.",
                                registry=registry)
         self.requests = Counter("pdserve_prefill_requests_total", "Prefill requests by outcome.", ["outcome"], registry=registry)
-        for outcome in ("published", "finished", "cancelled", "invalid", "publish_failed"):
+        for outcome in Outcome:
             self.requests.labels(outcome)
 
 
@@ -66,63 +78,60 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
     step_log: StepLog | None = None  # --step-log
 
     def __init__(self, engine: Engine, kvstore: KvStoreClient, *, worker_id: str, node_id: str, model_name: str,
-                 max_num_batched_tokens: int, max_num_seqs: int, registry: CollectorRegistry):
+                 registry: CollectorRegistry):
         self.engine = engine
         self.kvstore = kvstore
         self.worker_id = worker_id
         self.node_id = node_id
         self.model_name = model_name
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
+        self.scheduler = PrefillScheduler(engine.block_manager, engine.config.max_num_batched_tokens,
+                                          engine.config.max_num_seqs)
         self.metrics = PrefillMetrics(registry)
-        register_kv_gauges(registry, engine, "prefill")
-        self.load = LoadStats()
-        # engine-thread state
-        self.waiting: deque[PrefillJob] = deque()
-        self.queued_tokens = 0
-        self.held: dict[str, Sequence] = {}  # kv_id -> sequence whose blocks back a published entry
+        register_kv_gauges(registry, engine, Role.PREFILL)
+        self.prefill_rate = PrefillRate()
+        self.jobs: dict[str, PrefillJob] = {}  # seq_id -> job waiting for its prefill, engine thread only
         self.draining = False
-        self.thread = EngineThread("prefill-engine", self._step, lambda: bool(self.waiting) and self._can_start())
-        self.metrics.published.set_function(lambda: len(self.held))
+        self.thread = EngineThread("prefill-engine", self.step, self.scheduler.has_work)
+        self.metrics.published.set_function(lambda: len(self.scheduler.published))
 
     async def start(self) -> None:
         self.thread.start(asyncio.get_running_loop())
         await self.kvstore.register_pool(self.worker_id, self.engine.kv_pool, self._on_released)
 
     # ---- gRPC -----------------------------------------------------------------------------------
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         try:
             prompt, resumed, sampling = validate_generation(
                 self.engine, "token_ids", request.token_ids, "resumed_output_ids", request.resumed_output_ids,
                 request.sampling)
-        except (InvalidRequest, ValueError) as exc:
-            self.metrics.requests.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ServiceError:
+            self.metrics.requests.labels(Outcome.INVALID).inc()
+            raise
         seq = Sequence(seq_id=request.request_id or uuid.uuid4().hex, token_ids=prompt + resumed,
                        num_prompt_tokens=len(prompt), sampling=sampling)
         job = PrefillJob(seq, asyncio.get_running_loop().create_future())
-        self.thread.post(lambda: self._enqueue(job))
+        self.thread.post(lambda: self.submit(job))
         try:
-            out = await job.future
+            out: StepOutput = await job.future
         except asyncio.CancelledError:
-            self.thread.post(lambda: self._cancel(job))
-            self.metrics.requests.labels("cancelled").inc()
+            self.thread.post(lambda: self.cancel(job))
+            self.metrics.requests.labels(Outcome.CANCELLED).inc()
             raise
-        except StepFailed as exc:
-            self.metrics.requests.labels("failed").inc()
-            await context.abort(exc.code, str(exc))
+        except ServiceError:
+            self.metrics.requests.labels(Outcome.FAILED).inc()
+            raise
         response = worker_pb2.PrefillResponse(
             first_token_id=out.token_id, first_logprob=out.logprob, finish_reason=out.finish_reason or "",
             queue_seconds=job.started_at - job.enqueued_at, compute_seconds=job.compute_seconds,
             batch_size=job.batch_size,
         )
         if out.finish_reason:  # done at the first token: nothing to publish (blocks already freed)
-            self.metrics.requests.labels("finished").inc()
+            self.metrics.requests.labels(Outcome.FINISHED).inc()
             return response
         kv_id = f"{self.worker_id}/{seq.seq_id}/{uuid.uuid4().hex[:8]}"
-        self.thread.post(lambda: self.held.__setitem__(kv_id, seq))
+        self.thread.post(lambda: self.scheduler.publish(kv_id, seq))
         # Not cancelled with the request: a Publish cut short may still be recorded by the daemon
         # after our Release found nothing, leaving an entry on blocks freed here.
         publish = asyncio.ensure_future(self.kvstore.publish(kv_id, list(seq.block_table), num_tokens=seq.num_cached))
@@ -132,87 +141,74 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             asyncio.create_task(self._abandon(kv_id, publish))
             raise
         except grpc.aio.AioRpcError as exc:
-            self.thread.post(lambda: self._free_entry(kv_id))
-            self.metrics.requests.labels("publish_failed").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kvstore publish failed: {exc.details()}")
+            self.thread.post(lambda: self.scheduler.release(kv_id))
+            self.metrics.requests.labels(Outcome.PUBLISH_FAILED).inc()
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"kvstore publish failed: {exc.details()}") from None
         if context.cancelled() or context.done():
             asyncio.create_task(self._abandon(kv_id))  # the router is gone; nobody will pull this entry
         response.kv.CopyFrom(handle)
-        self.metrics.requests.labels("published").inc()
+        self.metrics.requests.labels(Outcome.PUBLISHED).inc()
         return response
 
-    async def Stats(self, request, context):
-        stats = base_stats(self.engine, "prefill", self.node_id, self.model_name)
-        stats.waiting = len(self.waiting)
-        stats.queued_prompt_tokens = self.queued_tokens
-        stats.prefill_seconds_per_token = self.load.seconds_per_token
-        stats.published_entries = len(self.held)
+    async def Stats(self, request, context) -> common_pb2.WorkerStats:
+        stats = worker_stats(self.engine, Role.PREFILL, self.node_id, self.model_name)
+        stats.waiting = len(self.scheduler.waiting)
+        stats.queued_prompt_tokens = self.scheduler.queued_tokens
+        stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token
+        stats.published_entries = len(self.scheduler.published)
         stats.draining = self.draining
         return stats
 
     # ---- engine thread ------------------------------------------------------------------------------
-    def _enqueue(self, job: PrefillJob) -> None:
-        self.waiting.append(job)
-        self.queued_tokens += len(job.seq.token_ids)
+    def submit(self, job: PrefillJob) -> None:
+        self.jobs[job.seq.seq_id] = job
+        self.scheduler.add(job.seq)
         self._update_queue_gauges()
 
-    def _cancel(self, job: PrefillJob) -> None:
-        job.cancelled = True
-        if job in self.waiting:
-            self.waiting.remove(job)
-            self.queued_tokens -= len(job.seq.token_ids)
-            self._update_queue_gauges()
-        elif job.seq.block_table and not any(s is job.seq for s in self.held.values()):
-            self.engine.free(job.seq)  # computed, never published
+    def cancel(self, job: PrefillJob) -> None:
+        self.jobs.pop(job.seq.seq_id, None)
+        self.scheduler.abort(job.seq)
+        self._update_queue_gauges()
 
-    def _can_start(self) -> bool:
-        head = self.waiting[0].seq
-        return self.engine.blocks_for_tokens(len(head.token_ids)) <= self.engine.block_manager.num_free
-
-    def _step(self) -> None:
-        seqs = deque(job.seq for job in self.waiting)
-        batch = take_prefill_batch(seqs, self.engine, self.max_num_batched_tokens, self.max_num_seqs)
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
         if not batch:
             return
-        jobs = [self.waiting.popleft() for _ in batch]
-        self.queued_tokens -= sum(len(s.token_ids) for s in batch)
+        jobs = [self.jobs.pop(seq.seq_id) for seq in batch]
         self._update_queue_gauges()
         started = time.monotonic()
         try:
             outputs = self.engine.prefill(batch)
         except Exception as exc:  # noqa: BLE001 - e.g. a device error: fail these prompts, keep serving
             log.exception("prefill of %d prompts failed", len(batch))
+            error = ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}")
             for job in jobs:
-                self.engine.free(job.seq)
-                self.thread.emit(set_exception, job.future, StepFailed(exc))
+                self.scheduler.finish(job.seq)
+                self.thread.emit(reject, job.future, error)
             return
         compute = time.monotonic() - started
-        tokens = sum(s.num_cached for s in batch)
-        self.load.observe(compute, tokens)
+        tokens = sum(seq.num_cached for seq in batch)
+        self.prefill_rate.observe(compute, tokens)
         self.metrics.step_seconds.observe(compute)
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.batch_requests.observe(len(batch))
         if self.step_log is not None:
             self.step_log.write({"t": round(started, 6), "kind": "prefill", "lengths": [s.num_cached for s in batch],
                                  "seconds": round(compute, 6)})
-        for job, out in zip(jobs, outputs):
+        for job, out in zip(jobs, outputs, strict=True):
             job.started_at, job.compute_seconds, job.batch_size = started, compute, len(batch)
             self.metrics.queue_seconds.observe(started - job.enqueued_at)
             if out.finish_reason:
-                self.engine.free(job.seq)
-            self.thread.emit(set_result, job.future, out)
-
-    def _free_entry(self, kv_id: str) -> None:
-        seq = self.held.pop(kv_id, None)
-        if seq is not None:
-            self.engine.free(seq)
-
-    def _on_released(self, kv_id: str, block_ids: list[int], reason: str) -> None:
-        self.thread.post(lambda: self._free_entry(kv_id))
+                self.scheduler.finish(job.seq)
+            self.thread.emit(resolve, job.future, out)
 
     def _update_queue_gauges(self) -> None:
-        self.metrics.queue_requests.set(len(self.waiting))
-        self.metrics.queue_tokens.set(self.queued_tokens)
+        self.metrics.queue_requests.set(len(self.scheduler.waiting))
+        self.metrics.queue_tokens.set(self.scheduler.queued_tokens)
+
+    # ---- asyncio side -------------------------------------------------------------------------
+    def _on_released(self, kv_id: str, block_ids: list[int], reason: str) -> None:
+        self.thread.post(lambda: self.scheduler.release(kv_id))
 
     async def _abandon(self, kv_id: str, publish: asyncio.Future | None = None) -> None:
         """Drops an entry nobody will pull, once its publish (if still running) has ended. The
@@ -227,17 +223,16 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         except grpc.aio.AioRpcError:
             released = False
         if not released:
-            self.thread.post(lambda: self._free_entry(kv_id))
+            self.thread.post(lambda: self.scheduler.release(kv_id))
 
     # ---- shutdown -----------------------------------------------------------------------------
     async def drain(self) -> None:
         """Finish queued prompts; give published entries a chance to be pulled, then stop."""
         self.draining = True
-        while self.waiting:
+        while self.jobs:
             await asyncio.sleep(0.05)
         deadline = time.monotonic() + 10
-        while self.held and time.monotonic() < deadline:
+        while self.scheduler.published and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.kvstore.close()
         self.thread.stop()
-

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.common.metrics import new_registry
-
 from pdserve.v1 import router_pb2, router_pb2_grpc
-from services.common.engine_worker import resolve_model_dir
+from services.common.enums import WORKER_ROLES, Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
+from services.common.metrics import new_registry
 from services.common.server import ServiceRunner
+from services.engine.config import ModelConfig
+from services.tiny_models import model_dir_or_default
 
 from .registry import WorkerRegistry
 from .server import RouterService
@@ -29,7 +30,7 @@ def parser() -> FlagParser:
     common_server_flags(p, port=7000, metrics_port=9000)
     p.add_flag("--model", default="", help="checkpoint folder for the tokenizer and config (default: the embedded tiny model)")
     p.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
-    for role in ("prefill", "decode", "colocated"):
+    for role in WORKER_ROLES:
         p.add_flag(f"--{role}", action="append", help=f"{role} worker addresses host:port, comma-separated")
         p.add_flag(f"--{role}-dns", action="append",
                    help=f"DNS names host:port resolving to {role} workers (Kubernetes headless services)")
@@ -45,20 +46,19 @@ def parser() -> FlagParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    setup_process(args, "router")
+    setup_process(args, Role.ROUTER)
+    static = {role: _addresses(getattr(args, role)) for role in WORKER_ROLES}
+    dns = {role: _addresses(getattr(args, f"{role}_dns")) for role in WORKER_ROLES}
+    roles = {r for r in static if static[r] or dns[r]}
+    if roles not in ({Role.COLOCATED}, {Role.PREFILL, Role.DECODE}):
+        raise SystemExit("give prefill and decode workers (disaggregated), or colocated workers alone")
+    # Here, not at the top: transformers imports torch when it is installed (its RoPE utilities),
+    # and the router's image has none; `--help` and a refused command line need neither.
     from transformers import AutoTokenizer
 
-    from services.engine import ModelConfig
-
-    model_dir = resolve_model_dir(args.model)
+    model_dir = model_dir_or_default(args.model)
     model_config = ModelConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    static = {role: _addresses(getattr(args, role)) for role in ("prefill", "decode", "colocated")}
-    dns = {role: _addresses(getattr(args, f"{role}_dns")) for role in ("prefill", "decode", "colocated")}
-    roles = {r for r in static if static[r] or dns[r]}
-    if not roles or (roles != {"colocated"} and not {"prefill", "decode"} <= roles) or (
-            "colocated" in roles and roles != {"colocated"}):
-        raise SystemExit("give prefill and decode workers (disaggregated), or colocated workers alone")
 
     async def run():
         registry = new_registry()

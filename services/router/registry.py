@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2_grpc
+from services.common.enums import Role
 from services.common.grpc_client import aio_channel
 
 log = logging.getLogger(__name__)
 
 ROLE_STUBS = {
-    "prefill": worker_pb2_grpc.PrefillWorkerStub,
-    "decode": worker_pb2_grpc.DecodeWorkerStub,
-    "colocated": worker_pb2_grpc.ColocatedWorkerStub,
+    Role.PREFILL: worker_pb2_grpc.PrefillWorkerStub,
+    Role.DECODE: worker_pb2_grpc.DecodeWorkerStub,
+    Role.COLOCATED: worker_pb2_grpc.ColocatedWorkerStub,
 }
 
 

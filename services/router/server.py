@@ -23,8 +23,10 @@ import uuid
 import grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
-from services.common.engine_worker import InvalidRequest
-
+from services.common import validation
+from services.common.arith import ceil_div
+from services.common.enums import FinishReason, Role
+from services.common.errors import ServiceError, invalid
 from services.kvstore.client import KvStoreClient
 
 from .detokenizer import IncrementalDetokenizer
@@ -43,12 +45,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.registry = registry
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.limits = validation.ModelLimits(vocab_size, max_model_len)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.slo = slo
         self.default_max_tokens = default_max_tokens
         self.max_retries = max_retries
-        self.mode = "colocated" if "colocated" in registry.roles else "disaggregated"
+        self.mode = "colocated" if Role.COLOCATED in registry.roles else "disaggregated"
         self.kvstore = KvStoreClient("")  # only for Release at whichever daemon holds an entry
         # A token covers at most this many characters of prompt (its longest vocabulary entry in
         # UTF-8 bytes, times 4 for what normalizers may fold into one character): a longer prompt
@@ -61,39 +64,27 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
         has_text, has_ids = bool(request.prompt), len(request.token_ids) > 0
         if has_text == has_ids:
-            raise InvalidRequest("prompt: set exactly one of prompt and token_ids")
-        if has_text:
-            if len(request.prompt) > self.max_prompt_chars:
-                raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit in max_model_len "
-                                     f"{self.max_model_len} tokens")
-            if len(request.prompt) > 4096:  # long: tokenize off the event loop (the tokenizer drops the GIL)
-                ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
-            else:
-                ids = self.tokenizer.encode(request.prompt)
-            if not ids:
-                raise InvalidRequest("prompt: encodes to no tokens")
+            raise invalid("prompt", "set exactly one of prompt and token_ids")
+        if not has_text:
+            ids = validation.token_ids("token_ids", request.token_ids, self.limits)
+            validation.context("token_ids", len(ids), self.limits)
+            return ids
+        if len(request.prompt) > self.max_prompt_chars:
+            raise invalid("prompt", f"{len(request.prompt)} characters cannot fit in max_model_len "
+                                    f"{self.max_model_len} tokens")
+        if len(request.prompt) > 4096:  # long: tokenize off the event loop (the tokenizer drops the GIL)
+            ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
         else:
-            ids = list(request.token_ids)
-            bad = next((t for t in ids if t >= self.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(f"token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            field = "prompt" if has_text else "token_ids"
-            raise InvalidRequest(f"{field}: {len(ids)} tokens leave no room under max_model_len {self.max_model_len}")
+            ids = self.tokenizer.encode(request.prompt)
+        if not ids:
+            raise invalid("prompt", "encodes to no tokens")
+        validation.context("prompt", len(ids), self.limits)
         return ids
 
     def _sampling(self, request: router_pb2.GenerateRequest, prompt_len: int) -> common_pb2.SamplingParams:
+        validation.sampling(request.sampling, self.limits)
         sp = common_pb2.SamplingParams()
         sp.CopyFrom(request.sampling)
-        if sp.HasField("temperature") and not 0 <= sp.temperature <= 100:
-            raise InvalidRequest(f"sampling.temperature: must be in [0, 100], got {sp.temperature}")
-        if not 0 <= sp.top_p <= 1:
-            raise InvalidRequest(f"sampling.top_p: must be in (0, 1], got {sp.top_p}")
-        if sp.top_k < 0:
-            raise InvalidRequest(f"sampling.top_k: must be >= 0, got {sp.top_k}")
-        bad = next((t for t in sp.stop_token_ids if t >= self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"sampling.stop_token_ids: token id {bad} is outside the vocabulary")
         # the context limit caps generation; generation then ends with finish_reason "length"
         sp.max_tokens = min(sp.max_tokens or self.default_max_tokens, self.max_model_len - prompt_len)
         if not sp.HasField("seed"):
@@ -104,9 +95,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def _slo_targets(self, request: router_pb2.GenerateRequest) -> tuple[float, float]:
         ttft = request.slo.ttft_seconds if request.slo.HasField("ttft_seconds") else None
         tpot = request.slo.tpot_seconds if request.slo.HasField("tpot_seconds") else None
-        for name, value in (("slo.ttft_seconds", ttft), ("slo.tpot_seconds", tpot)):
-            if value is not None and not value > 0:  # NaN too
-                raise InvalidRequest(f"{name}: must be > 0, got {value}")
+        validation.positive_seconds("slo.ttft_seconds", ttft)
+        validation.positive_seconds("slo.tpot_seconds", tpot)
         return self.slo.targets(ttft, tpot)
 
     # ---- Generate -----------------------------------------------------------------------------
@@ -115,18 +105,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # cancel always lands inside this code and the downstream call is cancelled at once.
         timer = RequestTimer()
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
-        try:
-            prompt = await self._prompt_ids(request)
-            sampling = self._sampling(request, len(prompt))
-            ttft_slo, tpot_slo = self._slo_targets(request)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
+        prompt = await self._prompt_ids(request)
+        sampling = self._sampling(request, len(prompt))
+        ttft_slo, tpot_slo = self._slo_targets(request)
         request_id = request.request_id or uuid.uuid4().hex
         skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
         state = _RequestState(prompt, sampling, request_id, context)
-        finish_reason = "error"
         judged = False  # slo.finish ran: a cancel during the last write must not count it twice
         self.active += 1
         self.slo.inflight.inc()
@@ -139,13 +125,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     token_ids=chunk.token_ids, text=detok.add(list(chunk.token_ids)), request_id=request_id)
                 response.logprobs.extend(chunk.logprobs)  # present only when requested
                 if chunk.finish_reason:
-                    finish_reason = chunk.finish_reason
                     response.text += detok.flush()
-                    ttft_met, tpot_met = self.slo.finish(timer, finish_reason, len(prompt), ttft_slo, tpot_slo)
+                    ttft_met, tpot_met = self.slo.finish(timer, chunk.finish_reason, len(prompt), ttft_slo, tpot_slo)
                     judged = True
                     if state.queue_seconds:
                         self.slo.queue.observe(state.queue_seconds)
-                    response.finish_reason = finish_reason
+                    response.finish_reason = chunk.finish_reason
                     response.usage.CopyFrom(router_pb2.Usage(
                         prompt_tokens=len(prompt), completion_tokens=timer.num_tokens, seed=sampling.seed))
                     response.timing.CopyFrom(router_pb2.Timing(
@@ -158,22 +143,22 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     return
         except asyncio.CancelledError:
             if not judged:
-                self.slo.finish(timer, "cancelled", len(prompt), ttft_slo, tpot_slo)
+                self.slo.finish(timer, FinishReason.CANCELLED, len(prompt), ttft_slo, tpot_slo)
             raise
         except NoWorkerError as exc:
-            self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except grpc.aio.AioRpcError as exc:
-            self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
-            await context.abort(exc.code(), f"worker call failed: {exc.details()}")
+            self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
+            raise ServiceError(exc.code(), f"worker call failed: {exc.details()}") from None
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise  # an abort on its way out, or the call already over
         except Exception as exc:  # noqa: BLE001 - a router bug: counted, and a clear status, not UNKNOWN
             if judged:
                 raise
             log.exception("request %s failed", request_id)
-            self.slo.finish(timer, "error", len(prompt), ttft_slo, tpot_slo)
-            await context.abort(grpc.StatusCode.INTERNAL, f"router error: {exc!r}")
+            self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc!r}") from None
         finally:
             self.active -= 1
             self.slo.inflight.dec()
@@ -210,7 +195,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             state.retries, self.max_retries)
 
     async def _colocated(self, state: "_RequestState", timer: RequestTimer):
-        ep = pick_colocated(self.registry.eligible("colocated"), exclude=state.failed)
+        ep = pick_colocated(self.registry.eligible(Role.COLOCATED), exclude=state.failed)
         request = worker_pb2.GenerateTokensRequest(request_id=state.request_id, token_ids=state.prompt,
                                                    sampling=state.sampling, resumed_output_ids=state.outputs)
         async for chunk in self._stream(ep, ep.stub.Generate(request, timeout=self._timeout(state.context)), state,
@@ -224,7 +209,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if state.handle is None:
             # a re-prefill after a failover queues afresh: only its own wait counts
             started = timer.arrived if not state.outputs else time.monotonic()
-            ep = pick_prefill(self.registry.eligible("prefill"), exclude=state.failed)
+            ep = pick_prefill(self.registry.eligible(Role.PREFILL), exclude=state.failed)
             response = await self._prefill(ep, state)
             state.prefill_seconds += response.compute_seconds
             state.queue_seconds += (time.monotonic() - started) - response.compute_seconds
@@ -239,9 +224,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                         logprobs=[response.first_logprob] if state.sampling.logprobs else [])
             if response.finish_reason:
                 return
-        ep = pick_decode(self.registry.eligible("decode"), kv_node=state.handle.node_id, exclude=state.failed)
+        ep = pick_decode(self.registry.eligible(Role.DECODE), kv_node=state.handle.node_id, exclude=state.failed)
         block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
-        ep.reserved_blocks += -(-(state.handle.num_tokens + 1) // block_size)
+        ep.reserved_blocks += ceil_div(state.handle.num_tokens + 1, block_size)
         request = worker_pb2.DecodeRequest(request_id=state.request_id, prompt_token_ids=state.prompt,
                                            output_token_ids=state.outputs, sampling=state.sampling, kv=state.handle)
         produced = 0

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.enums import FinishReason
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
-
-FINISH_REASONS = ("stop", "length", "abort", "cancelled", "error")
 
 
 @dataclass
@@ -73,7 +72,7 @@ class SloTracker:
                                "Request arrival until a worker started computing it (router dispatch + worker queue).",
                                buckets=REQUEST_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r)
-        for reason in FINISH_REASONS:
+        for reason in FinishReason:
             self.requests.labels(reason)
         self.prompt_tokens = Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated for clients.", registry=r)
@@ -106,7 +105,8 @@ class SloTracker:
 
     def finish(self, timer: RequestTimer, finish_reason: str, prompt_tokens: int, ttft_slo: float, tpot_slo: float,
                ) -> tuple[bool, bool]:
-        self.requests.labels(finish_reason if finish_reason in FINISH_REASONS else "error").inc()
+        known = finish_reason in FinishReason._value2member_map_
+        self.requests.labels(finish_reason if known else FinishReason.ERROR).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(timer.num_tokens)
         self.prompt_len.observe(prompt_tokens)
@@ -118,7 +118,7 @@ class SloTracker:
                 self.tpot.observe(timer.tpot)
         ttft_met = timer.num_tokens > 0 and timer.ttft <= ttft_slo
         tpot_met = timer.num_tokens > 0 and timer.tpot <= tpot_slo
-        if finish_reason in ("stop", "length"):
+        if finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.slo_requests.inc()
             self.slo_ttft_met.inc(ttft_met)
             self.slo_tpot_met.inc(tpot_met)

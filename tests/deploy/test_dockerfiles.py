@@ -64,3 +64,47 @@ def test_hadolint():
     proc = subprocess.run([hadolint, "--no-color", "--config", os.path.join(DOCKER_DIR, "hadolint.yaml"), *files],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _pip_installs(service: str) -> list[list[str]]:
+    """The arguments of every `pip install` in the Dockerfile's RUN steps."""
+    installs = []
+    for word, args in instructions(service):
+        if word == "RUN":
+            for command in re.split(r"&&|;", args):
+                parts = command.split()
+                if parts[:2] == ["pip", "install"]:
+                    installs.append([p.strip("\"'") for p in parts[2:] if not p.startswith("-")])
+    return installs
+
+
+def _requirements(extras: list[str]) -> list[str]:
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    return project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
+
+
+def _installed_requirements(service: str) -> list[str]:
+    """What the image's pip installs ask for: named packages, and pdserve ('.') with its extras."""
+    wanted = []
+    for packages in _pip_installs(service):
+        for package in packages:
+            match = re.fullmatch(r"\.(?:\[([\w,]+)\])?", package)
+            wanted += _requirements(match.group(1).split(",") if match and match.group(1) else []) if match else [package]
+    return wanted
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_router_image_installs_no_torch():
+    """The router tokenizes and dispatches: its image installs pdserve's base dependencies only.
+    (That its code imports no torch: tests/unit/test_structure.py.)"""
+    router = _names(_installed_requirements("router"))
+    assert {"grpcio", "transformers", "prometheus-client"} <= router  # the parse found its dependencies
+    assert not router & {"torch", "triton", "ucxx-cu12", "safetensors"}
+    for service in GPU_SERVICES:  # the workers and the kvstore take the engine's
+        assert {"torch", "ucxx-cu12"} <= _names(_installed_requirements(service)), service

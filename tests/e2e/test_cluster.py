@@ -8,6 +8,10 @@ Face `generate` greedy; afterwards every pool is free and no kvstore entry is le
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -15,7 +19,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.common.step_log import read_step_log
+from services.launcher import free_port, health_status
+from services.runtime.step_log import read_step_log
 from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
 pytestmark = pytest.mark.slow
@@ -44,6 +49,38 @@ def test_two_nodes_exact_outputs_with_kv_over_ucx(two_node, workload, model_dir)
     assert sum(s.bytes_local for s in stats.values()) == 0
     # control messages only: the largest gRPC message anywhere is smaller than one KV block
     assert 0 < largest_grpc_message(two_node) < block_bytes(model_dir)
+
+
+# As if torch were not installed: importing it fails, and transformers (which checks with
+# importlib.util.find_spec, None for a module set to None) runs without it.
+NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; "
+            "runpy.run_module('services.router', run_name='__main__', alter_sys=True)")
+
+
+def test_a_router_without_torch_serves_the_same_exact_tokens(two_node, workload, model_dir, tmp_path):
+    """The router's image has no torch. A second router, in a process where torch cannot be
+    imported, serves the workload over the same workers with the same exact outputs, and has no
+    libtorch mapped."""
+    port = free_port()
+    workers = [f"--{role}={','.join(s['grpc'] for s in two_node.services(role))}" for role in ("prefill", "decode")]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(tmp_path / "router.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, "--host", "127.0.0.1", "--port", str(port),
+                                 "--metrics-port", str(free_port()), "--model", model_dir, *workers],
+                                cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while health_status(f"127.0.0.1:{port}") != 1:  # SERVING: it has found its workers
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
+            time.sleep(0.2)
+        results = run_workload(f"127.0.0.1:{port}", workload)
+        check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert "torch" not in f.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "router.log").read_text()
+    two_node.wait_idle()
 
 
 def test_cancel_mid_stream_frees_decode_blocks_within_a_second(two_node):

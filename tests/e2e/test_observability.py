@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.engine.testmodels import _CORPUS_WORDS, get_model
+from services.tiny_models import CORPUS_WORDS, get_model
 from services.launcher import free_port, prometheus_config
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def loaded(cluster):
     async def one(i: int):
         sampling = common_pb2.SamplingParams(max_tokens=rng.choice([1, 8, 20]), temperature=0.7, seed=i)
         request = router_pb2.GenerateRequest(
-            prompt=" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 40))), sampling=sampling)
+            prompt=" ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(3, 40))), sampling=sampling)
         if i % 2:
             request.slo.ttft_seconds = 1e-6
         async with grpc.aio.insecure_channel(cluster.router) as channel:

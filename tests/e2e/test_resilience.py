@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.engine.testmodels import get_model
+from services.tiny_models import get_model
 
 pytestmark = pytest.mark.slow
 

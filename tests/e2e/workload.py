@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.engine import ModelConfig
-from services.engine.testmodels import _CORPUS_WORDS, get_model
+from services.engine.config import ModelConfig
+from services.tiny_models import CORPUS_WORDS, get_model
 
 NUM_REQUESTS = 32
 BLOCK_SIZE = 16
@@ -34,7 +34,7 @@ def workload(model_dir):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     items = []
     for i in range(NUM_REQUESTS):
-        prompt = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
+        prompt = " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
         max_tokens = rng.choice([1, 2, 5, 17, 33, 48])
         ids = tokenizer.encode(prompt)
         out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens,

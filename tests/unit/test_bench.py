@@ -8,7 +8,7 @@ import pytest
 
 from bench.loadgen import RequestResult, attainment, percentile, summarize
 from bench.serving import goodput, steady_state_limit
-from services.common.trace import make_trace, read_trace, rescale_rate, write_trace
+from services.planner.workload import make_trace, read_trace, rescale_rate, write_trace
 
 
 def _result(ttft: float, tpot: float, tokens: int = 10, error: str = "") -> RequestResult:

@@ -1,6 +1,7 @@
-"""pdserve's CPU decode kernels (services/engine/cpu_kernels.c) against the torch ops they replace,
-and an engine running them against one running the torch path, K/V pool included.
-(The whole-model check against transformers is test_engine_exact.py, which runs both paths.)"""
+"""pdserve's CPU decode kernels (services/engine/kernels/cpu_kernels.c) against the torch ops they
+replace, their interface (the header-built ctypes structures and the argument checks), and an
+engine on the cpu-kernels backend against one on the torch backend, K/V pool included.
+(The whole-model check against transformers is test_engine_exact.py, which runs both backends.)"""
 
 import random
 import shutil
@@ -9,19 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.engine import Engine, EngineConfig, SamplingParams, Sequence, cpu_kernels
-from services.engine.model import apply_rope
-from services.engine.testmodels import get_model
+from services.engine.backends import choose_backend
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.kernels import cpu
+from services.engine.layers.rotary import apply_rope
+from services.engine.sequence import Sequence
+from services.tiny_models import get_model
 
-KERNELS = cpu_kernels.load()
+KERNELS = cpu.load()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels cannot be built here")
 
 
 def test_kernels_build_wherever_they_can():
     """On an AVX-512 machine with a C compiler (CI's), the kernels must build and load: a build
     error would otherwise only show as a slower engine."""
-    if cpu_kernels._unavailable_reason() is not None or cpu_kernels._compiler() is None:
-        pytest.skip(f"not buildable here: {cpu_kernels._unavailable_reason() or 'no C compiler'}")
+    if cpu.unavailable_reason() is not None or cpu.compiler() is None:
+        pytest.skip(f"not buildable here: {cpu.unavailable_reason() or 'no C compiler'}")
     assert KERNELS is not None
     assert KERNELS.path.exists() and KERNELS.path.parent.name == "kernels"
 
@@ -97,7 +102,7 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, batch):
     cos, sin = torch.randn(len(lens), head_dim, generator=g), torch.randn(len(lens), head_dim, generator=g)
     expected, expected_pool, q = _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, head_dim)
 
-    out = KERNELS.paged_decode_attention(qkv, cos, sin, pool[:, layer, 0], pool[:, layer, 1],
+    out = KERNELS.decode_attention(qkv, cos, sin, pool[:, layer, 0], pool[:, layer, 1],
                                          torch.tensor(tables, dtype=torch.int32), lens, heads, kv_heads, head_dim,
                                          head_dim**-0.5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -111,8 +116,7 @@ def test_engine_with_kernels_equals_torch_path_including_the_kv_pool():
     if KERNELS is None:
         pytest.skip("the CPU kernels cannot be built here")
     engines = [Engine(get_model("qwen3"), EngineConfig(dtype="float32", block_size=8, kv_cache_bytes=16 << 20,
-                                                       cpu_kernels=use)) for use in (True, False)]
-    assert engines[0].model.kernel_attention and not engines[1].model.kernel_attention
+                                                       backend=backend)) for backend in ("cpu-kernels", "torch")]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 40, 1, 23, 60, 9)]
     running: list[list[Sequence]] = [[], []]
@@ -142,22 +146,26 @@ def test_engine_with_kernels_equals_torch_path_including_the_kv_pool():
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("PDSERVE_CPU_KERNELS", "0")
-    assert cpu_kernels._unavailable_reason() == "disabled by PDSERVE_CPU_KERNELS=0"
+    assert cpu.unavailable_reason() == "disabled by PDSERVE_CPU_KERNELS=0"
 
 
 def test_missing_compiler_is_reported_not_raised(monkeypatch, caplog):
-    """No compiler: load() says why and returns None; the engine then runs the torch path."""
-    if cpu_kernels._unavailable_reason() is not None:
-        pytest.skip(cpu_kernels._unavailable_reason())
+    """No compiler: load() says why and returns None; "auto" then chooses the torch backend, and
+    asking for the kernels by name is an error that says why."""
+    if cpu.unavailable_reason() is not None:
+        pytest.skip(cpu.unavailable_reason())
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    cpu_kernels.load.cache_clear()
+    cpu.load.cache_clear()
     try:
         assert shutil.which("/nonexistent/cc") is None
-        assert cpu_kernels.load() is None
+        assert cpu.load() is None
         assert "no C compiler" in caplog.text
+        assert choose_backend(EngineConfig(), head_dim=64) == "torch"
+        with pytest.raises(ValueError, match="'cpu-kernels' cannot run here"):
+            choose_backend(EngineConfig(backend="cpu-kernels"), head_dim=64)
     finally:
         monkeypatch.undo()
-        cpu_kernels.load.cache_clear()
+        cpu.load.cache_clear()
 
 
 @needs_kernels
@@ -183,7 +191,7 @@ def test_nan_propagates_like_torch():
     pool[1, 0, 0, 2, 0, 5] = float("nan")  # one key position
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim)
     cos, sin = torch.ones(1, head_dim), torch.zeros(1, head_dim)
-    out = KERNELS.paged_decode_attention(qkv, cos, sin, pool[:, 0, 0], pool[:, 0, 1], torch.tensor([[1]], dtype=torch.int32),
+    out = KERNELS.decode_attention(qkv, cos, sin, pool[:, 0, 0], pool[:, 0, 1], torch.tensor([[1]], dtype=torch.int32),
                                          torch.tensor([5], dtype=torch.int32), heads, kv_heads, head_dim, 0.25)
     assert torch.isnan(out).all()
 
@@ -191,6 +199,45 @@ def test_nan_propagates_like_torch():
 def test_compiler_from_cc_with_arguments(monkeypatch):
     """CC="ccache gcc" or "gcc -O2" names a compiler plus arguments, as in make."""
     monkeypatch.setenv("CC", "sh -e")
-    assert cpu_kernels._compiler() == [shutil.which("sh"), "-e"]
+    assert cpu.compiler() == [shutil.which("sh"), "-e"]
     monkeypatch.setenv("CC", "/nonexistent/cc -O2")
-    assert cpu_kernels._compiler() is None
+    assert cpu.compiler() is None
+
+
+def test_the_argument_structs_come_from_the_header():
+    """cpu.py builds its ctypes structures from cpu_kernels.h; the loaded library confirms their
+    sizes (CpuKernels raises on a mismatch). A type the reader cannot map is refused by name."""
+    structs, constants = cpu.read_header(cpu.HEADER.read_text())
+    assert set(structs) == {"pd_linear_args", "pd_add_rms_norm_args", "pd_silu_mul_args", "pd_decode_attention_args"}
+    fields = [name for name, _ in structs["pd_decode_attention_args"]._fields_]
+    assert fields[:3] == ["qkv", "qkv_stride", "cos"] and len(fields) == 19
+    assert constants["PD_ATTENTION_CHUNK"] == cpu.ATTENTION_CHUNK == 256
+    with pytest.raises(ValueError, match=r"pd_x_args.n has type 'double'"):
+        cpu.read_header("struct pd_x_args {\n    double n;\n};")
+
+
+@needs_kernels
+def test_wrong_arguments_raise_before_the_call():
+    """The wrappers check dtype, shape and layout: a mismatch is a ValueError, not a wild read."""
+    weight = torch.randn(32, 64)
+    packed = KERNELS.pack_linear(weight)
+    with pytest.raises(ValueError, match="x must be float32"):
+        KERNELS.linear(torch.randn(4, 64, dtype=torch.float64), packed, 32, None)
+    with pytest.raises(ValueError, match="packed weight .* does not fit"):
+        KERNELS.linear(torch.randn(4, 48), packed, 32, None)
+    with pytest.raises(ValueError, match="bias must be float32"):
+        KERNELS.linear(torch.randn(4, 64), packed, 32, torch.randn(31))
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        KERNELS.add_rms_norm(torch.randn(3, 64), torch.randn(3, 32), torch.ones(64), 1e-6)
+    pool = torch.randn(4, 1, 2, 16, 2, 32)
+    qkv = torch.randn(2, (4 + 2 * 2) * 32)
+    args = dict(cos=torch.ones(2, 32), sin=torch.zeros(2, 32), k_cache=pool[:, 0, 0], v_cache=pool[:, 0, 1],
+                block_tables=torch.zeros(2, 1, dtype=torch.int32), context_lens=torch.ones(2, dtype=torch.int32),
+                num_heads=4, num_kv_heads=2, head_dim=32, scale=0.1)
+    KERNELS.decode_attention(qkv, **args)  # well-formed
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        KERNELS.decode_attention(qkv, **{**args, "block_tables": torch.zeros(2, 1, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="qkv must be float32"):
+        KERNELS.decode_attention(qkv[:, :-32], **args)
+    with pytest.raises(ValueError, match="k_cache/v_cache"):
+        KERNELS.decode_attention(qkv, **{**args, "k_cache": pool[:, 0, 0, :, :1]})

@@ -1,20 +1,23 @@
-"""The torch CPU decode path's dense K/V mirror (services/engine/cpu_kv_mirror.py) against the plain
-gather path, on batches whose contexts differ widely and change as sequences join and leave."""
+"""The torch backend's dense K/V mirror for CPU decode (services/engine/backends/kv_mirror.py)
+against its plain gather path, on batches whose contexts differ widely and change as sequences
+join and leave."""
 
 import random
 
 import torch
 
-from services.engine import Engine, EngineConfig, SamplingParams, Sequence
-from services.engine.cpu_kv_mirror import GROUP_SPLIT_ROWS, attention_groups
-from services.engine.testmodels import get_model
+from services.engine.backends.kv_mirror import GROUP_SPLIT_ROWS, attention_groups
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.sequence import Sequence
+from services.tiny_models import get_model
 
 
 def _engine(mirror_bytes: int) -> Engine:
-    # the mirror serves the torch path (the CPU kernels read the pool in place)
+    # the mirror serves the torch backend (the CPU kernels read the pool in place)
     return Engine(get_model("llama"), EngineConfig(dtype="float32", device="cpu", block_size=16,
                                                    kv_cache_bytes=64 << 20, cpu_decode_kv_mirror_bytes=mirror_bytes,
-                                                   cpu_kernels=False))
+                                                   backend="torch"))
 
 
 def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
@@ -22,7 +25,7 @@ def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
     logits through the mirror (sorted slots, grouped attention) equal the gather path's."""
     rng = random.Random(0)
     with_mirror, without = _engine(256 << 20), _engine(0)
-    assert with_mirror.runner.kv_mirror is not None and without.runner.kv_mirror is None
+    assert with_mirror.backend.mirror is not None and without.backend.mirror is None
     lengths = [700, 3, 40, 520, 9, 260, 130, 2, 600, 75, 310, 18]
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in lengths]
     free_at_start = with_mirror.block_manager.num_free
@@ -47,11 +50,11 @@ def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
         out_b = without.decode_step([b for _, b in batch])
         torch.testing.assert_close(logits_a, without.last_logits, atol=1e-4, rtol=0)
         assert [o.token_id for o in out_a] == [o.token_id for o in out_b]
-        mirror = with_mirror.runner.kv_mirror
+        mirror = with_mirror.backend.mirror
         mirrored = [len(pairs[sid][0].token_ids) for sid in mirror.seq_ids]
         assert mirrored == sorted(mirrored, reverse=True), "slots are kept longest first"
         split_steps += len(mirror.groups) > 1
-        if step % 4 == 3 and len(pairs) > 1:  # one leaves: its blocks freed, the mirror told
+        if step % 4 == 3 and len(pairs) > 1:  # one leaves: its blocks freed, the mirror told at the next step
             sid = rng.choice(sorted(pairs))
             a, b = pairs.pop(sid)
             with_mirror.free(a)

@@ -1,6 +1,6 @@
 """The engine against Hugging Face transformers, the correctness reference.
 
-For every supported architecture (and on CPU, through both the CPU kernels and the torch path): 8 prompts prefilled as one packed batch, decoded as one
+For every supported architecture (and on CPU, through both the CPU kernels and the torch backend): 8 prompts prefilled as one packed batch, decoded as one
 continuous batch whose members leave at different steps while 2 more join mid-way, must give the
 same greedy tokens as `generate(do_sample=False)` per prompt, with logits within 1e-4 at every step.
 """
@@ -11,8 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.engine import Engine, EngineConfig, SamplingParams, Sequence, cpu_kernels
-from services.engine.testmodels import ARCHITECTURE_SPECS, get_model
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.kernels import cpu
+from services.engine.sequence import Sequence
+from services.tiny_models import ARCHITECTURE_SPECS, get_model
 
 PROMPT_LENS = [3, 9, 17, 30, 1, 45, 64, 100]
 MAX_TOKENS = [64, 10, 33, 64, 5, 48, 20, 64]
@@ -36,21 +39,21 @@ def _reference(hf, prompt, max_tokens):
     return out.sequences[0, len(prompt):].tolist(), [lg[0].cpu() for lg in out.logits]
 
 
-# On CPU both decode paths: pdserve's AVX-512 kernels (cpu_kernels.py, the default where they build)
-# and the torch reference path.
-PATHS = ["cpu-kernels", "torch"] if DEVICE == "cpu" else ["device"]
+# On CPU both backends: pdserve's AVX-512 kernels (the default where they build) and the torch
+# reference; on CUDA, Triton with CUDA graphs.
+BACKENDS = ["cpu-kernels", "torch"] if DEVICE == "cpu" else ["triton"]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHITECTURE_SPECS)
-def test_continuous_batch_matches_transformers(arch, path):
-    if path == "cpu-kernels" and cpu_kernels.load() is None:
+def test_continuous_batch_matches_transformers(arch, backend):
+    if backend == "cpu-kernels" and cpu.load() is None:
         pytest.skip("the CPU kernels cannot be built here (test_cpu_kernels.py says why)")
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
     engine = Engine(model_dir, EngineConfig(dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20,
-                                            cpu_kernels=path == "cpu-kernels"))
-    assert engine.model.kernel_attention == (path == "cpu-kernels")
+                                            backend=backend))
+    assert engine.backend.name == backend
 
     first = _prompts(PROMPT_LENS, seed=1)
     joiners = _prompts(JOIN_LENS, seed=2)

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from services.engine import (
-    BlockManager, Engine, EngineConfig, KvLayout, KvPool, ModelConfig, OutOfBlocksError, SamplingParams, Sequence,
-    UnsupportedModelError,
-)
-from services.engine.testmodels import get_model
+from services.engine.block_manager import BlockManager, OutOfBlocksError
+from services.engine.config import EngineConfig, ModelConfig, SamplingParams, UnsupportedModelError
+from services.engine.engine import Engine
+from services.engine.kv_cache import KvLayout, KvPool
+from services.engine.sequence import Sequence
+from services.tiny_models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,16 +91,6 @@ def test_half_precision_runs_close_to_float32(dtype):
     assert error < 0.05 * ref.last_logits.abs().max()
 
 
-def test_prompt_validation():
-    eng = Engine(get_model("llama"), EngineConfig(kv_cache_bytes=2 << 20))
-    with pytest.raises(ValueError, match="at least one token"):
-        eng.validate_prompt([])
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        eng.validate_prompt([1, 5000])
-    with pytest.raises(ValueError, match="max_model_len"):
-        eng.validate_prompt([1] * eng.max_model_len)
-
-
 def test_block_manager_reference_counts():
     bm = BlockManager(num_blocks=4, block_size=16)
     a = bm.allocate(3)
@@ -113,6 +104,26 @@ def test_block_manager_reference_counts():
         bm.free(a[:1])
     with pytest.raises(OutOfBlocksError):
         bm.allocate(5)
+
+
+def test_block_manager_sequences_and_the_log_of_discarded_kv():
+    """Per-sequence accounting allocates only what a sequence lacks, and every sequence whose
+    blocks are taken (freed, or detached for a quarantine) is logged once for the runner's caches."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = Sequence.from_prompt("s", [1] * 9, SamplingParams())
+    bm.allocate_seq(seq, num_tokens=4)
+    assert len(seq.block_table) == 1 and bm.blocks_needed_for_step(seq) == 1
+    bm.allocate_seq(seq)
+    assert len(seq.block_table) == 3 and bm.num_free == 5 and bm.blocks_needed_for_step(seq) == 0
+    assert bm.take_discarded() == []
+    held = bm.detach(seq)
+    assert seq.block_table == [] and bm.num_free == 5 and bm.take_discarded() == ["s"]
+    bm.free(held)
+    other = Sequence.from_prompt("t", [1] * 3, SamplingParams())
+    bm.allocate_seq(other)
+    bm.free_seq(other)
+    bm.free_seq(other)  # nothing left to free: not logged twice
+    assert bm.num_free == 8 and bm.take_discarded() == ["t"] and bm.take_discarded() == []
 
 
 def test_engine_out_of_blocks_leaves_accounting_intact():
@@ -133,7 +144,7 @@ def test_pool_is_shared_memory_another_process_can_map(tmp_path):
     pool.tensor[3].normal_()
     assert pool.block_bytes_view().shape == (8, layout.block_bytes)
     code = (
-        "import json,sys,torch; from services.engine import KvLayout, KvPool;"
+        "import json,sys,torch; from services.engine.kv_cache import KvLayout, KvPool;"
         "layout=KvLayout(**json.loads(sys.argv[1])); p=KvPool.attach(layout, json.loads(sys.argv[2]));"
         "print(float(p.tensor[3].float().sum())); p.tensor[5].fill_(2.0)"
     )
@@ -155,7 +166,7 @@ def test_cuda_pool_is_mappable_by_another_process_through_ipc():
     pool.tensor[3].normal_()
     assert pool.descriptor["kind"] == "cuda_ipc"
     code = (
-        "import json,sys,torch; from services.engine import KvLayout, KvPool;"
+        "import json,sys,torch; from services.engine.kv_cache import KvLayout, KvPool;"
         "layout=KvLayout(**json.loads(sys.argv[1])); p=KvPool.attach(layout, json.loads(sys.argv[2]));"
         "print(float(p.tensor[3].float().sum())); p.tensor[5].fill_(2.0); torch.cuda.synchronize()"
     )

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from services.engine import Engine, EngineConfig, SamplingParams, Sequence
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.sequence import Sequence
 from services.engine.sampler import greedy_tokens, sample, uniform_noise
-from services.engine.testmodels import get_model
+from services.tiny_models import get_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import threading
 
 from services.kvstore.block_runs import CopyStopped, contiguous_runs, copy_blocks
 from services.kvstore.daemon import copy_until_cancelled
-from services.kvstore.entries import EntryTable, KvError
+from services.common.errors import ServiceError
+from services.kvstore.entries import EntryTable
 from services.kvstore.host_tier import HostTier
 from services.kvstore.ucx_transfer import check_runs, split_host_port
 
@@ -91,7 +92,7 @@ def test_check_runs_rejects_a_source_that_does_not_tile_the_destination():
 def test_split_host_port():
     assert split_host_port("10.0.0.1:7000") == ("10.0.0.1", 7000)
     assert split_host_port("[::1]:7000") == ("::1", 7000)
-    with pytest.raises(KvError) as e:
+    with pytest.raises(ServiceError) as e:
         split_host_port("nonsense")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "transfer_address" in e.value.message
 
@@ -154,7 +155,7 @@ def table_and_pool():
 ])
 def test_publish_validates_and_names_the_field(table_and_pool, kv_id, blocks, tokens, field):
     table, record = table_and_pool
-    with pytest.raises(KvError) as e:
+    with pytest.raises(ServiceError) as e:
         table.publish(record.pool_id, kv_id, blocks, tokens)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.message.startswith(field + ":")
@@ -163,10 +164,10 @@ def test_publish_validates_and_names_the_field(table_and_pool, kv_id, blocks, to
 def test_publish_rejects_blocks_of_another_entry_and_duplicate_ids(table_and_pool):
     table, record = table_and_pool
     table.publish(record.pool_id, "a", [1, 2], 8)
-    with pytest.raises(KvError) as e:
+    with pytest.raises(ServiceError) as e:
         table.publish(record.pool_id, "b", [2, 3], 8)
     assert "already belongs to entry 'a'" in e.value.message
-    with pytest.raises(KvError) as e:
+    with pytest.raises(ServiceError) as e:
         table.publish(record.pool_id, "a", [5], 1)
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
 
@@ -196,7 +197,7 @@ def test_second_pull_of_an_entry_finds_it_gone(table_and_pool):
         second = asyncio.create_task(table.begin_transfer("a", entry.fingerprint, 1))
         await asyncio.sleep(0)
         table.end_transfer(first, succeeded=True)
-        with pytest.raises(KvError) as e:
+        with pytest.raises(ServiceError) as e:
             await second
         assert e.value.code == grpc.StatusCode.NOT_FOUND
         assert record.events.get_nowait().reason == "pulled"
@@ -210,10 +211,10 @@ def test_transfer_checks_fingerprint_and_block_count(table_and_pool):
 
     async def scenario():
         entry = table.publish(record.pool_id, "a", [1, 2], 8)
-        with pytest.raises(KvError) as e:
+        with pytest.raises(ServiceError) as e:
             await table.begin_transfer("a", "other-model:1x2:float32", 2)
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        with pytest.raises(KvError) as e:
+        with pytest.raises(ServiceError) as e:
             await table.begin_transfer("a", entry.fingerprint, 3)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith("block_ids:")
         assert not entry.lock.locked()

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from services.common.trace import make_trace, write_trace
+from services.planner.workload import make_trace, write_trace
 from services.planner.cli import add_subparsers, main
 from services.planner.latency_model import LatencyProfile
 
@@ -75,7 +75,7 @@ def test_profile_refits_decode_on_a_worker_step_log(tmp_path):
     """`plan profile --step-log`: the engine is measured, then decode is refitted on the log's
     steps (here a decode worker whose steps cost 4 ms + 0.5 us per context token + 0.3 ms per
     sequence), while prefill, absent from the log, keeps the engine's fit."""
-    from services.common.step_log import StepLog
+    from services.runtime.step_log import StepLog
 
     log_path = tmp_path / "decode-steps.jsonl"
     log = StepLog(str(log_path))

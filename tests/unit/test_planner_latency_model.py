@@ -146,10 +146,10 @@ def test_memory_capacity():
 
 
 def test_step_log_refit_recovers_the_decode_model_clients_see(tmp_path):
-    """A worker's step log (services/common/step_log.py) as a decode worker writes it: steps of a
+    """A worker's step log (services/runtime/step_log.py) as a decode worker writes it: steps of a
     running batch, each followed by the worker's own work before the next (here 0.4 ms per
     sequence of streaming), sequences joining and leaving, and idle gaps when the batch empties. The refit recovers the cost a client sees: engine step plus streaming, per step."""
-    from services.common.step_log import StepLog
+    from services.runtime.step_log import StepLog
     from services.planner.profile import refit_from_step_logs, step_log_samples
 
     streaming_per_seq = 4e-4

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
 from services.common.flags import FlagParser
-from services.engine.testmodels import get_model
+from services.tiny_models import get_model
 from services.router.detokenizer import IncrementalDetokenizer
 from services.router.slo import RequestTimer, SloTracker
 
@@ -55,7 +55,8 @@ def test_flags_fall_back_to_environment(monkeypatch):
 
 
 def test_slo_accounting_per_request_targets():
-    slo = SloTracker(CollectorRegistry(), ttft_slo=0.25, tpot_slo=0.1, window_seconds=60)
+    registry = CollectorRegistry()
+    slo = SloTracker(registry, ttft_slo=0.25, tpot_slo=0.1, window_seconds=60)
     fast, slow_tpot = RequestTimer(arrived=0.0), RequestTimer(arrived=0.0)
     for i, t in enumerate([0.1, 0.15, 0.2]):
         fast.tokens(1, now=t)
@@ -67,7 +68,8 @@ def test_slo_accounting_per_request_targets():
     assert slo.finish(slow_tpot, "stop", 10, 0.25, 0.5) == (True, True)  # a looser per-request SLO
     assert slo.window_attainment() == pytest.approx(2 / 3)
     slo.finish(RequestTimer(arrived=0.0), "cancelled", 10, 0.25, 0.1)  # not judged
-    assert slo.slo_requests._value.get() == 3 and slo.slo_met._value.get() == 2
+    assert registry.get_sample_value("pdserve_slo_requests_total") == 3
+    assert registry.get_sample_value("pdserve_slo_met_total") == 2
 
 
 def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
@@ -78,6 +80,7 @@ def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
     import grpc
 
     from pdserve.v1 import router_pb2, router_pb2_grpc
+    from services.common.server import ServiceInterceptor
     from services.launcher import free_port
     from services.router.server import RouterService
 
@@ -92,7 +95,7 @@ def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
 
     async def run():
         service = RouterService(BrokenRegistry(), tokenizer, model_id="m", max_model_len=256, vocab_size=1024, slo=slo)
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[ServiceInterceptor(CollectorRegistry())])  # as every pdserve server
         router_pb2_grpc.add_RouterServicer_to_server(service, server)
         port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
         await server.start()
@@ -110,4 +113,4 @@ def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
             await service.kvstore.close()
 
     asyncio.run(run())
-    assert slo.requests.labels("error")._value.get() == 2
+    assert registry.get_sample_value("pdserve_requests_total", {"finish_reason": "error"}) == 2

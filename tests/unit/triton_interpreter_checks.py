@@ -5,14 +5,18 @@ import json
 
 import torch
 
-from services.engine import triton_fused as tf
-from services.engine.attention import slot_indices, write_kv
-from services.engine.model import RMSNorm, apply_rope
+from services.engine.backends.reference import decode_attention, write_kv
+from services.engine.kernels import triton_fused as tf
+from services.engine.kernels.triton_attention import paged_decode_attention
+from services.engine.layers.norm import RMSNorm
+from services.engine.layers.rotary import apply_rope
+
+
+def slot_indices(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return slots // block_size, slots % block_size
+
 
 def check_paged_attention():
-    from services.engine.attention import decode_attention_torch
-    from services.engine.triton_attention import paged_decode_attention
-
     worst = 0.0
     for heads, kv_heads, dim, bs in [(4, 2, 16, 16), (8, 1, 32, 16), (32, 8, 128, 16), (6, 2, 80, 8)]:
         pool = torch.randn(40, 2, 2, bs, kv_heads, dim)
@@ -25,7 +29,7 @@ def check_paged_attention():
             used += n
         q = torch.randn(5, heads, dim)
         out = paged_decode_attention(q, k, v, tables, ctx, dim ** -0.5)
-        ref = decode_attention_torch(q, k, v, tables, ctx, int(ctx.max()), dim ** -0.5)
+        ref = decode_attention(q, k, v, tables, ctx, int(ctx.max()), dim ** -0.5)
         worst = max(worst, (out - ref).abs().max().item())
     return {"paged_attention float32": (worst, 1.0)}
 
@@ -39,7 +43,7 @@ def check_fused():
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[-1]
-        norm = RMSNorm(96, 1e-6).to(dtype)
+        norm = RMSNorm(96, 1e-6, backend=None).to(dtype)
         norm.weight.data = torch.randn(96).to(dtype)
         x, r = torch.randn(5, 96).to(dtype), torch.randn(5, 96).to(dtype)
         ref_residual = x + r

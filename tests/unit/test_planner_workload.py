@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from services.common.trace import (WORKLOADS, TraceRequest, gamma_arrivals, make_trace, poisson_arrivals, read_trace,
+from services.planner.workload import (WORKLOADS, TraceRequest, gamma_arrivals, make_trace, poisson_arrivals, read_trace,
                                    rescale_rate, write_trace)
 
 

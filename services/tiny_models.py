@@ -1,10 +1,12 @@
-"""Tiny random-weight checkpoints of each supported architecture, and a small BPE tokenizer.
+"""Tiny random-weight checkpoints of each supported architecture, and a small BPE tokenizer: the
+embedded model that `pdserve up` and `make demo` serve when given no --model, and what tests and
+benchmarks load.
 
 Built with transformers' own config and model classes and `save_pretrained` (fixed seed), so the
-folders are ordinary Hugging Face checkpoints. Used by tests, benchmarks and the offline demo;
-cached on disk under $PDSERVE_CACHE (default ~/.cache/pdserve) keyed by the spec's content.
+folders are ordinary Hugging Face checkpoints; cached under $PDSERVE_CACHE/models (paths.py),
+keyed by the spec's content. Building one needs torch; finding a built one does not.
 
-    python -m services.engine.testmodels llama   # prints the folder
+    python -m services.tiny_models llama   # prints the folder
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+from services.common.paths import cache_dir
 
 TOKENIZER_VOCAB = 1024
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
@@ -57,6 +61,7 @@ SPECS: dict[str, tuple[str, dict]] = {
 }
 ARCHITECTURE_SPECS = ("llama", "mistral", "qwen2", "qwen3")
 IN_MEMORY_ONLY = ("llama-3-8b",)
+DEFAULT_MODEL = "llama"  # what the services serve without --model
 
 
 def hf_config(name: str):
@@ -66,7 +71,7 @@ def hf_config(name: str):
     cls_name, overrides = SPECS[name]
     return getattr(transformers, cls_name)(**dict({"vocab_size": TOKENIZER_VOCAB}, **overrides))
 
-_CORPUS_WORDS = (
+CORPUS_WORDS = (
     "the a an prefill decode token cache block transfer worker router request latency throughput "
     "serving model layer attention key value query batch queue memory node network stream first "
     "time output per second goodput rate service daemon pool copy pull push publish release health "
@@ -80,17 +85,13 @@ _CORPUS_WORDS = (
 ).split()
 
 
-def cache_dir() -> str:
-    return os.environ.get("PDSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pdserve"))
-
-
 def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     import random
 
     rng = random.Random(seed)
     out = []
     for _ in range(lines):
-        words = [rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(4, 16))]
+        words = [rng.choice(CORPUS_WORDS) for _ in range(rng.randint(4, 16))]
         line = " ".join(words)
         out.append(line.capitalize() + rng.choice([".", "?", "!", ",", ":"]) + f" {rng.randint(0, 999)}")
     return out
@@ -158,6 +159,11 @@ def get_model(name: str = "llama", root: str | None = None, max_shard_size: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def model_dir_or_default(model: str) -> str:
+    """`model` (a checkpoint folder), or the embedded tiny model's folder when it is empty."""
+    return model or get_model(DEFAULT_MODEL)
 
 
 if __name__ == "__main__":

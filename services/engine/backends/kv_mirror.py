@@ -1,33 +1,35 @@
-"""CPU decode on the torch path: a dense copy of the running batch's K/V, appended to one token per
-step. (The CPU kernels, cpu_kernels.py, read the paged pool in place and need no mirror.)
+"""The torch backend's CPU decode: a dense copy of the running batch's K/V, appended to one token
+per step. (The cpu-kernels backend reads the paged pool in place and needs no mirror.)
 
-On CPU there is no paged-attention kernel, so attention must first gather each sequence's blocks
-into a dense tensor, every layer, every step: a full copy of the batch's KV per step (~20% of a
-decode step for a 50M model at batch 16). The mirror keeps that dense tensor between steps:
-a sequence is gathered once when it joins the batch, then each step appends only the new token.
-The paged pool stays the source of truth (transfers and preemption read it); the mirror is a cache
-of it for attention and is dropped whenever it could be stale.
+The torch backend has no paged-attention kernel, so attention must first gather each sequence's
+blocks into a dense tensor, every layer, every step: a full copy of the batch's K/V per step, a
+large share of a small model's decode step. The mirror keeps that dense tensor between steps: a
+sequence is gathered once when it joins the batch, then each step appends only the new token. The
+paged pool stays the source of truth (transfers and preemption read it); the mirror is a cache of
+it for attention, and a sequence is dropped from it when it leaves the batch or its blocks are
+given up (BlockManager.take_discarded, read by the runner before each step).
 
 Layout per layer: [2 (K, V), kv_heads, slots, capacity, head_dim]. Running sequences occupy slots
 0..B-1 in batch order (the runner orders each step's batch by slot), so attention reads a plain view.
 
 Dense attention pays for every row up to the batch's longest context, so one long conversation in
-a batch of short ones would multiply attention's cost (measured on the chat workload: the mean
-longest context was 2.1x the mean context). So the slots are kept longest first, and attention runs
-over groups of neighbouring slots, each only as wide as its own longest (`attention_groups`): the
-cost follows the sum of the contexts, as the planner's latency model assumes (a step of 38 chat
-sequences with contexts up to 1,200 costs ~15% more than 38 of equal length and the same total,
-instead of 2x). The order holds by itself, since every running sequence grows by one token per
-step; a sequence that joins is put in its place and the ones after it move down one slot (a copy
-of their K/V, once per join or leave, not per step).
+a batch of short ones would multiply attention's cost. So the slots are kept longest first, and
+attention runs over groups of neighbouring slots, each only as wide as its own longest
+(`attention_groups`): the cost follows the sum of the contexts, as the planner's latency model
+assumes. The order holds by itself, since every running sequence grows by one token per step; a
+sequence that joins is put in its place and the ones after it move down one slot (a copy of their
+K/V, once per join or leave, not per step).
 
-Each step's new K/V also go to the pool, but all layers at once after the forward pass (one
-scatter instead of two per layer: on CPU each scatter costs ~40 us whatever its size).
+Each step's new K/V also go to the pool, but all layers at once after the forward pass: one scatter
+instead of two per layer, each costing about the same whatever its size.
+
+The measurements behind these choices are in docs/engine.md.
 """
 
 from __future__ import annotations
 
 import torch
+from services.common.arith import ceil_div
 
 
 class DecodeKvMirror:
@@ -137,7 +139,7 @@ class DecodeKvMirror:
         block_size = k_cache.shape[1]
         for slot, (have, ctx) in enumerate(zip(self.lengths, context_lens)):
             if have < ctx - 1:  # copy positions [have, ctx-1) from its blocks
-                nb = -(-(ctx - 1) // block_size)
+                nb = ceil_div(ctx - 1, block_size)
                 blocks = block_tables[slot, :nb].long()
                 for i, pool in enumerate((k_cache, v_cache)):
                     gathered = pool[blocks].reshape(nb * block_size, self.kv_heads, self.head_dim)
@@ -177,7 +179,7 @@ class DecodeKvMirror:
         self.lengths[: len(context_lens)] = list(context_lens)
 
 
-# A group costs one more attention call per layer (~10 us on CPU), about what ~128 rows of padding
+# A group costs one more attention call per layer, about what GROUP_SPLIT_ROWS rows of padding
 # cost, so a batch is split only where that saves more padded rows than this.
 GROUP_SPLIT_ROWS = 128
 GROUP_LENGTH_RATIO = 1.5  # within a group the longest context is at most ~this times the shortest

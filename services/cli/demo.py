@@ -11,7 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .cli import at_least
+import grpc
+
+from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
+from services.launcher import Cluster, ClusterSpec
+from services.tiny_models import model_dir_or_default
+
+from .args import at_least
 
 PROMPTS = [
     "Once upon a time there lived a little fox who loved numbers",
@@ -31,8 +37,6 @@ def add_demo_arguments(ap) -> None:
 
 
 async def _stream(stub, prompt: str, max_tokens: int, show: bool):
-    from pdserve.v1 import common_pb2, router_pb2
-
     request = router_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
         max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=7))
     text, last = "", None
@@ -45,10 +49,6 @@ async def _stream(stub, prompt: str, max_tokens: int, show: bool):
 
 
 async def _run(router: str, max_tokens: int) -> None:
-    import grpc
-
-    from pdserve.v1 import router_pb2_grpc
-
     async with grpc.aio.insecure_channel(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         print("\n(the embedded model has random weights: its text is gibberish, the serving path is real)")
@@ -66,10 +66,6 @@ async def _run(router: str, max_tokens: int) -> None:
 
 
 def _kv_bytes(info: dict) -> str:
-    import grpc
-
-    from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
-
     parts = []
     for svc in info["services"]:
         if svc["role"] == "kvstore":
@@ -81,12 +77,9 @@ def _kv_bytes(info: dict) -> str:
 
 
 def demo(args) -> int:
-    from .engine.testmodels import get_model
-    from .launcher import Cluster, ClusterSpec
-
     started = time.monotonic()
     print("building the embedded tiny model (cached after the first run)...", flush=True)
-    model = args.model or get_model("llama")
+    model = model_dir_or_default(args.model)
     spec = ClusterSpec(model=model, mode=args.mode, nodes=args.nodes if args.mode == "disaggregated" else 1,
                        router_port=0, log_dir=args.log_dir)
     cluster = Cluster(spec)
@@ -107,10 +100,3 @@ def demo(args) -> int:
     print(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_demo_arguments(parser)
-    raise SystemExit(demo(parser.parse_args()))

@@ -1,11 +1,14 @@
-// pdserve's CPU decode kernels (float32, AVX-512). Built and loaded by cpu_kernels.py, which says
-// why they exist; the torch path in model.py/attention.py is the reference they are tested against.
+// pdserve's CPU decode kernels (float32, AVX-512); their interface is cpu_kernels.h. Built and
+// loaded by cpu.py; the torch backend (backends/reference.py) is the reference they are tested against.
 // Compiled with -ffp-contract=off, so the elementwise kernels round like torch (a multiply, then an
 // add), not like a fused multiply-add.
+#include "cpu_kernels.h"
+
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 // ---- linear: y[M, N] = x[M, K] @ W^T + bias, for decode-sized M ---------------------------------
 //
@@ -14,10 +17,10 @@
 // multiply-adds with x[r, k] broadcast from L1: the weights are read once whatever R is, which is
 // what makes decode memory bound. The software prefetch runs PREFETCH_BYTES ahead of the loads so
 // that the next cache lines arrive while this one's FMAs run (oneDNN's kernel for these shapes
-// leaves the two serialised: ~1.5x slower at 16 rows on Sapphire Rapids).
+// leaves the two serialised; docs/engine.md has the measurements).
 // The sum over k runs in blocks of K_BLOCK, each block's partial sums added to a running total: one
-// serial chain over all of K would lose ~10x more precision than oneDNN's at K = 14336 (Llama-3-8B's
-// down_proj), and float32 output is meant to stay within 1e-4 of transformers.
+// serial chain over all of K loses an order of magnitude of precision at Llama-3-8B's K = 14336
+// (docs/engine.md), and float32 output is meant to stay within 1e-4 of transformers.
 #define PREFETCH_BYTES 4096
 #define K_BLOCK 256
 
@@ -58,8 +61,11 @@ static void linear_rows(const float* x, int64_t ldx, const float* w, const float
     }
 }
 
-void pd_linear(const float* x, int64_t ldx, int M, int K, const float* packed, int N, const float* bias,
-               float* y, int threads) {
+void pd_linear(const struct pd_linear_args* a) {
+    const float *x = a->x, *packed = a->packed, *bias = a->bias;
+    float* y = a->y;
+    int64_t ldx = a->x_stride;
+    int M = a->rows, K = a->k, N = a->n, threads = a->threads;
     int tiles = (N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < tiles; t++) {
@@ -97,8 +103,11 @@ static inline __mmask16 tail_mask(int remaining) {
 
 // ---- residual add + RMSNorm, as transformers: out = weight * (r * rsqrt(mean(r^2) + eps)) --------
 // With `residual`, r = x + residual, written back to `residual`; without, r = x.
-void pd_add_rms_norm(const float* x, float* residual, const float* weight, float* out, int M, int H,
-                     float eps) {
+void pd_add_rms_norm(const struct pd_add_rms_norm_args* a) {
+    const float *x = a->x, *weight = a->weight;
+    float *residual = a->residual, *out = a->out;
+    int M = a->rows, H = a->hidden;
+    float eps = a->eps;
     for (int m = 0; m < M; m++) {
         const float* xr = x + (int64_t)m * H;
         float* rr = residual ? residual + (int64_t)m * H : 0;
@@ -123,7 +132,10 @@ void pd_add_rms_norm(const float* x, float* residual, const float* weight, float
 }
 
 // ---- SiLU(gate) * up over [M, 2I] (gate | up) -> [M, I]; silu(g) = g / (1 + exp(-g)) as torch ---
-void pd_silu_mul(const float* gate_up, float* out, int M, int I) {
+void pd_silu_mul(const struct pd_silu_mul_args* a) {
+    const float* gate_up = a->gate_up;
+    float* out = a->out;
+    int M = a->rows, I = a->width;
     for (int m = 0; m < M; m++) {
         const float* g = gate_up + (int64_t)m * 2 * I;
         const float* u = g + I;
@@ -164,16 +176,18 @@ static inline float dot_ps(const float* a, const float* b, int D) {
 // blocks); position j of sequence b is row j % block_size of block block_tables[b][j / block_size].
 // Each sequence reads exactly its own context, K and V once, no copy, no padding, no mask.
 // A task is one sequence and a range of its KV heads, so that it reads each position's row for
-// those heads as one contiguous piece (a task per head would read 1/KVH of every row, strided: ~1.7x
-// slower measured); sequences are split into head ranges only when there are fewer of them than
-// twice the threads. D must be a multiple of 16 (the loader checks).
-#define CHUNK 256
-void pd_paged_decode_attention(float* qkv, int64_t qkv_stride, const float* cos, const float* sin,
-                               float* k_cache, float* v_cache, int64_t block_stride, int block_size,
-                               const int* block_tables, int64_t table_stride, const int* ctx,
-                               int B, int H, int KVH, int D, float scale, float* scores, float* out,
-                               int threads) {
-    // scores: [threads][H][CHUNK] scratch
+// those heads as one contiguous piece (a task per head would read 1/KVH of every row, strided:
+// slower, docs/engine.md); sequences are split into head ranges only when there are fewer of them than
+// twice the threads. D must be a multiple of 16 (cpu.py checks).
+#define CHUNK PD_ATTENTION_CHUNK
+void pd_decode_attention(const struct pd_decode_attention_args* a) {
+    float *qkv = a->qkv, *k_cache = a->k_cache, *v_cache = a->v_cache, *scores = a->scores, *out = a->out;
+    const float *cos = a->cos, *sin = a->sin;
+    const int32_t *block_tables = a->block_tables, *ctx = a->context_lens;
+    int64_t qkv_stride = a->qkv_stride, block_stride = a->block_stride, table_stride = a->table_stride;
+    int block_size = a->block_size, B = a->batch, H = a->heads, KVH = a->kv_heads, D = a->head_dim;
+    int threads = a->threads;
+    float scale = a->scale;
     int G = H / KVH;
     int64_t row_stride = (int64_t)KVH * D;
     int splits = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B;
@@ -183,7 +197,7 @@ void pd_paged_decode_attention(float* qkv, int64_t qkv_stride, const float* cos,
         int b = task / splits, part = task % splits, n = ctx[b];
         int g0 = (int)((int64_t)KVH * part / splits), g1 = (int)((int64_t)KVH * (part + 1) / splits);
         int h0 = g0 * G, heads = (g1 - g0) * G, width = (g1 - g0) * D;
-        const int* table = block_tables + b * table_stride;
+        const int32_t* table = block_tables + b * table_stride;
         float* row = qkv + b * qkv_stride;
         float* q = row + (int64_t)h0 * D;
         const float* c = cos + (int64_t)b * D;
@@ -253,4 +267,12 @@ void pd_paged_decode_attention(float* qkv, int64_t qkv_stride, const float* cos,
         }
 #undef AT
     }
+}
+
+int64_t pd_args_size(const char* name) {
+    if (!strcmp(name, "pd_linear_args")) return sizeof(struct pd_linear_args);
+    if (!strcmp(name, "pd_add_rms_norm_args")) return sizeof(struct pd_add_rms_norm_args);
+    if (!strcmp(name, "pd_silu_mul_args")) return sizeof(struct pd_silu_mul_args);
+    if (!strcmp(name, "pd_decode_attention_args")) return sizeof(struct pd_decode_attention_args);
+    return -1;
 }

@@ -1,8 +1,8 @@
 """Fused elementwise kernels for CUDA decode and prefill.
 
 A decode step of a large model at batch 1 is bound by reading the weights; what is left over is
-the fixed cost of every kernel launched. In plain torch one layer launches ~40 kernels (RMSNorm
-alone is seven), so 32 layers spend ~3 ms in kernels that each touch a few kilobytes. These three
+the fixed cost of every kernel launched. In plain torch one layer launches dozens of kernels
+(RMSNorm alone is seven) that each touch a few kilobytes (docs/engine.md counts them). These three
 kernels replace most of them:
 
 - add_rms_norm: residual += x; out = RMSNorm(residual)   (or plain RMSNorm)

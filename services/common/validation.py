@@ -1,0 +1,78 @@
+"""Request validation, for the router (the public API) and every worker (the internal one): one
+function per kind of field, one message per field. A bad value raises ServiceError
+INVALID_ARGUMENT whose message starts with the field's path ("sampling.top_p: ...").
+
+Workers check what they are sent even though the router checked it first: they are reachable by
+anything on the cluster network, and a bad token id must not reach an embedding lookup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.v1 import common_pb2
+
+from .errors import invalid
+
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_model_len: int
+
+
+def token_ids(field: str, ids: Sequence[int], limits: ModelLimits) -> list[int]:
+    """At least one token, every one inside the vocabulary."""
+    tokens = list(ids)
+    if not tokens:
+        raise invalid(field, "must contain at least one token")
+    bad = next((t for t in tokens if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise invalid(field, f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    return tokens
+
+
+def context(field: str, num_tokens: int, limits: ModelLimits) -> None:
+    """`num_tokens` leave room for at least one more under max_model_len."""
+    if num_tokens >= limits.max_model_len:
+        raise invalid(field, f"{num_tokens} tokens leave no room under max_model_len {limits.max_model_len}")
+
+
+def sampling(sp: common_pb2.SamplingParams, limits: ModelLimits) -> None:
+    if sp.HasField("temperature") and not 0 <= sp.temperature <= MAX_TEMPERATURE:  # NaN fails too
+        raise invalid("sampling.temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {sp.temperature}")
+    if not 0 <= sp.top_p <= 1:
+        raise invalid("sampling.top_p", f"must be in (0, 1] (0: unset, meaning 1), got {sp.top_p}")
+    if sp.top_k < 0:
+        raise invalid("sampling.top_k", f"must be >= 0, got {sp.top_k}")
+    bad = next((t for t in sp.stop_token_ids if t >= limits.vocab_size), None)
+    if bad is not None:
+        raise invalid("sampling.stop_token_ids", f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+
+
+def positive_seconds(field: str, value: float | None) -> None:
+    """An optional duration: unset, or > 0 (and finite)."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise invalid(field, f"must be > 0, got {value}")
+
+
+def generation(limits: ModelLimits, prompt_field: str, prompt_ids: Sequence[int], output_field: str,
+               output_ids: Sequence[int], sp: common_pb2.SamplingParams, *, max_tokens: int,
+               need_output: bool = False) -> tuple[list[int], list[int]]:
+    """A prompt, the tokens generated for it so far (a resumed or already-started request), and its
+    sampling, checked together: the generated tokens count against max_model_len and max_tokens."""
+    prompt = token_ids(prompt_field, prompt_ids, limits)
+    outputs = list(output_ids)
+    if need_output and not outputs:
+        raise invalid(output_field, "must hold at least the prefill's first token")
+    if outputs:
+        token_ids(output_field, outputs, limits)
+    context(prompt_field, len(prompt) + len(outputs), limits)
+    sampling(sp, limits)
+    if len(outputs) >= max_tokens:
+        raise invalid(output_field, f"already {len(outputs)} tokens: as long as sampling.max_tokens ({max_tokens})")
+    return prompt, outputs

@@ -1,0 +1,289 @@
+"""pdserve's CPU decode kernels (cpu_kernels.c, interface cpu_kernels.h): built on first use with
+the machine's C compiler, loaded with ctypes.
+
+A float32 decode step on CPU is memory bound, and the library kernels leave bandwidth unused at
+decode shapes (docs/engine.md has the measurements). The kernels here are a prefetching skinny
+GEMM (`linear`), one fused call per layer for RoPE + K/V write + attention reading each sequence's
+exact context from the paged pool in place (`decode_attention`), and fused residual-add + RMSNorm
+and SiLU-and-multiply.
+
+Every kernel takes one argument struct declared in cpu_kernels.h; this module builds the ctypes
+structures from that header (so the field lists exist once) and compares their sizes with the C
+compiler's when it loads the library. The wrappers check their tensors' dtype, shape and layout
+before the call: a mistake raises here instead of reading the wrong memory.
+
+They are float32 only, need AVX-512 (x86-64) and a C compiler with OpenMP (`cc`, or $CC), and
+compile in about a second into $PDSERVE_CACHE/kernels (keyed by source, header, flags and CPU).
+Where any of that is missing, or with PDSERVE_CPU_KERNELS=0, `load()` returns None and the engine
+runs the torch backend, which stays the reference: tests check the kernels against it and against
+transformers. OpenMP: the library links `libgomp.so.1`, which resolves to the copy torch already
+loaded, so both share one thread pool (two pools spinning on two cores would halve both); a torch
+built on another OpenMP runtime would bring a second pool.
+
+Limits: attention splits a sequence over at most its KV heads, so a single sequence with one KV
+head attends on one core: right for two cores, wasteful on many.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from services.common.arith import ceil_div
+from services.common.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+HEADER = Path(__file__).with_name("cpu_kernels.h")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# At most this many rows use the skinny GEMM; prefill-sized inputs use oneDNN, which blocks for
+# reuse (the crossover, measured, is between 32 and 64 rows).
+MAX_LINEAR_ROWS = 32
+TILE = 16  # output columns per packed weight tile
+
+
+# ---- the interface, read from cpu_kernels.h ------------------------------------------------------
+_C_TYPES = {
+    "float*": ctypes.c_void_p, "const float*": ctypes.c_void_p, "const int32_t*": ctypes.c_void_p,
+    "int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float,
+}
+_STRUCT = re.compile(r"struct (pd_\w+_args) \{(.*?)\};", re.S)
+_FIELD = re.compile(r"^\s*((?:const )?\w+\*?)\s+(\w+);", re.M)
+_DEFINE = re.compile(r"#define (PD_\w+) (\d+)")
+
+
+def read_header(text: str) -> tuple[dict[str, type[ctypes.Structure]], dict[str, int]]:
+    """The argument structs of cpu_kernels.h as ctypes structures, and its integer constants."""
+    structs = {}
+    for name, body in _STRUCT.findall(text):
+        body = re.sub(r"//.*", "", body)
+        fields = []
+        for c_type, field in _FIELD.findall(body):
+            if c_type not in _C_TYPES:
+                raise ValueError(f"cpu_kernels.h: {name}.{field} has type {c_type!r}; cpu.py maps {', '.join(_C_TYPES)}")
+            fields.append((field, _C_TYPES[c_type]))
+        structs[name] = type(name, (ctypes.Structure,), {"_fields_": fields})
+    return structs, {name: int(value) for name, value in _DEFINE.findall(text)}
+
+
+_ARGS, _CONSTANTS = read_header(HEADER.read_text())
+ATTENTION_CHUNK = _CONSTANTS["PD_ATTENTION_CHUNK"]
+
+
+def _fail(message: str) -> None:
+    raise ValueError(f"cpu kernels: {message}")
+
+
+def _check_rows(name: str, t: torch.Tensor, width: int | None = None) -> None:
+    """float32 [rows, columns] with contiguous rows (and `width` columns)."""
+    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or (width is not None and t.shape[1] != width):
+        _fail(f"{name} must be float32 [rows, {width or 'columns'}] with contiguous rows, got {t.dtype} "
+              f"{tuple(t.shape)} strides {t.stride()}")
+
+
+class CpuKernels:
+    """The loaded library; one instance per process (`load()`)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        self._fns = {}
+        for fn_name, struct_name in (("pd_linear", "pd_linear_args"), ("pd_add_rms_norm", "pd_add_rms_norm_args"),
+                                     ("pd_silu_mul", "pd_silu_mul_args"),
+                                     ("pd_decode_attention", "pd_decode_attention_args")):
+            fn = getattr(lib, fn_name)
+            fn.argtypes, fn.restype = [ctypes.POINTER(_ARGS[struct_name])], None
+            self._fns[fn_name] = fn
+        size_of = lib.pd_args_size
+        size_of.argtypes, size_of.restype = [ctypes.c_char_p], ctypes.c_int64
+        for struct_name, struct in _ARGS.items():
+            c_size, py_size = size_of(struct_name.encode()), ctypes.sizeof(struct)
+            if c_size != py_size:
+                raise OSError(f"{path}: struct {struct_name} is {c_size} bytes in C, {py_size} in ctypes")
+
+    def _call(self, fn_name: str, **fields) -> None:
+        args = _ARGS[fn_name + "_args"](**fields)
+        self._fns[fn_name](ctypes.byref(args))
+
+    @staticmethod
+    def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] -> [ceil(N/16), K, 16]: 16 output columns per tile, zero padded."""
+        n, k = weight.shape
+        tiles = ceil_div(n, TILE)
+        padded = torch.zeros(tiles * TILE, k, dtype=torch.float32)
+        padded[:n] = weight.detach().float()
+        return padded.view(tiles, TILE, k).transpose(1, 2).contiguous()
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] -> [M, out_features] with the weight packed by pack_linear."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        _check_rows("x", x)
+        rows, k = x.shape
+        if packed.shape != (ceil_div(out_features, TILE), k, TILE) or not packed.is_contiguous():
+            _fail(f"packed weight {tuple(packed.shape)} does not fit x [{rows}, {k}] -> {out_features} outputs")
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
+            _fail(f"bias must be float32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        self._call("pd_linear", x=x.data_ptr(), x_stride=x.stride(0), rows=rows, k=k, packed=packed.data_ptr(),
+                   n=out_features, bias=None if bias is None else bias.data_ptr(), y=y.data_ptr(),
+                   threads=torch.get_num_threads())
+        return y
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual), the sum written into `residual` in place; with
+        residual None, (RMSNorm(x), x)."""
+        _check_rows("x", x)
+        if not x.is_contiguous() or weight.shape != (x.shape[1],) or weight.dtype != torch.float32:
+            _fail(f"x must be contiguous and weight float32 [{x.shape[1]}], got {tuple(weight.shape)}")
+        if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
+            _fail(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}")
+        out = torch.empty_like(x)
+        self._call("pd_add_rms_norm", x=x.data_ptr(), residual=None if residual is None else residual.data_ptr(),
+                   weight=weight.data_ptr(), out=out.data_ptr(), rows=x.shape[0], hidden=x.shape[1], eps=eps)
+        return out, (x if residual is None else residual)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of gate_up [M, 2I] = (gate | up) -> [M, I]."""
+        _check_rows("gate_up", gate_up)
+        if not gate_up.is_contiguous() or gate_up.shape[1] % 2:
+            _fail(f"gate_up must be contiguous [rows, 2 * width], got {tuple(gate_up.shape)}")
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, width, dtype=torch.float32)
+        self._call("pd_silu_mul", gate_up=gate_up.data_ptr(), out=out.data_ptr(), rows=rows, width=width)
+        return out
+
+    def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+        """One layer's decode attention over the paged pool (cpu_kernels.h): RoPE on q and k in
+        place in qkv [B, (H + 2*KVH) * D], this step's K/V written at position context_lens[b]-1,
+        attention over [0, context_lens[b]). k_cache/v_cache: the layer's
+        [num_blocks, block_size, KVH, D] views of the pool; block_tables int32 [B, >= max blocks];
+        context_lens int32 [B]. Returns [B, H * D]."""
+        batch = qkv.shape[0]
+        _check_rows("qkv", qkv, (num_heads + 2 * num_kv_heads) * head_dim)
+        if head_dim % 16 or num_heads % num_kv_heads:
+            _fail(f"head_dim must be a multiple of 16 and heads of kv_heads, got {head_dim}, {num_heads}/{num_kv_heads}")
+        if (cos.shape != (batch, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32
+                or sin.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+            _fail(f"cos/sin must be contiguous float32 [{batch}, {head_dim}], got {tuple(cos.shape)}")
+        if (k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32 or k_cache.shape != v_cache.shape
+                or k_cache.shape[2:] != (num_kv_heads, head_dim) or v_cache.stride() != k_cache.stride()
+                or k_cache.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1)):
+            _fail(f"k_cache/v_cache must be float32 [blocks, block_size, {num_kv_heads}, {head_dim}] views with "
+                  f"dense blocks, got {tuple(k_cache.shape)} strides {k_cache.stride()}")
+        if (block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32 or block_tables.dim() != 2
+                or block_tables.shape[0] != batch or block_tables.stride(1) != 1 or context_lens.shape != (batch,)
+                or not context_lens.is_contiguous()):
+            _fail(f"block_tables must be int32 [{batch}, blocks] and context_lens int32 [{batch}]")
+        threads = torch.get_num_threads()
+        scores = torch.empty(threads, num_heads, ATTENTION_CHUNK, dtype=torch.float32)
+        out = torch.empty(batch, num_heads * head_dim, dtype=torch.float32)
+        self._call("pd_decode_attention", qkv=qkv.data_ptr(), qkv_stride=qkv.stride(0), cos=cos.data_ptr(),
+                   sin=sin.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+                   block_stride=k_cache.stride(0), block_size=k_cache.shape[1], block_tables=block_tables.data_ptr(),
+                   table_stride=block_tables.stride(0), context_lens=context_lens.data_ptr(), batch=batch,
+                   heads=num_heads, kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, scores=scores.data_ptr(),
+                   out=out.data_ptr(), threads=threads)
+        return out
+
+    @staticmethod
+    def supports_attention(head_dim: int) -> bool:
+        return head_dim % 16 == 0
+
+
+# ---- building and loading ----------------------------------------------------------------------
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor()
+    model = next((line for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return model + flags
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be used on this machine, or None."""
+    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
+        return "disabled by PDSERVE_CPU_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64, this is {platform.machine()}"
+    if " avx512f" not in _cpu_signature():
+        return "this CPU has no AVX-512"
+    return None
+
+
+def compiler() -> list[str] | None:
+    """$CC split like a shell would ("ccache gcc" is two words), or cc; None when not found."""
+    words = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    found = shutil.which(words[0])
+    return [found, *words[1:]] if found else None
+
+
+BUILDING_PREFIX = "building-"
+STALE_BUILD_SECONDS = 600
+
+
+def _build(cc: list[str]) -> Path:
+    sources = SOURCE.read_bytes() + HEADER.read_bytes()
+    key = hashlib.sha256(sources + " ".join([*cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    folder = Path(cache_dir()) / "kernels"
+    path = folder / f"cpu_kernels-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(BUILDING_PREFIX + "*"):  # left by a process killed while building
+        try:
+            if time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
+                old.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=BUILDING_PREFIX, suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run([*cc, *FLAGS, f"-I{HEADER.parent}", str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
+        os.replace(tmp, path)  # atomic: workers building at once each load a whole library
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The kernels, or None (logged once, with the reason) when they cannot be used here. Decided
+    once per process: PDSERVE_CPU_KERNELS and CC are read at the first call."""
+    reason = unavailable_reason()
+    cc = compiler() if reason is None else None
+    if reason is None and cc is None:
+        reason = "no C compiler (install gcc, or set CC)"
+    if reason is None:
+        assert cc is not None
+        try:
+            path = _build(cc)
+            return CpuKernels(ctypes.CDLL(str(path)), path)
+        except subprocess.CalledProcessError as e:
+            reason = f"building them failed: {e.stderr.strip()[-500:]}"
+        except (OSError, subprocess.TimeoutExpired) as e:
+            reason = f"building or loading them failed: {e}"
+    log.warning("CPU decode kernels unavailable (%s); using the torch backend, which is slower", reason)
+    return None

@@ -1,0 +1,196 @@
+"""A worker process: its flags, its engine, its Stats answer, and the run loop from start to drain.
+
+    python -m services.{prefill,decode,colocated}  ->  run_worker(role, args, make_service)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Gauge
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common import validation
+from services.common.enums import Role
+from services.common.flags import FlagParser, common_server_flags, setup_process
+from services.common.metrics import new_registry
+from services.common.server import ServiceRunner
+from services.engine.config import BACKENDS, EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.tiny_models import model_dir_or_default
+
+from .step_log import StepLog
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 16  # when a request to a worker leaves sampling.max_tokens unset (the router never does)
+ROLE_SERVICES = {Role.PREFILL: "PrefillWorker", Role.DECODE: "DecodeWorker", Role.COLOCATED: "ColocatedWorker"}
+
+
+# ---- flags ---------------------------------------------------------------------------------------
+def worker_parser(role: Role, description: str, *, port: int, metrics_port: int) -> FlagParser:
+    parser = FlagParser(description=description)
+    common_server_flags(parser, port=port, metrics_port=metrics_port)
+    parser.add_flag("--model", default="", help="Hugging Face checkpoint folder (default: the embedded tiny model)")
+    parser.add_flag("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_flag("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_flag("--backend", default="auto", choices=BACKENDS,
+                    help="how the model runs: auto (triton on CUDA, the CPU kernels for float32 where they build), "
+                         "torch (the reference), cpu-kernels, triton")
+    parser.add_flag("--block-size", default=16, type=int, help="tokens per KV block")
+    parser.add_flag("--kv-cache-gb", default=0.0, type=float,
+                    help="KV pool size (0: from --gpu-memory-utilization on CUDA, 0.25 GiB on CPU)")
+    parser.add_flag("--gpu-memory-utilization", default=0.85, type=float)
+    parser.add_flag("--max-num-seqs", default=256, type=int, help="largest decode batch")
+    parser.add_flag("--max-num-batched-tokens", default=8192, type=int, help="prefill token budget per batch (L_m)")
+    parser.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
+    parser.add_flag("--threads", default=0, type=int, help="torch CPU threads (0: all cores this process may use)")
+    parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
+    parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: role-host-port)")
+    parser.add_flag("--step-log", default="", help="append one JSON line per engine step to this file; "
+                    "{worker} in it becomes the worker id (for `pdserve plan profile --step-log`)")
+    # every role takes it, so that one set of flags (pdserve up --worker-arg) serves them all
+    parser.add_flag("--stream-interval", default=1, type=int,
+                    help="decode and colocated workers: tokens per streamed message (the last goes at once)")
+    if role in (Role.PREFILL, Role.DECODE):
+        parser.add_flag("--kvstore", default="127.0.0.1:7100", help="gRPC address of this node's kvstore daemon")
+    return parser
+
+
+def engine_from_flags(args) -> Engine:
+    torch.set_num_threads(args.threads or default_threads())  # the cores left to it by --cpu-affinity
+    config = EngineConfig(
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+        block_size=args.block_size,
+        kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb > 0 else None,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len or None,
+    )
+    return Engine(model_dir_or_default(args.model), config)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+# ---- what every worker answers and reports ---------------------------------------------------------
+def limits_of(engine: Engine) -> validation.ModelLimits:
+    return validation.ModelLimits(engine.model_config.vocab_size, engine.max_model_len)
+
+
+def sampling_params(sp: common_pb2.SamplingParams) -> SamplingParams:
+    """A validated request's sampling (validation.sampling) for the engine."""
+    return SamplingParams(
+        max_tokens=sp.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+        top_p=sp.top_p or 1.0,
+        top_k=sp.top_k,
+        seed=sp.seed if sp.HasField("seed") else 0,
+        stop_token_ids=tuple(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs,
+    )
+
+
+def validate_generation(engine: Engine, prompt_field: str, prompt_ids, output_field: str, output_ids,
+                        sp: common_pb2.SamplingParams, *, need_output: bool = False
+                        ) -> tuple[list[int], list[int], SamplingParams]:
+    sampling = sampling_params(sp)
+    prompt, outputs = validation.generation(limits_of(engine), prompt_field, prompt_ids, output_field, output_ids, sp,
+                                            max_tokens=sampling.max_tokens, need_output=need_output)
+    return prompt, outputs, sampling
+
+
+class PrefillRate:
+    """A recent average of prefill seconds per token, for the router's queue-delay estimate."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.seconds_per_token = 0.0
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        sample = seconds / tokens
+        self.seconds_per_token = sample if self.seconds_per_token == 0 else (
+            self.alpha * sample + (1 - self.alpha) * self.seconds_per_token)
+
+
+def register_kv_gauges(registry: CollectorRegistry, engine: Engine, role: Role) -> None:
+    used = Gauge("pdserve_kv_blocks_used", "KV blocks in use in this worker's pool.", ["role"], registry=registry)
+    used.labels(role).set_function(lambda: engine.block_manager.num_used)
+    total = Gauge("pdserve_kv_blocks_total", "KV blocks in this worker's pool.", ["role"], registry=registry)
+    total.labels(role).set_function(lambda: engine.block_manager.num_blocks)
+
+
+def worker_stats(engine: Engine, role: Role, node_id: str, model_name: str) -> common_pb2.WorkerStats:
+    """The fields every role fills; each service adds its queue."""
+    bm = engine.block_manager
+    return common_pb2.WorkerStats(
+        role=role,
+        model=model_name,
+        node_id=node_id,
+        kv_blocks_total=bm.num_blocks,
+        kv_blocks_free=bm.num_free,
+        block_size=engine.block_size,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.config.max_num_seqs,
+        layout_fingerprint=engine.kv_pool.layout.fingerprint(),
+    )
+
+
+# ---- the process -----------------------------------------------------------------------------------
+class WorkerService(Protocol):
+    """What run_worker needs of a worker's servicer (besides implementing its gRPC services)."""
+
+    step_log: StepLog | None
+
+    async def start(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+class ServiceFactory(Protocol):
+    def __call__(self, engine: Engine, registry: CollectorRegistry, worker_id: str) -> WorkerService: ...
+
+
+def add_worker_servicers(server: grpc.aio.Server, role: Role, service: object) -> list[str]:
+    """Registers a worker's servicer for its role's service (worker.proto) and the Worker service
+    (Stats); returns their full names (for health and reflection)."""
+    name = ROLE_SERVICES[role]
+    getattr(worker_pb2_grpc, f"add_{name}Servicer_to_server")(service, server)
+    common_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    return [worker_pb2.DESCRIPTOR.services_by_name[name].full_name,
+            common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+
+
+def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
+    """Builds the engine, serves until SIGTERM, drains."""
+    setup_process(args, role)
+
+    async def main() -> None:
+        engine = engine_from_flags(args)
+        registry = new_registry()
+        runner = ServiceRunner(role, args.host, args.port, args.metrics_port, registry, args.grace_seconds)
+        worker_id = args.worker_id or f"{role}-{os.uname().nodename}-{args.port}"
+        service = make_service(engine, registry, worker_id)
+        if args.step_log:
+            service.step_log = StepLog(args.step_log.replace("{worker}", worker_id))
+        await service.start()
+        await runner.start(lambda server: add_worker_servicers(server, role, service))
+        runner.install_signal_handlers()
+        drain: Callable[[], Awaitable[None]] = service.drain
+        await runner.wait_and_drain(drain)
+        engine.close()
+
+    asyncio.run(main())

@@ -1,0 +1,161 @@
+"""A worker whose engine step raises fails that step's requests with INTERNAL, frees their blocks,
+and goes on serving. Driven through the workers' real gRPC services (in this process, with the
+real interceptor) and, for the prefill worker, a real kvstore daemon.
+
+The fault is injected: a device error cannot happen on a CPU, so the engine's model runner is made
+to raise, as a lost GPU would make it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.colocated.server import ColocatedService
+from services.common.enums import Role
+from services.common.grpc_client import aio_channel
+from services.common.server import ServiceRunner
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine
+from services.kvstore.client import KvStoreClient
+from services.launcher import free_port, health_status
+from services.prefill.server import PrefillService
+from services.runtime.worker import add_worker_servicers
+from services.tiny_models import get_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SERVING = 1
+
+
+def _engine() -> Engine:
+    return Engine(get_model("llama"), EngineConfig(kv_cache_bytes=4 << 20, max_model_len=256))
+
+
+async def _serve(role: Role, service) -> tuple[ServiceRunner, str]:
+    port = free_port()
+    runner = ServiceRunner(role, "127.0.0.1", port, -1, CollectorRegistry(), grace_seconds=5)
+    await service.start()
+    await runner.start(lambda server: add_worker_servicers(server, role, service))
+    return runner, f"127.0.0.1:{port}"
+
+
+async def _stop(runner: ServiceRunner, service) -> None:
+    runner.request_stop()
+    await runner.wait_and_drain(service.drain)
+
+
+def _device_lost(*_):
+    raise RuntimeError("device lost")
+
+
+async def _stats(channel) -> common_pb2.WorkerStats:
+    return await common_pb2_grpc.WorkerStub(channel).Stats(common_pb2.StatsRequest(), timeout=5)
+
+
+def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worker_goes_on(monkeypatch):
+    """Colocated worker (the decode worker runs the same continuous-batch code): three streams get
+    their first token from the prefill step, then the decode step raises."""
+    engine = _engine()
+
+    async def scenario():
+        metrics = CollectorRegistry()
+        service = ColocatedService(engine, node_id="n", model_name="m", registry=metrics)
+        runner, address = await _serve(Role.COLOCATED, service)
+        async with aio_channel(address) as channel:
+            stub = worker_pb2_grpc.ColocatedWorkerStub(channel)
+
+            async def generate(i: int, max_tokens: int) -> tuple[list[int], grpc.aio.AioRpcError | None]:
+                request = worker_pb2.GenerateTokensRequest(
+                    request_id=f"r{i}", token_ids=[5 + i] * (10 + i),
+                    sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+                tokens: list[int] = []
+                try:
+                    async for chunk in stub.Generate(request, timeout=30):
+                        tokens.extend(chunk.token_ids)
+                except grpc.aio.AioRpcError as exc:
+                    return tokens, exc
+                return tokens, None
+
+            monkeypatch.setattr(engine.runner, "decode", _device_lost)
+            results = await asyncio.gather(*(generate(i, 20) for i in range(3)))
+            for tokens, error in results:
+                assert len(tokens) == 1 and error is not None
+                assert error.code() == grpc.StatusCode.INTERNAL and "device lost" in error.details()
+            stats = await _stats(channel)
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
+            monkeypatch.undo()
+            tokens, error = await generate(9, 6)
+            assert error is None and len(tokens) == 6
+            stats = await _stats(channel)
+            assert stats.kv_blocks_free == stats.kv_blocks_total
+            assert metrics.get_sample_value("pdserve_decode_failed_steps_total") == 1
+        await _stop(runner, service)
+
+    asyncio.run(scenario())
+    engine.close()
+
+
+@pytest.fixture
+def kvstore(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "kvstore.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "-1", "--node-id", "n", "--transfer-host", "127.0.0.1"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    for _ in range(300):
+        if health_status(address) == SERVING or proc.poll() is not None:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert health_status(address) == SERVING, (tmp_path / "kvstore.log").read_text()
+    yield address
+    proc.terminate()
+    assert proc.wait(timeout=20) == 0
+    log.close()
+
+
+def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_goes_on(monkeypatch, kvstore):
+    engine = _engine()
+
+    async def scenario():
+        service = PrefillService(engine, KvStoreClient(kvstore), worker_id="prefill-test", node_id="n",
+                                 model_name="m", registry=CollectorRegistry())
+        runner, address = await _serve(Role.PREFILL, service)
+        async with aio_channel(address) as channel:
+            stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+
+            def prefill(i: int):
+                return stub.Prefill(worker_pb2.PrefillRequest(
+                    request_id=f"p{i}", token_ids=[5 + i] * (10 + i),
+                    sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=30)
+
+            monkeypatch.setattr(engine.runner, "prefill", _device_lost)
+            failures = await asyncio.gather(*(prefill(i) for i in range(3)), return_exceptions=True)
+            for error in failures:
+                assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INTERNAL
+                assert "device lost" in error.details()
+            stats = await _stats(channel)
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.waiting == 0
+            monkeypatch.undo()
+            response = await prefill(5)
+            assert response.kv.kv_id and response.kv.num_tokens == 15  # computed and published
+            assert (await _stats(channel)).published_entries == 1
+            client = KvStoreClient(kvstore)
+            assert await client.release(response.kv)  # nobody will pull it: its blocks come back
+            await client.close()
+            for _ in range(100):
+                stats = await _stats(channel)
+                if stats.kv_blocks_free == stats.kv_blocks_total:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0
+        await _stop(runner, service)
+
+    asyncio.run(scenario())
+    engine.close()
