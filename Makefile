@@ -1,4 +1,4 @@
-# pdserve: make install | protos | demo | test | bench | lint
+# pdserve: make install | protos | demo | test | bench | lint | format
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PROTOS := $(wildcard protos/pdserve/v1/*.proto)
 # Tests and the demo keep their generated tiny models here (not in ~/.cache) so a clone is self-contained.
 export PDSERVE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install system-packages protos demo test test-fast bench lint clean
+.PHONY: install system-packages protos demo test test-fast bench lint format clean
 
 install: $(VENV)/.installed protos system-packages
 
@@ -47,8 +47,15 @@ test-fast: install
 bench: install
 	$(PY) -m bench.all
 
+# ruff (lint rules and formatting) and mypy, configured in pyproject.toml; `make format` rewrites.
 lint: install
-	$(PY) -m compileall -q services bench tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean:
 	rm -rf pdserve build results .pytest_cache

@@ -23,8 +23,22 @@ def main(argv=None) -> int:
     print("\n== CPU decode of mixed contexts: grouped attention against padded ==", flush=True)
     mixed_batch.main(["--batch-sizes", "16,38", "--trials", "3", "--out", "results/mixed-batch"])
     print("\n== serving: colocated against disaggregated, chat workload ==", flush=True)
-    serving.main(["--workload", "chat", "--scale", "1.0", "--n", "30", "--rates", "1,2,4", "--rel-tol", "0.2",
-                  "--out", "results/serving-chat"])
+    serving.main(
+        [
+            "--workload",
+            "chat",
+            "--scale",
+            "1.0",
+            "--n",
+            "30",
+            "--rates",
+            "1,2,4",
+            "--rel-tol",
+            "0.2",
+            "--out",
+            "results/serving-chat",
+        ]
+    )
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0
 

@@ -87,8 +87,9 @@ class HfTrial:
     def _timed(self, n: int) -> float:
         _sync(self.device)
         t = time.perf_counter()
-        self.model.generate(self.prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                            eos_token_id=None)
+        self.model.generate(
+            self.prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
         _sync(self.device)
         return time.perf_counter() - t
 
@@ -100,8 +101,11 @@ def bench_batch(engine: Engine, hf_model, batch: int, prompt_len: int, decode_st
     """Alternates engine and HF trials, so that both see the same machine conditions (this kind of
     machine drifts by tens of percent over a minute); reports medians and the median of the
     per-pair ratios."""
-    hf = HfTrial(hf_model, batch, prompt_len, decode_steps, engine.model_config.vocab_size,
-                 engine.config.device) if hf_model is not None else None
+    hf = (
+        HfTrial(hf_model, batch, prompt_len, decode_steps, engine.model_config.vocab_size, engine.config.device)
+        if hf_model is not None
+        else None
+    )
     engine_trial(engine, batch, prompt_len, decode_steps, seed=100)  # warm-up
     prefill, steps, hf_steps = [], [], []
     for r in range(repeats):
@@ -111,13 +115,16 @@ def bench_batch(engine: Engine, hf_model, batch: int, prompt_len: int, decode_st
         if hf is not None:
             hf_steps.append(hf())
     step_s = statistics.median(steps)
-    row = {"batch_size": batch, "pdserve": {
-        "prefill_tokens_per_s": batch * prompt_len / statistics.median(prefill),
-        "prefill_seconds": statistics.median(prefill),
-        "tpot_seconds": step_s,
-        "decode_tokens_per_s": batch / step_s,
-        "trial_step_seconds": steps,
-    }}
+    row = {
+        "batch_size": batch,
+        "pdserve": {
+            "prefill_tokens_per_s": batch * prompt_len / statistics.median(prefill),
+            "prefill_seconds": statistics.median(prefill),
+            "tpot_seconds": step_s,
+            "decode_tokens_per_s": batch / step_s,
+            "trial_step_seconds": steps,
+        },
+    }
     if hf is not None:
         hf_s = statistics.median(hf_steps)
         row["hf"] = {"decode_tokens_per_s": batch / hf_s, "tpot_seconds": hf_s, "trial_step_seconds": hf_steps}
@@ -125,16 +132,29 @@ def bench_batch(engine: Engine, hf_model, batch: int, prompt_len: int, decode_st
     return row
 
 
-def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_hf: bool, threads: int | None,
-         backend: str = "auto"):
+def load(
+    model: str,
+    device: str,
+    dtype: str,
+    kv_cache_bytes: int | None,
+    with_hf: bool,
+    threads: int | None,
+    backend: str = "auto",
+):
     """Returns (engine, hf_model or None). In-memory specs get random weights shared by both."""
     import transformers
 
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
-    cfg = EngineConfig(dtype=dtype, device=device, kv_cache_bytes=kv_cache_bytes, max_num_seqs=256,
-                       max_model_len=4096 if model in IN_MEMORY_ONLY else None, backend=backend)
+    cfg = EngineConfig(
+        dtype=dtype,
+        device=device,
+        kv_cache_bytes=kv_cache_bytes,
+        max_num_seqs=256,
+        max_model_len=4096 if model in IN_MEMORY_ONLY else None,
+        backend=backend,
+    )
     if model in IN_MEMORY_ONLY:
         config = hf_config(model)
         hf = None
@@ -142,14 +162,19 @@ def load(model: str, device: str, dtype: str, kv_cache_bytes: int | None, with_h
             torch.manual_seed(0)
             with torch.device(device):
                 hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
-        engine = Engine(None, cfg, model_config=ModelConfig.from_hf_config(config),
-                        weights=hf.state_dict().items() if hf is not None else None)
+        engine = Engine(
+            None,
+            cfg,
+            model_config=ModelConfig.from_hf_config(config),
+            weights=hf.state_dict().items() if hf is not None else None,
+        )
         return engine, hf
     folder = model if os.path.isdir(model) else get_model(model)
     engine = Engine(folder, cfg)
     hf = None
     if with_hf:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        hf = hf.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
     return engine, hf
 
 
@@ -186,9 +211,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    ap.add_argument("--backend", choices=list(BACKENDS), default="auto",
-                    help="the engine's backend (services/engine/backends): auto, the torch reference, "
-                         "pdserve's CPU kernels or triton")
+    ap.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="auto",
+        help="the engine's backend (services/engine/backends): auto, the torch reference, "
+        "pdserve's CPU kernels or triton",
+    )
     ap.add_argument("--out", default="results/engine")
     args = ap.parse_args(argv)
 
@@ -198,10 +227,18 @@ def main(argv=None) -> dict:
     decode_path = f"{engine.backend.name} backend"
     weight_bytes = mc.num_params() * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     result = {
-        "model": args.model, "device": args.device, "dtype": args.dtype,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads",
-        "params": mc.num_params(), "weight_bytes": weight_bytes, "decode_path": decode_path,
-        "prompt_len": args.prompt_len, "decode_steps": args.decode_steps, "rows": [],
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "device_name": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu x{torch.get_num_threads()} threads",
+        "params": mc.num_params(),
+        "weight_bytes": weight_bytes,
+        "decode_path": decode_path,
+        "prompt_len": args.prompt_len,
+        "decode_steps": args.decode_steps,
+        "rows": [],
     }
     if args.device.startswith("cuda"):
         bw = measure_copy_bandwidth(args.device)
@@ -211,23 +248,36 @@ def main(argv=None) -> dict:
     for bs in tqdm(batch_sizes, desc="batch sizes"):
         result["rows"].append(bench_batch(engine, hf, bs, args.prompt_len, args.decode_steps, args.repeats))
 
-    print(f"\n{args.model} ({mc.num_params() / 1e6:.0f}M params, {args.dtype}) on {result['device_name']} ({decode_path}), "
-          f"prompt {args.prompt_len}, {args.decode_steps} decode steps, medians of {args.repeats} "
-          f"(engine and HF trials alternate; 'vs HF' is the median of the per-trial ratios)")
-    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'TPOT ms':>8} {'HF decode tok/s':>16} {'vs HF':>6}")
+    print(
+        f"\n{args.model} ({mc.num_params() / 1e6:.0f}M params, {args.dtype}) on {result['device_name']} "
+        f"({decode_path}), "
+        f"prompt {args.prompt_len}, {args.decode_steps} decode steps, medians of {args.repeats} "
+        f"(engine and HF trials alternate; 'vs HF' is the median of the per-trial ratios)"
+    )
+    print(
+        f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'TPOT ms':>8} {'HF decode tok/s':>16} {'vs HF':>6}"
+    )
     for r in result["rows"]:
         p, h = r["pdserve"], r.get("hf")
-        print(f"{r['batch_size']:>5} {p['prefill_tokens_per_s']:>14.0f} {p['decode_tokens_per_s']:>13.0f} "
-              f"{p['tpot_seconds'] * 1e3:>8.2f} {h['decode_tokens_per_s'] if h else float('nan'):>16.0f} "
-              f"{r.get('decode_speedup_vs_hf', float('nan')):>5.2f}x")
+        print(
+            f"{r['batch_size']:>5} {p['prefill_tokens_per_s']:>14.0f} {p['decode_tokens_per_s']:>13.0f} "
+            f"{p['tpot_seconds'] * 1e3:>8.2f} {h['decode_tokens_per_s'] if h else float('nan'):>16.0f} "
+            f"{r.get('decode_speedup_vs_hf', float('nan')):>5.2f}x"
+        )
     if "tpot_roofline_seconds" in result:
         b1 = next((r for r in result["rows"] if r["batch_size"] == 1), None)
         roof = result["tpot_roofline_seconds"]
-        print(f"copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
-              f"TPOT roofline {roof * 1e3:.2f} ms")
+        print(
+            f"copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "
+            f"weights {weight_bytes / 1e9:.2f} GB; "
+            f"TPOT roofline {roof * 1e3:.2f} ms"
+        )
         if b1:
             result["tpot_batch1_over_roofline"] = b1["pdserve"]["tpot_seconds"] / roof
-            print(f"TPOT at batch 1: {b1['pdserve']['tpot_seconds'] * 1e3:.2f} ms = {result['tpot_batch1_over_roofline']:.2f}x roofline")
+            print(
+                f"TPOT at batch 1: {b1['pdserve']['tpot_seconds'] * 1e3:.2f} ms = "
+                f"{result['tpot_batch1_over_roofline']:.2f}x roofline"
+            )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)

@@ -52,7 +52,8 @@ async def _one(stub, request: TraceRequest, index: int, vocab_size: int, seed: i
     result = RequestResult(request.request_id or str(index), request.prompt_tokens, request.output_tokens)
     message = router_pb2.GenerateRequest(
         request_id=result.request_id,
-        sampling=common_pb2.SamplingParams(max_tokens=request.output_tokens, temperature=0, ignore_eos=True))
+        sampling=common_pb2.SamplingParams(max_tokens=request.output_tokens, temperature=0, ignore_eos=True),
+    )
     if request.prompt:
         message.prompt = request.prompt
     else:
@@ -70,14 +71,22 @@ async def _one(stub, request: TraceRequest, index: int, vocab_size: int, seed: i
     except grpc.aio.AioRpcError as exc:
         result.error = f"{exc.code().name}: {exc.details()}"
     if first is not None:
+        assert last is not None  # set together with first
         result.ttft = first - sent
         result.e2e = last - sent
         result.tpot = (last - first) / (result.tokens - 1) if result.tokens > 1 else 0.0
     return result
 
 
-async def run_trace_async(router: str, trace: list[TraceRequest], vocab_size: int, seed: int = 0,
-                          timeout: float = 300.0, progress: bool = True, channels: int = 4) -> list[RequestResult]:
+async def run_trace_async(
+    router: str,
+    trace: list[TraceRequest],
+    vocab_size: int,
+    seed: int = 0,
+    timeout: float = 300.0,
+    progress: bool = True,
+    channels: int = 4,
+) -> list[RequestResult]:
     pool = [grpc.aio.insecure_channel(router) for _ in range(channels)]
     stubs = [router_pb2_grpc.RouterStub(c) for c in pool]
     bar = tqdm(total=len(trace), desc="requests", unit="req", leave=False, disable=not progress)
@@ -149,8 +158,11 @@ def main(argv=None) -> None:
     ap.add_argument("--tpot-slo", type=float, default=0.1)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    trace = read_trace(args.trace) if args.trace else make_trace(args.workload, args.rate, args.n, args.seed,
-                                                                 cv=args.cv, scale=args.scale)
+    trace = (
+        read_trace(args.trace)
+        if args.trace
+        else make_trace(args.workload, args.rate, args.n, args.seed, cv=args.cv, scale=args.scale)
+    )
     results = run_trace(args.router, trace, args.vocab_size, seed=args.seed)
     summary = summarize(results, args.ttft_slo, args.tpot_slo)
     print(json.dumps(summary, indent=2))

@@ -23,18 +23,24 @@ import time
 import torch
 from tqdm import tqdm
 
-from services.planner.workload import make_trace
 from services.engine.backends import kv_mirror
 from services.engine.config import EngineConfig, SamplingParams
 from services.engine.engine import Engine
 from services.engine.sequence import Sequence
+from services.planner.workload import make_trace
 from services.tiny_models import get_model
 
 
 def step_seconds(engine: Engine, lengths: list[int], rng: random.Random, steps: int) -> float:
     """Median decode-step time of a batch of these contexts (prefilled untimed, then decoded)."""
-    seqs = [Sequence.from_prompt(f"m{rng.random()}", [rng.randrange(3, 1000) for _ in range(n)],
-                                 SamplingParams(max_tokens=1 << 20, ignore_eos=True)) for n in lengths]
+    seqs = [
+        Sequence.from_prompt(
+            f"m{rng.random()}",
+            [rng.randrange(3, 1000) for _ in range(n)],
+            SamplingParams(max_tokens=1 << 20, ignore_eos=True),
+        )
+        for n in lengths
+    ]
     for seq in seqs:
         engine.prefill([seq])
     engine.decode_step(seqs)  # joins the mirror
@@ -59,9 +65,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    kernels, torch_path = (Engine(get_model(args.model), EngineConfig(dtype="float32", device="cpu",
-                                                                      kv_cache_bytes=512 << 20, backend=backend))
-                           for backend in ("auto", "torch"))
+    kernels, torch_path = (
+        Engine(
+            get_model(args.model),
+            EngineConfig(dtype="float32", device="cpu", kv_cache_bytes=512 << 20, backend=backend),
+        )
+        for backend in ("auto", "torch")
+    )
     if kernels.backend.name != "cpu-kernels":
         print("note: the CPU kernels are unavailable here (see the log); both columns run the torch backend")
     trace = make_trace("chat", 1.0, 2000, seed=0, max_model_len=kernels.max_model_len)
@@ -73,27 +83,36 @@ def main(argv=None) -> dict:
         for _ in tqdm(range(args.trials), desc=f"batch {batch}", unit="trial"):
             mixed = [r.prompt_tokens + rng.randint(1, r.output_tokens) for r in rng.sample(trace, batch)]
             equal = [sum(mixed) // batch] * batch
-            trial = {"kernels_mixed_s": step_seconds(kernels, mixed, rng, args.steps),
-                     "kernels_equal_s": step_seconds(kernels, equal, rng, args.steps),
-                     "torch_grouped_s": step_seconds(torch_path, mixed, rng, args.steps)}
+            trial = {
+                "kernels_mixed_s": step_seconds(kernels, mixed, rng, args.steps),
+                "kernels_equal_s": step_seconds(kernels, equal, rng, args.steps),
+                "torch_grouped_s": step_seconds(torch_path, mixed, rng, args.steps),
+            }
             saved, kv_mirror.GROUP_LENGTH_RATIO = kv_mirror.GROUP_LENGTH_RATIO, ungrouped
             try:
                 trial["torch_padded_s"] = step_seconds(torch_path, mixed, rng, args.steps)
             finally:
                 kv_mirror.GROUP_LENGTH_RATIO = saved
             trials.append(dict(trial, mean_context=sum(mixed) / batch, longest_context=max(mixed)))
-        row = {"batch": batch, "trials": trials,
-               "kernels_mixed_vs_equal": statistics.median(t["kernels_mixed_s"] / t["kernels_equal_s"] for t in trials),
-               "kernels_vs_torch_grouped": statistics.median(t["torch_grouped_s"] / t["kernels_mixed_s"] for t in trials),
-               "torch_grouped_vs_padded": statistics.median(t["torch_padded_s"] / t["torch_grouped_s"] for t in trials)}
+        row = {
+            "batch": batch,
+            "trials": trials,
+            "kernels_mixed_vs_equal": statistics.median(t["kernels_mixed_s"] / t["kernels_equal_s"] for t in trials),
+            "kernels_vs_torch_grouped": statistics.median(t["torch_grouped_s"] / t["kernels_mixed_s"] for t in trials),
+            "torch_grouped_vs_padded": statistics.median(t["torch_padded_s"] / t["torch_grouped_s"] for t in trials),
+        }
         rows.append(row)
-        med = {k: statistics.median(t[k] for t in trials) * 1e3
-               for k in ("kernels_mixed_s", "kernels_equal_s", "torch_grouped_s", "torch_padded_s")}
-        print(f"batch {batch:3d}: CPU kernels {med['kernels_mixed_s']:.2f} ms mixed, {med['kernels_equal_s']:.2f} ms "
-              f"equal contexts of the same total ({row['kernels_mixed_vs_equal']:.2f}x); torch path "
-              f"{med['torch_grouped_s']:.2f} ms grouped ({row['kernels_vs_torch_grouped']:.2f}x the kernels' time), "
-              f"{med['torch_padded_s']:.2f} ms padded to the longest ({row['torch_grouped_vs_padded']:.2f}x grouped)",
-              flush=True)
+        med = {
+            k: statistics.median(t[k] for t in trials) * 1e3
+            for k in ("kernels_mixed_s", "kernels_equal_s", "torch_grouped_s", "torch_padded_s")
+        }
+        print(
+            f"batch {batch:3d}: CPU kernels {med['kernels_mixed_s']:.2f} ms mixed, {med['kernels_equal_s']:.2f} ms "
+            f"equal contexts of the same total ({row['kernels_mixed_vs_equal']:.2f}x); torch path "
+            f"{med['torch_grouped_s']:.2f} ms grouped ({row['kernels_vs_torch_grouped']:.2f}x the kernels' time), "
+            f"{med['torch_padded_s']:.2f} ms padded to the longest ({row['torch_grouped_vs_padded']:.2f}x grouped)",
+            flush=True,
+        )
     result = {"model": args.model, "threads": args.threads, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:

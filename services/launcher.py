@@ -106,8 +106,13 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
     kvstores = {}
     if spec.mode == "disaggregated":
         for node in nodes:
-            kvstores[node] = add(f"kvstore-{node}", "kvstore", node, "services.kvstore",
-                                 ["--node-id", node, "--transfer-host", host] + spec.kvstore_args)
+            kvstores[node] = add(
+                f"kvstore-{node}",
+                "kvstore",
+                node,
+                "services.kvstore",
+                ["--node-id", node, "--transfer-host", host] + spec.kvstore_args,
+            )
     workers = spec.colocated if spec.mode == "colocated" else spec.prefill + spec.decode
     threads = spec.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     common = ["--kv-cache-gb", str(spec.kv_cache_gb), "--threads", str(threads)]
@@ -125,15 +130,26 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
 
     if spec.mode == "colocated":
         for i in range(spec.colocated):
-            add(f"colocated-{i}", "colocated", nodes[i % len(nodes)], "services.colocated",
-                common + ["--node-id", nodes[i % len(nodes)]] + spec.role_args.get("colocated", []))
+            add(
+                f"colocated-{i}",
+                "colocated",
+                nodes[i % len(nodes)],
+                "services.colocated",
+                common + ["--node-id", nodes[i % len(nodes)]] + spec.role_args.get("colocated", []),
+            )
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):
             for i in range(count):
                 node = node_for(role, i)
-                add(f"{role}-{i}", role, node, f"services.{role}",
-                    common + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"]
-                    + spec.role_args.get(role, []))
+                add(
+                    f"{role}-{i}",
+                    role,
+                    node,
+                    f"services.{role}",
+                    common
+                    + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"]
+                    + spec.role_args.get(role, []),
+                )
     router_port = spec.router_port or free_port(host)
     router_args = ["--port", str(router_port)]
     for role in ("prefill", "decode", "colocated"):
@@ -143,26 +159,40 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
     if spec.model:
         router_args += ["--model", spec.model]
     mport = free_port(host)
-    procs.append(ServiceProcess("router", "router", nodes[0], f"{host}:{router_port}", f"{host}:{mport}",
-                                py + ["services.router", "--host", host, "--metrics-port", str(mport)]
-                                + router_args + spec.router_args))
+    procs.append(
+        ServiceProcess(
+            "router",
+            "router",
+            nodes[0],
+            f"{host}:{router_port}",
+            f"{host}:{mport}",
+            py + ["services.router", "--host", host, "--metrics-port", str(mport)] + router_args + spec.router_args,
+        )
+    )
     return procs
 
 
-def prometheus_config(info: dict, rules_dir: str = os.path.join(ROOT, "deploy", "prometheus", "rules"),
-                      scrape_interval: str = "5s") -> dict:
+def prometheus_config(
+    info: dict, rules_dir: str = os.path.join(ROOT, "deploy", "prometheus", "rules"), scrape_interval: str = "5s"
+) -> dict:
     """A Prometheus configuration scraping a local cluster, with the project's rule files.
     Targets carry the same `component` label the Kubernetes scrape config derives from pod labels,
     so the dashboards and rules work on both."""
     return {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "rule_files": [os.path.join(rules_dir, "*.yml")],
-        "scrape_configs": [{
-            "job_name": "pdserve",
-            "static_configs": [{"targets": [svc["metrics"]], "labels": {"component": svc["role"], "node": svc["node"],
-                                                                      "service": svc["name"]}}
-                               for svc in info["services"]],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "pdserve",
+                "static_configs": [
+                    {
+                        "targets": [svc["metrics"]],
+                        "labels": {"component": svc["role"], "node": svc["node"], "service": svc["name"]},
+                    }
+                    for svc in info["services"]
+                ],
+            }
+        ],
     }
 
 
@@ -194,8 +224,9 @@ class Cluster:
         with open(proc.log, "a" if append_log else "w") as log:
             # Its own session: a terminal's Ctrl-C reaches only the launcher, which then stops the
             # services in order (router first) instead of all of them draining at once.
-            popen = subprocess.Popen(proc.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                proc.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
         proc.pid = popen.pid
         self._popen[proc.name] = popen
 
@@ -255,7 +286,9 @@ class Cluster:
     def stop(self, grace: float = 20.0) -> dict[str, int]:
         """SIGTERM everything (router first so it stops taking requests), then SIGKILL stragglers.
         Returns each process's exit code."""
-        order = sorted(self.procs, key=lambda p: {"router": 0, "prefill": 1, "decode": 1, "colocated": 1}.get(p.role, 2))
+        order = sorted(
+            self.procs, key=lambda p: {"router": 0, "prefill": 1, "decode": 1, "colocated": 1}.get(p.role, 2)
+        )
         for group_roles in (("router",), ("prefill", "decode", "colocated"), ("kvstore",)):
             group = [p for p in order if p.role in group_roles and p.name in self._popen]
             for proc in group:

@@ -24,40 +24,96 @@ TOKENIZER_VOCAB = 1024
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
-_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-6,
-             bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=1024,
+    initializer_range=0.2,
+    rms_norm_eps=1e-6,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
+)
 
 # name -> (config class name, config overrides). Each exercises a different part of the family.
 SPECS: dict[str, tuple[str, dict]] = {
     # GQA, llama3-style rope scaling, tied embeddings
-    "llama": ("LlamaConfig", dict(_TINY, num_key_value_heads=2, tie_word_embeddings=True,
-                                  rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 256})),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            _TINY,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        ),
+    ),
     # multi-query (1 KV head), explicit head_dim different from hidden/heads, untied
-    "mistral": ("MistralConfig", dict(_TINY, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
-                                      sliding_window=None)),
+    "mistral": (
+        "MistralConfig",
+        dict(_TINY, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False, sliding_window=None),
+    ),
     # q/k/v bias, tied
     "qwen2": ("Qwen2Config", dict(_TINY, num_key_value_heads=2, tie_word_embeddings=True)),
     # q/k RMSNorm, explicit head_dim, untied
     "qwen3": ("Qwen3Config", dict(_TINY, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
     # ~50M parameters (hidden 512, 8 layers): the CPU engine benchmark
-    "llama-50m": ("LlamaConfig", dict(_TINY, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=32000,
-                                      max_position_embeddings=2048, initializer_range=0.02,
-                                      tie_word_embeddings=False)),
+    "llama-50m": (
+        "LlamaConfig",
+        dict(
+            _TINY,
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            initializer_range=0.02,
+            tie_word_embeddings=False,
+        ),
+    ),
     # the serving demo/benchmark model: small enough to be quick on 2 cores, big enough that a
     # prefill costs noticeably more than a decode step
-    "llama-serve": ("LlamaConfig", dict(_TINY, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                        num_attention_heads=8, num_key_value_heads=4,
-                                        max_position_embeddings=4096, tie_word_embeddings=True)),
+    "llama-serve": (
+        "LlamaConfig",
+        dict(
+            _TINY,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        ),
+    ),
     # Shape of Meta-Llama-3-8B. Too big to save: benchmarks build it in memory with random weights.
-    "llama-3-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                       max_position_embeddings=8192, rms_norm_eps=1e-5,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                                       bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)),
+    "llama-3-8b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            bos_token_id=128000,
+            eos_token_id=128001,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 ARCHITECTURE_SPECS = ("llama", "mistral", "qwen2", "qwen3")
 IN_MEMORY_ONLY = ("llama-3-8b",)
@@ -70,6 +126,7 @@ def hf_config(name: str):
 
     cls_name, overrides = SPECS[name]
     return getattr(transformers, cls_name)(**dict({"vocab_size": TOKENIZER_VOCAB}, **overrides))
+
 
 CORPUS_WORDS = (
     "the a an prefill decode token cache block transfer worker router request latency throughput "
@@ -112,9 +169,7 @@ def build_tokenizer(folder: str, vocab_size: int = TOKENIZER_VOCAB) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
     fast.save_pretrained(folder)
 
 

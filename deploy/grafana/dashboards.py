@@ -24,86 +24,200 @@ def q(expr: str, legend: str = "") -> dict:
 def quantiles(metric: str, by: str = "") -> list[dict]:
     group = f"le, {by}" if by else "le"
     suffix = f" {{{{{by}}}}}" if by else ""
-    return [q(f"histogram_quantile({p}, sum by ({group}) (rate({metric}_bucket[{RATE}])))", f"p{int(p * 100)}{suffix}")
-            for p in (0.5, 0.9, 0.99)]
+    return [
+        q(f"histogram_quantile({p}, sum by ({group}) (rate({metric}_bucket[{RATE}])))", f"p{int(p * 100)}{suffix}")
+        for p in (0.5, 0.9, 0.99)
+    ]
 
 
 # (title, unit, queries, kind) ; kind: "timeseries" or "stat"
 DASHBOARDS = {
-    "pdserve-slo-overview": ("pdserve / SLO overview", [
-        ("SLO attainment (both SLOs, 5m)", "percentunit", [
-            q("pdserve:slo_attainment:ratio_rate5m", "both"),
-            q("pdserve:slo_ttft_attainment:ratio_rate5m", "TTFT"),
-            q("pdserve:slo_tpot_attainment:ratio_rate5m", "TPOT"),
-            q("max(pdserve_slo_attainment_target_ratio)", "target")], "timeseries"),
-        ("Attainment, last window", "percentunit", [q("min(pdserve_slo_attainment_ratio)", "attainment")], "stat"),
-        ("Goodput and throughput", "reqps", [
-            q("pdserve:goodput:rate5m", "goodput (met both SLOs)"),
-            q("pdserve:requests:rate5m", "finished requests")], "timeseries"),
-        ("Request rate by finish reason", "reqps", [
-            q(f"sum by (finish_reason) (rate(pdserve_requests_total[{RATE}]))", "{{finish_reason}}")], "timeseries"),
-        ("TTFT against SLO", "s", quantiles("pdserve_time_to_first_token_seconds")
-            + [q('max(pdserve_slo_target_seconds{slo="ttft"})', "SLO")], "timeseries"),
-        ("TPOT against SLO", "s", quantiles("pdserve_time_per_output_token_seconds")
-            + [q('max(pdserve_slo_target_seconds{slo="tpot"})', "SLO")], "timeseries"),
-        ("End-to-end latency", "s", quantiles("pdserve_e2e_request_latency_seconds"), "timeseries"),
-        ("Queue time before compute", "s", quantiles("pdserve_request_queue_time_seconds"), "timeseries"),
-        ("Inter-token latency", "s", quantiles("pdserve_inter_token_latency_seconds"), "timeseries"),
-        ("Tokens per second", "short", [
-            q(f"sum(rate(pdserve_prompt_tokens_total[{RATE}]))", "prompt"),
-            q("pdserve:generation_tokens:rate5m", "generated")], "timeseries"),
-        ("Requests in flight, retries", "short", [
-            q("sum(pdserve_requests_in_flight)", "in flight"),
-            q(f"sum(rate(pdserve_request_retries_total[{RATE}]))", "failovers/s")], "timeseries"),
-    ]),
-    "pdserve-prefill": ("pdserve / prefill", [
-        ("Queue", "short", [
-            q("sum by (instance) (pdserve_prefill_queue_requests)", "requests {{instance}}"),
-            q("sum by (instance) (pdserve_prefill_queue_tokens)", "tokens {{instance}}")], "timeseries"),
-        ("Queue time", "s", quantiles("pdserve_prefill_queue_time_seconds"), "timeseries"),
-        ("Batch step time", "s", quantiles("pdserve_prefill_step_duration_seconds"), "timeseries"),
-        ("Tokens per batch", "short", quantiles("pdserve_prefill_batch_tokens"), "timeseries"),
-        ("Prompts per batch", "short", quantiles("pdserve_prefill_batch_requests"), "timeseries"),
-        ("KV pool usage", "percentunit", [
-            q('pdserve:kv_blocks_usage:ratio{role="prefill"}', "{{instance}}")], "timeseries"),
-        ("KV entries waiting to be pulled", "short", [
-            q("sum by (instance) (pdserve_prefill_published_entries)", "{{instance}}")], "timeseries"),
-        ("Requests by outcome", "reqps", [
-            q(f"sum by (outcome) (rate(pdserve_prefill_requests_total[{RATE}]))", "{{outcome}}")], "timeseries"),
-    ]),
-    "pdserve-decode": ("pdserve / decode", [
-        ("Running and waiting requests", "short", [
-            q("sum by (instance) (pdserve_decode_running_requests)", "running {{instance}}"),
-            q("sum by (instance) (pdserve_decode_waiting_requests)", "waiting {{instance}}")], "timeseries"),
-        ("Decode step time", "s", quantiles("pdserve_decode_step_duration_seconds", by="kind"), "timeseries"),
-        ("Batch size", "short", quantiles("pdserve_decode_batch_size"), "timeseries"),
-        ("Admission wait (for KV blocks)", "s", quantiles("pdserve_decode_admission_wait_seconds"), "timeseries"),
-        ("KV pool usage", "percentunit", [
-            q('pdserve:kv_blocks_usage:ratio{role=~"decode|colocated"}', "{{role}} {{instance}}")], "timeseries"),
-        ("Generated tokens per second", "short", [
-            q(f"sum by (instance) (rate(pdserve_decode_generated_tokens_total[{RATE}]))", "{{instance}}")], "timeseries"),
-        ("Preemptions and KV recomputes", "ops", [
-            q(f"sum(rate(pdserve_decode_preemptions_total[{RATE}]))", "preemptions"),
-            q(f"sum by (reason) (rate(pdserve_decode_kv_recomputes_total[{RATE}]))", "recompute: {{reason}}")],
-            "timeseries"),
-    ]),
-    "pdserve-kvstore": ("pdserve / kvstore transfers", [
-        ("KV bytes moved by path", "Bps", [
-            q(f"sum by (path) (rate(pdserve_kvstore_transferred_bytes_total[{RATE}]))", "{{path}}"),
-            q(f"sum(rate(pdserve_kvstore_served_bytes_total[{RATE}]))", "served to other nodes")], "timeseries"),
-        ("Pulls by path", "ops", [
-            q(f"sum by (path) (rate(pdserve_kvstore_pulls_total[{RATE}]))", "{{path}}")], "timeseries"),
-        ("Transfer duration", "s", quantiles("pdserve_kvstore_transfer_duration_seconds", by="path"), "timeseries"),
-        ("Transfer failures", "ops", [
-            q(f"sum by (reason) (rate(pdserve_kvstore_transfer_failures_total[{RATE}]))", "{{reason}}")], "timeseries"),
-        ("Entries by tier", "short", [q("sum by (tier) (pdserve_kvstore_entries)", "{{tier}}")], "timeseries"),
-        ("Host tier", "bytes", [q("sum by (instance) (pdserve_kvstore_host_tier_bytes)", "{{instance}}")], "timeseries"),
-        ("TTL moves, expirations, evictions", "ops", [
-            q(f"sum(rate(pdserve_kvstore_ttl_moves_total[{RATE}]))", "moved to host"),
-            q(f"sum(rate(pdserve_kvstore_expired_entries_total[{RATE}]))", "expired"),
-            q(f"sum(rate(pdserve_kvstore_host_evictions_total[{RATE}]))", "evicted")], "timeseries"),
-        ("Registered pools", "short", [q("sum by (instance) (pdserve_kvstore_pools)", "{{instance}}")], "stat"),
-    ]),
+    "pdserve-slo-overview": (
+        "pdserve / SLO overview",
+        [
+            (
+                "SLO attainment (both SLOs, 5m)",
+                "percentunit",
+                [
+                    q("pdserve:slo_attainment:ratio_rate5m", "both"),
+                    q("pdserve:slo_ttft_attainment:ratio_rate5m", "TTFT"),
+                    q("pdserve:slo_tpot_attainment:ratio_rate5m", "TPOT"),
+                    q("max(pdserve_slo_attainment_target_ratio)", "target"),
+                ],
+                "timeseries",
+            ),
+            ("Attainment, last window", "percentunit", [q("min(pdserve_slo_attainment_ratio)", "attainment")], "stat"),
+            (
+                "Goodput and throughput",
+                "reqps",
+                [
+                    q("pdserve:goodput:rate5m", "goodput (met both SLOs)"),
+                    q("pdserve:requests:rate5m", "finished requests"),
+                ],
+                "timeseries",
+            ),
+            (
+                "Request rate by finish reason",
+                "reqps",
+                [q(f"sum by (finish_reason) (rate(pdserve_requests_total[{RATE}]))", "{{finish_reason}}")],
+                "timeseries",
+            ),
+            (
+                "TTFT against SLO",
+                "s",
+                quantiles("pdserve_time_to_first_token_seconds")
+                + [q('max(pdserve_slo_target_seconds{slo="ttft"})', "SLO")],
+                "timeseries",
+            ),
+            (
+                "TPOT against SLO",
+                "s",
+                quantiles("pdserve_time_per_output_token_seconds")
+                + [q('max(pdserve_slo_target_seconds{slo="tpot"})', "SLO")],
+                "timeseries",
+            ),
+            ("End-to-end latency", "s", quantiles("pdserve_e2e_request_latency_seconds"), "timeseries"),
+            ("Queue time before compute", "s", quantiles("pdserve_request_queue_time_seconds"), "timeseries"),
+            ("Inter-token latency", "s", quantiles("pdserve_inter_token_latency_seconds"), "timeseries"),
+            (
+                "Tokens per second",
+                "short",
+                [
+                    q(f"sum(rate(pdserve_prompt_tokens_total[{RATE}]))", "prompt"),
+                    q("pdserve:generation_tokens:rate5m", "generated"),
+                ],
+                "timeseries",
+            ),
+            (
+                "Requests in flight, retries",
+                "short",
+                [
+                    q("sum(pdserve_requests_in_flight)", "in flight"),
+                    q(f"sum(rate(pdserve_request_retries_total[{RATE}]))", "failovers/s"),
+                ],
+                "timeseries",
+            ),
+        ],
+    ),
+    "pdserve-prefill": (
+        "pdserve / prefill",
+        [
+            (
+                "Queue",
+                "short",
+                [
+                    q("sum by (instance) (pdserve_prefill_queue_requests)", "requests {{instance}}"),
+                    q("sum by (instance) (pdserve_prefill_queue_tokens)", "tokens {{instance}}"),
+                ],
+                "timeseries",
+            ),
+            ("Queue time", "s", quantiles("pdserve_prefill_queue_time_seconds"), "timeseries"),
+            ("Batch step time", "s", quantiles("pdserve_prefill_step_duration_seconds"), "timeseries"),
+            ("Tokens per batch", "short", quantiles("pdserve_prefill_batch_tokens"), "timeseries"),
+            ("Prompts per batch", "short", quantiles("pdserve_prefill_batch_requests"), "timeseries"),
+            (
+                "KV pool usage",
+                "percentunit",
+                [q('pdserve:kv_blocks_usage:ratio{role="prefill"}', "{{instance}}")],
+                "timeseries",
+            ),
+            (
+                "KV entries waiting to be pulled",
+                "short",
+                [q("sum by (instance) (pdserve_prefill_published_entries)", "{{instance}}")],
+                "timeseries",
+            ),
+            (
+                "Requests by outcome",
+                "reqps",
+                [q(f"sum by (outcome) (rate(pdserve_prefill_requests_total[{RATE}]))", "{{outcome}}")],
+                "timeseries",
+            ),
+        ],
+    ),
+    "pdserve-decode": (
+        "pdserve / decode",
+        [
+            (
+                "Running and waiting requests",
+                "short",
+                [
+                    q("sum by (instance) (pdserve_decode_running_requests)", "running {{instance}}"),
+                    q("sum by (instance) (pdserve_decode_waiting_requests)", "waiting {{instance}}"),
+                ],
+                "timeseries",
+            ),
+            ("Decode step time", "s", quantiles("pdserve_decode_step_duration_seconds", by="kind"), "timeseries"),
+            ("Batch size", "short", quantiles("pdserve_decode_batch_size"), "timeseries"),
+            ("Admission wait (for KV blocks)", "s", quantiles("pdserve_decode_admission_wait_seconds"), "timeseries"),
+            (
+                "KV pool usage",
+                "percentunit",
+                [q('pdserve:kv_blocks_usage:ratio{role=~"decode|colocated"}', "{{role}} {{instance}}")],
+                "timeseries",
+            ),
+            (
+                "Generated tokens per second",
+                "short",
+                [q(f"sum by (instance) (rate(pdserve_decode_generated_tokens_total[{RATE}]))", "{{instance}}")],
+                "timeseries",
+            ),
+            (
+                "Preemptions and KV recomputes",
+                "ops",
+                [
+                    q(f"sum(rate(pdserve_decode_preemptions_total[{RATE}]))", "preemptions"),
+                    q(f"sum by (reason) (rate(pdserve_decode_kv_recomputes_total[{RATE}]))", "recompute: {{reason}}"),
+                ],
+                "timeseries",
+            ),
+        ],
+    ),
+    "pdserve-kvstore": (
+        "pdserve / kvstore transfers",
+        [
+            (
+                "KV bytes moved by path",
+                "Bps",
+                [
+                    q(f"sum by (path) (rate(pdserve_kvstore_transferred_bytes_total[{RATE}]))", "{{path}}"),
+                    q(f"sum(rate(pdserve_kvstore_served_bytes_total[{RATE}]))", "served to other nodes"),
+                ],
+                "timeseries",
+            ),
+            (
+                "Pulls by path",
+                "ops",
+                [q(f"sum by (path) (rate(pdserve_kvstore_pulls_total[{RATE}]))", "{{path}}")],
+                "timeseries",
+            ),
+            ("Transfer duration", "s", quantiles("pdserve_kvstore_transfer_duration_seconds", by="path"), "timeseries"),
+            (
+                "Transfer failures",
+                "ops",
+                [q(f"sum by (reason) (rate(pdserve_kvstore_transfer_failures_total[{RATE}]))", "{{reason}}")],
+                "timeseries",
+            ),
+            ("Entries by tier", "short", [q("sum by (tier) (pdserve_kvstore_entries)", "{{tier}}")], "timeseries"),
+            (
+                "Host tier",
+                "bytes",
+                [q("sum by (instance) (pdserve_kvstore_host_tier_bytes)", "{{instance}}")],
+                "timeseries",
+            ),
+            (
+                "TTL moves, expirations, evictions",
+                "ops",
+                [
+                    q(f"sum(rate(pdserve_kvstore_ttl_moves_total[{RATE}]))", "moved to host"),
+                    q(f"sum(rate(pdserve_kvstore_expired_entries_total[{RATE}]))", "expired"),
+                    q(f"sum(rate(pdserve_kvstore_host_evictions_total[{RATE}]))", "evicted"),
+                ],
+                "timeseries",
+            ),
+            ("Registered pools", "short", [q("sum by (instance) (pdserve_kvstore_pools)", "{{instance}}")], "stat"),
+        ],
+    ),
 }
 
 
@@ -117,8 +231,15 @@ def panel(panel_id: int, title: str, unit: str, queries: list[dict], kind: str) 
         "gridPos": {"h": 8, "w": width, "x": 0, "y": 0},  # Grafana flows panels left to right
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
         "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if kind == "timeseries" else {},
-        "targets": [{"refId": chr(ord("A") + i), "expr": t["expr"], "legendFormat": t["legend"],
-                     "datasource": {"type": "prometheus", "uid": "${datasource}"}} for i, t in enumerate(queries)],
+        "targets": [
+            {
+                "refId": chr(ord("A") + i),
+                "expr": t["expr"],
+                "legendFormat": t["legend"],
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            }
+            for i, t in enumerate(queries)
+        ],
     }
 
 
@@ -142,15 +263,26 @@ def dashboard(uid: str, title: str, panels: list) -> dict:
         "editable": True,
         "refresh": "10s",
         "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus",
-                                 "label": "Prometheus", "current": {}}]},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "label": "Prometheus",
+                    "current": {},
+                }
+            ]
+        },
         "panels": built,
     }
 
 
 def build() -> dict[str, str]:
-    return {f"{uid}.json": json.dumps(dashboard(uid, title, panels), indent=2) + "\n"
-            for uid, (title, panels) in DASHBOARDS.items()}
+    return {
+        f"{uid}.json": json.dumps(dashboard(uid, title, panels), indent=2) + "\n"
+        for uid, (title, panels) in DASHBOARDS.items()
+    }
 
 
 if __name__ == "__main__":

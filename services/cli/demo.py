@@ -37,8 +37,9 @@ def add_demo_arguments(ap) -> None:
 
 
 async def _stream(stub, prompt: str, max_tokens: int, show: bool):
-    request = router_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
-        max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=7))
+    request = router_pb2.GenerateRequest(
+        prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=7)
+    )
     text, last = "", None
     async for response in stub.Generate(request):
         text += response.text
@@ -54,15 +55,19 @@ async def _run(router: str, max_tokens: int) -> None:
         print("\n(the embedded model has random weights: its text is gibberish, the serving path is real)")
         print(f"> {PROMPTS[0]}\n", end="")
         _, last = await _stream(stub, PROMPTS[0], max_tokens, show=True)
-        print(f"\n  [{last.finish_reason}] TTFT {last.timing.ttft_seconds * 1e3:.1f} ms, "
-              f"TPOT {last.timing.tpot_seconds * 1e3:.1f} ms\n")
+        print(
+            f"\n  [{last.finish_reason}] TTFT {last.timing.ttft_seconds * 1e3:.1f} ms, "
+            f"TPOT {last.timing.tpot_seconds * 1e3:.1f} ms\n"
+        )
         print(f"{len(PROMPTS) - 1} concurrent requests:")
         results = await asyncio.gather(*(_stream(stub, p, max_tokens, show=False) for p in PROMPTS[1:]))
         print(f"  {'TTFT ms':>8} {'TPOT ms':>8} {'tokens':>6}  text")
         for text, last in results:
             t = last.timing
-            print(f"  {t.ttft_seconds * 1e3:8.1f} {t.tpot_seconds * 1e3:8.1f} {last.usage.completion_tokens:6d}  "
-                  f"{text[:60]!r}")
+            print(
+                f"  {t.ttft_seconds * 1e3:8.1f} {t.tpot_seconds * 1e3:8.1f} {last.usage.completion_tokens:6d}  "
+                f"{text[:60]!r}"
+            )
 
 
 def _kv_bytes(info: dict) -> str:
@@ -71,8 +76,10 @@ def _kv_bytes(info: dict) -> str:
         if svc["role"] == "kvstore":
             with grpc.insecure_channel(svc["grpc"]) as ch:
                 s = kvstore_pb2_grpc.KvStoreStub(ch).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=5)
-            parts.append(f"{svc['node']}: {s.bytes_ucx_sent} B sent / {s.bytes_ucx_received} B received over UCX, "
-                         f"{s.bytes_local} B copied locally")
+            parts.append(
+                f"{svc['node']}: {s.bytes_ucx_sent} B sent / {s.bytes_ucx_received} B received over UCX, "
+                f"{s.bytes_local} B copied locally"
+            )
     return "\n  ".join(parts)
 
 
@@ -80,8 +87,13 @@ def demo(args) -> int:
     started = time.monotonic()
     print("building the embedded tiny model (cached after the first run)...", flush=True)
     model = model_dir_or_default(args.model)
-    spec = ClusterSpec(model=model, mode=args.mode, nodes=args.nodes if args.mode == "disaggregated" else 1,
-                       router_port=0, log_dir=args.log_dir)
+    spec = ClusterSpec(
+        model=model,
+        mode=args.mode,
+        nodes=args.nodes if args.mode == "disaggregated" else 1,
+        router_port=0,
+        log_dir=args.log_dir,
+    )
     cluster = Cluster(spec)
     print(f"starting a {args.mode} cluster on {spec.nodes} emulated node(s) (logs in {args.log_dir}/):", flush=True)
     try:
@@ -99,4 +111,3 @@ def demo(args) -> int:
         return 1
     print(f"done in {time.monotonic() - started:.0f} s")
     return 0
-

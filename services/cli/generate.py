@@ -32,8 +32,10 @@ def generate(args) -> int:
                 print(response.text, end="", flush=True)
                 if response.finish_reason:
                     t = response.timing
-                    print(f"\n[{response.finish_reason}] {response.usage.completion_tokens} tokens, "
-                          f"TTFT {t.ttft_seconds * 1e3:.1f} ms, TPOT {t.tpot_seconds * 1e3:.1f} ms")
+                    print(
+                        f"\n[{response.finish_reason}] {response.usage.completion_tokens} tokens, "
+                        f"TTFT {t.ttft_seconds * 1e3:.1f} ms, TPOT {t.tpot_seconds * 1e3:.1f} ms"
+                    )
 
     try:
         asyncio.run(run())

@@ -23,21 +23,36 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decode", type=int, default=1, help="decode workers")
     ap.add_argument("--colocated", type=int, default=1, help="workers in colocated mode")
     ap.add_argument("--nodes", type=int, default=1, help="kvstore daemons, each emulating a node")
-    ap.add_argument("--placement", choices=["split", "spread"], default="split",
-                    help="split: prefill on the first half of the nodes, decode on the rest")
+    ap.add_argument(
+        "--placement",
+        choices=["split", "spread"],
+        default="split",
+        help="split: prefill on the first half of the nodes, decode on the rest",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7000, help="router gRPC port (0: any free port)")
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
     ap.add_argument("--log-dir", default="results/cluster-logs")
-    ap.add_argument("--prometheus-config", default="",
-                    help="write a Prometheus config scraping this cluster (with deploy/prometheus rules) here")
-    ap.add_argument("--on-exit", choices=["restart", "stop"], default="restart",
-                    help="when a service dies: start it again (up to 3 times) or stop the whole cluster")
-    ap.add_argument("--worker-arg", action="append", default=[],
-                    help='extra flags for every worker (repeatable): "--dtype bfloat16", or --worker-arg=--no-cuda-graphs '
-                         "for a flag without a value")
+    ap.add_argument(
+        "--prometheus-config",
+        default="",
+        help="write a Prometheus config scraping this cluster (with deploy/prometheus rules) here",
+    )
+    ap.add_argument(
+        "--on-exit",
+        choices=["restart", "stop"],
+        default="restart",
+        help="when a service dies: start it again (up to 3 times) or stop the whole cluster",
+    )
+    ap.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        help='extra flags for every worker (repeatable): "--dtype bfloat16", or --worker-arg=--no-cuda-graphs '
+        "for a flag without a value",
+    )
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
     ap.add_argument("--kvstore-arg", action="append", default=[], help="extra flag for every kvstore (repeatable)")
 
@@ -47,18 +62,31 @@ def spec_from_args(args) -> ClusterSpec:
         return [part for v in values for part in shlex.split(v)]
 
     return ClusterSpec(
-        model=args.model, mode=args.mode, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
-        nodes=args.nodes, placement=args.placement, host=args.host, router_port=args.port,
-        kv_cache_gb=args.kv_cache_gb, threads=args.threads, log_dir=args.log_dir,
-        worker_args=split_flags(args.worker_arg), router_args=split_flags(args.router_arg),
+        model=args.model,
+        mode=args.mode,
+        prefill=args.prefill,
+        decode=args.decode,
+        colocated=args.colocated,
+        nodes=args.nodes,
+        placement=args.placement,
+        host=args.host,
+        router_port=args.port,
+        kv_cache_gb=args.kv_cache_gb,
+        threads=args.threads,
+        log_dir=args.log_dir,
+        worker_args=split_flags(args.worker_arg),
+        router_args=split_flags(args.router_arg),
         kvstore_args=split_flags(args.kvstore_arg),
     )
 
 
 def _check_args(args, spec: ClusterSpec) -> None:
     counts = {"--nodes": spec.nodes}
-    counts.update({"--prefill": spec.prefill, "--decode": spec.decode} if spec.mode == "disaggregated"
-                  else {"--colocated": spec.colocated})
+    counts.update(
+        {"--prefill": spec.prefill, "--decode": spec.decode}
+        if spec.mode == "disaggregated"
+        else {"--colocated": spec.colocated}
+    )
     for flag, value in counts.items():
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")

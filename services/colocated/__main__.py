@@ -7,12 +7,18 @@ from .server import ColocatedService
 
 
 def main(argv=None) -> None:
-    args = worker_parser(Role.COLOCATED, "pdserve colocated worker (prefill + decode)", port=7400,
-                         metrics_port=9400).parse_args(argv)
+    args = worker_parser(
+        Role.COLOCATED, "pdserve colocated worker (prefill + decode)", port=7400, metrics_port=9400
+    ).parse_args(argv)
 
     def make_service(engine, registry, worker_id):
-        return ColocatedService(engine, node_id=args.node_id, model_name=engine.kv_pool.layout.model_id,
-                                registry=registry, stream_interval=args.stream_interval)
+        return ColocatedService(
+            engine,
+            node_id=args.node_id,
+            model_name=engine.kv_pool.layout.model_id,
+            registry=registry,
+            stream_interval=args.stream_interval,
+        )
 
     run_worker(Role.COLOCATED, args, make_service)
 

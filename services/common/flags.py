@@ -34,6 +34,10 @@ class FlagParser(argparse.ArgumentParser):
             return self.add_argument(flag, default=default, help=text, **kwargs)
         return self.add_argument(flag, default=default, type=type, help=text, **kwargs)
 
+    def flags(self) -> set[str]:
+        """Every option string it takes ("--port", "-h", ...)."""
+        return {option for action in self._actions for option in action.option_strings}
+
 
 class _AppendOverridingDefault(argparse.Action):
     """argparse's "append", except that the first value on the command line starts a new list

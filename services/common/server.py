@@ -85,7 +85,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             inner_stream = handler.unary_stream
             if inspect.isasyncgenfunction(inner_stream):
-                async def unary_stream(request, context):
+
+                async def yielded(request, context):
                     await _reject_undecodable(request, context)
                     observe(method, "request", request)
                     try:
@@ -94,16 +95,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                             yield response
                     except ServiceError as exc:
                         await context.abort(exc.code, exc.message)
-            else:  # a coroutine that writes with context.write: watch the writes
-                async def unary_stream(request, context):
-                    await _reject_undecodable(request, context)
-                    observe(method, "request", request)
-                    try:
-                        return await inner_stream(request, _ObservedWrites(context, lambda m: observe(method, "response", m)))
-                    except ServiceError as exc:
-                        await context.abort(exc.code, exc.message)
 
-            return handler._replace(unary_stream=unary_stream)
+                return handler._replace(unary_stream=yielded)
+
+            async def written(request, context):  # a coroutine that writes with context.write: watch the writes
+                await _reject_undecodable(request, context)
+                observe(method, "request", request)
+                try:
+                    return await inner_stream(
+                        request, _ObservedWrites(context, lambda m: observe(method, "response", m))
+                    )
+                except ServiceError as exc:
+                    await context.abort(exc.code, exc.message)
+
+            return handler._replace(unary_stream=written)
         return handler
 
 
@@ -116,7 +121,7 @@ def _tolerant(deserialize):
     def parse(data: bytes):
         try:
             return deserialize(data)
-        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything else unparseable
+        except Exception as exc:
             return _Undecodable(exc)
 
     return parse
@@ -124,8 +129,10 @@ def _tolerant(deserialize):
 
 async def _reject_undecodable(request, context) -> None:
     if isinstance(request, _Undecodable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"request: cannot be parsed ({request.error}); string fields must be valid UTF-8")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request: cannot be parsed ({request.error}); string fields must be valid UTF-8",
+        )
 
 
 class _ObservedWrites:
@@ -172,9 +179,7 @@ class ServiceRunner:
         self.bound_port = 0
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], Iterable[str]]) -> None:
-        self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.registry)], options=GRPC_OPTIONS
-        )
+        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(self.registry)], options=GRPC_OPTIONS)
         names = list(add_servicers(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -186,8 +191,11 @@ class ServiceRunner:
             raise RuntimeError(f"{self.name}: cannot bind gRPC port {self.host}:{self.port}")
         await self.server.start()
         if self.metrics_port >= 0:
-            start_http_server(self.metrics_port, addr=self.host if self.host not in ("[::]", "") else "0.0.0.0",
-                              registry=self.registry)
+            start_http_server(
+                self.metrics_port,
+                addr=self.host if self.host not in ("[::]", "") else "0.0.0.0",
+                registry=self.registry,
+            )
         for n in names + [""]:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving gRPC on %s:%d, metrics on :%d", self.name, self.host, self.bound_port, self.metrics_port)
@@ -216,7 +224,8 @@ class ServiceRunner:
         if drain is not None:
             try:
                 await asyncio.wait_for(drain(), timeout=self.grace_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%s: drain did not finish within %.0fs", self.name, self.grace_seconds)
+        assert self.server is not None, "not started"
         await self.server.stop(grace=min(5.0, self.grace_seconds))
         log.info("%s: stopped", self.name)

@@ -60,9 +60,17 @@ def positive_seconds(field: str, value: float | None) -> None:
         raise invalid(field, f"must be > 0, got {value}")
 
 
-def generation(limits: ModelLimits, prompt_field: str, prompt_ids: Sequence[int], output_field: str,
-               output_ids: Sequence[int], sp: common_pb2.SamplingParams, *, max_tokens: int,
-               need_output: bool = False) -> tuple[list[int], list[int]]:
+def generation(
+    limits: ModelLimits,
+    prompt_field: str,
+    prompt_ids: Sequence[int],
+    output_field: str,
+    output_ids: Sequence[int],
+    sp: common_pb2.SamplingParams,
+    *,
+    max_tokens: int,
+    need_output: bool = False,
+) -> tuple[list[int], list[int]]:
     """A prompt, the tokens generated for it so far (a resumed or already-started request), and its
     sampling, checked together: the generated tokens count against max_model_len and max_tokens."""
     prompt = token_ids(prompt_field, prompt_ids, limits)

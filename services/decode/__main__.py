@@ -11,9 +11,15 @@ def main(argv=None) -> None:
     args = worker_parser(Role.DECODE, "pdserve decode worker", port=7300, metrics_port=9300).parse_args(argv)
 
     def make_service(engine, registry, worker_id):
-        return DecodeService(engine, KvStoreClient(args.kvstore), worker_id=worker_id, node_id=args.node_id,
-                             model_name=engine.kv_pool.layout.model_id, registry=registry,
-                             stream_interval=args.stream_interval)
+        return DecodeService(
+            engine,
+            KvStoreClient(args.kvstore),
+            worker_id=worker_id,
+            node_id=args.node_id,
+            model_name=engine.kv_pool.layout.model_id,
+            registry=registry,
+            stream_interval=args.stream_interval,
+        )
 
     run_worker(Role.DECODE, args, make_service)
 

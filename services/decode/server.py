@@ -49,31 +49,56 @@ class RecomputeReason(StrEnum):
 
 
 # Pull failures answered before any copy started: the destination blocks were never written.
-SETTLED_PULL_FAILURES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-                         grpc.StatusCode.INVALID_ARGUMENT)
+SETTLED_PULL_FAILURES = (
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+)
 
 
 class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     role = Role.DECODE
 
-    def __init__(self, engine: Engine, kvstore: KvStoreClient, *, worker_id: str, node_id: str, model_name: str,
-                 registry: CollectorRegistry, stream_interval: int = 1):
-        self.scheduler: DecodeScheduler = DecodeScheduler(engine.block_manager, engine.config.max_num_seqs,
-                                                          engine.config.max_num_batched_tokens)
-        super().__init__(engine, self.scheduler, node_id=node_id, model_name=model_name, registry=registry,
-                         stream_interval=stream_interval)
+    def __init__(
+        self,
+        engine: Engine,
+        kvstore: KvStoreClient,
+        *,
+        worker_id: str,
+        node_id: str,
+        model_name: str,
+        registry: CollectorRegistry,
+        stream_interval: int = 1,
+    ):
+        self.scheduler: DecodeScheduler = DecodeScheduler(
+            engine.block_manager, engine.config.max_num_seqs, engine.config.max_num_batched_tokens
+        )
+        super().__init__(
+            engine,
+            self.scheduler,
+            node_id=node_id,
+            model_name=model_name,
+            registry=registry,
+            stream_interval=stream_interval,
+        )
         self.kvstore = kvstore
         self.worker_id = worker_id
         # After a pull that failed mid-transfer (our deadline passed, the call broke off), the
         # daemon may still be writing into its blocks until it notices (it stops at its next
         # copy run, within milliseconds): they return to the pool only after this long.
         self.unsettled_pull_grace_seconds = 5.0
-        self.admission_wait = Histogram("pdserve_decode_admission_wait_seconds",
-                                        "Time from a request's arrival until it was given KV blocks.",
-                                        buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
-        self.recomputes = Counter("pdserve_decode_kv_recomputes_total",
-                                  "Requests whose KV was recomputed here because the pull failed.", ["reason"],
-                                  registry=registry)
+        self.admission_wait = Histogram(
+            "pdserve_decode_admission_wait_seconds",
+            "Time from a request's arrival until it was given KV blocks.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.recomputes = Counter(
+            "pdserve_decode_kv_recomputes_total",
+            "Requests whose KV was recomputed here because the pull failed.",
+            ["reason"],
+            registry=registry,
+        )
         for reason in RecomputeReason:
             self.recomputes.labels(reason)
 
@@ -86,8 +111,14 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "decode worker is shutting down")
         prompt, outputs, sampling = validate_generation(
-            self.engine, "prompt_token_ids", request.prompt_token_ids, "output_token_ids", request.output_token_ids,
-            request.sampling, need_output=True)
+            self.engine,
+            "prompt_token_ids",
+            request.prompt_token_ids,
+            "output_token_ids",
+            request.output_token_ids,
+            request.sampling,
+            need_output=True,
+        )
         if not request.kv.kv_id:
             raise invalid("kv.kv_id", "a KV handle is required")
         cached = len(prompt) + len(outputs) - 1
@@ -95,11 +126,17 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             raise invalid("kv.num_tokens", f"is {request.kv.num_tokens}, the tokens before the last are {cached}")
         fingerprint = self.engine.kv_pool.layout.fingerprint()
         if request.kv.layout_fingerprint != fingerprint:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"kv.layout_fingerprint: {request.kv.layout_fingerprint!r} does not match this "
-                               f"worker's pool {fingerprint!r} (same model, dtype and block size needed)")
-        seq = Sequence(seq_id=new_seq_id(request.request_id), token_ids=prompt + outputs,
-                       num_prompt_tokens=len(prompt), sampling=sampling)
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"kv.layout_fingerprint: {request.kv.layout_fingerprint!r} does not match this "
+                f"worker's pool {fingerprint!r} (same model, dtype and block size needed)",
+            )
+        seq = Sequence(
+            seq_id=new_seq_id(request.request_id),
+            token_ids=prompt + outputs,
+            num_prompt_tokens=len(prompt),
+            sampling=sampling,
+        )
         job = self.new_job(request.request_id, seq)
         job.handle = request.kv
         await self.stream(job, context)
@@ -138,7 +175,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             await self.kvstore.pull(block_ids, job.handle)
         except grpc.aio.AioRpcError as exc:
             error = exc.code()
-        except Exception:  # noqa: BLE001 - any failure falls back to recompute
+        except Exception:
             log.exception("request %s: KV pull failed", job.request_id)
             error = grpc.StatusCode.UNKNOWN
         self.thread.post(lambda: self._pulled(job, error))

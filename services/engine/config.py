@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -46,10 +47,10 @@ class ModelConfig:
     o_bias: bool
     qk_norm: bool
     eos_token_ids: tuple[int, ...]
-    hf_config: object = field(repr=False, compare=False, default=None)
+    hf_config: Any = field(repr=False, compare=False, default=None)  # transformers' PretrainedConfig
 
     @classmethod
-    def from_hf_config(cls, hf_config) -> "ModelConfig":
+    def from_hf_config(cls, hf_config) -> ModelConfig:
         archs = list(getattr(hf_config, "architectures", None) or [])
         arch = archs[0] if archs else _arch_from_model_type(getattr(hf_config, "model_type", ""))
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -89,7 +90,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str) -> "ModelConfig":
+    def from_pretrained(cls, model_dir: str) -> ModelConfig:
         from transformers import AutoConfig
 
         path = os.path.join(model_dir, "config.json")
@@ -127,7 +128,12 @@ class ModelConfig:
         return self.num_layers * per_layer + embed + h
 
 
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def _arch_from_model_type(model_type: str) -> str:

@@ -56,7 +56,7 @@ class Engine:
     def __init__(
         self,
         model_dir: str | None,
-        config: EngineConfig = EngineConfig(),
+        config: EngineConfig | None = None,
         *,
         model_config: ModelConfig | None = None,
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
@@ -64,7 +64,7 @@ class Engine:
         """Loads `model_dir` (a Hugging Face checkpoint folder). Without a folder, pass
         `model_config` and either `weights` (name, tensor) pairs in Hugging Face naming or nothing
         for seeded random weights (benchmarks)."""
-        self.config = config
+        self.config = config = config or EngineConfig()
         if model_config is None:
             assert model_dir is not None, "give a model folder or a model_config"
             model_config = ModelConfig.from_pretrained(model_dir)
@@ -100,13 +100,26 @@ class Engine:
         self.kv_pool = KvPool.allocate(layout, config.device, name=config.kv_pool_name)
         # The last block is never handed out: padded rows of a captured decode batch write there.
         self.block_manager = BlockManager(layout.num_blocks - 1, config.block_size)
-        self.runner = ModelRunner(self.model, self.backend, config, self.kv_pool, self.block_manager,
-                                  self.max_model_len, null_block=layout.num_blocks - 1)
+        self.runner = ModelRunner(
+            self.model,
+            self.backend,
+            config,
+            self.kv_pool,
+            self.block_manager,
+            self.max_model_len,
+            null_block=layout.num_blocks - 1,
+        )
         self.last_logits: torch.Tensor | None = None  # [len(seqs), vocab] of the last step, for tests
         log.info(
             "engine ready: %s, %.1fM params, %s on %s (%s backend), %d KV blocks of %d tokens (%.1f MiB)",
-            mc.architecture, mc.num_params() / 1e6, config.dtype, config.device, self.backend.name,
-            self.block_manager.num_blocks, config.block_size, layout.total_bytes / 2**20,
+            mc.architecture,
+            mc.num_params() / 1e6,
+            config.dtype,
+            config.device,
+            self.backend.name,
+            self.block_manager.num_blocks,
+            config.block_size,
+            layout.total_bytes / 2**20,
         )
 
     def _num_kv_blocks(self) -> int:

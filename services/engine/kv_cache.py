@@ -33,6 +33,7 @@ import logging
 import mmap
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -89,16 +90,25 @@ def model_id_for(model_dir_or_name: str, config_dict: dict) -> str:
 class KvPool:
     """A worker's KV blocks in shareable memory, plus per-layer views for attention."""
 
-    def __init__(self, layout: KvLayout, tensor: torch.Tensor, descriptor: dict, owner: bool, closer=None):
+    def __init__(
+        self,
+        layout: KvLayout,
+        tensor: torch.Tensor,
+        descriptor: dict,
+        owner: bool,
+        closer: Callable[[], None] | None = None,
+        mapping: mmap.mmap | None = None,
+    ):
         self.layout = layout
         self.tensor = tensor  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
         self.descriptor = descriptor  # how another process on this node maps the same memory
         self._owner = owner
         self._closer = closer
+        self._mapping = mapping  # a shared-memory pool's mapping, kept alive with the tensor over it
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
-    def allocate(cls, layout: KvLayout, device: str = "cpu", name: str | None = None) -> "KvPool":
+    def allocate(cls, layout: KvLayout, device: str = "cpu", name: str | None = None) -> KvPool:
         dtype = getattr(torch, layout.dtype)
         shape = (layout.num_blocks, *layout.block_shape)
         if device == "cpu":
@@ -126,14 +136,12 @@ class KvPool:
 
             atexit.register(close)
             descriptor = {"kind": "shm", "path": path, "size": layout.total_bytes}
-            pool = cls(layout, tensor, descriptor, owner=True, closer=close)
-            pool._mmap = mm
-            return pool
+            return cls(layout, tensor, descriptor, owner=True, closer=close, mapping=mm)
         tensor = torch.zeros(shape, dtype=dtype, device=device)
         return cls(layout, tensor, _cuda_ipc_descriptor(tensor), owner=True)
 
     @classmethod
-    def attach(cls, layout: KvLayout, descriptor: dict) -> "KvPool":
+    def attach(cls, layout: KvLayout, descriptor: dict) -> KvPool:
         """Maps a pool another process allocated on this node (used by the kvstore daemon)."""
         kind = descriptor.get("kind")
         if kind == "shm":
@@ -152,9 +160,7 @@ class KvPool:
                 os.close(fd)
             flat = torch.frombuffer(mm, dtype=torch.uint8, count=size)
             tensor = flat.view(getattr(torch, layout.dtype)).view(layout.num_blocks, *layout.block_shape)
-            pool = cls(layout, tensor, descriptor, owner=False)
-            pool._mmap = mm
-            return pool
+            return cls(layout, tensor, descriptor, owner=False, mapping=mm)
         if kind == "cuda_ipc":
             device = local_cuda_index(descriptor)
             torch.cuda.set_device(device)  # opening a handle needs a live context on the owning GPU
@@ -203,7 +209,7 @@ def _create_locked(path: str) -> int:
 def remove_stale_pools(folder: str = SHM_DIR) -> list[str]:
     """Removes the pool files whose owner has died (no flock held on them); returns their paths.
     Files this user cannot open are left alone."""
-    removed = []
+    removed: list[str] = []
     try:
         names = [n for n in os.listdir(folder) if n.startswith(POOL_FILE_PREFIX)]
     except OSError:
@@ -233,8 +239,13 @@ def remove_stale_pools(folder: str = SHM_DIR) -> list[str]:
         finally:
             os.close(fd)
     if removed:
-        log.warning("removed %d KV pool file(s) left in %s by processes that died: %s%s", len(removed), folder,
-                    ", ".join(removed[:5]), ", ..." if len(removed) > 5 else "")
+        log.warning(
+            "removed %d KV pool file(s) left in %s by processes that died: %s%s",
+            len(removed),
+            folder,
+            ", ".join(removed[:5]),
+            ", ..." if len(removed) > 5 else "",
+        )
     return removed
 
 
@@ -266,7 +277,7 @@ def _cuda_ipc_descriptor(tensor: torch.Tensor) -> dict:
     (device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
         tensor.untyped_storage()._share_cuda_()
     )
-    b64 = lambda b: base64.b64encode(b).decode() if b else ""  # noqa: E731
+    b64 = lambda b: base64.b64encode(b).decode() if b else ""
     return {
         "kind": "cuda_ipc",
         "uuid": str(torch.cuda.get_device_properties(device).uuid),
@@ -282,7 +293,7 @@ def _cuda_ipc_descriptor(tensor: torch.Tensor) -> dict:
 
 
 def _decode_cuda_ipc(d: dict) -> tuple:
-    unb64 = lambda s: base64.b64decode(s) if s else b""  # noqa: E731
+    unb64 = lambda s: base64.b64decode(s) if s else b""
     return (
         d["device"],
         unb64(d["handle"]),

@@ -23,8 +23,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend, tp: TensorParallel = NO_TP):
         super().__init__()
         self.backend = backend
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False,
-                                                       tp=tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False, tp=tp
+        )
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.mlp = MLP(config, backend, tp)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: Metadata, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: Metadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it); the next layer's
         norm adds the two, so each residual add fuses into a norm (same sums as transformers)."""
         h, residual = self.input_layernorm.add_norm(x, residual)
@@ -70,8 +77,9 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.finalize(self.backend)
 
-    def forward(self, input_ids: torch.Tensor, meta: Metadata, kv_pool: KvPool,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, meta: Metadata, kv_pool: KvPool, logits_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Returns logits [N, vocab] for the tokens at `logits_indices` (all when None)."""
         x = self.embed_tokens(input_ids)
         residual = None

@@ -20,8 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, backend: Backend, config: EngineConfig, kv_pool: KvPool,
-                 block_manager: BlockManager, max_model_len: int, null_block: int):
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: Backend,
+        config: EngineConfig,
+        kv_pool: KvPool,
+        block_manager: BlockManager,
+        max_model_len: int,
+        null_block: int,
+    ):
         self.model = model
         self.backend = backend
         self.config = config
@@ -49,7 +57,10 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Packs the prompts (no padding), writes their K/V, returns last-token logits [N, V]."""
         self._forget_discarded()
-        input_ids, positions, slots, cu = [], [], [], [0]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
         for seq in seqs:
             n = len(seq.token_ids)
             input_ids.extend(seq.token_ids)
@@ -84,9 +95,14 @@ class ModelRunner:
             return self._replay(graph_bs, seqs, input_ids, positions, slots, context_lens)
         width = ceil_div(max(context_lens), self.block_size)
         tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
-        inputs = StepInputs([s.seq_id for s in seqs], self._tensor(positions), self._tensor(slots),
-                            block_tables=self._tensor(tables, torch.int32),
-                            context_lens=self._tensor(context_lens, torch.int32), context_lens_list=context_lens)
+        inputs = StepInputs(
+            [s.seq_id for s in seqs],
+            self._tensor(positions),
+            self._tensor(slots),
+            block_tables=self._tensor(tables, torch.int32),
+            context_lens=self._tensor(context_lens, torch.int32),
+            context_lens_list=context_lens,
+        )
         meta = self.backend.decode_metadata(inputs)
         logits = self.model(self._tensor(input_ids), meta, self.kv_pool)
         self.backend.end_step(meta, self.kv_pool)
@@ -105,9 +121,14 @@ class ModelRunner:
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         for bs in sorted(sizes, reverse=True):
-            inputs = StepInputs([""] * bs, self.g_positions[:bs], self.g_slots[:bs], block_tables=self.g_tables[:bs],
-                                context_lens=self.g_context_lens[:bs],
-                                context_lens_list=[self.max_blocks_per_seq * self.block_size] * bs)
+            inputs = StepInputs(
+                [""] * bs,
+                self.g_positions[:bs],
+                self.g_slots[:bs],
+                block_tables=self.g_tables[:bs],
+                context_lens=self.g_context_lens[:bs],
+                context_lens_list=[self.max_blocks_per_seq * self.block_size] * bs,
+            )
             meta = self.backend.decode_metadata(inputs)
             args = (self.g_input_ids[:bs], meta, self.kv_pool)
             with torch.inference_mode():

@@ -44,8 +44,9 @@ class AbortOutcome(Enum):
     UNKNOWN = "unknown"  # it had finished already
 
 
-def take_prefill_batch(waiting: deque[Sequence], blocks: BlockManager, max_tokens: int, max_seqs: int,
-                       reserve_blocks: int = 0) -> list[Sequence]:
+def take_prefill_batch(
+    waiting: deque[Sequence], blocks: BlockManager, max_tokens: int, max_seqs: int, reserve_blocks: int = 0
+) -> list[Sequence]:
     """Pops the longest FCFS prefix of `waiting` that fits the token budget and the free blocks.
 
     A prompt longer than the budget still runs, alone: the budget bounds batching, not prompts."""
@@ -157,8 +158,13 @@ class BatchScheduler:
     def schedule(self) -> StepPlan | None:
         """The next step, its blocks allocated; None when nothing can run now."""
         room = self.max_num_seqs - len(self.running)
-        batch = take_prefill_batch(self.waiting, self.blocks, self.max_num_batched_tokens, room,
-                                   reserve_blocks=self.watermark_blocks if self.running else 0)
+        batch = take_prefill_batch(
+            self.waiting,
+            self.blocks,
+            self.max_num_batched_tokens,
+            room,
+            reserve_blocks=self.watermark_blocks if self.running else 0,
+        )
         if batch:
             for seq in batch:
                 self.blocks.allocate_seq(seq)
@@ -284,7 +290,11 @@ class DecodeScheduler(BatchScheduler):
         # With blocks in quarantine and nothing running, a recompute that does not fit cannot be
         # stepped until they come back (the worker is woken when they do): reporting work then
         # would spin the engine thread for the whole quarantine.
-        if self.quarantined_blocks and self.waiting and not self.running:
-            if not self.blocks.can_allocate(self.blocks.blocks_for_tokens(len(self.waiting[0]))):
-                return False
+        if (
+            self.quarantined_blocks
+            and self.waiting
+            and not self.running
+            and not self.blocks.can_allocate(self.blocks.blocks_for_tokens(len(self.waiting[0])))
+        ):
+            return False
         return super().has_work() or (bool(self.admission) and self.fits(self.admission[0]))

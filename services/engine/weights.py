@@ -21,8 +21,13 @@ from .model import CausalLM
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 # checkpoint module name -> (our module name, shard)
-_MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_MERGED: dict[str, tuple[str, Shard]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -38,7 +43,7 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir!r}")
     for name in files:
         with safe_open(os.path.join(model_dir, name), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
                 yield key, f.get_tensor(key)
 
 
@@ -89,7 +94,9 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
         expected[(path, param_name)].discard(shard)
     missing = sorted(f"{path}.{name}" for (path, name), shards in expected.items() if shards)
     if missing:
-        raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 def _copy(param: nn.Parameter, tensor: torch.Tensor) -> None:

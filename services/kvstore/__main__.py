@@ -10,9 +10,8 @@ import asyncio
 import logging
 import socket
 
-from services.common.metrics import new_registry
-
 from services.common.flags import FlagParser, common_server_flags, setup_process
+from services.common.metrics import new_registry
 from services.common.server import ServiceRunner
 
 from .daemon import KvStoreConfig, KvStoreDaemon
@@ -25,19 +24,31 @@ def parser() -> FlagParser:
     p = FlagParser(prog="python -m services.kvstore", description=__doc__.splitlines()[0])
     common_server_flags(p, port=7100, metrics_port=9100)
     p.add_flag("--node-id", default=socket.gethostname(), help="this node's name (Kubernetes: spec.nodeName)")
-    p.add_flag("--advertise-address", default="",
-               help="gRPC host:port other nodes use to reach this daemon (default: transfer host and --port)")
-    p.add_flag("--transfer-host", default="", help="address of this node that peers use for UCX (default: this host's IP)")
+    p.add_flag(
+        "--advertise-address",
+        default="",
+        help="gRPC host:port other nodes use to reach this daemon (default: transfer host and --port)",
+    )
+    p.add_flag(
+        "--transfer-host", default="", help="address of this node that peers use for UCX (default: this host's IP)"
+    )
     p.add_flag("--transfer-port", default=0, type=int, help="UCX listener port (0: any free port)")
-    p.add_flag("--ucx-tls", default="",
-               help="UCX transports (default: $UCX_TLS, else tcp,self,sm; GPU: rc,cuda_copy,cuda_ipc,tcp,sm,self)")
+    p.add_flag(
+        "--ucx-tls",
+        default="",
+        help="UCX transports (default: $UCX_TLS, else tcp,self,sm; GPU: rc,cuda_copy,cuda_ipc,tcp,sm,self)",
+    )
     p.add_flag("--ttl-seconds", default=30.0, type=float, help="unpulled entries move to the host tier after this")
     p.add_flag("--host-tier-bytes", default=1 << 30, type=int, help="host-memory tier capacity (0: off)")
     p.add_flag("--host-ttl-seconds", default=600.0, type=float, help="host-tier entries expire after this")
     p.add_flag("--transfer-timeout-seconds", default=30.0, type=float, help="limit of one UCX transfer")
     p.add_flag("--connect-timeout-seconds", default=5.0, type=float, help="limit of connecting to a peer daemon")
-    p.add_flag("--watch-grace-seconds", default=30.0, type=float,
-               help="a registered pool that nobody watches is dropped after this")
+    p.add_flag(
+        "--watch-grace-seconds",
+        default=30.0,
+        type=float,
+        help="a registered pool that nobody watches is dropped after this",
+    )
     return p
 
 

@@ -44,8 +44,13 @@ class CopyStopped(Exception):
     """copy_blocks saw its stop event between two runs."""
 
 
-def copy_blocks(src_rows: torch.Tensor, src_ids: Sequence[int], dst_rows: torch.Tensor, dst_ids: Sequence[int],
-                stop: threading.Event | None = None) -> int:
+def copy_blocks(
+    src_rows: torch.Tensor,
+    src_ids: Sequence[int],
+    dst_rows: torch.Tensor,
+    dst_ids: Sequence[int],
+    stop: threading.Event | None = None,
+) -> int:
     """Copies block src_ids[i] of `src_rows` into block dst_ids[i] of `dst_rows` (both
     `[n, block_bytes]` uint8) run by run. Returns the bytes copied. Runs in a worker thread:
     torch releases the GIL while copying. With `stop` set, raises CopyStopped before the next run

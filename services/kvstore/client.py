@@ -60,8 +60,9 @@ class KvStoreClient:
             self._stubs[address] = (channel, kvstore_pb2_grpc.KvStoreStub(channel))
         return self._stubs[address][1]
 
-    async def register_pool(self, worker_id: str, kv_pool: KvPool, on_released: OnReleased,
-                            timeout: float = 30.0) -> str:
+    async def register_pool(
+        self, worker_id: str, kv_pool: KvPool, on_released: OnReleased, timeout: float = 30.0
+    ) -> str:
         """Registers the pool and opens its watch stream; returns once the daemon sent READY.
         From then on the pool is kept registered (re-registered after a daemon restart) until
         `close`."""
@@ -71,15 +72,21 @@ class KvStoreClient:
         request = kvstore_pb2.RegisterPoolRequest(
             worker_id=worker_id,
             layout=kvstore_pb2.PoolLayout(
-                num_blocks=layout.num_blocks, num_layers=layout.num_layers, block_size=layout.block_size,
-                num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
-                model_id=layout.model_id),
+                num_blocks=layout.num_blocks,
+                num_layers=layout.num_layers,
+                block_size=layout.block_size,
+                num_kv_heads=layout.num_kv_heads,
+                head_dim=layout.head_dim,
+                dtype=layout.dtype,
+                model_id=layout.model_id,
+            ),
             memory_descriptor=json.dumps(kv_pool.descriptor),
         )
         await self._register(request, timeout)
         ready = asyncio.get_running_loop().create_future()
-        self._watch = asyncio.create_task(self._keep_registered(request, on_released, ready, timeout),
-                                          name=f"watch-{worker_id}")
+        self._watch = asyncio.create_task(
+            self._keep_registered(request, on_released, ready, timeout), name=f"watch-{worker_id}"
+        )
         await asyncio.wait_for(asyncio.shield(ready), timeout)
         return self.pool_id
 
@@ -87,29 +94,37 @@ class KvStoreClient:
         response = await self.stub().RegisterPool(request, timeout=timeout)
         self.pool_id, self.node_id = response.pool_id, response.node_id
 
-    async def publish(self, kv_id: str, block_ids: list[int], num_tokens: int,
-                      timeout: float | None = 10.0) -> common_pb2.KvHandle:
+    async def publish(
+        self, kv_id: str, block_ids: list[int], num_tokens: int, timeout: float | None = 10.0
+    ) -> common_pb2.KvHandle:
         # Recorded before the call so that a RELEASED racing the response finds the entry.
         self._published[kv_id] = list(block_ids)
         try:
-            response = await self.stub().Publish(kvstore_pb2.PublishRequest(
-                pool_id=self.pool_id, kv_id=kv_id, block_ids=block_ids, num_tokens=num_tokens), timeout=timeout)
+            response = await self.stub().Publish(
+                kvstore_pb2.PublishRequest(
+                    pool_id=self.pool_id, kv_id=kv_id, block_ids=block_ids, num_tokens=num_tokens
+                ),
+                timeout=timeout,
+            )
         except BaseException:
             self._published.pop(kv_id, None)
             raise
         return response.handle
 
-    async def pull(self, dst_block_ids: list[int], handle: common_pb2.KvHandle,
-                   timeout: float | None = 60.0) -> kvstore_pb2.PullResponse:
+    async def pull(
+        self, dst_block_ids: list[int], handle: common_pb2.KvHandle, timeout: float | None = 60.0
+    ) -> kvstore_pb2.PullResponse:
         """Asks this node's daemon to copy the entry into our blocks; raises grpc.aio.AioRpcError
         (NOT_FOUND: the entry is gone; UNAVAILABLE: its node cannot be reached)."""
-        return await self.stub().Pull(kvstore_pb2.PullRequest(
-            pool_id=self.pool_id, block_ids=dst_block_ids, handle=handle), timeout=timeout)
+        return await self.stub().Pull(
+            kvstore_pb2.PullRequest(pool_id=self.pool_id, block_ids=dst_block_ids, handle=handle), timeout=timeout
+        )
 
     async def release(self, handle: common_pb2.KvHandle, timeout: float | None = 10.0) -> bool:
         """Drops an entry nobody will pull, at the daemon holding it. False if it was gone."""
         response = await self.stub(handle.kvstore_address).Release(
-            kvstore_pb2.ReleaseRequest(kv_id=handle.kv_id), timeout=timeout)
+            kvstore_pb2.ReleaseRequest(kv_id=handle.kv_id), timeout=timeout
+        )
         return response.released
 
     async def stats(self, address: str = "") -> kvstore_pb2.KvStoreStats:
@@ -128,8 +143,7 @@ class KvStoreClient:
             await channel.close()
         self._stubs.clear()
 
-    async def _keep_registered(self, request, on_released: OnReleased, ready: asyncio.Future,
-                               timeout: float) -> None:
+    async def _keep_registered(self, request, on_released: OnReleased, ready: asyncio.Future, timeout: float) -> None:
         """Watches the pool; when the watch ends while the client is open, hands back the blocks
         of every published entry and registers the pool again (backoff 0.2 s doubling to 2 s).
         The first registration's failure goes to register_pool's caller instead."""
@@ -151,8 +165,12 @@ class KvStoreClient:
                     await self._register(request, timeout)
                     break
                 except grpc.aio.AioRpcError as e:
-                    log.info("kvstore daemon at %s still unavailable (%s); retrying in %.1f s",
-                             self.address, e.code().name, delay)
+                    log.info(
+                        "kvstore daemon at %s still unavailable (%s); retrying in %.1f s",
+                        self.address,
+                        e.code().name,
+                        delay,
+                    )
             if self._closing:
                 return
             ready = asyncio.get_running_loop().create_future()
@@ -164,8 +182,9 @@ class KvStoreClient:
                     self.registered = True
                     self.registrations += 1
                     if self.registrations > 1:
-                        log.warning("pool registered again with the kvstore daemon at %s as %s",
-                                    self.address, self.pool_id)
+                        log.warning(
+                            "pool registered again with the kvstore daemon at %s as %s", self.address, self.pool_id
+                        )
                     if not ready.done():
                         ready.set_result(None)
                 elif event.kind == kvstore_pb2.PoolEvent.RELEASED:
@@ -182,8 +201,11 @@ class KvStoreClient:
             ready.set_exception(RuntimeError("the kvstore daemon closed the watch stream before READY"))
 
     async def _hand_back_everything(self, on_released: OnReleased) -> None:
-        log.warning("kvstore daemon at %s went away: freeing the blocks of %d published entries",
-                    self.address, len(self._published))
+        log.warning(
+            "kvstore daemon at %s went away: freeing the blocks of %d published entries",
+            self.address,
+            len(self._published),
+        )
         published, self._published = self._published, {}
         for kv_id, block_ids in published.items():
             await _call(on_released, kv_id, block_ids, "daemon_lost")

@@ -20,11 +20,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import SHM_DIR, KvLayout, KvPool
 
 from .block_runs import CopyStopped, copy_blocks
-from services.common.errors import ServiceError, invalid
-
 from .entries import EntryTable, KvEntry, check_block_ids
 from .host_tier import HostTier
 from .metrics import KvStoreMetrics
@@ -62,8 +61,14 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         self.ucx_server = UcxTransferServer(self.table, config.transfer_timeout_seconds, self._count_sent)
         self.puller = UcxPuller(config.connect_timeout_seconds, config.transfer_timeout_seconds)
         self.transfer_address = ""
-        self.totals = {"bytes_local": 0, "bytes_ucx_sent": 0, "bytes_ucx_received": 0,
-                       "pulls": 0, "failures": 0, "ttl_moves": 0}
+        self.totals = {
+            "bytes_local": 0,
+            "bytes_ucx_sent": 0,
+            "bytes_ucx_received": 0,
+            "pulls": 0,
+            "failures": 0,
+            "ttl_moves": 0,
+        }
         self._pulls_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -112,23 +117,29 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         try:
             yield kvstore_pb2.PoolEvent(kind=kvstore_pb2.PoolEvent.READY)
             while (event := await record.events.get()) is not None:
-                yield kvstore_pb2.PoolEvent(kind=kvstore_pb2.PoolEvent.RELEASED, kv_id=event.kv_id,
-                                            reason=event.reason, block_ids=event.block_ids)
+                yield kvstore_pb2.PoolEvent(
+                    kind=kvstore_pb2.PoolEvent.RELEASED,
+                    kv_id=event.kv_id,
+                    reason=event.reason,
+                    block_ids=event.block_ids,
+                )
         finally:  # the worker is gone (stream cancelled) or the daemon is stopping
             dropped = self.table.drop_pool(record.pool_id)
             log.info("pool %s unwatched: dropped with %d entries", record.pool_id, dropped)
 
     async def Publish(self, request, context):
         entry = self.table.publish(request.pool_id, request.kv_id, request.block_ids, request.num_tokens)
-        return kvstore_pb2.PublishResponse(handle=common_pb2.KvHandle(
-            kv_id=entry.kv_id,
-            node_id=self.config.node_id,
-            kvstore_address=self.config.advertise_address,
-            transfer_address=self.transfer_address,
-            num_tokens=entry.num_tokens,
-            num_blocks=entry.num_blocks,
-            layout_fingerprint=entry.fingerprint,
-        ))
+        return kvstore_pb2.PublishResponse(
+            handle=common_pb2.KvHandle(
+                kv_id=entry.kv_id,
+                node_id=self.config.node_id,
+                kvstore_address=self.config.advertise_address,
+                transfer_address=self.transfer_address,
+                num_tokens=entry.num_tokens,
+                num_blocks=entry.num_blocks,
+                layout_fingerprint=entry.fingerprint,
+            )
+        )
 
     async def Pull(self, request, context):
         started = time.perf_counter()
@@ -185,9 +196,11 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         dst_ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
         fingerprint = record.layout.fingerprint()
         if handle.layout_fingerprint != fingerprint:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"layout mismatch: handle.layout_fingerprint {handle.layout_fingerprint!r}, "
-                          f"destination pool {fingerprint!r}")
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"layout mismatch: handle.layout_fingerprint {handle.layout_fingerprint!r}, "
+                f"destination pool {fingerprint!r}",
+            )
         if len(dst_ids) != handle.num_blocks:
             raise invalid("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
         if handle.node_id != self.config.node_id:
@@ -225,7 +238,10 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
                 table.drop(entry, reason=None)  # its worker already freed the blocks (moved_to_host)
                 self.metrics.expired.inc()
         for entry in table.device_entries_older_than(cfg.ttl_seconds):
-            if not await self._move_to_host(entry) and time.monotonic() - entry.published_at > cfg.ttl_seconds + cfg.host_ttl_seconds:
+            if (
+                not await self._move_to_host(entry)
+                and time.monotonic() - entry.published_at > cfg.ttl_seconds + cfg.host_ttl_seconds
+            ):
                 table.drop(entry, "expired")  # the host tier never had room: give the blocks back
                 self.metrics.expired.inc()
         await self.puller.endpoints.close_idle()
@@ -249,8 +265,10 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         async with entry.lock:
             if entry.dropped:
                 return True
-            buffer = table.host.allocate(entry.kv_id, entry.num_blocks, entry.block_bytes,
-                                         pin_memory=entry.pool.rows.is_cuda)
+            assert entry.pool is not None  # a device-tier entry: only move_to_host, under this lock, clears it
+            buffer = table.host.allocate(
+                entry.kv_id, entry.num_blocks, entry.block_bytes, pin_memory=entry.pool.rows.is_cuda
+            )
             rows, ids = entry.source()
             try:
                 await asyncio.to_thread(copy_blocks, rows, ids, buffer, list(range(entry.num_blocks)))
@@ -301,8 +319,15 @@ def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:
             raise invalid(f"layout.{name}", "must be > 0")
     if layout.dtype not in DTYPES:
         raise invalid("layout.dtype", f"{layout.dtype!r} is not one of {', '.join(DTYPES)}")
-    return KvLayout(layout.num_blocks, layout.num_layers, layout.block_size, layout.num_kv_heads,
-                    layout.head_dim, layout.dtype, layout.model_id)
+    return KvLayout(
+        layout.num_blocks,
+        layout.num_layers,
+        layout.block_size,
+        layout.num_kv_heads,
+        layout.head_dim,
+        layout.dtype,
+        layout.model_id,
+    )
 
 
 def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
@@ -326,8 +351,10 @@ def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
             raise invalid("memory_descriptor.size", f"{path} is smaller than {size} bytes")
     elif kind == "cuda_ipc":
         if not torch.cuda.is_available():
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                          "memory_descriptor.kind: cuda_ipc pool, but this daemon sees no GPU")
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "memory_descriptor.kind: cuda_ipc pool, but this daemon sees no GPU",
+            )
     else:
         raise invalid("memory_descriptor.kind", f"{kind!r} is not one of shm, cuda_ipc")
     try:

@@ -19,7 +19,6 @@ locks are needed.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -91,6 +90,7 @@ class KvEntry:
         """(rows, row ids): where the entry's bytes are now, block i of the entry in rows[ids[i]]."""
         if self.host_buffer is not None:
             return self.host_buffer, list(range(self.num_blocks))
+        assert self.pool is not None  # a live entry not in the host tier is in a worker's pool
         return self.pool.rows, self.block_ids
 
 
@@ -122,8 +122,10 @@ class EntryTable:
     def pool(self, pool_id: str) -> PoolRecord:
         record = self.pools.get(pool_id)
         if record is None:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"pool_id: pool {pool_id!r} is not registered here (register it again)")
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"pool_id: pool {pool_id!r} is not registered here (register it again)",
+            )
         return record
 
     def drop_pool(self, pool_id: str) -> int:
@@ -151,8 +153,10 @@ class EntryTable:
             raise invalid("num_tokens", "must be > 0")
         needed = ceil_div(num_tokens, layout.block_size)
         if needed != len(ids):
-            raise invalid("num_tokens", f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, "
-                                          f"got {len(ids)} block_ids")
+            raise invalid(
+                "num_tokens",
+                f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, got {len(ids)} block_ids",
+            )
         taken = [b for b in ids if b in record.block_owner]
         if taken:
             raise invalid("block_ids", f"block {taken[0]} already belongs to entry {record.block_owner[taken[0]]!r}")
@@ -165,17 +169,21 @@ class EntryTable:
     def get(self, kv_id: str) -> KvEntry:
         entry = self.entries.get(kv_id)
         if entry is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND,
-                          f"no KV entry {kv_id!r} here (already pulled, released, expired, or its worker is gone)")
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no KV entry {kv_id!r} here (already pulled, released, expired, or its worker is gone)",
+            )
         return entry
 
     async def begin_transfer(self, kv_id: str, fingerprint: str, num_dst_blocks: int) -> KvEntry:
         """Checks a pull against the entry and takes the entry's lock; pair with end_transfer."""
         entry = self.get(kv_id)
         if entry.fingerprint != fingerprint:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"layout mismatch: entry {kv_id!r} has layout {entry.fingerprint!r}, "
-                          f"destination pool has {fingerprint!r}")
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"layout mismatch: entry {kv_id!r} has layout {entry.fingerprint!r}, "
+                f"destination pool has {fingerprint!r}",
+            )
         if entry.num_blocks != num_dst_blocks:
             raise invalid("block_ids", f"{num_dst_blocks} destination blocks for an entry of {entry.num_blocks} blocks")
         await entry.lock.acquire()
@@ -206,6 +214,7 @@ class EntryTable:
     def move_to_host(self, entry: KvEntry, host_buffer: torch.Tensor) -> None:
         """The entry's bytes are now in `host_buffer`: the worker may free its blocks."""
         record = entry.pool
+        assert record is not None  # only a device-tier entry moves to the host
         entry.host_buffer = host_buffer
         entry.pool = None
         self._notify(record, entry, "moved_to_host")
@@ -223,8 +232,11 @@ class EntryTable:
     def device_entries_older_than(self, age_seconds: float) -> list[KvEntry]:
         """Idle device-tier entries published more than `age_seconds` ago, oldest first."""
         deadline = time.monotonic() - age_seconds
-        old = [e for e in self.entries.values()
-               if e.pool is not None and e.published_at <= deadline and not e.lock.locked()]
+        old = [
+            e
+            for e in self.entries.values()
+            if e.pool is not None and e.published_at <= deadline and not e.lock.locked()
+        ]
         return sorted(old, key=lambda e: e.published_at)
 
     def count(self, tier: str) -> int:

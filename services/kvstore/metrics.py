@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,33 +19,52 @@ class KvStoreMetrics:
         self.transferred_bytes = Counter(
             "pdserve_kvstore_transferred_bytes_total",
             "KV bytes written into this node's pools by pulls, by where they came from.",
-            ["path"], registry=registry)
+            ["path"],
+            registry=registry,
+        )
         self.served_bytes = Counter(
             "pdserve_kvstore_served_bytes_total",
-            "KV bytes this daemon sent over UCX to other nodes' daemons.", registry=registry)
+            "KV bytes this daemon sent over UCX to other nodes' daemons.",
+            registry=registry,
+        )
         self.transfer_duration = Histogram(
             "pdserve_kvstore_transfer_duration_seconds",
             "Time of one successful pull, from request to data in the destination pool.",
-            ["path"], buckets=TRANSFER_LATENCY_BUCKETS, registry=registry)
-        self.pulls = Counter(
-            "pdserve_kvstore_pulls_total", "Successful pulls, by path.", ["path"], registry=registry)
+            ["path"],
+            buckets=TRANSFER_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pulls = Counter("pdserve_kvstore_pulls_total", "Successful pulls, by path.", ["path"], registry=registry)
         self.failures = Counter(
             "pdserve_kvstore_transfer_failures_total",
-            "Failed pulls, by reason (the gRPC status name, lower case).", ["reason"], registry=registry)
+            "Failed pulls, by reason (the gRPC status name, lower case).",
+            ["reason"],
+            registry=registry,
+        )
         self.ttl_moves = Counter(
             "pdserve_kvstore_ttl_moves_total",
-            "Entries copied into the host tier because nobody pulled them within the TTL.", registry=registry)
+            "Entries copied into the host tier because nobody pulled them within the TTL.",
+            registry=registry,
+        )
         self.expired = Counter(
             "pdserve_kvstore_expired_entries_total",
-            "Entries dropped because nobody pulled them in time (host TTL).", registry=registry)
+            "Entries dropped because nobody pulled them in time (host TTL).",
+            registry=registry,
+        )
         self.evicted = Counter(
             "pdserve_kvstore_host_evictions_total",
-            "Host-tier entries dropped to make room for newer ones.", registry=registry)
+            "Host-tier entries dropped to make room for newer ones.",
+            registry=registry,
+        )
         self.entries = Gauge(
-            "pdserve_kvstore_entries", "KV entries held, by tier (device: in a worker's pool; host).",
-            ["tier"], registry=registry)
+            "pdserve_kvstore_entries",
+            "KV entries held, by tier (device: in a worker's pool; host).",
+            ["tier"],
+            registry=registry,
+        )
         self.host_tier_bytes = Gauge(
-            "pdserve_kvstore_host_tier_bytes", "Bytes of the host-memory tier in use.", registry=registry)
+            "pdserve_kvstore_host_tier_bytes", "Bytes of the host-memory tier in use.", registry=registry
+        )
         self.pools = Gauge("pdserve_kvstore_pools", "Registered worker pools.", registry=registry)
         for path in PATHS:  # so that every series exists from the start (rate() needs a zero)
             self.transferred_bytes.labels(path)
@@ -53,9 +73,11 @@ class KvStoreMetrics:
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
 
-    def bind_state(self, entries: Callable[[str], int], host_bytes: Callable[[], int], pools: Callable[[], int]) -> None:
+    def bind_state(
+        self, entries: Callable[[str], int], host_bytes: Callable[[], int], pools: Callable[[], int]
+    ) -> None:
         """Gauges read the daemon's state when scraped (nothing to keep in sync)."""
         for tier in ("device", "host"):
-            self.entries.labels(tier).set_function(lambda tier=tier: entries(tier))
+            self.entries.labels(tier).set_function(partial(entries, tier))
         self.host_tier_bytes.set_function(host_bytes)
         self.pools.set_function(pools)

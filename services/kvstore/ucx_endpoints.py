@@ -17,8 +17,13 @@ import asyncio
 import logging
 import os
 import time
+from typing import Any, TypeAlias
 
 log = logging.getLogger(__name__)
+
+# ucxx has no type information, so its endpoints and listeners are Any here
+Endpoint: TypeAlias = Any
+Listener: TypeAlias = Any
 
 DEFAULT_CPU_TLS = "tcp,self,sm"
 CONTROL_TAG = 0  # the tag of control frames (ucxx mixes it with the endpoint's own tag)
@@ -53,9 +58,9 @@ class EndpointPool:
         self.connect_timeout = connect_timeout
         self.max_idle_per_peer = max_idle_per_peer
         self.idle_seconds = idle_seconds
-        self._idle: dict[str, list[tuple[object, float]]] = {}  # address -> [(endpoint, idle since)]
+        self._idle: dict[str, list[tuple[Endpoint, float]]] = {}  # address -> [(endpoint, idle since)]
 
-    async def acquire(self, host: str, port: int) -> tuple[object, bool]:
+    async def acquire(self, host: str, port: int) -> tuple[Endpoint, bool]:
         """(endpoint, reused): an idle endpoint to the peer if one is alive, else a new one.
         Raises whatever connecting raises (the caller maps it to UNAVAILABLE)."""
         idle = self._idle.get(f"{host}:{port}", [])
@@ -64,7 +69,8 @@ class EndpointPool:
             if not ep.closed:
                 return ep, True
         ep = await asyncio.wait_for(
-            ucxx_module().create_endpoint(host, port, connect_timeout=self.connect_timeout), self.connect_timeout)
+            ucxx_module().create_endpoint(host, port, connect_timeout=self.connect_timeout), self.connect_timeout
+        )
         return ep, False
 
     async def give_back(self, host: str, port: int, ep) -> None:
@@ -95,8 +101,8 @@ class RequestWaiter:
     """Server side: tells each connection handler when its endpoint has a new request (True) or
     its peer went away (False), probing all waiting endpoints from one polling task."""
 
-    def __init__(self):
-        self._waiting: dict[object, asyncio.Future] = {}
+    def __init__(self) -> None:
+        self._waiting: dict[Endpoint, asyncio.Future] = {}
         self._task: asyncio.Task | None = None
         self._delay = 0.0
 

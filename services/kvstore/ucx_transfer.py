@@ -34,11 +34,11 @@ import grpc
 import numpy as np
 import torch
 
-from .block_runs import contiguous_runs
 from services.common.errors import ServiceError
 
+from .block_runs import contiguous_runs
 from .entries import EntryTable
-from .ucx_endpoints import CONTROL_TAG, EndpointPool, RequestWaiter, ucxx_module
+from .ucx_endpoints import CONTROL_TAG, Endpoint, EndpointPool, Listener, RequestWaiter, ucxx_module
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ async def recv_frame(ep) -> dict:
 def split_host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"handle.transfer_address: expected host:port, got {address!r}")
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"handle.transfer_address: expected host:port, got {address!r}"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -103,8 +104,8 @@ class UcxTransferServer:
         self.table = table
         self.transfer_timeout = transfer_timeout
         self.on_sent = on_sent
-        self._listener = None
-        self._connections: dict[object, asyncio.Task] = {}  # endpoint -> the task serving it
+        self._listener: Listener | None = None
+        self._connections: dict[Endpoint, asyncio.Task] = {}  # endpoint -> the task serving it
         self._waiter = RequestWaiter()
 
     def start(self, port: int) -> int:
@@ -116,7 +117,7 @@ class UcxTransferServer:
         """Ends every connection (a transfer in progress fails; its entry stays as it was), then
         the listener: ucxx warns about a listener dropped while its handlers still run."""
         self._waiter.close()
-        for ep, task in list(self._connections.items()):
+        for task in list(self._connections.values()):
             task.cancel()
         if self._connections:
             await asyncio.wait(list(self._connections.values()), timeout=5.0)
@@ -126,11 +127,13 @@ class UcxTransferServer:
 
     async def _serve_connection(self, ep) -> None:
         """One peer connection: serves its transfers one after another until the peer closes."""
-        self._connections[ep] = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None  # ucxx runs each connection handler as a task
+        self._connections[ep] = task
         try:
             while await self._waiter.next_request(ep):
                 await asyncio.wait_for(self._serve_one(ep), self.transfer_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("UCX transfer to a peer timed out after %.1fs", self.transfer_timeout)
         except Exception as e:  # the peer went away or broke protocol: only this connection ends
             log.info("UCX transfer to a peer failed: %r", e)
@@ -154,10 +157,12 @@ class UcxTransferServer:
             rows, src_ids = entry.source()
             runs = contiguous_runs(src_ids, dst_ids, entry.block_bytes)
             await send_frame(ep, {"ok": True, "runs": runs, "bytes": entry.nbytes})
-            await asyncio.gather(*(
-                ep.send(_ucx_buffer(rows[src_ids[offset]: src_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
-                for i, (offset, count) in enumerate(runs)
-            ))
+            await asyncio.gather(
+                *(
+                    ep.send(_ucx_buffer(rows[src_ids[offset] : src_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
+                    for i, (offset, count) in enumerate(runs)
+                )
+            )
             committed = (await recv_frame(ep)).get("op") == "commit"
         finally:
             self.table.end_transfer(entry, succeeded=committed)
@@ -174,8 +179,9 @@ class UcxPuller:
         self.endpoints = EndpointPool(connect_timeout)
         self.transfer_timeout = transfer_timeout
 
-    async def fetch(self, address: str, kv_id: str, fingerprint: str,
-                    dst_rows: torch.Tensor, dst_ids: list[int]) -> int:
+    async def fetch(
+        self, address: str, kv_id: str, fingerprint: str, dst_rows: torch.Tensor, dst_ids: list[int]
+    ) -> int:
         """Pulls entry `kv_id` from the daemon at `address` into `dst_rows[dst_ids]`; returns the
         bytes received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
         cannot be reached or the connection fails, DEADLINE_EXCEEDED on timeout."""
@@ -185,18 +191,22 @@ class UcxPuller:
             try:
                 ep, reused = await self.endpoints.acquire(host, port)
             except Exception as e:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                              f"cannot reach the kvstore transfer listener at {address}: {e!r}") from None
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore transfer listener at {address}: {e!r}"
+                ) from None
             try:
                 nbytes, clean = await asyncio.wait_for(
-                    self._fetch(ep, kv_id, fingerprint, dst_rows, dst_ids), self.transfer_timeout)
+                    self._fetch(ep, kv_id, fingerprint, dst_rows, dst_ids), self.transfer_timeout
+                )
             except ServiceError:  # the source said no: the conversation ended cleanly
                 await self.endpoints.give_back(host, port, ep)
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self.endpoints.discard(ep)
-                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"transfer of {kv_id!r} from {address} took over {self.transfer_timeout}s") from None
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"transfer of {kv_id!r} from {address} took over {self.transfer_timeout}s",
+                ) from None
             except Exception as e:
                 await self.endpoints.discard(ep)
                 # Nothing was committed, so trying again is safe; a pooled endpoint may have died
@@ -205,7 +215,9 @@ class UcxPuller:
                     log.info("pooled endpoint to %s failed (%r): retrying on a new one", address, e)
                     may_retry = False
                     continue
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"transfer of {kv_id!r} from {address} failed: {e!r}") from None
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE, f"transfer of {kv_id!r} from {address} failed: {e!r}"
+                ) from None
             except BaseException:  # cancelled: receives may still be posted on our blocks
                 await self.endpoints.discard(ep)
                 raise
@@ -215,8 +227,9 @@ class UcxPuller:
                 await self.endpoints.discard(ep)
             return nbytes
 
-    async def _fetch(self, ep, kv_id: str, fingerprint: str, dst_rows: torch.Tensor,
-                     dst_ids: list[int]) -> tuple[int, bool]:
+    async def _fetch(
+        self, ep, kv_id: str, fingerprint: str, dst_rows: torch.Tensor, dst_ids: list[int]
+    ) -> tuple[int, bool]:
         """(bytes received, whether the endpoint is clean for reuse)."""
         await send_frame(ep, {"op": "fetch", "kv_id": kv_id, "fingerprint": fingerprint, "dst_blocks": dst_ids})
         reply = await recv_frame(ep)
@@ -224,10 +237,12 @@ class UcxPuller:
             code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)
             raise ServiceError(code, f"source daemon: {reply.get('message', '')}")
         runs = check_runs(reply["runs"], dst_ids)
-        await asyncio.gather(*(
-            ep.recv(_ucx_buffer(dst_rows[dst_ids[offset]: dst_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
-            for i, (offset, count) in enumerate(runs)
-        ))
+        await asyncio.gather(
+            *(
+                ep.recv(_ucx_buffer(dst_rows[dst_ids[offset] : dst_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
+                for i, (offset, count) in enumerate(runs)
+            )
+        )
         nbytes = len(dst_ids) * dst_rows.shape[1]
         try:
             await send_frame(ep, {"op": "commit"})

@@ -1,10 +1,19 @@
 """The planner: profiler, latency model, simulator and placement search (DistServe's, OSDI'24).
 
-    python -m services.planner profile|simulate|search --help
+python -m services.planner profile|simulate|search --help
 """
 
 from .latency_model import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
 from .simulator import SimConfig, SimResult, Slo, simulate
 
-__all__ = ["DecodeLatency", "LatencyProfile", "Overheads", "PrefillLatency", "SimConfig", "SimResult", "Slo",
-           "TransferSpec", "simulate"]
+__all__ = [
+    "DecodeLatency",
+    "LatencyProfile",
+    "Overheads",
+    "PrefillLatency",
+    "SimConfig",
+    "SimResult",
+    "Slo",
+    "TransferSpec",
+    "simulate",
+]

@@ -51,7 +51,7 @@ class Parallelism:
     inter_node_hops: int = 0  # pipeline boundaries that cross nodes
 
     @classmethod
-    def packed(cls, tensor: int, pipeline: int, gpus_per_node: int) -> "Parallelism":
+    def packed(cls, tensor: int, pipeline: int, gpus_per_node: int) -> Parallelism:
         """Stages placed consecutively, gpus_per_node // tensor stages per node."""
         stages_per_node = max(1, gpus_per_node // tensor)
         nodes = math.ceil(pipeline / stages_per_node)
@@ -71,29 +71,46 @@ def _pipeline_hops_s(num_bytes: float, par: Parallelism, gpu: GpuSpec, a: Analyt
     inter = min(par.inter_node_hops, hops)
     intra = hops - inter
     eff = a.comm_efficiency
-    return (hops * a.hop_latency_s + intra * num_bytes / (gpu.intra_node_bytes_per_s * eff)
-            + inter * num_bytes / (gpu.inter_node_bytes_per_s * eff))
+    return (
+        hops * a.hop_latency_s
+        + intra * num_bytes / (gpu.intra_node_bytes_per_s * eff)
+        + inter * num_bytes / (gpu.inter_node_bytes_per_s * eff)
+    )
 
 
-def prefill_pass_seconds(lengths: list[int], shape: ModelShape, gpu: GpuSpec, par: Parallelism,
-                         a: AnalyticAssumptions = AnalyticAssumptions()) -> float:
+def prefill_pass_seconds(
+    lengths: list[int],
+    shape: ModelShape,
+    gpu: GpuSpec,
+    par: Parallelism,
+    a: AnalyticAssumptions = AnalyticAssumptions(),
+) -> float:
     tp, layers = par.tensor, shape.num_layers
     tokens = sum(lengths)
     matmul_flops = 2 * layers * shape.layer_params * tokens
     attn_flops = 2 * layers * shape.attention_width * sum(n * n for n in lengths)
-    compute = matmul_flops / (tp * gpu.peak_flops * a.prefill_mfu) + attn_flops / (tp * gpu.peak_flops * a.attention_mfu)
+    compute = matmul_flops / (tp * gpu.peak_flops * a.prefill_mfu) + attn_flops / (
+        tp * gpu.peak_flops * a.attention_mfu
+    )
     memory = shape.weight_bytes / tp / (gpu.hbm_bytes_per_s * a.bandwidth_efficiency)
     activation_bytes = tokens * shape.hidden_size * shape.dtype_bytes
     comm = 2 * layers * _allreduce_s(activation_bytes, tp, gpu, a) + _pipeline_hops_s(activation_bytes, par, gpu, a)
     return max(compute, memory) + comm + a.step_overhead_s + layers * a.layer_overhead_s
 
 
-def decode_step_seconds(batch_size: int, sum_context: int, shape: ModelShape, gpu: GpuSpec, par: Parallelism,
-                        a: AnalyticAssumptions = AnalyticAssumptions()) -> float:
+def decode_step_seconds(
+    batch_size: int,
+    sum_context: int,
+    shape: ModelShape,
+    gpu: GpuSpec,
+    par: Parallelism,
+    a: AnalyticAssumptions = AnalyticAssumptions(),
+) -> float:
     tp, layers = par.tensor, shape.num_layers
     kv_split = min(tp, shape.num_kv_heads)
     memory = (shape.weight_bytes / tp + shape.kv_bytes_per_token * sum_context / kv_split) / (
-        gpu.hbm_bytes_per_s * a.bandwidth_efficiency)
+        gpu.hbm_bytes_per_s * a.bandwidth_efficiency
+    )
     flops = 2 * layers * shape.layer_params * batch_size + 4 * layers * shape.attention_width * sum_context
     compute = flops / (tp * gpu.peak_flops * a.decode_mfu)
     activation_bytes = batch_size * shape.hidden_size * shape.dtype_bytes
@@ -112,9 +129,18 @@ def kv_capacity_tokens(shape: ModelShape, cluster: ClusterSpec, tp: int, pp: int
     return int(free // kv_per_token_per_gpu)
 
 
-def analytic_profile(shape: ModelShape, cluster: ClusterSpec, tp: int, pp: int, *,
-                     par: Parallelism | None = None, assumptions: AnalyticAssumptions = AnalyticAssumptions(),
-                     typical_prompt_len: int = 512, block_size: int = 16, max_num_seqs: int = 256) -> LatencyProfile:
+def analytic_profile(
+    shape: ModelShape,
+    cluster: ClusterSpec,
+    tp: int,
+    pp: int,
+    *,
+    par: Parallelism | None = None,
+    assumptions: AnalyticAssumptions = AnalyticAssumptions(),
+    typical_prompt_len: int = 512,
+    block_size: int = 16,
+    max_num_seqs: int = 256,
+) -> LatencyProfile:
     gpu = cluster.gpu
     par = par or Parallelism.packed(tp, pp, cluster.gpus_per_node)
     max_len = shape.max_model_len
@@ -154,6 +180,10 @@ def analytic_profile(shape: ModelShape, cluster: ClusterSpec, tp: int, pp: int, 
         overheads=Overheads(),
         transfer=transfer,
         fit={"prefill": prefill_fit, "decode": decode_fit},
-        notes={"assumptions": asdict(assumptions), "inter_node_hops": par.inter_node_hops,
-               "gpu": asdict(gpu), "params": shape.num_params()},
+        notes={
+            "assumptions": asdict(assumptions),
+            "inter_node_hops": par.inter_node_hops,
+            "gpu": asdict(gpu),
+            "params": shape.num_params(),
+        },
     )

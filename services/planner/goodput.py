@@ -18,8 +18,14 @@ from .latency_model import LatencyProfile
 from .simulator import SimConfig, Slo, simulate
 
 
-def max_rate_meeting(attainment_at: Callable[[float], float], target: float, guess: float = 1.0,
-                     rel_tol: float = 0.02, min_rate: float | None = None, max_rate: float = 1e7) -> float:
+def max_rate_meeting(
+    attainment_at: Callable[[float], float],
+    target: float,
+    guess: float = 1.0,
+    rel_tol: float = 0.02,
+    min_rate: float | None = None,
+    max_rate: float = 1e7,
+) -> float:
     """Highest rate r with attainment_at(r) >= target (to within rel_tol), for attainment that
     does not increase with rate. 0 when even `min_rate` (default guess / 1000) fails."""
     if guess <= 0:
@@ -70,22 +76,26 @@ def fixed_trace(base_trace: list[TraceRequest], base_rate: float = 1.0) -> Trace
 def trace_attainment(config: SimConfig, trace_at: TraceAt, slo: Slo, target: float) -> Callable[[float], float]:
     """attainment(rate) of `config` on the trace `trace_at(rate)`; 0 when the simulated cluster
     does not keep up with the rate (SimResult.overloaded), which a finite trace can hide."""
+
     def attainment_at(rate: float) -> float:
         result = simulate(config, trace_at(rate), slo, stop_below=target)
         return 0.0 if result.overloaded else result.attainment
+
     return attainment_at
 
 
-def prefill_goodput(profile: LatencyProfile, trace_at: TraceAt, slo: Slo, target: float,
-                    rel_tol: float = 0.02, **config) -> float:
+def prefill_goodput(
+    profile: LatencyProfile, trace_at: TraceAt, slo: Slo, target: float, rel_tol: float = 0.02, **config
+) -> float:
     """Goodput of one prefill instance alone on the TTFT SLO (DistServe's simu_prefill)."""
     cfg = SimConfig(prefill_profile=profile, num_prefill=1, num_decode=0, **config)
     fn = trace_attainment(cfg, trace_at, Slo(ttft_s=slo.ttft_s), target)
     return max_rate_meeting(fn, target, guess=prefill_capacity(profile, trace_at(1.0)), rel_tol=rel_tol)
 
 
-def decode_goodput(profile: LatencyProfile, trace_at: TraceAt, slo: Slo, target: float,
-                   rel_tol: float = 0.02, **config) -> float:
+def decode_goodput(
+    profile: LatencyProfile, trace_at: TraceAt, slo: Slo, target: float, rel_tol: float = 0.02, **config
+) -> float:
     """Goodput of one decode instance alone on the TPOT SLO (DistServe's simu_decode): requests
     arrive with their first token and KV ready."""
     cfg = SimConfig(decode_profile=profile, num_prefill=0, num_decode=1, **config)
@@ -96,7 +106,9 @@ def decode_goodput(profile: LatencyProfile, trace_at: TraceAt, slo: Slo, target:
 def prefill_capacity(p: LatencyProfile, trace) -> float:
     """A rough request rate the instance saturates at: a starting point for the doubling."""
     mean_len = sum(r.prompt_tokens for r in trace) / len(trace)
-    per_request = p.prefill.b * mean_len + p.prefill.c * mean_len ** 2 + p.prefill.a / max(1, p.max_batched_tokens // mean_len)
+    per_request = (
+        p.prefill.b * mean_len + p.prefill.c * mean_len**2 + p.prefill.a / max(1, p.max_batched_tokens // mean_len)
+    )
     return max(1e-3, p.pipeline_parallel / max(per_request, 1e-9))
 
 

@@ -39,8 +39,16 @@ GPUS: dict[str, GpuSpec] = {
     "H200": GpuSpec("H200", 989e12, 4.8e12, 141e9, 450e9, 50e9),
     "L40S": GpuSpec("L40S", 362e12, 864e9, 48 * GiB, 32e9, 12.5e9),
 }
-_GPU_ALIASES = {"a100": "A100-80G", "a100-80g": "A100-80G", "a100-80gb": "A100-80G", "h100": "H100-80G",
-                "h100-80g": "H100-80G", "h100-sxm": "H100-80G", "h200": "H200", "l40s": "L40S"}
+_GPU_ALIASES = {
+    "a100": "A100-80G",
+    "a100-80g": "A100-80G",
+    "a100-80gb": "A100-80G",
+    "h100": "H100-80G",
+    "h100-80g": "H100-80G",
+    "h100-sxm": "H100-80G",
+    "h200": "H200",
+    "l40s": "L40S",
+}
 
 
 def get_gpu(name: str) -> GpuSpec:
@@ -67,7 +75,7 @@ class ClusterSpec:
     def node_limit(self) -> int:
         return min(self.max_nodes_per_instance or self.num_nodes, self.num_nodes)
 
-    def with_bandwidths(self, intra: float | None = None, inter: float | None = None) -> "ClusterSpec":
+    def with_bandwidths(self, intra: float | None = None, inter: float | None = None) -> ClusterSpec:
         gpu = self.gpu
         if intra:
             gpu = replace(gpu, intra_node_bytes_per_s=intra)
@@ -151,17 +159,29 @@ def get_model_shape(name_or_dir: str, dtype_bytes: int = 2) -> ModelShape:
     if not os.path.exists(path):
         raise ValueError(f"{name_or_dir!r} is neither a model preset ({', '.join(MODELS)}) nor a checkpoint folder")
     with open(path) as f:
-        return shape_from_hf_config(json.load(f), name=os.path.basename(os.path.dirname(os.path.abspath(path))),
-                                    dtype_bytes=dtype_bytes)
+        return shape_from_hf_config(
+            json.load(f), name=os.path.basename(os.path.dirname(os.path.abspath(path))), dtype_bytes=dtype_bytes
+        )
 
 
 def shape_from_hf_config(cfg: dict, name: str = "model", dtype_bytes: int = 2) -> ModelShape:
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     if cfg.get("model_type") == "opt":
-        return ModelShape(name, hidden, cfg["num_hidden_layers"], heads, heads, hidden // heads, cfg["ffn_dim"],
-                          cfg["vocab_size"], gated_mlp=False, tied_embeddings=True,
-                          max_model_len=cfg.get("max_position_embeddings", 2048), dtype_bytes=dtype_bytes)
+        return ModelShape(
+            name,
+            hidden,
+            cfg["num_hidden_layers"],
+            heads,
+            heads,
+            hidden // heads,
+            cfg["ffn_dim"],
+            cfg["vocab_size"],
+            gated_mlp=False,
+            tied_embeddings=True,
+            max_model_len=cfg.get("max_position_embeddings", 2048),
+            dtype_bytes=dtype_bytes,
+        )
     return ModelShape(
         name=name,
         hidden_size=hidden,

@@ -96,8 +96,9 @@ def fit_decode(samples: list[tuple[int, int, float]], relative: bool = True) -> 
     return DecodeLatency(*map(float, coef)), _fit_quality(x, y, coef)
 
 
-def critical_batch_tokens(prefill: PrefillLatency, typical_len: int, tolerance: float = 0.1,
-                          lo: int = 128, hi: int = 1 << 16) -> int:
+def critical_batch_tokens(
+    prefill: PrefillLatency, typical_len: int, tolerance: float = 0.1, lo: int = 128, hi: int = 1 << 16
+) -> int:
     """L_m: the batch size in tokens past which batching more prompts stops paying.
 
     For a batch of n prompts of length l, time per token is a/(n*l) + b + c*l: batching only
@@ -167,7 +168,7 @@ class LatencyProfile:
         return {"schema": PROFILE_SCHEMA, **d}
 
     @classmethod
-    def from_json(cls, d: dict) -> "LatencyProfile":
+    def from_json(cls, d: dict) -> LatencyProfile:
         d = dict(d)
         schema = d.pop("schema", PROFILE_SCHEMA)
         if schema != PROFILE_SCHEMA:
@@ -184,12 +185,13 @@ class LatencyProfile:
             f.write("\n")
 
     @classmethod
-    def load(cls, path: str) -> "LatencyProfile":
+    def load(cls, path: str) -> LatencyProfile:
         with open(path) as f:
             try:
                 return cls.from_json(json.load(f))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not JSON ({e})") from None
             except (KeyError, TypeError) as e:  # a missing or unexpected field
-                raise ValueError(f"{path}: not a latency profile ({type(e).__name__}: {e}); "
-                                 "write one with `pdserve plan profile`") from None
+                raise ValueError(
+                    f"{path}: not a latency profile ({type(e).__name__}: {e}); write one with `pdserve plan profile`"
+                ) from None

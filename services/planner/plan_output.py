@@ -47,8 +47,12 @@ def helm_values(plan: Plan) -> dict:
         # Logical node indices: label nodes pdserve.io/node-index=<n> and pin pods with a nodeSelector.
         "nodeLabel": "pdserve.io/node-index",
         "instances": [
-            {"role": i["role"], "index": i["index"], **({"unit": i["unit"]} if "unit" in i else {}),
-             "stages": [{"stage": st["stage"], "node": st["node"], "gpus": st["gpus"]} for st in i["stages"]]}
+            {
+                "role": i["role"],
+                "index": i["index"],
+                **({"unit": i["unit"]} if "unit" in i else {}),
+                "stages": [{"stage": st["stage"], "node": st["node"], "gpus": st["gpus"]} for st in i["stages"]],
+            }
             for i in plan.instances
         ],
     }
@@ -56,16 +60,23 @@ def helm_values(plan: Plan) -> dict:
         # Algorithm 2: stage s of a unit's prefill and decode instances share a node, so the KV
         # of each layer moves over NVLink only.
         placement["segments"] = [
-            {"name": f"unit{seg['unit']}-stage{seg['stage']}", "node": seg["node"],
-             "prefill": seg["prefill"], "decode": seg["decode"]}
+            {
+                "name": f"unit{seg['unit']}-stage{seg['stage']}",
+                "node": seg["node"],
+                "prefill": seg["prefill"],
+                "decode": seg["decode"],
+            }
             for seg in plan.segments
         ]
     return {
         "global": {
             "model": plan.model,
             "gpu": plan.gpu,
-            "slo": {"ttftSeconds": plan.slo["ttft_s"], "tpotSeconds": plan.slo["tpot_s"],
-                    "attainment": plan.slo["attainment"]},
+            "slo": {
+                "ttftSeconds": plan.slo["ttft_s"],
+                "tpotSeconds": plan.slo["tpot_s"],
+                "attainment": plan.slo["attainment"],
+            },
             "plannedRate": round(plan.rate, 4),
         },
         "prefill": _role_values(plan, "prefill"),
@@ -80,8 +91,11 @@ def write_plan(plan: Plan, out_dir: str) -> dict[str, str]:
     """Writes plan.json, plan.yaml and values.yaml into out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     data = finite(plan.to_json())
-    paths = {"json": os.path.join(out_dir, "plan.json"), "yaml": os.path.join(out_dir, "plan.yaml"),
-             "helm": os.path.join(out_dir, "values.yaml")}
+    paths = {
+        "json": os.path.join(out_dir, "plan.json"),
+        "yaml": os.path.join(out_dir, "plan.yaml"),
+        "helm": os.path.join(out_dir, "values.yaml"),
+    }
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")

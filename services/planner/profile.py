@@ -36,11 +36,18 @@ class ProfileGrid:
     typical_prompt_len: int = 256  # for choosing L_m
 
     @classmethod
-    def quick(cls) -> "ProfileGrid":
+    def quick(cls) -> ProfileGrid:
         """A few seconds on a tiny model on CPU: for tests and smoke runs."""
-        return cls(prefill_lengths=(8, 32, 96), prefill_batch_sizes=(1, 3), prefill_max_batch_tokens=512,
-                   decode_batch_sizes=(1, 4, 8), decode_contexts=(16, 96), decode_steps=3, repeats=2,
-                   typical_prompt_len=64)
+        return cls(
+            prefill_lengths=(8, 32, 96),
+            prefill_batch_sizes=(1, 3),
+            prefill_max_batch_tokens=512,
+            decode_batch_sizes=(1, 4, 8),
+            decode_contexts=(16, 96),
+            decode_steps=3,
+            repeats=2,
+            typical_prompt_len=64,
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +105,7 @@ class EngineProfiler:
         seqs = self._seqs([prompt_len] * batch_size, steps + 2)
         chunk = max(1, 4096 // prompt_len)  # untimed setup, in bounded batches
         for i in range(0, len(seqs), chunk):
-            engine.prefill(seqs[i:i + chunk])
+            engine.prefill(seqs[i : i + chunk])
         samples = []
         for _ in range(steps):
             total = sum(len(s.token_ids) for s in seqs)
@@ -114,7 +121,9 @@ class EngineProfiler:
     def prefill_points(self) -> list[list[int]]:
         g = self.grid
         lengths = [n for n in g.prefill_lengths if n <= self.max_len]
-        points = [[n] * bs for n in lengths for bs in g.prefill_batch_sizes if n * bs <= max(g.prefill_max_batch_tokens, n)]
+        points = [
+            [n] * bs for n in lengths for bs in g.prefill_batch_sizes if n * bs <= max(g.prefill_max_batch_tokens, n)
+        ]
         # Mixed batches: the c * sum(len^2) term is only identifiable if sum(len^2) != sum(len)^2 / bs.
         for i in range(len(lengths) - 1):
             points.append([lengths[0]] * 2 + [lengths[i + 1]])
@@ -122,8 +131,12 @@ class EngineProfiler:
 
     def decode_points(self) -> list[tuple[int, int]]:
         g = self.grid
-        return [(bs, ctx) for bs in g.decode_batch_sizes for ctx in g.decode_contexts
-                if bs * ctx <= g.decode_max_batch_tokens and ctx < self.max_len]
+        return [
+            (bs, ctx)
+            for bs in g.decode_batch_sizes
+            for ctx in g.decode_contexts
+            if bs * ctx <= g.decode_max_batch_tokens and ctx < self.max_len
+        ]
 
     @torch.inference_mode()  # no autograd anywhere: the serving loops run the engine the same way
     def run(self, progress: bool = True) -> tuple[list, list]:
@@ -132,8 +145,9 @@ class EngineProfiler:
         self.time_prefill([min(32, self.max_len)] * 2)
         self.time_decode(2, min(32, self.max_len - 4))
         prefill_samples, decode_samples = [], []
-        with tqdm(total=len(prefill_points) + len(decode_points), desc="profiling", unit="point",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(prefill_points) + len(decode_points), desc="profiling", unit="point", disable=not progress
+        ) as bar:
             for lengths in prefill_points:
                 seconds = self.time_prefill(lengths)
                 if seconds is not None:
@@ -170,8 +184,15 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int = 32 << 20) -> T
     return TransferSpec(fixed_s=statistics.median(small), bytes_per_s=num_bytes / statistics.median(times))
 
 
-def profile_engine(engine, grid: ProfileGrid = ProfileGrid(), *, model_name: str = "", progress: bool = True,
-                   overheads: Overheads | None = None, seed: int = 0) -> LatencyProfile:
+def profile_engine(
+    engine,
+    grid: ProfileGrid = ProfileGrid(),
+    *,
+    model_name: str = "",
+    progress: bool = True,
+    overheads: Overheads | None = None,
+    seed: int = 0,
+) -> LatencyProfile:
     profiler = EngineProfiler(engine, grid, seed)
     start = time.perf_counter()
     prefill_samples, decode_samples = profiler.run(progress)
@@ -180,7 +201,9 @@ def profile_engine(engine, grid: ProfileGrid = ProfileGrid(), *, model_name: str
     mc, cfg = engine.model_config, engine.config
     element = cfg.dtype_bytes
     device = engine.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     return LatencyProfile(
         prefill=prefill,
         decode=decode,
@@ -200,13 +223,17 @@ def profile_engine(engine, grid: ProfileGrid = ProfileGrid(), *, model_name: str
             "prefill": [{"lengths": ls, "seconds": t} for ls, t in prefill_samples],
             "decode": [{"batch_size": bs, "sum_context": ctx, "seconds": t} for bs, ctx, t in decode_samples],
         },
-        notes={"profile_seconds": time.perf_counter() - start, "params": mc.num_params(),
-               "engine_max_num_batched_tokens": cfg.max_num_batched_tokens},
+        notes={
+            "profile_seconds": time.perf_counter() - start,
+            "params": mc.num_params(),
+            "engine_max_num_batched_tokens": cfg.max_num_batched_tokens,
+        },
     )
 
 
-def step_log_samples(records: list[dict], since: float = float("-inf"), until: float = float("inf"),
-                     context_bin: int = 32) -> tuple[list, list]:
+def step_log_samples(
+    records: list[dict], since: float = float("-inf"), until: float = float("inf"), context_bin: int = 32
+) -> tuple[list, list]:
     """(prefill samples, decode samples) for fit_prefill / fit_decode from one worker's step log
     (services/runtime/step_log.py), keeping the steps that started in [since, until).
 
@@ -215,14 +242,18 @@ def step_log_samples(records: list[dict], since: float = float("-inf"), until: f
     made of). Steps are binned by (batch size, context per sequence to `context_bin` tokens) and
     each bin gives its mean: a TPOT is a mean of step times, slow steps (GC pauses, page faults)
     included, and the cycle time is skewed, so a median would understate it (by 5-10% here)."""
-    prefill = [(rec["lengths"], rec["seconds"]) for rec in records
-               if rec["kind"] == "prefill" and since <= rec["t"] < until]
-    bins = {}
+    prefill = [
+        (rec["lengths"], rec["seconds"]) for rec in records if rec["kind"] == "prefill" and since <= rec["t"] < until
+    ]
+    bins: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for rec, cycle in decode_cycles(records, since, until):
         batch, context = rec["batch"], rec["context_tokens"]
         bins.setdefault((batch, round(context / batch / context_bin)), []).append((context, cycle))
-    decode = [(batch, statistics.fmean(c for c, _ in steps), statistics.fmean(s for _, s in steps))
-              for (batch, _), steps in sorted(bins.items()) if len(steps) >= 3]
+    decode = [
+        (batch, statistics.fmean(c for c, _ in steps), statistics.fmean(s for _, s in steps))
+        for (batch, _), steps in sorted(bins.items())
+        if len(steps) >= 3
+    ]
     return prefill, decode
 
 
@@ -236,8 +267,9 @@ def decode_cycles(records: list[dict], since: float = float("-inf"), until: floa
             yield rec, nxt["t"] - rec["t"]
 
 
-def refit_from_step_logs(profile: LatencyProfile, paths: list[str], since: float = float("-inf"),
-                         until: float = float("inf")) -> LatencyProfile:
+def refit_from_step_logs(
+    profile: LatencyProfile, paths: list[str], since: float = float("-inf"), until: float = float("inf")
+) -> LatencyProfile:
     """The profile with each phase the logs hold refitted on the serving instance's own steps."""
     from services.runtime.step_log import read_step_log
 
@@ -257,6 +289,9 @@ def refit_from_step_logs(profile: LatencyProfile, paths: list[str], since: float
         samples["decode"] = [{"batch_size": bs, "sum_context": ctx, "seconds": t} for bs, ctx, t in decode_samples]
     if prefill is profile.prefill and decode is profile.decode:
         raise ValueError(f"no usable steps in {', '.join(paths)} (need 3 prefill batches or 3 decode bins)")
-    notes = dict(profile.notes, step_logs=list(paths), step_log_samples={"prefill": len(prefill_samples),
-                                                                         "decode": len(decode_samples)})
+    notes = dict(
+        profile.notes,
+        step_logs=list(paths),
+        step_log_samples={"prefill": len(prefill_samples), "decode": len(decode_samples)},
+    )
     return replace(profile, prefill=prefill, decode=decode, fit=fit, samples=samples, notes=notes)

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TypedDict
 
 from tqdm import tqdm
 
@@ -35,8 +36,15 @@ from services.common.arith import ceil_div
 from services.planner.workload import make_trace, rescale_rate
 
 from .analytic import AnalyticAssumptions, Parallelism, analytic_profile, kv_capacity_tokens
-from .goodput import (bisect_rate, decode_capacity, decode_goodput, max_rate_meeting, prefill_capacity, prefill_goodput,
-                      trace_attainment)
+from .goodput import (
+    bisect_rate,
+    decode_capacity,
+    decode_goodput,
+    max_rate_meeting,
+    prefill_capacity,
+    prefill_goodput,
+    trace_attainment,
+)
 from .hardware import ClusterSpec, ModelShape
 from .latency_model import LatencyProfile, TransferSpec
 from .simulator import SimConfig, Slo, simulate
@@ -58,7 +66,7 @@ class SearchSpec:
     cv: float | None = None  # None: Poisson arrivals
     rate: float | None = None  # traffic to cover; None: the most the cluster can serve
     affinity: str = "high"  # "high" (Algorithm 1) | "low" (Algorithm 2)
-    assumptions: AnalyticAssumptions = AnalyticAssumptions()
+    assumptions: AnalyticAssumptions = field(default_factory=AnalyticAssumptions)
     rel_tol: float = 0.03  # rate bisection stops at this relative width
     min_duration_s: float = 30.0  # each probe replays at least this much traffic (see trace_at)
     max_requests: int = 30000  # ... but at most this many requests
@@ -140,8 +148,10 @@ class Plan:
 
 # ---- constraints --------------------------------------------------------------------------------
 
-def parallel_config_problems(model: ModelShape, cluster: ClusterSpec, tp: int, pp: int,
-                             stages_on_separate_nodes: bool = False) -> list[str]:
+
+def parallel_config_problems(
+    model: ModelShape, cluster: ClusterSpec, tp: int, pp: int, stages_on_separate_nodes: bool = False
+) -> list[str]:
     """Why (tp, pp) cannot run this model on this cluster; empty when it can."""
     m = cluster.gpus_per_node
     problems = []
@@ -167,14 +177,27 @@ def parallel_config_problems(model: ModelShape, cluster: ClusterSpec, tp: int, p
     return problems
 
 
-def candidate_degrees(model: ModelShape, cluster: ClusterSpec, stages_on_separate_nodes: bool = False) -> list[tuple[int, int]]:
+def candidate_degrees(
+    model: ModelShape, cluster: ClusterSpec, stages_on_separate_nodes: bool = False
+) -> list[tuple[int, int]]:
     tps = [tp for tp in range(1, cluster.gpus_per_node + 1) if cluster.gpus_per_node % tp == 0]
     max_pp = cluster.node_limit * cluster.gpus_per_node
-    return [(tp, pp) for tp in tps for pp in range(1, max_pp + 1)
-            if not parallel_config_problems(model, cluster, tp, pp, stages_on_separate_nodes)]
+    return [
+        (tp, pp)
+        for tp in tps
+        for pp in range(1, max_pp + 1)
+        if not parallel_config_problems(model, cluster, tp, pp, stages_on_separate_nodes)
+    ]
 
 
 # ---- the search ---------------------------------------------------------------------------------
+
+
+class SimOptions(TypedDict):
+    """SimConfig fields that every simulation of a search shares."""
+
+    kv_admission: str
+
 
 class PlacementSearch:
     def __init__(self, spec: SearchSpec, progress: bool = True):
@@ -187,14 +210,15 @@ class PlacementSearch:
         self._base = self.trace
         self._profiles: dict = {}
         self._goodputs: dict = {}
-        self.sim_options = {"kv_admission": spec.kv_admission}
-        self._pool = None
+        self.sim_options: SimOptions = {"kv_admission": spec.kv_admission}
+        self._pool: ProcessPoolExecutor | None = None
 
     # ---- traces ----------------------------------------------------------------------------------
     def base_trace(self, n: int, rate: float = 1.0, seed_offset: int = 0):
         s = self.spec
-        return make_trace(s.workload, rate, n, s.seed + seed_offset, cv=s.cv, scale=s.scale,
-                          max_model_len=s.model.max_model_len)
+        return make_trace(
+            s.workload, rate, n, s.seed + seed_offset, cv=s.cv, scale=s.scale, max_model_len=s.model.max_model_len
+        )
 
     def _probe_length(self, rate: float, concurrency: float) -> int:
         s = self.spec
@@ -231,8 +255,15 @@ class PlacementSearch:
         par = Parallelism.packed(tp, pp, c.gpus_per_node) if hops is None else Parallelism(tp, pp, hops)
         key = (tp, pp, par.inter_node_hops)
         if key not in self._profiles:
-            self._profiles[key] = analytic_profile(self.spec.model, c, tp, pp, par=par, assumptions=self.spec.assumptions,
-                                                   typical_prompt_len=max(int(self.mean_prompt), 64))
+            self._profiles[key] = analytic_profile(
+                self.spec.model,
+                c,
+                tp,
+                pp,
+                par=par,
+                assumptions=self.spec.assumptions,
+                typical_prompt_len=max(int(self.mean_prompt), 64),
+            )
         return self._profiles[key]
 
     def phase_goodput(self, phase: str, tp: int, pp: int, hops: int | None = None) -> float:
@@ -241,13 +272,15 @@ class PlacementSearch:
         s = self.spec
         if phase == "prefill":
             return prefill_goodput(profile, self.trace_source(), s.slo, s.attainment, s.rel_tol, **self.sim_options)
-        return decode_goodput(profile, self.trace_source(self.concurrency(profile)), s.slo, s.attainment,
-                              s.rel_tol, **self.sim_options)
+        return decode_goodput(
+            profile, self.trace_source(self.concurrency(profile)), s.slo, s.attainment, s.rel_tol, **self.sim_options
+        )
 
     def unit_goodput(self, pp: int, tp_p: int, n_p: int, tp_d: int, n_d: int, guess: float) -> float:
         """Goodput of one Algorithm-2 unit end to end (both phases, transfers, the joint SLO)."""
         s = self.spec
         cfg = self._unit_config(pp, tp_p, tp_d, n_p, n_d)
+        assert cfg.decode_profile is not None  # _unit_config always sets it
         fn = trace_attainment(cfg, self.trace_source(n_d * self.concurrency(cfg.decode_profile)), s.slo, s.attainment)
         return max_rate_meeting(fn, s.attainment, guess=guess, rel_tol=s.rel_tol)
 
@@ -297,8 +330,12 @@ class PlacementSearch:
         if self._pool is None:
             # spawn: a fresh interpreter per worker (forking a process that has touched torch or
             # threads is unsafe); each builds its own PlacementSearch from the spec.
-            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self.spec,))
+            self._pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.spec,),
+            )
         return self._pool
 
     def close(self) -> None:
@@ -317,8 +354,13 @@ class PlacementSearch:
         return {(phase, tp, pp): self._goodputs[(phase, tp, pp, h)] for phase, tp, pp, h in tasks}
 
     def _choice(self, profile: LatencyProfile, goodput: float) -> PhaseChoice:
-        return PhaseChoice(profile.tensor_parallel, profile.pipeline_parallel, goodput, profile.max_batched_tokens,
-                           profile.kv_capacity_tokens)
+        return PhaseChoice(
+            profile.tensor_parallel,
+            profile.pipeline_parallel,
+            goodput,
+            profile.max_batched_tokens,
+            profile.kv_capacity_tokens,
+        )
 
     def high_affinity_transfer(self, p: PhaseChoice, d: PhaseChoice) -> TransferSpec:
         # Each GPU of the prefill instance sends its shard over its own NIC.
@@ -327,7 +369,11 @@ class PlacementSearch:
 
     def low_affinity_transfer(self, p: PhaseChoice, d: PhaseChoice) -> TransferSpec:
         # Stage s copies only its own layers' KV, over NVLink, all stages at once.
-        bw = self.spec.cluster.gpu.intra_node_bytes_per_s * min(p.tensor_parallel, d.tensor_parallel) * p.pipeline_parallel
+        bw = (
+            self.spec.cluster.gpu.intra_node_bytes_per_s
+            * min(p.tensor_parallel, d.tensor_parallel)
+            * p.pipeline_parallel
+        )
         return TransferSpec(self.spec.transfer_fixed_s, bw)
 
     # ---- Algorithm 1 ---------------------------------------------------------------------------
@@ -338,29 +384,47 @@ class PlacementSearch:
         if not degrees:
             raise ValueError("no (tensor, pipeline) degree fits this model on this cluster")
         goodputs = self.phase_goodputs(degrees, lambda tp, pp: None)
-        candidates = [{"phase": ph, "tensor_parallel": tp, "pipeline_parallel": pp, "goodput": g,
-                       "goodput_per_gpu": g / (tp * pp)} for (ph, tp, pp), g in goodputs.items()]
+        candidates = [
+            {
+                "phase": ph,
+                "tensor_parallel": tp,
+                "pipeline_parallel": pp,
+                "goodput": g,
+                "goodput_per_gpu": g / (tp * pp),
+            }
+            for (ph, tp, pp), g in goodputs.items()
+        ]
         p, d = self._choose_phases(candidates)
         total = s.cluster.total_gpus
         rate = s.rate if s.rate is not None else _max_rate_two_pools(p, d, total)
         if rate <= 0:
-            raise ValueError(f"the cluster's {total} GPUs cannot hold one prefill instance ({p.num_gpus} GPUs) and "
-                             f"one decode instance ({d.num_gpus} GPUs)")
+            raise ValueError(
+                f"the cluster's {total} GPUs cannot hold one prefill instance ({p.num_gpus} GPUs) and "
+                f"one decode instance ({d.num_gpus} GPUs)"
+            )
         n_p, n_d = math.ceil(rate / p.goodput), math.ceil(rate / d.goodput)
         if n_p * p.num_gpus + n_d * d.num_gpus > total:
-            raise ValueError(f"covering {rate:.2f} req/s needs {n_p} prefill x {p.num_gpus} + {n_d} decode x "
-                             f"{d.num_gpus} GPUs, more than the cluster's {total}; the cluster can serve about "
-                             f"{_max_rate_two_pools(p, d, total):.2f} req/s")
-        sim_cfg = lambda n_p, n_d: SimConfig(prefill_profile=self.profile(p.tensor_parallel, p.pipeline_parallel),
-                                             decode_profile=self.profile(d.tensor_parallel, d.pipeline_parallel),
-                                             num_prefill=n_p, num_decode=n_d, transfer=self.high_affinity_transfer(p, d),
-                                             **self.sim_options)
+            raise ValueError(
+                f"covering {rate:.2f} req/s needs {n_p} prefill x {p.num_gpus} + {n_d} decode x "
+                f"{d.num_gpus} GPUs, more than the cluster's {total}; the cluster can serve about "
+                f"{_max_rate_two_pools(p, d, total):.2f} req/s"
+            )
+        sim_cfg = lambda n_p, n_d: SimConfig(
+            prefill_profile=self.profile(p.tensor_parallel, p.pipeline_parallel),
+            decode_profile=self.profile(d.tensor_parallel, d.pipeline_parallel),
+            num_prefill=n_p,
+            num_decode=n_d,
+            transfer=self.high_affinity_transfer(p, d),
+            **self.sim_options,
+        )
 
         def grow(n_p, n_d, weaker):
             n_p, n_d = (n_p + 1, n_d) if weaker == "prefill" else (n_p, n_d + 1)
             return (n_p, n_d) if n_p * p.num_gpus + n_d * d.num_gpus <= total else None
 
-        concurrency = (n_d + 2) * self.concurrency(sim_cfg(1, 1).decode_profile)
+        decode_profile = sim_cfg(1, 1).decode_profile
+        assert decode_profile is not None  # sim_cfg always sets it
+        concurrency = (n_d + 2) * self.concurrency(decode_profile)
         n_p, n_d, rate, verification = self._verify(sim_cfg, rate, n_p, n_d, concurrency, grow)
         instances = place_packed(s.cluster, [("prefill", p)] * n_p + [("decode", d)] * n_d)
         plan = self._plan("high-affinity (Algorithm 1)", rate, p, d, n_p, n_d, instances, verification, candidates)
@@ -372,8 +436,10 @@ class PlacementSearch:
         instances are what gets bought, so the configuration needing the fewest GPUs for that
         rate wins (a 20-GPU instance with the best per-GPU goodput wastes most of itself at a
         rate a 2-GPU one covers); without one, the pair that lets the cluster serve the most."""
-        rows = {ph: [c for c in candidates if c["phase"] == ph and 0 < c["goodput"] < math.inf]
-                for ph in ("prefill", "decode")}
+        rows = {
+            ph: [c for c in candidates if c["phase"] == ph and 0 < c["goodput"] < math.inf]
+            for ph in ("prefill", "decode")
+        }
         for ph, r in rows.items():
             if not r:
                 raise ValueError(f"no {ph} configuration meets the SLO even at a low rate")
@@ -381,8 +447,10 @@ class PlacementSearch:
         gpus = lambda c: c["tensor_parallel"] * c["pipeline_parallel"]
         rate = self.spec.rate
         if rate is not None:
-            pick = {ph: min(r, key=lambda c: (math.ceil(rate / c["goodput"]) * gpus(c), -c["goodput_per_gpu"]))
-                    for ph, r in rows.items()}
+            pick = {
+                ph: min(r, key=lambda c: (math.ceil(rate / c["goodput"]) * gpus(c), -c["goodput_per_gpu"]))
+                for ph, r in rows.items()
+            }
             return choice(pick["prefill"]), choice(pick["decode"])
         total = self.spec.cluster.total_gpus
         best, best_key = None, None
@@ -393,6 +461,7 @@ class PlacementSearch:
                 key = (round(served, 6), -(p.num_gpus + d.num_gpus))
                 if best_key is None or key > best_key:
                     best, best_key = (p, d), key
+        assert best is not None  # both rows are non-empty (checked above)
         return best
 
     def _verify(self, make_config, rate: float, n_p: int, n_d: int, concurrency: float, grow=None):
@@ -427,10 +496,23 @@ class PlacementSearch:
                     break
                 n_p, n_d = grown
                 added.append(weaker)
-        keep = ("attainment", "ttft_attainment", "tpot_attainment", "ttft_s", "tpot_s", "num_requests", "preemptions",
-                "overloaded", "backlog_at_last_arrival")
-        verification = {"rate": rate, "meets_target": passes(result), "replicas_added": added,
-                        **{k: summary[k] for k in keep}}
+        keep = (
+            "attainment",
+            "ttft_attainment",
+            "tpot_attainment",
+            "ttft_s",
+            "tpot_s",
+            "num_requests",
+            "preemptions",
+            "overloaded",
+            "backlog_at_last_arrival",
+        )
+        verification = {
+            "rate": rate,
+            "meets_target": passes(result),
+            "replicas_added": added,
+            **{k: summary[k] for k in keep},
+        }
         return n_p, n_d, rate, verification
 
     # ---- Algorithm 2 ---------------------------------------------------------------------------
@@ -443,8 +525,16 @@ class PlacementSearch:
             raise ValueError("no (tensor, pipeline) degree fits this model on this cluster")
         # Every stage boundary crosses nodes: stage s of every instance of a unit is on node s.
         phase_rows = self.phase_goodputs(degrees, lambda tp, pp: pp - 1)
-        candidates = [{"phase": ph, "tensor_parallel": tp, "pipeline_parallel": pp, "goodput": g,
-                       "goodput_per_gpu": g / (tp * pp)} for (ph, tp, pp), g in phase_rows.items()]
+        candidates = [
+            {
+                "phase": ph,
+                "tensor_parallel": tp,
+                "pipeline_parallel": pp,
+                "goodput": g,
+                "goodput_per_gpu": g / (tp * pp),
+            }
+            for (ph, tp, pp), g in phase_rows.items()
+        ]
         # Node segments: stage s of n_p prefill and n_d decode instances on one node.
         segments = []
         for tp_p, pp in degrees:
@@ -475,14 +565,28 @@ class PlacementSearch:
                 break
         tasks = [(pp, tp_p, n_p, tp_d, n_d, estimate) for _, estimate, pp, tp_p, n_p, tp_d, n_d in top]
         verified = []
-        for (pp, tp_p, n_p, tp_d, n_d, estimate), g in zip(tasks, self._map("unit_goodput", tasks,
-                                                                             "search: units end to end", "unit")):
+        for (pp, tp_p, n_p, tp_d, n_d, estimate), g in zip(
+            tasks, self._map("unit_goodput", tasks, "search: units end to end", "unit")
+        ):
             gpus = pp * (n_p * tp_p + n_d * tp_d)
-            verified.append({"pipeline_parallel": pp, "prefill_tensor_parallel": tp_p, "prefill_per_node": n_p,
-                             "decode_tensor_parallel": tp_d, "decode_per_node": n_d, "gpus": gpus,
-                             "estimated_goodput": estimate, "goodput": g, "goodput_per_gpu": g / gpus})
+            verified.append(
+                {
+                    "pipeline_parallel": pp,
+                    "prefill_tensor_parallel": tp_p,
+                    "prefill_per_node": n_p,
+                    "decode_tensor_parallel": tp_d,
+                    "decode_per_node": n_d,
+                    "gpus": gpus,
+                    "estimated_goodput": estimate,
+                    "goodput": g,
+                    "goodput_per_gpu": g / gpus,
+                }
+            )
         for u in verified:
-            per_node = u["prefill_per_node"] * u["prefill_tensor_parallel"] + u["decode_per_node"] * u["decode_tensor_parallel"]
+            per_node = (
+                u["prefill_per_node"] * u["prefill_tensor_parallel"]
+                + u["decode_per_node"] * u["decode_tensor_parallel"]
+            )
             u["units_per_node_group"] = m // per_node
             u["max_units"] = (s.cluster.num_nodes // u["pipeline_parallel"]) * u["units_per_node_group"]
             if s.rate is not None and u["goodput"] > 0:
@@ -495,14 +599,24 @@ class PlacementSearch:
             unit = max(usable, key=lambda u: (u["max_units"] * u["goodput"], u["goodput_per_gpu"]))
         else:  # the unit that covers the rate on the fewest nodes, then GPUs
             unit = min(usable, key=lambda u: (u["nodes_needed"], math.ceil(s.rate / u["goodput"]) * u["gpus"]))
-        pp, tp_p, n_p, tp_d, n_d = (unit[k] for k in ("pipeline_parallel", "prefill_tensor_parallel", "prefill_per_node",
-                                                        "decode_tensor_parallel", "decode_per_node"))
+        pp, tp_p, n_p, tp_d, n_d = (
+            unit[k]
+            for k in (
+                "pipeline_parallel",
+                "prefill_tensor_parallel",
+                "prefill_per_node",
+                "decode_tensor_parallel",
+                "decode_per_node",
+            )
+        )
         max_units = unit["max_units"]
         rate = s.rate if s.rate is not None else max_units * unit["goodput"]
         num_units = math.ceil(rate / unit["goodput"])
         if num_units > max_units:
-            raise ValueError(f"covering {rate:.2f} req/s needs {num_units} units of {unit['gpus']} GPUs; the cluster "
-                             f"holds {max_units} (about {max_units * unit['goodput']:.2f} req/s)")
+            raise ValueError(
+                f"covering {rate:.2f} req/s needs {num_units} units of {unit['gpus']} GPUs; the cluster "
+                f"holds {max_units} (about {max_units * unit['goodput']:.2f} req/s)"
+            )
         p = self._choice(self.profile(tp_p, pp, pp - 1), phase_rows[("prefill", tp_p, pp)])
         d = self._choice(self.profile(tp_d, pp, pp - 1), phase_rows[("decode", tp_d, pp)])
 
@@ -515,8 +629,17 @@ class PlacementSearch:
         concurrency = num_units * n_d * self.concurrency(make_config(1, 1).decode_profile)
         num_units, _, rate, verification = self._verify(make_config, rate, num_units, num_units, concurrency, grow)
         instances, seg_rows = place_units(s.cluster, num_units, pp, tp_p, n_p, tp_d, n_d)
-        plan = self._plan("low-affinity (Algorithm 2)", rate, p, d, n_p * num_units, n_d * num_units, instances,
-                          verification, candidates)
+        plan = self._plan(
+            "low-affinity (Algorithm 2)",
+            rate,
+            p,
+            d,
+            n_p * num_units,
+            n_d * num_units,
+            instances,
+            verification,
+            candidates,
+        )
         plan.unit = {**unit, "units": num_units, "all_verified": verified}
         plan.segments = seg_rows
         plan.search_seconds = time.perf_counter() - start
@@ -525,8 +648,15 @@ class PlacementSearch:
     def _unit_config(self, pp, tp_p, tp_d, n_p, n_d, groups: int = 1) -> SimConfig:
         p_prof, d_prof = self.profile(tp_p, pp, pp - 1), self.profile(tp_d, pp, pp - 1)
         transfer = self.low_affinity_transfer(self._choice(p_prof, 0), self._choice(d_prof, 0))
-        return SimConfig(prefill_profile=p_prof, decode_profile=d_prof, num_prefill=n_p, num_decode=n_d,
-                         transfer=transfer, num_groups=groups, **self.sim_options)
+        return SimConfig(
+            prefill_profile=p_prof,
+            decode_profile=d_prof,
+            num_prefill=n_p,
+            num_decode=n_d,
+            transfer=transfer,
+            num_groups=groups,
+            **self.sim_options,
+        )
 
     # ---- colocated baseline --------------------------------------------------------------------
     def colocated_baseline(self) -> dict | None:
@@ -542,14 +672,26 @@ class PlacementSearch:
         s = self.spec
         c = s.cluster
         return Plan(
-            algorithm=algorithm, model=s.model.name, gpu=c.gpu.name,
-            cluster={"num_nodes": c.num_nodes, "gpus_per_node": c.gpus_per_node, "max_nodes_per_instance": c.node_limit,
-                     "intra_node_bytes_per_s": c.gpu.intra_node_bytes_per_s,
-                     "inter_node_bytes_per_s": c.gpu.inter_node_bytes_per_s},
+            algorithm=algorithm,
+            model=s.model.name,
+            gpu=c.gpu.name,
+            cluster={
+                "num_nodes": c.num_nodes,
+                "gpus_per_node": c.gpus_per_node,
+                "max_nodes_per_instance": c.node_limit,
+                "intra_node_bytes_per_s": c.gpu.intra_node_bytes_per_s,
+                "inter_node_bytes_per_s": c.gpu.inter_node_bytes_per_s,
+            },
             slo={"ttft_s": s.slo.ttft_s, "tpot_s": s.slo.tpot_s, "attainment": s.attainment},
             workload={"name": s.workload, "num_requests": s.num_requests, "seed": s.seed, "scale": s.scale, "cv": s.cv},
-            rate=rate, prefill=p, decode=d, num_prefill=n_p, num_decode=n_d, instances=instances,
-            verification=verification, candidates=candidates,
+            rate=rate,
+            prefill=p,
+            decode=d,
+            num_prefill=n_p,
+            num_decode=n_d,
+            instances=instances,
+            verification=verification,
+            candidates=candidates,
         )
 
     def run(self) -> Plan:
@@ -604,6 +746,7 @@ def _max_rate_two_pools(p: PhaseChoice, d: PhaseChoice, total_gpus: int) -> floa
 
 # ---- placement ----------------------------------------------------------------------------------
 
+
 def place_packed(cluster: ClusterSpec, instances: list[tuple[str, PhaseChoice]]) -> list[dict]:
     """Algorithm 1's placement: each instance's stages on consecutive GPUs, a stage's tensor-parallel
     group always inside one node. Larger groups first, so power-of-two groups never fragment."""
@@ -623,16 +766,24 @@ def place_packed(cluster: ClusterSpec, instances: list[tuple[str, PhaseChoice]])
             while node < cluster.num_nodes and len(free[node]) < tp:
                 node += 1
             if node == cluster.num_nodes:  # fall back to any node with room
-                node = next((k for k in range(cluster.num_nodes) if len(free[k]) >= tp), None)
-                if node is None:
+                roomy = next((k for k in range(cluster.num_nodes) if len(free[k]) >= tp), None)
+                if roomy is None:
                     raise ValueError("the instances do not fit the cluster's GPUs")
+                node = roomy
             gpus, free[node] = free[node][:tp], free[node][tp:]
             stages.append({"stage": stage, "node": node, "gpus": gpus})
         spanned = len({st["node"] for st in stages})
         if spanned > cluster.node_limit:
             raise ValueError(f"{role} instance {index} would span {spanned} nodes (limit {cluster.node_limit})")
-        placed.append({"role": role, "index": index, "tensor_parallel": tp,
-                       "pipeline_parallel": choice.pipeline_parallel, "stages": stages})
+        placed.append(
+            {
+                "role": role,
+                "index": index,
+                "tensor_parallel": tp,
+                "pipeline_parallel": choice.pipeline_parallel,
+                "stages": stages,
+            }
+        )
     placed.sort(key=lambda r: (r["role"] != "prefill", r["index"]))
     return placed
 
@@ -642,7 +793,8 @@ def place_units(cluster: ClusterSpec, num_units: int, pp: int, tp_p: int, n_p: i
     prefill and n_d decode instances, so every KV transfer is node-local."""
     per_node = n_p * tp_p + n_d * tp_d
     units_per_group = cluster.gpus_per_node // per_node
-    instances, segments = [], []
+    instances: list[dict[str, Any]] = []
+    segments: list[dict[str, Any]] = []
     for u in range(num_units):
         group, slot = divmod(u, units_per_group)
         base_node, base_gpu = group * pp, slot * per_node
@@ -651,14 +803,28 @@ def place_units(cluster: ClusterSpec, num_units: int, pp: int, tp_p: int, n_p: i
         for role, tp, count, offset in (("prefill", tp_p, n_p, 0), ("decode", tp_d, n_d, n_p * tp_p)):
             for i in range(count):
                 first = base_gpu + offset + i * tp
-                instances.append({"role": role, "index": u * count + i, "unit": u, "tensor_parallel": tp,
-                                  "pipeline_parallel": pp,
-                                  "stages": [{"stage": st, "node": base_node + st, "gpus": list(range(first, first + tp))}
-                                             for st in range(pp)]})
+                instances.append(
+                    {
+                        "role": role,
+                        "index": u * count + i,
+                        "unit": u,
+                        "tensor_parallel": tp,
+                        "pipeline_parallel": pp,
+                        "stages": [
+                            {"stage": st, "node": base_node + st, "gpus": list(range(first, first + tp))}
+                            for st in range(pp)
+                        ],
+                    }
+                )
         for st in range(pp):
-            node_rows = {role: [{"instance": inst["index"], "gpus": inst["stages"][st]["gpus"]}
-                                for inst in instances if inst["unit"] == u and inst["role"] == role]
-                         for role in ("prefill", "decode")}
+            node_rows = {
+                role: [
+                    {"instance": inst["index"], "gpus": inst["stages"][st]["gpus"]}
+                    for inst in instances
+                    if inst["unit"] == u and inst["role"] == role
+                ]
+                for role in ("prefill", "decode")
+            }
             segments.append({"unit": u, "stage": st, "node": base_node + st, **node_rows})
     instances.sort(key=lambda r: (r["role"] != "prefill", r["index"]))
     return instances, segments

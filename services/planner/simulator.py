@@ -77,14 +77,33 @@ class SimConfig:
             return self.overheads
         front = self.colocated_profile if self.mode == "colocated" else (self.prefill_profile or self.decode_profile)
         back = self.colocated_profile if self.mode == "colocated" else (self.decode_profile or self.prefill_profile)
+        assert front is not None and back is not None  # a cluster without profiles needs explicit overheads
         o = front.overheads
         return Overheads(o.dispatch_s, o.first_token_s, o.handoff_s, o.prefill_batch_s, back.overheads.decode_step_s)
 
 
 class _Req:
-    __slots__ = ("idx", "arrival", "prompt", "output", "first_token", "finish", "generated", "join_ctx",
-                 "join_step", "join_blocks", "epoch", "prefill_inst", "prefill_blocks", "decode_inst",
-                 "needs_transfer", "preemptions", "failed", "lane", "prefill_idx")
+    __slots__ = (
+        "arrival",
+        "decode_inst",
+        "epoch",
+        "failed",
+        "finish",
+        "first_token",
+        "generated",
+        "idx",
+        "join_blocks",
+        "join_ctx",
+        "join_step",
+        "lane",
+        "needs_transfer",
+        "output",
+        "preemptions",
+        "prefill_blocks",
+        "prefill_idx",
+        "prefill_inst",
+        "prompt",
+    )
 
     def __init__(self, idx: int, r: TraceRequest):
         self.idx = idx
@@ -96,13 +115,13 @@ class _Req:
         self.generated = 0  # output tokens produced before the current decode membership began
         self.join_ctx = self.join_step = self.join_blocks = 0
         self.epoch = 0  # bumped on preemption: stale finish-heap entries are skipped
-        self.prefill_inst = None
+        self.prefill_inst: PrefillInstance | None = None
         self.prefill_blocks = 0
         self.decode_inst = -1
         self.needs_transfer = False
         self.preemptions = 0
         self.failed = False
-        self.lane = None  # the DecodeBatch it is running in
+        self.lane: DecodeBatch | None = None  # the DecodeBatch it is running in
         self.prefill_idx = -1
 
 
@@ -200,7 +219,9 @@ class DecodeBatch:
         return None
 
     # ---- runs of steps ---------------------------------------------------------------------------
-    def begin_run(self, t: float, a: float, b: float, free_blocks: int, max_steps: int | None = None) -> tuple[float, int]:
+    def begin_run(
+        self, t: float, a: float, b: float, free_blocks: int, max_steps: int | None = None
+    ) -> tuple[float, int]:
         """Starts steps at t, each taking a + b * (context sum). Runs until the next finish or until
         the free blocks would not cover the growth. Returns (end time, blocks reserved for growth)."""
         heap = self._finish_heap
@@ -284,8 +305,9 @@ class DecodeBatch:
 
 
 class Simulation:
-    def __init__(self, config: SimConfig, trace: list[TraceRequest], slo: Slo | None = None,
-                 stop_below: float | None = None):
+    def __init__(
+        self, config: SimConfig, trace: list[TraceRequest], slo: Slo | None = None, stop_below: float | None = None
+    ):
         self.config = config
         ordered = all(a.arrival_s <= b.arrival_s for a, b in zip(trace, trace[1:]))
         self.reqs = [_Req(i, r) for i, r in enumerate(trace if ordered else sorted(trace, key=lambda r: r.arrival_s))]
@@ -303,19 +325,22 @@ class Simulation:
         self.decodes: list[DecodeInstance] = []
         self.colocated: list[ColocatedInstance] = []
         if config.mode == "colocated":
-            p = config.colocated_profile
+            profile = config.colocated_profile
             for i in range(config.num_colocated):
-                self.colocated.append(ColocatedInstance(self, i, p, config))
+                assert profile is not None  # an instance needs the profile of its phase
+                self.colocated.append(ColocatedInstance(self, i, profile, config))
         elif config.mode == "disaggregated":
             for i in range(config.num_prefill):
+                assert config.prefill_profile is not None  # an instance needs the profile of its phase
                 self.prefills.append(PrefillInstance(self, i, config.prefill_profile, config))
             transfer = config.transfer or (config.decode_profile.transfer if config.decode_profile else TransferSpec())
             for i in range(config.num_decode):
+                assert config.decode_profile is not None  # an instance needs the profile of its phase
                 self.decodes.append(DecodeInstance(self, i, config.decode_profile, config, transfer))
             if not self.prefills and not self.decodes:
                 raise ValueError("a cluster needs prefill or decode instances")
             groups = max(1, config.num_groups)
-            self._group_decodes = [[] for _ in range(groups)]
+            self._group_decodes: list[list[DecodeInstance]] = [[] for _ in range(groups)]
             for p in self.prefills:
                 p.group = p.index * groups // len(self.prefills)
             for d in self.decodes:
@@ -330,7 +355,7 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, fn, arg))
 
-    def run(self) -> "SimResult":
+    def run(self) -> SimResult:
         reqs, heap = self.reqs, self._heap
         arrivals = [r.arrival for r in reqs]
         i, n = 0, len(reqs)
@@ -353,8 +378,11 @@ class Simulation:
     def _backlog(self) -> int:
         """Requests queued but not in any batch yet. Read when the last request arrives: a cluster
         that keeps up has few; an overloaded one has a share of the trace that grows with it."""
-        return (sum(len(p.queue) for p in self.prefills) + sum(len(d.admission) for d in self.decodes)
-                + sum(len(lane.waiting) for inst in self.decodes + self.colocated for lane in inst.lanes))
+        return (
+            sum(len(p.queue) for p in self.prefills)
+            + sum(len(d.admission) for d in self.decodes)
+            + sum(len(lane.waiting) for inst in self.decodes + self.colocated for lane in inst.lanes)
+        )
 
     # ---- request path -------------------------------------------------------------------------
     def _pick(self, instances, load, attr):
@@ -592,12 +620,17 @@ class BatchingInstance:
             lane.idle = True
             return
         lane.idle = False
-        lat = self.decode_latency
+        dlat = self.decode_latency
         # Blocks only come back when a sequence finishes (the end of a run) or is preempted (here):
         # after a preemption the next boundary may admit or recompute, so it must be a real one.
         one_step = self._could_start_more(lane)
-        end, reserved = lane.begin_run(t, lat.a + lat.c * lane.size + self.overheads.decode_step_s, lat.b,
-                                       self.free_blocks, 1 if one_step else None)
+        end, reserved = lane.begin_run(
+            t,
+            dlat.a + dlat.c * lane.size + self.overheads.decode_step_s,
+            dlat.b,
+            self.free_blocks,
+            1 if one_step else None,
+        )
         self.free_blocks -= reserved
         self.sim.schedule(end, self._run_done, (lane, lane.run_epoch))
 
@@ -612,7 +645,8 @@ class BatchingInstance:
         q = lane.waiting
         running = lane.size + len(lane.pending)
         free = self.free_blocks - (self.watermark if running else 0)
-        batch, tokens, blocks = [], 0, 0
+        batch: list[tuple[_Req, int]] = []
+        tokens, blocks = 0, 0
         while q and running + len(batch) < self.max_seqs:
             r = q[0]
             n = r.prompt + r.generated  # a preempted sequence recomputes its output so far too
@@ -658,7 +692,9 @@ class BatchingInstance:
 
     def _held_at_preemption(self, r: _Req) -> int:
         # preempt_newest already moved r.generated on: its cached tokens are prompt + generated - 1
-        return r.join_blocks if self.reserve else max(r.join_blocks, _blocks(r.prompt + r.generated - 1, self.block_size))
+        return (
+            r.join_blocks if self.reserve else max(r.join_blocks, _blocks(r.prompt + r.generated - 1, self.block_size))
+        )
 
     def _run_done(self, t: float, arg) -> None:
         lane, epoch = arg
@@ -738,10 +774,12 @@ class DecodeInstance(BatchingInstance):
     def _admit(self, t: float) -> None:
         while self.admission:
             r = self.admission[0]
-            if not self._fits(r):
-                if (self._recomputes_waiting() or self.in_flight() >= self.max_seqs * len(self.lanes)
-                        or not self._settle(t, self._need(r))):
-                    return
+            if not self._fits(r) and (
+                self._recomputes_waiting()
+                or self.in_flight() >= self.max_seqs * len(self.lanes)
+                or not self._settle(t, self._need(r))
+            ):
+                return
             self.admission.popleft()
             held = self._blocks_to_hold(r, r.prompt + r.generated - 1)
             self.free_blocks -= held
@@ -811,15 +849,31 @@ class SimResult:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_sim(cls, sim: Simulation) -> "SimResult":
-        cols = np.array([(r.arrival, r.prompt, r.output, r.first_token, r.finish, r.preemptions, r.prefill_idx,
-                          r.decode_inst) for r in sim.reqs], dtype=float).reshape(-1, 8)
+    def from_sim(cls, sim: Simulation) -> SimResult:
+        cols = np.array(
+            [
+                (r.arrival, r.prompt, r.output, r.first_token, r.finish, r.preemptions, r.prefill_idx, r.decode_inst)
+                for r in sim.reqs
+            ],
+            dtype=float,
+        ).reshape(-1, 8)
         arrival, prompt, out, first, finish = cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4]
         tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), 0.0)
         tpot = np.where(np.isnan(finish), np.nan, tpot)
         ints = lambda c: c.astype(np.int64)
-        return cls(arrival, ints(prompt), ints(out), first - arrival, tpot, ints(cols[:, 5]), ints(cols[:, 6]),
-                   ints(cols[:, 7]), sim.slo, sim.stopped_early, sim.backlog)
+        return cls(
+            arrival,
+            ints(prompt),
+            ints(out),
+            first - arrival,
+            tpot,
+            ints(cols[:, 5]),
+            ints(cols[:, 6]),
+            ints(cols[:, 7]),
+            sim.slo,
+            sim.stopped_early,
+            sim.backlog,
+        )
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -852,8 +906,12 @@ class SimResult:
             x = x[~np.isnan(x)]
             if not len(x):
                 return {}
-            return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p90": float(np.percentile(x, 90)),
-                    "p99": float(np.percentile(x, 99))}
+            return {
+                "mean": float(x.mean()),
+                "p50": float(np.percentile(x, 50)),
+                "p90": float(np.percentile(x, 90)),
+                "p99": float(np.percentile(x, 99)),
+            }
 
         span = float(self.arrival_s[-1] - self.arrival_s[0]) if len(self) > 1 else 0.0
         return {
@@ -874,10 +932,22 @@ class SimResult:
 
     def to_json(self) -> dict:
         requests = [
-            {"arrival_s": float(a), "prompt_tokens": int(p), "output_tokens": int(o),
-             "ttft_s": _finite(float(tt)), "tpot_s": _finite(float(tp)), "ok": bool(ok)}
-            for a, p, o, tt, tp, ok in zip(self.arrival_s, self.prompt_tokens, self.output_tokens, self.ttft_s,
-                                           self.tpot_s, self.ttft_ok & self.tpot_ok)
+            {
+                "arrival_s": float(a),
+                "prompt_tokens": int(p),
+                "output_tokens": int(o),
+                "ttft_s": _finite(float(tt)),
+                "tpot_s": _finite(float(tp)),
+                "ok": bool(ok),
+            }
+            for a, p, o, tt, tp, ok in zip(
+                self.arrival_s,
+                self.prompt_tokens,
+                self.output_tokens,
+                self.ttft_s,
+                self.tpot_s,
+                self.ttft_ok & self.tpot_ok,
+            )
         ]
         return {"schema": "pdserve.simulation/v1", "summary": self.summary(), "requests": requests}
 
@@ -886,6 +956,7 @@ def _finite(x: float):
     return None if x is None or math.isnan(x) or math.isinf(x) else x
 
 
-def simulate(config: SimConfig, trace: list[TraceRequest], slo: Slo | None = None,
-             stop_below: float | None = None) -> SimResult:
+def simulate(
+    config: SimConfig, trace: list[TraceRequest], slo: Slo | None = None, stop_below: float | None = None
+) -> SimResult:
     return Simulation(config, trace, slo, stop_below).run()

@@ -62,8 +62,7 @@ def read_trace(path: str) -> list[TraceRequest]:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{line_no}: {e}") from None
             if request.prompt_tokens < 1 or request.output_tokens < 1 or request.arrival_s < 0:
-                raise ValueError(f"{path}:{line_no}: prompt_tokens and output_tokens must be >= 1 and "
-                                 f"arrival_s >= 0")
+                raise ValueError(f"{path}:{line_no}: prompt_tokens and output_tokens must be >= 1 and arrival_s >= 0")
             requests.append(request)
     requests.sort(key=lambda r: r.arrival_s)
     return requests
@@ -76,6 +75,7 @@ def write_trace(path: str, requests: list[TraceRequest]) -> None:
 
 
 # ---- arrival processes ------------------------------------------------------------------------
+
 
 def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
     """Arrival times of a Poisson process of `rate` requests/s (exponential inter-arrival gaps)."""
@@ -99,6 +99,7 @@ def gamma_arrivals(rate: float, cv: float, n: int, seed: int = 0) -> list[float]
 
 # ---- length distributions ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LogNormalLengths:
     """Token counts drawn log-normally with the given mean (of the unclipped distribution) and
@@ -110,9 +111,9 @@ class LogNormalLengths:
     max_tokens: int
 
     def sample(self, rng: np.random.Generator, n: int, scale: float = 1.0) -> np.ndarray:
-        mu = math.log(self.mean * scale) - self.sigma ** 2 / 2  # so that E[X] = mean * scale
-        lo = max(1, int(round(self.min_tokens * scale)))
-        hi = max(lo, int(round(self.max_tokens * scale)))
+        mu = math.log(self.mean * scale) - self.sigma**2 / 2  # so that E[X] = mean * scale
+        lo = max(1, round(self.min_tokens * scale))
+        hi = max(lo, round(self.max_tokens * scale))
         values = np.rint(rng.lognormal(mu, self.sigma, n))
         return np.clip(values, lo, hi).astype(int)
 
@@ -208,5 +209,6 @@ def rescale_rate(requests: list[TraceRequest], rate: float, from_rate: float | N
         last = requests[-1].arrival_s
         from_rate = len(requests) / last if last > 0 else rate
     factor = from_rate / rate
-    return [TraceRequest(r.arrival_s * factor, r.prompt_tokens, r.output_tokens, r.prompt, r.request_id)
-            for r in requests]
+    return [
+        TraceRequest(r.arrival_s * factor, r.prompt_tokens, r.output_tokens, r.prompt, r.request_id) for r in requests
+    ]

@@ -11,8 +11,14 @@ def main(argv=None) -> None:
     args = worker_parser(Role.PREFILL, "pdserve prefill worker", port=7200, metrics_port=9200).parse_args(argv)
 
     def make_service(engine, registry, worker_id):
-        return PrefillService(engine, KvStoreClient(args.kvstore), worker_id=worker_id, node_id=args.node_id,
-                              model_name=engine.kv_pool.layout.model_id, registry=registry)
+        return PrefillService(
+            engine,
+            KvStoreClient(args.kvstore),
+            worker_id=worker_id,
+            node_id=args.node_id,
+            model_name=engine.kv_pool.layout.model_id,
+            registry=registry,
+        )
 
     run_worker(Role.PREFILL, args, make_service)
 

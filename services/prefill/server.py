@@ -20,6 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.background import in_background
 from services.common.enums import Role
 from services.common.errors import ServiceError
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
@@ -57,19 +58,44 @@ class PrefillJob:
 
 class PrefillMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.queue_requests = Gauge("pdserve_prefill_queue_requests", "Requests waiting for a prefill batch.", registry=registry)
-        self.queue_tokens = Gauge("pdserve_prefill_queue_tokens", "Prompt tokens waiting for a prefill batch.", registry=registry)
-        self.batch_tokens = Histogram("pdserve_prefill_batch_tokens", "Prompt tokens per prefill batch.",
-                                      buckets=TOKEN_COUNT_BUCKETS, registry=registry)
-        self.batch_requests = Histogram("pdserve_prefill_batch_requests", "Prompts per prefill batch.",
-                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
-        self.step_seconds = Histogram("pdserve_prefill_step_duration_seconds", "Duration of one prefill batch's forward pass.",
-                                      buckets=TOKEN_LATENCY_BUCKETS + (10.0, 30.0), registry=registry)
-        self.queue_seconds = Histogram("pdserve_prefill_queue_time_seconds", "Time a prompt waited for its batch.",
-                                       buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
-        self.published = Gauge("pdserve_prefill_published_entries", "KV entries published and not yet pulled or released.",
-                               registry=registry)
-        self.requests = Counter("pdserve_prefill_requests_total", "Prefill requests by outcome.", ["outcome"], registry=registry)
+        self.queue_requests = Gauge(
+            "pdserve_prefill_queue_requests", "Requests waiting for a prefill batch.", registry=registry
+        )
+        self.queue_tokens = Gauge(
+            "pdserve_prefill_queue_tokens", "Prompt tokens waiting for a prefill batch.", registry=registry
+        )
+        self.batch_tokens = Histogram(
+            "pdserve_prefill_batch_tokens",
+            "Prompt tokens per prefill batch.",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            "pdserve_prefill_batch_requests",
+            "Prompts per prefill batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "pdserve_prefill_step_duration_seconds",
+            "Duration of one prefill batch's forward pass.",
+            buckets=TOKEN_LATENCY_BUCKETS + (10.0, 30.0),
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "pdserve_prefill_queue_time_seconds",
+            "Time a prompt waited for its batch.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.published = Gauge(
+            "pdserve_prefill_published_entries",
+            "KV entries published and not yet pulled or released.",
+            registry=registry,
+        )
+        self.requests = Counter(
+            "pdserve_prefill_requests_total", "Prefill requests by outcome.", ["outcome"], registry=registry
+        )
         for outcome in Outcome:
             self.requests.labels(outcome)
 
@@ -77,15 +103,24 @@ class PrefillMetrics:
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.WorkerServicer):
     step_log: StepLog | None = None  # --step-log
 
-    def __init__(self, engine: Engine, kvstore: KvStoreClient, *, worker_id: str, node_id: str, model_name: str,
-                 registry: CollectorRegistry):
+    def __init__(
+        self,
+        engine: Engine,
+        kvstore: KvStoreClient,
+        *,
+        worker_id: str,
+        node_id: str,
+        model_name: str,
+        registry: CollectorRegistry,
+    ):
         self.engine = engine
         self.kvstore = kvstore
         self.worker_id = worker_id
         self.node_id = node_id
         self.model_name = model_name
-        self.scheduler = PrefillScheduler(engine.block_manager, engine.config.max_num_batched_tokens,
-                                          engine.config.max_num_seqs)
+        self.scheduler = PrefillScheduler(
+            engine.block_manager, engine.config.max_num_batched_tokens, engine.config.max_num_seqs
+        )
         self.metrics = PrefillMetrics(registry)
         register_kv_gauges(registry, engine, Role.PREFILL)
         self.prefill_rate = PrefillRate()
@@ -104,13 +139,22 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         try:
             prompt, resumed, sampling = validate_generation(
-                self.engine, "token_ids", request.token_ids, "resumed_output_ids", request.resumed_output_ids,
-                request.sampling)
+                self.engine,
+                "token_ids",
+                request.token_ids,
+                "resumed_output_ids",
+                request.resumed_output_ids,
+                request.sampling,
+            )
         except ServiceError:
             self.metrics.requests.labels(Outcome.INVALID).inc()
             raise
-        seq = Sequence(seq_id=request.request_id or uuid.uuid4().hex, token_ids=prompt + resumed,
-                       num_prompt_tokens=len(prompt), sampling=sampling)
+        seq = Sequence(
+            seq_id=request.request_id or uuid.uuid4().hex,
+            token_ids=prompt + resumed,
+            num_prompt_tokens=len(prompt),
+            sampling=sampling,
+        )
         job = PrefillJob(seq, asyncio.get_running_loop().create_future())
         self.thread.post(lambda: self.submit(job))
         try:
@@ -123,8 +167,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             self.metrics.requests.labels(Outcome.FAILED).inc()
             raise
         response = worker_pb2.PrefillResponse(
-            first_token_id=out.token_id, first_logprob=out.logprob, finish_reason=out.finish_reason or "",
-            queue_seconds=job.started_at - job.enqueued_at, compute_seconds=job.compute_seconds,
+            first_token_id=out.token_id,
+            first_logprob=out.logprob,
+            finish_reason=out.finish_reason or "",
+            queue_seconds=job.started_at - job.enqueued_at,
+            compute_seconds=job.compute_seconds,
             batch_size=job.batch_size,
         )
         if out.finish_reason:  # done at the first token: nothing to publish (blocks already freed)
@@ -138,14 +185,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         try:
             handle = await asyncio.shield(publish)
         except asyncio.CancelledError:
-            asyncio.create_task(self._abandon(kv_id, publish))
+            in_background(self._abandon(kv_id, publish))
             raise
         except grpc.aio.AioRpcError as exc:
             self.thread.post(lambda: self.scheduler.release(kv_id))
             self.metrics.requests.labels(Outcome.PUBLISH_FAILED).inc()
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"kvstore publish failed: {exc.details()}") from None
         if context.cancelled() or context.done():
-            asyncio.create_task(self._abandon(kv_id))  # the router is gone; nobody will pull this entry
+            in_background(self._abandon(kv_id))  # the router is gone; nobody will pull this entry
         response.kv.CopyFrom(handle)
         self.metrics.requests.labels(Outcome.PUBLISHED).inc()
         return response
@@ -179,7 +226,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         started = time.monotonic()
         try:
             outputs = self.engine.prefill(batch)
-        except Exception as exc:  # noqa: BLE001 - e.g. a device error: fail these prompts, keep serving
+        except Exception as exc:
             log.exception("prefill of %d prompts failed", len(batch))
             error = ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}")
             for job in jobs:
@@ -193,8 +240,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.batch_requests.observe(len(batch))
         if self.step_log is not None:
-            self.step_log.write({"t": round(started, 6), "kind": "prefill", "lengths": [s.num_cached for s in batch],
-                                 "seconds": round(compute, 6)})
+            self.step_log.write(
+                {
+                    "t": round(started, 6),
+                    "kind": "prefill",
+                    "lengths": [s.num_cached for s in batch],
+                    "seconds": round(compute, 6),
+                }
+            )
         for job, out in zip(jobs, outputs, strict=True):
             job.started_at, job.compute_seconds, job.batch_size = started, compute, len(batch)
             self.metrics.queue_seconds.observe(started - job.enqueued_at)
@@ -216,10 +269,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         if publish is not None:
             try:
                 await publish
-            except Exception:  # noqa: BLE001 - never recorded: free the blocks below
+            except Exception:
                 pass
         try:
-            released = await self.kvstore.release(common_pb2.KvHandle(kv_id=kv_id, kvstore_address=self.kvstore.address))
+            released = await self.kvstore.release(
+                common_pb2.KvHandle(kv_id=kv_id, kvstore_address=self.kvstore.address)
+            )
         except grpc.aio.AioRpcError:
             released = False
         if not released:

@@ -1,5 +1,5 @@
 """python -m services.router --port 7000 --prefill HOST:PORT,... --decode HOST:PORT,...
-                            [--prefill-dns NAME:PORT --decode-dns NAME:PORT] [--colocated ...] [--model DIR]"""
+[--prefill-dns NAME:PORT --decode-dns NAME:PORT] [--colocated ...] [--model DIR]"""
 
 from __future__ import annotations
 
@@ -28,12 +28,17 @@ def _addresses(values: list[str] | None) -> list[str]:
 def parser() -> FlagParser:
     p = FlagParser(description="pdserve router: the public gRPC API")
     common_server_flags(p, port=7000, metrics_port=9000)
-    p.add_flag("--model", default="", help="checkpoint folder for the tokenizer and config (default: the embedded tiny model)")
+    p.add_flag(
+        "--model", default="", help="checkpoint folder for the tokenizer and config (default: the embedded tiny model)"
+    )
     p.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
     for role in WORKER_ROLES:
         p.add_flag(f"--{role}", action="append", help=f"{role} worker addresses host:port, comma-separated")
-        p.add_flag(f"--{role}-dns", action="append",
-                   help=f"DNS names host:port resolving to {role} workers (Kubernetes headless services)")
+        p.add_flag(
+            f"--{role}-dns",
+            action="append",
+            help=f"DNS names host:port resolving to {role} workers (Kubernetes headless services)",
+        )
     p.add_flag("--default-max-tokens", default=256, type=int, help="max_tokens when a request leaves it unset")
     p.add_flag("--slo-ttft-seconds", default=0.25, type=float, help="default TTFT SLO (DistServe chatbot 13B)")
     p.add_flag("--slo-tpot-seconds", default=0.1, type=float, help="default TPOT SLO (DistServe chatbot 13B)")
@@ -63,12 +68,17 @@ def main(argv=None) -> None:
     async def run():
         registry = new_registry()
         workers = WorkerRegistry(static, dns, poll_interval=args.poll_interval)
-        slo = SloTracker(registry, args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_window_seconds,
-                         args.slo_attainment_target)
+        slo = SloTracker(
+            registry, args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_window_seconds, args.slo_attainment_target
+        )
         service = RouterService(
-            workers, tokenizer, model_id=args.model or "pdserve-tiny-llama",
+            workers,
+            tokenizer,
+            model_id=args.model or "pdserve-tiny-llama",
             max_model_len=min(args.max_model_len or model_config.max_model_len, model_config.max_model_len),
-            vocab_size=model_config.vocab_size, slo=slo, default_max_tokens=args.default_max_tokens,
+            vocab_size=model_config.vocab_size,
+            slo=slo,
+            default_max_tokens=args.default_max_tokens,
             max_retries=args.max_retries,
         )
         runner = ServiceRunner("router", args.host, args.port, args.metrics_port, registry, args.grace_seconds)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 from .registry import Endpoint
 
 
@@ -23,7 +25,7 @@ def estimated_prefill_delay(ep: Endpoint) -> float:
     return queued * seconds_per_token
 
 
-def pick_prefill(endpoints: list[Endpoint], exclude: set[str] = frozenset()) -> Endpoint:
+def pick_prefill(endpoints: list[Endpoint], exclude: AbstractSet[str] = frozenset()) -> Endpoint:
     candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
     if not candidates:
         raise NoWorkerError("no healthy prefill worker")
@@ -34,7 +36,7 @@ def free_blocks_after_dispatch(ep: Endpoint) -> int:
     return (ep.stats.kv_blocks_free if ep.stats else 0) - ep.reserved_blocks
 
 
-def pick_decode(endpoints: list[Endpoint], kv_node: str = "", exclude: set[str] = frozenset()) -> Endpoint:
+def pick_decode(endpoints: list[Endpoint], kv_node: str = "", exclude: AbstractSet[str] = frozenset()) -> Endpoint:
     candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
     if not candidates:
         raise NoWorkerError("no healthy decode worker")
@@ -46,7 +48,7 @@ def pick_decode(endpoints: list[Endpoint], kv_node: str = "", exclude: set[str] 
     return min(candidates, key=key)
 
 
-def pick_colocated(endpoints: list[Endpoint], exclude: set[str] = frozenset()) -> Endpoint:
+def pick_colocated(endpoints: list[Endpoint], exclude: AbstractSet[str] = frozenset()) -> Endpoint:
     candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
     if not candidates:
         raise NoWorkerError("no healthy colocated worker")

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -33,10 +34,10 @@ ROLE_STUBS = {
 @dataclass(eq=False)
 class Endpoint:
     address: str
-    role: str
+    role: Role
     source: str  # "static" or the DNS name it came from
     channel: grpc.aio.Channel
-    stub: object
+    stub: Any  # the role's stub (ROLE_STUBS): PrefillWorkerStub, DecodeWorkerStub or ColocatedWorkerStub
     stats_stub: common_pb2_grpc.WorkerStub
     stats: common_pb2.WorkerStats | None = None
     healthy: bool = False
@@ -54,7 +55,7 @@ class Endpoint:
 
 async def _resolve_host(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})
 
 
 def split_host_port(name: str) -> tuple[str, int]:
@@ -65,8 +66,14 @@ def split_host_port(name: str) -> tuple[str, int]:
 
 
 class WorkerRegistry:
-    def __init__(self, static: dict[str, list[str]], dns: dict[str, list[str]], poll_interval: float = 0.5,
-                 stats_timeout: float = 2.0, resolve_host=None):
+    def __init__(
+        self,
+        static: dict[Role, list[str]],
+        dns: dict[Role, list[str]],
+        poll_interval: float = 0.5,
+        stats_timeout: float = 2.0,
+        resolve_host=None,
+    ):
         self.static = {role: [a for a in addrs if a] for role, addrs in static.items()}
         self.dns = {role: [n for n in names if n] for role, names in dns.items()}
         self.poll_interval = poll_interval
@@ -77,16 +84,17 @@ class WorkerRegistry:
         self._resolve_host = resolve_host or _resolve_host  # async (host, port) -> list of IP strings
 
     @property
-    def roles(self) -> set[str]:
+    def roles(self) -> set[Role]:
         return {r for r, a in self.static.items() if a} | {r for r, n in self.dns.items() if n}
 
-    def _add(self, role: str, address: str, source: str) -> None:
+    def _add(self, role: Role, address: str, source: str) -> None:
         key = (role, address)
         if key in self.endpoints:
             return
         channel = aio_channel(address)
-        self.endpoints[key] = Endpoint(address, role, source, channel, ROLE_STUBS[role](channel),
-                                       common_pb2_grpc.WorkerStub(channel))
+        self.endpoints[key] = Endpoint(
+            address, role, source, channel, ROLE_STUBS[role](channel), common_pb2_grpc.WorkerStub(channel)
+        )
         log.info("registered %s worker %s (%s)", role, address, source)
 
     async def _resolve(self) -> None:
@@ -147,18 +155,20 @@ class WorkerRegistry:
         """A call to the worker failed as if it were down: skip it until a poll succeeds."""
         ep.healthy = False
 
-    def eligible(self, role: str) -> list[Endpoint]:
+    def eligible(self, role: Role) -> list[Endpoint]:
         return [ep for ep in self.endpoints.values() if ep.role == role and ep.eligible]
 
-    async def wait_for(self, roles: set[str], timeout: float) -> bool:
+    async def wait_for(self, roles: set[Role], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(self.eligible(role) for role in roles):
                 return True
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout=min(self.poll_interval, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+                await asyncio.wait_for(
+                    self._changed.wait(), timeout=min(self.poll_interval, deadline - time.monotonic())
+                )
+            except TimeoutError:
                 pass
         return all(self.eligible(role) for role in roles)
 

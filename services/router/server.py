@@ -25,6 +25,7 @@ import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from services.common import validation
 from services.common.arith import ceil_div
+from services.common.background import in_background
 from services.common.enums import FinishReason, Role
 from services.common.errors import ServiceError, invalid
 from services.kvstore.client import KvStoreClient
@@ -40,8 +41,18 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, registry: WorkerRegistry, tokenizer, *, model_id: str, max_model_len: int, vocab_size: int,
-                 slo: SloTracker, default_max_tokens: int = 256, max_retries: int = 2):
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        tokenizer,
+        *,
+        model_id: str,
+        max_model_len: int,
+        vocab_size: int,
+        slo: SloTracker,
+        default_max_tokens: int = 256,
+        max_retries: int = 2,
+    ):
         self.registry = registry
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -70,8 +81,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             validation.context("token_ids", len(ids), self.limits)
             return ids
         if len(request.prompt) > self.max_prompt_chars:
-            raise invalid("prompt", f"{len(request.prompt)} characters cannot fit in max_model_len "
-                                    f"{self.max_model_len} tokens")
+            raise invalid(
+                "prompt", f"{len(request.prompt)} characters cannot fit in max_model_len {self.max_model_len} tokens"
+            )
         if len(request.prompt) > 4096:  # long: tokenize off the event loop (the tokenizer drops the GIL)
             ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
         else:
@@ -122,7 +134,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if timer.num_tokens > len(chunk.token_ids):
                     self.slo.itl.observe(gap)
                 response = router_pb2.GenerateResponse(
-                    token_ids=chunk.token_ids, text=detok.add(list(chunk.token_ids)), request_id=request_id)
+                    token_ids=chunk.token_ids, text=detok.add(list(chunk.token_ids)), request_id=request_id
+                )
                 response.logprobs.extend(chunk.logprobs)  # present only when requested
                 if chunk.finish_reason:
                     response.text += detok.flush()
@@ -131,13 +144,26 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if state.queue_seconds:
                         self.slo.queue.observe(state.queue_seconds)
                     response.finish_reason = chunk.finish_reason
-                    response.usage.CopyFrom(router_pb2.Usage(
-                        prompt_tokens=len(prompt), completion_tokens=timer.num_tokens, seed=sampling.seed))
-                    response.timing.CopyFrom(router_pb2.Timing(
-                        ttft_seconds=timer.ttft, tpot_seconds=timer.tpot, e2e_seconds=timer.e2e,
-                        queue_seconds=state.queue_seconds, prefill_seconds=state.prefill_seconds,
-                        kv_transfer_seconds=state.kv_transfer_seconds, slo_ttft_met=ttft_met, slo_tpot_met=tpot_met,
-                        slo_ttft_seconds=ttft_slo, slo_tpot_seconds=tpot_slo, retries=state.retries))
+                    response.usage.CopyFrom(
+                        router_pb2.Usage(
+                            prompt_tokens=len(prompt), completion_tokens=timer.num_tokens, seed=sampling.seed
+                        )
+                    )
+                    response.timing.CopyFrom(
+                        router_pb2.Timing(
+                            ttft_seconds=timer.ttft,
+                            tpot_seconds=timer.tpot,
+                            e2e_seconds=timer.e2e,
+                            queue_seconds=state.queue_seconds,
+                            prefill_seconds=state.prefill_seconds,
+                            kv_transfer_seconds=state.kv_transfer_seconds,
+                            slo_ttft_met=ttft_met,
+                            slo_tpot_met=tpot_met,
+                            slo_ttft_seconds=ttft_slo,
+                            slo_tpot_seconds=tpot_slo,
+                            retries=state.retries,
+                        )
+                    )
                 await context.write(response)
                 if chunk.finish_reason:
                     return
@@ -153,7 +179,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise ServiceError(exc.code(), f"worker call failed: {exc.details()}") from None
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise  # an abort on its way out, or the call already over
-        except Exception as exc:  # noqa: BLE001 - a router bug: counted, and a clear status, not UNKNOWN
+        except Exception as exc:
             if judged:
                 raise
             log.exception("request %s failed", request_id)
@@ -169,13 +195,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 # the request may have ended before the Decode call reached one, or one rejected
                 # it. Release it now rather than leaving it to the TTL. Harmless if a worker did
                 # pull it (the entry is gone) or is pulling it (the release waits for the pull).
-                asyncio.create_task(self._release(state.handle))
+                in_background(self._release(state.handle))
 
     def _timeout(self, context) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else max(remaining, 0.001)
 
-    async def _tokens(self, state: "_RequestState", timer: RequestTimer):
+    async def _tokens(self, state: _RequestState, timer: RequestTimer):
         """Yields TokenChunks until a finish_reason, failing over between workers."""
         while True:
             try:
@@ -191,21 +217,34 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     raise
                 state.retries += 1
                 self.slo.retries.inc()
-                log.warning("request %s: %s; retrying elsewhere (%d/%d)", state.request_id, exc.details(),
-                            state.retries, self.max_retries)
+                log.warning(
+                    "request %s: %s; retrying elsewhere (%d/%d)",
+                    state.request_id,
+                    exc.details(),
+                    state.retries,
+                    self.max_retries,
+                )
 
-    async def _colocated(self, state: "_RequestState", timer: RequestTimer):
+    async def _colocated(self, state: _RequestState, timer: RequestTimer):
         ep = pick_colocated(self.registry.eligible(Role.COLOCATED), exclude=state.failed)
-        request = worker_pb2.GenerateTokensRequest(request_id=state.request_id, token_ids=state.prompt,
-                                                   sampling=state.sampling, resumed_output_ids=state.outputs)
-        async for chunk in self._stream(ep, ep.stub.Generate(request, timeout=self._timeout(state.context)), state,
-                                        len(state.prompt) + len(state.outputs)):
+        request = worker_pb2.GenerateTokensRequest(
+            request_id=state.request_id,
+            token_ids=state.prompt,
+            sampling=state.sampling,
+            resumed_output_ids=state.outputs,
+        )
+        async for chunk in self._stream(
+            ep,
+            ep.stub.Generate(request, timeout=self._timeout(state.context)),
+            state,
+            len(state.prompt) + len(state.outputs),
+        ):
             if chunk.prefill_seconds:  # the worker's own queue and prefill; after a failover, added up
                 state.queue_seconds += chunk.queue_seconds
                 state.prefill_seconds += chunk.prefill_seconds
             yield chunk
 
-    async def _disaggregated(self, state: "_RequestState", timer: RequestTimer):
+    async def _disaggregated(self, state: _RequestState, timer: RequestTimer):
         if state.handle is None:
             # a re-prefill after a failover queues afresh: only its own wait counts
             started = timer.arrived if not state.outputs else time.monotonic()
@@ -220,18 +259,29 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 state.handle = response.kv
                 state.handle_sent_at = time.monotonic()
                 state.decode_started = False
-            yield common_pb2.TokenChunk(token_ids=[response.first_token_id], finish_reason=response.finish_reason,
-                                        logprobs=[response.first_logprob] if state.sampling.logprobs else [])
+            yield common_pb2.TokenChunk(
+                token_ids=[response.first_token_id],
+                finish_reason=response.finish_reason,
+                logprobs=[response.first_logprob] if state.sampling.logprobs else [],
+            )
             if response.finish_reason:
                 return
+        assert state.handle is not None  # set by the prefill above, or kept from an earlier try
         ep = pick_decode(self.registry.eligible(Role.DECODE), kv_node=state.handle.node_id, exclude=state.failed)
         block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
         ep.reserved_blocks += ceil_div(state.handle.num_tokens + 1, block_size)
-        request = worker_pb2.DecodeRequest(request_id=state.request_id, prompt_token_ids=state.prompt,
-                                           output_token_ids=state.outputs, sampling=state.sampling, kv=state.handle)
+        request = worker_pb2.DecodeRequest(
+            request_id=state.request_id,
+            prompt_token_ids=state.prompt,
+            output_token_ids=state.outputs,
+            sampling=state.sampling,
+            kv=state.handle,
+        )
         produced = 0
         try:
-            async for chunk in self._stream(ep, ep.stub.Decode(request, timeout=self._timeout(state.context)), state, 0):
+            async for chunk in self._stream(
+                ep, ep.stub.Decode(request, timeout=self._timeout(state.context)), state, 0
+            ):
                 if produced == 0:
                     state.kv_transfer_seconds = time.monotonic() - state.handle_sent_at
                     state.decode_started = True  # the worker has the KV: the entry is its business
@@ -242,14 +292,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 state.handle = None
             raise
 
-    async def _prefill(self, ep: Endpoint, state: "_RequestState") -> worker_pb2.PrefillResponse:
+    async def _prefill(self, ep: Endpoint, state: _RequestState) -> worker_pb2.PrefillResponse:
         tokens = len(state.prompt) + len(state.outputs)
         ep.inflight_requests += 1
         ep.inflight_prompt_tokens += tokens
         try:
-            return await ep.stub.Prefill(worker_pb2.PrefillRequest(
-                request_id=state.request_id, token_ids=state.prompt, sampling=state.sampling,
-                resumed_output_ids=state.outputs), timeout=self._timeout(state.context))
+            return await ep.stub.Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id=state.request_id,
+                    token_ids=state.prompt,
+                    sampling=state.sampling,
+                    resumed_output_ids=state.outputs,
+                ),
+                timeout=self._timeout(state.context),
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in RETRYABLE:
                 self.registry.mark_failed(ep)
@@ -259,7 +315,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             ep.inflight_requests -= 1
             ep.inflight_prompt_tokens -= tokens
 
-    async def _stream(self, ep: Endpoint, call, state: "_RequestState", prompt_tokens: int):
+    async def _stream(self, ep: Endpoint, call, state: _RequestState, prompt_tokens: int):
         """Relays a worker's TokenChunk stream; cancels the call if the client goes away."""
         ep.inflight_requests += 1
         ep.inflight_prompt_tokens += prompt_tokens
@@ -273,8 +329,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 yield chunk
                 if chunk.finish_reason:
                     return
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details=f"{ep.role} worker {ep.address} ended the stream early")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details=f"{ep.role} worker {ep.address} ended the stream early",
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in RETRYABLE:
                 self.registry.mark_failed(ep)
@@ -294,8 +354,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     # ---- other RPCs ---------------------------------------------------------------------------
     async def ListModels(self, request, context):
-        return router_pb2.ListModelsResponse(models=[router_pb2.ModelInfo(
-            id=self.model_id, max_model_len=self.max_model_len, vocab_size=self.vocab_size, mode=self.mode)])
+        return router_pb2.ListModelsResponse(
+            models=[
+                router_pb2.ModelInfo(
+                    id=self.model_id, max_model_len=self.max_model_len, vocab_size=self.vocab_size, mode=self.mode
+                )
+            ]
+        )
 
     async def ListWorkers(self, request, context):
         workers = []
@@ -315,7 +380,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
 
 class _RequestState:
-    def __init__(self, prompt, sampling, request_id, context):
+    def __init__(
+        self, prompt: list[int], sampling: common_pb2.SamplingParams, request_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
         self.prompt = prompt
         self.sampling = sampling
         self.request_id = request_id

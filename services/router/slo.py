@@ -52,59 +52,105 @@ class RequestTimer:
 
 
 class SloTracker:
-    def __init__(self, registry: CollectorRegistry, ttft_slo: float, tpot_slo: float, window_seconds: float,
-                 attainment_target: float = 0.9):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ttft_slo: float,
+        tpot_slo: float,
+        window_seconds: float,
+        attainment_target: float = 0.9,
+    ):
         self.ttft_slo = ttft_slo
         self.tpot_slo = tpot_slo
         self.window_seconds = window_seconds
         self._window: deque[tuple[float, bool, bool]] = deque()  # (finished at, ttft met, tpot met)
         r = registry
-        self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Time to first token, per request, at the router.",
-                              buckets=REQUEST_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("pdserve_time_per_output_token_seconds",
-                              "Time per output token after the first, per request: (t_last - t_first) / (n - 1).",
-                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("pdserve_inter_token_latency_seconds", "Gaps between consecutive token messages to clients.",
-                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("pdserve_e2e_request_latency_seconds", "Request arrival to last token.",
-                             buckets=REQUEST_LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("pdserve_request_queue_time_seconds",
-                               "Request arrival until a worker started computing it (router dispatch + worker queue).",
-                               buckets=REQUEST_LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r)
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "Time to first token, per request, at the router.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "pdserve_time_per_output_token_seconds",
+            "Time per output token after the first, per request: (t_last - t_first) / (n - 1).",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pdserve_inter_token_latency_seconds",
+            "Gaps between consecutive token messages to clients.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "Request arrival to last token.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "pdserve_request_queue_time_seconds",
+            "Request arrival until a worker started computing it (router dispatch + worker queue).",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r
+        )
         for reason in FinishReason:
             self.requests.labels(reason)
         self.prompt_tokens = Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated for clients.", registry=r)
-        self.prompt_len = Histogram("pdserve_request_prompt_tokens", "Prompt length per request.",
-                                    buckets=TOKEN_COUNT_BUCKETS, registry=r)
-        self.output_len = Histogram("pdserve_request_generation_tokens", "Generated tokens per request.",
-                                    buckets=TOKEN_COUNT_BUCKETS, registry=r)
-        self.slo_requests = Counter("pdserve_slo_requests_total", "Requests judged against their SLOs (finished normally).",
-                                    registry=r)
+        self.prompt_len = Histogram(
+            "pdserve_request_prompt_tokens", "Prompt length per request.", buckets=TOKEN_COUNT_BUCKETS, registry=r
+        )
+        self.output_len = Histogram(
+            "pdserve_request_generation_tokens",
+            "Generated tokens per request.",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.slo_requests = Counter(
+            "pdserve_slo_requests_total", "Requests judged against their SLOs (finished normally).", registry=r
+        )
         self.slo_ttft_met = Counter("pdserve_slo_ttft_met_total", "Requests whose TTFT met their TTFT SLO.", registry=r)
         self.slo_tpot_met = Counter("pdserve_slo_tpot_met_total", "Requests whose TPOT met their TPOT SLO.", registry=r)
-        self.slo_met = Counter("pdserve_slo_met_total", "Requests that met both SLOs (they count toward goodput).",
-                               registry=r)
+        self.slo_met = Counter(
+            "pdserve_slo_met_total", "Requests that met both SLOs (they count toward goodput).", registry=r
+        )
         self.slo_target = Gauge("pdserve_slo_target_seconds", "The configured default SLOs.", ["slo"], registry=r)
         self.slo_target.labels("ttft").set(ttft_slo)
         self.slo_target.labels("tpot").set(tpot_slo)
-        self.attainment_target = Gauge("pdserve_slo_attainment_target_ratio",
-                                       "Attainment the deployment aims for (alerts fire below it).", registry=r)
+        self.attainment_target = Gauge(
+            "pdserve_slo_attainment_target_ratio",
+            "Attainment the deployment aims for (alerts fire below it).",
+            registry=r,
+        )
         self.attainment_target.set(attainment_target)
-        self.attainment = Gauge("pdserve_slo_attainment_ratio",
-                                "Fraction of requests finished in the last window that met both SLOs (1 when none).",
-                                registry=r)
+        self.attainment = Gauge(
+            "pdserve_slo_attainment_ratio",
+            "Fraction of requests finished in the last window that met both SLOs (1 when none).",
+            registry=r,
+        )
         self.attainment.set_function(self.window_attainment)
         self.retries = Counter("pdserve_request_retries_total", "Failovers of requests to other workers.", registry=r)
         self.inflight = Gauge("pdserve_requests_in_flight", "Requests being served.", registry=r)
 
     def targets(self, ttft_override: float | None, tpot_override: float | None) -> tuple[float, float]:
-        return (ttft_override if ttft_override is not None else self.ttft_slo,
-                tpot_override if tpot_override is not None else self.tpot_slo)
+        return (
+            ttft_override if ttft_override is not None else self.ttft_slo,
+            tpot_override if tpot_override is not None else self.tpot_slo,
+        )
 
-    def finish(self, timer: RequestTimer, finish_reason: str, prompt_tokens: int, ttft_slo: float, tpot_slo: float,
-               ) -> tuple[bool, bool]:
+    def finish(
+        self,
+        timer: RequestTimer,
+        finish_reason: str,
+        prompt_tokens: int,
+        ttft_slo: float,
+        tpot_slo: float,
+    ) -> tuple[bool, bool]:
         known = finish_reason in FinishReason._value2member_map_
         self.requests.labels(finish_reason if known else FinishReason.ERROR).inc()
         self.prompt_tokens.inc(prompt_tokens)

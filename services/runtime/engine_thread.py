@@ -54,7 +54,7 @@ class EngineThread:
         def run() -> None:
             try:
                 result = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            except BaseException as exc:
                 self.emit(reject, future, exc)
             else:
                 self.emit(resolve, future, result)

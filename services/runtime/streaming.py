@@ -60,21 +60,38 @@ class BatchMetrics:
     (docs/metrics.md): a colocated worker's prefill steps are `step_duration_seconds{kind="prefill"}`."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.running = Gauge("pdserve_decode_running_requests", "Sequences in the running (decode) batch.",
-                             registry=registry)
-        self.waiting = Gauge("pdserve_decode_waiting_requests", "Requests admitted to the worker but not yet running.",
-                             registry=registry)
-        self.step_seconds = Histogram("pdserve_decode_step_duration_seconds", "Duration of one engine step.",
-                                      ["kind"], buckets=TOKEN_LATENCY_BUCKETS + (10.0, 30.0), registry=registry)
-        self.batch_size = Histogram("pdserve_decode_batch_size", "Sequences per decode step.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
-        self.preemptions = Counter("pdserve_decode_preemptions_total",
-                                   "Running sequences preempted for lack of KV blocks (recomputed later).",
-                                   registry=registry)
-        self.generated_tokens = Counter("pdserve_decode_generated_tokens_total", "Tokens produced by this worker.",
-                                        registry=registry)
-        self.failed_steps = Counter("pdserve_decode_failed_steps_total",
-                                    "Engine steps that raised; their requests failed with INTERNAL.", registry=registry)
+        self.running = Gauge(
+            "pdserve_decode_running_requests", "Sequences in the running (decode) batch.", registry=registry
+        )
+        self.waiting = Gauge(
+            "pdserve_decode_waiting_requests", "Requests admitted to the worker but not yet running.", registry=registry
+        )
+        self.step_seconds = Histogram(
+            "pdserve_decode_step_duration_seconds",
+            "Duration of one engine step.",
+            ["kind"],
+            buckets=TOKEN_LATENCY_BUCKETS + (10.0, 30.0),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "pdserve_decode_batch_size",
+            "Sequences per decode step.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
+        self.preemptions = Counter(
+            "pdserve_decode_preemptions_total",
+            "Running sequences preempted for lack of KV blocks (recomputed later).",
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "pdserve_decode_generated_tokens_total", "Tokens produced by this worker.", registry=registry
+        )
+        self.failed_steps = Counter(
+            "pdserve_decode_failed_steps_total",
+            "Engine steps that raised; their requests failed with INTERNAL.",
+            registry=registry,
+        )
         for kind in StepKind:
             self.step_seconds.labels(kind.value)
 
@@ -83,8 +100,16 @@ class StreamingWorker:
     role: Role
     step_log: StepLog | None = None  # --step-log
 
-    def __init__(self, engine: Engine, scheduler: BatchScheduler, *, node_id: str, model_name: str,
-                 registry: CollectorRegistry, stream_interval: int = 1):
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: BatchScheduler,
+        *,
+        node_id: str,
+        model_name: str,
+        registry: CollectorRegistry,
+        stream_interval: int = 1,
+    ):
         self.engine = engine
         self.scheduler = scheduler
         # Tokens per message to the router (the last always goes at once): each message costs the
@@ -127,7 +152,7 @@ class StreamingWorker:
         lengths = [len(seq.token_ids) for seq in plan.seqs] if self.step_log is not None else []
         try:
             outputs = self.engine.run(plan)
-        except Exception as exc:  # noqa: BLE001 - e.g. a device error: fail the step's requests, keep serving
+        except Exception as exc:
             log.exception("engine step failed; failing its %d requests", len(plan.seqs))
             self.metrics.failed_steps.inc()
             self.fail(plan, ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}"))
@@ -139,8 +164,9 @@ class StreamingWorker:
             self._deliver(out, (started, elapsed) if plan.kind is StepKind.PREFILL else None)
         self._update_gauges()
 
-    def _record(self, plan: StepPlan, outputs: list[StepOutput], started: float, elapsed: float,
-                lengths: list[int]) -> None:
+    def _record(
+        self, plan: StepPlan, outputs: list[StepOutput], started: float, elapsed: float, lengths: list[int]
+    ) -> None:
         self.metrics.step_seconds.labels(plan.kind.value).observe(elapsed)
         if plan.kind is StepKind.DECODE:
             self.metrics.batch_size.observe(len(outputs))

@@ -1,6 +1,6 @@
 """A worker process: its flags, its engine, its Stats answer, and the run loop from start to drain.
 
-    python -m services.{prefill,decode,colocated}  ->  run_worker(role, args, make_service)
+python -m services.{prefill,decode,colocated}  ->  run_worker(role, args, make_service)
 """
 
 from __future__ import annotations
@@ -40,12 +40,20 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
     parser.add_flag("--model", default="", help="Hugging Face checkpoint folder (default: the embedded tiny model)")
     parser.add_flag("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_flag("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_flag("--backend", default="auto", choices=BACKENDS,
-                    help="how the model runs: auto (triton on CUDA, the CPU kernels for float32 where they build), "
-                         "torch (the reference), cpu-kernels, triton")
+    parser.add_flag(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="how the model runs: auto (triton on CUDA, the CPU kernels for float32 where they build), "
+        "torch (the reference), cpu-kernels, triton",
+    )
     parser.add_flag("--block-size", default=16, type=int, help="tokens per KV block")
-    parser.add_flag("--kv-cache-gb", default=0.0, type=float,
-                    help="KV pool size (0: from --gpu-memory-utilization on CUDA, 0.25 GiB on CPU)")
+    parser.add_flag(
+        "--kv-cache-gb",
+        default=0.0,
+        type=float,
+        help="KV pool size (0: from --gpu-memory-utilization on CUDA, 0.25 GiB on CPU)",
+    )
     parser.add_flag("--gpu-memory-utilization", default=0.85, type=float)
     parser.add_flag("--max-num-seqs", default=256, type=int, help="largest decode batch")
     parser.add_flag("--max-num-batched-tokens", default=8192, type=int, help="prefill token budget per batch (L_m)")
@@ -53,11 +61,19 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
     parser.add_flag("--threads", default=0, type=int, help="torch CPU threads (0: all cores this process may use)")
     parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
     parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: role-host-port)")
-    parser.add_flag("--step-log", default="", help="append one JSON line per engine step to this file; "
-                    "{worker} in it becomes the worker id (for `pdserve plan profile --step-log`)")
+    parser.add_flag(
+        "--step-log",
+        default="",
+        help="append one JSON line per engine step to this file; "
+        "{worker} in it becomes the worker id (for `pdserve plan profile --step-log`)",
+    )
     # every role takes it, so that one set of flags (pdserve up --worker-arg) serves them all
-    parser.add_flag("--stream-interval", default=1, type=int,
-                    help="decode and colocated workers: tokens per streamed message (the last goes at once)")
+    parser.add_flag(
+        "--stream-interval",
+        default=1,
+        type=int,
+        help="decode and colocated workers: tokens per streamed message (the last goes at once)",
+    )
     if role in (Role.PREFILL, Role.DECODE):
         parser.add_flag("--kvstore", default="127.0.0.1:7100", help="gRPC address of this node's kvstore daemon")
     return parser
@@ -102,12 +118,27 @@ def sampling_params(sp: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def validate_generation(engine: Engine, prompt_field: str, prompt_ids, output_field: str, output_ids,
-                        sp: common_pb2.SamplingParams, *, need_output: bool = False
-                        ) -> tuple[list[int], list[int], SamplingParams]:
+def validate_generation(
+    engine: Engine,
+    prompt_field: str,
+    prompt_ids,
+    output_field: str,
+    output_ids,
+    sp: common_pb2.SamplingParams,
+    *,
+    need_output: bool = False,
+) -> tuple[list[int], list[int], SamplingParams]:
     sampling = sampling_params(sp)
-    prompt, outputs = validation.generation(limits_of(engine), prompt_field, prompt_ids, output_field, output_ids, sp,
-                                            max_tokens=sampling.max_tokens, need_output=need_output)
+    prompt, outputs = validation.generation(
+        limits_of(engine),
+        prompt_field,
+        prompt_ids,
+        output_field,
+        output_ids,
+        sp,
+        max_tokens=sampling.max_tokens,
+        need_output=need_output,
+    )
     return prompt, outputs, sampling
 
 
@@ -122,8 +153,9 @@ class PrefillRate:
         if tokens <= 0:
             return
         sample = seconds / tokens
-        self.seconds_per_token = sample if self.seconds_per_token == 0 else (
-            self.alpha * sample + (1 - self.alpha) * self.seconds_per_token)
+        self.seconds_per_token = (
+            sample if self.seconds_per_token == 0 else (self.alpha * sample + (1 - self.alpha) * self.seconds_per_token)
+        )
 
 
 def register_kv_gauges(registry: CollectorRegistry, engine: Engine, role: Role) -> None:
@@ -170,8 +202,10 @@ def add_worker_servicers(server: grpc.aio.Server, role: Role, service: object) -
     name = ROLE_SERVICES[role]
     getattr(worker_pb2_grpc, f"add_{name}Servicer_to_server")(service, server)
     common_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    return [worker_pb2.DESCRIPTOR.services_by_name[name].full_name,
-            common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+    return [
+        worker_pb2.DESCRIPTOR.services_by_name[name].full_name,
+        common_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+    ]
 
 
 def run_worker(role: Role, args, make_service: ServiceFactory) -> None:

@@ -10,7 +10,6 @@ from unittest import mock
 
 import pytest
 import yaml
-
 from deploy_helpers import CHARTS, ROOT, SERVICES, render
 
 
@@ -32,12 +31,14 @@ def parsers() -> dict:
             built = {}
             real = module.worker_parser
 
-            def recording(*args, _real=real, **kwargs):
+            def recording(*args, _real=real, built=built, **kwargs):
                 built["parser"] = _real(*args, **kwargs)
                 return built["parser"]
 
-            with mock.patch.object(module, "worker_parser", recording), \
-                    mock.patch.object(module, "run_worker", lambda *a, **k: None):
+            with (
+                mock.patch.object(module, "worker_parser", recording),
+                mock.patch.object(module, "run_worker", lambda *a, **k: None),
+            ):
                 module.main([])
             result[service] = built["parser"]
     return result
@@ -47,10 +48,37 @@ def run_planner(out_dir, affinity: str) -> dict:
     """values.yaml from `python -m services.planner search`: 60 req/s of chat on a 7B model over
     2 nodes x 4 A100-80G, which it serves with single-GPU instances on both nodes (Algorithm 1) or
     on one node (Algorithm 2). Short probe traces and one process keep it to a few seconds."""
-    cmd = [sys.executable, "-m", "services.planner", "search", "--model", "llama-2-7b", "--gpu", "A100-80G",
-           "--nodes", "2", "--gpus-per-node", "4", "--rate", "60", "--slo-ttft", "0.3", "--slo-tpot", "0.08",
-           "--affinity", affinity, "--min-duration", "5", "--num-requests", "200", "--no-colocated",
-           "--workers", "1", "--out-dir", str(out_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.planner",
+        "search",
+        "--model",
+        "llama-2-7b",
+        "--gpu",
+        "A100-80G",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--rate",
+        "60",
+        "--slo-ttft",
+        "0.3",
+        "--slo-tpot",
+        "0.08",
+        "--affinity",
+        affinity,
+        "--min-duration",
+        "5",
+        "--num-requests",
+        "200",
+        "--no-colocated",
+        "--workers",
+        "1",
+        "--out-dir",
+        str(out_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out_dir, "values.yaml")) as f:
@@ -72,11 +100,16 @@ def renders(planner_values) -> dict[str, list[dict]]:
     """Every chart with its defaults, the umbrella with the planner's values, and the umbrella with
     every option on (monitoring, ingress with TLS, kvstore on the pod network, a model volume)."""
     options = {
-        "global": {"monitoring": {"serviceMonitor": True, "dashboards": True, "prometheusRule": True},
-                   "modelPath": "/models/Meta-Llama-3-8B-Instruct",
-                   "modelVolume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
-        "router": {"ingress": {"enabled": True, "host": "llm.example.com", "tls": {"secretName": "llm-tls"}},
-                   "replicaCount": 2, "serviceMonitor": {"interval": "1m30s"}},
+        "global": {
+            "monitoring": {"serviceMonitor": True, "dashboards": True, "prometheusRule": True},
+            "modelPath": "/models/Meta-Llama-3-8B-Instruct",
+            "modelVolume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+        },
+        "router": {
+            "ingress": {"enabled": True, "host": "llm.example.com", "tls": {"secretName": "llm-tls"}},
+            "replicaCount": 2,
+            "serviceMonitor": {"interval": "1m30s"},
+        },
         "kvstore": {"hostNetwork": False, "ucxTls": "tcp,cuda_copy,cuda_ipc,sm,self"},
         # integers of a million or more: Helm holds them as float64 and would print 1.048576e+06
         "prefill": {"replicaCount": 3, "maxModelLen": 1048576, "maxBatchedTokens": 2000000},

@@ -37,9 +37,6 @@ def render(chart: str, values: dict | None = None, *, name: str = RELEASE, names
 
 def render_error(chart: str, values: dict) -> str:
     """The error Helm gives for these values (the test fails if it renders)."""
-    with helm.Chart.load(os.path.join(HELM_DIR, chart)) as loaded:
-        with pytest.raises(helm.HelmError) as info:
-            loaded.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    with helm.Chart.load(os.path.join(HELM_DIR, chart)) as loaded, pytest.raises(helm.HelmError) as info:
+        loaded.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return str(info.value)
-
-

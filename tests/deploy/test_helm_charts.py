@@ -15,19 +15,21 @@ import sys
 import jsonschema
 import kubernetes_validate
 import pytest
-
 from deploy_helpers import CHARTS, HELM_DIR, KUBE_VERSION, NAMESPACE, ROOT, helm, render, render_error
 
 # Placeholders for the downward-API variables the args refer to as $(NAME).
 FIELD_VALUES = {"spec.nodeName": "gpu-node-1", "status.hostIP": "10.0.0.7", "status.podIP": "10.244.1.9"}
-HEALTH_SERVICES = {"router": "pdserve.v1.Router", "prefill": "pdserve.v1.PrefillWorker",
-                   "decode": "pdserve.v1.DecodeWorker", "kvstore": "pdserve.v1.KvStore"}
+HEALTH_SERVICES = {
+    "router": "pdserve.v1.Router",
+    "prefill": "pdserve.v1.PrefillWorker",
+    "decode": "pdserve.v1.DecodeWorker",
+    "kvstore": "pdserve.v1.KvStore",
+}
 WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet")
 
 
 def workloads(objects, component=None):
-    return [o for o in objects if o["kind"] in WORKLOAD_KINDS
-            and (component is None or component_of(o) == component)]
+    return [o for o in objects if o["kind"] in WORKLOAD_KINDS and (component is None or component_of(o) == component)]
 
 
 def component_of(obj) -> str:
@@ -58,10 +60,10 @@ def parse_container(container: dict, parser):
     args = [re.sub(r"\$\((\w+)\)", expand, a) for a in container["args"]]
     for arg in args:
         flag = arg.split("=", 1)[0]
-        assert flag in parser._option_string_actions, f"{arg}: not a flag of {parser.prog}"
+        assert flag in parser.flags(), f"{arg}: not a flag of {parser.prog}"
     for name in env:  # flags also read PDSERVE_<FLAG>; PDSERVE_CACHE is the one non-flag variable
         if name.startswith("PDSERVE_") and name != "PDSERVE_CACHE":
-            assert "--" + name[len("PDSERVE_"):].lower().replace("_", "-") in parser._option_string_actions, name
+            assert "--" + name[len("PDSERVE_") :].lower().replace("_", "-") in parser.flags(), name
     try:
         return parser.parse_args(args)
     except SystemExit:
@@ -77,6 +79,7 @@ def all_renders(renders):
 
 
 # ---- Helm itself -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chart", CHARTS)
 def test_helm_lint(chart):
@@ -107,6 +110,7 @@ def test_every_render_is_valid_kubernetes(renders):
 
 
 # ---- invariants --------------------------------------------------------------------------------
+
 
 def test_workloads_match_their_services_flags(renders, parsers):
     """Every container's flags parse with its service's parser; probes use the gRPC port it listens
@@ -157,8 +161,11 @@ def test_large_integers_and_an_explicit_zero_render_as_given(renders, parsers):
 def test_health_services_exist_in_the_protos():
     from pdserve.v1 import common_pb2, kvstore_pb2, router_pb2, worker_pb2
 
-    defined = {s.full_name for m in (common_pb2, kvstore_pb2, router_pb2, worker_pb2)
-               for s in m.DESCRIPTOR.services_by_name.values()}
+    defined = {
+        s.full_name
+        for m in (common_pb2, kvstore_pb2, router_pb2, worker_pb2)
+        for s in m.DESCRIPTOR.services_by_name.values()
+    }
     assert set(HEALTH_SERVICES.values()) <= defined
 
 
@@ -206,9 +213,16 @@ def test_router_is_given_the_worker_headless_services(renders, parsers):
         args = parse_container(container_of(router), parsers["router"])
         for role in ("prefill", "decode"):
             workers = workloads(objects, role)
-            headless = [o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"
-                        and all(o["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
-                                for w in workers)]
+            headless = [
+                o
+                for o in objects
+                if o["kind"] == "Service"
+                and o["spec"].get("clusterIP") == "None"
+                and all(
+                    o["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                    for w in workers
+                )
+            ]
             assert len(headless) == 1, (name, role)
             service = headless[0]
             port = ports_by_name(container_of(workers[0]))["grpc"]["containerPort"]
@@ -236,6 +250,7 @@ def test_router_service_and_disruption_budgets(renders):
 
 # ---- the planner's values ----------------------------------------------------------------------
 
+
 def test_planner_values_drive_the_umbrella(renders, planner_values, parsers):
     objects = renders["pdserve-planner"]
     placement = planner_values["placement"]
@@ -244,14 +259,20 @@ def test_planner_values_drive_the_umbrella(renders, planner_values, parsers):
         deployments = workloads(objects, role)
         assert sum(d["spec"]["replicas"] for d in deployments) == planned["replicaCount"]
         per_node = collections.Counter(str(i["stages"][0]["node"]) for i in placement["instances"] if i["role"] == role)
-        pinned = {d["spec"]["template"]["spec"]["nodeSelector"][placement["nodeLabel"]]: d["spec"]["replicas"]
-                  for d in deployments}
+        pinned = {
+            d["spec"]["template"]["spec"]["nodeSelector"][placement["nodeLabel"]]: d["spec"]["replicas"]
+            for d in deployments
+        }
         assert pinned == dict(per_node)
         for d in deployments:
             container = container_of(d)
-            assert container["resources"]["limits"]["nvidia.com/gpu"] == planned["resources"]["limits"]["nvidia.com/gpu"]
-            assert float(d["metadata"]["annotations"]["pdserve.io/expected-goodput-per-replica"]) == \
-                planned["expectedGoodputPerReplica"]
+            assert (
+                container["resources"]["limits"]["nvidia.com/gpu"] == planned["resources"]["limits"]["nvidia.com/gpu"]
+            )
+            assert (
+                float(d["metadata"]["annotations"]["pdserve.io/expected-goodput-per-replica"])
+                == planned["expectedGoodputPerReplica"]
+            )
             args = parse_container(container, parsers[role])
             if role == "prefill":
                 assert args.max_num_batched_tokens == planned["maxBatchedTokens"]
@@ -259,8 +280,11 @@ def test_planner_values_drive_the_umbrella(renders, planner_values, parsers):
     (router,) = workloads(objects, "router")
     args = parse_container(container_of(router), parsers["router"])
     slo = planner_values["global"]["slo"]
-    assert (args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_attainment_target) == \
-        (slo["ttftSeconds"], slo["tpotSeconds"], slo["attainment"])
+    assert (args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_attainment_target) == (
+        slo["ttftSeconds"],
+        slo["tpotSeconds"],
+        slo["attainment"],
+    )
     (plan,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "pd-plan"]
     assert "instances" in plan["data"]["plan.yaml"]
 
@@ -307,6 +331,7 @@ def test_unsupported_or_invalid_values_are_refused(planner_values):
 
 # ---- monitoring, dashboards, TLS, models ---------------------------------------------------------
 
+
 def test_monitoring_objects(renders):
     objects = renders["pdserve-options"]
     services = [o for o in objects if o["kind"] == "Service"]
@@ -314,7 +339,9 @@ def test_monitoring_objects(renders):
     assert {m["metadata"]["name"] for m in monitors} == {"pd-router", "pd-prefill", "pd-decode", "pd-kvstore"}
     for monitor in monitors:
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-        selected = [s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        selected = [
+            s for s in services if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
         assert selected, monitor["metadata"]["name"]
         for service in selected:
             assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
@@ -359,6 +386,7 @@ def test_ingress_tls_and_model_volume(renders, parsers):
 
 # ---- files kept in step ------------------------------------------------------------------------
 
+
 def test_values_schemas_are_generated():
     sys.path.insert(0, HELM_DIR)
     try:
@@ -394,10 +422,13 @@ def test_packaged_umbrella_renders_the_same(tmp_path, planner_values):
         assert not [m.name for m in tar.getmembers() if m.issym() or m.islnk()]
     values = {**planner_values, "global": {**planner_values["global"], "monitoring": {"dashboards": True}}}
     with helm.Chart.load(archive) as packaged, helm.Chart.load(os.path.join(HELM_DIR, "pdserve")) as folder:
-        assert packaged.render(values, name="pd", namespace=NAMESPACE) == folder.render(values, name="pd", namespace=NAMESPACE)
+        assert packaged.render(values, name="pd", namespace=NAMESPACE) == folder.render(
+            values, name="pd", namespace=NAMESPACE
+        )
 
 
 # ---- Prometheus pod discovery -------------------------------------------------------------------
+
 
 def _relabel(rules: list[dict], labels: dict) -> dict | None:
     """Prometheus' relabelling (replace and keep, the actions the file uses): regexes fully
@@ -415,9 +446,14 @@ def _relabel(rules: list[dict], labels: dict) -> dict | None:
     return labels
 
 
-@pytest.mark.parametrize("pod_ip,address", [("10.244.1.9", "10.244.1.9:9300"),
-                                             ("fd00:10:244::9", "[fd00:10:244::9]:9300"),
-                                             ("::ffff:10.0.0.7", "[::ffff:10.0.0.7]:9300")])
+@pytest.mark.parametrize(
+    "pod_ip,address",
+    [
+        ("10.244.1.9", "10.244.1.9:9300"),
+        ("fd00:10:244::9", "[fd00:10:244::9]:9300"),
+        ("::ffff:10.0.0.7", "[::ffff:10.0.0.7]:9300"),
+    ],
+)
 def test_prometheus_scrapes_the_metrics_port_on_ipv4_and_ipv6_pods(renders, pod_ip, address):
     """deploy/prometheus/prometheus-kubernetes.yml against the labels Kubernetes discovery gives a
     rendered decode pod (its annotation, its IP): the scrape address is the metrics port, with
@@ -429,9 +465,12 @@ def test_prometheus_scrapes_the_metrics_port_on_ipv4_and_ipv6_pods(renders, pod_
         (job,) = yaml.safe_load(f)["scrape_configs"]
     (decode,) = workloads(renders["decode-defaults"], "decode")
     pod = decode["spec"]["template"]
-    labels = {"__address__": f"[{pod_ip}]:7300" if ":" in pod_ip else f"{pod_ip}:7300",
-              "__meta_kubernetes_pod_ip": pod_ip,
-              "__meta_kubernetes_namespace": NAMESPACE, "__meta_kubernetes_pod_name": "decode-0"}
+    labels = {
+        "__address__": f"[{pod_ip}]:7300" if ":" in pod_ip else f"{pod_ip}:7300",
+        "__meta_kubernetes_pod_ip": pod_ip,
+        "__meta_kubernetes_namespace": NAMESPACE,
+        "__meta_kubernetes_pod_name": "decode-0",
+    }
     for key, value in pod["metadata"]["labels"].items():
         labels["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
     for key, value in pod["metadata"]["annotations"].items():

@@ -12,9 +12,9 @@ import urllib.request
 
 import grpc
 import pytest
+from workload import model_dir, workload  # noqa: F401 - fixtures shared by the e2e modules
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
-from workload import model_dir, workload  # noqa: F401 - fixtures shared by the e2e modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,8 +68,19 @@ class RunningCluster:
 def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluster:
     ready = tmp_path / "ready.json"
     log_path = tmp_path / "launcher.log"
-    cmd = [sys.executable, "-m", "services.cli", "up", "--port", "0", "--ready-file", str(ready),
-           "--log-dir", str(tmp_path / "logs"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "up",
+        "--port",
+        "0",
+        "--ready-file",
+        str(ready),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *args,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

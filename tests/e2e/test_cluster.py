@@ -17,11 +17,11 @@ import time
 import grpc
 import pytest
 from transformers import AutoTokenizer
+from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.launcher import free_port, health_status
 from services.runtime.step_log import read_step_log
-from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +53,10 @@ def test_two_nodes_exact_outputs_with_kv_over_ucx(two_node, workload, model_dir)
 
 # As if torch were not installed: importing it fails, and transformers (which checks with
 # importlib.util.find_spec, None for a module set to None) runs without it.
-NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; "
-            "runpy.run_module('services.router', run_name='__main__', alter_sys=True)")
+NO_TORCH = (
+    "import runpy, sys; sys.modules['torch'] = None; "
+    "runpy.run_module('services.router', run_name='__main__', alter_sys=True)"
+)
 
 
 def test_a_router_without_torch_serves_the_same_exact_tokens(two_node, workload, model_dir, tmp_path):
@@ -65,9 +67,25 @@ def test_a_router_without_torch_serves_the_same_exact_tokens(two_node, workload,
     workers = [f"--{role}={','.join(s['grpc'] for s in two_node.services(role))}" for role in ("prefill", "decode")]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with open(tmp_path / "router.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, "--host", "127.0.0.1", "--port", str(port),
-                                 "--metrics-port", str(free_port()), "--model", model_dir, *workers],
-                                cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                NO_TORCH,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(free_port()),
+                "--model",
+                model_dir,
+                *workers,
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while health_status(f"127.0.0.1:{port}") != 1:  # SERVING: it has found its workers
@@ -90,9 +108,12 @@ def test_cancel_mid_stream_frees_decode_blocks_within_a_second(two_node):
     busy = []
 
     async def stream_then_cancel(stub, after: int):
-        call = stub.Generate(router_pb2.GenerateRequest(
-            prompt=f"a long story {after} " * 20,
-            sampling=common_pb2.SamplingParams(max_tokens=800, temperature=0, ignore_eos=True)))
+        call = stub.Generate(
+            router_pb2.GenerateRequest(
+                prompt=f"a long story {after} " * 20,
+                sampling=common_pb2.SamplingParams(max_tokens=800, temperature=0, ignore_eos=True),
+            )
+        )
         received = 0
         async for response in call:
             received += len(response.token_ids)
@@ -123,10 +144,14 @@ def test_cancel_right_after_the_first_token_leaves_no_kv_entry(two_node):
     """Cancels that land just after the first token, while the router is handing the KV to a
     decode worker (or has not yet): every prefill block and kvstore entry is free within 2 s,
     not held until the entry's TTL."""
+
     async def first_token_then_cancel(stub, i: int):
-        call = stub.Generate(router_pb2.GenerateRequest(
-            prompt=f"cancel me {i} " * 10,
-            sampling=common_pb2.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)))
+        call = stub.Generate(
+            router_pb2.GenerateRequest(
+                prompt=f"cancel me {i} " * 10,
+                sampling=common_pb2.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+            )
+        )
         async for _ in call:
             break
         call.cancel()
@@ -140,18 +165,21 @@ def test_cancel_right_after_the_first_token_leaves_no_kv_entry(two_node):
     two_node.wait_idle(timeout=2)
 
 
-@pytest.mark.parametrize("request_kwargs, field", [
-    (dict(), "prompt"),
-    (dict(prompt="hi", token_ids=[1, 2]), "prompt"),
-    (dict(token_ids=[1, 99999]), "token_ids"),
-    (dict(prompt="hi", sampling=common_pb2.SamplingParams(temperature=-1)), "sampling.temperature"),
-    (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), "sampling.top_p"),
-    (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-3)), "sampling.top_k"),
-    (dict(prompt="hi", slo=router_pb2.SloTargets(ttft_seconds=-1)), "slo.ttft_seconds"),
-    (dict(token_ids=[5] * 5000), "token_ids"),
-    (dict(prompt="hi " * 100_000), "prompt"),
-    (dict(prompt="hi", slo=router_pb2.SloTargets(tpot_seconds=float("nan"))), "slo.tpot_seconds"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, field",
+    [
+        (dict(), "prompt"),
+        (dict(prompt="hi", token_ids=[1, 2]), "prompt"),
+        (dict(token_ids=[1, 99999]), "token_ids"),
+        (dict(prompt="hi", sampling=common_pb2.SamplingParams(temperature=-1)), "sampling.temperature"),
+        (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), "sampling.top_p"),
+        (dict(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-3)), "sampling.top_k"),
+        (dict(prompt="hi", slo=router_pb2.SloTargets(ttft_seconds=-1)), "slo.ttft_seconds"),
+        (dict(token_ids=[5] * 5000), "token_ids"),
+        (dict(prompt="hi " * 100_000), "prompt"),
+        (dict(prompt="hi", slo=router_pb2.SloTargets(tpot_seconds=float("nan"))), "slo.tpot_seconds"),
+    ],
+)
 def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs, field):
     async def call():
         async with grpc.aio.insecure_channel(two_node.router) as channel:
@@ -169,10 +197,14 @@ def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs
 def test_a_request_that_does_not_parse_is_invalid_argument(two_node):
     """A prompt whose bytes are not UTF-8 (protobuf refuses to parse the message): INVALID_ARGUMENT
     naming the request, not UNKNOWN; the router keeps serving."""
+
     async def call():
         async with grpc.aio.insecure_channel(two_node.router) as channel:
-            generate = channel.unary_stream("/pdserve.v1.Router/Generate", request_serializer=lambda raw: raw,
-                                            response_deserializer=router_pb2.GenerateResponse.FromString)
+            generate = channel.unary_stream(
+                "/pdserve.v1.Router/Generate",
+                request_serializer=lambda raw: raw,
+                response_deserializer=router_pb2.GenerateResponse.FromString,
+            )
             async for _ in generate(b"\x0a\x02\xff\xfe", timeout=30):  # field 1 (prompt), 2 bytes
                 pass
 
@@ -184,8 +216,13 @@ def test_a_request_that_does_not_parse_is_invalid_argument(two_node):
     async def still_serving():
         async with grpc.aio.insecure_channel(two_node.router) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
-            return [r async for r in stub.Generate(router_pb2.GenerateRequest(
-                prompt="hello", sampling=common_pb2.SamplingParams(max_tokens=2)), timeout=30)]
+            return [
+                r
+                async for r in stub.Generate(
+                    router_pb2.GenerateRequest(prompt="hello", sampling=common_pb2.SamplingParams(max_tokens=2)),
+                    timeout=30,
+                )
+            ]
 
     assert asyncio.run(still_serving())[-1].finish_reason == "length"
 
@@ -195,8 +232,18 @@ def test_one_node_local_copies(cluster_factory, workload, model_dir, tmp_path):
     """Also with the decode workers streaming every 3 tokens (--stream-interval) and writing step logs."""
     steps = tmp_path / "steps"
     steps.mkdir()
-    cluster = cluster_factory("--model", model_dir, "--prefill", "2", "--decode", "2", "--nodes", "1",
-                              f"--worker-arg=--step-log={steps}/{{worker}}.jsonl", "--worker-arg=--stream-interval=3")
+    cluster = cluster_factory(
+        "--model",
+        model_dir,
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+        "--nodes",
+        "1",
+        f"--worker-arg=--step-log={steps}/{{worker}}.jsonl",
+        "--worker-arg=--stream-interval=3",
+    )
     results = run_workload(cluster.router, workload)
     check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
     cluster.wait_idle()
@@ -224,15 +271,31 @@ def test_colocated_mode(cluster_factory, workload, model_dir):
     assert not cluster.services("kvstore")
 
 
-@pytest.mark.parametrize("role, make_request, field", [
-    ("prefill", lambda: worker_pb2.PrefillRequest(token_ids=[]), "token_ids"),
-    ("prefill", lambda: worker_pb2.PrefillRequest(token_ids=[5], resumed_output_ids=[7, 8],
-                                                  sampling=common_pb2.SamplingParams(max_tokens=2)), "resumed_output_ids"),
-    ("prefill", lambda: worker_pb2.PrefillRequest(token_ids=[5], sampling=common_pb2.SamplingParams(top_p=2)), "sampling.top_p"),
-    ("decode", lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 6], output_token_ids=[]), "output_token_ids"),
-    ("decode", lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 6], output_token_ids=[7]), "kv.kv_id"),
-    ("decode", lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 70000], output_token_ids=[7]), "prompt_token_ids"),
-])
+@pytest.mark.parametrize(
+    "role, make_request, field",
+    [
+        ("prefill", lambda: worker_pb2.PrefillRequest(token_ids=[]), "token_ids"),
+        (
+            "prefill",
+            lambda: worker_pb2.PrefillRequest(
+                token_ids=[5], resumed_output_ids=[7, 8], sampling=common_pb2.SamplingParams(max_tokens=2)
+            ),
+            "resumed_output_ids",
+        ),
+        (
+            "prefill",
+            lambda: worker_pb2.PrefillRequest(token_ids=[5], sampling=common_pb2.SamplingParams(top_p=2)),
+            "sampling.top_p",
+        ),
+        ("decode", lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 6], output_token_ids=[]), "output_token_ids"),
+        ("decode", lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 6], output_token_ids=[7]), "kv.kv_id"),
+        (
+            "decode",
+            lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 70000], output_token_ids=[7]),
+            "prompt_token_ids",
+        ),
+    ],
+)
 def test_workers_reject_bad_requests_naming_the_field(two_node, role, make_request, field):
     """Workers validate on their own too: they are reachable without the router (and a router of
     another version may send anything)."""

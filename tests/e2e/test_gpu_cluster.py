@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoTokenizer
-
 from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)"),
+]
 
 GPU_WORKERS = ["--worker-arg", "--device cuda", "--kvstore-arg", "--ucx-tls tcp,sm,self,cuda_copy,cuda_ipc"]
 

@@ -22,8 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.tiny_models import CORPUS_WORDS, get_model
 from services.launcher import free_port, prometheus_config
+from services.tiny_models import CORPUS_WORDS, get_model
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def loaded(cluster):
     async def one(i: int):
         sampling = common_pb2.SamplingParams(max_tokens=rng.choice([1, 8, 20]), temperature=0.7, seed=i)
         request = router_pb2.GenerateRequest(
-            prompt=" ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(3, 40))), sampling=sampling)
+            prompt=" ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(3, 40))), sampling=sampling
+        )
         if i % 2:
             request.slo.ttft_seconds = 1e-6
         async with grpc.aio.insecure_channel(cluster.router) as channel:
@@ -78,9 +79,18 @@ def prometheus(cluster, loaded, tmp_path_factory):
     config_path = tmp / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(prometheus_config(cluster.info, scrape_interval="1s")))
     port = free_port()
-    proc = subprocess.Popen([binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -105,8 +115,11 @@ def load_again(cluster, n: int = 12) -> list:
         async with grpc.aio.insecure_channel(cluster.router) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             for i in range(n):
-                async for response in stub.Generate(router_pb2.GenerateRequest(
-                        prompt=f"request number {i}", sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0))):
+                async for response in stub.Generate(
+                    router_pb2.GenerateRequest(
+                        prompt=f"request number {i}", sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0)
+                    )
+                ):
                     last = response
                 out.append(last)
                 await asyncio.sleep(0.4)
@@ -146,8 +159,11 @@ def test_promtool_accepts_configs_and_rules(prometheus):
     for config in (os.path.join(PROM_DIR, "prometheus.yml"), str(generated)):
         out = subprocess.run([promtool, "check", "config", config], capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
-    out = subprocess.run([promtool, "check", "rules", *glob.glob(os.path.join(PROM_DIR, "rules", "*.yml"))],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [promtool, "check", "rules", *glob.glob(os.path.join(PROM_DIR, "rules", "*.yml"))],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -179,8 +195,11 @@ def test_every_alert_rule_evaluates_and_its_signal_returns_data(prometheus):
     and the signal it compares (the expression left of the threshold) must have data."""
     url, _ = prometheus
     alerts = [r for r in rules() if "alert" in r]
-    assert {a["alert"] for a in alerts} >= {"PdserveSloAttainmentLow", "PdserveKvPoolNearlyFull",
-                                            "PdserveKvTransferFailures"}
+    assert {a["alert"] for a in alerts} >= {
+        "PdserveSloAttainmentLow",
+        "PdserveKvPoolNearlyFull",
+        "PdserveKvTransferFailures",
+    }
     for rule in alerts:
         query(url, rule["expr"])
         signal = re.split(r"\s(?:<|>|==|!=|<=|>=)\s", rule["expr"])[0]
@@ -193,13 +212,18 @@ def test_histograms_and_slo_counters_agree_with_what_clients_saw(cluster, loaded
     families = {f.name: f for f in text_string_to_metric_families(cluster.metrics_text(router))}
 
     def sample(family: str, name: str, **labels) -> float:
-        return next(s.value for s in families[family].samples
-                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return next(
+            s.value
+            for s in families[family].samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     assert len(loaded) >= NUM_REQUESTS
     assert sample("pdserve_time_to_first_token_seconds", "pdserve_time_to_first_token_seconds_count") == len(loaded)
     ttfts = [r.timing.ttft_seconds for r in loaded]
-    assert sample("pdserve_time_to_first_token_seconds", "pdserve_time_to_first_token_seconds_sum") == pytest.approx(sum(ttfts))
+    assert sample("pdserve_time_to_first_token_seconds", "pdserve_time_to_first_token_seconds_sum") == pytest.approx(
+        sum(ttfts)
+    )
     for s in families["pdserve_time_to_first_token_seconds"].samples:
         if s.name.endswith("_bucket"):
             le = float(s.labels["le"])
@@ -208,7 +232,8 @@ def test_histograms_and_slo_counters_agree_with_what_clients_saw(cluster, loaded
     assert sample("pdserve_slo_ttft_met", "pdserve_slo_ttft_met_total") == sum(r.timing.slo_ttft_met for r in loaded)
     assert sample("pdserve_slo_tpot_met", "pdserve_slo_tpot_met_total") == sum(r.timing.slo_tpot_met for r in loaded)
     assert sample("pdserve_slo_met", "pdserve_slo_met_total") == sum(
-        r.timing.slo_ttft_met and r.timing.slo_tpot_met for r in loaded)
+        r.timing.slo_ttft_met and r.timing.slo_tpot_met for r in loaded
+    )
     # the impossible per-request SLO really was applied to half of the first wave
     first = loaded[:NUM_REQUESTS]
     assert all(r.timing.slo_ttft_seconds == 1e-6 and not r.timing.slo_ttft_met for r in first[1::2])

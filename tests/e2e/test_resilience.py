@@ -29,8 +29,9 @@ EXPECTED_SERVICES = {
 
 @pytest.fixture(scope="module")
 def cluster(cluster_factory):
-    return cluster_factory("--model", get_model("llama"), "--prefill", "1", "--decode", "2", "--nodes", "2",
-                           "--placement", "spread")
+    return cluster_factory(
+        "--model", get_model("llama"), "--prefill", "1", "--decode", "2", "--nodes", "2", "--placement", "spread"
+    )
 
 
 def test_every_server_has_health_and_reflection(cluster):
@@ -47,22 +48,29 @@ def test_decode_worker_killed_mid_stream_client_sees_one_uninterrupted_exact_str
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompt = "the decode worker streams tokens while the router watches it"
     ids = tokenizer.encode(prompt)
-    expected = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=400)[0, len(ids):].tolist()
+    expected = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=400)[0, len(ids) :].tolist()
     assert len(expected) >= 100  # long enough to kill a worker in the middle
 
     async def run():
         async with grpc.aio.insecure_channel(cluster.router) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
-            call = stub.Generate(router_pb2.GenerateRequest(
-                prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=400, temperature=0)), timeout=120)
+            call = stub.Generate(
+                router_pb2.GenerateRequest(
+                    prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=400, temperature=0)
+                ),
+                timeout=120,
+            )
             tokens, killed, last = [], None, None
             started = time.monotonic()
             async for response in call:
                 tokens.extend(response.token_ids)
                 last = response
                 if killed is None and len(tokens) >= 20:
-                    busy = [(s, st) for s, st in zip(cluster.services("decode"), cluster.worker_stats("decode"))
-                            if st.running > 0]
+                    busy = [
+                        (s, st)
+                        for s, st in zip(cluster.services("decode"), cluster.worker_stats("decode"))
+                        if st.running > 0
+                    ]
                     assert len(busy) == 1
                     killed = busy[0][0]
                     os.kill(killed["pid"], signal.SIGKILL)
@@ -93,9 +101,12 @@ def test_deadline_is_honoured_and_frees_blocks(cluster):
             stub = router_pb2_grpc.RouterStub(channel)
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in stub.Generate(router_pb2.GenerateRequest(
-                        prompt="deadline", sampling=common_pb2.SamplingParams(max_tokens=900, ignore_eos=True)),
-                        timeout=0.5):
+                async for _ in stub.Generate(
+                    router_pb2.GenerateRequest(
+                        prompt="deadline", sampling=common_pb2.SamplingParams(max_tokens=900, ignore_eos=True)
+                    ),
+                    timeout=0.5,
+                ):
                     pass
             return err.value.code(), time.monotonic() - started
 
@@ -114,9 +125,26 @@ def _launch(tmp_path):
     ready = tmp_path / "ready.json"
     ready.write_text("{}")  # a stale file from an earlier run: must not survive
     log = open(tmp_path / "launcher.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", "0", "--ready-file", str(ready),
-                             "--log-dir", str(tmp_path / "logs"), "--model", get_model("llama")],
-                            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--model",
+            get_model("llama"),
+        ],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, ready
 
 

@@ -37,12 +37,25 @@ def workload(model_dir):
         prompt = " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
         max_tokens = rng.choice([1, 2, 5, 17, 33, 48])
         ids = tokenizer.encode(prompt)
-        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens,
-                          output_scores=True, return_dict_in_generate=True)
-        ref = out.sequences[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        ref = out.sequences[0, len(ids) :].tolist()
         logprobs = [torch.log_softmax(score[0], -1)[t].item() for score, t in zip(out.scores, ref)]
-        items.append({"prompt": prompt, "ids": ids, "max_tokens": max_tokens, "expected": ref,
-                      "expected_logprobs": logprobs, "logprobs": i % 2 == 0})
+        items.append(
+            {
+                "prompt": prompt,
+                "ids": ids,
+                "max_tokens": max_tokens,
+                "expected": ref,
+                "expected_logprobs": logprobs,
+                "logprobs": i % 2 == 0,
+            }
+        )
     return items
 
 
@@ -55,8 +68,11 @@ async def _generate(router: str, item: dict, **sampling) -> tuple[list[int], str
     async with grpc.aio.insecure_channel(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         request = router_pb2.GenerateRequest(
-            prompt=item["prompt"], request_id=f"req-{item['prompt'][:8]}", logprobs=item.get("logprobs", False),
-            sampling=common_pb2.SamplingParams(max_tokens=item["max_tokens"], temperature=0, **sampling))
+            prompt=item["prompt"],
+            request_id=f"req-{item['prompt'][:8]}",
+            logprobs=item.get("logprobs", False),
+            sampling=common_pb2.SamplingParams(max_tokens=item["max_tokens"], temperature=0, **sampling),
+        )
         tokens, text, last, logprobs = [], "", None, []
         async for response in stub.Generate(request, timeout=120):
             tokens.extend(response.token_ids)
@@ -105,6 +121,8 @@ def expected_kv_bytes(workload, model_dir) -> int:
 def largest_grpc_message(cluster) -> int:
     largest = 0
     for svc in cluster.info["services"]:
-        for m in re.finditer(r'^pdserve_grpc_largest_message_bytes\{[^}]*\} ([0-9.e+]+)$', cluster.metrics_text(svc), re.M):
+        for m in re.finditer(
+            r"^pdserve_grpc_largest_message_bytes\{[^}]*\} ([0-9.e+]+)$", cluster.metrics_text(svc), re.M
+        ):
             largest = max(largest, int(float(m.group(1))))
     return largest

@@ -28,8 +28,9 @@ from services.launcher import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # 64 blocks of 4 KiB: runs of several blocks exceed UCX's 8 KiB rendezvous threshold.
-LAYOUT = KvLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2, head_dim=32,
-                  dtype="float32", model_id="kvstore-test")
+LAYOUT = KvLayout(
+    num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2, head_dim=32, dtype="float32", model_id="kvstore-test"
+)
 BLOCK_BYTES = LAYOUT.block_bytes
 HOST_TIER_BLOCKS = 8
 
@@ -73,22 +74,39 @@ class Daemon:
             return self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"node {self.node_id} ignored SIGTERM:\n{self.log()}")
+            raise AssertionError(f"node {self.node_id} ignored SIGTERM:\n{self.log()}") from None
 
 
-def launch(node_id: str, log_dir, *extra: str, env: dict | None = None, port: int | None = None,
-           log_name: str | None = None) -> Daemon:
+def launch(
+    node_id: str, log_dir, *extra: str, env: dict | None = None, port: int | None = None, log_name: str | None = None
+) -> Daemon:
     port, metrics_port = port or free_port(), free_port()
     log_path = str(log_dir / f"{log_name or 'kvstore-' + node_id}.log")
-    args = [sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--transfer-host", "127.0.0.1", "--transfer-port", "0",
-            "--grace-seconds", "5", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "services.kvstore",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--transfer-host",
+        "127.0.0.1",
+        "--transfer-port",
+        "0",
+        "--grace-seconds",
+        "5",
+        *extra,
+    ]
     if env is None or "PDSERVE_NODE_ID" not in env:
         args += ["--node-id", node_id]
     # No preexec_fn: it runs Python in a child forked from a process with live gRPC threads, which
     # can abort that child before exec (seen once: "epoll_wait error: Bad file descriptor").
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=open(log_path, "w"), stderr=subprocess.STDOUT
+    )
     return Daemon(node_id, port, metrics_port, proc, log_path)
 
 
@@ -111,8 +129,16 @@ def nodes(tmp_path_factory):
     daemons = {
         "A": launch("A", log_dir, "--ttl-seconds", "30"),
         "B": launch("B", log_dir, "--ttl-seconds", "30", "--connect-timeout-seconds", "1"),
-        "C": launch("C", log_dir, "--ttl-seconds", "1", "--host-ttl-seconds", "3",
-                    "--host-tier-bytes", str(HOST_TIER_BLOCKS * BLOCK_BYTES)),
+        "C": launch(
+            "C",
+            log_dir,
+            "--ttl-seconds",
+            "1",
+            "--host-ttl-seconds",
+            "3",
+            "--host-tier-bytes",
+            str(HOST_TIER_BLOCKS * BLOCK_BYTES),
+        ),
         # D takes its settings from the environment, as in a container.
         "D": launch("D", log_dir, env={"PDSERVE_NODE_ID": "D", "PDSERVE_TTL_SECONDS": "30"}),
     }
@@ -123,10 +149,7 @@ def nodes(tmp_path_factory):
     finally:
         failures = []
         for daemon in daemons.values():
-            if daemon.proc.poll() is None:
-                rc = daemon.stop()
-            else:
-                rc = daemon.proc.returncode
+            rc = daemon.stop() if daemon.proc.poll() is None else daemon.proc.returncode
             if rc != 0 or "Traceback" in daemon.log():
                 failures.append(f"node {daemon.node_id} exit code {rc}:\n{daemon.log()}")
         assert not failures, "\n".join(failures)
@@ -162,7 +185,7 @@ class Worker:
         self.released: dict[str, tuple[list[int], str]] = {}
         self._changed = asyncio.Event()
 
-    async def __aenter__(self) -> "Worker":
+    async def __aenter__(self) -> Worker:
         await self.client.register_pool(self.name, self.pool, self._on_released)
         return self
 
@@ -182,7 +205,7 @@ class Worker:
             assert remaining > 0, f"{self.name}: no RELEASED event for {kv_id!r}"
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return self.released[kv_id]
 
@@ -261,8 +284,12 @@ def test_concurrent_pulls_across_nodes_are_byte_exact(nodes):
     before_a, before_b = a.stats(), b.stats()
 
     async def scenario():
-        async with Worker(a, "prefill-a") as prefill_a, Worker(b, "decode-b") as decode_b, \
-                Worker(b, "prefill-b") as prefill_b, Worker(a, "decode-a") as decode_a:
+        async with (
+            Worker(a, "prefill-a") as prefill_a,
+            Worker(b, "decode-b") as decode_b,
+            Worker(b, "prefill-b") as prefill_b,
+            Worker(a, "decode-a") as decode_a,
+        ):
             g = torch.Generator().manual_seed(3)
             # 16 entries of 4 blocks A -> B and 8 B -> A at the same time, 2 of them local on A,
             # with scattered destination blocks so that runs break up.
@@ -270,12 +297,12 @@ def test_concurrent_pulls_across_nodes_are_byte_exact(nodes):
             dst_b = torch.randperm(64, generator=g).tolist()
             for i in range(16):
                 handle, data = await prefill_a.publish(f"a-{i}", list(range(4 * i, 4 * i + 4)), seed=100 + i)
-                pulls.append((decode_b, dst_b[4 * i: 4 * i + 4], handle, data, prefill_a))
+                pulls.append((decode_b, dst_b[4 * i : 4 * i + 4], handle, data, prefill_a))
             dst_a = torch.randperm(64, generator=g).tolist()
             for i in range(8):
                 src = list(range(8 * i, 8 * i + 4))
                 handle, data = await prefill_b.publish(f"b-{i}", src, seed=200 + i)
-                pulls.append((decode_a, dst_a[4 * i: 4 * i + 4], handle, data, prefill_b))
+                pulls.append((decode_a, dst_a[4 * i : 4 * i + 4], handle, data, prefill_b))
 
             responses = await asyncio.gather(*(w.client.pull(dst, h) for w, dst, h, _, _ in pulls))
             for (worker, dst, handle, data, source), response in zip(pulls, responses):
@@ -334,8 +361,11 @@ def test_unpulled_entries_move_to_the_host_tier_and_are_pulled_from_there(nodes)
     moves_before = c.metric("pdserve_kvstore_ttl_moves_total")
 
     async def scenario():
-        async with Worker(c, "prefill-c") as prefill, Worker(c, "decode-c") as decode_c, \
-                Worker(b, "decode-b") as decode_b:
+        async with (
+            Worker(c, "prefill-c") as prefill,
+            Worker(c, "decode-c") as decode_c,
+            Worker(b, "decode-b") as decode_b,
+        ):
             h1, d1 = await prefill.publish("slow-1", [10, 11], seed=7)
             h2, d2 = await prefill.publish("slow-2", [20, 22, 21], seed=8)
             assert await prefill.wait_released("slow-1") == ([10, 11], "moved_to_host")
@@ -394,25 +424,45 @@ def test_bad_requests_are_rejected_naming_the_field(nodes):
     async def scenario():
         async with Worker(a, "prefill-a") as prefill, Worker(a, "decode-a") as decode:
             stub = prefill.client.stub()
-            good = kvstore_pb2.PoolLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2,
-                                          head_dim=32, dtype="float32", model_id="kvstore-test")
+            good = kvstore_pb2.PoolLayout(
+                num_blocks=64,
+                num_layers=2,
+                block_size=4,
+                num_kv_heads=2,
+                head_dim=32,
+                dtype="float32",
+                model_id="kvstore-test",
+            )
             path, size = prefill.pool.descriptor["path"], LAYOUT.total_bytes
 
             def register(worker_id="w", layout=good, descriptor=f'{{"kind": "shm", "path": "{path}", "size": {size}}}'):
-                return stub.RegisterPool(kvstore_pb2.RegisterPoolRequest(
-                    worker_id=worker_id, layout=layout, memory_descriptor=descriptor))
+                return stub.RegisterPool(
+                    kvstore_pb2.RegisterPoolRequest(worker_id=worker_id, layout=layout, memory_descriptor=descriptor)
+                )
 
             invalid = grpc.StatusCode.INVALID_ARGUMENT
             for call, field in [
                 (register(worker_id=""), "worker_id"),
                 (register(descriptor="not json"), "memory_descriptor"),
                 (register(descriptor='{"kind": "tmpfs"}'), "memory_descriptor.kind"),
-                (register(descriptor=f'{{"kind": "shm", "path": "/etc/passwd", "size": {size}}}'), "memory_descriptor.path"),
-                (register(descriptor=f'{{"kind": "shm", "path": "/dev/shm/no-such-pool", "size": {size}}}'), "memory_descriptor.path"),
+                (
+                    register(descriptor=f'{{"kind": "shm", "path": "/etc/passwd", "size": {size}}}'),
+                    "memory_descriptor.path",
+                ),
+                (
+                    register(descriptor=f'{{"kind": "shm", "path": "/dev/shm/no-such-pool", "size": {size}}}'),
+                    "memory_descriptor.path",
+                ),
                 (register(descriptor=f'{{"kind": "shm", "path": "{path}", "size": 12}}'), "memory_descriptor.size"),
                 (register(layout=kvstore_pb2.PoolLayout(num_blocks=0)), "layout.num_blocks"),
-                (register(layout=kvstore_pb2.PoolLayout(num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2,
-                                                        head_dim=32, dtype="int3")), "layout.dtype"),
+                (
+                    register(
+                        layout=kvstore_pb2.PoolLayout(
+                            num_blocks=64, num_layers=2, block_size=4, num_kv_heads=2, head_dim=32, dtype="int3"
+                        )
+                    ),
+                    "layout.dtype",
+                ),
             ]:
                 details = await expect_rpc_error(invalid, call)
                 assert details.startswith(field + ":"), details
@@ -423,9 +473,14 @@ def test_bad_requests_are_rejected_naming_the_field(nodes):
                 assert details.startswith(field + ":"), details
             handle, _ = await prefill.publish("good", [1, 2], seed=13)
             assert "already published" in await expect_rpc_error(
-                grpc.StatusCode.ALREADY_EXISTS, client.publish("good", [3], 1))
-            assert (await expect_rpc_error(grpc.StatusCode.FAILED_PRECONDITION, stub.Publish(
-                kvstore_pb2.PublishRequest(pool_id="nope", kv_id="x", block_ids=[1], num_tokens=1)))).startswith("pool_id:")
+                grpc.StatusCode.ALREADY_EXISTS, client.publish("good", [3], 1)
+            )
+            assert (
+                await expect_rpc_error(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    stub.Publish(kvstore_pb2.PublishRequest(pool_id="nope", kv_id="x", block_ids=[1], num_tokens=1)),
+                )
+            ).startswith("pool_id:")
 
             # Pulls checked on the pulling node before anything moves.
             assert (await expect_rpc_error(invalid, decode.client.pull([5, 6, 7], handle))).startswith("block_ids:")
@@ -433,7 +488,8 @@ def test_bad_requests_are_rejected_naming_the_field(nodes):
             other_model.CopyFrom(handle)
             other_model.layout_fingerprint = "other-model:2x2x4x2x32:float32"
             assert "layout mismatch" in await expect_rpc_error(
-                grpc.StatusCode.FAILED_PRECONDITION, decode.client.pull([5, 6], other_model))
+                grpc.StatusCode.FAILED_PRECONDITION, decode.client.pull([5, 6], other_model)
+            )
             assert await client.release(handle)
 
     run(scenario())
@@ -479,10 +535,18 @@ def test_metrics_endpoint_exposes_the_kvstore_metrics(nodes):
 
     run(scenario())
     text = b.metrics_text()
-    for name in ["pdserve_kvstore_transferred_bytes_total", "pdserve_kvstore_transfer_duration_seconds_bucket",
-                 "pdserve_kvstore_entries", "pdserve_kvstore_host_tier_bytes", "pdserve_kvstore_ttl_moves_total",
-                 "pdserve_kvstore_pools", "pdserve_kvstore_pulls_total", "pdserve_kvstore_expired_entries_total",
-                 "pdserve_kvstore_served_bytes_total", "pdserve_grpc_largest_message_bytes"]:
+    for name in [
+        "pdserve_kvstore_transferred_bytes_total",
+        "pdserve_kvstore_transfer_duration_seconds_bucket",
+        "pdserve_kvstore_entries",
+        "pdserve_kvstore_host_tier_bytes",
+        "pdserve_kvstore_ttl_moves_total",
+        "pdserve_kvstore_pools",
+        "pdserve_kvstore_pulls_total",
+        "pdserve_kvstore_expired_entries_total",
+        "pdserve_kvstore_served_bytes_total",
+        "pdserve_grpc_largest_message_bytes",
+    ]:
         assert name in text, name
     assert "# HELP pdserve_kvstore_transfer_failures_total" in text
     assert b.metric("pdserve_kvstore_transferred_bytes_total", path="ucx") >= BLOCK_BYTES
@@ -523,6 +587,7 @@ def test_a_restarted_daemon_gets_the_pool_registered_again(tmp_path):
     wait_until_serving(first)
     second = None
     try:
+
         async def scenario():
             nonlocal second
             async with Worker(first, "prefill-e") as prefill, Worker(first, "decode-e") as decode:

@@ -33,8 +33,10 @@ def test_dns_name_resolving_to_many_workers_and_churn():
     async def run():
         port = free_port()
         ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-        fakes = {ip: FakeWorkerStats(role="decode", kv_blocks_free=100 * (i + 1), kv_blocks_total=400)
-                 for i, ip in enumerate(ips)}
+        fakes = {
+            ip: FakeWorkerStats(role="decode", kv_blocks_free=100 * (i + 1), kv_blocks_total=400)
+            for i, ip in enumerate(ips)
+        }
         servers = {ip: await _serve(f"{ip}:{port}", fakes[ip]) for ip in ips}
         answer = list(ips)
 
@@ -42,8 +44,9 @@ def test_dns_name_resolving_to_many_workers_and_churn():
             assert (host, p) == ("decode.pdserve.svc", port)
             return list(answer)
 
-        registry = WorkerRegistry({}, {"decode": [f"decode.pdserve.svc:{port}"]}, poll_interval=0.1,
-                                  resolve_host=resolve)
+        registry = WorkerRegistry(
+            {}, {"decode": [f"decode.pdserve.svc:{port}"]}, poll_interval=0.1, resolve_host=resolve
+        )
         await registry.start()
         try:
             assert sorted(ep.address for ep in registry.eligible("decode")) == [f"{ip}:{port}" for ip in ips]
@@ -56,7 +59,10 @@ def test_dns_name_resolving_to_many_workers_and_churn():
             answer.remove("127.0.0.2")
             await servers["127.0.0.2"].stop(None)
             await registry.refresh()
-            assert sorted(ep.address for ep in registry.endpoints.values()) == [f"127.0.0.1:{port}", f"127.0.0.3:{port}"]
+            assert sorted(ep.address for ep in registry.endpoints.values()) == [
+                f"127.0.0.1:{port}",
+                f"127.0.0.3:{port}",
+            ]
             # a pod dies without leaving DNS yet: it turns unhealthy after failed polls
             await servers["127.0.0.3"].stop(None)
             await registry.refresh()
@@ -98,6 +104,7 @@ def test_prefill_policy_least_estimated_queue_delay():
 def test_a_stats_poll_clears_only_the_reservations_it_can_reflect():
     """Blocks the router reserved on a decode worker before a Stats poll are in the poll's answer
     and cleared; blocks reserved while the poll was in flight may not be, and are kept."""
+
     class SlowStats(FakeWorkerStats):
         def __init__(self, **fields):
             super().__init__(**fields)
@@ -147,17 +154,36 @@ def test_router_readiness_follows_its_workers_for_the_server_and_the_service_nam
     router_port, prefill_port, decode_port = free_port(), free_port(), free_port()
     log_path = tmp_path / "router.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.router", "--host", "127.0.0.1", "--port", str(router_port),
-         "--metrics-port", "-1", "--prefill", f"127.0.0.1:{prefill_port}", "--decode", f"127.0.0.1:{decode_port}",
-         "--poll-interval", "0.2"],
-        cwd=root, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "services.router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(router_port),
+            "--metrics-port",
+            "-1",
+            "--prefill",
+            f"127.0.0.1:{prefill_port}",
+            "--decode",
+            f"127.0.0.1:{decode_port}",
+            "--poll-interval",
+            "0.2",
+        ],
+        cwd=root,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
     def statuses() -> tuple[int, int] | None:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{router_port}") as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
-                return tuple(stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
-                             for name in ("", "pdserve.v1.Router"))
+                return tuple(
+                    stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+                    for name in ("", "pdserve.v1.Router")
+                )
         except grpc.RpcError:
             return None  # not up yet
 
@@ -173,8 +199,10 @@ def test_router_readiness_follows_its_workers_for_the_server_and_the_service_nam
         wait_for((not_serving, serving))
 
         async def with_workers():
-            servers = [await _serve(f"127.0.0.1:{prefill_port}", FakeWorkerStats(role="prefill", kv_blocks_total=10)),
-                       await _serve(f"127.0.0.1:{decode_port}", FakeWorkerStats(role="decode", kv_blocks_total=10))]
+            servers = [
+                await _serve(f"127.0.0.1:{prefill_port}", FakeWorkerStats(role="prefill", kv_blocks_total=10)),
+                await _serve(f"127.0.0.1:{decode_port}", FakeWorkerStats(role="decode", kv_blocks_total=10)),
+            ]
             try:
                 await asyncio.to_thread(wait_for, (serving, serving))
             finally:

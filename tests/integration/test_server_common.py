@@ -12,6 +12,7 @@ from services.launcher import free_port
 def test_a_port_in_use_is_refused_not_shared():
     """Without this, gRPC's default SO_REUSEPORT lets a second server bind the same port and the
     kernel splits connections between two unrelated clusters."""
+
     async def run():
         port = free_port()
         first = ServiceRunner("first", "127.0.0.1", port, -1, CollectorRegistry())

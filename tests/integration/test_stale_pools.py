@@ -9,8 +9,9 @@ import sys
 
 from services.engine.kv_cache import KvLayout, KvPool, remove_stale_pools
 
-LAYOUT = KvLayout(num_blocks=8, num_layers=2, block_size=16, num_kv_heads=2, head_dim=16, dtype="float32",
-                  model_id="stale-pool-test")
+LAYOUT = KvLayout(
+    num_blocks=8, num_layers=2, block_size=16, num_kv_heads=2, head_dim=16, dtype="float32", model_id="stale-pool-test"
+)
 
 CHILD = f"""
 import sys, time
@@ -22,8 +23,12 @@ time.sleep(120)
 
 
 def _start_pool_owner() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     return proc, proc.stdout.readline().strip()
 
 

@@ -72,8 +72,10 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
 
             async def generate(i: int, max_tokens: int) -> tuple[list[int], grpc.aio.AioRpcError | None]:
                 request = worker_pb2.GenerateTokensRequest(
-                    request_id=f"r{i}", token_ids=[5 + i] * (10 + i),
-                    sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+                    request_id=f"r{i}",
+                    token_ids=[5 + i] * (10 + i),
+                    sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                )
                 tokens: list[int] = []
                 try:
                     async for chunk in stub.Generate(request, timeout=30):
@@ -105,9 +107,26 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
 def kvstore(tmp_path):
     port = free_port()
     log = open(tmp_path / "kvstore.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "-1", "--node-id", "n", "--transfer-host", "127.0.0.1"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.kvstore",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--node-id",
+            "n",
+            "--transfer-host",
+            "127.0.0.1",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     address = f"127.0.0.1:{port}"
     for _ in range(300):
         if health_status(address) == SERVING or proc.poll() is not None:
@@ -124,16 +143,27 @@ def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_g
     engine = _engine()
 
     async def scenario():
-        service = PrefillService(engine, KvStoreClient(kvstore), worker_id="prefill-test", node_id="n",
-                                 model_name="m", registry=CollectorRegistry())
+        service = PrefillService(
+            engine,
+            KvStoreClient(kvstore),
+            worker_id="prefill-test",
+            node_id="n",
+            model_name="m",
+            registry=CollectorRegistry(),
+        )
         runner, address = await _serve(Role.PREFILL, service)
         async with aio_channel(address) as channel:
             stub = worker_pb2_grpc.PrefillWorkerStub(channel)
 
             def prefill(i: int):
-                return stub.Prefill(worker_pb2.PrefillRequest(
-                    request_id=f"p{i}", token_ids=[5 + i] * (10 + i),
-                    sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=30)
+                return stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        request_id=f"p{i}",
+                        token_ids=[5 + i] * (10 + i),
+                        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                    ),
+                    timeout=30,
+                )
 
             monkeypatch.setattr(engine.runner, "prefill", _device_lost)
             failures = await asyncio.gather(*(prefill(i) for i in range(3)), return_exceptions=True)

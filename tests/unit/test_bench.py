@@ -25,7 +25,11 @@ def test_attainment_needs_both_slos_and_counts_failures_as_misses():
     ]
     assert attainment(results, ttft_slo=0.25, tpot_slo=0.1) == pytest.approx(2 / 5)
     s = summarize(results, 0.25, 0.1)
-    assert s["errors"] == 1 and s["ttft_attainment"] == pytest.approx(3 / 5) and s["tpot_attainment"] == pytest.approx(3 / 5)
+    assert (
+        s["errors"] == 1
+        and s["ttft_attainment"] == pytest.approx(3 / 5)
+        and s["tpot_attainment"] == pytest.approx(3 / 5)
+    )
 
 
 def test_percentile_interpolates_and_ignores_nan():

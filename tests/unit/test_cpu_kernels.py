@@ -79,8 +79,9 @@ def _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, h
         pool[block, layer, 0, row], pool[block, layer, 1, row] = k[b], v[b]
         blocks = tables[b][: -(-n // block_size)]
         kv = pool[blocks, layer].transpose(0, 1).flatten(1, 2)[:, :n]  # [2, n, KVH, D]
-        o = F.scaled_dot_product_attention(q[b].unsqueeze(1), kv[0].transpose(0, 1), kv[1].transpose(0, 1),
-                                           scale=head_dim**-0.5, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q[b].unsqueeze(1), kv[0].transpose(0, 1), kv[1].transpose(0, 1), scale=head_dim**-0.5, enable_gqa=True
+        )
         outs.append(o.reshape(-1))
     return torch.stack(outs), pool, q
 
@@ -97,14 +98,24 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, batch):
     block_size, layers, layer, width = 16, 3, 1, 38
     pool = torch.randn(6 * width, layers, 2, block_size, kv_heads, head_dim, generator=g)
     order = torch.randperm(6 * width, generator=g).tolist()
-    tables = [order[i * width:(i + 1) * width] for i in range(len(lens))]
+    tables = [order[i * width : (i + 1) * width] for i in range(len(lens))]
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim, generator=g)
     cos, sin = torch.randn(len(lens), head_dim, generator=g), torch.randn(len(lens), head_dim, generator=g)
     expected, expected_pool, q = _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, head_dim)
 
-    out = KERNELS.decode_attention(qkv, cos, sin, pool[:, layer, 0], pool[:, layer, 1],
-                                         torch.tensor(tables, dtype=torch.int32), lens, heads, kv_heads, head_dim,
-                                         head_dim**-0.5)
+    out = KERNELS.decode_attention(
+        qkv,
+        cos,
+        sin,
+        pool[:, layer, 0],
+        pool[:, layer, 1],
+        torch.tensor(tables, dtype=torch.int32),
+        lens,
+        heads,
+        kv_heads,
+        head_dim,
+        head_dim**-0.5,
+    )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pool, expected_pool, atol=0, rtol=0)  # K/V written, nothing else touched
     torch.testing.assert_close(qkv[:, : heads * head_dim].view(len(lens), heads, head_dim), q, atol=0, rtol=0)
@@ -115,8 +126,12 @@ def test_engine_with_kernels_equals_torch_path_including_the_kv_pool():
     within 1e-4, and the same K/V in the paged pool (which transfers and preemption read)."""
     if KERNELS is None:
         pytest.skip("the CPU kernels cannot be built here")
-    engines = [Engine(get_model("qwen3"), EngineConfig(dtype="float32", block_size=8, kv_cache_bytes=16 << 20,
-                                                       backend=backend)) for backend in ("cpu-kernels", "torch")]
+    engines = [
+        Engine(
+            get_model("qwen3"), EngineConfig(dtype="float32", block_size=8, kv_cache_bytes=16 << 20, backend=backend)
+        )
+        for backend in ("cpu-kernels", "torch")
+    ]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 40, 1, 23, 60, 9)]
     running: list[list[Sequence]] = [[], []]
@@ -133,6 +148,7 @@ def test_engine_with_kernels_equals_torch_path_including_the_kv_pool():
         outs = [engine.decode_step(batch) for engine, batch in zip(engines, running)]
         assert [o.token_id for o in outs[0]] == [o.token_id for o in outs[1]]
         torch.testing.assert_close(engines[0].last_logits, engines[1].last_logits, atol=1e-4, rtol=0)
+
     def kv_of(engine, seq):  # pool [blocks, layers, 2, block_size, KVH, D] -> [layers, 2, tokens, KVH, D]
         n = len(seq.token_ids) - 1  # written so far (the last token's K/V comes with the next step)
         return engine.kv_pool.tensor[seq.block_table].permute(1, 2, 0, 3, 4, 5).flatten(2, 3)[:, :, :n]
@@ -191,8 +207,19 @@ def test_nan_propagates_like_torch():
     pool[1, 0, 0, 2, 0, 5] = float("nan")  # one key position
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim)
     cos, sin = torch.ones(1, head_dim), torch.zeros(1, head_dim)
-    out = KERNELS.decode_attention(qkv, cos, sin, pool[:, 0, 0], pool[:, 0, 1], torch.tensor([[1]], dtype=torch.int32),
-                                         torch.tensor([5], dtype=torch.int32), heads, kv_heads, head_dim, 0.25)
+    out = KERNELS.decode_attention(
+        qkv,
+        cos,
+        sin,
+        pool[:, 0, 0],
+        pool[:, 0, 1],
+        torch.tensor([[1]], dtype=torch.int32),
+        torch.tensor([5], dtype=torch.int32),
+        heads,
+        kv_heads,
+        head_dim,
+        0.25,
+    )
     assert torch.isnan(out).all()
 
 
@@ -223,7 +250,7 @@ def test_wrong_arguments_raise_before_the_call():
     packed = KERNELS.pack_linear(weight)
     with pytest.raises(ValueError, match="x must be float32"):
         KERNELS.linear(torch.randn(4, 64, dtype=torch.float64), packed, 32, None)
-    with pytest.raises(ValueError, match="packed weight .* does not fit"):
+    with pytest.raises(ValueError, match=r"packed weight .* does not fit"):
         KERNELS.linear(torch.randn(4, 48), packed, 32, None)
     with pytest.raises(ValueError, match="bias must be float32"):
         KERNELS.linear(torch.randn(4, 64), packed, 32, torch.randn(31))
@@ -231,9 +258,18 @@ def test_wrong_arguments_raise_before_the_call():
         KERNELS.add_rms_norm(torch.randn(3, 64), torch.randn(3, 32), torch.ones(64), 1e-6)
     pool = torch.randn(4, 1, 2, 16, 2, 32)
     qkv = torch.randn(2, (4 + 2 * 2) * 32)
-    args = dict(cos=torch.ones(2, 32), sin=torch.zeros(2, 32), k_cache=pool[:, 0, 0], v_cache=pool[:, 0, 1],
-                block_tables=torch.zeros(2, 1, dtype=torch.int32), context_lens=torch.ones(2, dtype=torch.int32),
-                num_heads=4, num_kv_heads=2, head_dim=32, scale=0.1)
+    args = dict(
+        cos=torch.ones(2, 32),
+        sin=torch.zeros(2, 32),
+        k_cache=pool[:, 0, 0],
+        v_cache=pool[:, 0, 1],
+        block_tables=torch.zeros(2, 1, dtype=torch.int32),
+        context_lens=torch.ones(2, dtype=torch.int32),
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        scale=0.1,
+    )
     KERNELS.decode_attention(qkv, **args)  # well-formed
     with pytest.raises(ValueError, match="block_tables must be int32"):
         KERNELS.decode_attention(qkv, **{**args, "block_tables": torch.zeros(2, 1, dtype=torch.int64)})

@@ -15,9 +15,17 @@ from services.tiny_models import get_model
 
 def _engine(mirror_bytes: int) -> Engine:
     # the mirror serves the torch backend (the CPU kernels read the pool in place)
-    return Engine(get_model("llama"), EngineConfig(dtype="float32", device="cpu", block_size=16,
-                                                   kv_cache_bytes=64 << 20, cpu_decode_kv_mirror_bytes=mirror_bytes,
-                                                   backend="torch"))
+    return Engine(
+        get_model("llama"),
+        EngineConfig(
+            dtype="float32",
+            device="cpu",
+            block_size=16,
+            kv_cache_bytes=64 << 20,
+            cpu_decode_kv_mirror_bytes=mirror_bytes,
+            backend="torch",
+        ),
+    )
 
 
 def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
@@ -38,8 +46,10 @@ def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
                 if not pending:
                     break
                 i, prompt = pending.pop(0)
-                a, b = (Sequence.from_prompt(f"s{i}", list(prompt), SamplingParams(max_tokens=1000, temperature=0))
-                        for _ in range(2))
+                a, b = (
+                    Sequence.from_prompt(f"s{i}", list(prompt), SamplingParams(max_tokens=1000, temperature=0))
+                    for _ in range(2)
+                )
                 ta, tb = with_mirror.prefill([a])[0].token_id, without.prefill([b])[0].token_id
                 assert ta == tb
                 pairs[a.seq_id] = (a, b)
@@ -74,7 +84,7 @@ def test_attention_groups_bound_padding_and_cover_every_slot():
     for _ in range(200):
         lens = sorted((rng.randint(1, 2048) for _ in range(rng.randint(1, 64))), reverse=True)
         groups = attention_groups(lens)
-        assert [g[0] for g in groups][0] == 0 and groups[-1][1] == len(lens)
+        assert groups[0][0] == 0 and groups[-1][1] == len(lens)
         assert all(g[1] == h[0] for g, h in zip(groups, groups[1:]))
         assert all(span == max(lens[s:e]) for s, e, span in groups)
         padded = sum((e - s) * span for s, e, span in groups)

@@ -1,8 +1,9 @@
 """The engine against Hugging Face transformers, the correctness reference.
 
-For every supported architecture (and on CPU, through both the CPU kernels and the torch backend): 8 prompts prefilled as one packed batch, decoded as one
-continuous batch whose members leave at different steps while 2 more join mid-way, must give the
-same greedy tokens as `generate(do_sample=False)` per prompt, with logits within 1e-4 at every step.
+For every supported architecture (and on CPU, through both the CPU kernels and the torch backend):
+8 prompts prefilled as one packed batch, decoded as one continuous batch whose members leave at
+different steps while 2 more join mid-way, must give the same greedy tokens as
+`generate(do_sample=False)` per prompt, with logits within 1e-4 at every step.
 """
 
 import os
@@ -33,10 +34,13 @@ def _prompts(lengths, seed):
 
 def _reference(hf, prompt, max_tokens):
     out = hf.generate(
-        torch.tensor([prompt], device=DEVICE), do_sample=False, max_new_tokens=max_tokens,
-        output_logits=True, return_dict_in_generate=True,
+        torch.tensor([prompt], device=DEVICE),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    return out.sequences[0, len(prompt):].tolist(), [lg[0].cpu() for lg in out.logits]
+    return out.sequences[0, len(prompt) :].tolist(), [lg[0].cpu() for lg in out.logits]
 
 
 # On CPU both backends: pdserve's AVX-512 kernels (the default where they build) and the torch
@@ -51,16 +55,21 @@ def test_continuous_batch_matches_transformers(arch, backend):
         pytest.skip("the CPU kernels cannot be built here (test_cpu_kernels.py says why)")
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = Engine(model_dir, EngineConfig(dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20,
-                                            backend=backend))
+    engine = Engine(
+        model_dir, EngineConfig(dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend)
+    )
     assert engine.backend.name == backend
 
     first = _prompts(PROMPT_LENS, seed=1)
     joiners = _prompts(JOIN_LENS, seed=2)
-    seqs = [Sequence.from_prompt(f"a{i}", p, SamplingParams(max_tokens=m, temperature=0))
-            for i, (p, m) in enumerate(zip(first, MAX_TOKENS))]
-    late = [Sequence.from_prompt(f"b{i}", p, SamplingParams(max_tokens=m, temperature=0))
-            for i, (p, m) in enumerate(zip(joiners, JOIN_MAX_TOKENS))]
+    seqs = [
+        Sequence.from_prompt(f"a{i}", p, SamplingParams(max_tokens=m, temperature=0))
+        for i, (p, m) in enumerate(zip(first, MAX_TOKENS))
+    ]
+    late = [
+        Sequence.from_prompt(f"b{i}", p, SamplingParams(max_tokens=m, temperature=0))
+        for i, (p, m) in enumerate(zip(joiners, JOIN_MAX_TOKENS))
+    ]
     expected = {s.seq_id: _reference(hf, s.token_ids, s.sampling.max_tokens) for s in seqs + late}
 
     step_logits: dict[str, list[torch.Tensor]] = {s.seq_id: [] for s in seqs + late}

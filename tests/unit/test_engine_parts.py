@@ -50,15 +50,17 @@ def _copy_with_config(tmp_path, **changes):
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path):
     folder = _copy_with_config(tmp_path, model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
+    with pytest.raises(UnsupportedModelError, match=r"supported: .*llama"):
         ModelConfig.from_pretrained(folder)
 
 
 def test_unsupported_option_is_named(tmp_path):
     folder = _copy_with_config(tmp_path, hidden_act="gelu")
-    with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu'.*supported: 'silu'"):
+    with pytest.raises(UnsupportedModelError, match=r"hidden_act 'gelu'.*supported: 'silu'"):
         ModelConfig.from_pretrained(folder)
-    folder2 = _copy_with_config(tmp_path / "b", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    folder2 = _copy_with_config(
+        tmp_path / "b", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    )
     with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
         ModelConfig.from_pretrained(folder2)
 
@@ -70,7 +72,7 @@ def test_missing_weight_is_reported(tmp_path):
     weights = load_file(os.path.join(folder, "model.safetensors"))
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="missing weights for: layers.1.mlp.down_proj.weight"):
+    with pytest.raises(ValueError, match=r"missing weights for: layers\.1\.mlp\.down_proj\.weight"):
         Engine(folder, EngineConfig(kv_cache_bytes=2 << 20))
 
 
@@ -139,7 +141,9 @@ def test_engine_out_of_blocks_leaves_accounting_intact():
 
 
 def test_pool_is_shared_memory_another_process_can_map(tmp_path):
-    layout = KvLayout(num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", model_id="t")
+    layout = KvLayout(
+        num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", model_id="t"
+    )
     pool = KvPool.allocate(layout, "cpu")
     pool.tensor[3].normal_()
     assert pool.block_bytes_view().shape == (8, layout.block_bytes)
@@ -150,7 +154,10 @@ def test_pool_is_shared_memory_another_process_can_map(tmp_path):
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(layout.to_dict()), json.dumps(pool.descriptor)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert abs(float(out.stdout) - pool.tensor[3].float().sum().item()) < 1e-3
     assert bool((pool.tensor[5] == 2.0).all())  # the other process wrote into our blocks
@@ -161,7 +168,9 @@ def test_pool_is_shared_memory_another_process_can_map(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
 def test_cuda_pool_is_mappable_by_another_process_through_ipc():
-    layout = KvLayout(num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", model_id="t")
+    layout = KvLayout(
+        num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", model_id="t"
+    )
     pool = KvPool.allocate(layout, "cuda")
     pool.tensor[3].normal_()
     assert pool.descriptor["kind"] == "cuda_ipc"
@@ -172,7 +181,9 @@ def test_cuda_pool_is_mappable_by_another_process_through_ipc():
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(layout.to_dict()), json.dumps(pool.descriptor)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert abs(float(out.stdout) - pool.tensor[3].float().sum().item()) < 1e-2
@@ -184,8 +195,13 @@ def test_triton_kernels_match_torch_reference_in_interpreter():
     CPU interpreter since there is no GPU here, against the torch ops they replace."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "unit", "triton_interpreter_checks.py")],
-                         cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "unit", "triton_interpreter_checks.py")],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(results) == 15  # 1 attention + 7 fused checks x 2 dtypes
@@ -194,3 +210,70 @@ def test_triton_kernels_match_torch_reference_in_interpreter():
         # interpreter truncates float32 -> bfloat16 where GPUs (and torch) round to nearest.
         bound = 1e-5 * max(scale, 1.0) if "float32" in check else scale * 2.0**-5
         assert error <= bound, f"{check}: error {error} > {bound}"
+
+
+def test_tensor_parallel_linear_layers_split_a_checkpoint_as_megatron_does():
+    """Each rank's layer loads its part of the checkpoint tensors; the ranks together compute what
+    the whole layer computes: column-parallel outputs concatenate, row-parallel partial outputs sum
+    (the all-reduce), K/V heads are split or, past their number, replicated. Ranks are simulated in
+    one process (the engine runs one rank today; the layers' arithmetic is what is checked)."""
+    from services.engine.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+        TensorParallel,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+
+    def ranks(size, make, loads):
+        layers = [make(TensorParallel(rank=r, size=size)) for r in range(size)]
+        for layer in layers:
+            for name, tensor, shard in loads:
+                layer.load(name, tensor, shard)
+        return layers
+
+    def out(layer, x):
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    column = ranks(
+        4, lambda tp: ColumnParallelLinear(64, 96, bias=True, tp=tp), [("weight", w, None), ("bias", b, None)]
+    )
+    assert column[0].weight.shape == (24, 64)
+    torch.testing.assert_close(torch.cat([out(layer, x) for layer in column], dim=1), x @ w.T + b)
+
+    w2, b2 = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
+    row = ranks(4, lambda tp: RowParallelLinear(96, 64, bias=True, tp=tp), [("weight", w2, None), ("bias", b2, None)])
+    parts = [x_part @ layer.weight.T for layer, x_part in zip(row, (x @ w.T + b).chunk(4, dim=1))]
+    torch.testing.assert_close(sum(parts) + b2, (x @ w.T + b) @ w2.T + b2, atol=1e-4, rtol=1e-5)
+
+    gate, up = torch.randn(40, 64, generator=g), torch.randn(40, 64, generator=g)
+    merged = ranks(
+        2,
+        lambda tp: MergedColumnParallelLinear(64, [40, 40], bias=False, tp=tp),
+        [("weight", gate, 0), ("weight", up, 1)],
+    )
+    for r, layer in enumerate(merged):  # each rank: (its gate rows | its up rows)
+        torch.testing.assert_close(layer.weight, torch.cat([gate[r * 20 : (r + 1) * 20], up[r * 20 : (r + 1) * 20]]))
+
+    head_dim, heads, kv_heads = 8, 8, 2
+    q, k, v = (torch.randn(n * head_dim, 64, generator=g) for n in (heads, kv_heads, kv_heads))
+    for size in (2, 4):  # 4 ranks > 2 K/V heads: each K/V head on two ranks
+        qkv = ranks(
+            size,
+            lambda tp: QKVParallelLinear(64, head_dim, heads, kv_heads, bias=False, tp=tp),
+            [("weight", q, "q"), ("weight", k, "k"), ("weight", v, "v")],
+        )
+        for r, layer in enumerate(qkv):
+            local_q, local_kv = heads // size, max(1, kv_heads // size)
+            kv_head = r * kv_heads // size  # the K/V head of this rank's query heads
+            rows = local_q * head_dim
+            torch.testing.assert_close(layer.weight[:rows], q[r * rows : (r + 1) * rows])
+            kv_rows = slice(kv_head * head_dim, (kv_head + local_kv) * head_dim)
+            torch.testing.assert_close(layer.weight[rows : rows + local_kv * head_dim], k[kv_rows])
+            torch.testing.assert_close(layer.weight[rows + local_kv * head_dim :], v[kv_rows])
+    with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 3"):
+        ColumnParallelLinear(64, 96 + 1, bias=False, tp=TensorParallel(rank=0, size=3))

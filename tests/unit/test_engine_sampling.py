@@ -7,8 +7,8 @@ import torch
 
 from services.engine.config import EngineConfig, SamplingParams
 from services.engine.engine import Engine
-from services.engine.sequence import Sequence
 from services.engine.sampler import greedy_tokens, sample, uniform_noise
+from services.engine.sequence import Sequence
 from services.tiny_models import get_model
 
 
@@ -73,7 +73,9 @@ def test_greedy_and_logprob_of_chosen_token():
     expected = torch.log_softmax(logits, -1)[[0, 1], [1, 0]]
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(result.logprobs, expected.tolist()))
     # logprobs are opt-in per row; a random row's logprob is that of the token it drew
-    mixed = sample(logits, [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3, logprobs=True)], [0, 0])
+    mixed = sample(
+        logits, [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3, logprobs=True)], [0, 0]
+    )
     assert math.isnan(mixed.logprobs[0])
     assert math.isclose(mixed.logprobs[1], torch.log_softmax(logits[1], -1)[mixed.token_ids[1]].item(), rel_tol=1e-6)
 
@@ -92,7 +94,7 @@ def test_greedy_tokens_equal_argmax_including_ties(vocab):
 
 def test_noise_is_uniform_and_depends_on_seed_and_step():
     u = uniform_noise(torch.tensor([7, 7, 8]), torch.tensor([0, 1, 0]), 20000)
-    assert 0 < u.min() and u.max() < 1
+    assert u.min() > 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
 

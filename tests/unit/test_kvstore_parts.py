@@ -1,17 +1,16 @@
 """Unit tests of the kvstore's pure pieces: block runs, host-tier accounting, the entry table."""
 
 import asyncio
+import threading
 
 import grpc
 import pytest
 import torch
 
+from services.common.errors import ServiceError
 from services.engine.kv_cache import KvLayout, KvPool
-import threading
-
 from services.kvstore.block_runs import CopyStopped, contiguous_runs, copy_blocks
 from services.kvstore.daemon import copy_until_cancelled
-from services.common.errors import ServiceError
 from services.kvstore.entries import EntryTable
 from services.kvstore.host_tier import HostTier
 from services.kvstore.ucx_transfer import check_runs, split_host_port
@@ -28,7 +27,11 @@ def test_runs_are_contiguous_on_both_sides():
 
 
 def test_runs_split_at_the_size_cap():
-    assert contiguous_runs(list(range(10)), list(range(10)), block_bytes=100, max_run_bytes=400) == [(0, 4), (4, 4), (8, 2)]
+    assert contiguous_runs(list(range(10)), list(range(10)), block_bytes=100, max_run_bytes=400) == [
+        (0, 4),
+        (4, 4),
+        (8, 2),
+    ]
 
 
 def test_runs_need_equal_lengths():
@@ -144,15 +147,18 @@ def table_and_pool():
     pool.close()
 
 
-@pytest.mark.parametrize("kv_id, blocks, tokens, field", [
-    ("", [1], 4, "kv_id"),
-    ("x", [], 4, "block_ids"),
-    ("x", [16], 4, "block_ids"),      # out of range
-    ("x", [1, 1], 8, "block_ids"),    # twice
-    ("x", [1, 2], 4, "num_tokens"),   # 4 tokens fit one block
-    ("x", [1], 5, "num_tokens"),      # 5 tokens need two
-    ("x", [1], 0, "num_tokens"),
-])
+@pytest.mark.parametrize(
+    "kv_id, blocks, tokens, field",
+    [
+        ("", [1], 4, "kv_id"),
+        ("x", [], 4, "block_ids"),
+        ("x", [16], 4, "block_ids"),  # out of range
+        ("x", [1, 1], 8, "block_ids"),  # twice
+        ("x", [1, 2], 4, "num_tokens"),  # 4 tokens fit one block
+        ("x", [1], 5, "num_tokens"),  # 5 tokens need two
+        ("x", [1], 0, "num_tokens"),
+    ],
+)
 def test_publish_validates_and_names_the_field(table_and_pool, kv_id, blocks, tokens, field):
     table, record = table_and_pool
     with pytest.raises(ServiceError) as e:
@@ -242,8 +248,7 @@ def test_a_failed_move_to_the_host_tier_gives_its_bytes_back(monkeypatch):
 
     from services.kvstore import daemon as daemon_module
 
-    daemon = daemon_module.KvStoreDaemon(daemon_module.KvStoreConfig(node_id="n", ttl_seconds=0.0),
-                                         CollectorRegistry())
+    daemon = daemon_module.KvStoreDaemon(daemon_module.KvStoreConfig(node_id="n", ttl_seconds=0.0), CollectorRegistry())
     pool = KvPool.allocate(LAYOUT)
     record = daemon.table.add_pool("w", pool)
     daemon.table.publish(record.pool_id, "a", [1, 2], 8)

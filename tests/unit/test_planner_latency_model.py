@@ -4,11 +4,23 @@ import random
 import numpy as np
 import pytest
 
-from services.planner.analytic import (Parallelism, analytic_profile, decode_step_seconds,
-                                       kv_capacity_tokens, prefill_pass_seconds)
+from services.planner.analytic import (
+    Parallelism,
+    analytic_profile,
+    decode_step_seconds,
+    kv_capacity_tokens,
+    prefill_pass_seconds,
+)
 from services.planner.hardware import ClusterSpec, get_gpu, get_model_shape, shape_from_hf_config
-from services.planner.latency_model import (DecodeLatency, LatencyProfile, PrefillLatency, critical_batch_tokens,
-                                            fit_decode, fit_prefill, nonneg_lstsq)
+from services.planner.latency_model import (
+    DecodeLatency,
+    LatencyProfile,
+    PrefillLatency,
+    critical_batch_tokens,
+    fit_decode,
+    fit_prefill,
+    nonneg_lstsq,
+)
 
 TRUE_PREFILL = PrefillLatency(a=0.012, b=1.7e-4, c=2.5e-8)
 TRUE_DECODE = DecodeLatency(a=0.016, b=4e-7, c=9e-5)
@@ -36,7 +48,9 @@ def decode_samples(noise: float, seed: int = 0):
 
 def test_fit_recovers_exact_coefficients():
     prefill, quality = fit_prefill(prefill_samples(0.0))
-    assert (prefill.a, prefill.b, prefill.c) == pytest.approx((TRUE_PREFILL.a, TRUE_PREFILL.b, TRUE_PREFILL.c), rel=1e-6)
+    assert (prefill.a, prefill.b, prefill.c) == pytest.approx(
+        (TRUE_PREFILL.a, TRUE_PREFILL.b, TRUE_PREFILL.c), rel=1e-6
+    )
     assert quality["r2"] == pytest.approx(1.0)
     decode, _ = fit_decode(decode_samples(0.0))
     assert (decode.a, decode.b, decode.c) == pytest.approx((TRUE_DECODE.a, TRUE_DECODE.b, TRUE_DECODE.c), rel=1e-6)
@@ -86,8 +100,15 @@ def test_model_shapes():
     assert llama.kv_bytes_per_token == 2 * 40 * 5120 * 2
     assert 7.9e9 < get_model_shape("llama-3-8b").num_params() < 8.1e9
     assert 170e9 < get_model_shape("175b").num_params() < 180e9
-    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1024}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 1024,
+    }
     tiny = shape_from_hf_config(cfg)
     assert tiny.head_dim == 16 and tiny.num_kv_heads == 2
     with pytest.raises(ValueError):
@@ -95,10 +116,21 @@ def test_model_shapes():
 
 
 def test_model_shape_from_checkpoint_folder(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1000, "tie_word_embeddings": True,
-        "max_position_embeddings": 2048}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "hidden_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 256,
+                "vocab_size": 1000,
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 2048,
+            }
+        )
+    )
     shape = get_model_shape(str(tmp_path))
     assert (shape.num_layers, shape.num_kv_heads, shape.max_model_len) == (3, 2, 2048)
 
@@ -148,9 +180,10 @@ def test_memory_capacity():
 def test_step_log_refit_recovers_the_decode_model_clients_see(tmp_path):
     """A worker's step log (services/runtime/step_log.py) as a decode worker writes it: steps of a
     running batch, each followed by the worker's own work before the next (here 0.4 ms per
-    sequence of streaming), sequences joining and leaving, and idle gaps when the batch empties. The refit recovers the cost a client sees: engine step plus streaming, per step."""
-    from services.runtime.step_log import StepLog
+    sequence of streaming), sequences joining and leaving, and idle gaps when the batch empties.
+    The refit recovers the cost a client sees: engine step plus streaming, per step."""
     from services.planner.profile import refit_from_step_logs, step_log_samples
+    from services.runtime.step_log import StepLog
 
     streaming_per_seq = 4e-4
     seen = DecodeLatency(TRUE_DECODE.a, TRUE_DECODE.b, TRUE_DECODE.c + streaming_per_seq)
@@ -168,8 +201,17 @@ def test_step_log_refit_recovers_the_decode_model_clients_see(tmp_path):
             engine = TRUE_DECODE.step_time(batch, context) * (1 + rng.gauss(0, 0.02))
             contexts = [c + 1 for c in contexts]
             last = step == steps - 1 or rng.random() < 0.05
-            log.write({"t": t, "kind": "decode", "batch": batch, "context_tokens": context,
-                       "max_context": max(contexts), "running_after": 0 if last else batch, "seconds": engine})
+            log.write(
+                {
+                    "t": t,
+                    "kind": "decode",
+                    "batch": batch,
+                    "context_tokens": context,
+                    "max_context": max(contexts),
+                    "running_after": 0 if last else batch,
+                    "seconds": engine,
+                }
+            )
             t += engine + streaming_per_seq * batch
             if last:
                 break
@@ -177,8 +219,15 @@ def test_step_log_refit_recovers_the_decode_model_clients_see(tmp_path):
     log.close()
     _, decode = step_log_samples([json.loads(line) for line in path.read_text().splitlines()])
     assert len(decode) > 30
-    profile = LatencyProfile(prefill=TRUE_PREFILL, decode=DecodeLatency(1, 1, 1), kv_bytes_per_token=1,
-                             kv_capacity_tokens=1 << 20, block_size=16, max_batched_tokens=2048, max_num_seqs=256)
+    profile = LatencyProfile(
+        prefill=TRUE_PREFILL,
+        decode=DecodeLatency(1, 1, 1),
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=1 << 20,
+        block_size=16,
+        max_batched_tokens=2048,
+        max_num_seqs=256,
+    )
     refit = refit_from_step_logs(profile, [str(path)])
     for batch, context in ((1, 100), (8, 4000), (32, 20000), (48, 60000)):
         assert refit.decode.step_time(batch, context) == pytest.approx(seen.step_time(batch, context), rel=0.05)

@@ -14,18 +14,23 @@ standard error of 0.5% or less: 2% is then at least four standard errors.
 import numpy as np
 import pytest
 
-from services.planner.workload import TraceRequest, poisson_arrivals
 from services.planner.latency_model import DecodeLatency, LatencyProfile, PrefillLatency
 from services.planner.simulator import SimConfig, simulate
+from services.planner.workload import TraceRequest, poisson_arrivals
 
 D = 0.1  # seconds
 K = 1.5  # intra-op speedup
 
 
 def mean_ttft(service_s: float, pipeline: int, rate: float, n: int, seed: int) -> float:
-    profile = LatencyProfile(PrefillLatency(service_s, 0.0, 0.0), DecodeLatency(0.0, 0.0, 0.0),
-                             kv_bytes_per_token=1, kv_capacity_tokens=1 << 40, pipeline_parallel=pipeline,
-                             max_batched_tokens=1 << 30)
+    profile = LatencyProfile(
+        PrefillLatency(service_s, 0.0, 0.0),
+        DecodeLatency(0.0, 0.0, 0.0),
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=1 << 40,
+        pipeline_parallel=pipeline,
+        max_batched_tokens=1 << 30,
+    )
     trace = [TraceRequest(t, 1, 1) for t in poisson_arrivals(rate, n, seed)]
     config = SimConfig(prefill_profile=profile, num_prefill=1, num_decode=0, prefill_max_batch_size=1)
     return float(np.mean(simulate(config, trace).ttft_s))
@@ -69,8 +74,13 @@ def test_single_queue_is_exactly_lindleys_recursion():
     """No approximation in the simulator itself: with one-request batches, each TTFT is the
     waiting time of Lindley's recursion W_n = max(0, W_{n-1} + D - (A_n - A_{n-1})) plus D."""
     arrivals = poisson_arrivals(0.8 / D, 20_000, 9)
-    profile = LatencyProfile(PrefillLatency(D, 0.0, 0.0), DecodeLatency(0.0, 0.0, 0.0), kv_bytes_per_token=1,
-                             kv_capacity_tokens=1 << 40, max_batched_tokens=1 << 30)
+    profile = LatencyProfile(
+        PrefillLatency(D, 0.0, 0.0),
+        DecodeLatency(0.0, 0.0, 0.0),
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=1 << 40,
+        max_batched_tokens=1 << 30,
+    )
     config = SimConfig(prefill_profile=profile, num_prefill=1, num_decode=0, prefill_max_batch_size=1)
     ttft = simulate(config, [TraceRequest(t, 1, 1) for t in arrivals]).ttft_s
     free, expected = 0.0, []

@@ -21,6 +21,7 @@ CHATBOT_SLO = Slo(ttft_s=0.25, tpot_s=0.1)
 
 # ---- goodput binary search ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("guess", [0.01, 1.0, 7.3, 5000.0])
 def test_binary_search_finds_a_step_edge(guess):
     calls = []
@@ -48,9 +49,11 @@ def test_binary_search_edges():
 
 # ---- constraints --------------------------------------------------------------------------------
 
+
 def test_constraint_violations_are_named():
     problems = lambda tp, pp, model=MODEL_13B, cluster=A100_CLUSTER: " ".join(
-        parallel_config_problems(model, cluster, tp, pp))
+        parallel_config_problems(model, cluster, tp, pp)
+    )
     assert problems(2, 4) == ""
     assert "divide the 8 GPUs" in problems(3, 1)  # TP stays inside a node
     assert "layers are not divisible" in problems(1, 3)  # 40 layers
@@ -68,19 +71,33 @@ def test_candidate_degrees_respect_every_constraint():
     assert (1, 1) in degrees and (8, 4) in degrees and (3, 1) not in degrees
     for tp, pp in degrees:
         assert 8 % tp == 0 and MODEL_13B.num_heads % tp == 0 and MODEL_13B.num_layers % pp == 0
-        per_gpu = A100_CLUSTER.gpu.memory_bytes * A100_CLUSTER.memory_utilization - A100_CLUSTER.activation_reserve_bytes
+        per_gpu = (
+            A100_CLUSTER.gpu.memory_bytes * A100_CLUSTER.memory_utilization - A100_CLUSTER.activation_reserve_bytes
+        )
         assert MODEL_13B.weight_bytes / (tp * pp) < per_gpu
         assert kv_capacity_tokens(MODEL_13B, A100_CLUSTER, tp, pp) >= MODEL_13B.max_model_len
 
 
 # ---- the described cluster ----------------------------------------------------------------------
 
+
 def small_spec(**changes) -> SearchSpec:
     """4 nodes x 8 A100-80G, a 13B model, chatbot SLOs at 90%, with a smaller trace than the
     command line's default so the test stays quick (docs/planner.md has the full run)."""
-    spec = dict(model=MODEL_13B, cluster=A100_CLUSTER, slo=CHATBOT_SLO, attainment=0.9, workload="chat",
-                num_requests=300, min_duration_s=3.0, max_requests=2000, rel_tol=0.15, compare_colocated=False,
-                top_segments=2, workers=1)  # the CLI test covers the worker processes
+    spec = dict(
+        model=MODEL_13B,
+        cluster=A100_CLUSTER,
+        slo=CHATBOT_SLO,
+        attainment=0.9,
+        workload="chat",
+        num_requests=300,
+        min_duration_s=3.0,
+        max_requests=2000,
+        rel_tol=0.15,
+        compare_colocated=False,
+        top_segments=2,
+        workers=1,
+    )  # the CLI test covers the worker processes
     spec.update(changes)
     return SearchSpec(**spec)
 
@@ -160,16 +177,23 @@ def test_low_affinity_keeps_stage_pairs_on_one_node(low_plan):
 
 def test_search_for_a_target_rate_covers_it():
     cluster = ClusterSpec(1, 2, get_gpu("H100-80G"))
-    spec = small_spec(model=get_model_shape("llama-3-8b"), cluster=cluster, rate=10.0, num_requests=200,
-                      min_duration_s=3.0, max_requests=2000)
+    spec = small_spec(
+        model=get_model_shape("llama-3-8b"),
+        cluster=cluster,
+        rate=10.0,
+        num_requests=200,
+        min_duration_s=3.0,
+        max_requests=2000,
+    )
     plan = search(spec, progress=False)
     assert plan.rate == 10.0
     assert plan.num_prefill * plan.prefill.goodput >= 10.0 and plan.num_decode * plan.decode.goodput >= 10.0
     assert plan.gpus_used <= 2
     check_placement_model = get_model_shape("llama-3-8b")
     for choice in (plan.prefill, plan.decode):
-        assert not parallel_config_problems(check_placement_model, cluster, choice.tensor_parallel,
-                                            choice.pipeline_parallel)
+        assert not parallel_config_problems(
+            check_placement_model, cluster, choice.tensor_parallel, choice.pipeline_parallel
+        )
 
 
 def test_plan_files_and_helm_values(high_plan, low_plan, tmp_path):
@@ -180,7 +204,10 @@ def test_plan_files_and_helm_values(high_plan, low_plan, tmp_path):
     assert yaml.safe_load(open(paths["yaml"]))["prefill"]["replicas"] == plan.num_prefill
     values = yaml.safe_load(open(paths["helm"]))
     assert set(values) == {"global", "prefill", "decode", "router", "kvstore", "placement"}
-    for role, choice, replicas in (("prefill", plan.prefill, plan.num_prefill), ("decode", plan.decode, plan.num_decode)):
+    for role, choice, replicas in (
+        ("prefill", plan.prefill, plan.num_prefill),
+        ("decode", plan.decode, plan.num_decode),
+    ):
         v = values[role]
         assert v["replicaCount"] == replicas
         assert v["tensorParallel"] == choice.tensor_parallel and v["pipelineParallel"] == choice.pipeline_parallel

@@ -3,16 +3,32 @@ import random
 import numpy as np
 import pytest
 
-from services.planner.workload import TraceRequest, make_trace
 from services.planner.latency_model import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
 from services.planner.simulator import SimConfig, Slo, simulate
+from services.planner.workload import TraceRequest, make_trace
 
 
-def profile(prefill=(0.0, 0.0, 0.0), decode=(0.0, 0.0, 0.0), *, kv_tokens=1 << 30, kv_bytes=1000, pp=1,
-            budget=1 << 20, max_num_seqs=256, block_size=16) -> LatencyProfile:
-    return LatencyProfile(PrefillLatency(*prefill), DecodeLatency(*decode), kv_bytes_per_token=kv_bytes,
-                          kv_capacity_tokens=kv_tokens, block_size=block_size, max_batched_tokens=budget,
-                          max_num_seqs=max_num_seqs, pipeline_parallel=pp)
+def profile(
+    prefill=(0.0, 0.0, 0.0),
+    decode=(0.0, 0.0, 0.0),
+    *,
+    kv_tokens=1 << 30,
+    kv_bytes=1000,
+    pp=1,
+    budget=1 << 20,
+    max_num_seqs=256,
+    block_size=16,
+) -> LatencyProfile:
+    return LatencyProfile(
+        PrefillLatency(*prefill),
+        DecodeLatency(*decode),
+        kv_bytes_per_token=kv_bytes,
+        kv_capacity_tokens=kv_tokens,
+        block_size=block_size,
+        max_batched_tokens=budget,
+        max_num_seqs=max_num_seqs,
+        pipeline_parallel=pp,
+    )
 
 
 def reference_decode(trace, a, b, c, max_seqs):
@@ -42,8 +58,9 @@ def reference_decode(trace, a, b, c, max_seqs):
         for x in [x for x in running if x[2] == 0]:
             finish[x[0]] = t
             running.remove(x)
-    return np.array([(finish[k] - r.arrival_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
-                     for k, r in enumerate(trace)])
+    return np.array(
+        [(finish[k] - r.arrival_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0 for k, r in enumerate(trace)]
+    )
 
 
 @pytest.mark.parametrize("admission", ["reserve", "on_demand"])
@@ -54,8 +71,9 @@ def test_decode_runs_match_a_step_by_step_reference(admission):
         t += rng.expovariate(6.0)
         trace.append(TraceRequest(t, rng.randint(5, 300), rng.randint(1, 80)))
     a, b, c = 0.01, 1e-5, 1e-3
-    config = SimConfig(decode_profile=profile(decode=(a, b, c), max_num_seqs=16), num_prefill=0, num_decode=1,
-                       kv_admission=admission)
+    config = SimConfig(
+        decode_profile=profile(decode=(a, b, c), max_num_seqs=16), num_prefill=0, num_decode=1, kv_admission=admission
+    )
     result = simulate(config, trace)
     np.testing.assert_allclose(result.tpot_s, reference_decode(trace, a, b, c, 16), rtol=1e-9, atol=1e-12)
     assert result.preemptions.sum() == 0
@@ -63,8 +81,12 @@ def test_decode_runs_match_a_step_by_step_reference(admission):
 
 def test_one_request_through_every_stage():
     overheads = Overheads(dispatch_s=0.001, first_token_s=0.003, handoff_s=0.002)
-    config = SimConfig(prefill_profile=profile(prefill=(0.1, 0.0, 0.0)), decode_profile=profile(decode=(0.01, 0, 0)),
-                       transfer=TransferSpec(fixed_s=0.05, bytes_per_s=1e6), overheads=overheads)
+    config = SimConfig(
+        prefill_profile=profile(prefill=(0.1, 0.0, 0.0)),
+        decode_profile=profile(decode=(0.01, 0, 0)),
+        transfer=TransferSpec(fixed_s=0.05, bytes_per_s=1e6),
+        overheads=overheads,
+    )
     result = simulate(config, [TraceRequest(0.0, 100, 11)])
     # prefill 0.001 -> 0.101; first token at the client 0.104; decode queue at 0.103; KV of 100
     # tokens (100 kB at 1 MB/s) lands at 0.103 + 0.1 + 0.05; ten steps of 10 ms; + 3 ms to the client.
@@ -79,17 +101,25 @@ def test_prefill_batches_up_to_the_token_budget():
     # An idle instance starts on the first arrival at once (alone); the rest batch behind it.
     pairs = simulate(SimConfig(prefill_profile=profile(prefill=(0.01, 1e-3, 0), budget=130), num_decode=0), trace)
     assert sorted(pairs.ttft_s) == pytest.approx([0.07, 0.20, 0.20, 0.27])
-    capped = simulate(SimConfig(prefill_profile=profile(prefill=(0.01, 1e-3, 0), budget=1000), num_decode=0,
-                                prefill_max_batch_size=3), trace)
+    capped = simulate(
+        SimConfig(
+            prefill_profile=profile(prefill=(0.01, 1e-3, 0), budget=1000), num_decode=0, prefill_max_batch_size=3
+        ),
+        trace,
+    )
     assert sorted(capped.ttft_s) == pytest.approx([0.07, 0.26, 0.26, 0.26])
 
 
 def test_prefill_memory_holds_kv_until_decode_pulls_it():
     trace = [TraceRequest(0.001 * i, 32, 50) for i in range(6)]
     slow_decode = profile(decode=(0.02, 0, 0), max_num_seqs=1)
-    roomy = simulate(SimConfig(prefill_profile=profile(prefill=(0.01, 0, 0), budget=32), decode_profile=slow_decode), trace)
-    tight = simulate(SimConfig(prefill_profile=profile(prefill=(0.01, 0, 0), budget=32, kv_tokens=64),
-                               decode_profile=slow_decode), trace)
+    roomy = simulate(
+        SimConfig(prefill_profile=profile(prefill=(0.01, 0, 0), budget=32), decode_profile=slow_decode), trace
+    )
+    tight = simulate(
+        SimConfig(prefill_profile=profile(prefill=(0.01, 0, 0), budget=32, kv_tokens=64), decode_profile=slow_decode),
+        trace,
+    )
     # The first is pulled at once; the next two wait in the prefill pool (full: 4 blocks) for the
     # busy decode worker, so the fourth cannot even start its prefill until one is pulled.
     assert roomy.ttft_s.max() < 0.1
@@ -158,7 +188,14 @@ def test_attainment_and_early_stop():
     summary = full.summary()
     assert summary["ttft_attainment"] == full.attainment and summary["tpot_attainment"] == 1.0
     rows = full.to_json()["requests"]
-    assert len(rows) == 2000 and set(rows[0]) == {"arrival_s", "prompt_tokens", "output_tokens", "ttft_s", "tpot_s", "ok"}
+    assert len(rows) == 2000 and set(rows[0]) == {
+        "arrival_s",
+        "prompt_tokens",
+        "output_tokens",
+        "ttft_s",
+        "tpot_s",
+        "ok",
+    }
 
 
 def reference_worker(trace, a, b, c, pa, pb, max_seqs, total_blocks, bs, colocated, budget=1 << 30):
@@ -204,7 +241,7 @@ def reference_worker(trace, a, b, c, pa, pb, max_seqs, total_blocks, bs, colocat
         while waiting and len(running) + len(batch) < max_seqs:
             k = waiting[0]
             n = P[k] + gen[k]
-            if batch and tokens + n > budget or blocks + cdiv(n) > free - reserve:
+            if (batch and tokens + n > budget) or blocks + cdiv(n) > free - reserve:
                 break
             batch.append(waiting.pop(0))
             tokens, blocks = tokens + n, blocks + cdiv(n)
@@ -241,8 +278,9 @@ def reference_worker(trace, a, b, c, pa, pb, max_seqs, total_blocks, bs, colocat
         elif i < len(order):
             t = max(t, trace[order[i]].arrival_s)
     ttft = np.array([first[k] - r.arrival_s for k, r in enumerate(trace)])
-    tpot = np.array([(finish[k] - first[k]) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
-                     for k, r in enumerate(trace)])
+    tpot = np.array(
+        [(finish[k] - first[k]) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0 for k, r in enumerate(trace)]
+    )
     return ttft, tpot, np.array(preemptions)
 
 
@@ -269,8 +307,9 @@ def test_decode_worker_under_memory_pressure_matches_a_step_by_step_reference():
 def test_colocated_worker_matches_a_step_by_step_reference():
     trace = busy_trace(4, 300, 6.0, 200, 60)
     a, b, c, pa, pb, bs, blocks = 0.01, 1e-5, 1e-3, 0.004, 1e-4, 16, 64
-    p = profile(prefill=(pa, pb, 0), decode=(a, b, c), kv_tokens=blocks * bs, block_size=bs, max_num_seqs=10,
-                budget=400)
+    p = profile(
+        prefill=(pa, pb, 0), decode=(a, b, c), kv_tokens=blocks * bs, block_size=bs, max_num_seqs=10, budget=400
+    )
     result = simulate(SimConfig(mode="colocated", colocated_profile=p), trace)
     ttft, tpot, preemptions = reference_worker(trace, a, b, c, pa, pb, 10, blocks, bs, colocated=True, budget=400)
     assert preemptions.sum() > 5

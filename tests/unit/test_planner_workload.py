@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
-from services.planner.workload import (WORKLOADS, TraceRequest, gamma_arrivals, make_trace, poisson_arrivals, read_trace,
-                                   rescale_rate, write_trace)
+from services.planner.workload import (
+    WORKLOADS,
+    TraceRequest,
+    gamma_arrivals,
+    make_trace,
+    poisson_arrivals,
+    read_trace,
+    rescale_rate,
+    write_trace,
+)
 
 
 def test_round_trip(tmp_path):
@@ -19,7 +27,7 @@ def test_round_trip(tmp_path):
 def test_missing_field_is_reported(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"arrival_s": 1.0, "prompt_tokens": 3}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         read_trace(str(path))
 
 
@@ -42,8 +50,11 @@ def test_rates_share_requests_and_prefixes_are_stable():
 
 def test_poisson_and_gamma_rates_and_burstiness():
     rate, n = 5.0, 50_000
-    for arrivals, cv in ((poisson_arrivals(rate, n, 0), 1.0), (gamma_arrivals(rate, 3.0, n, 0), 3.0),
-                         (gamma_arrivals(rate, 0.5, n, 0), 0.5)):
+    for arrivals, cv in (
+        (poisson_arrivals(rate, n, 0), 1.0),
+        (gamma_arrivals(rate, 3.0, n, 0), 3.0),
+        (gamma_arrivals(rate, 0.5, n, 0), 0.5),
+    ):
         gaps = np.diff([0.0] + arrivals)
         assert gaps.mean() == pytest.approx(1 / rate, rel=0.05)
         assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.08)

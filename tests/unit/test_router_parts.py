@@ -7,9 +7,9 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
 from services.common.flags import FlagParser
-from services.tiny_models import get_model
 from services.router.detokenizer import IncrementalDetokenizer
 from services.router.slo import RequestTimer, SloTracker
+from services.tiny_models import get_model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_slo_accounting_per_request_targets():
     registry = CollectorRegistry()
     slo = SloTracker(registry, ttft_slo=0.25, tpot_slo=0.1, window_seconds=60)
     fast, slow_tpot = RequestTimer(arrived=0.0), RequestTimer(arrived=0.0)
-    for i, t in enumerate([0.1, 0.15, 0.2]):
+    for t in [0.1, 0.15, 0.2]:
         fast.tokens(1, now=t)
     for t in [0.2, 0.5, 0.8]:
         slow_tpot.tokens(1, now=t)
@@ -85,7 +85,7 @@ def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
     from services.router.server import RouterService
 
     class BrokenRegistry:
-        roles = {"prefill", "decode"}
+        roles = frozenset({"prefill", "decode"})
 
         def eligible(self, role):
             raise RuntimeError("registry bug")

@@ -14,7 +14,9 @@ from services.tiny_models import get_model
 
 def _prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 1024, (int(torch.randint(4, 60, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(3, 1024, (int(torch.randint(4, 60, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def _step(scheduler, engine):
@@ -37,8 +39,10 @@ def _run(scheduler, engine, seqs):
 
 def test_preemption_under_memory_pressure_gives_the_same_tokens():
     model = get_model("llama")
-    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)]
+    params = [
+        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+    ]
     prompts = _prompts(12)
 
     def seqs():

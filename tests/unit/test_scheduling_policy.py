@@ -12,7 +12,11 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig, SamplingParams
 from services.engine.engine import Engine
 from services.engine.scheduler import (
-    AbortOutcome, BatchScheduler, DecodeScheduler, PrefillScheduler, StepKind,
+    AbortOutcome,
+    BatchScheduler,
+    DecodeScheduler,
+    PrefillScheduler,
+    StepKind,
 )
 from services.engine.sequence import Sequence, SequenceStatus
 from services.tiny_models import get_model
@@ -23,8 +27,12 @@ BLOCK = 16
 def _seq(name: str, context: int, max_tokens: int = 4) -> Sequence:
     """A request as a decode worker receives it: `context` tokens, the last one still to be fed."""
     tokens = [5 + i % 50 for i in range(context)]
-    return Sequence(seq_id=name, token_ids=tokens, num_prompt_tokens=context - 1,
-                    sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return Sequence(
+        seq_id=name,
+        token_ids=tokens,
+        num_prompt_tokens=context - 1,
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +203,9 @@ def test_aborting_a_request_wherever_it_is():
 def test_prefill_batches_from_one_queue_under_the_token_budget_and_the_free_blocks():
     blocks = BlockManager(12, BLOCK)
     scheduler = PrefillScheduler(blocks, max_num_batched_tokens=64, max_num_seqs=8)
-    a, b, c, d = (Sequence.from_prompt(n, [5] * k, SamplingParams()) for n, k in
-                  (("a", 30), ("b", 30), ("c", 150), ("d", 10)))
+    a, b, c, d = (
+        Sequence.from_prompt(n, [5] * k, SamplingParams()) for n, k in (("a", 30), ("b", 30), ("c", 150), ("d", 10))
+    )
     for seq in (a, b, c, d):
         scheduler.add(seq)
     assert scheduler.queued_tokens == 220 and scheduler.has_work()
@@ -218,8 +227,9 @@ def test_prefill_batches_from_one_queue_under_the_token_budget_and_the_free_bloc
 def test_a_failed_step_frees_its_own_sequences_and_no_others(model_dir):
     engine = _engine(model_dir, num_blocks=64, max_model_len=256)
     scheduler = BatchScheduler(engine.block_manager, max_num_seqs=8, max_num_batched_tokens=4096)
-    first = [Sequence.from_prompt(f"r{i}", [7] * (20 + i), SamplingParams(max_tokens=50, ignore_eos=True))
-             for i in range(3)]
+    first = [
+        Sequence.from_prompt(f"r{i}", [7] * (20 + i), SamplingParams(max_tokens=50, ignore_eos=True)) for i in range(3)
+    ]
     for seq in first:
         scheduler.add_prompt(seq)
     _step(scheduler, engine)  # prefill: all three running

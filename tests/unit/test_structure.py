@@ -15,8 +15,13 @@ def test_the_router_imports_no_torch():
     """Its image has no torch (tests/deploy/test_dockerfiles.py); `--help` imports what serving
     imports at the top of every router module, and neither torch nor transformers (which would
     import torch when it is installed) is among them."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "services.router", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "services.router", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "services.router.server" in imported and "services.engine.config" in imported  # the check sees them
@@ -32,8 +37,13 @@ def _imports(path: str, module: str, modules: set[str]) -> set[str]:
     """The project modules `module` imports anywhere in its body (function-level imports included),
     except those under `if TYPE_CHECKING:` (never executed)."""
     tree = ast.parse(open(path).read())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
-               for child in node.body for n in ast.walk(child)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+        for child in node.body
+        for n in ast.walk(child)
+    }
     is_package = path.endswith("__init__.py")
     found = set()
     for node in ast.walk(tree):
@@ -70,7 +80,7 @@ def test_no_import_cycles_between_the_services_modules():
         state[module] = "open"
         for dep in sorted(graph[module]):
             if state.get(dep) == "open":
-                cycle = path[path.index(dep):] + [dep]
+                cycle = path[path.index(dep) :] + [dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep, path + [dep])

@@ -25,11 +25,11 @@ def check_paged_attention():
         perm, tables, used = torch.randperm(40), torch.zeros(5, 13, dtype=torch.int32), 0
         for b in range(5):
             n = -(-int(ctx[b]) // bs)
-            tables[b, :n] = perm[used:used + n]
+            tables[b, :n] = perm[used : used + n]
             used += n
         q = torch.randn(5, heads, dim)
-        out = paged_decode_attention(q, k, v, tables, ctx, dim ** -0.5)
-        ref = decode_attention(q, k, v, tables, ctx, int(ctx.max()), dim ** -0.5)
+        out = paged_decode_attention(q, k, v, tables, ctx, dim**-0.5)
+        ref = decode_attention(q, k, v, tables, ctx, int(ctx.max()), dim**-0.5)
         worst = max(worst, (out - ref).abs().max().item())
     return {"paged_attention float32": (worst, 1.0)}
 
@@ -61,7 +61,7 @@ def check_fused():
         positions = torch.tensor([0, 1, 2, 3, 10, 11, 50])
         slots = torch.tensor([4, 5, 6, 7, 20, 21, 33])
         cos, sin = torch.randn(64, dim), torch.randn(64, dim)
-        cos[:, dim // 2:], sin[:, dim // 2:] = cos[:, : dim // 2], sin[:, : dim // 2]
+        cos[:, dim // 2 :], sin[:, dim // 2 :] = cos[:, : dim // 2], sin[:, : dim // 2]
         pool = torch.zeros(12, 2, 2, block_size, kv_heads, dim, dtype=dtype)
         pool_ref = pool.clone()
         c, s = cos[positions].to(dtype), sin[positions].to(dtype)

@@ -39,19 +39,23 @@ def choose_backend(config: EngineConfig, head_dim: int) -> str:
         raise ValueError("backend 'triton' needs a CUDA device")
     if name == "cpu-kernels":
         if device.type != "cpu" or config.dtype != "float32" or head_dim % 16:
-            raise ValueError(f"backend 'cpu-kernels' needs float32 on the CPU and head_dim a multiple of 16 "
-                             f"(this is {config.dtype} on {config.device}, head_dim {head_dim})")
+            raise ValueError(
+                f"backend 'cpu-kernels' needs float32 on the CPU and head_dim a multiple of 16 "
+                f"(this is {config.dtype} on {config.device}, head_dim {head_dim})"
+            )
         if cpu.load() is None:
             raise ValueError(f"backend 'cpu-kernels' cannot run here: {cpu.unavailable_reason() or 'see the log'}")
     return name
 
 
-def select_backend(config: EngineConfig, model_config: ModelConfig, rotary: RotaryEmbedding,
-                   shape: AttentionShape) -> Backend:
+def select_backend(
+    config: EngineConfig, model_config: ModelConfig, rotary: RotaryEmbedding, shape: AttentionShape
+) -> Backend:
     name = choose_backend(config, model_config.head_dim)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    common = dict(num_layers=model_config.num_layers, block_size=config.block_size,
-                  mirror_bytes=config.cpu_decode_kv_mirror_bytes)
+    common = dict(
+        num_layers=model_config.num_layers, block_size=config.block_size, mirror_bytes=config.cpu_decode_kv_mirror_bytes
+    )
     if name == "cpu-kernels":
         kernels = cpu.load()
         assert kernels is not None

@@ -78,8 +78,9 @@ class Backend(ABC):
         """The kernel a linear layer runs with these (loaded) weights; it may keep them in another layout."""
 
     @abstractmethod
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
-                     norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); with residual None, (norm(x), x). May update residual in place."""
 
     @abstractmethod
@@ -87,8 +88,9 @@ class Backend(ABC):
         """SiLU(gate) * up of gate_up [T, 2I] = (gate | up)."""
 
     @abstractmethod
-    def attention(self, layer: int, qkv: torch.Tensor, meta: Metadata, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor) -> torch.Tensor:
+    def attention(
+        self, layer: int, qkv: torch.Tensor, meta: Metadata, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         """qkv [T, (H + 2*KVH) * D] of one layer -> attention output [T, H * D]: RoPE on q and k,
         this step's K/V written to the layer's pool views, attention over each sequence's context."""
 

@@ -69,8 +69,19 @@ class CpuKernelBackend(TorchBackend):
         if not isinstance(meta, KernelDecodeMetadata):
             return super().attention(layer, qkv, meta, k_cache, v_cache)  # prefill
         s = self.shape
-        return self.kernels.decode_attention(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.block_tables,
-                                             meta.context_lens, s.num_heads, s.num_kv_heads, s.head_dim, s.scale)
+        return self.kernels.decode_attention(
+            qkv,
+            meta.cos,
+            meta.sin,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.scale,
+        )
 
     def decode_metadata(self, inputs: StepInputs) -> KernelDecodeMetadata:  # type: ignore[override]
         assert inputs.block_tables is not None and inputs.context_lens is not None

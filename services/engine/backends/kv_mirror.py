@@ -29,6 +29,7 @@ The measurements behind these choices are in docs/engine.md.
 from __future__ import annotations
 
 import torch
+
 from services.common.arith import ceil_div
 
 
@@ -46,7 +47,15 @@ class DecodeKvMirror:
         self.groups: list[tuple[int, int, int]] = []  # this step's attention groups (attention_groups)
 
     def _bytes(self, slots: int, capacity: int) -> int:
-        return 2 * self.num_layers * self.kv_heads * slots * capacity * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            2
+            * self.num_layers
+            * self.kv_heads
+            * slots
+            * capacity
+            * self.head_dim
+            * torch.empty((), dtype=self.dtype).element_size()
+        )
 
     def clear(self) -> None:
         self.seq_ids, self.lengths, self.caches = [], [], []
@@ -122,7 +131,8 @@ class DecodeKvMirror:
                 new[:, :, : old.shape[2], : old.shape[3]] = old
             return new
 
-        self.caches = [grown(old) for old in (self.caches or [None] * self.num_layers)]
+        olds: list[torch.Tensor | None] = list(self.caches) or [None] * self.num_layers
+        self.caches = [grown(old) for old in olds]
 
     def begin_step(self, context_lens: list[int]) -> None:
         """Index tensors of this step's new tokens and the attention groups, shared by every layer."""
@@ -151,6 +161,7 @@ class DecodeKvMirror:
         self._catch_up(layer, k_cache, v_cache, block_tables, context_lens)
         cache = self.caches[layer]
         batch = len(context_lens)
+        assert self._step_kv is not None, "begin_step first"
         step_kv = self._step_kv[:, layer]  # [B, 2, kv_heads, head_dim]
         step_kv[:, 0] = k_new
         step_kv[:, 1] = v_new
@@ -164,13 +175,15 @@ class DecodeKvMirror:
             return attend(q, k, v, mask, scale)
         out = torch.empty_like(q)
         for start, end, span in self.groups:
-            out[start:end] = attend(q[start:end], k[start:end, :, :span], v[start:end, :, :span],
-                                    mask[start:end, :, :, :span], scale)
+            out[start:end] = attend(
+                q[start:end], k[start:end, :, :span], v[start:end, :, :span], mask[start:end, :, :, :span], scale
+            )
         return out
 
     def write_step_to_pool(self, pool: torch.Tensor, slot_blocks: torch.Tensor, slot_rows: torch.Tensor) -> None:
         """Scatters this step's K/V of every layer into the paged pool
         [blocks, layers, 2, block_size, kv_heads, head_dim] (one index_put for the whole step)."""
+        assert self._step_kv is not None, "begin_step first"
         pool[slot_blocks, :, :, slot_rows] = self._step_kv
         self._step_kv = None
 

@@ -68,8 +68,17 @@ class TorchDecodeMetadata(Metadata):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, shape: AttentionShape, rotary: RotaryEmbedding, device: torch.device, dtype: torch.dtype,
-                 *, num_layers: int, block_size: int, mirror_bytes: int):
+    def __init__(
+        self,
+        shape: AttentionShape,
+        rotary: RotaryEmbedding,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        num_layers: int,
+        block_size: int,
+        mirror_bytes: int,
+    ):
         super().__init__(shape, rotary, device, dtype)
         self.block_size = block_size
         self.mirror = None
@@ -78,8 +87,11 @@ class TorchBackend(Backend):
 
     # ---- operations -------------------------------------------------------------------------------
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
-        if self.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
-                torch.backends.mkldnn.is_available():
+        if (
+            self.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+        ):
             return OneDnnLinear(weight, bias)
         return TorchLinear(weight, bias)
 
@@ -104,13 +116,15 @@ class TorchBackend(Backend):
             out = prefill_attention(q, k, v, meta.cu_seqlens, s.scale)
         elif meta.mirrored:
             assert self.mirror is not None and meta.mask is not None
-            k_dense, v_dense = self.mirror.views(layer, k_cache, v_cache, meta.block_tables, k, v,
-                                                 meta.context_lens_list)
+            k_dense, v_dense = self.mirror.views(
+                layer, k_cache, v_cache, meta.block_tables, k, v, meta.context_lens_list
+            )
             out = self.mirror.attention(q, k_dense, v_dense, meta.mask, s.scale, dense_decode_attention)
         else:
             write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_rows)
-            out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                   max(meta.context_lens_list), s.scale)
+            out = decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, max(meta.context_lens_list), s.scale
+            )
         return out.reshape(tokens, s.q_size)
 
     # ---- per step ---------------------------------------------------------------------------------
@@ -141,8 +155,17 @@ class TorchBackend(Backend):
             assert self.mirror is not None
             mask = context_mask(inputs.context_lens, max(lens))
             self.mirror.begin_step(lens)
-        return TorchDecodeMetadata(False, cos, sin, *self._slots(inputs.slot_mapping), inputs.block_tables,
-                                   inputs.context_lens, lens, mirrored, mask)
+        return TorchDecodeMetadata(
+            False,
+            cos,
+            sin,
+            *self._slots(inputs.slot_mapping),
+            inputs.block_tables,
+            inputs.context_lens,
+            lens,
+            mirrored,
+            mask,
+        )
 
     def end_step(self, meta: Metadata, kv_pool: KvPool) -> None:
         if isinstance(meta, TorchDecodeMetadata) and meta.mirrored:
@@ -157,14 +180,22 @@ class TorchBackend(Backend):
 
 
 # ---- the reference operations, also what other backends are tested against ----------------------
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             blocks: torch.Tensor, rows: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
     """Scatters K/V of T tokens [T, kv_heads, head_dim] into (block, row) slots."""
     k_cache.index_put_((blocks, rows), k)
     v_cache.index_put_((blocks, rows), v)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
+) -> torch.Tensor:
     """Causal attention within each packed prompt. q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
@@ -177,8 +208,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, max_context_len: int, scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+) -> torch.Tensor:
     """One query per sequence against its paged context. q [B, H, D] -> [B, H, D].
 
     The blocks are gathered with index_select along the block dimension of a head-major view of

@@ -51,8 +51,9 @@ class TritonBackend(TorchBackend):
         q = qkv[:, : s.q_size].view(tokens, s.num_heads, s.head_dim)
         k = qkv[:, s.q_size : s.q_size + s.kv_size].view(tokens, s.num_kv_heads, s.head_dim)
         v = qkv[:, s.q_size + s.kv_size :].view(tokens, s.num_kv_heads, s.head_dim)
-        rope_and_write_kv(q, k, v, self.rotary.cos, self.rotary.sin, meta.positions, meta.slot_mapping,
-                          k_cache, v_cache)  # q and k rotated in place
+        rope_and_write_kv(
+            q, k, v, self.rotary.cos, self.rotary.sin, meta.positions, meta.slot_mapping, k_cache, v_cache
+        )  # q and k rotated in place
         if meta.is_prefill:
             assert meta.cu_seqlens is not None
             out = prefill_attention(q, k, v, meta.cu_seqlens, s.scale)
@@ -65,5 +66,10 @@ class TritonBackend(TorchBackend):
         return TritonMetadata(True, inputs.positions, inputs.slot_mapping, cu_seqlens=inputs.cu_seqlens)
 
     def decode_metadata(self, inputs: StepInputs) -> TritonMetadata:  # type: ignore[override]
-        return TritonMetadata(False, inputs.positions, inputs.slot_mapping, block_tables=inputs.block_tables,
-                              context_lens=inputs.context_lens)
+        return TritonMetadata(
+            False,
+            inputs.positions,
+            inputs.slot_mapping,
+            block_tables=inputs.block_tables,
+            context_lens=inputs.context_lens,
+        )

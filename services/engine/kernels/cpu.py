@@ -58,8 +58,12 @@ TILE = 16  # output columns per packed weight tile
 
 # ---- the interface, read from cpu_kernels.h ------------------------------------------------------
 _C_TYPES = {
-    "float*": ctypes.c_void_p, "const float*": ctypes.c_void_p, "const int32_t*": ctypes.c_void_p,
-    "int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float,
+    "float*": ctypes.c_void_p,
+    "const float*": ctypes.c_void_p,
+    "const int32_t*": ctypes.c_void_p,
+    "int64_t": ctypes.c_int64,
+    "int32_t": ctypes.c_int32,
+    "float": ctypes.c_float,
 }
 _STRUCT = re.compile(r"struct (pd_\w+_args) \{(.*?)\};", re.S)
 _FIELD = re.compile(r"^\s*((?:const )?\w+\*?)\s+(\w+);", re.M)
@@ -74,7 +78,9 @@ def read_header(text: str) -> tuple[dict[str, type[ctypes.Structure]], dict[str,
         fields = []
         for c_type, field in _FIELD.findall(body):
             if c_type not in _C_TYPES:
-                raise ValueError(f"cpu_kernels.h: {name}.{field} has type {c_type!r}; cpu.py maps {', '.join(_C_TYPES)}")
+                raise ValueError(
+                    f"cpu_kernels.h: {name}.{field} has type {c_type!r}; cpu.py maps {', '.join(_C_TYPES)}"
+                )
             fields.append((field, _C_TYPES[c_type]))
         structs[name] = type(name, (ctypes.Structure,), {"_fields_": fields})
     return structs, {name: int(value) for name, value in _DEFINE.findall(text)}
@@ -91,8 +97,10 @@ def _fail(message: str) -> None:
 def _check_rows(name: str, t: torch.Tensor, width: int | None = None) -> None:
     """float32 [rows, columns] with contiguous rows (and `width` columns)."""
     if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or (width is not None and t.shape[1] != width):
-        _fail(f"{name} must be float32 [rows, {width or 'columns'}] with contiguous rows, got {t.dtype} "
-              f"{tuple(t.shape)} strides {t.stride()}")
+        _fail(
+            f"{name} must be float32 [rows, {width or 'columns'}] with contiguous rows, got {t.dtype} "
+            f"{tuple(t.shape)} strides {t.stride()}"
+        )
 
 
 class CpuKernels:
@@ -101,9 +109,12 @@ class CpuKernels:
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
         self._fns = {}
-        for fn_name, struct_name in (("pd_linear", "pd_linear_args"), ("pd_add_rms_norm", "pd_add_rms_norm_args"),
-                                     ("pd_silu_mul", "pd_silu_mul_args"),
-                                     ("pd_decode_attention", "pd_decode_attention_args")):
+        for fn_name, struct_name in (
+            ("pd_linear", "pd_linear_args"),
+            ("pd_add_rms_norm", "pd_add_rms_norm_args"),
+            ("pd_silu_mul", "pd_silu_mul_args"),
+            ("pd_decode_attention", "pd_decode_attention_args"),
+        ):
             fn = getattr(lib, fn_name)
             fn.argtypes, fn.restype = [ctypes.POINTER(_ARGS[struct_name])], None
             self._fns[fn_name] = fn
@@ -127,7 +138,9 @@ class CpuKernels:
         padded[:n] = weight.detach().float()
         return padded.view(tiles, TILE, k).transpose(1, 2).contiguous()
 
-    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """x [M, K] -> [M, out_features] with the weight packed by pack_linear."""
         if x.stride(-1) != 1:
             x = x.contiguous()
@@ -138,13 +151,23 @@ class CpuKernels:
         if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
             _fail(f"bias must be float32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
         y = torch.empty(rows, out_features, dtype=torch.float32)
-        self._call("pd_linear", x=x.data_ptr(), x_stride=x.stride(0), rows=rows, k=k, packed=packed.data_ptr(),
-                   n=out_features, bias=None if bias is None else bias.data_ptr(), y=y.data_ptr(),
-                   threads=torch.get_num_threads())
+        self._call(
+            "pd_linear",
+            x=x.data_ptr(),
+            x_stride=x.stride(0),
+            rows=rows,
+            k=k,
+            packed=packed.data_ptr(),
+            n=out_features,
+            bias=None if bias is None else bias.data_ptr(),
+            y=y.data_ptr(),
+            threads=torch.get_num_threads(),
+        )
         return y
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(x + residual), x + residual), the sum written into `residual` in place; with
         residual None, (RMSNorm(x), x)."""
         _check_rows("x", x)
@@ -153,8 +176,16 @@ class CpuKernels:
         if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
             _fail(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}")
         out = torch.empty_like(x)
-        self._call("pd_add_rms_norm", x=x.data_ptr(), residual=None if residual is None else residual.data_ptr(),
-                   weight=weight.data_ptr(), out=out.data_ptr(), rows=x.shape[0], hidden=x.shape[1], eps=eps)
+        self._call(
+            "pd_add_rms_norm",
+            x=x.data_ptr(),
+            residual=None if residual is None else residual.data_ptr(),
+            weight=weight.data_ptr(),
+            out=out.data_ptr(),
+            rows=x.shape[0],
+            hidden=x.shape[1],
+            eps=eps,
+        )
         return out, (x if residual is None else residual)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -167,9 +198,20 @@ class CpuKernels:
         self._call("pd_silu_mul", gate_up=gate_up.data_ptr(), out=out.data_ptr(), rows=rows, width=width)
         return out
 
-    def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                         num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    def decode_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+    ) -> torch.Tensor:
         """One layer's decode attention over the paged pool (cpu_kernels.h): RoPE on q and k in
         place in qkv [B, (H + 2*KVH) * D], this step's K/V written at position context_lens[b]-1,
         attention over [0, context_lens[b]). k_cache/v_cache: the layer's
@@ -178,28 +220,65 @@ class CpuKernels:
         batch = qkv.shape[0]
         _check_rows("qkv", qkv, (num_heads + 2 * num_kv_heads) * head_dim)
         if head_dim % 16 or num_heads % num_kv_heads:
-            _fail(f"head_dim must be a multiple of 16 and heads of kv_heads, got {head_dim}, {num_heads}/{num_kv_heads}")
-        if (cos.shape != (batch, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32
-                or sin.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+            _fail(
+                f"head_dim must be a multiple of 16 and heads of kv_heads, got {head_dim}, {num_heads}/{num_kv_heads}"
+            )
+        if (
+            cos.shape != (batch, head_dim)
+            or sin.shape != cos.shape
+            or cos.dtype != torch.float32
+            or sin.dtype != torch.float32
+            or not cos.is_contiguous()
+            or not sin.is_contiguous()
+        ):
             _fail(f"cos/sin must be contiguous float32 [{batch}, {head_dim}], got {tuple(cos.shape)}")
-        if (k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32 or k_cache.shape != v_cache.shape
-                or k_cache.shape[2:] != (num_kv_heads, head_dim) or v_cache.stride() != k_cache.stride()
-                or k_cache.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1)):
-            _fail(f"k_cache/v_cache must be float32 [blocks, block_size, {num_kv_heads}, {head_dim}] views with "
-                  f"dense blocks, got {tuple(k_cache.shape)} strides {k_cache.stride()}")
-        if (block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32 or block_tables.dim() != 2
-                or block_tables.shape[0] != batch or block_tables.stride(1) != 1 or context_lens.shape != (batch,)
-                or not context_lens.is_contiguous()):
+        if (
+            k_cache.dtype != torch.float32
+            or v_cache.dtype != torch.float32
+            or k_cache.shape != v_cache.shape
+            or k_cache.shape[2:] != (num_kv_heads, head_dim)
+            or v_cache.stride() != k_cache.stride()
+            or k_cache.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1)
+        ):
+            _fail(
+                f"k_cache/v_cache must be float32 [blocks, block_size, {num_kv_heads}, {head_dim}] views with "
+                f"dense blocks, got {tuple(k_cache.shape)} strides {k_cache.stride()}"
+            )
+        if (
+            block_tables.dtype != torch.int32
+            or context_lens.dtype != torch.int32
+            or block_tables.dim() != 2
+            or block_tables.shape[0] != batch
+            or block_tables.stride(1) != 1
+            or context_lens.shape != (batch,)
+            or not context_lens.is_contiguous()
+        ):
             _fail(f"block_tables must be int32 [{batch}, blocks] and context_lens int32 [{batch}]")
         threads = torch.get_num_threads()
         scores = torch.empty(threads, num_heads, ATTENTION_CHUNK, dtype=torch.float32)
         out = torch.empty(batch, num_heads * head_dim, dtype=torch.float32)
-        self._call("pd_decode_attention", qkv=qkv.data_ptr(), qkv_stride=qkv.stride(0), cos=cos.data_ptr(),
-                   sin=sin.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
-                   block_stride=k_cache.stride(0), block_size=k_cache.shape[1], block_tables=block_tables.data_ptr(),
-                   table_stride=block_tables.stride(0), context_lens=context_lens.data_ptr(), batch=batch,
-                   heads=num_heads, kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, scores=scores.data_ptr(),
-                   out=out.data_ptr(), threads=threads)
+        self._call(
+            "pd_decode_attention",
+            qkv=qkv.data_ptr(),
+            qkv_stride=qkv.stride(0),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            k_cache=k_cache.data_ptr(),
+            v_cache=v_cache.data_ptr(),
+            block_stride=k_cache.stride(0),
+            block_size=k_cache.shape[1],
+            block_tables=block_tables.data_ptr(),
+            table_stride=block_tables.stride(0),
+            context_lens=context_lens.data_ptr(),
+            batch=batch,
+            heads=num_heads,
+            kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            scale=scale,
+            scores=scores.data_ptr(),
+            out=out.data_ptr(),
+            threads=threads,
+        )
         return out
 
     @staticmethod
@@ -258,8 +337,13 @@ def _build(cc: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=BUILDING_PREFIX, suffix=".so", dir=folder)
     os.close(fd)
     try:
-        subprocess.run([*cc, *FLAGS, f"-I{HEADER.parent}", str(SOURCE), "-o", tmp], check=True, capture_output=True,
-                       text=True, timeout=120)
+        subprocess.run(
+            [*cc, *FLAGS, f"-I{HEADER.parent}", str(SOURCE), "-o", tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
         os.replace(tmp, path)  # atomic: workers building at once each load a whole library
     except BaseException:

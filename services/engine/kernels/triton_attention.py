@@ -18,15 +18,31 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K, V, Out, BlockTables, ContextLens, scale,
-    stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    Q,
+    K,
+    V,
+    Out,
+    BlockTables,
+    ContextLens,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     stride_tb,
-    stride_ob, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TOKENS: tl.constexpr, PRECISION: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -37,10 +53,12 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + g
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0
+    )
 
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     for start in range(0, context_len, TOKENS):
         t = start + tl.arange(0, TOKENS)
@@ -48,19 +66,30 @@ def _paged_decode_kernel(
         block = tl.load(BlockTables + seq * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
         row = t % BLOCK_SIZE
         kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (block * stride_kb + row * stride_kt + kv_head * stride_kh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(
+            K + (block * stride_kb + row * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TOKENS]
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + (block * stride_vb + row * stride_vt + kv_head * stride_vh)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        denom = denom * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + (block * stride_vb + row * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / l[:, None]
-    tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-             mask=g_ok[:, None] & d_ok[None, :])
+    out = acc / denom[:, None]
+    tl.store(
+        Out + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=g_ok[:, None] & d_ok[None, :],
+    )
 
 
 def paged_decode_attention(
@@ -80,15 +109,30 @@ def paged_decode_attention(
     group = heads // kv_heads
     out = torch.empty_like(q)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        context_lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size, TOKENS=tokens_per_tile,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=block_size,
+        TOKENS=tokens_per_tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out

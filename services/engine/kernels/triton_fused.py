@@ -23,8 +23,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, Residual, W, Out, stride_x, stride_r, stride_o, N, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(
+    X, Residual, W, Out, stride_x, stride_r, stride_o, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -45,9 +46,17 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     rows, n = x.shape
     out = torch.empty_like(x)
     _add_rms_norm_kernel[(rows,)](
-        x, residual if residual is not None else x, weight, out,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        n,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(n),
     )
     return out
 
@@ -68,11 +77,35 @@ def _rotate(X, row_offset, heads, d, half_mask, c1, s1, c2, s2, HALF: tl.constex
 
 @triton.jit
 def _rope_and_write_kv_kernel(
-    Q, K, V, Cos, Sin, Positions, Slots, KCache, VCache,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, Q_PAD: tl.constexpr, KV_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    Q,
+    K,
+    V,
+    Cos,
+    Sin,
+    Positions,
+    Slots,
+    KCache,
+    VCache,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    NUM_Q: tl.constexpr,
+    NUM_KV: tl.constexpr,
+    Q_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(Positions + t)
@@ -118,12 +151,35 @@ def rope_and_write_kv(q, k, v, cos_cache, sin_cache, positions, slot_mapping, k_
     num_kv = k.shape[1]
     half = head_dim // 2
     _rope_and_write_kv_kernel[(tokens,)](
-        q, k, v, cos_cache, sin_cache, positions, slot_mapping, k_cache, v_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_Q=num_q, NUM_KV=num_kv, Q_PAD=triton.next_power_of_2(num_q), KV_PAD=triton.next_power_of_2(num_kv),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[1],
+        q,
+        k,
+        v,
+        cos_cache,
+        sin_cache,
+        positions,
+        slot_mapping,
+        k_cache,
+        v_cache,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_cache.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        NUM_Q=num_q,
+        NUM_KV=num_kv,
+        Q_PAD=triton.next_power_of_2(num_q),
+        KV_PAD=triton.next_power_of_2(num_kv),
+        HALF=half,
+        HALF_PAD=triton.next_power_of_2(half),
+        BLOCK_SIZE=k_cache.shape[1],
     )
 
 

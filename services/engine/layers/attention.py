@@ -23,12 +23,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.backend = backend
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
-                                          bias=config.qkv_bias, tp=tp)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, bias=config.qkv_bias, tp=tp
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.head_dim = config.head_dim
-        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
-                                        bias=config.o_bias, tp=tp)
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias, tp=tp
+        )
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
 
@@ -37,7 +39,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:  # in place: the backend reads q/k from qkv
             tokens, q_size = qkv.shape[0], self.num_heads * self.head_dim
             q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
-            k = qkv[:, q_size : q_size + self.num_kv_heads * self.head_dim].view(tokens, self.num_kv_heads, self.head_dim)
+            k = qkv[:, q_size : q_size + self.num_kv_heads * self.head_dim].view(
+                tokens, self.num_kv_heads, self.head_dim
+            )
             q.copy_(self.q_norm(q))
             k.copy_(self.k_norm(k))
         return self.o_proj(self.backend.attention(self.layer_idx, qkv, meta, k_cache, v_cache))

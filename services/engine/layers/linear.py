@@ -56,7 +56,7 @@ class Linear(nn.Module):
         super().__init__()
         self.tp = tp
         self.in_features, self.out_features = in_features, out_features  # this rank's
-        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight: torch.Tensor | None = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -66,8 +66,10 @@ class Linear(nn.Module):
         rows, part = self.place(loaded, shard, name == "bias")
         target = param.data if rows is None else param.data[rows]
         if tuple(target.shape) != tuple(part.shape):
-            raise ValueError(f"shape {tuple(loaded.shape)} does not fit (this rank's part: {tuple(part.shape)} "
-                             f"into {tuple(target.shape)})")
+            raise ValueError(
+                f"shape {tuple(loaded.shape)} does not fit (this rank's part: {tuple(part.shape)} "
+                f"into {tuple(target.shape)})"
+            )
         target.copy_(part.to(dtype=param.dtype))
 
     def place(self, loaded: torch.Tensor, shard: Shard, is_bias: bool) -> tuple[slice | None, torch.Tensor]:
@@ -117,13 +119,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     shards = ("q", "k", "v")
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 tp: TensorParallel = NO_TP):
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TensorParallel = NO_TP
+    ):
         self.head_dim = head_dim
         self.num_heads = tp.split(num_heads, "attention heads")
         if tp.size > num_kv_heads and tp.size % num_kv_heads:
-            raise ValueError(f"tensor-parallel size {tp.size} is neither a divisor nor a multiple of the "
-                             f"{num_kv_heads} K/V heads")
+            raise ValueError(
+                f"tensor-parallel size {tp.size} is neither a divisor nor a multiple of the {num_kv_heads} K/V heads"
+            )
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         self.kv_rank = tp.rank // max(1, tp.size // num_kv_heads)  # which K/V head group this rank keeps
         width = (self.num_heads + 2 * self.num_kv_heads) * head_dim
@@ -132,7 +136,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     def place(self, loaded, shard, is_bias):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         start, size, index = {"q": (0, q, self.tp.rank), "k": (q, kv, self.kv_rank), "v": (q + kv, kv, self.kv_rank)}[
-            str(shard)]
+            str(shard)
+        ]
         return slice(start, start + size), loaded.narrow(0, index * size, size)
 
 

@@ -13,6 +13,9 @@ from services.engine.config import ModelConfig, rope_parameters
 class RotaryEmbedding(nn.Module):
     """cos/sin [max_positions, head_dim] in float32, on the model's device."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, max_positions: int, device: torch.device):
         super().__init__()
         inv_freq, attention_scaling = _rope_inv_freq(config)
