@@ -13,8 +13,8 @@ from services.common.errors import ServiceError
 from services.engine.engine import Engine
 from services.engine.scheduler import BatchScheduler
 from services.engine.sequence import Sequence
-from services.runtime.streaming import StreamingWorker, StreamJob, new_seq_id
-from services.runtime.worker import validate_generation
+from services.runtime.streaming import StreamingWorker, StreamJob
+from services.runtime.worker import new_seq_id, validate_generation
 
 
 class ColocatedService(StreamingWorker, worker_pb2_grpc.ColocatedWorkerServicer):
@@ -52,7 +52,7 @@ class ColocatedService(StreamingWorker, worker_pb2_grpc.ColocatedWorkerServicer)
             num_prompt_tokens=len(prompt),
             sampling=sampling,
         )
-        await self.stream(self.new_job(request.request_id, seq), context)
+        await self.submit_and_stream(self.new_job(request.request_id, seq), context)
 
     def enter(self, job: StreamJob) -> None:
         self.scheduler.add_prompt(job.seq)

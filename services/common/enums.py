@@ -19,6 +19,17 @@ class Role(StrEnum):
 WORKER_ROLES = (Role.PREFILL, Role.DECODE, Role.COLOCATED)
 
 
+class ReleaseReason(StrEnum):
+    """Why a published KV entry's blocks went back to the prefill worker that holds them (the
+    kvstore's RELEASED event, or the worker's own conclusion)."""
+
+    PULLED = "pulled"  # a decode worker's pull copied it
+    RELEASED = "released"  # nobody will pull it (a Release call)
+    MOVED_TO_HOST = "moved_to_host"  # unpulled past the TTL: copied into the daemon's host tier
+    EXPIRED = "expired"  # unpulled past the TTL and the host tier had no room
+    DAEMON_LOST = "daemon_lost"  # the daemon went away and forgot every entry
+
+
 class FinishReason(StrEnum):
     """Why a request's stream ended. The engine ends sequences with STOP or LENGTH; the router also
     counts requests that ended otherwise (`pdserve_requests_total{finish_reason}`)."""

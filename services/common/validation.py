@@ -8,7 +8,6 @@ anything on the cluster network, and a bad token id must not reach an embedding 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,8 +54,8 @@ def sampling(sp: common_pb2.SamplingParams, limits: ModelLimits) -> None:
 
 
 def positive_seconds(field: str, value: float | None) -> None:
-    """An optional duration: unset, or > 0 (and finite)."""
-    if value is not None and not (value > 0 and math.isfinite(value)):
+    """An optional duration: unset, or > 0 (infinity: no limit; NaN is refused)."""
+    if value is not None and not value > 0:
         raise invalid(field, f"must be > 0, got {value}")
 
 
@@ -75,11 +74,11 @@ def generation(
     sampling, checked together: the generated tokens count against max_model_len and max_tokens."""
     prompt = token_ids(prompt_field, prompt_ids, limits)
     outputs = list(output_ids)
+    context(prompt_field, len(prompt) + len(outputs), limits)
     if need_output and not outputs:
         raise invalid(output_field, "must hold at least the prefill's first token")
     if outputs:
         token_ids(output_field, outputs, limits)
-    context(prompt_field, len(prompt) + len(outputs), limits)
     sampling(sp, limits)
     if len(outputs) >= max_tokens:
         raise invalid(output_field, f"already {len(outputs)} tokens: as long as sampling.max_tokens ({max_tokens})")

@@ -26,8 +26,8 @@ from services.engine.engine import Engine
 from services.engine.scheduler import AbortOutcome, DecodeScheduler
 from services.engine.sequence import Sequence, SequenceStatus
 from services.kvstore.client import KvStoreClient
-from services.runtime.streaming import StreamingWorker, StreamJob, new_seq_id
-from services.runtime.worker import validate_generation
+from services.runtime.streaming import StreamingWorker, StreamJob
+from services.runtime.worker import new_seq_id, validate_generation
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ SETTLED_PULL_FAILURES = (
 
 class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     role = Role.DECODE
+    scheduler: DecodeScheduler
 
     def __init__(
         self,
@@ -70,12 +71,12 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         registry: CollectorRegistry,
         stream_interval: int = 1,
     ):
-        self.scheduler: DecodeScheduler = DecodeScheduler(
+        scheduler = DecodeScheduler(
             engine.block_manager, engine.config.max_num_seqs, engine.config.max_num_batched_tokens
         )
         super().__init__(
             engine,
-            self.scheduler,
+            scheduler,
             node_id=node_id,
             model_name=model_name,
             registry=registry,
@@ -139,7 +140,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         )
         job = self.new_job(request.request_id, seq)
         job.handle = request.kv
-        await self.stream(job, context)
+        await self.submit_and_stream(job, context)
 
     # ---- engine thread ------------------------------------------------------------------------
     def enter(self, job: StreamJob) -> None:

@@ -72,7 +72,9 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def finalize(self) -> None:
-        """Once the weights are loaded: every linear layer hands its weight to the backend's kernel."""
+        """Once the weights are loaded: every linear layer hands its weight to the backend's kernel
+        and drops its own parameter (on CPU the kernel keeps repacked copies: one copy in memory),
+        so from here on the linear weights are not in `parameters()` or `state_dict()`."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize(self.backend)

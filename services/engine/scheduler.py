@@ -41,7 +41,7 @@ class AbortOutcome(Enum):
     NOT_ADMITTED = "not_admitted"  # decode: it held nothing; its KV entry will never be pulled (release it)
     PULLING = "pulling"  # decode: its pull is in flight; its blocks are dealt with when the pull ends
     FREED = "freed"  # it was queued or running; its blocks (if any) are free
-    UNKNOWN = "unknown"  # it had finished already
+    NOT_QUEUED = "not_queued"  # in no queue: finished already, or taken by the step under way
 
 
 def take_prefill_batch(
@@ -153,7 +153,7 @@ class BatchScheduler:
                 queue.remove(seq)
                 self._finish(seq)
                 return AbortOutcome.FREED
-        return AbortOutcome.UNKNOWN
+        return AbortOutcome.NOT_QUEUED
 
     def schedule(self) -> StepPlan | None:
         """The next step, its blocks allocated; None when nothing can run now."""
@@ -204,7 +204,7 @@ class BatchScheduler:
     def fail_step(self, plan: StepPlan) -> None:
         """The engine raised on `plan`: its sequences leave, their blocks freed."""
         for seq in plan.seqs:
-            if self.abort(seq) is AbortOutcome.UNKNOWN:  # a prefill batch has left the queue already
+            if self.abort(seq) is AbortOutcome.NOT_QUEUED:  # a prefill batch has left the queue already
                 self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
@@ -251,8 +251,8 @@ class DecodeScheduler(BatchScheduler):
 
     def pull_succeeded(self, seq: Sequence) -> None:
         self.num_pulling -= 1
-        if seq.status is not SequenceStatus.PULLING:  # aborted meanwhile
-            self.blocks.free_seq(seq)
+        if seq.status is SequenceStatus.ABORTED:
+            self._finish(seq)
             return
         seq.num_cached = len(seq.token_ids) - 1
         self.add_running(seq)
@@ -268,7 +268,9 @@ class DecodeScheduler(BatchScheduler):
             self.quarantined_blocks += len(quarantined)
         else:
             self.blocks.free_seq(seq)
-        if seq.status is SequenceStatus.PULLING:
+        if seq.status is SequenceStatus.ABORTED:
+            seq.status = SequenceStatus.FINISHED
+        else:
             self.add_prompt(seq)
         return quarantined
 
@@ -278,7 +280,7 @@ class DecodeScheduler(BatchScheduler):
 
     def abort(self, seq: Sequence) -> AbortOutcome:
         if seq.status is SequenceStatus.PULLING:
-            seq.status = SequenceStatus.FINISHED  # pull_succeeded/failed frees its blocks
+            seq.status = SequenceStatus.ABORTED  # pull_succeeded/failed frees its blocks
             return AbortOutcome.PULLING
         if seq in self.admission:
             self.admission.remove(seq)

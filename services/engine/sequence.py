@@ -15,7 +15,8 @@ class SequenceStatus(Enum):
     PULLING = "pulling"  # decode worker: blocks allocated, its KV being pulled into them
     RUNNING = "running"  # in the batch (prefill worker: being prefilled)
     PUBLISHED = "published"  # prefill worker: its blocks back a published KV entry until released
-    FINISHED = "finished"  # done, cancelled or failed; its blocks are freed (or being given back)
+    ABORTED = "aborted"  # decode worker: cancelled while its pull runs; the pull's end frees its blocks
+    FINISHED = "finished"  # done, cancelled or failed; its blocks are freed
 
 
 @dataclass(eq=False)

@@ -9,8 +9,8 @@
     await client.close()                                             # ends the watch: pool dropped
 
 `on_released(kv_id, block_ids, reason)` (a function or a coroutine function) is where the worker
-frees blocks. reason is the daemon's ("pulled", "moved_to_host", "released", "expired"), or
-"daemon_lost" when the watch stream ends while the client is open (the daemon stopped or
+frees blocks. reason (a ReleaseReason) is the daemon's (pulled, moved_to_host, released, expired), or
+daemon_lost when the watch stream ends while the client is open (the daemon stopped or
 restarted): the daemon forgot every entry, so the client hands back all blocks it still holds for
 published entries. It then registers the pool again, retrying with backoff until the daemon is
 back (a restarted DaemonSet pod, or the launcher restarting a crashed daemon); until then
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.enums import ReleaseReason
 from services.common.grpc_client import aio_channel
 
 if TYPE_CHECKING:  # the router uses this client (Release) and imports no torch
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # the router uses this client (Release) and imports no torch
 
 log = logging.getLogger(__name__)
 
-OnReleased = Callable[[str, list[int], str], object]
+OnReleased = Callable[[str, list[int], ReleaseReason], object]
 
 
 class KvStoreClient:
@@ -189,7 +190,7 @@ class KvStoreClient:
                         ready.set_result(None)
                 elif event.kind == kvstore_pb2.PoolEvent.RELEASED:
                     self._published.pop(event.kv_id, None)
-                    await _call(on_released, event.kv_id, list(event.block_ids), event.reason)
+                    await _call(on_released, event.kv_id, list(event.block_ids), _reason(event.reason))
         except grpc.aio.AioRpcError as e:
             if not ready.done():
                 ready.set_exception(e)
@@ -208,7 +209,17 @@ class KvStoreClient:
         )
         published, self._published = self._published, {}
         for kv_id, block_ids in published.items():
-            await _call(on_released, kv_id, block_ids, "daemon_lost")
+            await _call(on_released, kv_id, block_ids, ReleaseReason.DAEMON_LOST)
+
+
+def _reason(name: str) -> ReleaseReason:
+    """A daemon of another version may name a reason this one does not know: the blocks come back all
+    the same."""
+    try:
+        return ReleaseReason(name)
+    except ValueError:
+        log.warning("unknown release reason %r from the kvstore daemon", name)
+        return ReleaseReason.RELEASED
 
 
 async def _call(callback: OnReleased, *args) -> None:

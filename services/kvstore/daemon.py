@@ -20,6 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import SHM_DIR, KvLayout, KvPool
 
@@ -242,7 +243,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
                 not await self._move_to_host(entry)
                 and time.monotonic() - entry.published_at > cfg.ttl_seconds + cfg.host_ttl_seconds
             ):
-                table.drop(entry, "expired")  # the host tier never had room: give the blocks back
+                table.drop(entry, ReleaseReason.EXPIRED)  # the host tier never had room: give the blocks back
                 self.metrics.expired.inc()
         await self.puller.endpoints.close_idle()
         now = time.monotonic()

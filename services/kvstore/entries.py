@@ -28,6 +28,7 @@ import grpc
 import torch
 
 from services.common.arith import ceil_div
+from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import KvLayout, KvPool
 
@@ -38,7 +39,7 @@ from .host_tier import HostTier
 class ReleasedEvent:
     kv_id: str
     block_ids: list[int]
-    reason: str  # "pulled" | "released" | "moved_to_host" | "expired"
+    reason: ReleaseReason
 
 
 @dataclass
@@ -195,9 +196,9 @@ class EntryTable:
     def end_transfer(self, entry: KvEntry, succeeded: bool) -> None:
         try:
             if succeeded:
-                self.drop(entry, "pulled")
+                self.drop(entry, ReleaseReason.PULLED)
             elif entry.release_pending:
-                self.drop(entry, "released")
+                self.drop(entry, ReleaseReason.RELEASED)
         finally:
             entry.lock.release()
 
@@ -208,7 +209,7 @@ class EntryTable:
         if entry.lock.locked():
             entry.release_pending = True  # applied when the transfer reading it ends
         else:
-            self.drop(entry, "released")
+            self.drop(entry, ReleaseReason.RELEASED)
         return True
 
     def move_to_host(self, entry: KvEntry, host_buffer: torch.Tensor) -> None:
@@ -217,9 +218,9 @@ class EntryTable:
         assert record is not None  # only a device-tier entry moves to the host
         entry.host_buffer = host_buffer
         entry.pool = None
-        self._notify(record, entry, "moved_to_host")
+        self._notify(record, entry, ReleaseReason.MOVED_TO_HOST)
 
-    def drop(self, entry: KvEntry, reason: str | None) -> None:
+    def drop(self, entry: KvEntry, reason: ReleaseReason | None) -> None:
         """Removes an entry; a device-tier entry's worker hears RELEASED(reason)."""
         if entry.dropped:
             return
@@ -254,7 +255,7 @@ class EntryTable:
             self.host.free(entry.kv_id)
             entry.host_buffer = None
 
-    def _notify(self, record: PoolRecord, entry: KvEntry, reason: str) -> None:
+    def _notify(self, record: PoolRecord, entry: KvEntry, reason: ReleaseReason) -> None:
         for b in entry.block_ids:
             record.block_owner.pop(b, None)
         record.events.put_nowait(ReleasedEvent(entry.kv_id, list(entry.block_ids), reason))

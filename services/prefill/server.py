@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -21,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.background import in_background
-from services.common.enums import Role
+from services.common.enums import ReleaseReason, Role
 from services.common.errors import ServiceError
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
 from services.engine.engine import Engine, StepOutput
@@ -30,7 +29,7 @@ from services.engine.sequence import Sequence
 from services.kvstore.client import KvStoreClient
 from services.runtime.engine_thread import EngineThread, reject, resolve
 from services.runtime.step_log import StepLog
-from services.runtime.worker import PrefillRate, register_kv_gauges, validate_generation, worker_stats
+from services.runtime.worker import PrefillRate, new_seq_id, register_kv_gauges, validate_generation, worker_stats
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             self.metrics.requests.labels(Outcome.INVALID).inc()
             raise
         seq = Sequence(
-            seq_id=request.request_id or uuid.uuid4().hex,
+            seq_id=new_seq_id(request.request_id),
             token_ids=prompt + resumed,
             num_prompt_tokens=len(prompt),
             sampling=sampling,
@@ -177,7 +176,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         if out.finish_reason:  # done at the first token: nothing to publish (blocks already freed)
             self.metrics.requests.labels(Outcome.FINISHED).inc()
             return response
-        kv_id = f"{self.worker_id}/{seq.seq_id}/{uuid.uuid4().hex[:8]}"
+        kv_id = f"{self.worker_id}/{seq.seq_id}"  # unique: the sequence id is
         self.thread.post(lambda: self.scheduler.publish(kv_id, seq))
         # Not cancelled with the request: a Publish cut short may still be recorded by the daemon
         # after our Release found nothing, leaving an entry on blocks freed here.
@@ -228,10 +227,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             outputs = self.engine.prefill(batch)
         except Exception as exc:
             log.exception("prefill of %d prompts failed", len(batch))
-            error = ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}")
             for job in jobs:
                 self.scheduler.finish(job.seq)
-                self.thread.emit(reject, job.future, error)
+                self.thread.emit(
+                    reject, job.future, ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}")
+                )
             return
         compute = time.monotonic() - started
         tokens = sum(seq.num_cached for seq in batch)
@@ -260,7 +260,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.queue_tokens.set(self.scheduler.queued_tokens)
 
     # ---- asyncio side -------------------------------------------------------------------------
-    def _on_released(self, kv_id: str, block_ids: list[int], reason: str) -> None:
+    def _on_released(self, kv_id: str, block_ids: list[int], reason: ReleaseReason) -> None:
         self.thread.post(lambda: self.scheduler.release(kv_id))
 
     async def _abandon(self, kv_id: str, publish: asyncio.Future | None = None) -> None:

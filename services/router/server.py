@@ -177,8 +177,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except grpc.aio.AioRpcError as exc:
             self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
             raise ServiceError(exc.code(), f"worker call failed: {exc.details()}") from None
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise  # an abort on its way out, or the call already over
+        except (grpc.aio.AbortError, grpc.aio.UsageError, ServiceError):
+            raise  # an abort on its way out, the call already over, or a status already chosen
         except Exception as exc:
             if judged:
                 raise

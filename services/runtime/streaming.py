@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -48,11 +47,6 @@ class StreamJob:
     handle: common_pb2.KvHandle | None = None  # decode: where its KV waits to be pulled
     unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
     prefilled: bool = False  # its first prefill here was reported (TokenChunk.queue_seconds)
-
-
-def new_seq_id(request_id: str) -> str:
-    # request ids come from clients and may repeat; engine state is keyed by a unique id
-    return f"{request_id}#{uuid.uuid4().hex[:8]}"
 
 
 class BatchMetrics:
@@ -146,6 +140,9 @@ class StreamingWorker:
         """Engine thread: one scheduler step, its tokens delivered to their streams."""
         self.before_step()
         plan = self.scheduler.schedule()
+        if self.scheduler.num_preemptions > self._preemptions_seen:  # (schedule() preempts)
+            self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = self.scheduler.num_preemptions
         if plan is None:
             return
         started = time.monotonic()
@@ -155,7 +152,7 @@ class StreamingWorker:
         except Exception as exc:
             log.exception("engine step failed; failing its %d requests", len(plan.seqs))
             self.metrics.failed_steps.inc()
-            self.fail(plan, ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}"))
+            self.fail(plan, f"engine step failed: {exc!r}")
             return
         elapsed = time.monotonic() - started
         self.scheduler.finish_step(plan)
@@ -172,9 +169,6 @@ class StreamingWorker:
             self.metrics.batch_size.observe(len(outputs))
         else:
             self.prefill_rate.observe(elapsed, sum(len(seq.token_ids) - 1 for seq in plan.seqs))
-        if self.scheduler.num_preemptions > self._preemptions_seen:
-            self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = self.scheduler.num_preemptions
         self.metrics.generated_tokens.inc(len(outputs))
         if self.step_log is not None:
             record: dict[str, object] = {"t": round(started, 6), "kind": plan.kind.value}
@@ -207,14 +201,14 @@ class StreamingWorker:
             del self.jobs[out.seq.seq_id]
             self.thread.emit(job.outbox.put_nowait, _DONE)
 
-    def fail(self, plan: StepPlan, error: ServiceError) -> None:
-        """Engine thread: the step's sequences end with `error`: out of the scheduler, blocks freed,
-        streams told."""
+    def fail(self, plan: StepPlan, message: str) -> None:
+        """Engine thread: the step's sequences end with INTERNAL `message`: out of the scheduler,
+        blocks freed, streams told."""
         self.scheduler.fail_step(plan)
         for seq in plan.seqs:
             job = self.jobs.pop(seq.seq_id, None)
-            if job is not None:
-                self.thread.emit(job.outbox.put_nowait, error)
+            if job is not None:  # one error each: every stream raises its own
+                self.thread.emit(job.outbox.put_nowait, ServiceError(grpc.StatusCode.INTERNAL, message))
         self._update_gauges()
 
     def cancel(self, job: StreamJob) -> None:
@@ -235,8 +229,8 @@ class StreamingWorker:
     def new_job(self, request_id: str, seq: Sequence) -> StreamJob:
         return StreamJob(seq=seq, request_id=request_id)
 
-    async def stream(self, job: StreamJob, context: grpc.aio.ServicerContext) -> None:
-        """Submits the job and writes its TokenChunks (coalescing tokens that piled up) until the
+    async def submit_and_stream(self, job: StreamJob, context: grpc.aio.ServicerContext) -> None:
+        """Submits the job to the engine thread and writes its TokenChunks (coalescing tokens that piled up) until the
         sequence finishes.
 
         A coroutine writing with context.write, not an async generator: when the caller cancels,

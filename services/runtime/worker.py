@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -140,6 +141,11 @@ def validate_generation(
         need_output=need_output,
     )
     return prompt, outputs, sampling
+
+
+def new_seq_id(request_id: str) -> str:
+    """Engine state is keyed by sequence id; request ids come from clients and may repeat."""
+    return f"{request_id}#{uuid.uuid4().hex[:8]}"
 
 
 class PrefillRate:

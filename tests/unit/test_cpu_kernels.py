@@ -241,6 +241,8 @@ def test_the_argument_structs_come_from_the_header():
     assert constants["PD_ATTENTION_CHUNK"] == cpu.ATTENTION_CHUNK == 256
     with pytest.raises(ValueError, match=r"pd_x_args.n has type 'double'"):
         cpu.read_header("struct pd_x_args {\n    double n;\n};")
+    with pytest.raises(ValueError, match=r"cannot read 'int32_t a, b;'"):  # not silently skipped
+        cpu.read_header("struct pd_x_args {\n    int32_t a, b;  // two at once\n};")
 
 
 @needs_kernels

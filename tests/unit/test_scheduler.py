@@ -80,6 +80,6 @@ def test_abort_frees_blocks_wherever_the_sequence_is():
     scheduler.add_prompt(a)
     _step(scheduler, engine)  # a runs
     scheduler.add_prompt(b)  # b waits
-    assert [scheduler.abort(s) for s in (a, b, c)] == [AbortOutcome.FREED, AbortOutcome.FREED, AbortOutcome.UNKNOWN]
+    assert [scheduler.abort(s) for s in (a, b, c)] == [AbortOutcome.FREED, AbortOutcome.FREED, AbortOutcome.NOT_QUEUED]
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
     assert not scheduler.has_work()

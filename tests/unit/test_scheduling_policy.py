@@ -196,7 +196,7 @@ def test_aborting_a_request_wherever_it_is():
     scheduler.pull_succeeded(pulled)
     assert scheduler.pull_failed(failed, blocks_may_be_written=False) == []
     assert blocks.num_free == 64 and not scheduler.running and not scheduler.waiting and scheduler.num_pulling == 0
-    assert scheduler.abort(running) is AbortOutcome.UNKNOWN
+    assert scheduler.abort(running) is AbortOutcome.NOT_QUEUED
 
 
 # ---- prefill batching ------------------------------------------------------------------------------

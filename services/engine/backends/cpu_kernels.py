@@ -26,10 +26,10 @@ class SkinnyLinear:
 
     def __init__(self, kernels: CpuKernels, weight: torch.Tensor, bias: torch.Tensor | None):
         self.kernels = kernels
+        self.large = OneDnnLinear(weight, bias)
         self.tiles = kernels.pack_linear(weight)
         self.out_features = weight.shape[0]
         self.bias = bias
-        self.large = OneDnnLinear(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= MAX_LINEAR_ROWS:

@@ -10,7 +10,8 @@ and SiLU-and-multiply.
 Every kernel takes one argument struct declared in cpu_kernels.h; this module builds the ctypes
 structures from that header (so the field lists exist once) and compares their sizes with the C
 compiler's when it loads the library. The wrappers check their tensors' dtype, shape and layout
-before the call: a mistake raises here instead of reading the wrong memory.
+before the call, so a caller's mix-up raises here; the values (block ids, context lengths) are the
+runner's and are trusted.
 
 They are float32 only, need AVX-512 (x86-64) and a C compiler with OpenMP (`cc`, or $CC), and
 compile in about a second into $PDSERVE_CACHE/kernels (keyed by source, header, flags and CPU).
@@ -66,7 +67,7 @@ _C_TYPES = {
     "float": ctypes.c_float,
 }
 _STRUCT = re.compile(r"struct (pd_\w+_args) \{(.*?)\};", re.S)
-_FIELD = re.compile(r"^\s*((?:const )?\w+\*?)\s+(\w+);", re.M)
+_FIELD = re.compile(r"((?:const )?\w+\*?) (\w+);")
 _DEFINE = re.compile(r"#define (PD_\w+) (\d+)")
 
 
@@ -74,9 +75,14 @@ def read_header(text: str) -> tuple[dict[str, type[ctypes.Structure]], dict[str,
     """The argument structs of cpu_kernels.h as ctypes structures, and its integer constants."""
     structs = {}
     for name, body in _STRUCT.findall(text):
-        body = re.sub(r"//.*", "", body)
         fields = []
-        for c_type, field in _FIELD.findall(body):
+        for line in re.sub(r"//.*", "", body).splitlines():
+            if not line.strip():
+                continue
+            match = _FIELD.fullmatch(line.strip())  # one field per line, as `type name;`
+            if match is None:
+                raise ValueError(f"cpu_kernels.h: {name}: cannot read {line.strip()!r} (one `type name;` a line)")
+            c_type, field = match.groups()
             if c_type not in _C_TYPES:
                 raise ValueError(
                     f"cpu_kernels.h: {name}.{field} has type {c_type!r}; cpu.py maps {', '.join(_C_TYPES)}"

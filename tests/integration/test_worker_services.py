@@ -1,6 +1,6 @@
-"""A worker whose engine step raises fails that step's requests with INTERNAL, frees their blocks,
-and goes on serving. Driven through the workers' real gRPC services (in this process, with the
-real interceptor) and, for the prefill worker, a real kvstore daemon.
+"""The workers' gRPC services, in this process with the real interceptor and, for the prefill
+worker, a real kvstore daemon: a worker whose engine step raises fails that step's requests with
+INTERNAL, frees their blocks and goes on serving; requests that share a request id are served apart.
 
 The fault is injected: a device error cannot happen on a CPU, so the engine's model runner is made
 to raise, as a lost GPU would make it."""
@@ -178,6 +178,67 @@ def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_g
             assert (await _stats(channel)).published_entries == 1
             client = KvStoreClient(kvstore)
             assert await client.release(response.kv)  # nobody will pull it: its blocks come back
+            await client.close()
+            for _ in range(100):
+                stats = await _stats(channel)
+                if stats.kv_blocks_free == stats.kv_blocks_total:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0
+        await _stop(runner, service)
+
+    asyncio.run(scenario())
+    engine.close()
+
+
+def test_prefill_requests_sharing_a_request_id_are_served_apart(kvstore):
+    """Request ids come from clients and may repeat: concurrent prefills with the same id each get
+    their own first token and their own KV entry, in one batch or several."""
+    engine = _engine()
+
+    async def scenario():
+        service = PrefillService(
+            engine,
+            KvStoreClient(kvstore),
+            worker_id="prefill-test",
+            node_id="n",
+            model_name="m",
+            registry=CollectorRegistry(),
+        )
+        runner, address = await _serve(Role.PREFILL, service)
+        async with aio_channel(address) as channel:
+            stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+            prompts = [[5 + i] * (8 + 3 * i) for i in range(6)]
+            responses = await asyncio.gather(
+                *(
+                    stub.Prefill(
+                        worker_pb2.PrefillRequest(
+                            request_id="same",
+                            token_ids=prompt,
+                            sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                        ),
+                        timeout=30,
+                    )
+                    for prompt in prompts
+                )
+            )
+            assert [r.kv.num_tokens for r in responses] == [len(p) for p in prompts]
+            assert len({r.kv.kv_id for r in responses}) == len(prompts)
+            alone = [
+                await stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        request_id="other",
+                        token_ids=prompt,
+                        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                    ),
+                    timeout=30,
+                )
+                for prompt in prompts
+            ]
+            assert [r.first_token_id for r in responses] == [r.first_token_id for r in alone]  # each its own prompt's
+            client = KvStoreClient(kvstore)
+            for response in responses + alone:
+                assert await client.release(response.kv)
             await client.close()
             for _ in range(100):
                 stats = await _stats(channel)
