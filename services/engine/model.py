@@ -35,9 +35,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, backend: Backend, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx, backend, tp)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, backend, tp)
 
     def forward(
@@ -62,7 +62,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend, tp) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # the whole vocabulary on each rank
         self.tie_weights()
         self.backend = backend
@@ -72,11 +72,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def finalize(self) -> None:
-        """Once the weights are loaded: every linear layer hands its weight to the backend's kernel
-        and drops its own parameter (on CPU the kernel keeps repacked copies: one copy in memory),
-        so from here on the linear weights are not in `parameters()` or `state_dict()`."""
+        """Once the weights are loaded, every layer takes its kernel from the backend: norms their
+        add + norm, linear layers their GEMM, to which they hand their weight and drop their own
+        parameter (on CPU the kernel keeps repacked copies: one copy in memory), so from here on the
+        linear weights are not in `parameters()` or `state_dict()`."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, RMSNorm)):
                 module.finalize(self.backend)
 
     def forward(

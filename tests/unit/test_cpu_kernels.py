@@ -40,7 +40,7 @@ def test_linear_matches_f_linear(rows, bias):
     b = torch.randn(100, generator=g) if bias else None
     wide = torch.randn(rows, 90, generator=g)
     x = wide[:, 5:77]  # rows not contiguous with each other: the kernel honours the row stride
-    out = KERNELS.linear(x, KERNELS.pack_linear(weight), 100, b)
+    out = KERNELS.linear(weight, b)(x)
     torch.testing.assert_close(out, F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
 
 
@@ -50,7 +50,7 @@ def test_add_rms_norm_matches_torch(with_residual):
     g = torch.Generator().manual_seed(0)
     x, residual, weight = torch.randn(9, 72, generator=g), torch.randn(9, 72, generator=g), torch.randn(72, generator=g)
     total = x + residual if with_residual else x
-    out, new_residual = KERNELS.add_rms_norm(x, residual.clone() if with_residual else None, weight, 1e-6)
+    out, new_residual = KERNELS.rms_norm(weight, 1e-6)(x, residual.clone() if with_residual else None)
     torch.testing.assert_close(out, F.rms_norm(total, (72,), weight, 1e-6), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(new_residual, total, atol=0, rtol=0)
 
@@ -103,19 +103,17 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, batch):
     cos, sin = torch.randn(len(lens), head_dim, generator=g), torch.randn(len(lens), head_dim, generator=g)
     expected, expected_pool, q = _reference_step(qkv, cos, sin, pool, layer, tables, lens, heads, kv_heads, head_dim)
 
-    out = KERNELS.decode_attention(
-        qkv,
+    step = KERNELS.attention_step(
         cos,
         sin,
-        pool[:, layer, 0],
-        pool[:, layer, 1],
         torch.tensor(tables, dtype=torch.int32),
         lens,
-        heads,
-        kv_heads,
-        head_dim,
-        head_dim**-0.5,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        scale=head_dim**-0.5,
     )
+    out = step(qkv, pool[:, layer, 0], pool[:, layer, 1])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pool, expected_pool, atol=0, rtol=0)  # K/V written, nothing else touched
     torch.testing.assert_close(qkv[:, : heads * head_dim].view(len(lens), heads, head_dim), q, atol=0, rtol=0)
@@ -191,7 +189,7 @@ def test_linear_keeps_float32_precision_over_a_long_k():
     g = torch.Generator().manual_seed(0)
     weight, x = torch.randn(64, 14336, generator=g) * 0.02, torch.randn(16, 14336, generator=g)
     exact = x.double() @ weight.double().T
-    ours = (KERNELS.linear(x, KERNELS.pack_linear(weight), 64, None).double() - exact).abs().max().item()
+    ours = (KERNELS.linear(weight, None)(x).double() - exact).abs().max().item()
     torch_error = (F.linear(x, weight).double() - exact).abs().max().item()
     assert ours <= 3 * torch_error, f"kernel error {ours:.2e}, F.linear's {torch_error:.2e}"
 
@@ -207,19 +205,17 @@ def test_nan_propagates_like_torch():
     pool[1, 0, 0, 2, 0, 5] = float("nan")  # one key position
     qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim)
     cos, sin = torch.ones(1, head_dim), torch.zeros(1, head_dim)
-    out = KERNELS.decode_attention(
-        qkv,
+    step = KERNELS.attention_step(
         cos,
         sin,
-        pool[:, 0, 0],
-        pool[:, 0, 1],
         torch.tensor([[1]], dtype=torch.int32),
         torch.tensor([5], dtype=torch.int32),
-        heads,
-        kv_heads,
-        head_dim,
-        0.25,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        scale=0.25,
     )
+    out = step(qkv, pool[:, 0, 0], pool[:, 0, 1])
     assert torch.isnan(out).all()
 
 
@@ -248,34 +244,29 @@ def test_the_argument_structs_come_from_the_header():
 @needs_kernels
 def test_wrong_arguments_raise_before_the_call():
     """The wrappers check dtype, shape and layout: a mismatch is a ValueError, not a wild read."""
-    weight = torch.randn(32, 64)
-    packed = KERNELS.pack_linear(weight)
+    linear = KERNELS.linear(torch.randn(32, 64), None)
     with pytest.raises(ValueError, match="x must be float32"):
-        KERNELS.linear(torch.randn(4, 64, dtype=torch.float64), packed, 32, None)
-    with pytest.raises(ValueError, match=r"packed weight .* does not fit"):
-        KERNELS.linear(torch.randn(4, 48), packed, 32, None)
-    with pytest.raises(ValueError, match="bias must be float32"):
-        KERNELS.linear(torch.randn(4, 64), packed, 32, torch.randn(31))
-    with pytest.raises(ValueError, match="residual must be contiguous"):
-        KERNELS.add_rms_norm(torch.randn(3, 64), torch.randn(3, 32), torch.ones(64), 1e-6)
+        linear(torch.randn(4, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must be float32 \[rows, 64\]"):
+        linear(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="bias must be contiguous float32"):
+        KERNELS.linear(torch.randn(32, 64), torch.randn(31))
+    with pytest.raises(ValueError, match="x and residual must be contiguous"):
+        KERNELS.rms_norm(torch.ones(64), 1e-6)(torch.randn(3, 64), torch.randn(3, 32))
     pool = torch.randn(4, 1, 2, 16, 2, 32)
     qkv = torch.randn(2, (4 + 2 * 2) * 32)
-    args = dict(
+    step_args = dict(
         cos=torch.ones(2, 32),
         sin=torch.zeros(2, 32),
-        k_cache=pool[:, 0, 0],
-        v_cache=pool[:, 0, 1],
         block_tables=torch.zeros(2, 1, dtype=torch.int32),
         context_lens=torch.ones(2, dtype=torch.int32),
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        scale=0.1,
     )
-    KERNELS.decode_attention(qkv, **args)  # well-formed
+    heads = dict(num_heads=4, num_kv_heads=2, head_dim=32, scale=0.1)
+    step = KERNELS.attention_step(**step_args, **heads)
+    step(qkv, pool[:, 0, 0], pool[:, 0, 1])  # well-formed
     with pytest.raises(ValueError, match="block_tables must be int32"):
-        KERNELS.decode_attention(qkv, **{**args, "block_tables": torch.zeros(2, 1, dtype=torch.int64)})
+        KERNELS.attention_step(**{**step_args, "block_tables": torch.zeros(2, 1, dtype=torch.int64)}, **heads)
     with pytest.raises(ValueError, match="qkv must be float32"):
-        KERNELS.decode_attention(qkv[:, :-32], **args)
+        step(qkv[:, :-32], pool[:, 0, 0], pool[:, 0, 1])
     with pytest.raises(ValueError, match="k_cache/v_cache"):
-        KERNELS.decode_attention(qkv, **{**args, "k_cache": pool[:, 0, 0, :, :1]})
+        step(qkv, pool[:, 0, 0, :, :1], pool[:, 0, 1])

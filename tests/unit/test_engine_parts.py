@@ -277,3 +277,23 @@ def test_tensor_parallel_linear_layers_split_a_checkpoint_as_megatron_does():
             torch.testing.assert_close(layer.weight[rows + local_kv * head_dim :], v[kv_rows])
     with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 3"):
         ColumnParallelLinear(64, 96 + 1, bias=False, tp=TensorParallel(rank=0, size=3))
+
+
+def test_triton_backend_through_the_engine_matches_transformers_in_interpreter():
+    """The whole Triton backend (its metadata, RoPE + K/V write, paged decode attention, fused norm
+    and SiLU) in an engine on CPU tensors under Triton's interpreter: the same greedy tokens as
+    transformers for Llama (tied, llama3 RoPE), Mistral (one K/V head) and Qwen3 (q/k norms). The
+    device check is faked there, and CUDA graphs are off: both need a GPU."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "unit", "triton_backend_checks.py"), "llama", "mistral", "qwen3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results == {arch: {"same_tokens": True} for arch in ("llama", "mistral", "qwen3")}

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from services.engine.layers.norm import RMSNorm
     from services.engine.layers.rotary import RotaryEmbedding
 
-LinearKernel = Callable[[torch.Tensor], torch.Tensor]
+LinearKernel = Callable[[torch.Tensor], torch.Tensor]  # x -> x @ weight.T + bias
+# (x, residual or None) -> (RMSNorm(x + residual), x + residual); may update residual in place
+NormKernel = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,8 @@ class Backend(ABC):
         """The kernel a linear layer runs with these (loaded) weights; it may keep them in another layout."""
 
     @abstractmethod
-    def add_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); with residual None, (norm(x), x). May update residual in place."""
+    def rms_norm(self, norm: RMSNorm) -> NormKernel:
+        """The kernel a norm runs for its residual add + RMSNorm, with its (loaded) weight."""
 
     @abstractmethod
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

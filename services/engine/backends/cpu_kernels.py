@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.kernels.cpu import MAX_LINEAR_ROWS, CpuKernels
+from services.engine.kernels.cpu import MAX_LINEAR_ROWS, AttentionStep, CpuKernels
 from services.engine.layers.norm import RMSNorm
 
-from .base import LinearKernel, Metadata, StepInputs
+from .base import LinearKernel, Metadata, NormKernel, StepInputs
 from .reference import OneDnnLinear, TorchBackend
 
 
@@ -25,24 +25,16 @@ class SkinnyLinear:
     both layouts)."""
 
     def __init__(self, kernels: CpuKernels, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.kernels = kernels
         self.large = OneDnnLinear(weight, bias)
-        self.tiles = kernels.pack_linear(weight)
-        self.out_features = weight.shape[0]
-        self.bias = bias
+        self.small = kernels.linear(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= MAX_LINEAR_ROWS:
-            return self.kernels.linear(x, self.tiles, self.out_features, self.bias)
-        return self.large(x)
+        return self.small(x) if x.shape[0] <= MAX_LINEAR_ROWS else self.large(x)
 
 
 @dataclass
 class KernelDecodeMetadata(Metadata):
-    cos: torch.Tensor  # [B, D] float32
-    sin: torch.Tensor
-    block_tables: torch.Tensor  # [B, blocks] int32
-    context_lens: torch.Tensor  # [B] int32
+    attention: AttentionStep  # the step's positions, block tables and context lengths, for every layer
 
 
 class CpuKernelBackend(TorchBackend):
@@ -55,10 +47,13 @@ class CpuKernelBackend(TorchBackend):
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
         return SkinnyLinear(self.kernels, weight, bias)
 
-    def add_rms_norm(self, x, residual, norm: RMSNorm):
-        if x.shape[0] <= MAX_LINEAR_ROWS:
-            return self.kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
-        return super().add_rms_norm(x, residual, norm)
+    def rms_norm(self, norm: RMSNorm) -> NormKernel:
+        small, large = self.kernels.rms_norm(norm.weight.detach(), norm.eps), super().rms_norm(norm)
+
+        def add_norm(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return small(x, residual) if x.shape[0] <= MAX_LINEAR_ROWS else large(x, residual)
+
+        return add_norm
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         if gate_up.shape[0] <= MAX_LINEAR_ROWS:
@@ -68,22 +63,20 @@ class CpuKernelBackend(TorchBackend):
     def attention(self, layer, qkv, meta, k_cache, v_cache):
         if not isinstance(meta, KernelDecodeMetadata):
             return super().attention(layer, qkv, meta, k_cache, v_cache)  # prefill
-        s = self.shape
-        return self.kernels.decode_attention(
-            qkv,
-            meta.cos,
-            meta.sin,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.context_lens,
-            s.num_heads,
-            s.num_kv_heads,
-            s.head_dim,
-            s.scale,
-        )
+        return meta.attention(qkv, k_cache, v_cache)
 
     def decode_metadata(self, inputs: StepInputs) -> KernelDecodeMetadata:  # type: ignore[override]
         assert inputs.block_tables is not None and inputs.context_lens is not None
         cos, sin = self._rope(inputs.positions)
-        return KernelDecodeMetadata(False, cos, sin, inputs.block_tables, inputs.context_lens)
+        s = self.shape
+        step = self.kernels.attention_step(
+            cos,
+            sin,
+            inputs.block_tables,
+            inputs.context_lens,
+            num_heads=s.num_heads,
+            num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim,
+            scale=s.scale,
+        )
+        return KernelDecodeMetadata(False, step)

@@ -20,7 +20,7 @@ from services.engine.kv_cache import KvPool
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import RotaryEmbedding, apply_rope
 
-from .base import AttentionShape, Backend, LinearKernel, Metadata, StepInputs
+from .base import AttentionShape, Backend, LinearKernel, Metadata, NormKernel, StepInputs
 from .kv_mirror import DecodeKvMirror
 
 
@@ -95,9 +95,12 @@ class TorchBackend(Backend):
             return OneDnnLinear(weight, bias)
         return TorchLinear(weight, bias)
 
-    def add_rms_norm(self, x, residual, norm: RMSNorm):
-        residual = x if residual is None else x + residual
-        return norm(residual), residual
+    def rms_norm(self, norm: RMSNorm) -> NormKernel:
+        def add_norm(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            residual = x if residual is None else x + residual
+            return norm(residual), residual
+
+        return add_norm
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)

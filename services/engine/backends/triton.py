@@ -13,7 +13,7 @@ from services.engine.kernels.triton_attention import paged_decode_attention
 from services.engine.kernels.triton_fused import add_rms_norm, rope_and_write_kv, silu_and_mul
 from services.engine.layers.norm import RMSNorm
 
-from .base import LinearKernel, Metadata, StepInputs
+from .base import LinearKernel, Metadata, NormKernel, StepInputs
 from .reference import TorchBackend, TorchLinear, prefill_attention
 
 
@@ -36,10 +36,15 @@ class TritonBackend(TorchBackend):
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
         return TorchLinear(weight, bias)
 
-    def add_rms_norm(self, x, residual, norm: RMSNorm):
-        if residual is None:
-            return add_rms_norm(x, None, norm.weight, norm.eps), x
-        return add_rms_norm(x, residual, norm.weight, norm.eps), residual  # residual updated in place
+    def rms_norm(self, norm: RMSNorm) -> NormKernel:
+        weight, eps = norm.weight.detach(), norm.eps
+
+        def add_norm(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            if residual is None:
+                return add_rms_norm(x, None, weight, eps), x
+            return add_rms_norm(x, residual, weight, eps), residual  # residual updated in place
+
+        return add_norm
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(gate_up)

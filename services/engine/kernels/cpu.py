@@ -4,7 +4,7 @@ the machine's C compiler, loaded with ctypes.
 A float32 decode step on CPU is memory bound, and the library kernels leave bandwidth unused at
 decode shapes (docs/engine.md has the measurements). The kernels here are a prefetching skinny
 GEMM (`linear`), one fused call per layer for RoPE + K/V write + attention reading each sequence's
-exact context from the paged pool in place (`decode_attention`), and fused residual-add + RMSNorm
+exact context from the paged pool in place (`attention_step`), and fused residual-add + RMSNorm
 and SiLU-and-multiply.
 
 Every kernel takes one argument struct declared in cpu_kernels.h; this module builds the ctypes
@@ -100,30 +100,30 @@ def _fail(message: str) -> None:
     raise ValueError(f"cpu kernels: {message}")
 
 
-def _check_rows(name: str, t: torch.Tensor, width: int | None = None) -> None:
-    """float32 [rows, columns] with contiguous rows (and `width` columns)."""
-    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or (width is not None and t.shape[1] != width):
+def _check_rows(name: str, t: torch.Tensor, width: int) -> None:
+    """float32 [rows, width] with contiguous rows."""
+    if t.dtype is not torch.float32 or t.dim() != 2 or t.shape[1] != width or t.stride(1) != 1:
         _fail(
-            f"{name} must be float32 [rows, {width or 'columns'}] with contiguous rows, got {t.dtype} "
-            f"{tuple(t.shape)} strides {t.stride()}"
+            f"{name} must be float32 [rows, {width}] with contiguous rows, got {t.dtype} {tuple(t.shape)} "
+            f"strides {t.stride()}"
         )
 
 
 class CpuKernels:
-    """The loaded library; one instance per process (`load()`)."""
+    """The loaded library; one instance per process (`load()`).
+
+    What stays the same from call to call is checked and written into a kernel's argument struct
+    once: a linear layer's packed weight (`linear`), a norm's weight (`rms_norm`), a decode step's
+    positions and block tables (`attention_step`). Each call then checks only the tensors it brings.
+    These prepared kernels reuse their struct: one call at a time (the engine thread's)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
         self._fns = {}
-        for fn_name, struct_name in (
-            ("pd_linear", "pd_linear_args"),
-            ("pd_add_rms_norm", "pd_add_rms_norm_args"),
-            ("pd_silu_mul", "pd_silu_mul_args"),
-            ("pd_decode_attention", "pd_decode_attention_args"),
-        ):
-            fn = getattr(lib, fn_name)
-            fn.argtypes, fn.restype = [ctypes.POINTER(_ARGS[struct_name])], None
-            self._fns[fn_name] = fn
+        for name in ("pd_linear", "pd_add_rms_norm", "pd_silu_mul", "pd_decode_attention"):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = [ctypes.POINTER(_ARGS[name + "_args"])], None
+            self._fns[name] = fn
         size_of = lib.pd_args_size
         size_of.argtypes, size_of.restype = [ctypes.c_char_p], ctypes.c_int64
         for struct_name, struct in _ARGS.items():
@@ -131,148 +131,158 @@ class CpuKernels:
             if c_size != py_size:
                 raise OSError(f"{path}: struct {struct_name} is {c_size} bytes in C, {py_size} in ctypes")
 
-    def _call(self, fn_name: str, **fields) -> None:
-        args = _ARGS[fn_name + "_args"](**fields)
-        self._fns[fn_name](ctypes.byref(args))
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
+        return LinearKernel(self._fns["pd_linear"], weight, bias)
 
-    @staticmethod
-    def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] -> [ceil(N/16), K, 16]: 16 output columns per tile, zero padded."""
-        n, k = weight.shape
-        tiles = ceil_div(n, TILE)
-        padded = torch.zeros(tiles * TILE, k, dtype=torch.float32)
-        padded[:n] = weight.detach().float()
-        return padded.view(tiles, TILE, k).transpose(1, 2).contiguous()
-
-    def linear(
-        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x [M, K] -> [M, out_features] with the weight packed by pack_linear."""
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        _check_rows("x", x)
-        rows, k = x.shape
-        if packed.shape != (ceil_div(out_features, TILE), k, TILE) or not packed.is_contiguous():
-            _fail(f"packed weight {tuple(packed.shape)} does not fit x [{rows}, {k}] -> {out_features} outputs")
-        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
-            _fail(f"bias must be float32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
-        y = torch.empty(rows, out_features, dtype=torch.float32)
-        self._call(
-            "pd_linear",
-            x=x.data_ptr(),
-            x_stride=x.stride(0),
-            rows=rows,
-            k=k,
-            packed=packed.data_ptr(),
-            n=out_features,
-            bias=None if bias is None else bias.data_ptr(),
-            y=y.data_ptr(),
-            threads=torch.get_num_threads(),
-        )
-        return y
-
-    def add_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(x + residual), x + residual), the sum written into `residual` in place; with
-        residual None, (RMSNorm(x), x)."""
-        _check_rows("x", x)
-        if not x.is_contiguous() or weight.shape != (x.shape[1],) or weight.dtype != torch.float32:
-            _fail(f"x must be contiguous and weight float32 [{x.shape[1]}], got {tuple(weight.shape)}")
-        if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
-            _fail(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}")
-        out = torch.empty_like(x)
-        self._call(
-            "pd_add_rms_norm",
-            x=x.data_ptr(),
-            residual=None if residual is None else residual.data_ptr(),
-            weight=weight.data_ptr(),
-            out=out.data_ptr(),
-            rows=x.shape[0],
-            hidden=x.shape[1],
-            eps=eps,
-        )
-        return out, (x if residual is None else residual)
+    def rms_norm(self, weight: torch.Tensor, eps: float) -> RmsNormKernel:
+        return RmsNormKernel(self._fns["pd_add_rms_norm"], weight, eps)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of gate_up [M, 2I] = (gate | up) -> [M, I]."""
-        _check_rows("gate_up", gate_up)
-        if not gate_up.is_contiguous() or gate_up.shape[1] % 2:
-            _fail(f"gate_up must be contiguous [rows, 2 * width], got {tuple(gate_up.shape)}")
+        if (
+            gate_up.dtype is not torch.float32
+            or gate_up.dim() != 2
+            or gate_up.shape[1] % 2
+            or not gate_up.is_contiguous()
+        ):
+            _fail(f"gate_up must be contiguous float32 [rows, 2 * width], got {gate_up.dtype} {tuple(gate_up.shape)}")
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         out = torch.empty(rows, width, dtype=torch.float32)
-        self._call("pd_silu_mul", gate_up=gate_up.data_ptr(), out=out.data_ptr(), rows=rows, width=width)
+        self._fns["pd_silu_mul"](_ARGS["pd_silu_mul_args"](gate_up.data_ptr(), out.data_ptr(), rows, width))
         return out
 
-    def decode_attention(
+    def attention_step(
         self,
-        qkv: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+    ) -> AttentionStep:
+        return AttentionStep(
+            self._fns["pd_decode_attention"],
+            cos,
+            sin,
+            block_tables,
+            context_lens,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale,
+        )
+
+    @staticmethod
+    def supports_attention(head_dim: int) -> bool:
+        return head_dim % 16 == 0
+
+
+class LinearKernel:
+    """x [M, K] -> x @ weight.T + bias [M, N] (pd_linear), the weight packed once into 16-column
+    tiles ([ceil(N/16), K, 16], zero padded) so that each tile is one contiguous stream."""
+
+    def __init__(self, fn, weight: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        if bias is not None and (bias.dtype is not torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+            _fail(f"bias must be contiguous float32 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+        tiles = ceil_div(n, TILE)
+        padded = torch.zeros(tiles * TILE, k, dtype=torch.float32)
+        padded[:n] = weight.detach().float()
+        self.tiles = padded.view(tiles, TILE, k).transpose(1, 2).contiguous()
+        self.bias = bias
+        self.in_features, self.out_features = k, n
+        self._fn = fn
+        self._args = _ARGS["pd_linear_args"](
+            k=k, packed=self.tiles.data_ptr(), n=n, bias=None if bias is None else bias.data_ptr()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        _check_rows("x", x, self.in_features)
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        args = self._args
+        args.x, args.x_stride, args.rows, args.y = x.data_ptr(), x.stride(0), x.shape[0], y.data_ptr()
+        args.threads = torch.get_num_threads()
+        self._fn(args)
+        return y
+
+
+class RmsNormKernel:
+    """(x, residual) -> (RMSNorm(x + residual), x + residual), the sum written into `residual` in
+    place (pd_add_rms_norm); with residual None, (RMSNorm(x), x). Rounds as transformers does."""
+
+    def __init__(self, fn, weight: torch.Tensor, eps: float):
+        if weight.dtype is not torch.float32 or weight.dim() != 1 or not weight.is_contiguous():
+            _fail(f"the norm's weight must be contiguous float32 [hidden], got {weight.dtype} {tuple(weight.shape)}")
+        self.weight = weight
+        self.hidden = weight.shape[0]
+        self._fn = fn
+        self._args = _ARGS["pd_add_rms_norm_args"](weight=weight.data_ptr(), hidden=self.hidden, eps=eps)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_rows("x", x, self.hidden)
+        if not x.is_contiguous() or (
+            residual is not None
+            and (residual.shape != x.shape or not residual.is_contiguous() or residual.dtype is not torch.float32)
+        ):
+            _fail(f"x and residual must be contiguous float32 {tuple(x.shape)}")
+        out = torch.empty_like(x)
+        args = self._args
+        args.x, args.out, args.rows = x.data_ptr(), out.data_ptr(), x.shape[0]
+        args.residual = None if residual is None else residual.data_ptr()
+        self._fn(args)
+        return out, (x if residual is None else residual)
+
+
+class AttentionStep:
+    """One decode step's attention over the paged pool, for every layer (pd_decode_attention): the
+    step's RoPE tables, block tables and context lengths checked once; then per layer
+    `step(qkv, k_cache, v_cache)` ropes q and k in place in qkv [B, (H + 2*KVH) * D], writes this
+    step's K/V at position context_lens[b]-1 and attends over [0, context_lens[b]), returning
+    [B, H * D]. k_cache/v_cache are the layer's [num_blocks, block_size, KVH, D] views of the pool."""
+
+    def __init__(
+        self,
+        fn,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
         scale: float,
-    ) -> torch.Tensor:
-        """One layer's decode attention over the paged pool (cpu_kernels.h): RoPE on q and k in
-        place in qkv [B, (H + 2*KVH) * D], this step's K/V written at position context_lens[b]-1,
-        attention over [0, context_lens[b]). k_cache/v_cache: the layer's
-        [num_blocks, block_size, KVH, D] views of the pool; block_tables int32 [B, >= max blocks];
-        context_lens int32 [B]. Returns [B, H * D]."""
-        batch = qkv.shape[0]
-        _check_rows("qkv", qkv, (num_heads + 2 * num_kv_heads) * head_dim)
+    ):
+        batch = block_tables.shape[0]
         if head_dim % 16 or num_heads % num_kv_heads:
             _fail(
                 f"head_dim must be a multiple of 16 and heads of kv_heads, got {head_dim}, {num_heads}/{num_kv_heads}"
             )
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dtype is not torch.float32 or t.shape != (batch, head_dim) or not t.is_contiguous():
+                _fail(f"{name} must be contiguous float32 [{batch}, {head_dim}], got {t.dtype} {tuple(t.shape)}")
         if (
-            cos.shape != (batch, head_dim)
-            or sin.shape != cos.shape
-            or cos.dtype != torch.float32
-            or sin.dtype != torch.float32
-            or not cos.is_contiguous()
-            or not sin.is_contiguous()
-        ):
-            _fail(f"cos/sin must be contiguous float32 [{batch}, {head_dim}], got {tuple(cos.shape)}")
-        if (
-            k_cache.dtype != torch.float32
-            or v_cache.dtype != torch.float32
-            or k_cache.shape != v_cache.shape
-            or k_cache.shape[2:] != (num_kv_heads, head_dim)
-            or v_cache.stride() != k_cache.stride()
-            or k_cache.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1)
-        ):
-            _fail(
-                f"k_cache/v_cache must be float32 [blocks, block_size, {num_kv_heads}, {head_dim}] views with "
-                f"dense blocks, got {tuple(k_cache.shape)} strides {k_cache.stride()}"
-            )
-        if (
-            block_tables.dtype != torch.int32
-            or context_lens.dtype != torch.int32
+            block_tables.dtype is not torch.int32
             or block_tables.dim() != 2
-            or block_tables.shape[0] != batch
             or block_tables.stride(1) != 1
+            or context_lens.dtype is not torch.int32
             or context_lens.shape != (batch,)
             or not context_lens.is_contiguous()
         ):
             _fail(f"block_tables must be int32 [{batch}, blocks] and context_lens int32 [{batch}]")
+        self.batch, self.num_heads, self.num_kv_heads, self.head_dim = batch, num_heads, num_kv_heads, head_dim
+        self.width = (num_heads + 2 * num_kv_heads) * head_dim
+        self._keep = (cos, sin, block_tables, context_lens)  # the struct points into them
         threads = torch.get_num_threads()
-        scores = torch.empty(threads, num_heads, ATTENTION_CHUNK, dtype=torch.float32)
-        out = torch.empty(batch, num_heads * head_dim, dtype=torch.float32)
-        self._call(
-            "pd_decode_attention",
-            qkv=qkv.data_ptr(),
-            qkv_stride=qkv.stride(0),
+        self._scores = torch.empty(threads, num_heads, ATTENTION_CHUNK, dtype=torch.float32)
+        self._fn = fn
+        self._args = _ARGS["pd_decode_attention_args"](
             cos=cos.data_ptr(),
             sin=sin.data_ptr(),
-            k_cache=k_cache.data_ptr(),
-            v_cache=v_cache.data_ptr(),
-            block_stride=k_cache.stride(0),
-            block_size=k_cache.shape[1],
             block_tables=block_tables.data_ptr(),
             table_stride=block_tables.stride(0),
             context_lens=context_lens.data_ptr(),
@@ -281,15 +291,35 @@ class CpuKernels:
             kv_heads=num_kv_heads,
             head_dim=head_dim,
             scale=scale,
-            scores=scores.data_ptr(),
-            out=out.data_ptr(),
+            scores=self._scores.data_ptr(),
             threads=threads,
         )
-        return out
 
-    @staticmethod
-    def supports_attention(head_dim: int) -> bool:
-        return head_dim % 16 == 0
+    def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        _check_rows("qkv", qkv, self.width)
+        rows = self.num_kv_heads * self.head_dim
+        if (
+            qkv.shape[0] != self.batch
+            or k_cache.dtype is not torch.float32
+            or v_cache.dtype is not torch.float32
+            or k_cache.dim() != 4
+            or k_cache.stride()[1:] != (rows, self.head_dim, 1)
+            or k_cache.shape[2:] != (self.num_kv_heads, self.head_dim)
+            or v_cache.stride() != k_cache.stride()
+            or v_cache.shape != k_cache.shape
+        ):
+            _fail(
+                f"qkv must be [{self.batch}, ...] and k_cache/v_cache float32 [blocks, block_size, "
+                f"{self.num_kv_heads}, {self.head_dim}] views with dense blocks, got {tuple(k_cache.shape)} "
+                f"strides {k_cache.stride()}"
+            )
+        out = torch.empty(self.batch, self.num_heads * self.head_dim, dtype=torch.float32)
+        args = self._args
+        args.qkv, args.qkv_stride, args.out = qkv.data_ptr(), qkv.stride(0), out.data_ptr()
+        args.k_cache, args.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        args.block_stride, args.block_size = k_cache.stride(0), k_cache.shape[1]
+        self._fn(args)
+        return out
 
 
 # ---- building and loading ----------------------------------------------------------------------
