@@ -24,10 +24,10 @@ from services.common.errors import ServiceError, invalid
 from services.common.metrics import REQUEST_LATENCY_BUCKETS
 from services.engine.engine import Engine
 from services.engine.scheduler import AbortOutcome, DecodeScheduler
-from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.sequence import SequenceStatus
 from services.kvstore.client import KvStoreClient
 from services.runtime.streaming import StreamingWorker, StreamJob
-from services.runtime.worker import new_seq_id, validate_generation
+from services.runtime.worker import sequence_for
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ SETTLED_PULL_FAILURES = (
 
 class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     role = Role.DECODE
+    scheduler_class = DecodeScheduler
     scheduler: DecodeScheduler
 
     def __init__(
@@ -71,12 +72,8 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         registry: CollectorRegistry,
         stream_interval: int = 1,
     ):
-        scheduler = DecodeScheduler(
-            engine.block_manager, engine.config.max_num_seqs, engine.config.max_num_batched_tokens
-        )
         super().__init__(
             engine,
-            scheduler,
             node_id=node_id,
             model_name=model_name,
             registry=registry,
@@ -111,8 +108,9 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     async def Decode(self, request: worker_pb2.DecodeRequest, context) -> None:
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "decode worker is shutting down")
-        prompt, outputs, sampling = validate_generation(
+        seq = sequence_for(
             self.engine,
+            request.request_id,
             "prompt_token_ids",
             request.prompt_token_ids,
             "output_token_ids",
@@ -122,7 +120,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         )
         if not request.kv.kv_id:
             raise invalid("kv.kv_id", "a KV handle is required")
-        cached = len(prompt) + len(outputs) - 1
+        cached = len(seq.token_ids) - 1
         if request.kv.num_tokens != cached:
             raise invalid("kv.num_tokens", f"is {request.kv.num_tokens}, the tokens before the last are {cached}")
         fingerprint = self.engine.kv_pool.layout.fingerprint()
@@ -132,12 +130,6 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
                 f"kv.layout_fingerprint: {request.kv.layout_fingerprint!r} does not match this "
                 f"worker's pool {fingerprint!r} (same model, dtype and block size needed)",
             )
-        seq = Sequence(
-            seq_id=new_seq_id(request.request_id),
-            token_ids=prompt + outputs,
-            num_prompt_tokens=len(prompt),
-            sampling=sampling,
-        )
         job = self.new_job(request.request_id, seq)
         job.handle = request.kv
         await self.submit_and_stream(job, context)

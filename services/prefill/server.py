@@ -29,7 +29,7 @@ from services.engine.sequence import Sequence
 from services.kvstore.client import KvStoreClient
 from services.runtime.engine_thread import EngineThread, reject, resolve
 from services.runtime.step_log import StepLog
-from services.runtime.worker import PrefillRate, new_seq_id, register_kv_gauges, validate_generation, worker_stats
+from services.runtime.worker import PrefillRate, register_kv_gauges, sequence_for, worker_stats
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         try:
-            prompt, resumed, sampling = validate_generation(
+            seq = sequence_for(
                 self.engine,
+                request.request_id,
                 "token_ids",
                 request.token_ids,
                 "resumed_output_ids",
@@ -148,12 +149,6 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         except ServiceError:
             self.metrics.requests.labels(Outcome.INVALID).inc()
             raise
-        seq = Sequence(
-            seq_id=new_seq_id(request.request_id),
-            token_ids=prompt + resumed,
-            num_prompt_tokens=len(prompt),
-            sampling=sampling,
-        )
         job = PrefillJob(seq, asyncio.get_running_loop().create_future())
         self.thread.post(lambda: self.submit(job))
         try:

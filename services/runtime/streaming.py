@@ -92,12 +92,12 @@ class BatchMetrics:
 
 class StreamingWorker:
     role: Role
+    scheduler_class: type[BatchScheduler]  # the policy: BatchScheduler or DecodeScheduler
     step_log: StepLog | None = None  # --step-log
 
     def __init__(
         self,
         engine: Engine,
-        scheduler: BatchScheduler,
         *,
         node_id: str,
         model_name: str,
@@ -105,7 +105,9 @@ class StreamingWorker:
         stream_interval: int = 1,
     ):
         self.engine = engine
-        self.scheduler = scheduler
+        self.scheduler = self.scheduler_class(
+            engine.block_manager, engine.config.max_num_seqs, engine.config.max_num_batched_tokens
+        )
         # Tokens per message to the router (the last always goes at once): each message costs the
         # worker, the router and the client CPU time, so at high token rates sending every few
         # tokens saves most of it, at no cost to TTFT or TPOT (SGLang's and vLLM's --stream-interval).

@@ -24,6 +24,7 @@ from services.common.metrics import new_registry
 from services.common.server import ServiceRunner
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.engine import Engine
+from services.engine.sequence import Sequence
 from services.tiny_models import model_dir_or_default
 
 from .step_log import StepLog
@@ -119,8 +120,9 @@ def sampling_params(sp: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def validate_generation(
+def sequence_for(
     engine: Engine,
+    request_id: str,
     prompt_field: str,
     prompt_ids,
     output_field: str,
@@ -128,7 +130,9 @@ def validate_generation(
     sp: common_pb2.SamplingParams,
     *,
     need_output: bool = False,
-) -> tuple[list[int], list[int], SamplingParams]:
+) -> Sequence:
+    """A request, validated (common/validation.py), as the engine's Sequence: its prompt followed by
+    the tokens generated for it so far, under an id of its own."""
     sampling = sampling_params(sp)
     prompt, outputs = validation.generation(
         limits_of(engine),
@@ -140,7 +144,9 @@ def validate_generation(
         max_tokens=sampling.max_tokens,
         need_output=need_output,
     )
-    return prompt, outputs, sampling
+    return Sequence(
+        seq_id=new_seq_id(request_id), token_ids=prompt + outputs, num_prompt_tokens=len(prompt), sampling=sampling
+    )
 
 
 def new_seq_id(request_id: str) -> str:

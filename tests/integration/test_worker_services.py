@@ -139,18 +139,37 @@ def kvstore(tmp_path):
     log.close()
 
 
+def _prefill_service(engine: Engine, kvstore: str) -> PrefillService:
+    return PrefillService(
+        engine,
+        KvStoreClient(kvstore),
+        worker_id="prefill-test",
+        node_id="n",
+        model_name="m",
+        registry=CollectorRegistry(),
+    )
+
+
+async def _release_and_wait_until_free(kvstore: str, channel, handles) -> None:
+    """Releases the published entries (nobody will pull them); their blocks come back on the
+    daemon's RELEASED events."""
+    client = KvStoreClient(kvstore)
+    for handle in handles:
+        assert await client.release(handle)
+    await client.close()
+    for _ in range(100):
+        stats = await _stats(channel)
+        if stats.kv_blocks_free == stats.kv_blocks_total:
+            break
+        await asyncio.sleep(0.05)
+    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0
+
+
 def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_goes_on(monkeypatch, kvstore):
     engine = _engine()
 
     async def scenario():
-        service = PrefillService(
-            engine,
-            KvStoreClient(kvstore),
-            worker_id="prefill-test",
-            node_id="n",
-            model_name="m",
-            registry=CollectorRegistry(),
-        )
+        service = _prefill_service(engine, kvstore)
         runner, address = await _serve(Role.PREFILL, service)
         async with aio_channel(address) as channel:
             stub = worker_pb2_grpc.PrefillWorkerStub(channel)
@@ -176,15 +195,7 @@ def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_g
             response = await prefill(5)
             assert response.kv.kv_id and response.kv.num_tokens == 15  # computed and published
             assert (await _stats(channel)).published_entries == 1
-            client = KvStoreClient(kvstore)
-            assert await client.release(response.kv)  # nobody will pull it: its blocks come back
-            await client.close()
-            for _ in range(100):
-                stats = await _stats(channel)
-                if stats.kv_blocks_free == stats.kv_blocks_total:
-                    break
-                await asyncio.sleep(0.05)
-            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0
+            await _release_and_wait_until_free(kvstore, channel, [response.kv])
         await _stop(runner, service)
 
     asyncio.run(scenario())
@@ -197,14 +208,7 @@ def test_prefill_requests_sharing_a_request_id_are_served_apart(kvstore):
     engine = _engine()
 
     async def scenario():
-        service = PrefillService(
-            engine,
-            KvStoreClient(kvstore),
-            worker_id="prefill-test",
-            node_id="n",
-            model_name="m",
-            registry=CollectorRegistry(),
-        )
+        service = _prefill_service(engine, kvstore)
         runner, address = await _serve(Role.PREFILL, service)
         async with aio_channel(address) as channel:
             stub = worker_pb2_grpc.PrefillWorkerStub(channel)
@@ -236,16 +240,7 @@ def test_prefill_requests_sharing_a_request_id_are_served_apart(kvstore):
                 for prompt in prompts
             ]
             assert [r.first_token_id for r in responses] == [r.first_token_id for r in alone]  # each its own prompt's
-            client = KvStoreClient(kvstore)
-            for response in responses + alone:
-                assert await client.release(response.kv)
-            await client.close()
-            for _ in range(100):
-                stats = await _stats(channel)
-                if stats.kv_blocks_free == stats.kv_blocks_total:
-                    break
-                await asyncio.sleep(0.05)
-            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0
+            await _release_and_wait_until_free(kvstore, channel, [r.kv for r in responses + alone])
         await _stop(runner, service)
 
     asyncio.run(scenario())
