@@ -14,10 +14,9 @@ import time
 import grpc
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
+from services.common.commands import at_least
 from services.launcher import Cluster, ClusterSpec
 from services.tiny_models import model_dir_or_default
-
-from .args import at_least
 
 PROMPTS = [
     "Once upon a time there lived a little fox who loved numbers",

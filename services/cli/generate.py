@@ -9,8 +9,7 @@ import sys
 import grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-from .args import at_least
+from services.common.commands import at_least
 
 
 def add_generate_arguments(ap: argparse.ArgumentParser) -> None:

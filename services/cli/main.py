@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from services.common.commands import run_command
 from services.planner.cli import add_subparsers as add_plan
 
-from .args import run_command
 from .demo import add_demo_arguments, demo
 from .generate import add_generate_arguments, generate
 from .up import add_up_arguments, up

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from services.cli.args import run_command
 from services.common.arith import ceil_div
+from services.common.commands import run_command
 
 if TYPE_CHECKING:  # imported where used, like the rest of the engine
     from services.engine.config import ModelConfig

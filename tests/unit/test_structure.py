@@ -1,5 +1,5 @@
 """The structure the code promises (docs/architecture.md): the router loads no torch, and the
-services' modules import each other without cycles."""
+services' packages import each other only downwards, through the layers of the module map."""
 
 from __future__ import annotations
 
@@ -64,16 +64,57 @@ def _imports(path: str, module: str, modules: set[str]) -> set[str]:
     return found
 
 
-def test_no_import_cycles_between_the_services_modules():
+# docs/architecture.md's module map, top to bottom: a package imports only its own layer's modules
+# and those of layers below it (the workers, in one layer, not each other).
+LAYERS = [
+    ["services.cli"],
+    ["services.launcher"],
+    ["services.router"],
+    ["services.prefill", "services.decode", "services.colocated"],
+    ["services.planner"],
+    ["services.runtime"],
+    ["services.kvstore"],
+    ["services.engine"],
+    ["services.tiny_models"],
+    ["services.common"],
+]
+
+
+def _layer(module: str) -> tuple[int, str]:
+    for index, packages in enumerate(LAYERS):
+        for package in packages:
+            if module == package or module.startswith(package + "."):
+                return index, package
+    raise AssertionError(f"{module} is in no layer of the module map")
+
+
+def _graph() -> dict[str, set[str]]:
     paths = {}
     for folder, _, files in os.walk(os.path.join(ROOT, "services")):
         for file in files:
             if file.endswith(".py"):
                 path = os.path.join(folder, file)
                 paths[_module_name(path)] = path
-    graph = {module: _imports(path, module, set(paths)) for module, path in paths.items()}
-    assert graph["services.cli.main"] >= {"services.cli.up", "services.planner.cli"}  # the graph is real
+    return {module: _imports(path, module, set(paths)) for module, path in paths.items()}
 
+
+def test_packages_import_only_downwards():
+    graph = _graph()
+    assert graph["services.cli.main"] >= {"services.cli.up", "services.planner.cli"}  # the graph is real
+    wrong = []
+    for module, deps in graph.items():
+        if module == "services":
+            continue
+        (layer, package) = _layer(module)
+        for dep in deps:
+            dep_layer, dep_package = _layer(dep)
+            if dep_layer < layer or (dep_layer == layer and dep_package != package):
+                wrong.append(f"{module} imports {dep}")
+    assert not wrong, "imports against the module map:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles_between_the_services_modules():
+    graph = _graph()
     state: dict[str, str] = {}  # module -> "open" while on the path, "done" after
 
     def visit(module: str, path: list[str]) -> None:

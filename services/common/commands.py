@@ -1,4 +1,4 @@
-"""What every subcommand of `pdserve` (and `python -m services.planner`) shares."""
+"""What every command line shares: `pdserve` and its subcommands, `python -m services.planner`."""
 
 from __future__ import annotations
 
