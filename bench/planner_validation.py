@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from services.common.flags import pin_to_cpus
+from services.common.latency_profile import LatencyProfile, Overheads
 from services.engine.config import ModelConfig
-from services.planner.latency_model import LatencyProfile, Overheads, fit_decode, fit_prefill
+from services.planner.latency_model import fit_decode, fit_prefill
 from services.planner.profile import decode_cycles, step_log_samples
 from services.planner.simulator import SimConfig, Slo, simulate
 from services.planner.workload import TraceRequest, make_trace, rescale_rate

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_RESTARTS = 3  # per service; past that the launcher stops the cluster
+STOP_SECONDS_PER_PROCESS = 1.0  # added to a group's grace per process in it
 
 
 _handed_out: set[int] = set()
@@ -86,6 +87,8 @@ class ClusterSpec:
     role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per role (prefill, decode, ...)
     router_args: list[str] = field(default_factory=list)
     kvstore_args: list[str] = field(default_factory=list)
+    # role -> latency profile: that role's workers run emulated engines (services/engine/emulated.py)
+    profiles: dict[str, str] = field(default_factory=dict)
 
 
 def _node_names(spec: ClusterSpec) -> list[str]:
@@ -114,11 +117,16 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 ["--node-id", node, "--transfer-host", host] + spec.kvstore_args,
             )
     workers = spec.colocated if spec.mode == "colocated" else spec.prefill + spec.decode
-    threads = spec.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    # an emulated engine sleeps through its steps: one thread each
+    threads = spec.threads or (1 if spec.profiles else max(1, (os.cpu_count() or 1) // max(1, workers)))
     common = ["--kv-cache-gb", str(spec.kv_cache_gb), "--threads", str(threads)]
     if spec.model:
         common += ["--model", spec.model]
     common += spec.worker_args
+
+    def role_args(role: str) -> list[str]:
+        emulated = ["--device", "emulated", "--profile", spec.profiles[role]] if role in spec.profiles else []
+        return emulated + spec.role_args.get(role, [])
 
     def node_for(role: str, index: int) -> str:
         if spec.placement == "split" and len(nodes) > 1:
@@ -135,7 +143,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 "colocated",
                 nodes[i % len(nodes)],
                 "services.colocated",
-                common + ["--node-id", nodes[i % len(nodes)]] + spec.role_args.get("colocated", []),
+                common + ["--node-id", nodes[i % len(nodes)]] + role_args("colocated"),
             )
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):
@@ -148,7 +156,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                     f"services.{role}",
                     common
                     + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"]
-                    + spec.role_args.get(role, []),
+                    + role_args(role),
                 )
     router_port = spec.router_port or free_port(host)
     router_args = ["--port", str(router_port)]
@@ -285,7 +293,8 @@ class Cluster:
 
     def stop(self, grace: float = 20.0) -> dict[str, int]:
         """SIGTERM everything (router first so it stops taking requests), then SIGKILL stragglers.
-        Returns each process's exit code."""
+        Each group gets `grace` and a little more per process: dozens of workers (emulated ones)
+        exiting at once on a few cores take their time. Returns each process's exit code."""
         order = sorted(
             self.procs, key=lambda p: {"router": 0, "prefill": 1, "decode": 1, "colocated": 1}.get(p.role, 2)
         )
@@ -294,7 +303,7 @@ class Cluster:
             for proc in group:
                 if self._popen[proc.name].poll() is None:
                     self._popen[proc.name].send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace
+            deadline = time.monotonic() + grace + STOP_SECONDS_PER_PROCESS * len(group)
             for proc in group:
                 try:
                     self._popen[proc.name].wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -12,6 +12,7 @@ import time
 
 import yaml
 
+from services.common.latency_profile import LatencyProfile
 from services.launcher import MAX_RESTARTS, Cluster, ClusterSpec, StartCancelled, prometheus_config
 from services.tiny_models import model_dir_or_default
 
@@ -54,6 +55,15 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
         "for a flag without a value",
     )
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
+    emulate = ap.add_argument_group("emulated engines (services/engine/emulated.py): no model, GPU timings")
+    emulate.add_argument(
+        "--emulate",
+        default="",
+        metavar="PROFILE",
+        help="every worker runs an emulated engine taking this latency profile's time per step",
+    )
+    emulate.add_argument("--prefill-profile", default="", help="the prefill workers' profile (default: --emulate)")
+    emulate.add_argument("--decode-profile", default="", help="the decode workers' profile (default: --emulate)")
     ap.add_argument("--kvstore-arg", action="append", default=[], help="extra flag for every kvstore (repeatable)")
 
 
@@ -77,7 +87,18 @@ def spec_from_args(args) -> ClusterSpec:
         worker_args=split_flags(args.worker_arg),
         router_args=split_flags(args.router_arg),
         kvstore_args=split_flags(args.kvstore_arg),
+        profiles=_profiles(args),
     )
+
+
+def _profiles(args) -> dict[str, str]:
+    """role -> the latency profile its emulated workers take (none: real engines)."""
+    profiles = {
+        "prefill": args.prefill_profile or args.emulate,
+        "decode": args.decode_profile or args.emulate,
+        "colocated": args.emulate,
+    }
+    return {role: path for role, path in profiles.items() if path}
 
 
 def _check_args(args, spec: ClusterSpec) -> None:
@@ -96,6 +117,22 @@ def _check_args(args, spec: ClusterSpec) -> None:
             raise SystemExit(f"{flag}: folder {folder} does not exist")
     if spec.model and not os.path.isfile(os.path.join(spec.model, "config.json")):
         raise SystemExit(f"--model: {spec.model} is not a checkpoint folder (no config.json)")
+    for flag, path in (
+        ("--emulate", args.emulate),
+        ("--prefill-profile", args.prefill_profile),
+        ("--decode-profile", args.decode_profile),
+    ):
+        if path:
+            try:
+                LatencyProfile.load(path)  # a bad one would stop every worker at start
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"{flag}: {exc}") from None
+    if (
+        (args.prefill_profile or args.decode_profile)
+        and not args.emulate
+        and not (args.prefill_profile and args.decode_profile)
+    ):
+        raise SystemExit("--prefill-profile and --decode-profile go together (or with --emulate for the other)")
 
 
 def up(args) -> int:

@@ -22,7 +22,7 @@ from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.enums import Role
 from services.common.errors import ServiceError, invalid
 from services.common.metrics import REQUEST_LATENCY_BUCKETS
-from services.engine.engine import Engine
+from services.engine.engine import EngineBase
 from services.engine.scheduler import AbortOutcome, DecodeScheduler
 from services.engine.sequence import SequenceStatus
 from services.kvstore.client import KvStoreClient
@@ -63,7 +63,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineBase,
         kvstore: KvStoreClient,
         *,
         worker_id: str,
@@ -164,8 +164,11 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     async def _pull(self, job: StreamJob, block_ids: list[int]) -> None:
         assert job.handle is not None
         error: grpc.StatusCode | None = None
+        started = time.monotonic()
         try:
             await self.kvstore.pull(block_ids, job.handle)
+            # an emulated device's transfer lasts what its profile says for the real bytes
+            await asyncio.sleep(self.engine.min_transfer_seconds(job.handle.num_tokens) - (time.monotonic() - started))
         except grpc.aio.AioRpcError as exc:
             error = exc.code()
         except Exception:

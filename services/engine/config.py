@@ -216,8 +216,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device {self.device!r} is not supported; supported: cpu, cuda[:N]")
+        if not (self.device in ("cpu", "emulated") or self.device.startswith("cuda")):
+            raise ValueError(f"device {self.device!r} is not supported; supported: cpu, cuda[:N], emulated")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.backend not in BACKENDS:

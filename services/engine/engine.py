@@ -1,14 +1,16 @@
 """The engine the workers drive: prefill a batch of prompts, step a decode batch.
 
-The engine owns the model, its backend, the KV pool and the block accounting. Which sequences run
-in a step, when to admit and whom to preempt is the scheduler's (scheduler.py): the engine runs
-whatever batch it is given, and sequences may join or leave the decode batch at any step.
+An engine owns the KV pool and its block accounting, and makes one token per sequence per step.
+`Engine` computes them with the model (on its backend); `EmulatedEngine` (emulated.py) runs no
+model and takes the time a latency profile says. Which sequences run in a step, when to admit and
+whom to preempt is the scheduler's (scheduler.py): an engine runs whatever batch it is given, and
+sequences may join or leave the decode batch at any step.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from .kv_cache import KvLayout, KvPool, model_id_for
 from .layers.rotary import RotaryEmbedding
 from .model import CausalLM
 from .runner import ModelRunner
-from .sampler import sample
+from .sampler import SampleResult, sample
 from .scheduler import StepKind, StepPlan
 from .sequence import Sequence
 from .weights import init_random_weights, iter_safetensors, load_weights
@@ -52,7 +54,82 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-class Engine:
+class EngineBase(ABC):
+    """What every engine has and does; subclasses make the tokens (`_prefill`, `_decode`)."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    max_model_len: int
+    kv_pool: KvPool
+    block_manager: BlockManager
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def free(self, seq: Sequence) -> None:
+        self.block_manager.free_seq(seq)
+
+    def min_transfer_seconds(self, num_tokens: int) -> float:
+        """The least a pull of `num_tokens` tokens' KV into this engine may take (an emulated device
+        takes what its profile says; a real one, whatever the copy takes)."""
+        return 0.0
+
+    def run(self, plan: StepPlan) -> list[StepOutput]:
+        """Runs a scheduler's step."""
+        return self.prefill(plan.seqs) if plan.kind is StepKind.PREFILL else self.decode_step(plan.seqs)
+
+    def prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Computes the K/V of every token of each sequence and its next token.
+
+        Sequences without blocks get them here (OutOfBlocksError when the pool cannot hold them;
+        a scheduler allocates first)."""
+        for seq in seqs:
+            self.block_manager.allocate_seq(seq)
+        result = self._prefill(seqs)
+        for seq in seqs:
+            seq.num_cached = len(seq.token_ids)
+        return self._append(seqs, result)
+
+    def decode_step(self, seqs: list[Sequence]) -> list[StepOutput]:
+        for seq in seqs:
+            self.block_manager.allocate_seq(seq)
+        result = self._decode(seqs)
+        for seq in seqs:
+            seq.num_cached = len(seq.token_ids)
+        return self._append(seqs, result)
+
+    @abstractmethod
+    def _prefill(self, seqs: list[Sequence]) -> SampleResult:
+        """Each sequence's next token (its blocks are allocated)."""
+
+    @abstractmethod
+    def _decode(self, seqs: list[Sequence]) -> SampleResult: ...
+
+    def _append(self, seqs: list[Sequence], result: SampleResult) -> list[StepOutput]:
+        outputs = []
+        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs, strict=True):
+            seq.token_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            seq.finish_reason = self._finish_reason(seq, token)
+            outputs.append(StepOutput(seq, token, logprob, seq.finish_reason))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        sp = seq.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.model_config.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= sp.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def close(self) -> None:
+        self.kv_pool.close()
+
+
+class Engine(EngineBase):
+    """The model on its backend, its KV pool on the same device."""
+
     def __init__(
         self,
         model_dir: str | None,
@@ -142,60 +219,12 @@ class Engine:
             )
         return int(num_blocks)
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
+    def _prefill(self, seqs: list[Sequence]) -> SampleResult:
+        return self._sample(seqs, self.runner.prefill(seqs))
 
-    def free(self, seq: Sequence) -> None:
-        self.block_manager.free_seq(seq)
+    def _decode(self, seqs: list[Sequence]) -> SampleResult:
+        return self._sample(seqs, self.runner.decode(seqs))
 
-    # ---- compute ---------------------------------------------------------------------------
-    def run(self, plan: StepPlan) -> list[StepOutput]:
-        """Runs a scheduler's step."""
-        return self.prefill(plan.seqs) if plan.kind is StepKind.PREFILL else self.decode_step(plan.seqs)
-
-    def prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """Computes the K/V of every token of each sequence and samples its next token.
-
-        Sequences without blocks get them here (OutOfBlocksError when the pool cannot hold them;
-        a scheduler allocates first)."""
-        for seq in seqs:
-            self.block_manager.allocate_seq(seq)
-        logits = self.runner.prefill(seqs)
-        for seq in seqs:
-            seq.num_cached = len(seq.token_ids)
-        return self._sample_and_append(seqs, logits)
-
-    def decode_step(self, seqs: list[Sequence]) -> list[StepOutput]:
-        for seq in seqs:
-            self.block_manager.allocate_seq(seq)
-        logits = self.runner.decode(seqs)
-        for seq in seqs:
-            seq.num_cached = len(seq.token_ids)
-        return self._sample_and_append(seqs, logits)
-
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleResult:
         self.last_logits = logits
-        result = sample(logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs])
-        outputs = []
-        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs, strict=True):
-            seq.token_ids.append(token)
-            seq.output_logprobs.append(logprob)
-            seq.finish_reason = self._finish_reason(seq, token)
-            outputs.append(StepOutput(seq, token, logprob, seq.finish_reason))
-        return outputs
-
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        sp = seq.sampling
-        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.model_config.eos_token_ids):
-            return FinishReason.STOP
-        if seq.num_output_tokens >= sp.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
-    def close(self) -> None:
-        self.kv_pool.close()
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+        return sample(logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs])

@@ -3,7 +3,8 @@
 python -m services.planner profile|simulate|search --help
 """
 
-from .latency_model import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
+from services.common.latency_profile import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
+
 from .simulator import SimConfig, SimResult, Slo, simulate
 
 __all__ = [

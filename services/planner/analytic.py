@@ -27,8 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from services.common.latency_profile import LatencyProfile, Overheads, TransferSpec
+
 from .hardware import ClusterSpec, GpuSpec, ModelShape
-from .latency_model import LatencyProfile, Overheads, TransferSpec, critical_batch_tokens, fit_decode, fit_prefill
+from .latency_model import critical_batch_tokens, fit_decode, fit_prefill
 
 
 @dataclass(frozen=True)

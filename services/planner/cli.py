@@ -328,9 +328,9 @@ def _add_simulate(p) -> None:
 
 
 def cmd_simulate(args) -> int:
+    from services.common.latency_profile import LatencyProfile
     from services.planner.workload import make_trace, read_trace, rescale_rate
 
-    from .latency_model import LatencyProfile
     from .simulator import SimConfig, Slo, simulate
 
     def load(path):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from services.common.latency_profile import LatencyProfile
 from services.planner.workload import TraceRequest, rescale_rate
 
-from .latency_model import LatencyProfile
 from .simulator import SimConfig, Slo, simulate
 
 

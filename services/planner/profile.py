@@ -18,7 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from .latency_model import LatencyProfile, Overheads, TransferSpec, critical_batch_tokens, fit_decode, fit_prefill
+from services.common.latency_profile import LatencyProfile, Overheads, TransferSpec
+
+from .latency_model import critical_batch_tokens, fit_decode, fit_prefill
 
 
 @dataclass(frozen=True)

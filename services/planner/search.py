@@ -33,6 +33,7 @@ from typing import Any, TypedDict
 from tqdm import tqdm
 
 from services.common.arith import ceil_div
+from services.common.latency_profile import LatencyProfile, TransferSpec
 from services.planner.workload import make_trace, rescale_rate
 
 from .analytic import AnalyticAssumptions, Parallelism, analytic_profile, kv_capacity_tokens
@@ -46,7 +47,6 @@ from .goodput import (
     trace_attainment,
 )
 from .hardware import ClusterSpec, ModelShape
-from .latency_model import LatencyProfile, TransferSpec
 from .simulator import SimConfig, Slo, simulate
 
 PLAN_SCHEMA = "pdserve.plan/v1"

@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common.arith import ceil_div
+from services.common.latency_profile import LatencyProfile, Overheads, TransferSpec
 from services.planner.workload import TraceRequest
-
-from .latency_model import LatencyProfile, Overheads, TransferSpec
 
 
 @dataclass(frozen=True)

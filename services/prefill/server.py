@@ -23,7 +23,7 @@ from services.common.background import in_background
 from services.common.enums import ReleaseReason, Role
 from services.common.errors import ServiceError
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
-from services.engine.engine import Engine, StepOutput
+from services.engine.engine import EngineBase, StepOutput
 from services.engine.scheduler import PrefillScheduler
 from services.engine.sequence import Sequence
 from services.kvstore.client import KvStoreClient
@@ -104,7 +104,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineBase,
         kvstore: KvStoreClient,
         *,
         worker_id: str,

@@ -23,7 +23,7 @@ from pdserve.v1 import common_pb2
 from services.common.enums import Role
 from services.common.errors import ServiceError
 from services.common.metrics import TOKEN_LATENCY_BUCKETS
-from services.engine.engine import Engine, StepOutput
+from services.engine.engine import EngineBase, StepOutput
 from services.engine.scheduler import AbortOutcome, BatchScheduler, StepKind, StepPlan
 from services.engine.sequence import Sequence
 
@@ -97,7 +97,7 @@ class StreamingWorker:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineBase,
         *,
         node_id: str,
         model_name: str,

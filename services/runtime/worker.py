@@ -20,10 +20,12 @@ from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common import validation
 from services.common.enums import Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
+from services.common.latency_profile import LatencyProfile
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
-from services.engine.engine import Engine
+from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
+from services.engine.engine import Engine, EngineBase
 from services.engine.sequence import Sequence
 from services.tiny_models import model_dir_or_default
 
@@ -41,7 +43,20 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
     common_server_flags(parser, port=port, metrics_port=metrics_port)
     parser.add_flag("--model", default="", help="Hugging Face checkpoint folder (default: the embedded tiny model)")
     parser.add_flag("--dtype", default="float32", help="float32, bfloat16 or float16")
-    parser.add_flag("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_flag(
+        "--device", default="cpu", help="cpu, cuda[:N], or emulated: no model, each step takes the time --profile says"
+    )
+    parser.add_flag(
+        "--profile",
+        default="",
+        help="--device emulated: the latency profile (pdserve.profile/v1 JSON) of the emulated instance",
+    )
+    parser.add_flag(
+        "--emulated-kv-scale",
+        default=DEFAULT_KV_SCALE,
+        type=int,
+        help="--device emulated: the KV pool holds the profile's bytes per token divided by this",
+    )
     parser.add_flag(
         "--backend",
         default="auto",
@@ -81,8 +96,10 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
     return parser
 
 
-def engine_from_flags(args) -> Engine:
+def engine_from_flags(args) -> EngineBase:
     torch.set_num_threads(args.threads or default_threads())  # the cores left to it by --cpu-affinity
+    if (args.device == "emulated") != bool(args.profile):
+        raise SystemExit("--profile goes with --device emulated, and --device emulated needs a --profile")
     config = EngineConfig(
         dtype=args.dtype,
         device=args.device,
@@ -94,6 +111,10 @@ def engine_from_flags(args) -> Engine:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or None,
     )
+    if args.device == "emulated":
+        return EmulatedEngine(
+            model_dir_or_default(args.model), config, LatencyProfile.load(args.profile), args.emulated_kv_scale
+        )
     return Engine(model_dir_or_default(args.model), config)
 
 
@@ -102,7 +123,7 @@ def default_threads() -> int:
 
 
 # ---- what every worker answers and reports ---------------------------------------------------------
-def limits_of(engine: Engine) -> validation.ModelLimits:
+def limits_of(engine: EngineBase) -> validation.ModelLimits:
     return validation.ModelLimits(engine.model_config.vocab_size, engine.max_model_len)
 
 
@@ -121,7 +142,7 @@ def sampling_params(sp: common_pb2.SamplingParams) -> SamplingParams:
 
 
 def sequence_for(
-    engine: Engine,
+    engine: EngineBase,
     request_id: str,
     prompt_field: str,
     prompt_ids,
@@ -170,14 +191,14 @@ class PrefillRate:
         )
 
 
-def register_kv_gauges(registry: CollectorRegistry, engine: Engine, role: Role) -> None:
+def register_kv_gauges(registry: CollectorRegistry, engine: EngineBase, role: Role) -> None:
     used = Gauge("pdserve_kv_blocks_used", "KV blocks in use in this worker's pool.", ["role"], registry=registry)
     used.labels(role).set_function(lambda: engine.block_manager.num_used)
     total = Gauge("pdserve_kv_blocks_total", "KV blocks in this worker's pool.", ["role"], registry=registry)
     total.labels(role).set_function(lambda: engine.block_manager.num_blocks)
 
 
-def worker_stats(engine: Engine, role: Role, node_id: str, model_name: str) -> common_pb2.WorkerStats:
+def worker_stats(engine: EngineBase, role: Role, node_id: str, model_name: str) -> common_pb2.WorkerStats:
     """The fields every role fills; each service adds its queue."""
     bm = engine.block_manager
     return common_pb2.WorkerStats(
@@ -205,7 +226,7 @@ class WorkerService(Protocol):
 
 
 class ServiceFactory(Protocol):
-    def __call__(self, engine: Engine, registry: CollectorRegistry, worker_id: str) -> WorkerService: ...
+    def __call__(self, engine: EngineBase, registry: CollectorRegistry, worker_id: str) -> WorkerService: ...
 
 
 def add_worker_servicers(server: grpc.aio.Server, role: Role, service: object) -> list[str]:

@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
+from services.common.latency_profile import LatencyProfile
 from services.planner.cli import add_subparsers, main
-from services.planner.latency_model import LatencyProfile
 from services.planner.workload import make_trace, write_trace
 
 

@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 
+from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency
 from services.planner.analytic import (
     Parallelism,
     analytic_profile,
@@ -12,15 +13,7 @@ from services.planner.analytic import (
     prefill_pass_seconds,
 )
 from services.planner.hardware import ClusterSpec, get_gpu, get_model_shape, shape_from_hf_config
-from services.planner.latency_model import (
-    DecodeLatency,
-    LatencyProfile,
-    PrefillLatency,
-    critical_batch_tokens,
-    fit_decode,
-    fit_prefill,
-    nonneg_lstsq,
-)
+from services.planner.latency_model import critical_batch_tokens, fit_decode, fit_prefill, nonneg_lstsq
 
 TRUE_PREFILL = PrefillLatency(a=0.012, b=1.7e-4, c=2.5e-8)
 TRUE_DECODE = DecodeLatency(a=0.016, b=4e-7, c=9e-5)

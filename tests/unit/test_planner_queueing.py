@@ -14,7 +14,7 @@ standard error of 0.5% or less: 2% is then at least four standard errors.
 import numpy as np
 import pytest
 
-from services.planner.latency_model import DecodeLatency, LatencyProfile, PrefillLatency
+from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency
 from services.planner.simulator import SimConfig, simulate
 from services.planner.workload import TraceRequest, poisson_arrivals
 

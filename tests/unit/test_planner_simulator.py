@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from services.planner.latency_model import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
+from services.common.latency_profile import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
 from services.planner.simulator import SimConfig, Slo, simulate
 from services.planner.workload import TraceRequest, make_trace
 

@@ -1,0 +1,131 @@
+"""An emulated cluster through the real serving system: 2 prefill and 4 decode workers on 2 emulated
+nodes, every worker an emulated engine at Llama-3-8B-on-H100 timings (profiles/, an analytic
+profile), with the real router, schedulers, kvstore daemons and UCX between the nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import grpc
+import pytest
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.common.arith import ceil_div
+from services.common.latency_profile import LatencyProfile
+from services.engine.config import ModelConfig
+from services.engine.emulated import DEFAULT_KV_SCALE, emulated_token, prompt_hash
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROFILE_PATH = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
+PROFILE = LatencyProfile.load(PROFILE_PATH)
+
+
+@pytest.fixture(scope="module")
+def emulated(cluster_factory, model_dir):
+    return cluster_factory(
+        "--model", model_dir, "--emulate", PROFILE_PATH, "--prefill", "2", "--decode", "4", "--nodes", "2"
+    )
+
+
+def _expected(model_dir: str, prompt: list[int], max_tokens: int) -> list[int]:
+    config = ModelConfig.from_pretrained(model_dir)
+    key = prompt_hash(prompt)
+    return [emulated_token(key, i, 0, config.vocab_size, config.eos_token_ids) for i in range(max_tokens)]
+
+
+async def _generate(
+    router: str, prompt: list[int], max_tokens: int
+) -> tuple[list[int], str, router_pb2.GenerateResponse]:
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        tokens, text, last = [], "", None
+        request = router_pb2.GenerateRequest(
+            token_ids=prompt, sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0)
+        )
+        async for response in stub.Generate(request, timeout=120):
+            tokens.extend(response.token_ids)
+            text += response.text
+            last = response
+        assert last is not None
+        return tokens, text, last
+
+
+def test_concurrent_requests_get_the_emulators_tokens_and_move_the_scaled_kv(emulated, model_dir):
+    rng = random.Random(0)
+    requests = [([rng.randrange(3, 1000) for _ in range(rng.randint(10, 600))], rng.randint(1, 60)) for _ in range(16)]
+    before = sum(s.bytes_ucx_received for s in emulated.kvstore_stats())
+
+    async def all_at_once():
+        return await asyncio.gather(*(_generate(emulated.router, prompt, n) for prompt, n in requests))
+
+    results = asyncio.run(all_at_once())
+    for (prompt, n), (tokens, text, last) in zip(requests, results):
+        assert tokens == _expected(model_dir, prompt, n) and last.finish_reason == "length"
+        assert text  # the router's tokenizer decodes them (random byte-level tokens: not all print)
+    emulated.wait_idle()
+    # KV crossed from node a (prefill) to node b (decode) over UCX, at 1/DEFAULT_KV_SCALE of its size
+    block_bytes = PROFILE.block_size * PROFILE.kv_bytes_per_token // DEFAULT_KV_SCALE
+    moved = sum(ceil_div(len(prompt), PROFILE.block_size) * block_bytes for prompt, n in requests if n > 1)
+    assert sum(s.bytes_ucx_received for s in emulated.kvstore_stats()) - before == moved
+    assert asyncio.run(_generate(emulated.router, *requests[0]))[0] == results[0][0]  # and again
+
+
+def test_at_low_load_steps_take_the_profiles_time(emulated):
+    """One request at a time: the worker's prefill and the time per output token are the profile's
+    (within 10% + 2 ms: the serving system's own work per token is in TPOT)."""
+    for n in (100, 800):
+        prompt = [3 + i % 997 for i in range(n)]
+        _, _, last = asyncio.run(_generate(emulated.router, prompt, 64))
+        timing = last.timing
+        prefill = PROFILE.prefill.time([n])
+        assert prefill <= timing.prefill_seconds <= prefill * 1.1 + 0.002, (n, timing)
+        step = PROFILE.decode.step_time(1, n + 32)  # the context half-way through
+        assert step <= timing.tpot_seconds <= step * 1.1 + 0.002, (n, timing)
+        assert timing.ttft_seconds >= prefill  # an emulated device is never faster than its profile
+    emulated.wait_idle()
+
+
+def test_an_emulated_decode_worker_killed_mid_stream_gives_an_identical_stream(emulated, model_dir):
+    prompt = [3 + (7 * i) % 997 for i in range(50)]
+
+    async def run():
+        async with grpc.aio.insecure_channel(emulated.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            call = stub.Generate(
+                router_pb2.GenerateRequest(
+                    token_ids=prompt, sampling=common_pb2.SamplingParams(max_tokens=300, temperature=0)
+                ),
+                timeout=120,
+            )
+            tokens, killed, last = [], None, None
+            async for response in call:
+                tokens.extend(response.token_ids)
+                last = response
+                if killed is None and len(tokens) >= 20:
+                    busy = [
+                        s
+                        for s, st in zip(emulated.services("decode"), emulated.worker_stats("decode"))
+                        if st.running > 0
+                    ]
+                    assert len(busy) == 1
+                    killed = busy[0]
+                    os.kill(killed["pid"], signal.SIGKILL)
+            return tokens, last, killed
+
+    tokens, last, killed = asyncio.run(run())
+    assert killed is not None and last.timing.retries == 1
+    assert tokens == _expected(model_dir, prompt, 300)
+    deadline = time.monotonic() + 60  # the launcher restarts it; nothing is left held
+    while True:
+        try:
+            emulated.wait_idle(timeout=1)
+            break
+        except (AssertionError, grpc.RpcError):
+            assert time.monotonic() < deadline, "the cluster did not recover"
+            time.sleep(0.5)

@@ -1,0 +1,113 @@
+"""The emulated engine (services/engine/emulated.py): steps last what the latency profile says,
+tokens are a deterministic function of the request, the KV pool has the profile's capacity at the
+stated scale, and a pull's floor is the profile's transfer time for the unscaled bytes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency, TransferSpec
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.emulated import EmulatedEngine, emulated_token, prompt_hash
+from services.engine.scheduler import BatchScheduler
+from services.engine.sequence import Sequence
+from services.tiny_models import get_model
+
+# Long enough steps that timer and scheduling noise are a small part of them.
+PROFILE = LatencyProfile(
+    prefill=PrefillLatency(a=0.020, b=50e-6, c=0.0),
+    decode=DecodeLatency(a=0.015, b=1e-6, c=200e-6),
+    kv_bytes_per_token=131072,
+    kv_capacity_tokens=16 * 4000,
+    block_size=16,
+    max_batched_tokens=2048,
+    max_num_seqs=64,
+    transfer=TransferSpec(fixed_s=0.001, bytes_per_s=50e9),
+    model="llama-3-8b",
+    device="H100-80G",
+    source="analytic",
+)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = EmulatedEngine(get_model("llama"), EngineConfig(device="emulated"), PROFILE, kv_scale=4096)
+    yield engine
+    engine.close()
+
+
+def _seq(name: str, n: int, max_tokens: int = 8, **sampling) -> Sequence:
+    return Sequence.from_prompt(
+        name, [5 + i % 500 for i in range(n)], SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
+    )
+
+
+def _timed(fn, *args) -> float:
+    started = time.monotonic()
+    fn(*args)
+    return time.monotonic() - started
+
+
+def test_steps_last_what_the_profile_says(engine):
+    seqs = [_seq("a", 100), _seq("b", 300)]
+    prefill = _timed(engine.prefill, seqs)
+    expected = PROFILE.prefill.time([100, 300])  # 40 ms
+    assert expected <= prefill <= expected * 1.1 + 0.002
+    decode = _timed(engine.decode_step, seqs)
+    expected = PROFILE.decode.step_time(2, 101 + 301 + 2)  # the contexts including the token fed
+    assert expected <= decode <= expected * 1.1 + 0.002
+    for seq in seqs:
+        engine.free(seq)
+
+
+def test_tokens_are_a_function_of_the_request_never_an_eos(engine):
+    vocab, eos = engine.model_config.vocab_size, engine.model_config.eos_token_ids
+    greedy = [_seq("g1", 40, max_tokens=50, seed=1), _seq("g2", 40, max_tokens=50, seed=2)]
+    sampled = [
+        _seq("s1", 40, max_tokens=50, temperature=1.0, seed=1),
+        _seq("s2", 40, max_tokens=50, temperature=1.0, seed=2),
+    ]
+    scheduler = BatchScheduler(engine.block_manager, 8, 4096)
+    for seq in greedy + sampled:
+        scheduler.add_prompt(seq)
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        assert plan is not None
+        engine.run(plan)
+        scheduler.finish_step(plan)
+    key = prompt_hash(greedy[0].token_ids[:40])
+    assert greedy[0].output_token_ids == [emulated_token(key, i, 0, vocab, eos) for i in range(50)]
+    assert greedy[0].output_token_ids == greedy[1].output_token_ids  # greedy: the seed does not matter
+    assert sampled[0].output_token_ids == [emulated_token(key, i, 1, vocab, eos) for i in range(50)]
+    assert sampled[0].output_token_ids != sampled[1].output_token_ids
+    assert all(seq.finish_reason == "length" for seq in greedy + sampled)  # never an EOS
+    assert not {t for seq in greedy + sampled for t in seq.output_token_ids} & set(eos)
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_a_resumed_request_continues_the_same_stream(engine):
+    """After a failover the request is re-prefilled with its tokens so far: the rest of the stream
+    is the one the first worker would have made."""
+    whole = _seq("whole", 30, max_tokens=12)
+    engine.prefill([whole])
+    while not whole.finished:
+        engine.decode_step([whole])
+    resumed = Sequence(
+        seq_id="resumed", token_ids=whole.token_ids[: 30 + 5], num_prompt_tokens=30, sampling=whole.sampling
+    )
+    engine.prefill([resumed])
+    while not resumed.finished:
+        engine.decode_step([resumed])
+    assert resumed.output_token_ids == whole.output_token_ids
+    engine.free(whole)
+    engine.free(resumed)
+
+
+def test_kv_capacity_scale_and_transfer_floor(engine):
+    layout = engine.kv_pool.layout
+    assert engine.block_manager.num_blocks == layout.num_blocks == 4000  # the profile's capacity
+    assert layout.block_bytes == 16 * 131072 // 4096  # bytes per token scaled by 1/4096
+    assert engine.config.max_num_seqs == 64 and engine.config.max_num_batched_tokens == 2048
+    assert engine.min_transfer_seconds(512) == pytest.approx(0.001 + 512 * 131072 / 50e9)
