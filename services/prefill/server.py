@@ -133,7 +133,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         await self.kvstore.register_pool(self.worker_id, self.engine.kv_pool, self._on_released)
 
     # ---- gRPC -----------------------------------------------------------------------------------
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> None:
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         try:
@@ -160,7 +160,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         except ServiceError:
             self.metrics.requests.labels(Outcome.FAILED).inc()
             raise
-        response = worker_pb2.PrefillResponse(
+        first = worker_pb2.PrefillResponse(
             first_token_id=out.token_id,
             first_logprob=out.logprob,
             finish_reason=out.finish_reason or "",
@@ -170,26 +170,33 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         )
         if out.finish_reason:  # done at the first token: nothing to publish (blocks already freed)
             self.metrics.requests.labels(Outcome.FINISHED).inc()
-            return response
+            await context.write(first)
+            return
         kv_id = f"{self.worker_id}/{seq.seq_id}"  # unique: the sequence id is
         self.thread.post(lambda: self.scheduler.publish(kv_id, seq))
         # Not cancelled with the request: a Publish cut short may still be recorded by the daemon
         # after our Release found nothing, leaving an entry on blocks freed here.
         publish = asyncio.ensure_future(self.kvstore.publish(kv_id, list(seq.block_table), num_tokens=seq.num_cached))
         try:
-            handle = await asyncio.shield(publish)
-        except asyncio.CancelledError:
-            in_background(self._abandon(kv_id, publish))
+            await context.write(first)  # the router has the first token while the KV is published
+            try:
+                handle = await asyncio.shield(publish)
+            except grpc.aio.AioRpcError as exc:
+                self.thread.post(lambda: self.scheduler.release(kv_id))
+                self.metrics.requests.labels(Outcome.PUBLISH_FAILED).inc()
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"kvstore publish failed: {exc.details()}") from None
+            if context.cancelled() or context.done():  # the router is gone: nobody will pull this entry
+                in_background(self._abandon(kv_id))
+                self.metrics.requests.labels(Outcome.CANCELLED).inc()
+                return
+            await context.write(worker_pb2.PrefillResponse(kv=handle))
+        except ServiceError:
             raise
-        except grpc.aio.AioRpcError as exc:
-            self.thread.post(lambda: self.scheduler.release(kv_id))
-            self.metrics.requests.labels(Outcome.PUBLISH_FAILED).inc()
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"kvstore publish failed: {exc.details()}") from None
-        if context.cancelled() or context.done():
-            in_background(self._abandon(kv_id))  # the router is gone; nobody will pull this entry
-        response.kv.CopyFrom(handle)
+        except BaseException:  # the router went away (cancelled, or a write failed): nobody will pull it
+            in_background(self._abandon(kv_id, publish))
+            self.metrics.requests.labels(Outcome.CANCELLED).inc()
+            raise
         self.metrics.requests.labels(Outcome.PUBLISHED).inc()
-        return response
 
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
         stats = worker_stats(self.engine, Role.PREFILL, self.node_id, self.model_name)

@@ -188,7 +188,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             self.active -= 1
             self.slo.inflight.dec()
-            if state.call is not None:
+            if state.handle_read is not None:
+                # The first token went out, the KV handle has not come: the prefill worker is
+                # publishing the KV. Take the handle when it comes and release the entry (cancelling
+                # the call could miss a handle already on its way and leave the entry to its TTL).
+                in_background(self._release_when_published(state.handle_read))
+            elif state.call is not None:
                 state.call.cancel()  # idempotent; frees the worker's blocks at once whatever ended us
             if state.handle is not None and not state.decode_started:
                 # No decode worker has confirmed (by streaming a token) that it took the entry:
@@ -249,23 +254,32 @@ class RouterService(router_pb2_grpc.RouterServicer):
             # a re-prefill after a failover queues afresh: only its own wait counts
             started = timer.arrived if not state.outputs else time.monotonic()
             ep = pick_prefill(self.registry.eligible(Role.PREFILL), exclude=state.failed)
-            response = await self._prefill(ep, state)
-            state.prefill_seconds += response.compute_seconds
-            state.queue_seconds += (time.monotonic() - started) - response.compute_seconds
-            state.outputs.append(response.first_token_id)
-            if not response.finish_reason:
-                # recorded before the first token goes out: a cancel during that write must
-                # still find the entry to release
-                state.handle = response.kv
-                state.handle_sent_at = time.monotonic()
-                state.decode_started = False
+            # The first token comes first and goes to the client at once; the KV handle follows
+            # once the worker has published the KV.
+            first = await self._prefill(ep, state)
+            state.prefill_seconds += first.compute_seconds
+            state.queue_seconds += (time.monotonic() - started) - first.compute_seconds
+            state.outputs.append(first.first_token_id)
+            if not first.finish_reason:  # read on its own, so that the request's end cannot cancel it
+                state.handle_read = asyncio.ensure_future(self._read_handle(ep, state))
             yield common_pb2.TokenChunk(
-                token_ids=[response.first_token_id],
-                finish_reason=response.finish_reason,
-                logprobs=[response.first_logprob] if state.sampling.logprobs else [],
+                token_ids=[first.first_token_id],
+                finish_reason=first.finish_reason,
+                logprobs=[first.first_logprob] if state.sampling.logprobs else [],
             )
-            if response.finish_reason:
+            if first.finish_reason:
                 return
+            assert state.handle_read is not None
+            try:
+                state.handle = await asyncio.shield(state.handle_read)
+            except asyncio.CancelledError:
+                raise  # the request ended: Generate's finally releases the entry once published
+            except BaseException:
+                state.handle_read = None  # the worker failed: there is no entry to release
+                raise
+            state.handle_read = None
+            state.handle_sent_at = time.monotonic()
+            state.decode_started = False
         assert state.handle is not None  # set by the prefill above, or kept from an earlier try
         ep = pick_decode(self.registry.eligible(Role.DECODE), kv_node=state.handle.node_id, exclude=state.failed)
         block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
@@ -293,27 +307,51 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise
 
     async def _prefill(self, ep: Endpoint, state: _RequestState) -> worker_pb2.PrefillResponse:
+        """Starts the prefill call (state.call) and returns its first message: the first token."""
         tokens = len(state.prompt) + len(state.outputs)
         ep.inflight_requests += 1
         ep.inflight_prompt_tokens += tokens
+        state.call = ep.stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id=state.request_id,
+                token_ids=state.prompt,
+                sampling=state.sampling,
+                resumed_output_ids=state.outputs,
+            ),
+            timeout=self._timeout(state.context),
+        )
         try:
-            return await ep.stub.Prefill(
-                worker_pb2.PrefillRequest(
-                    request_id=state.request_id,
-                    token_ids=state.prompt,
-                    sampling=state.sampling,
-                    resumed_output_ids=state.outputs,
-                ),
-                timeout=self._timeout(state.context),
-            )
+            return await self._read(ep, state, state.call)
+        finally:
+            ep.inflight_requests -= 1
+            ep.inflight_prompt_tokens -= tokens
+
+    async def _read_handle(self, ep: Endpoint, state: _RequestState) -> common_pb2.KvHandle:
+        """The prefill call's second message: where the published KV is."""
+        assert state.call is not None
+        response = await self._read(ep, state, state.call)
+        if not response.HasField("kv"):
+            raise _unavailable(f"prefill worker {ep.address} sent no KV handle")
+        return response.kv
+
+    async def _read(self, ep: Endpoint, state: _RequestState, call) -> worker_pb2.PrefillResponse:
+        try:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                raise _unavailable(f"prefill worker {ep.address} ended the call early")
+            return response
         except grpc.aio.AioRpcError as exc:
             if exc.code() in RETRYABLE:
                 self.registry.mark_failed(ep)
                 state.failed.add(ep.address)
             raise
-        finally:
-            ep.inflight_requests -= 1
-            ep.inflight_prompt_tokens -= tokens
+
+    async def _release_when_published(self, handle_read: asyncio.Future) -> None:
+        try:
+            handle = await handle_read
+        except Exception:
+            return  # the worker failed or gave up: it released the entry, or never had one
+        await self._release(handle)
 
     async def _stream(self, ep: Endpoint, call, state: _RequestState, prompt_tokens: int):
         """Relays a worker's TokenChunk stream; cancels the call if the client goes away."""
@@ -329,12 +367,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 yield chunk
                 if chunk.finish_reason:
                     return
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details=f"{ep.role} worker {ep.address} ended the stream early",
-            )
+            raise _unavailable(f"{ep.role} worker {ep.address} ended the stream early")
         except grpc.aio.AioRpcError as exc:
             if exc.code() in RETRYABLE:
                 self.registry.mark_failed(ep)
@@ -379,6 +412,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         await self.kvstore.close()
 
 
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    """A worker that broke off is taken as down: the request fails over (RETRYABLE)."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
 class _RequestState:
     def __init__(
         self, prompt: list[int], sampling: common_pb2.SamplingParams, request_id: str, context: grpc.aio.ServicerContext
@@ -391,7 +429,9 @@ class _RequestState:
         self.handle: common_pb2.KvHandle | None = None
         self.handle_sent_at = 0.0
         self.decode_started = False  # a decode worker streamed a token from the current handle
-        self.call = None  # the streaming worker call in progress, cancelled when the request ends
+        self.call = None  # the worker call in progress, cancelled when the request ends
+        # reading the prefill call's KV handle, after the first token came: a task of its own
+        self.handle_read: asyncio.Future[common_pb2.KvHandle] | None = None
         self.failed: set[str] = set()
         self.retries = 0
         self.queue_seconds = 0.0

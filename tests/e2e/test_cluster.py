@@ -304,7 +304,8 @@ def test_workers_reject_bad_requests_naming_the_field(two_node, role, make_reque
     async def call():
         async with grpc.aio.insecure_channel(svc["grpc"]) as channel:
             if role == "prefill":
-                await worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(make_request(), timeout=10)
+                async for _ in worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(make_request(), timeout=10):
+                    pass
             else:
                 async for _ in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(make_request(), timeout=10):
                     pass

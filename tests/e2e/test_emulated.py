@@ -76,18 +76,23 @@ def test_concurrent_requests_get_the_emulators_tokens_and_move_the_scaled_kv(emu
     assert asyncio.run(_generate(emulated.router, *requests[0]))[0] == results[0][0]  # and again
 
 
-def test_at_low_load_steps_take_the_profiles_time(emulated):
+def test_at_low_load_ttft_and_tpot_are_the_profiles(emulated):
     """One request at a time: the worker's prefill and the time per output token are the profile's
-    (within 10% + 2 ms: the serving system's own work per token is in TPOT)."""
+    within 10% (+2 ms: the serving system's own work per token is in TPOT); so is TTFT (median of
+    three) for a prompt whose prefill is long enough that the router's and worker's fixed cost on
+    this machine (2-3 ms) fits in the margin. Shorter prompts' TTFT: never below the profile."""
     for n in (100, 800):
         prompt = [3 + i % 997 for i in range(n)]
-        _, _, last = asyncio.run(_generate(emulated.router, prompt, 64))
-        timing = last.timing
+        timings = [asyncio.run(_generate(emulated.router, prompt, 64))[2].timing for _ in range(3)]
         prefill = PROFILE.prefill.time([n])
-        assert prefill <= timing.prefill_seconds <= prefill * 1.1 + 0.002, (n, timing)
         step = PROFILE.decode.step_time(1, n + 32)  # the context half-way through
-        assert step <= timing.tpot_seconds <= step * 1.1 + 0.002, (n, timing)
-        assert timing.ttft_seconds >= prefill  # an emulated device is never faster than its profile
+        for timing in timings:
+            assert prefill <= timing.prefill_seconds <= prefill * 1.1 + 0.002, (n, timing)
+            assert step <= timing.tpot_seconds <= step * 1.1 + 0.002, (n, timing)
+            assert timing.ttft_seconds >= prefill  # an emulated device is never faster than its profile
+        ttft = sorted(t.ttft_seconds for t in timings)[1]
+        if n == 800:
+            assert ttft <= prefill * 1.1 + 0.002, (n, ttft, prefill)
     emulated.wait_idle()
 
 

@@ -139,6 +139,19 @@ def kvstore(tmp_path):
     log.close()
 
 
+async def _prefill(stub, request_id: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
+    """The worker's two messages (the first token, then the KV handle) as one."""
+    merged = worker_pb2.PrefillResponse()
+    request = worker_pb2.PrefillRequest(
+        request_id=request_id,
+        token_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+    )
+    async for response in stub.Prefill(request, timeout=30):
+        merged.MergeFrom(response)
+    return merged
+
+
 def _prefill_service(engine: Engine, kvstore: str) -> PrefillService:
     return PrefillService(
         engine,
@@ -175,14 +188,7 @@ def test_a_failing_prefill_fails_its_prompts_frees_their_blocks_and_the_worker_g
             stub = worker_pb2_grpc.PrefillWorkerStub(channel)
 
             def prefill(i: int):
-                return stub.Prefill(
-                    worker_pb2.PrefillRequest(
-                        request_id=f"p{i}",
-                        token_ids=[5 + i] * (10 + i),
-                        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-                    ),
-                    timeout=30,
-                )
+                return _prefill(stub, f"p{i}", [5 + i] * (10 + i))
 
             monkeypatch.setattr(engine.runner, "prefill", _device_lost)
             failures = await asyncio.gather(*(prefill(i) for i in range(3)), return_exceptions=True)
@@ -213,34 +219,49 @@ def test_prefill_requests_sharing_a_request_id_are_served_apart(kvstore):
         async with aio_channel(address) as channel:
             stub = worker_pb2_grpc.PrefillWorkerStub(channel)
             prompts = [[5 + i] * (8 + 3 * i) for i in range(6)]
-            responses = await asyncio.gather(
-                *(
-                    stub.Prefill(
-                        worker_pb2.PrefillRequest(
-                            request_id="same",
-                            token_ids=prompt,
-                            sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-                        ),
-                        timeout=30,
-                    )
-                    for prompt in prompts
-                )
-            )
+            responses = await asyncio.gather(*(_prefill(stub, "same", prompt) for prompt in prompts))
             assert [r.kv.num_tokens for r in responses] == [len(p) for p in prompts]
             assert len({r.kv.kv_id for r in responses}) == len(prompts)
-            alone = [
-                await stub.Prefill(
-                    worker_pb2.PrefillRequest(
-                        request_id="other",
-                        token_ids=prompt,
-                        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-                    ),
-                    timeout=30,
-                )
-                for prompt in prompts
-            ]
+            alone = [await _prefill(stub, "other", prompt) for prompt in prompts]
             assert [r.first_token_id for r in responses] == [r.first_token_id for r in alone]  # each its own prompt's
             await _release_and_wait_until_free(kvstore, channel, [r.kv for r in responses + alone])
+        await _stop(runner, service)
+
+    asyncio.run(scenario())
+    engine.close()
+
+
+def test_the_first_token_comes_before_the_kv_handle_and_a_cancel_between_releases_the_kv(kvstore):
+    """Prefill streams the first token as soon as its batch is computed, then the handle once the KV
+    is published; a caller that goes away after the first token leaves no entry and no held block."""
+    engine = _engine()
+
+    async def scenario():
+        service = _prefill_service(engine, kvstore)
+        runner, address = await _serve(Role.PREFILL, service)
+        async with aio_channel(address) as channel:
+            stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+            request = worker_pb2.PrefillRequest(
+                request_id="r", token_ids=[7] * 40, sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0)
+            )
+            messages = [m async for m in stub.Prefill(request, timeout=30)]
+            assert len(messages) == 2 and not messages[0].HasField("kv") and messages[0].compute_seconds > 0
+            assert messages[1].kv.num_tokens == 40 and not messages[1].compute_seconds
+            await _release_and_wait_until_free(kvstore, channel, [messages[1].kv])
+            for _ in range(5):  # cancelled right after the first token
+                call = stub.Prefill(request, timeout=30)
+                assert not (await call.read()).HasField("kv")
+                call.cancel()
+            for _ in range(100):
+                stats = await _stats(channel)
+                if stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0
+            daemon = KvStoreClient(kvstore)
+            entries = await daemon.stats()
+            await daemon.close()
+            assert entries.entries_device + entries.entries_host == 0
         await _stop(runner, service)
 
     asyncio.run(scenario())
