@@ -78,6 +78,7 @@ class ClusterSpec:
     colocated: int = 1
     nodes: int = 1
     placement: str = "split"  # split: prefill on the first nodes, decode on the rest; spread: round robin
+    node_of: dict[str, list[int]] = field(default_factory=dict)  # role -> each worker's node index (else placement)
     host: str = "127.0.0.1"
     router_port: int = 7000
     kv_cache_gb: float = 0.25
@@ -129,6 +130,10 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
         return emulated + spec.role_args.get(role, [])
 
     def node_for(role: str, index: int) -> str:
+        if role in spec.node_of:
+            return nodes[spec.node_of[role][index]]
+        if role == "colocated":
+            return nodes[index % len(nodes)]
         if spec.placement == "split" and len(nodes) > 1:
             half = len(nodes) // 2
             group = nodes[:half] if role == "prefill" else nodes[half:]
@@ -138,12 +143,13 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
 
     if spec.mode == "colocated":
         for i in range(spec.colocated):
+            node = node_for("colocated", i)
             add(
                 f"colocated-{i}",
                 "colocated",
-                nodes[i % len(nodes)],
+                node,
                 "services.colocated",
-                common + ["--node-id", nodes[i % len(nodes)]] + role_args("colocated"),
+                common + ["--node-id", node] + role_args("colocated"),
             )
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):

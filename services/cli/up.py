@@ -14,21 +14,22 @@ import yaml
 
 from services.common.latency_profile import LatencyProfile
 from services.launcher import MAX_RESTARTS, Cluster, ClusterSpec, StartCancelled, prometheus_config
+from services.planner.plan_output import read_layout
 from services.tiny_models import model_dir_or_default
 
 
 def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="", help="checkpoint folder (default: the embedded tiny model)")
     ap.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
-    ap.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    ap.add_argument("--decode", type=int, default=1, help="decode workers")
-    ap.add_argument("--colocated", type=int, default=1, help="workers in colocated mode")
-    ap.add_argument("--nodes", type=int, default=1, help="kvstore daemons, each emulating a node")
+    # None: not given (--plan sets them; 1, 1, 1, 1 and split otherwise)
+    ap.add_argument("--prefill", type=int, help="prefill workers (default 1)")
+    ap.add_argument("--decode", type=int, help="decode workers (default 1)")
+    ap.add_argument("--colocated", type=int, help="workers in colocated mode (default 1)")
+    ap.add_argument("--nodes", type=int, help="kvstore daemons, each emulating a node (default 1)")
     ap.add_argument(
         "--placement",
         choices=["split", "spread"],
-        default="split",
-        help="split: prefill on the first half of the nodes, decode on the rest",
+        help="split (default): prefill on the first half of the nodes, decode on the rest; spread: round robin",
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7000, help="router gRPC port (0: any free port)")
@@ -64,6 +65,14 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     )
     emulate.add_argument("--prefill-profile", default="", help="the prefill workers' profile (default: --emulate)")
     emulate.add_argument("--decode-profile", default="", help="the decode workers' profile (default: --emulate)")
+    emulate.add_argument(
+        "--plan",
+        default="",
+        metavar="PLAN_JSON",
+        help="start the layout a `pdserve plan search` wrote (instances, nodes, SLOs), every worker emulated "
+        "at the profile the search simulated its role with (--emulate or --*-profile: another profile of the "
+        "same parallel degrees); with --mode colocated, its colocated baseline on the same GPUs",
+    )
     ap.add_argument("--kvstore-arg", action="append", default=[], help="extra flag for every kvstore (repeatable)")
 
 
@@ -71,14 +80,15 @@ def spec_from_args(args) -> ClusterSpec:
     def split_flags(values):  # "--a 1 --b 'x y'" -> ["--a", "1", "--b", "x y"]
         return [part for v in values for part in shlex.split(v)]
 
-    return ClusterSpec(
+    _check_profile_flags(args)
+    spec = ClusterSpec(
         model=args.model,
         mode=args.mode,
-        prefill=args.prefill,
-        decode=args.decode,
-        colocated=args.colocated,
-        nodes=args.nodes,
-        placement=args.placement,
+        prefill=_given(args.prefill, 1),
+        decode=_given(args.decode, 1),
+        colocated=_given(args.colocated, 1),
+        nodes=_given(args.nodes, 1),
+        placement=args.placement or "split",
         host=args.host,
         router_port=args.port,
         kv_cache_gb=args.kv_cache_gb,
@@ -89,6 +99,13 @@ def spec_from_args(args) -> ClusterSpec:
         kvstore_args=split_flags(args.kvstore_arg),
         profiles=_profiles(args),
     )
+    if args.plan:
+        _apply_plan(args, spec)
+    return spec
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _profiles(args) -> dict[str, str]:
@@ -99,6 +116,63 @@ def _profiles(args) -> dict[str, str]:
         "colocated": args.emulate,
     }
     return {role: path for role, path in profiles.items() if path}
+
+
+def _apply_plan(args, spec: ClusterSpec) -> None:
+    """The plan's instances, nodes, profiles and SLOs into the spec; refuses flags it would override."""
+    given = [
+        flag for flag in ("prefill", "decode", "colocated", "nodes", "placement") if getattr(args, flag) is not None
+    ]
+    if given:
+        raise SystemExit(f"--plan sets the layout: drop --{', --'.join(given)}")
+    try:
+        layout = read_layout(args.plan, spec.mode)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--plan: {exc}") from None
+    for role, overriding in spec.profiles.items():
+        if role not in layout.profiles:
+            continue
+        planned, other = LatencyProfile.load(layout.profiles[role]), LatencyProfile.load(overriding)
+        if (other.tensor_parallel, other.pipeline_parallel) != (planned.tensor_parallel, planned.pipeline_parallel):
+            raise SystemExit(
+                f"--plan: its {role} instances are tp={planned.tensor_parallel}, pp={planned.pipeline_parallel}; "
+                f"{overriding} is a tp={other.tensor_parallel}, pp={other.pipeline_parallel} profile"
+            )
+    counts = {role: len(nodes) for role, nodes in layout.nodes.items()}
+    spec.prefill, spec.decode = counts.get("prefill", 0), counts.get("decode", 0)
+    spec.colocated, spec.nodes, spec.node_of = counts.get("colocated", 0), layout.num_nodes, layout.nodes
+    spec.profiles = {**layout.profiles, **{r: p for r, p in spec.profiles.items() if r in layout.profiles}}
+    slo = [
+        "--slo-ttft-seconds",
+        str(layout.slo["ttft_s"]),
+        "--slo-tpot-seconds",
+        str(layout.slo["tpot_s"]),
+        "--slo-attainment-target",
+        str(layout.slo["attainment"]),
+    ]
+    spec.router_args = slo + spec.router_args  # a --router-arg given too comes later and wins
+
+
+def _check_profile_flags(args) -> None:
+    for flag, path in (
+        ("--emulate", args.emulate),
+        ("--prefill-profile", args.prefill_profile),
+        ("--decode-profile", args.decode_profile),
+    ):
+        if path:
+            try:
+                LatencyProfile.load(path)  # a bad one would stop every worker at start
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"{flag}: {exc}") from None
+    if args.mode == "colocated" and (args.prefill_profile or args.decode_profile):
+        raise SystemExit("--prefill-profile and --decode-profile are for disaggregated mode (colocated: --emulate)")
+    if (
+        (args.prefill_profile or args.decode_profile)
+        and not args.emulate
+        and not args.plan
+        and not (args.prefill_profile and args.decode_profile)
+    ):
+        raise SystemExit("--prefill-profile and --decode-profile go together (or with --emulate for the other)")
 
 
 def _check_args(args, spec: ClusterSpec) -> None:
@@ -117,22 +191,6 @@ def _check_args(args, spec: ClusterSpec) -> None:
             raise SystemExit(f"{flag}: folder {folder} does not exist")
     if spec.model and not os.path.isfile(os.path.join(spec.model, "config.json")):
         raise SystemExit(f"--model: {spec.model} is not a checkpoint folder (no config.json)")
-    for flag, path in (
-        ("--emulate", args.emulate),
-        ("--prefill-profile", args.prefill_profile),
-        ("--decode-profile", args.decode_profile),
-    ):
-        if path:
-            try:
-                LatencyProfile.load(path)  # a bad one would stop every worker at start
-            except (OSError, ValueError) as exc:
-                raise SystemExit(f"{flag}: {exc}") from None
-    if (
-        (args.prefill_profile or args.decode_profile)
-        and not args.emulate
-        and not (args.prefill_profile and args.decode_profile)
-    ):
-        raise SystemExit("--prefill-profile and --decode-profile go together (or with --emulate for the other)")
 
 
 def up(args) -> int:
@@ -149,6 +207,9 @@ def up(args) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.plan:
+        workers = ", ".join(f"{len(nodes)} {role}" for role, nodes in spec.node_of.items())
+        print(f"{args.plan}: {workers}, emulated at " + ", ".join(sorted(set(spec.profiles.values()))), flush=True)
     print(f"starting {spec.mode} cluster ({spec.nodes} node(s)); logs in {spec.log_dir}/", flush=True)
     try:
         try:

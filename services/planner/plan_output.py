@@ -1,4 +1,5 @@
-"""Writing a plan: JSON (complete), YAML (same content), and Helm values for deploy/.
+"""Writing a plan: JSON (complete), YAML (same content), Helm values for deploy/, and the latency
+profile of each role's instances; and reading its layout back for `pdserve up --plan`.
 
 The values are for an umbrella chart with subcharts `prefill`, `decode`, `router` and `kvstore`
 (docs/planner.md lists every key). A replica whose pipeline spans nodes is one pod per node
@@ -10,10 +11,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import yaml
 
-from .search import Plan
+from services.common.latency_profile import LatencyProfile
+
+from .search import PLAN_SCHEMA, Plan
+
+# role -> the file (beside plan.json) holding the profile its instances were simulated with
+PROFILE_FILES = {role: f"{role}-profile.json" for role in ("prefill", "decode", "colocated")}
+# role -> where plan.json describes that role's instances
+PLAN_SECTIONS = {"prefill": "prefill", "decode": "decode", "colocated": "colocated_baseline"}
 
 
 def _role_values(plan: Plan, role: str) -> dict:
@@ -96,6 +105,10 @@ def write_plan(plan: Plan, out_dir: str) -> dict[str, str]:
         "yaml": os.path.join(out_dir, "plan.yaml"),
         "helm": os.path.join(out_dir, "values.yaml"),
     }
+    for role, profile in plan.profiles.items():
+        paths[f"{role}_profile"] = os.path.join(out_dir, PROFILE_FILES[role])
+        profile.save(paths[f"{role}_profile"])
+        data[PLAN_SECTIONS[role]]["profile"] = PROFILE_FILES[role]
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
@@ -125,3 +138,62 @@ def finite(obj):
     if isinstance(obj, (list, tuple)):
         return [finite(v) for v in obj]
     return obj
+
+
+@dataclass
+class PlannedLayout:
+    """The processes `pdserve up --plan` starts: one emulated worker per planned instance, each
+    taking its role's profile. A pipeline spanning nodes is one process (its profile has the
+    pipeline's timing) on the node of its first stage."""
+
+    mode: str
+    nodes: dict[str, list[int]]  # role -> the node index of each instance
+    profiles: dict[str, str]  # role -> the profile file
+    slo: dict  # ttft_s, tpot_s, attainment
+
+    @property
+    def num_nodes(self) -> int:
+        return 1 + max(n for nodes in self.nodes.values() for n in nodes)
+
+
+def read_layout(path: str, mode: str = "disaggregated") -> PlannedLayout:
+    """The layout of a plan.json written by `pdserve plan search`: its disaggregated instances, or
+    (mode "colocated") its colocated baseline on the same number of GPUs."""
+    with open(path) as f:
+        try:
+            plan = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+    if plan.get("schema") != PLAN_SCHEMA:
+        raise ValueError(f"{path}: not a plan (schema {plan.get('schema')!r}, want {PLAN_SCHEMA!r})")
+    roles = ("colocated",) if mode == "colocated" else ("prefill", "decode")
+    profiles = {}
+    for role in roles:
+        section = plan.get(PLAN_SECTIONS[role])
+        if not section:
+            raise ValueError(f"{path}: the plan has no colocated baseline (it was searched with --no-colocated)")
+        if "profile" not in section:
+            raise ValueError(
+                f"{path}: no {role} profile file named in it (an older plan): run `pdserve plan search` again"
+            )
+        profiles[role] = os.path.join(os.path.dirname(os.path.abspath(path)), section["profile"])
+        LatencyProfile.load(profiles[role])  # a bad one would stop every worker at start
+    if mode == "colocated":
+        tp, per_node = plan["colocated_baseline"]["tensor_parallel"], plan["cluster"]["gpus_per_node"]
+        count = plan["gpus_used"] // tp  # the disaggregated plan's GPUs, as colocated instances
+        if count == 0:
+            raise ValueError(
+                f"{path}: a colocated instance (tp={tp}) needs more than the plan's {plan['gpus_used']} GPUs"
+            )
+        nodes = {"colocated": [i * tp // per_node for i in range(count)]}
+    else:
+        nodes = {
+            role: [
+                i["stages"][0]["node"] for i in sorted(plan["instances"], key=lambda i: i["index"]) if i["role"] == role
+            ]
+            for role in roles
+        }
+    for role in roles:
+        if not nodes[role]:
+            raise ValueError(f"{path}: the plan has no {role} instances")
+    return PlannedLayout(mode, nodes, profiles, plan["slo"])

@@ -117,6 +117,9 @@ class Plan:
     candidates: list = field(default_factory=list)
     colocated_baseline: dict | None = None
     search_seconds: float = 0.0
+    # role -> the profile its instances were simulated with (the decode one carrying the plan's KV
+    # transfer model): what `pdserve up --plan` gives emulated workers. Written beside plan.json.
+    profiles: dict[str, LatencyProfile] = field(default_factory=dict)
 
     @property
     def gpus_used(self) -> int:
@@ -428,6 +431,12 @@ class PlacementSearch:
         n_p, n_d, rate, verification = self._verify(sim_cfg, rate, n_p, n_d, concurrency, grow)
         instances = place_packed(s.cluster, [("prefill", p)] * n_p + [("decode", d)] * n_d)
         plan = self._plan("high-affinity (Algorithm 1)", rate, p, d, n_p, n_d, instances, verification, candidates)
+        plan.profiles = {
+            "prefill": self.profile(p.tensor_parallel, p.pipeline_parallel),
+            "decode": replace(
+                self.profile(d.tensor_parallel, d.pipeline_parallel), transfer=self.high_affinity_transfer(p, d)
+            ),
+        }
         plan.search_seconds = time.perf_counter() - start
         return plan
 
@@ -641,6 +650,10 @@ class PlacementSearch:
             candidates,
         )
         plan.unit = {**unit, "units": num_units, "all_verified": verified}
+        plan.profiles = {
+            "prefill": self.profile(tp_p, pp, pp - 1),
+            "decode": replace(self.profile(tp_d, pp, pp - 1), transfer=self.low_affinity_transfer(p, d)),
+        }
         plan.segments = seg_rows
         plan.search_seconds = time.perf_counter() - start
         return plan
@@ -702,6 +715,8 @@ class PlacementSearch:
             if self.spec.compare_colocated:
                 start = time.perf_counter()
                 plan.colocated_baseline = self.colocated_baseline()
+                if plan.colocated_baseline:
+                    plan.profiles["colocated"] = self.profile(plan.colocated_baseline["tensor_parallel"], 1)
                 plan.search_seconds += time.perf_counter() - start
         finally:
             self.close()

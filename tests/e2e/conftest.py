@@ -50,6 +50,15 @@ class RunningCluster:
         with urllib.request.urlopen(f"http://{service['metrics']}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def stop(self) -> int:
+        """SIGTERM to the launcher; its exit code once every service stopped."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Every worker pool fully free and no kvstore entry left (releases are asynchronous)."""
         deadline = time.monotonic() + timeout
@@ -93,15 +102,6 @@ def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluste
     return RunningCluster(proc, json.loads(ready.read_text()), str(log_path))
 
 
-def stop_cluster(cluster: RunningCluster) -> int:
-    cluster.proc.send_signal(signal.SIGTERM)
-    try:
-        return cluster.proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        cluster.proc.kill()
-        raise
-
-
 @pytest.fixture(scope="module")
 def cluster_factory(tmp_path_factory):
     started: list[RunningCluster] = []
@@ -114,5 +114,5 @@ def cluster_factory(tmp_path_factory):
     yield make
     for cluster in started:
         if cluster.proc.poll() is None:
-            code = stop_cluster(cluster)
+            code = cluster.stop()
             assert code == 0, f"launcher exited {code}:\n{open(cluster.log_path).read()[-3000:]}"

@@ -5,9 +5,12 @@ profile), with the real router, schedulers, kvstore daemons and UCX between the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -134,3 +137,40 @@ def test_an_emulated_decode_worker_killed_mid_stream_gives_an_identical_stream(e
         except (AssertionError, grpc.RpcError):
             assert time.monotonic() < deadline, "the cluster did not recover"
             time.sleep(0.5)
+
+
+def _search(out_dir, *flags: str) -> dict:
+    """`pdserve plan search` for Llama-3-8B on H100s (short probes, one process)."""
+    cmd = [sys.executable, "-m", "services.cli", "plan", "search", "--model", "llama-3-8b", "--gpu", "H100-80G"]
+    cmd += ["--slo-ttft", "0.3", "--slo-tpot", "0.05", "--min-duration", "5"]
+    cmd += ["--num-requests", "200", "--rel-tol", "0.1", "--workers", "1", "--out-dir", str(out_dir), *flags]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return json.loads((out_dir / "plan.json").read_text())
+
+
+def test_up_with_a_plan_starts_its_layout_at_its_profiles(cluster_factory, model_dir, tmp_path):
+    plan = _search(tmp_path, "--nodes", "2", "--gpus-per-node", "2", "--rate", "100")
+    # packed: the prefill instance and a decode instance on node 0, the other decode instance on
+    # node 1 (where `pdserve up`'s own placement would put both decode workers on node 1)
+    assert (plan["prefill"]["replicas"], plan["decode"]["replicas"]) == (1, 2)
+    assert sorted(i["stages"][0]["node"] for i in plan["instances"] if i["role"] == "decode") == [0, 1]
+    for mode, roles in (("disaggregated", ("prefill", "decode")), ("colocated", ("colocated",))):
+        cluster = cluster_factory("--model", model_dir, "--plan", str(tmp_path / "plan.json"), "--mode", mode)
+        for role in roles:
+            profile = LatencyProfile.load(str(tmp_path / f"{role}-profile.json"))
+            if role == "colocated":  # the disaggregated plan's 3 GPUs as tp-1 colocated instances, packed
+                assert plan["colocated_baseline"]["tensor_parallel"] == 1
+                nodes = [0, 0, 1]
+            else:
+                nodes = sorted(i["stages"][0]["node"] for i in plan["instances"] if i["role"] == role)
+            assert sorted(s["node"] for s in cluster.services(role)) == [f"node-{'ab'[n]}" for n in nodes]
+            assert {s.kv_blocks_total for s in cluster.worker_stats(role)} == {profile.kv_capacity_blocks}
+        router = next(s for s in cluster.info["services"] if s["role"] == "router")
+        metrics = cluster.metrics_text(router)
+        assert f'pdserve_slo_target_seconds{{slo="tpot"}} {plan["slo"]["tpot_s"]}' in metrics
+        prompt = [3 + i % 997 for i in range(300)]
+        tokens, _, last = asyncio.run(_generate(cluster.router, prompt, 40))
+        assert tokens == _expected(model_dir, prompt, 40)
+        profile = LatencyProfile.load(str(tmp_path / f"{roles[0]}-profile.json"))
+        assert profile.prefill.time([300]) <= last.timing.prefill_seconds <= profile.prefill.time([300]) * 1.1 + 0.002
+        assert cluster.stop() == 0

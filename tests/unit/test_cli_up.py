@@ -1,7 +1,8 @@
-"""`pdserve up` refuses a bad emulation setup before it starts anything."""
+"""`pdserve up` refuses a bad emulation or plan setup before it starts anything."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ PROFILE = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
     ],
 )
 def test_a_bad_emulation_setup_is_refused_up_front(tmp_path, args, message):
+    _assert_refused(tmp_path, args, message)
+
+
+def _assert_refused(tmp_path, args: list[str], message: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "services.cli", "up", "--port", "0", "--log-dir", str(tmp_path), *args],
         cwd=ROOT,
@@ -30,3 +35,42 @@ def test_a_bad_emulation_setup_is_refused_up_front(tmp_path, args, message):
     )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # no service was started (none wrote a log)
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """A plan (with its colocated baseline) and one searched with --no-colocated."""
+    out = {}
+    for name, flags in (("plan", []), ("plan-no-colocated", ["--no-colocated"])):
+        folder = tmp_path_factory.mktemp(name)
+        subprocess.run(
+            [sys.executable, "-m", "services.cli", "plan", "search", "--model", "llama-3-8b", "--gpu", "H100-80G"]
+            + ["--nodes", "2", "--gpus-per-node", "1", "--rate", "5", "--min-duration", "2", "--num-requests", "100"]
+            + ["--rel-tol", "0.2", "--workers", "1", "--out-dir", str(folder), *flags],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        out[name] = str(folder / "plan.json")
+    tp2 = json.loads(open(PROFILE).read()) | {"tensor_parallel": 2}
+    out["tp2-profile"] = str(tmp_path_factory.mktemp("profiles") / "tp2.json")
+    with open(out["tp2-profile"], "w") as f:
+        json.dump(tp2, f)
+    return out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--plan", "{plan}", "--prefill", "2"], "--plan sets the layout: drop --prefill"),
+        (["--plan", "{plan}", "--nodes", "4", "--placement", "spread"], "drop --nodes, --placement"),
+        (["--plan", os.path.join(ROOT, "README.md")], "--plan: "),  # not JSON
+        (["--plan", PROFILE], "not a plan"),
+        (["--plan", "{plan}", "--emulate", "{tp2-profile}"], "its prefill instances are tp=1, pp=1; "),
+        (["--plan", "{plan-no-colocated}", "--mode", "colocated"], "no colocated baseline"),
+        (["--mode", "colocated", "--prefill-profile", PROFILE], "for disaggregated mode"),
+    ],
+)
+def test_a_bad_plan_setup_is_refused_up_front(tmp_path, plans, args, message):
+    _assert_refused(tmp_path, [a.format(**plans) for a in args], message)
