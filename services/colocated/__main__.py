@@ -7,9 +7,14 @@ from .server import ColocatedService
 
 
 def main(argv=None) -> None:
-    args = worker_parser(
-        Role.COLOCATED, "pdserve colocated worker (prefill + decode)", port=7400, metrics_port=9400
-    ).parse_args(argv)
+    parser = worker_parser(Role.COLOCATED, "pdserve colocated worker (prefill + decode)", port=7400, metrics_port=9400)
+    parser.add_flag(
+        "--chunked-prefill",
+        action="store_true",
+        help="each step carries every running sequence's next token and fills the rest of "
+        "--max-num-batched-tokens with prompt chunks (default: prefill first)",
+    )
+    args = parser.parse_args(argv)
 
     def make_service(engine, registry, worker_id):
         return ColocatedService(
@@ -18,6 +23,7 @@ def main(argv=None) -> None:
             model_name=engine.kv_pool.layout.model_id,
             registry=registry,
             stream_interval=args.stream_interval,
+            chunked_prefill=args.chunked_prefill,
         )
 
     run_worker(Role.COLOCATED, args, make_service)

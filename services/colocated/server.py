@@ -1,6 +1,7 @@
-"""Colocated worker: prefill and decode in one process, one continuous batch, prefill first
-(vLLM's default policy). Served through the same router API, for small deployments and as the
-baseline that disaggregation is measured against."""
+"""Colocated worker: prefill and decode in one process, one continuous batch, prefill first or
+(--chunked-prefill) prompt chunks beside the running sequences' tokens in every step. Served
+through the same router API, for small deployments and as the baseline that disaggregation is
+measured against."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ from services.runtime.worker import sequence_for
 class ColocatedService(StreamingWorker, worker_pb2_grpc.ColocatedWorkerServicer):
     role = Role.COLOCATED
     scheduler_class = BatchScheduler
+
+    def __init__(self, engine, *, chunked_prefill: bool = False, **kwargs):
+        self.chunked_prefill = chunked_prefill
+        super().__init__(engine, **kwargs)
+
+    def new_scheduler(self) -> BatchScheduler:
+        config = self.engine.config
+        return BatchScheduler(
+            self.engine.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.chunked_prefill
+        )
 
     async def Generate(self, request: worker_pb2.GenerateTokensRequest, context) -> None:
         if self.draining:

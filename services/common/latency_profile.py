@@ -99,6 +99,23 @@ class LatencyProfile:
     def kv_capacity_blocks(self) -> int:
         return self.kv_capacity_tokens // self.block_size
 
+    def mixed_step_time(self, chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
+        """A chunked-prefill step: prompt chunks, each (tokens cached before, tokens now), beside
+        running sequences' next tokens (their context lengths), in one forward pass.
+
+        A prefill pass over the chunks' tokens, each attending to every earlier token of its
+        sequence (the prefill fit's quadratic term over the chunk's positions), that carries the
+        next tokens too: each costs a prefill token's matmul work and its context's KV reads (the
+        decode fit's per-context-token term). It never takes less than a decode step of those
+        next tokens alone. Without next tokens, a first chunk of n tokens is prefill.time([n])."""
+        p, d = self.prefill, self.decode
+        tokens = sum(n for _, n in chunks) + len(decode_contexts)
+        attention = p.c * sum((cached + n) ** 2 - cached**2 for cached, n in chunks)
+        prefill_pass = p.a + p.b * tokens + attention + d.b * sum(decode_contexts)
+        if not decode_contexts:
+            return prefill_pass
+        return max(prefill_pass, d.step_time(len(decode_contexts), sum(decode_contexts)))
+
     def to_json(self) -> dict:
         d = asdict(self)
         return {"schema": PROFILE_SCHEMA, **d}

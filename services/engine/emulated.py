@@ -1,6 +1,7 @@
 """An emulated device: an engine that runs no model, and whose every step takes the time a latency
 profile (`pdserve.profile/v1`, services/common/latency_profile.py) says it takes on the profiled
-hardware: a prefill batch `prefill.time(lengths)`, a decode step `decode.step_time(batch, context)`.
+hardware: a prefill batch `prefill.time(lengths)`, a decode step `decode.step_time(batch, context)`,
+a chunked-prefill step `mixed_step_time(chunks, decode contexts)`.
 
 Everything around the model is real: the worker, its scheduler and the block manager (at the
 profile's KV capacity: an emulated H100 holds what the profile says), the gRPC calls, the kvstore
@@ -118,6 +119,14 @@ class EmulatedEngine(EngineBase):
         started = time.monotonic()
         result = self._tokens(seqs)
         self._sleep_until(started + self.profile.decode.step_time(len(seqs), sum(len(s.token_ids) for s in seqs)))
+        return result
+
+    def _mixed(self, seqs: list[Sequence], num_tokens: list[int], completing: list[int]) -> SampleResult:
+        started = time.monotonic()
+        result = self._tokens([seqs[i] for i in completing])
+        decode = [(s.num_cached + 1) for s, n in zip(seqs, num_tokens) if n == 1 and s.num_cached > 0]
+        chunks = [(s.num_cached, n) for s, n in zip(seqs, num_tokens) if not (n == 1 and s.num_cached > 0)]
+        self._sleep_until(started + self.profile.mixed_step_time(chunks, decode))
         return result
 
     def _tokens(self, seqs: list[Sequence]) -> SampleResult:

@@ -1,4 +1,5 @@
-"""The engine the workers drive: prefill a batch of prompts, step a decode batch.
+"""The engine the workers drive: prefill a batch of prompts, step a decode batch, or (chunked
+prefill) both at once.
 
 An engine owns the KV pool and its block accounting, and makes one token per sequence per step.
 `Engine` computes them with the model (on its backend); `EmulatedEngine` (emulated.py) runs no
@@ -77,6 +78,9 @@ class EngineBase(ABC):
 
     def run(self, plan: StepPlan) -> list[StepOutput]:
         """Runs a scheduler's step."""
+        if plan.kind is StepKind.MIXED:
+            assert plan.num_tokens is not None
+            return self.mixed_step(plan.seqs, plan.num_tokens)
         return self.prefill(plan.seqs) if plan.kind is StepKind.PREFILL else self.decode_step(plan.seqs)
 
     def prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
@@ -99,12 +103,30 @@ class EngineBase(ABC):
             seq.num_cached = len(seq.token_ids)
         return self._append(seqs, result)
 
+    def mixed_step(self, seqs: list[Sequence], num_tokens: list[int]) -> list[StepOutput]:
+        """Chunked prefill: sequence i computes `num_tokens[i]` tokens from its `num_cached` on (a
+        prompt chunk, or a running sequence's next token), all in one pass; those that reach their
+        last token get their next one. Each sequence gets blocks for all of its tokens."""
+        for seq in seqs:
+            self.block_manager.allocate_seq(seq)
+        completing = [
+            i for i, (seq, n) in enumerate(zip(seqs, num_tokens, strict=True)) if seq.num_cached + n == len(seq)
+        ]
+        result = self._mixed(seqs, num_tokens, completing)
+        for seq, n in zip(seqs, num_tokens, strict=True):
+            seq.num_cached += n
+        return self._append([seqs[i] for i in completing], result)
+
     @abstractmethod
     def _prefill(self, seqs: list[Sequence]) -> SampleResult:
         """Each sequence's next token (its blocks are allocated)."""
 
     @abstractmethod
     def _decode(self, seqs: list[Sequence]) -> SampleResult: ...
+
+    @abstractmethod
+    def _mixed(self, seqs: list[Sequence], num_tokens: list[int], completing: list[int]) -> SampleResult:
+        """The next tokens of seqs[i] for i in `completing`."""
 
     def _append(self, seqs: list[Sequence], result: SampleResult) -> list[StepOutput]:
         outputs = []
@@ -224,6 +246,9 @@ class Engine(EngineBase):
 
     def _decode(self, seqs: list[Sequence]) -> SampleResult:
         return self._sample(seqs, self.runner.decode(seqs))
+
+    def _mixed(self, seqs: list[Sequence], num_tokens: list[int], completing: list[int]) -> SampleResult:
+        return self._sample([seqs[i] for i in completing], self.runner.mixed(seqs, num_tokens, completing))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleResult:
         self.last_logits = logits

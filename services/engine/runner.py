@@ -9,7 +9,7 @@ import torch
 
 from services.common.arith import ceil_div
 
-from .backends.base import Backend, StepInputs
+from .backends.base import Backend, CachedContext, StepInputs
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .kv_cache import KvPool
@@ -70,6 +70,48 @@ class ModelRunner:
         inputs = StepInputs([s.seq_id for s in seqs], self._tensor(positions), self._tensor(slots), cu_seqlens=cu)
         meta = self.backend.prefill_metadata(inputs)
         last = self._tensor([c - 1 for c in cu[1:]])
+        return self.model(self._tensor(input_ids), meta, self.kv_pool, last)
+
+    @torch.inference_mode()
+    def mixed(self, seqs: list[Sequence], num_tokens: list[int], logits_of: list[int]) -> torch.Tensor:
+        """A chunked-prefill step: sequence i computes its tokens num_cached..num_cached+num_tokens[i]-1
+        (a prompt chunk, or the next token of a running sequence) in one forward pass. Returns the
+        logits [len(logits_of), V] of the sequences at indices `logits_of` (those reaching their
+        last token)."""
+        self._forget_discarded()
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        decode_rows: list[int] = []
+        decode_seqs: list[Sequence] = []
+        chunks: list[tuple[int, int, int, torch.Tensor]] = []
+        for seq, n in zip(seqs, num_tokens, strict=True):
+            start, end = seq.num_cached, seq.num_cached + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slot(seq, p) for p in range(start, end))
+            if n == 1 and start > 0:
+                decode_rows.append(cu[-1])
+                decode_seqs.append(seq)
+            else:
+                chunks.append((cu[-1], n, start, self._tensor(seq.block_table[: ceil_div(end, self.block_size)])))
+            cu.append(cu[-1] + n)
+        lens = [s.num_cached + 1 for s in decode_seqs]
+        width = ceil_div(max(lens, default=1), self.block_size)
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs]
+        cached = CachedContext(
+            self._tensor(decode_rows),
+            self._tensor(tables, torch.int32),
+            self._tensor(lens, torch.int32),
+            max(lens, default=0),
+            chunks,
+        )
+        inputs = StepInputs(
+            [s.seq_id for s in seqs], self._tensor(positions), self._tensor(slots), cu_seqlens=cu, cached=cached
+        )
+        meta = self.backend.prefill_metadata(inputs)
+        last = self._tensor([cu[i + 1] - 1 for i in logits_of])
         return self.model(self._tensor(input_ids), meta, self.kv_pool, last)
 
     @torch.inference_mode()

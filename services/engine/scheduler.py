@@ -4,11 +4,13 @@ worker's engine thread asks a scheduler for a step, runs the engine on it, and r
 
 - `PrefillScheduler` (prefill worker): one FCFS queue, batched up to a token budget and the free
   blocks; after the step a sequence's blocks stay held while its KV is published, until released.
-- `BatchScheduler` (colocated worker): continuous batching, vLLM's default policy. A step
-  prefills waiting prompts when any fit (prefill first, FCFS, up to a token budget), otherwise it
-  advances every running sequence by one token. When a decode step needs a block and none is
-  free, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
-  the front of the queue to be recomputed (prompt + tokens so far) by a later prefill.
+- `BatchScheduler` (colocated worker): continuous batching. By default prefill first (vLLM's
+  policy before chunked prefill): a step prefills waiting prompts when any fit (FCFS, up to a
+  token budget), otherwise it advances every running sequence by one token. With chunked prefill,
+  each step carries every running sequence's next token and fills the rest of the token budget
+  with prompt chunks. When a step needs a block and none is free, the most recently admitted
+  sequence is preempted: its blocks are freed and it goes back to the front of the queue to be
+  recomputed (prompt + tokens so far) by a later prefill.
 - `DecodeScheduler` (decode worker): the same continuous batch, entered through pull-based
   admission (DistServe 4.4): a request waits holding nothing until blocks for its KV are free, is
   given them and pulls its KV into them, then runs; a failed pull is recomputed here instead.
@@ -27,12 +29,14 @@ from .sequence import Sequence, SequenceStatus
 class StepKind(Enum):
     PREFILL = "prefill"
     DECODE = "decode"
+    MIXED = "mixed"  # chunked prefill: prompt chunks and running sequences' next tokens in one pass
 
 
 @dataclass
 class StepPlan:
     kind: StepKind
     seqs: list[Sequence]
+    num_tokens: list[int] | None = None  # MIXED: tokens each sequence computes, from its num_cached on
 
 
 class AbortOutcome(Enum):
@@ -124,12 +128,21 @@ class PrefillScheduler:
 
 
 class BatchScheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool = False
+    ):
+        if chunked_prefill and max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"chunked prefill needs a token budget (max_num_batched_tokens, {max_num_batched_tokens}) of "
+                f"at least the batch limit (max_num_seqs, {max_num_seqs}): every running sequence's next "
+                "token is in each step"
+            )
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()  # need a prefill: new prompts and preempted ones
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # hold blocks (chunked prefill: some part-way through their prompt)
         self.num_preemptions = 0
         # Keep a few blocks spare so that admitting a prompt does not force a preemption at once.
         self.watermark_blocks = max(1, blocks.num_blocks // 100)
@@ -157,6 +170,8 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step, its blocks allocated; None when nothing can run now."""
+        if self.chunked_prefill:
+            return self._schedule_chunked()
         room = self.max_num_seqs - len(self.running)
         batch = take_prefill_batch(
             self.waiting,
@@ -176,6 +191,47 @@ class BatchScheduler:
         for seq in self.running:
             self.blocks.allocate_seq(seq)
         return StepPlan(StepKind.DECODE, list(self.running))
+
+    def _schedule_chunked(self) -> StepPlan | None:
+        """Chunked prefill (Sarathi-Serve; vLLM's and SGLang's default): every running sequence's
+        next token first, then prompts, FCFS, as far as the step's token budget goes, the last one
+        cut to what is left (and continued in the next steps). A step never waits for a whole long
+        prompt, so running sequences keep their pace while prompts arrive. A prompt takes blocks
+        for all its tokens when its first chunk is scheduled."""
+        self._reserve_decode_blocks()
+        budget = self.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        num_tokens: list[int] = []
+
+        def take(seq: Sequence) -> None:
+            nonlocal budget
+            n = min(len(seq) - seq.num_cached, budget)
+            seqs.append(seq)
+            num_tokens.append(n)
+            budget -= n
+
+        next_tokens = [seq for seq in self.running if len(seq) - seq.num_cached == 1]
+        for seq in next_tokens:  # the budget covers them all (it is at least max_num_seqs)
+            self.blocks.allocate_seq(seq)
+            take(seq)
+        for seq in self.running:
+            if budget and len(seq) - seq.num_cached > 1:
+                take(seq)
+        while budget and self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            spare = self.watermark_blocks if self.running else 0
+            if self.blocks.blocks_for_tokens(len(seq)) - len(seq.block_table) + spare > self.blocks.num_free:
+                break
+            self.waiting.popleft()
+            self.blocks.allocate_seq(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            take(seq)
+        if not seqs:
+            return None
+        if len(next_tokens) == len(seqs):
+            return StepPlan(StepKind.DECODE, seqs)
+        return StepPlan(StepKind.MIXED, seqs, num_tokens)
 
     def _reserve_decode_blocks(self) -> None:
         """Preempts from the back until every running sequence can grow by one token."""

@@ -46,7 +46,8 @@ class StreamJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     handle: common_pb2.KvHandle | None = None  # decode: where its KV waits to be pulled
     unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
-    prefilled: bool = False  # its first prefill here was reported (TokenChunk.queue_seconds)
+    prefill_started: float | None = None  # when its first prefill (or first chunk) here began
+    prefilled: bool = False  # that prefill's end was reported (TokenChunk.queue_seconds)
 
 
 class BatchMetrics:
@@ -105,9 +106,7 @@ class StreamingWorker:
         stream_interval: int = 1,
     ):
         self.engine = engine
-        self.scheduler = self.scheduler_class(
-            engine.block_manager, engine.config.max_num_seqs, engine.config.max_num_batched_tokens
-        )
+        self.scheduler = self.new_scheduler()
         # Tokens per message to the router (the last always goes at once): each message costs the
         # worker, the router and the client CPU time, so at high token rates sending every few
         # tokens saves most of it, at no cost to TTFT or TPOT (SGLang's and vLLM's --stream-interval).
@@ -121,6 +120,10 @@ class StreamingWorker:
         self.draining = False
         self._preemptions_seen = 0
         self.thread = EngineThread(f"{self.role}-engine", self.step, self.scheduler.has_work)
+
+    def new_scheduler(self) -> BatchScheduler:
+        config = self.engine.config
+        return self.scheduler_class(self.engine.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
 
     async def start(self) -> None:
         self.thread.start(asyncio.get_running_loop())
@@ -149,6 +152,13 @@ class StreamingWorker:
             return
         started = time.monotonic()
         lengths = [len(seq.token_ids) for seq in plan.seqs] if self.step_log is not None else []
+        cached = [seq.num_cached for seq in plan.seqs]
+        if plan.kind is not StepKind.DECODE:
+            for seq in plan.seqs:
+                job = self.jobs.get(seq.seq_id)
+                next_token = len(seq) - seq.num_cached == 1 and seq.num_cached > 0  # not a prompt (chunk)
+                if job is not None and job.prefill_started is None and not next_token:
+                    job.prefill_started = started
         try:
             outputs = self.engine.run(plan)
         except Exception as exc:
@@ -156,40 +166,50 @@ class StreamingWorker:
             self.metrics.failed_steps.inc()
             self.fail(plan, f"engine step failed: {exc!r}")
             return
-        elapsed = time.monotonic() - started
+        ended = time.monotonic()
         self.scheduler.finish_step(plan)
-        self._record(plan, outputs, started, elapsed, lengths)
+        self._record(plan, outputs, started, ended - started, lengths, cached)
         for out in outputs:
-            self._deliver(out, (started, elapsed) if plan.kind is StepKind.PREFILL else None)
+            self._deliver(out, ended)
         self._update_gauges()
 
     def _record(
-        self, plan: StepPlan, outputs: list[StepOutput], started: float, elapsed: float, lengths: list[int]
+        self,
+        plan: StepPlan,
+        outputs: list[StepOutput],
+        started: float,
+        elapsed: float,
+        lengths: list[int],
+        cached: list[int],
     ) -> None:
+        """lengths, cached: each sequence's tokens, and those with K/V in the pool, before the step."""
         self.metrics.step_seconds.labels(plan.kind.value).observe(elapsed)
         if plan.kind is StepKind.DECODE:
             self.metrics.batch_size.observe(len(outputs))
-        else:
+        elif plan.kind is StepKind.PREFILL:
             self.prefill_rate.observe(elapsed, sum(len(seq.token_ids) - 1 for seq in plan.seqs))
-        self.metrics.generated_tokens.inc(len(outputs))
         if self.step_log is not None:
             record: dict[str, object] = {"t": round(started, 6), "kind": plan.kind.value}
             if plan.kind is StepKind.DECODE:
                 record.update(batch=len(lengths), context_tokens=sum(lengths), max_context=max(lengths))
-            else:
+            elif plan.kind is StepKind.PREFILL:
                 record["lengths"] = lengths
+            else:  # each sequence's (tokens cached before, tokens computed)
+                assert plan.num_tokens is not None
+                record["chunks"] = [[c, n] for c, n in zip(cached, plan.num_tokens, strict=True)]
             record.update(running_after=len(self.scheduler.running), seconds=round(elapsed, 6))
             self.step_log.write(record)
+        self.metrics.generated_tokens.inc(len(outputs))
 
-    def _deliver(self, out: StepOutput, prefill: tuple[float, float] | None) -> None:
-        """prefill: (started, seconds) when `out` comes from a prefill step."""
+    def _deliver(self, out: StepOutput, step_ended: float) -> None:
         job = self.jobs.get(out.seq.seq_id)
         if job is None:
             return
         chunk = job.unsent or common_pb2.TokenChunk()
-        if prefill is not None and not job.prefilled:  # (a recompute after preemption is not a wait)
+        if job.prefill_started is not None and not job.prefilled:  # (a recompute after preemption is not a wait)
             job.prefilled = True
-            chunk.queue_seconds, chunk.prefill_seconds = prefill[0] - job.enqueued_at, prefill[1]
+            chunk.queue_seconds = job.prefill_started - job.enqueued_at
+            chunk.prefill_seconds = step_ended - job.prefill_started
         chunk.token_ids.append(out.token_id)
         if out.seq.sampling.logprobs:
             chunk.logprobs.append(out.logprob)

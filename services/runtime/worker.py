@@ -250,7 +250,11 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
         registry = new_registry()
         runner = ServiceRunner(role, args.host, args.port, args.metrics_port, registry, args.grace_seconds)
         worker_id = args.worker_id or f"{role}-{os.uname().nodename}-{args.port}"
-        service = make_service(engine, registry, worker_id)
+        try:
+            service = make_service(engine, registry, worker_id)
+        except ValueError as exc:  # flags the service refuses (the engine's pool must not outlive us)
+            engine.close()
+            raise SystemExit(f"{role}: {exc}") from None
         if args.step_log:
             service.step_log = StepLog(args.step_log.replace("{worker}", worker_id))
         await service.start()

@@ -263,12 +263,22 @@ def test_one_node_local_copies(cluster_factory, workload, model_dir, tmp_path):
 
 
 # ---- colocated -----------------------------------------------------------------------------------
-def test_colocated_mode(cluster_factory, workload, model_dir):
-    cluster = cluster_factory("--model", model_dir, "--mode", "colocated", "--colocated", "2")
+@pytest.mark.parametrize("chunked", [False, True], ids=["prefill-first", "chunked-prefill"])
+def test_colocated_mode(cluster_factory, workload, model_dir, chunked):
+    # chunked: a 32-token budget per step, so that most prompts are computed over several steps
+    chunking = ["--worker-arg=--chunked-prefill --max-num-batched-tokens 32 --max-num-seqs 32"] if chunked else []
+    cluster = cluster_factory("--model", model_dir, "--mode", "colocated", "--colocated", "2", *chunking)
     results = run_workload(cluster.router, workload)
     check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
     cluster.wait_idle()
     assert not cluster.services("kvstore")
+    mixed_steps = sum(
+        float(line.split()[-1])
+        for svc in cluster.services("colocated")
+        for line in cluster.metrics_text(svc).splitlines()
+        if line.startswith('pdserve_decode_step_duration_seconds_count{kind="mixed"}')
+    )
+    assert (mixed_steps > 0) == chunked
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ stated scale, and a pull's floor is the profile's transfer time for the unscaled
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from services.engine.scheduler import BatchScheduler
 from services.engine.sequence import Sequence
 from services.tiny_models import get_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Long enough steps that timer and scheduling noise are a small part of them.
 PROFILE = LatencyProfile(
     prefill=PrefillLatency(a=0.020, b=50e-6, c=0.0),
@@ -111,3 +113,40 @@ def test_kv_capacity_scale_and_transfer_floor(engine):
     assert layout.block_bytes == 16 * 131072 // 4096  # bytes per token scaled by 1/4096
     assert engine.config.max_num_seqs == 64 and engine.config.max_num_batched_tokens == 2048
     assert engine.min_transfer_seconds(512) == pytest.approx(0.001 + 512 * 131072 / 50e9)
+
+
+def test_a_chunked_prefill_step_lasts_the_profiles_mixed_step_time_and_gives_the_same_tokens(engine):
+    running, prompt = _seq("r", 50, max_tokens=20), _seq("p", 600, max_tokens=20)
+    engine.prefill([running])
+    # the prompt's first 500 tokens beside the running sequence's next token, then the last 100
+    first = _timed(engine.mixed_step, [running, prompt], [1, 500])
+    expected = PROFILE.mixed_step_time([(0, 500)], [51])
+    assert expected <= first <= expected * 1.1 + 0.002
+    assert prompt.num_cached == 500 and not prompt.output_token_ids  # no token until its last chunk
+    second = _timed(engine.mixed_step, [running, prompt], [1, 100])
+    expected = PROFILE.mixed_step_time([(500, 100)], [52])
+    assert expected <= second <= expected * 1.1 + 0.002
+    whole = _seq("p", 600, max_tokens=20)
+    engine.prefill([whole])
+    assert prompt.output_token_ids == whole.output_token_ids and len(running.output_token_ids) == 3
+    for seq in (running, prompt, whole):
+        engine.free(seq)
+
+
+def test_the_mixed_step_model_meets_the_prefill_and_decode_models_at_their_ends():
+    # a first chunk alone, where prefill is compute-bound, is a prefill of that many tokens
+    assert PROFILE.mixed_step_time([(0, 1000)], []) == pytest.approx(PROFILE.prefill.time([1000]))
+    # a later chunk pays attention over the earlier tokens: its part of a whole prompt's quadratic term
+    p = PrefillLatency(a=0.02, b=50e-6, c=1e-8)
+    quadratic = LatencyProfile(**{**PROFILE.__dict__, "prefill": p})
+    halves = quadratic.mixed_step_time([(0, 1000)], []) + quadratic.mixed_step_time([(1000, 1000)], [])
+    assert halves == pytest.approx(p.time([2000]) + p.a)  # two passes: the fixed cost twice
+    # next tokens beside a small chunk: never less than their decode step alone (on an H100 the
+    # weights' read dominates a step of 20 tokens)
+    contexts = [300, 500] * 8
+    h100 = LatencyProfile.load(os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json"))
+    assert h100.mixed_step_time([(0, 4)], contexts) == pytest.approx(h100.decode.step_time(16, sum(contexts)))
+    assert PROFILE.mixed_step_time([(0, 4)], contexts) > PROFILE.decode.step_time(16, sum(contexts))
+    # ... and beside a large one, each adds a prefill token's work and its context's reads
+    with_chunk = PROFILE.mixed_step_time([(0, 1000)], contexts)
+    assert with_chunk == pytest.approx(PROFILE.prefill.time([1016]) + PROFILE.decode.b * sum(contexts))

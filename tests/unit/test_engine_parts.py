@@ -296,4 +296,6 @@ def test_triton_backend_through_the_engine_matches_transformers_in_interpreter()
     )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert results == {arch: {"same_tokens": True} for arch in ("llama", "mistral", "qwen3")}
+    assert results == {
+        arch: {"same_tokens": True, "chunked_same_tokens": True} for arch in ("llama", "mistral", "qwen3")
+    }

@@ -245,3 +245,80 @@ def test_a_failed_step_frees_its_own_sequences_and_no_others(model_dir):
     scheduler.fail_step(plan)  # a decode step raised
     assert scheduler.running == [] and not scheduler.waiting
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def _prompt(name: str, length: int, max_tokens: int = 4) -> Sequence:
+    return Sequence.from_prompt(
+        name, [5 + i % 50 for i in range(length)], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    )
+
+
+def test_chunked_prefill_puts_running_tokens_first_and_fills_the_budget_with_prompt_chunks():
+    blocks = BlockManager(64, BLOCK)
+    scheduler = BatchScheduler(blocks, max_num_seqs=8, max_num_batched_tokens=32, chunked_prefill=True)
+    running = [_prompt(f"r{i}", 10) for i in range(3)]
+    for seq in running:  # as if prefilled: all but the last token cached
+        blocks.allocate_seq(seq)
+        seq.num_cached = len(seq) - 1
+        scheduler.add_running(seq)
+    long, short = _prompt("long", 70), _prompt("short", 5)
+    scheduler.add_prompt(long)
+    scheduler.add_prompt(short)
+
+    plan = scheduler.schedule()
+    assert plan is not None and plan.kind is StepKind.MIXED
+    assert [s.seq_id for s in plan.seqs] == ["r0", "r1", "r2", "long"]  # FCFS: "short" waits behind it
+    assert plan.num_tokens == [1, 1, 1, 29]  # the budget's rest goes to the prompt's first chunk
+    assert len(long.block_table) == blocks.blocks_for_tokens(70)  # blocks for the whole prompt at once
+    for seq, n in zip(plan.seqs, plan.num_tokens):  # as the engine would have run it
+        seq.num_cached += n
+    for seq in running:
+        seq.token_ids.append(7)
+    scheduler.finish_step(plan)
+
+    plan = scheduler.schedule()
+    assert plan is not None
+    assert [s.seq_id for s in plan.seqs] == ["r0", "r1", "r2", "long"] and plan.num_tokens == [1, 1, 1, 29]
+    for seq, n in zip(plan.seqs, plan.num_tokens):
+        seq.num_cached += n
+    for seq in running:
+        seq.token_ids.append(7)
+    scheduler.finish_step(plan)
+
+    plan = scheduler.schedule()  # the prompt's last 12 tokens, and "short" whole in what is left
+    assert plan is not None
+    assert [s.seq_id for s in plan.seqs] == ["r0", "r1", "r2", "long", "short"]
+    assert plan.num_tokens == [1, 1, 1, 12, 5]
+
+
+def test_chunked_prefill_without_prompts_is_a_plain_decode_step_and_preempts_a_part_prefilled_prompt():
+    blocks = BlockManager(8, BLOCK)
+    scheduler = BatchScheduler(blocks, max_num_seqs=4, max_num_batched_tokens=16, chunked_prefill=True)
+    running = [_prompt("a", 16), _prompt("b", 16)]
+    for seq in running:  # one block each, whose last row this step fills
+        blocks.allocate_seq(seq)
+        seq.num_cached = 15
+        scheduler.add_running(seq)
+    plan = scheduler.schedule()
+    assert plan is not None and plan.kind is StepKind.DECODE and plan.seqs == running
+
+    late = _prompt("late", 80)  # 5 blocks: of the 6 free, the last is the watermark
+    scheduler.add_prompt(late)
+    plan = scheduler.schedule()
+    assert plan is not None and plan.kind is StepKind.MIXED and plan.seqs == [*running, late]
+    assert plan.num_tokens == [1, 1, 14] and blocks.num_free == 1
+    for seq, n in zip(plan.seqs, plan.num_tokens):
+        seq.num_cached += n
+    for seq in running:
+        seq.token_ids.append(7)  # 17 tokens: each needs a second block, and one is free
+    scheduler.finish_step(plan)
+
+    plan = scheduler.schedule()
+    assert scheduler.num_preemptions == 1 and scheduler.waiting[0] is late  # the latest admitted goes
+    assert late.num_cached == 0 and not late.block_table  # computed again from its first token later
+    assert plan is not None and plan.kind is StepKind.DECODE and plan.seqs == running
+
+
+def test_chunked_prefill_needs_a_budget_for_every_running_sequence():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        BatchScheduler(BlockManager(8, BLOCK), max_num_seqs=64, max_num_batched_tokens=32, chunked_prefill=True)

@@ -1,7 +1,8 @@
 """The Triton backend (services/engine/backends/triton.py) through a whole engine, on CPU tensors
-under Triton's interpreter (TRITON_INTERPRET=1), against transformers: run by test_engine_parts.py
-in a subprocess. No GPU here, so the one thing faked is the device check (choose_backend would
-refuse triton without CUDA); CUDA graphs, which need a GPU, are off. Prints a JSON summary."""
+under Triton's interpreter (TRITON_INTERPRET=1), against transformers, also with chunked
+prefill: run by test_engine_parts.py in a subprocess. No GPU here, so the one thing faked is the
+device check (choose_backend would refuse triton without CUDA); CUDA graphs, which need a GPU, are
+off. Prints a JSON summary."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import services.engine.backends as backends
 from services.engine.config import EngineConfig, SamplingParams
 from services.engine.engine import Engine
+from services.engine.scheduler import BatchScheduler, StepKind
 from services.engine.sequence import Sequence
 from services.tiny_models import get_model
 
@@ -36,7 +38,25 @@ def run(arch: str) -> dict:
         hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, len(p) :].tolist()
         for p in prompts
     ]
-    return {"same_tokens": [s.output_token_ids for s in seqs] == expected}
+    # chunked prefill: 8 tokens a step, the prompts' chunks beside the others' next tokens
+    chunked = [
+        Sequence.from_prompt(f"c{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
+    scheduler = BatchScheduler(engine.block_manager, max_num_seqs=4, max_num_batched_tokens=8, chunked_prefill=True)
+    for seq in chunked:
+        scheduler.add_prompt(seq)
+    mixed_steps = 0
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        assert plan is not None
+        mixed_steps += plan.kind is StepKind.MIXED
+        engine.run(plan)
+        scheduler.finish_step(plan)
+    return {
+        "same_tokens": [s.output_token_ids for s in seqs] == expected,
+        "chunked_same_tokens": mixed_steps > 5 and [s.output_token_ids for s in chunked] == expected,
+    }
 
 
 if __name__ == "__main__":

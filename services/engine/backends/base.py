@@ -45,6 +45,20 @@ class AttentionShape:
 
 
 @dataclass
+class CachedContext:
+    """A prefill step in which some sequences already have K/V in the pool (chunked prefill: a
+    prompt's later chunks, and the running sequences' next tokens beside them). Attention runs
+    after the step's own K/V are in the pool: the one-token rows in one batch, as a decode step
+    attends, and each chunk over its sequence's blocks."""
+
+    decode_rows: torch.Tensor  # [Bd] int64: rows adding one token to a cached context (may be none)
+    decode_tables: torch.Tensor  # [Bd, blocks] int32
+    decode_lens: torch.Tensor  # [Bd] int32, context including the new token
+    decode_max_len: int
+    chunks: list[tuple[int, int, int, torch.Tensor]]  # (first row, rows, tokens cached before, its block ids)
+
+
+@dataclass
 class StepInputs:
     """One step's batch as the runner lays it out (tensors on the model's device)."""
 
@@ -55,6 +69,7 @@ class StepInputs:
     block_tables: torch.Tensor | None = None  # decode: [B, blocks] int32
     context_lens: torch.Tensor | None = None  # decode: [B] int32, tokens in cache including this step's
     context_lens_list: list[int] | None = None  # decode: the same as Python ints
+    cached: CachedContext | None = None  # prefill: None when every sequence starts from its first token
 
 
 @dataclass

@@ -10,6 +10,7 @@ sizes no slower; results differ from `F.linear` only by summation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from services.engine.kv_cache import KvPool
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import RotaryEmbedding, apply_rope
 
-from .base import AttentionShape, Backend, LinearKernel, Metadata, NormKernel, StepInputs
+from .base import AttentionShape, Backend, CachedContext, LinearKernel, Metadata, NormKernel, StepInputs
 from .kv_mirror import DecodeKvMirror
 
 
@@ -50,6 +51,7 @@ class TorchPrefillMetadata(Metadata):
     sin: torch.Tensor
     slot_blocks: torch.Tensor  # [T] block of each token's K/V slot
     slot_rows: torch.Tensor  # [T] row within it
+    cached: CachedContext | None  # chunked prefill: sequences with K/V in the pool already
 
 
 @dataclass
@@ -116,7 +118,20 @@ class TorchBackend(Backend):
         v = qkv[:, s.q_size + s.kv_size :].view(tokens, s.num_kv_heads, s.head_dim)
         if isinstance(meta, TorchPrefillMetadata):
             write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_rows)
-            out = prefill_attention(q, k, v, meta.cu_seqlens, s.scale)
+            if meta.cached is None:
+                out = prefill_attention(q, k, v, meta.cu_seqlens, s.scale)
+            else:
+                ctx = meta.cached
+                out = cached_context_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    ctx,
+                    s.scale,
+                    lambda q: decode_attention(
+                        q, k_cache, v_cache, ctx.decode_tables, ctx.decode_lens, ctx.decode_max_len, s.scale
+                    ),
+                )
         elif meta.mirrored:
             assert self.mirror is not None and meta.mask is not None
             k_dense, v_dense = self.mirror.views(
@@ -140,8 +155,10 @@ class TorchBackend(Backend):
 
     def prefill_metadata(self, inputs: StepInputs) -> TorchPrefillMetadata:
         assert inputs.cu_seqlens is not None
+        if inputs.cached is not None and self.mirror is not None:
+            self.mirror.clear()  # this step moves cached sequences on in the pool, not in the mirror
         cos, sin = self._rope(inputs.positions)
-        return TorchPrefillMetadata(True, inputs.cu_seqlens, cos, sin, *self._slots(inputs.slot_mapping))
+        return TorchPrefillMetadata(True, inputs.cu_seqlens, cos, sin, *self._slots(inputs.slot_mapping), inputs.cached)
 
     def decode_order(self, seq_ids: list[str], context_lens: list[int]) -> list[int] | None:
         if self.mirror is None:
@@ -209,6 +226,45 @@ def prefill_attention(
         oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
         out[start:end] = oi.squeeze(0).transpose(0, 1)
     return out
+
+
+def cached_context_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    ctx: CachedContext,
+    scale: float,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A chunked-prefill step's attention, its K/V in the pool already: `decode` (the backend's
+    decode attention) for the one-token rows, `chunk_attention` for each chunk. q [T, H, D]."""
+    out = torch.empty_like(q)
+    if ctx.decode_rows.numel():
+        out[ctx.decode_rows] = decode(q[ctx.decode_rows])
+    for row, rows, cached, blocks in ctx.chunks:
+        out[row : row + rows] = chunk_attention(q[row : row + rows], k_cache, v_cache, blocks, cached, scale)
+    return out
+
+
+def chunk_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, cached: int, scale: float
+) -> torch.Tensor:
+    """The queries of one sequence's tokens cached..cached+n-1 [n, H, D] against its K/V of tokens
+    0..cached+n-1, read from its blocks; each sees the tokens up to its own."""
+    end = cached + q.shape[0]
+    k = k_cache[blocks].flatten(0, 1)[:end].transpose(0, 1)  # [KVH, end, D]
+    v = v_cache[blocks].flatten(0, 1)[:end].transpose(0, 1)
+    keys = torch.arange(end, device=q.device)
+    mask = keys[None, :] <= torch.arange(cached, end, device=q.device)[:, None]  # [n, end]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.unsqueeze(0),
+        v.unsqueeze(0),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[0],
+    )
+    return out.squeeze(0).transpose(0, 1)
 
 
 def decode_attention(

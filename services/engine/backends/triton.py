@@ -1,6 +1,7 @@
 """CUDA backend on Triton kernels (services/engine/kernels/triton_*.py): fused add+RMSNorm,
 SiLU*mul, RoPE + K/V write, and paged decode attention reading blocks in place. Prefill attention
-is the torch backend's SDPA. Its decode metadata has static shapes, so decode steps are captured
+is the torch backend's SDPA (a chunked-prefill step's chunks too; its one-token rows take the paged
+decode kernel). Its decode metadata has static shapes, so decode steps are captured
 as CUDA graphs (runner.py)."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from services.engine.kernels.triton_attention import paged_decode_attention
 from services.engine.kernels.triton_fused import add_rms_norm, rope_and_write_kv, silu_and_mul
 from services.engine.layers.norm import RMSNorm
 
-from .base import LinearKernel, Metadata, NormKernel, StepInputs
-from .reference import TorchBackend, TorchLinear, prefill_attention
+from .base import CachedContext, LinearKernel, Metadata, NormKernel, StepInputs
+from .reference import TorchBackend, TorchLinear, cached_context_attention, prefill_attention
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TritonMetadata(Metadata):
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     cu_seqlens: list[int] | None = None  # prefill
+    cached: CachedContext | None = None  # chunked prefill: sequences with K/V in the pool already
     block_tables: torch.Tensor | None = None  # decode [B, blocks] int32
     context_lens: torch.Tensor | None = None  # decode [B] int32
 
@@ -59,7 +61,17 @@ class TritonBackend(TorchBackend):
         rope_and_write_kv(
             q, k, v, self.rotary.cos, self.rotary.sin, meta.positions, meta.slot_mapping, k_cache, v_cache
         )  # q and k rotated in place
-        if meta.is_prefill:
+        if meta.is_prefill and meta.cached is not None:
+            ctx = meta.cached
+            out = cached_context_attention(
+                q,
+                k_cache,
+                v_cache,
+                ctx,
+                s.scale,
+                lambda q: paged_decode_attention(q, k_cache, v_cache, ctx.decode_tables, ctx.decode_lens, s.scale),
+            )
+        elif meta.is_prefill:
             assert meta.cu_seqlens is not None
             out = prefill_attention(q, k, v, meta.cu_seqlens, s.scale)
         else:
@@ -68,7 +80,9 @@ class TritonBackend(TorchBackend):
         return out.reshape(tokens, s.q_size)
 
     def prefill_metadata(self, inputs: StepInputs) -> TritonMetadata:  # type: ignore[override]
-        return TritonMetadata(True, inputs.positions, inputs.slot_mapping, cu_seqlens=inputs.cu_seqlens)
+        return TritonMetadata(
+            True, inputs.positions, inputs.slot_mapping, cu_seqlens=inputs.cu_seqlens, cached=inputs.cached
+        )
 
     def decode_metadata(self, inputs: StepInputs) -> TritonMetadata:  # type: ignore[override]
         return TritonMetadata(
