@@ -142,6 +142,7 @@ def _apply_plan(args, spec: ClusterSpec) -> None:
     spec.prefill, spec.decode = counts.get("prefill", 0), counts.get("decode", 0)
     spec.colocated, spec.nodes, spec.node_of = counts.get("colocated", 0), layout.num_nodes, layout.nodes
     spec.profiles = {**layout.profiles, **{r: p for r, p in spec.profiles.items() if r in layout.profiles}}
+    spec.role_args = {role: layout.worker_args.get(role, []) + spec.role_args.get(role, []) for role in layout.nodes}
     slo = [
         "--slo-ttft-seconds",
         str(layout.slo["ttft_s"]),

@@ -108,13 +108,17 @@ class LatencyProfile:
         next tokens too: each costs a prefill token's matmul work and its context's KV reads (the
         decode fit's per-context-token term). It never takes less than a decode step of those
         next tokens alone. Without next tokens, a first chunk of n tokens is prefill.time([n])."""
+        return self.mixed_time(chunks, len(decode_contexts), sum(decode_contexts))
+
+    def mixed_time(self, chunks: list[tuple[int, int]], num_decode: int, decode_context_sum: int) -> float:
+        """mixed_step_time with the next tokens given by their number and context sum."""
         p, d = self.prefill, self.decode
-        tokens = sum(n for _, n in chunks) + len(decode_contexts)
+        tokens = sum(n for _, n in chunks) + num_decode
         attention = p.c * sum((cached + n) ** 2 - cached**2 for cached, n in chunks)
-        prefill_pass = p.a + p.b * tokens + attention + d.b * sum(decode_contexts)
-        if not decode_contexts:
+        prefill_pass = p.a + p.b * tokens + attention + d.b * decode_context_sum
+        if not num_decode:
             return prefill_pass
-        return max(prefill_pass, d.step_time(len(decode_contexts), sum(decode_contexts)))
+        return max(prefill_pass, d.step_time(num_decode, decode_context_sum))
 
     def to_json(self) -> dict:
         d = asdict(self)

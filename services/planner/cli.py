@@ -320,6 +320,11 @@ def _add_simulate(p) -> None:
     p.add_argument("--decode-kv-tokens", type=int, help="KV capacity of a decode instance (default: profile)")
     p.add_argument("--kv-admission", choices=("on_demand", "reserve"), default="on_demand")
     p.add_argument("--dispatch", choices=("least_loaded", "round_robin"), default="least_loaded")
+    p.add_argument(
+        "--chunked-prefill",
+        action="store_true",
+        help="colocated instances run chunked prefill (the worker's --chunked-prefill; default: prefill first)",
+    )
     p.add_argument("--out", default="simulation.json")
     p.add_argument("--no-requests", action="store_true", help="write summaries only, not per-request rows")
     _add_workload_flags(p, default_rate=1.0)
@@ -351,6 +356,8 @@ def cmd_simulate(args) -> int:
             f"(0 prefill or 0 decode instances simulates the other phase alone), got "
             f"{', '.join(f'{k} {v}' for k, v in counts.items())}"
         )
+    if args.chunked_prefill and args.mode != "colocated":
+        raise ValueError("--chunked-prefill is for --mode colocated (prefill instances batch whole prompts)")
     rates = _positive_floats("--rates", args.rates) if args.rates else [None]
     _check_out_folder(args.out)
     if args.mode == "colocated":
@@ -373,6 +380,7 @@ def cmd_simulate(args) -> int:
         decode_kv_tokens=args.decode_kv_tokens,
         kv_admission=args.kv_admission,
         dispatch_policy=args.dispatch,
+        chunked_prefill=args.chunked_prefill,
         **profiles,
     )
     if args.trace:
@@ -501,7 +509,8 @@ def cmd_search(args) -> int:
     )
     if plan.colocated_baseline:
         c = plan.colocated_baseline
-        print(f"colocated baseline: tp={c['tensor_parallel']}, {c['goodput_per_gpu']:.3f} req/s per GPU")
+        policy = "chunked prefill" if c["chunked_prefill"] else "prefill first"
+        print(f"colocated baseline: tp={c['tensor_parallel']}, {policy}, {c['goodput_per_gpu']:.3f} req/s per GPU")
     print("wrote " + ", ".join(paths.values()))
     return 0
 

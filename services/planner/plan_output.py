@@ -150,6 +150,7 @@ class PlannedLayout:
     nodes: dict[str, list[int]]  # role -> the node index of each instance
     profiles: dict[str, str]  # role -> the profile file
     slo: dict  # ttft_s, tpot_s, attainment
+    worker_args: dict[str, list[str]]  # role -> flags its workers need (the baseline's chunked prefill)
 
     @property
     def num_nodes(self) -> int:
@@ -196,4 +197,5 @@ def read_layout(path: str, mode: str = "disaggregated") -> PlannedLayout:
     for role in roles:
         if not nodes[role]:
             raise ValueError(f"{path}: the plan has no {role} instances")
-    return PlannedLayout(mode, nodes, profiles, plan["slo"])
+    chunked = mode == "colocated" and plan["colocated_baseline"].get("chunked_prefill", False)
+    return PlannedLayout(mode, nodes, profiles, plan["slo"], {"colocated": ["--chunked-prefill"]} if chunked else {})

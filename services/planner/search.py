@@ -287,10 +287,16 @@ class PlacementSearch:
         fn = trace_attainment(cfg, self.trace_source(n_d * self.concurrency(cfg.decode_profile)), s.slo, s.attainment)
         return max_rate_meeting(fn, s.attainment, guess=guess, rel_tol=s.rel_tol)
 
-    def colocated_goodput(self, tp: int) -> float:
+    def colocated_goodput(self, tp: int, chunked_prefill: bool) -> float:
         s = self.spec
         prof = self.profile(tp, 1)
-        cfg = SimConfig(mode="colocated", colocated_profile=prof, num_colocated=1, **self.sim_options)
+        cfg = SimConfig(
+            mode="colocated",
+            colocated_profile=prof,
+            num_colocated=1,
+            chunked_prefill=chunked_prefill,
+            **self.sim_options,
+        )
         fn = trace_attainment(cfg, self.trace_source(self.concurrency(prof)), s.slo, s.attainment)
         guess = min(prefill_capacity(prof, self.trace), decode_capacity(prof, self.trace))
         return max_rate_meeting(fn, s.attainment, guess=guess, rel_tol=s.rel_tol)
@@ -673,13 +679,25 @@ class PlacementSearch:
 
     # ---- colocated baseline --------------------------------------------------------------------
     def colocated_baseline(self) -> dict | None:
-        """The best per-GPU goodput of colocated instances (vLLM-like, tensor parallel only) on the
-        same workload and SLOs: what disaggregation is compared against."""
+        """The best per-GPU goodput of colocated instances (vLLM-like, tensor parallel only), prefill
+        first or with chunked prefill, on the same workload and SLOs: what disaggregation is
+        compared against. Every configuration tried is under `candidates`."""
         s = self.spec
-        tps = sorted({tp for tp, pp in candidate_degrees(s.model, s.cluster) if pp == 1})
-        goodputs = self._map("colocated_goodput", [(tp,) for tp in tps], "search: colocated baseline")
-        rows = [{"tensor_parallel": tp, "goodput": g, "goodput_per_gpu": g / tp} for tp, g in zip(tps, goodputs)]
-        return max(rows, key=lambda r: r["goodput_per_gpu"]) if rows else None
+        tasks = [
+            (tp, chunked)
+            for tp in sorted({tp for tp, pp in candidate_degrees(s.model, s.cluster) if pp == 1})
+            for chunked in (False, True)
+            # chunked prefill needs a step budget for every running sequence's next token
+            if not chunked or self.profile(tp, 1).max_batched_tokens >= self.profile(tp, 1).max_num_seqs
+        ]
+        goodputs = self._map("colocated_goodput", tasks, "search: colocated baseline")
+        rows = [
+            {"tensor_parallel": tp, "chunked_prefill": chunked, "goodput": g, "goodput_per_gpu": g / tp}
+            for (tp, chunked), g in zip(tasks, goodputs)
+        ]
+        if not rows:
+            return None
+        return {**max(rows, key=lambda r: r["goodput_per_gpu"]), "candidates": rows}
 
     def _plan(self, algorithm, rate, p, d, n_p, n_d, instances, verification, candidates) -> Plan:
         s = self.spec
@@ -742,7 +760,7 @@ def _task_label(method: str, task: tuple) -> str:
     if method == "unit_goodput":
         pp, tp_p, n_p, tp_d, n_d, _ = task
         return f"pp={pp}: {n_p}x tp{tp_p} P + {n_d}x tp{tp_d} D per node"
-    return f"tp={task[0]}"
+    return f"tp={task[0]}" + (" chunked" if task[1:] and task[1] else "")
 
 
 def search(spec: SearchSpec, progress: bool = True) -> Plan:

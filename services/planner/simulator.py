@@ -18,7 +18,10 @@ scheduler in services/engine/scheduler.py), so that its attainment can be checke
     (and later recomputed by a prefill) when they run out ("on_demand"), or taken for the whole
     request up front ("reserve"). Colocated instances get prompts; decode instances only prefill
     to recompute preempted sequences. With pp pipeline stages an instance keeps pp micro-batches
-    ("lanes") in flight over one KV pool.
+    ("lanes") in flight over one KV pool;
+  - a colocated instance with chunked prefill (`SimConfig.chunked_prefill`) instead puts every
+    running sequence's next token in each step and fills the rest of the token budget with prompt
+    chunks (FCFS, the last cut to fit), each such step taking the profile's mixed_step_time.
 
 Times come from the fitted latency models of the profiles plus the serving overheads
 (latency_model.Overheads). TTFT = first token at the client - arrival; TPOT = (last token - first
@@ -31,6 +34,7 @@ attainment can no longer reach `stop_below`: the rate search only needs to know 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
@@ -70,6 +74,7 @@ class SimConfig:
     # Low node-affinity placement: instances form this many groups (prefill i and decode j belong to
     # groups i * G // num_prefill and j * G // num_decode) and KV only moves inside a group.
     num_groups: int = 1
+    chunked_prefill: bool = False  # colocated instances: chunked prefill (the worker's --chunked-prefill)
 
     def resolved_overheads(self) -> Overheads:
         if self.overheads is not None:
@@ -83,6 +88,7 @@ class SimConfig:
 
 class _Req:
     __slots__ = (
+        "admitted",
         "arrival",
         "decode_inst",
         "epoch",
@@ -121,6 +127,7 @@ class _Req:
         self.preemptions = 0
         self.failed = False
         self.lane: DecodeBatch | None = None  # the DecodeBatch it is running in
+        self.admitted = 0  # its lane's admission count when it last took blocks (preemption order)
         self.prefill_idx = -1
 
 
@@ -137,9 +144,14 @@ class DecodeBatch:
     A request that becomes ready mid-run cuts the run at the next step boundary, where it joins.
     Block growth is counted per residue class of context mod block size, not per sequence."""
 
-    def __init__(self, block_size: int, on_demand: bool):
+    def __init__(self, block_size: int, on_demand: bool, admit_on_join: bool = True):
         self.block_size = block_size
         self.on_demand = on_demand
+        # Sequences are preempted newest admitted first. They are admitted when they join, unless
+        # (chunked prefill) the instance admitted them earlier, at their prompt's first chunk.
+        self.admit_on_join = admit_on_join
+        self.admissions = 0
+        self.partials: list[list] = []  # chunked prefill: [request, tokens cached, tokens], admission order
         self.step = 0  # completed steps
         self.size = 0
         self.sum_ctx = 0
@@ -149,7 +161,7 @@ class DecodeBatch:
         self.prefilling = False  # the lane is running a prefill, not a decode run
         self.at_boundary = False  # between two iterations, admitting
         self._finish_heap: list = []
-        self._order: list[tuple[_Req, int]] = []  # (request, epoch) in join order, for preempting the newest
+        self._order: list[tuple[int, _Req, int]] = []  # (admitted, request, epoch), oldest admitted first
         self._residue = [0] * block_size
         self._seq = 0
         # the run in progress: start time, per-step constant A, per-context-token b, steps, epoch
@@ -184,6 +196,10 @@ class DecodeBatch:
         cycles, rest = divmod(last - first, bs)
         return cycles * self.size + sum(res[(1 - step - i) % bs] for i in range(first, first + rest))
 
+    def admit(self, r: _Req) -> None:
+        self.admissions += 1
+        r.admitted = self.admissions
+
     def join_pending(self) -> None:
         k = self.step
         for r in self.pending:
@@ -191,7 +207,9 @@ class DecodeBatch:
             r.join_step = k
             self._seq += 1
             heapq.heappush(self._finish_heap, (k + r.output - r.generated, self._seq, r, r.epoch))
-            self._order.append((r, r.epoch))
+            if self.admit_on_join:
+                self.admit(r)
+            bisect.insort(self._order, (r.admitted, r, r.epoch))
             r.lane = self
             self._residue[(r.join_ctx - k) % self.block_size] += 1
             self.sum_ctx += r.join_ctx
@@ -203,10 +221,19 @@ class DecodeBatch:
         self.size -= 1
         self._residue[(r.join_ctx - r.join_step) % self.block_size] -= 1
 
-    def preempt_newest(self) -> _Req | None:
-        """Takes the most recently joined running sequence out (its finish entry goes stale)."""
+    def newest_admitted(self) -> int | None:
+        """When the most recently admitted running sequence was admitted (None: none runs)."""
         while self._order:
-            r, epoch = self._order.pop()
+            admitted, r, epoch = self._order[-1]
+            if r.epoch == epoch and r.lane is self:
+                return admitted
+            self._order.pop()  # finished, or preempted before
+        return None
+
+    def preempt_newest(self) -> _Req | None:
+        """Takes the most recently admitted running sequence out (its finish entry goes stale)."""
+        while self._order:
+            _, r, epoch = self._order.pop()
             if r.epoch != epoch or r.lane is not self:
                 continue  # finished, or preempted before
             self._remove(r, self.ctx(r))
@@ -541,9 +568,19 @@ class BatchingInstance:
     after their KV pull; colocated ones feed prompts into the waiting queue. A pipeline-parallel
     instance runs one such loop per micro-batch ("lane") over one KV pool."""
 
-    def __init__(self, sim: Simulation, index: int, profile: LatencyProfile, config: SimConfig, lanes: int):
+    def __init__(
+        self,
+        sim: Simulation,
+        index: int,
+        profile: LatencyProfile,
+        config: SimConfig,
+        lanes: int,
+        chunked_prefill: bool = False,
+    ):
         self.sim = sim
         self.index = index
+        self.profile = profile
+        self.chunked_prefill = chunked_prefill
         self.prefill_latency = profile.prefill
         self.decode_latency = profile.decode
         self.block_size = profile.block_size
@@ -556,7 +593,7 @@ class BatchingInstance:
         # A few blocks kept spare so that admitting a request does not force a preemption at once.
         self.watermark = max(1, self.total_blocks // 100)
         self.overheads = sim.overheads
-        self.lanes = [DecodeBatch(self.block_size, not self.reserve) for _ in range(lanes)]
+        self.lanes = [DecodeBatch(self.block_size, not self.reserve, not chunked_prefill) for _ in range(lanes)]
 
     def _blocks_to_hold(self, r: _Req, cached_tokens: int) -> int:
         """Blocks a sequence gets when it enters: its cached tokens', or its whole life's ("reserve")."""
@@ -595,6 +632,10 @@ class BatchingInstance:
     def _boundary(self, t: float, lane: DecodeBatch) -> None:
         lane.at_boundary = True
         self._admit(t)
+        if self.chunked_prefill:
+            lane.at_boundary = False
+            self._chunked_boundary(t, lane)
+            return
         batch = self._prefill_batch(lane)
         lane.at_boundary = False
         if batch:
@@ -615,6 +656,10 @@ class BatchingInstance:
             self._preempted(victim, lane)
             grow = lane.growth_blocks()
         self.free_blocks -= grow
+        self._decode_run(t, lane)
+
+    def _decode_run(self, t: float, lane: DecodeBatch) -> None:
+        """Steps of the running sequences alone, until something may change the batch."""
         if lane.size == 0:
             lane.idle = True
             return
@@ -667,17 +712,100 @@ class BatchingInstance:
         lane, batch = arg
         lane.prefilling, lane.idle = False, True
         for r, _ in batch:
-            if math.isnan(r.first_token):
-                self._first_token(t, r)
-            else:
-                r.generated += 1  # the recompute samples the next token too
-            r.decode_inst = self.index
-            if r.generated >= r.output:
-                self.free_blocks += r.join_blocks
-                self._finished(t, r)
-            else:
-                lane.pending.append(r)
+            self._prompt_computed(t, lane, r)
         self._boundary(t, lane)
+
+    def _prompt_computed(self, t: float, lane: DecodeBatch, r: _Req) -> None:
+        """Its prompt (and, recomputed, its output so far) is in the pool and a token sampled."""
+        if math.isnan(r.first_token):
+            self._first_token(t, r)
+        else:
+            r.generated += 1  # the recompute samples the next token too
+        r.decode_inst = self.index
+        if r.generated >= r.output:
+            self.free_blocks += r.join_blocks
+            self._finished(t, r)
+        else:
+            lane.pending.append(r)
+
+    # ---- chunked prefill (scheduler.py BatchScheduler._schedule_chunked) -------------------------
+    def _chunked_boundary(self, t: float, lane: DecodeBatch) -> None:
+        lane.join_pending()
+        grow = lane.growth_blocks()
+        while grow > self.free_blocks and self._preempt_newest_admitted(lane):
+            grow = lane.growth_blocks()
+        self.free_blocks -= grow
+        budget = self.budget - lane.size
+        # [entry, tokens now]: prompts part-way through, those with one token left first (with the
+        # running sequences' next tokens), then new prompts while their blocks fit
+        rows = []
+        for entry in sorted(lane.partials, key=lambda e: e[2] - e[1] != 1):
+            if budget:
+                n = min(entry[2] - entry[1], budget)
+                rows.append((entry, n))
+                budget -= n
+        num_partial_rows = len(rows)
+        while budget and lane.waiting and lane.size + len(lane.partials) < self.max_seqs:
+            r = lane.waiting[0]
+            tokens = r.prompt + r.generated  # a preempted sequence recomputes its output so far too
+            need = self._blocks_to_hold(r, tokens)
+            if need + (self.watermark if lane.size or lane.partials else 0) > self.free_blocks:
+                break
+            lane.waiting.popleft()
+            self.free_blocks -= need
+            r.join_blocks = need
+            lane.admit(r)
+            entry = [r, 0, tokens]
+            lane.partials.append(entry)
+            n = min(tokens, budget)
+            rows.append((entry, n))
+            budget -= n
+        if not rows:
+            self._decode_run(t, lane)
+            return
+        # Timed as the worker's step: a decode step when every row is the next token of a sequence
+        # that was running or part-way through its prompt, else a mixed one whose one-token rows
+        # with a cached context count as next tokens.
+        num_next = lane.size + sum(n == e[2] - e[1] == 1 for e, n in rows[:num_partial_rows])
+        if num_next == lane.size + len(rows):
+            context = lane.sum_ctx + sum(e[2] for e, _ in rows)
+            duration = self.decode_latency.step_time(num_next, context)
+        else:
+            one = [(e, n) for e, n in rows if n == 1 and e[1] > 0]
+            chunks = [(e[1], n) for e, n in rows if not (n == 1 and e[1] > 0)]
+            context = lane.sum_ctx + sum(e[1] + 1 for e, _ in one)
+            duration = self.profile.mixed_time(chunks, lane.size + len(one), context)
+        lane.idle, lane.prefilling = False, True
+        self.sim.schedule(t + duration + self.overheads.decode_step_s, self._mixed_done, (lane, rows))
+
+    def _mixed_done(self, t: float, arg) -> None:
+        lane, rows = arg
+        lane.prefilling, lane.idle = False, True
+        for r, blocks in lane.advance(1):
+            self.free_blocks += blocks
+            self._finished(t, r)
+        for entry, n in rows:
+            entry[1] += n
+            if entry[1] == entry[2]:
+                lane.partials.remove(entry)
+                self._prompt_computed(t, lane, entry[0])
+        self._boundary(t, lane)
+
+    def _preempt_newest_admitted(self, lane: DecodeBatch) -> bool:
+        """Frees the blocks of the most recently admitted sequence, running or part-way through its
+        prompt: back to the head of the waiting queue. False when there is none."""
+        newest = lane.newest_admitted()
+        if lane.partials and (newest is None or lane.partials[-1][0].admitted > newest):
+            r = lane.partials.pop()[0]
+            self.free_blocks += r.join_blocks
+            r.preemptions += 1
+            lane.waiting.appendleft(r)
+            return True
+        victim = lane.preempt_newest()
+        if victim is None:
+            return False
+        self._preempted(victim, lane)
+        return True
 
     def _first_token(self, t: float, r: _Req) -> None:
         self.sim.first_token(t, r)
@@ -810,11 +938,16 @@ class DecodeInstance(BatchingInstance):
 
 
 class ColocatedInstance(BatchingInstance):
-    """The colocated worker (vLLM's default policy, no chunked prefill): prompts go straight into
-    the waiting queue, and a prefill batch always goes first, stalling every running decode."""
+    """The colocated worker: prompts go straight into the waiting queue; a prefill batch goes
+    first, stalling every running decode, or (chunked prefill) prompt chunks share each step with
+    the running sequences' next tokens."""
 
     def __init__(self, sim: Simulation, index: int, profile: LatencyProfile, config: SimConfig):
-        super().__init__(sim, index, profile, config, 1)
+        super().__init__(sim, index, profile, config, 1, config.chunked_prefill)
+        if config.chunked_prefill and self.budget < self.max_seqs:
+            raise ValueError(
+                f"chunked prefill needs a token budget ({self.budget}) of at least the batch limit ({self.max_seqs})"
+            )
         self.outstanding_tokens = 0
 
     def load(self) -> int:

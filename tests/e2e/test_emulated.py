@@ -173,4 +173,12 @@ def test_up_with_a_plan_starts_its_layout_at_its_profiles(cluster_factory, model
         assert tokens == _expected(model_dir, prompt, 40)
         profile = LatencyProfile.load(str(tmp_path / f"{roles[0]}-profile.json"))
         assert profile.prefill.time([300]) <= last.timing.prefill_seconds <= profile.prefill.time([300]) * 1.1 + 0.002
+        if mode == "colocated":  # the baseline's scheduling policy too
+            mixed_steps = sum(
+                float(line.split()[-1])
+                for svc in cluster.services("colocated")
+                for line in cluster.metrics_text(svc).splitlines()
+                if line.startswith('pdserve_decode_step_duration_seconds_count{kind="mixed"}')
+            )
+            assert (mixed_steps > 0) == plan["colocated_baseline"]["chunked_prefill"]
         assert cluster.stop() == 0

@@ -3,7 +3,12 @@ import random
 import numpy as np
 import pytest
 
+from services.common.enums import FinishReason
 from services.common.latency_profile import DecodeLatency, LatencyProfile, Overheads, PrefillLatency, TransferSpec
+from services.engine.block_manager import BlockManager
+from services.engine.config import SamplingParams
+from services.engine.scheduler import BatchScheduler, StepKind
+from services.engine.sequence import Sequence
 from services.planner.simulator import SimConfig, Slo, simulate
 from services.planner.workload import TraceRequest, make_trace
 
@@ -313,6 +318,74 @@ def test_colocated_worker_matches_a_step_by_step_reference():
     result = simulate(SimConfig(mode="colocated", colocated_profile=p), trace)
     ttft, tpot, preemptions = reference_worker(trace, a, b, c, pa, pb, 10, blocks, bs, colocated=True, budget=400)
     assert preemptions.sum() > 5
+    np.testing.assert_array_equal(result.preemptions, preemptions)
+    np.testing.assert_allclose(result.ttft_s, ttft, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.tpot_s, tpot, rtol=1e-9, atol=1e-12)
+
+
+def chunked_worker(trace, p: LatencyProfile):
+    """The colocated worker with --chunked-prefill, step by step: pdserve's own scheduler
+    (BatchScheduler on a BlockManager, services/engine) with each step lasting what an emulated
+    engine takes for it (services/engine/emulated.py), and the requests that arrived by a step's
+    start in the waiting queue."""
+    blocks = BlockManager(p.kv_capacity_blocks, p.block_size)
+    scheduler = BatchScheduler(blocks, p.max_num_seqs, p.max_batched_tokens, chunked_prefill=True)
+    seqs = [
+        Sequence.from_prompt(str(k), [5] * r.prompt_tokens, SamplingParams(max_tokens=r.output_tokens, ignore_eos=True))
+        for k, r in enumerate(trace)
+    ]
+    index = {s.seq_id: k for k, s in enumerate(seqs)}
+    order = sorted(range(len(trace)), key=lambda k: trace[k].arrival_s)
+    first, finish, preemptions = {}, {}, np.zeros(len(trace), dtype=int)
+    t, i = 0.0, 0
+    while len(finish) < len(trace):
+        while i < len(order) and trace[order[i]].arrival_s <= t:
+            scheduler.add_prompt(seqs[order[i]])
+            i += 1
+        running = list(scheduler.running)
+        plan = scheduler.schedule()
+        for seq in running:
+            preemptions[index[seq.seq_id]] += seq not in scheduler.running
+        if plan is None:
+            t = trace[order[i]].arrival_s
+            continue
+        num_tokens = plan.num_tokens or [1] * len(plan.seqs)
+        if plan.kind is StepKind.DECODE:
+            t += p.decode.step_time(len(plan.seqs), sum(len(s) for s in plan.seqs))
+        else:
+            one = [s.num_cached + 1 for s, n in zip(plan.seqs, num_tokens) if n == 1 and s.num_cached > 0]
+            chunks = [(s.num_cached, n) for s, n in zip(plan.seqs, num_tokens) if not (n == 1 and s.num_cached > 0)]
+            t += p.mixed_step_time(chunks, one)
+        for seq, n in zip(plan.seqs, num_tokens):
+            seq.num_cached += n
+            if seq.num_cached == len(seq):
+                seq.token_ids.append(7)
+                first.setdefault(index[seq.seq_id], t)
+                if seq.num_output_tokens >= seq.sampling.max_tokens:
+                    seq.finish_reason = FinishReason.LENGTH
+                    finish[index[seq.seq_id]] = t
+        scheduler.finish_step(plan)
+    assert blocks.num_free == blocks.num_blocks
+    ttft = np.array([first[k] - r.arrival_s for k, r in enumerate(trace)])
+    tpot = np.array(
+        [(finish[k] - first[k]) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0 for k, r in enumerate(trace)]
+    )
+    return ttft, tpot, preemptions
+
+
+def test_colocated_worker_with_chunked_prefill_matches_pdserves_scheduler_step_by_step():
+    trace = busy_trace(5, 300, 6.0, 300, 60)
+    p = profile(
+        prefill=(0.004, 1e-4, 1e-7),
+        decode=(0.01, 1e-5, 1e-3),
+        kv_tokens=64 * 16,
+        block_size=16,
+        max_num_seqs=10,
+        budget=64,
+    )
+    result = simulate(SimConfig(mode="colocated", colocated_profile=p, chunked_prefill=True), trace)
+    ttft, tpot, preemptions = chunked_worker(trace, p)
+    assert preemptions.sum() > 5  # the pool is tight enough to preempt, prompts part-way included
     np.testing.assert_array_equal(result.preemptions, preemptions)
     np.testing.assert_allclose(result.ttft_s, ttft, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(result.tpot_s, tpot, rtol=1e-9, atol=1e-12)
