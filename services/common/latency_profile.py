@@ -20,7 +20,7 @@ time it says.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 
 PROFILE_SCHEMA = "pdserve.profile/v1"
 
@@ -98,6 +98,22 @@ class LatencyProfile:
     @property
     def kv_capacity_blocks(self) -> int:
         return self.kv_capacity_tokens // self.block_size
+
+    def slowed(self, factor: float) -> LatencyProfile:
+        """The same hardware run `factor` times slower: every time it models (steps, transfers,
+        overheads) multiplied by `factor`. An emulated cluster at such a profile, with SLOs and
+        request rates scaled alike, queues and batches exactly as at the original timings, while
+        the serving system's own CPU time per request and token shrinks by `factor` relative to
+        them: how a cluster at GPU token rates is emulated on a few cores."""
+        o, t = self.overheads, self.transfer
+        return replace(
+            self,
+            prefill=PrefillLatency(*(factor * v for v in (self.prefill.a, self.prefill.b, self.prefill.c))),
+            decode=DecodeLatency(*(factor * v for v in (self.decode.a, self.decode.b, self.decode.c))),
+            overheads=Overheads(*(factor * v for v in astuple(o))),
+            transfer=TransferSpec(factor * t.fixed_s, t.bytes_per_s / factor if t.bytes_per_s else None),
+            notes={**self.notes, "slowed": factor * self.notes.get("slowed", 1.0)},
+        )
 
     def mixed_step_time(self, chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
         """A chunked-prefill step: prompt chunks, each (tokens cached before, tokens now), beside

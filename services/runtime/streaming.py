@@ -214,7 +214,10 @@ class StreamingWorker:
         if out.seq.sampling.logprobs:
             chunk.logprobs.append(out.logprob)
         chunk.finish_reason = out.finish_reason or ""
-        if out.finish_reason or len(chunk.token_ids) >= self.stream_interval:
+        # A request's first and last tokens go at once (TTFT and end-to-end latency as without
+        # grouping); those between, every --stream-interval tokens.
+        first = out.seq.num_output_tokens == 1
+        if first or out.finish_reason or len(chunk.token_ids) >= self.stream_interval:
             job.unsent = None
             self.thread.emit(job.outbox.put_nowait, chunk)
         else:

@@ -266,3 +266,28 @@ def test_the_first_token_comes_before_the_kv_handle_and_a_cancel_between_release
 
     asyncio.run(scenario())
     engine.close()
+
+
+def test_a_colocated_worker_grouping_tokens_sends_the_first_one_at_once():
+    """--stream-interval groups tokens into messages, but never holds the first token back (it
+    is the request's TTFT) nor the last."""
+    engine = _engine()
+
+    async def scenario():
+        service = ColocatedService(engine, node_id="n", model_name="m", registry=CollectorRegistry(), stream_interval=8)
+        runner, address = await _serve(Role.COLOCATED, service)
+        async with aio_channel(address) as channel:
+            stub = worker_pb2_grpc.ColocatedWorkerStub(channel)
+            request = worker_pb2.GenerateTokensRequest(
+                request_id="r",
+                token_ids=[5] * 20,
+                sampling=common_pb2.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+            )
+            sizes = [len(chunk.token_ids) async for chunk in stub.Generate(request, timeout=30)]
+        await _stop(runner, service)
+        return sizes
+
+    sizes = asyncio.run(scenario())
+    engine.close()
+    assert sizes[0] == 1 and sum(sizes) == 20
+    assert max(sizes) <= 8 and len(sizes) <= 1 + 3  # the rest grouped: 8, 8 and the last 3
