@@ -36,6 +36,11 @@ class RequestResult:
     tpot: float = 0.0
     e2e: float = float("nan")
     error: str = ""
+    # the router's own account (Timing, on the last message): TTFT from its arrival, and the
+    # worker's queue and prefill inside it
+    router_ttft: float = float("nan")
+    queue: float = float("nan")
+    prefill: float = float("nan")
 
     @property
     def ok(self) -> bool:
@@ -68,6 +73,9 @@ async def _one(stub, request: TraceRequest, index: int, vocab_size: int, seed: i
                     first = now
                 last = now
                 result.tokens += len(response.token_ids)
+            if response.HasField("timing"):
+                t = response.timing
+                result.router_ttft, result.queue, result.prefill = t.ttft_seconds, t.queue_seconds, t.prefill_seconds
     except grpc.aio.AioRpcError as exc:
         result.error = f"{exc.code().name}: {exc.details()}"
     if first is not None:

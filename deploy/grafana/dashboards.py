@@ -78,6 +78,7 @@ DASHBOARDS = {
             ),
             ("End-to-end latency", "s", quantiles("pdserve_e2e_request_latency_seconds"), "timeseries"),
             ("Queue time before compute", "s", quantiles("pdserve_request_queue_time_seconds"), "timeseries"),
+            ("Router overhead in TTFT", "s", quantiles("pdserve_router_overhead_seconds"), "timeseries"),
             ("Inter-token latency", "s", quantiles("pdserve_inter_token_latency_seconds"), "timeseries"),
             (
                 "Tokens per second",

@@ -141,8 +141,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     response.text += detok.flush()
                     ttft_met, tpot_met = self.slo.finish(timer, chunk.finish_reason, len(prompt), ttft_slo, tpot_slo)
                     judged = True
-                    if state.queue_seconds:
+                    if state.prefill_seconds:
                         self.slo.queue.observe(state.queue_seconds)
+                        self.slo.router_overhead.observe(state.router_seconds(timer.ttft))
                     response.finish_reason = chunk.finish_reason
                     response.usage.CopyFrom(
                         router_pb2.Usage(
@@ -162,6 +163,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             slo_ttft_seconds=ttft_slo,
                             slo_tpot_seconds=tpot_slo,
                             retries=state.retries,
+                            router_seconds=state.router_seconds(timer.ttft),
                         )
                     )
                 await context.write(response)
@@ -251,14 +253,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _disaggregated(self, state: _RequestState, timer: RequestTimer):
         if state.handle is None:
-            # a re-prefill after a failover queues afresh: only its own wait counts
-            started = timer.arrived if not state.outputs else time.monotonic()
             ep = pick_prefill(self.registry.eligible(Role.PREFILL), exclude=state.failed)
             # The first token comes first and goes to the client at once; the KV handle follows
             # once the worker has published the KV.
             first = await self._prefill(ep, state)
             state.prefill_seconds += first.compute_seconds
-            state.queue_seconds += (time.monotonic() - started) - first.compute_seconds
+            state.queue_seconds += first.queue_seconds
             state.outputs.append(first.first_token_id)
             if not first.finish_reason:  # read on its own, so that the request's end cannot cancel it
                 state.handle_read = asyncio.ensure_future(self._read_handle(ep, state))
@@ -434,6 +434,10 @@ class _RequestState:
         self.handle_read: asyncio.Future[common_pb2.KvHandle] | None = None
         self.failed: set[str] = set()
         self.retries = 0
-        self.queue_seconds = 0.0
+        self.queue_seconds = 0.0  # in the workers' queues (prefill, or colocated) before compute
         self.prefill_seconds = 0.0
         self.kv_transfer_seconds = 0.0
+
+    def router_seconds(self, ttft: float) -> float:
+        """What the router and its calls added to TTFT (0 when no worker reported its prefill)."""
+        return max(0.0, ttft - self.queue_seconds - self.prefill_seconds) if self.prefill_seconds else 0.0

@@ -89,9 +89,15 @@ class SloTracker:
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=r,
         )
+        self.router_overhead = Histogram(
+            "pdserve_router_overhead_seconds",
+            "TTFT less the worker's queue and compute: what the router and its calls to the worker added.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue = Histogram(
             "pdserve_request_queue_time_seconds",
-            "Request arrival until a worker started computing it (router dispatch + worker queue).",
+            "Time in the worker's queue before its prefill started (after a failover, summed).",
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=r,
         )

@@ -106,6 +106,8 @@ def check_outputs(workload, results, tokenizer) -> None:
         timing = last.timing
         assert timing.prefill_seconds > 0 and timing.queue_seconds >= 0
         assert timing.queue_seconds + timing.prefill_seconds <= timing.ttft_seconds
+        router = timing.ttft_seconds - timing.queue_seconds - timing.prefill_seconds
+        assert timing.router_seconds == pytest.approx(router, abs=1e-6) and timing.router_seconds > 0
 
 
 def expected_kv_bytes(workload, model_dir) -> int:
