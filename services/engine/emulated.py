@@ -85,8 +85,9 @@ class EmulatedEngine(EngineBase):
             num_kv_heads=1,
             head_dim=bytes_per_token // 4,
             dtype="float16",
-            model_id=f"emulated-{profile.model}-{profile.device}-tp{profile.tensor_parallel}-"
-            f"pp{profile.pipeline_parallel}-scale{kv_scale}",
+            # The model's KV whatever the instance's GPU or parallelism: an emulated instance holds
+            # all of it in one pool, so a TP-1 pipeline's prefill hands off to a TP-2 decode.
+            model_id=f"emulated-{profile.model}-scale{kv_scale}",
         )
         self.kv_pool = KvPool.allocate(layout, "cpu", name=config.kv_pool_name)
         self.block_manager = BlockManager(layout.num_blocks, profile.block_size)

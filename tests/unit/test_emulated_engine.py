@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -150,3 +151,19 @@ def test_the_mixed_step_model_meets_the_prefill_and_decode_models_at_their_ends(
     # ... and beside a large one, each adds a prefill token's work and its context's reads
     with_chunk = PROFILE.mixed_step_time([(0, 1000)], contexts)
     assert with_chunk == pytest.approx(PROFILE.prefill.time([1016]) + PROFILE.decode.b * sum(contexts))
+
+
+def test_instances_of_other_parallelism_or_gpus_can_hand_kv_to_each_other(engine):
+    # DistServe's point: each phase picks its own parallelism (and may run on other GPUs); the
+    # plan search does, and `pdserve up --plan` must be able to start what it chose.
+    other = replace(PROFILE, tensor_parallel=2, pipeline_parallel=2, device="H200")
+    decode = EmulatedEngine(get_model("llama"), EngineConfig(device="emulated"), other, kv_scale=4096)
+    try:
+        assert decode.kv_pool.layout.fingerprint() == engine.kv_pool.layout.fingerprint()
+    finally:
+        decode.close()
+    rescaled = EmulatedEngine(get_model("llama"), EngineConfig(device="emulated"), PROFILE, kv_scale=1024)
+    try:
+        assert rescaled.kv_pool.layout.fingerprint() != engine.kv_pool.layout.fingerprint()
+    finally:
+        rescaled.close()

@@ -1,0 +1,275 @@
+"""DistServe's headline through pdserve (issue 15's study 1): on the same GPUs, the planner's best
+disaggregated placement against the best colocated configurations (prefill first, and chunked
+prefill), measured through the real router, workers and kvstore daemons with emulated engines.
+
+    python -m bench.headline                                  # Llama-3-8B, 8 x H100, three workloads
+    python -m bench.headline --workloads chat --model llama-3-70b
+
+For each workload:
+1. `pdserve plan search` (analytic profiles of --model on --gpus x --gpu, one node) chooses the
+   disaggregated placement and the colocated baseline's TP degree; plan.json and the profiles it
+   simulated each role with go to --out-dir.
+2. Three clusters on those GPUs, as `pdserve up --plan` starts them: the plan's prefill and decode
+   instances (one emulated worker each), and the colocated baseline's instances with and without
+   --chunked-prefill. Every profile is slowed --slow times (LatencyProfile.slowed) with SLOs and
+   rates alike, so a cluster at GPU token rates fits on this machine's cores.
+3. The same trace replayed at the same rates on each cluster (a grid spanning the simulator's
+   predicted goodputs), attainment measured at the client. Goodput is the highest rate with at
+   least 90% attainment (linear between the grid's rates). Attainment against SLO scale (both
+   SLOs multiplied alike, as DistServe's Figure 8) is read from the requests of the grid's rate
+   nearest the disaggregated goodput.
+Everything is reported in the profile's own time (rates times --slow). Writes headline.json and
+headline.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from services.common.latency_profile import LatencyProfile
+from services.engine.config import ModelConfig
+from services.launcher import Cluster, ClusterSpec
+from services.planner import cli as planner_cli
+from services.planner.plan_output import read_layout
+from services.planner.workload import make_trace, rescale_rate
+from services.tiny_models import get_model
+
+from .emulated_fidelity import MODEL, SLOS
+from .loadgen import RequestResult, attainment, run_trace
+
+CONFIGS = ("disaggregated", "colocated prefill-first", "colocated chunked")
+SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2, 1.6, 2.0)
+TARGET = 0.9
+
+
+def search_plan(args, workload: str, out_dir: str) -> dict:
+    ttft, tpot = SLOS[workload]
+    argv = ["search", "--model", args.model, "--gpu", args.gpu, "--nodes", "1", "--gpus-per-node", str(args.gpus)]
+    argv += ["--workload", workload, "--slo-ttft", str(ttft), "--slo-tpot", str(tpot), "--out-dir", out_dir]
+    planner_cli.main(argv)
+    with open(os.path.join(out_dir, "plan.json")) as f:
+        return json.load(f)
+
+
+def predicted_goodput(plan: dict, config: str) -> float:
+    """The simulator's goodput (req/s, the whole cluster) of a configuration on the plan's GPUs."""
+    if config == "disaggregated":
+        return plan["goodput_per_gpu"] * plan["gpus_used"]
+    chunked = config == "colocated chunked"
+    best = plan["colocated_baseline"]
+    candidate = next(
+        c
+        for c in best["candidates"]
+        if c["tensor_parallel"] == best["tensor_parallel"] and c["chunked_prefill"] == chunked
+    )
+    return candidate["goodput_per_gpu"] * plan["gpus_used"]
+
+
+def cluster_spec(args, plan_path: str, config: str, log_dir: str) -> ClusterSpec:
+    """The cluster `pdserve up --plan` starts for a configuration, every profile slowed."""
+    mode = "disaggregated" if config == "disaggregated" else "colocated"
+    layout = read_layout(plan_path, mode)
+    profiles = {}
+    for role, path in layout.profiles.items():
+        profiles[role] = os.path.join(log_dir, f"{role}-profile-slowed.json")
+        LatencyProfile.load(path).slowed(args.slow).save(profiles[role])
+    counts = {role: len(nodes) for role, nodes in layout.nodes.items()}
+    chunked = ["--chunked-prefill"] if config == "colocated chunked" else []
+    ttft, tpot = (args.slow * v for v in (layout.slo["ttft_s"], layout.slo["tpot_s"]))
+    return ClusterSpec(
+        model=get_model(MODEL),
+        mode=mode,
+        prefill=counts.get("prefill", 0),
+        decode=counts.get("decode", 0),
+        colocated=counts.get("colocated", 0),
+        nodes=layout.num_nodes,
+        node_of=layout.nodes,
+        router_port=0,
+        log_dir=log_dir,
+        worker_args=["--stream-interval", "8"] + chunked,
+        router_args=["--slo-ttft-seconds", str(ttft), "--slo-tpot-seconds", str(tpot)],
+        profiles=profiles,
+    )
+
+
+def goodput(points: list[dict]) -> tuple[float, str]:
+    """The highest rate with attainment >= TARGET, linear between the grid's rates; and whether it
+    is a bound ('>=' every rate passed, '<' none did) or read between two rates ('=')."""
+    if points[0]["attainment"] < TARGET:
+        return points[0]["rate"], "<"
+    for lo, hi in zip(points, points[1:]):
+        if hi["attainment"] < TARGET:
+            share = (lo["attainment"] - TARGET) / (lo["attainment"] - hi["attainment"])
+            return lo["rate"] + share * (hi["rate"] - lo["rate"]), "="
+    return points[-1]["rate"], ">="
+
+
+def slo_scale_curve(results: list[RequestResult], ttft: float, tpot: float) -> list[dict]:
+    return [{"scale": s, "attainment": attainment(results, s * ttft, s * tpot)} for s in SLO_SCALES]
+
+
+def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rates: list[float], base) -> dict:
+    log_dir = os.path.join(args.out_dir, workload, "logs", config.replace(" ", "-"))
+    os.makedirs(log_dir, exist_ok=True)
+    spec = cluster_spec(args, plan_path, config, log_dir)
+    ttft, tpot = (args.slow * v for v in SLOS[workload])
+    vocab = ModelConfig.from_pretrained(get_model(MODEL)).vocab_size
+    cluster = Cluster(spec)
+    cluster.start(progress=lambda line: None)
+    points, by_rate = [], {}
+    try:
+        router = cluster.info()["router"]
+        for rate in rates:
+            started = time.monotonic()
+            results = run_trace(router, rescale_rate(base, rate / args.slow, 1.0), vocab, seed=args.seed, timeout=3600)
+            by_rate[rate] = results
+            point = {
+                "rate": rate,
+                "rate_per_gpu": rate / plan["gpus_used"],
+                "attainment": attainment(results, ttft, tpot),
+                "ttft_attainment": sum(r.ok and r.ttft <= ttft for r in results) / len(results),
+                "tpot_attainment": sum(r.ok and r.tpot <= tpot for r in results) / len(results),
+                "errors": sum(not r.ok for r in results),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+            points.append(point)
+            print(
+                f"  {workload:<13} {config:<24} {rate:7.1f} req/s  attainment {point['attainment']:.3f} "
+                f"(TTFT {point['ttft_attainment']:.3f}, TPOT {point['tpot_attainment']:.3f})  "
+                f"({point['seconds']:.0f} s)",
+                flush=True,
+            )
+    finally:
+        cluster.stop()
+    value, bound = goodput(points)
+    reference = min(rates, key=lambda r: abs(r - predicted_goodput(plan, "disaggregated")))
+    return {
+        "config": config,
+        "instances": {role: n for role, n in (("prefill", spec.prefill), ("decode", spec.decode)) if n}
+        if config == "disaggregated"
+        else {"colocated": spec.colocated},
+        "predicted_goodput": predicted_goodput(plan, config),
+        "goodput": value,
+        "goodput_bound": bound,
+        "goodput_per_gpu": value / plan["gpus_used"],
+        "points": points,
+        "slo_scale_rate": reference,
+        "slo_scale": slo_scale_curve(by_rate[reference], ttft, tpot),
+    }
+
+
+def run_workload(args, workload: str) -> dict:
+    plan_dir = os.path.join(args.out_dir, workload, "plan")
+    plan = search_plan(args, workload, plan_dir)
+    plan_path = os.path.join(plan_dir, "plan.json")
+    predicted = [predicted_goodput(plan, c) for c in CONFIGS]
+    low, high = args.low * min(predicted), args.high * max(predicted)
+    rates = [low + i * (high - low) / (args.points - 1) for i in range(args.points)]
+    base = make_trace(workload, 1.0, args.n, seed=args.seed, max_model_len=4096)
+    p, d = plan["prefill"], plan["decode"]
+    print(
+        f"{workload}: plan {p['replicas']} x prefill (tp={p['tensor_parallel']}, pp={p['pipeline_parallel']}) + "
+        f"{d['replicas']} x decode (tp={d['tensor_parallel']}, pp={d['pipeline_parallel']}); colocated tp="
+        f"{plan['colocated_baseline']['tensor_parallel']}; predicted goodput "
+        + ", ".join(f"{c} {g:.1f}" for c, g in zip(CONFIGS, predicted, strict=True))
+        + " req/s",
+        flush=True,
+    )
+    runs = [run_config(args, plan, plan_path, workload, c, rates, base) for c in CONFIGS]
+    best_colocated = max(runs[1:], key=lambda r: r["goodput"])
+    return {
+        "workload": workload,
+        "slo": dict(zip(("ttft_s", "tpot_s"), SLOS[workload], strict=True)),
+        "gpus_used": plan["gpus_used"],
+        "plan": {
+            "prefill": {k: p[k] for k in ("replicas", "tensor_parallel", "pipeline_parallel")},
+            "decode": {k: d[k] for k in ("replicas", "tensor_parallel", "pipeline_parallel")},
+            "colocated_tensor_parallel": plan["colocated_baseline"]["tensor_parallel"],
+        },
+        "rates": rates,
+        "runs": runs,
+        "ratio_to_best_colocated": runs[0]["goodput"] / best_colocated["goodput"],
+        "predicted_ratio": predicted[0] / max(predicted[1:]),
+    }
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = result["workloads"]
+    fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 7.5), squeeze=False)
+    for col, w in enumerate(workloads):
+        top, bottom = axes[0][col], axes[1][col]
+        for run in w["runs"]:
+            top.plot(
+                [p["rate_per_gpu"] for p in run["points"]],
+                [p["attainment"] for p in run["points"]],
+                "o-",
+                label=run["config"],
+            )
+            bottom.plot(
+                [s["scale"] for s in run["slo_scale"]],
+                [s["attainment"] for s in run["slo_scale"]],
+                "o-",
+                label=run["config"],
+            )
+        for ax in (top, bottom):
+            ax.axhline(TARGET, color="grey", lw=0.8, ls=":")
+            ax.set_ylabel("SLO attainment")
+            ax.legend(fontsize=7)
+        slo = w["slo"]
+        top.set_title(
+            f"{w['workload']} (TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s), {w['gpus_used']} GPUs", fontsize=9
+        )
+        top.set_xlabel("requests/s per GPU")
+        bottom.set_xlabel(f"SLO scale (at {w['runs'][0]['slo_scale_rate'] / w['gpus_used']:.1f} req/s per GPU)")
+    fig.suptitle(
+        f"{result['model']}, emulated at {result['gpu']} timings (analytic profiles); measured on this CPU", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b", help="a planner model preset")
+    ap.add_argument("--gpu", default="H100-80G")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs of the one node")
+    ap.add_argument("--workloads", default="chat,code,summarization")
+    ap.add_argument("--slow", type=float, default=20.0, help="run every profile this many times slower")
+    ap.add_argument("--points", type=int, default=5, help="rates in the grid")
+    ap.add_argument("--low", type=float, default=0.7, help="the grid starts at this share of the lowest prediction")
+    ap.add_argument("--high", type=float, default=1.15, help="and ends at this share of the highest")
+    ap.add_argument("--n", type=int, default=300, help="requests per rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default="results/headline")
+    args = ap.parse_args(argv)
+    for workload in args.workloads.split(","):
+        if workload not in SLOS:
+            ap.error(f"--workloads: {workload!r} is not one of {', '.join(SLOS)}")
+    if args.points < 2:
+        ap.error("--points: at least 2")
+    os.makedirs(args.out_dir, exist_ok=True)
+    workloads = [run_workload(args, w) for w in args.workloads.split(",")]
+    result = {"model": args.model, "gpu": args.gpu, "slowed": args.slow, "n": args.n, "workloads": workloads}
+    with open(os.path.join(args.out_dir, "headline.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.join(args.out_dir, "headline.png"))
+    for w in workloads:
+        cells = ", ".join(f"{r['config']} {r['goodput_bound']}{r['goodput_per_gpu']:.2f}" for r in w["runs"])
+        print(
+            f"{w['workload']}: goodput per GPU {cells}; disaggregated / best colocated "
+            f"{w['ratio_to_best_colocated']:.2f}x (simulated {w['predicted_ratio']:.2f}x)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
