@@ -11,6 +11,12 @@ emulated worker lasts at least what the profile's transfer model says for the un
 (`min_transfer_seconds`). A step sleeps, so the GIL is free and many emulated workers share a few
 cores; it sleeps the profile's time less what the step itself took.
 
+An instance with pp pipeline stages (one process, as every emulated instance is) keeps pp batches
+in flight as the planner's simulator models it: a prefill worker's next batch enters once the first
+stage is free, each batch's results come the whole prefill time after it entered
+(`prefill_pipelined`); a decode step advances every running sequence in the time of one micro-batch
+of 1/pp of them (pp micro-batches, each one token per pass through the pipeline).
+
 Tokens are a deterministic function of the request (`emulated_token`: its prompt, the output index,
 and the seed when it samples), never an EOS: repeats, failovers and exactness checks can compare
 them, and every request runs to its max_tokens. The vocabulary, EOS ids and context limit are the
@@ -31,7 +37,7 @@ from services.common.latency_profile import LatencyProfile
 
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
-from .engine import EngineBase
+from .engine import EngineBase, StepOutput
 from .kv_cache import KvLayout, KvPool
 from .sampler import SampleResult
 from .sequence import Sequence
@@ -71,7 +77,7 @@ class EmulatedEngine(EngineBase):
         self.config = replace(
             config,
             block_size=profile.block_size,
-            max_num_seqs=profile.max_num_seqs,
+            max_num_seqs=profile.max_num_seqs * profile.pipeline_parallel,  # per micro-batch, as vLLM
             max_num_batched_tokens=profile.max_batched_tokens,
         )
         mc = self.model_config
@@ -92,6 +98,9 @@ class EmulatedEngine(EngineBase):
         self.kv_pool = KvPool.allocate(layout, "cpu", name=config.kv_pool_name)
         self.block_manager = BlockManager(layout.num_blocks, profile.block_size)
         self._prompt_hashes: dict[str, int] = {}  # seq_id -> prompt_hash, dropped with its blocks
+        self._stage_free = [0.0] * profile.pipeline_parallel  # when each pipeline stage is next free
+        self._pipelined = False  # the prefill in progress is prefill_pipelined's
+        self._leaves_at = 0.0  # when its batch leaves the last stage
         log.info(
             "emulated engine: %s on %s (tp %d, pp %d, %s profile), %d KV blocks of %d tokens, "
             "%d bytes per token in the pool (1/%d of %d)",
@@ -110,16 +119,36 @@ class EmulatedEngine(EngineBase):
     def min_transfer_seconds(self, num_tokens: int) -> float:
         return self.profile.transfer.seconds(num_tokens * self.profile.kv_bytes_per_token)
 
+    def prefill_pipelined(self, seqs: list[Sequence]) -> tuple[list[StepOutput], float]:
+        self._pipelined = True
+        try:
+            outputs = self.prefill(seqs)
+        finally:
+            self._pipelined = False
+        return outputs, self._leaves_at
+
     def _prefill(self, seqs: list[Sequence]) -> SampleResult:
         started = time.monotonic()
         result = self._tokens(seqs)
-        self._sleep_until(started + self.profile.prefill.time([len(s.token_ids) for s in seqs]))
+        duration = self.profile.prefill.time([len(s.token_ids) for s in seqs])
+        if not self._pipelined:  # a decode or colocated worker's prefill: its results are needed now
+            self._sleep_until(started + duration)
+            return result
+        # The simulator's PrefillInstance: each stage takes 1/pp of the time, a batch waits for each
+        # stage to be free, and the next batch may enter when this one has left the first.
+        stage, leaves = duration / len(self._stage_free), started
+        for k, free in enumerate(self._stage_free):
+            leaves = self._stage_free[k] = max(leaves, free) + stage
+        self._leaves_at = leaves
+        self._sleep_until(self._stage_free[0])
         return result
 
     def _decode(self, seqs: list[Sequence]) -> SampleResult:
         started = time.monotonic()
         result = self._tokens(seqs)
-        self._sleep_until(started + self.profile.decode.step_time(len(seqs), sum(len(s.token_ids) for s in seqs)))
+        lanes = max(1, min(len(seqs), len(self._stage_free)))  # micro-batches in flight
+        context = sum(len(s.token_ids) for s in seqs)
+        self._sleep_until(started + self.profile.decode.step_time(ceil_div(len(seqs), lanes), context / lanes))
         return result
 
     def _mixed(self, seqs: list[Sequence], num_tokens: list[int], completing: list[int]) -> SampleResult:

@@ -11,6 +11,7 @@ sequences may join or leave the decode batch at any step.
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -94,6 +95,13 @@ class EngineBase(ABC):
         for seq in seqs:
             seq.num_cached = len(seq.token_ids)
         return self._append(seqs, result)
+
+    def prefill_pipelined(self, seqs: list[Sequence]) -> tuple[list[StepOutput], float]:
+        """prefill() on an instance whose stages may hold several batches at once (a prefill
+        worker's step): returns once the next batch may enter, with the time.monotonic() at which
+        this batch's results leave the last stage. Without pipeline stages, that is now."""
+        outputs = self.prefill(seqs)
+        return outputs, time.monotonic()
 
     def decode_step(self, seqs: list[Sequence]) -> list[StepOutput]:
         for seq in seqs:

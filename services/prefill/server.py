@@ -226,7 +226,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self._update_queue_gauges()
         started = time.monotonic()
         try:
-            outputs = self.engine.prefill(batch)
+            outputs, done_at = self.engine.prefill_pipelined(batch)
         except Exception as exc:
             log.exception("prefill of %d prompts failed", len(batch))
             for job in jobs:
@@ -235,9 +235,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
                     reject, job.future, ServiceError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}")
                 )
             return
-        compute = time.monotonic() - started
+        busy = time.monotonic() - started  # until the next batch may start
+        compute = max(busy, done_at - started)  # until this one's results are out
         tokens = sum(seq.num_cached for seq in batch)
-        self.prefill_rate.observe(compute, tokens)
+        self.prefill_rate.observe(busy, tokens)
         self.metrics.step_seconds.observe(compute)
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.batch_requests.observe(len(batch))
@@ -255,7 +256,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             self.metrics.queue_seconds.observe(started - job.enqueued_at)
             if out.finish_reason:
                 self.scheduler.finish(job.seq)
-            self.thread.emit(resolve, job.future, out)
+            self.thread.emit_at(started + compute, resolve, job.future, out)
 
     def _update_queue_gauges(self) -> None:
         self.metrics.queue_requests.set(len(self.scheduler.waiting))

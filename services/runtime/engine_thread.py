@@ -6,7 +6,8 @@ scheduler mutation happens on that thread. The two sides talk only through this 
 
     asyncio side -> engine thread:  post(fn), or `await call(fn)` for fn's result
     engine thread -> asyncio side:  emit(fn, *args) for a plain callback (a queue put, a future's
-                                    result), spawn(coroutine) to start async work (a KV pull)
+                                    result), emit_at(when, fn, *args) for one at a given time,
+                                    spawn(coroutine) to start async work (a KV pull)
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class EngineThread:
         """Runs fn(*args) on the asyncio loop."""
         assert self._loop is not None, "not started"
         self._loop.call_soon_threadsafe(fn, *args)
+
+    def emit_at(self, when: float, fn: Callable[..., object], *args: object) -> None:
+        """Runs fn(*args) on the asyncio loop at time.monotonic() `when` (the loop's clock), or at
+        once if that has passed."""
+        assert self._loop is not None, "not started"
+        self._loop.call_soon_threadsafe(self._loop.call_at, when, fn, *args)
 
     def spawn(self, coroutine: Coroutine[Any, Any, object]) -> None:
         """Runs a coroutine on the asyncio loop; an exception it raises is logged."""

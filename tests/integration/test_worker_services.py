@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -20,9 +21,11 @@ from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.colocated.server import ColocatedService
 from services.common.enums import Role
 from services.common.grpc_client import aio_channel
+from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency
 from services.common.server import ServiceRunner
 from services.engine.config import EngineConfig
-from services.engine.engine import Engine
+from services.engine.emulated import EmulatedEngine
+from services.engine.engine import Engine, EngineBase
 from services.kvstore.client import KvStoreClient
 from services.launcher import free_port, health_status
 from services.prefill.server import PrefillService
@@ -152,7 +155,7 @@ async def _prefill(stub, request_id: str, prompt: list[int]) -> worker_pb2.Prefi
     return merged
 
 
-def _prefill_service(engine: Engine, kvstore: str) -> PrefillService:
+def _prefill_service(engine: EngineBase, kvstore: str) -> PrefillService:
     return PrefillService(
         engine,
         KvStoreClient(kvstore),
@@ -291,3 +294,49 @@ def test_a_colocated_worker_grouping_tokens_sends_the_first_one_at_once():
     engine.close()
     assert sizes[0] == 1 and sum(sizes) == 20
     assert max(sizes) <= 8 and len(sizes) <= 1 + 3  # the rest grouped: 8, 8 and the last 3
+
+
+def test_an_emulated_prefill_pipeline_takes_the_next_batch_once_its_first_stage_is_free(kvstore):
+    """A pp-2 emulated prefill instance (the planner simulates pipelines so, and picks them for
+    prefill): a batch's first token comes the whole prefill time after it started, and the next
+    batch starts half that time after it, not when the first is done."""
+    batch = 0.2  # seconds per prefill batch, whatever its size
+    profile = LatencyProfile(
+        prefill=PrefillLatency(a=batch, b=0.0, c=0.0),
+        decode=DecodeLatency(a=0.01, b=0.0, c=0.0),
+        kv_bytes_per_token=4096,
+        kv_capacity_tokens=16 * 256,
+        block_size=16,
+        max_batched_tokens=64,  # one prompt per batch
+        max_num_seqs=8,
+        model="llama-3-8b",
+        device="H100-80G",
+        source="analytic",
+        pipeline_parallel=2,
+    )
+    engine = EmulatedEngine(get_model("llama"), EngineConfig(device="emulated"), profile)
+
+    async def scenario():
+        service = _prefill_service(engine, kvstore)
+        runner, address = await _serve(Role.PREFILL, service)
+        async with aio_channel(address) as channel:
+            stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+            await _release_and_wait_until_free(kvstore, channel, [(await _prefill(stub, "warm", [5] * 40)).kv])
+
+            async def timed(request_id: str, delay: float):
+                await asyncio.sleep(delay)
+                response = await _prefill(stub, request_id, [6] * 40)
+                return response, time.monotonic()
+
+            started = time.monotonic()
+            (first, first_done), (second, second_done) = await asyncio.gather(timed("a", 0), timed("b", 0.02))
+            assert first.compute_seconds >= batch and second.compute_seconds >= batch  # each batch's latency
+            assert batch <= first_done - started < batch + 0.05
+            # b entered when a left the first stage (0.1 s), so its token came at 0.3 s, not 0.4 s
+            assert 1.5 * batch <= second_done - started < 1.5 * batch + 0.05
+            assert second.queue_seconds == pytest.approx(batch / 2 - 0.02, abs=0.02)
+            await _release_and_wait_until_free(kvstore, channel, [first.kv, second.kv])
+        await _stop(runner, service)
+
+    asyncio.run(scenario())
+    engine.close()

@@ -167,3 +167,20 @@ def test_instances_of_other_parallelism_or_gpus_can_hand_kv_to_each_other(engine
         assert rescaled.kv_pool.layout.fingerprint() != engine.kv_pool.layout.fingerprint()
     finally:
         rescaled.close()
+
+
+def test_a_pipelined_decode_step_advances_every_sequence_in_one_micro_batchs_time():
+    # pp micro-batches in flight, each a pp-th of the running sequences (the simulator's lanes)
+    profile = replace(PROFILE, pipeline_parallel=2, decode=DecodeLatency(a=0.015, b=20e-6, c=5e-3))
+    engine = EmulatedEngine(get_model("llama"), EngineConfig(device="emulated"), profile, kv_scale=4096)
+    try:
+        assert engine.config.max_num_seqs == 2 * PROFILE.max_num_seqs
+        seqs = [_seq(f"s{i}", 100) for i in range(4)]
+        engine.prefill(seqs)
+        context = sum(len(s.token_ids) for s in seqs)
+        step = _timed(engine.decode_step, seqs)
+        expected = profile.decode.step_time(2, context / 2)  # 2 sequences' step, not 4
+        assert expected <= step <= expected * 1.1 + 0.002
+        assert profile.decode.step_time(4, context) > expected * 1.2  # the test tells them apart
+    finally:
+        engine.close()
