@@ -120,7 +120,7 @@ def run_size(args, workers: int, profile_path: str, profile: LatencyProfile) -> 
                 f"cores busy {point['cores_busy']:.2f}  errors {point['errors']}",
                 flush=True,
             )
-            if point["errors"] or point["router_ms_p99"] > args.stop_ms:
+            if point["errors"] or point["router_ms_p99"] > args.stop_ms or rate * args.factor > args.max_rate:
                 break
             rate *= args.factor
     finally:
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step-seconds", type=float, default=15.0, help="seconds of arrivals per rate")
     ap.add_argument("--limit-ms", type=float, default=5.0)
     ap.add_argument("--stop-ms", type=float, default=100.0, help="end the sweep once the p99 passes this")
+    ap.add_argument("--max-rate", type=float, default=2000.0, help="and never offer more than this")
     ap.add_argument("--stream-interval", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="results/control-plane")

@@ -10,9 +10,10 @@ For each workload:
    disaggregated placement and the colocated baseline's TP degree; plan.json and the profiles it
    simulated each role with go to --out-dir.
 2. Three clusters on those GPUs, as `pdserve up --plan` starts them: the plan's prefill and decode
-   instances (one emulated worker each), and the colocated baseline's instances with and without
-   --chunked-prefill. Every profile is slowed --slow times (LatencyProfile.slowed) with SLOs and
-   rates alike, so a cluster at GPU token rates fits on this machine's cores.
+   instances (one emulated worker each), and the colocated baseline's instances (at the TP degree
+   the search found best for colocation) with and without --chunked-prefill. Every profile is
+   slowed --slow times (LatencyProfile.slowed) with SLOs and rates alike, so a cluster at GPU token
+   rates fits on this machine's cores.
 3. The same trace replayed at the same rates on each cluster (a grid spanning the simulator's
    predicted goodputs), attainment measured at the client. Goodput is the highest rate with at
    least 90% attainment (linear between the grid's rates). Attainment against SLO scale (both
@@ -55,18 +56,30 @@ def search_plan(args, workload: str, out_dir: str) -> dict:
         return json.load(f)
 
 
-def predicted_goodput(plan: dict, config: str) -> float:
-    """The simulator's goodput (req/s, the whole cluster) of a configuration on the plan's GPUs."""
+def gpus(plan: dict, config: str) -> int:
+    """The GPUs a configuration runs on: the plan's, or as many colocated instances as fit in them."""
+    if config == "disaggregated":
+        return plan["gpus_used"]
+    tp = plan["colocated_baseline"]["tensor_parallel"]
+    return plan["gpus_used"] // tp * tp
+
+
+def predicted_goodput(plan: dict, config: str) -> float | None:
+    """The simulator's goodput (req/s, the whole cluster) of a configuration; None for a colocated
+    policy the search could not run at the baseline's TP degree."""
     if config == "disaggregated":
         return plan["goodput_per_gpu"] * plan["gpus_used"]
     chunked = config == "colocated chunked"
     best = plan["colocated_baseline"]
     candidate = next(
-        c
-        for c in best["candidates"]
-        if c["tensor_parallel"] == best["tensor_parallel"] and c["chunked_prefill"] == chunked
+        (
+            c
+            for c in best["candidates"]
+            if c["tensor_parallel"] == best["tensor_parallel"] and c["chunked_prefill"] == chunked
+        ),
+        None,
     )
-    return candidate["goodput_per_gpu"] * plan["gpus_used"]
+    return None if candidate is None else candidate["goodput_per_gpu"] * gpus(plan, config)
 
 
 def cluster_spec(args, plan_path: str, config: str, log_dir: str) -> ClusterSpec:
@@ -129,7 +142,7 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
             by_rate[rate] = results
             point = {
                 "rate": rate,
-                "rate_per_gpu": rate / plan["gpus_used"],
+                "rate_per_gpu": rate / gpus(plan, config),
                 "attainment": attainment(results, ttft, tpot),
                 "ttft_attainment": sum(r.ok and r.ttft <= ttft for r in results) / len(results),
                 "tpot_attainment": sum(r.ok and r.tpot <= tpot for r in results) / len(results),
@@ -146,7 +159,7 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
     finally:
         cluster.stop()
     value, bound = goodput(points)
-    reference = min(rates, key=lambda r: abs(r - predicted_goodput(plan, "disaggregated")))
+    reference = min(rates, key=lambda r: abs(r - plan["goodput_per_gpu"] * plan["gpus_used"]))
     return {
         "config": config,
         "instances": {role: n for role, n in (("prefill", spec.prefill), ("decode", spec.decode)) if n}
@@ -155,7 +168,8 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
         "predicted_goodput": predicted_goodput(plan, config),
         "goodput": value,
         "goodput_bound": bound,
-        "goodput_per_gpu": value / plan["gpus_used"],
+        "gpus": gpus(plan, config),
+        "goodput_per_gpu": value / gpus(plan, config),
         "points": points,
         "slo_scale_rate": reference,
         "slo_scale": slo_scale_curve(by_rate[reference], ttft, tpot),
@@ -166,7 +180,8 @@ def run_workload(args, workload: str) -> dict:
     plan_dir = os.path.join(args.out_dir, workload, "plan")
     plan = search_plan(args, workload, plan_dir)
     plan_path = os.path.join(plan_dir, "plan.json")
-    predicted = [predicted_goodput(plan, c) for c in CONFIGS]
+    configs = [c for c in CONFIGS if predicted_goodput(plan, c) is not None]
+    predicted = [g for g in (predicted_goodput(plan, c) for c in configs) if g is not None]
     low, high = args.low * min(predicted), args.high * max(predicted)
     rates = [low + i * (high - low) / (args.points - 1) for i in range(args.points)]
     base = make_trace(workload, 1.0, args.n, seed=args.seed, max_model_len=4096)
@@ -175,12 +190,12 @@ def run_workload(args, workload: str) -> dict:
         f"{workload}: plan {p['replicas']} x prefill (tp={p['tensor_parallel']}, pp={p['pipeline_parallel']}) + "
         f"{d['replicas']} x decode (tp={d['tensor_parallel']}, pp={d['pipeline_parallel']}); colocated tp="
         f"{plan['colocated_baseline']['tensor_parallel']}; predicted goodput "
-        + ", ".join(f"{c} {g:.1f}" for c, g in zip(CONFIGS, predicted, strict=True))
+        + ", ".join(f"{c} {g:.1f}" for c, g in zip(configs, predicted, strict=True))
         + " req/s",
         flush=True,
     )
-    runs = [run_config(args, plan, plan_path, workload, c, rates, base) for c in CONFIGS]
-    best_colocated = max(runs[1:], key=lambda r: r["goodput"])
+    runs = [run_config(args, plan, plan_path, workload, c, rates, base) for c in configs]
+    best_colocated = max(runs[1:], key=lambda r: r["goodput_per_gpu"])
     return {
         "workload": workload,
         "slo": dict(zip(("ttft_s", "tpot_s"), SLOS[workload], strict=True)),
@@ -192,8 +207,12 @@ def run_workload(args, workload: str) -> dict:
         },
         "rates": rates,
         "runs": runs,
-        "ratio_to_best_colocated": runs[0]["goodput"] / best_colocated["goodput"],
-        "predicted_ratio": predicted[0] / max(predicted[1:]),
+        "ratio_to_best_colocated": runs[0]["goodput_per_gpu"] / best_colocated["goodput_per_gpu"],
+        # '=' when both goodputs were read between the grid's rates; else the ratio is a bound
+        "ratio_bound": "=" if runs[0]["goodput_bound"] == best_colocated["goodput_bound"] == "=" else "~",
+        "predicted_ratio": predicted[0]
+        / gpus(plan, "disaggregated")
+        / max(g / gpus(plan, c) for c, g in zip(configs[1:], predicted[1:], strict=True)),
     }
 
 
@@ -266,7 +285,8 @@ def main(argv=None) -> int:
         cells = ", ".join(f"{r['config']} {r['goodput_bound']}{r['goodput_per_gpu']:.2f}" for r in w["runs"])
         print(
             f"{w['workload']}: goodput per GPU {cells}; disaggregated / best colocated "
-            f"{w['ratio_to_best_colocated']:.2f}x (simulated {w['predicted_ratio']:.2f}x)"
+            f"{w['ratio_bound'].replace('=', '')}{w['ratio_to_best_colocated']:.2f}x "
+            f"(simulated {w['predicted_ratio']:.2f}x)"
         )
     return 0
 
