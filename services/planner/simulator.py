@@ -948,17 +948,23 @@ class ColocatedInstance(BatchingInstance):
             raise ValueError(
                 f"chunked prefill needs a token budget ({self.budget}) of at least the batch limit ({self.max_seqs})"
             )
-        self.outstanding_tokens = 0
+        self.outstanding_tokens = 0  # prompt tokens not yet prefilled
+        self.in_flight = 0  # requests enqueued and not finished
 
     def load(self) -> int:
-        lane = self.lanes[0]
-        return self.outstanding_tokens + len(lane)
+        """The router's colocated policy (services/router/policies.py, pick_colocated)."""
+        return self.outstanding_tokens + self.in_flight
 
     def enqueue(self, t: float, r: _Req) -> None:
         lane = self.lanes[0]
         lane.waiting.append(r)
         self.outstanding_tokens += r.prompt
+        self.in_flight += 1
         self.wake(t, lane)
+
+    def _finished(self, t: float, r: _Req) -> None:
+        self.in_flight -= 1
+        super()._finished(t, r)
 
     def _first_token(self, t: float, r: _Req) -> None:
         self.outstanding_tokens -= r.prompt

@@ -4,7 +4,9 @@
   a new prompt is roughly the prompt tokens ahead of it times the worker's recent seconds/token.
 - decode: most free KV blocks (after what the router has just sent there), then the smaller
   running batch; a worker on the KV's own node wins ties, since its pull is a local copy.
-- colocated: fewest requests in flight.
+- colocated: least outstanding work: prompt tokens not yet prefilled plus requests in flight (a
+  new prompt waits behind the queued prompts, prefill first, then shares the decode batch). The
+  planner's simulator dispatches the same way (ColocatedInstance.load).
 """
 
 from __future__ import annotations
@@ -52,4 +54,4 @@ def pick_colocated(endpoints: list[Endpoint], exclude: AbstractSet[str] = frozen
     candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
     if not candidates:
         raise NoWorkerError("no healthy colocated worker")
-    return min(candidates, key=lambda ep: (ep.inflight_requests, ep.address))
+    return min(candidates, key=lambda ep: (ep.inflight_prompt_tokens + ep.inflight_requests, ep.address))
