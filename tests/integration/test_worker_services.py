@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,7 +108,13 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
 
 
 @pytest.fixture
-def kvstore(tmp_path):
+def kvstore(kvstore_daemon):
+    return kvstore_daemon[0]
+
+
+@pytest.fixture
+def kvstore_daemon(tmp_path):
+    """A kvstore daemon: its address and its process."""
     port = free_port()
     log = open(tmp_path / "kvstore.log", "w")
     proc = subprocess.Popen(
@@ -136,7 +143,7 @@ def kvstore(tmp_path):
             break
         asyncio.run(asyncio.sleep(0.1))
     assert health_status(address) == SERVING, (tmp_path / "kvstore.log").read_text()
-    yield address
+    yield address, proc
     proc.terminate()
     assert proc.wait(timeout=20) == 0
     log.close()
@@ -234,9 +241,10 @@ def test_prefill_requests_sharing_a_request_id_are_served_apart(kvstore):
     engine.close()
 
 
-def test_the_first_token_comes_before_the_kv_handle_and_a_cancel_between_releases_the_kv(kvstore):
+def test_the_first_token_comes_before_the_kv_handle_and_a_cancel_between_releases_the_kv(kvstore_daemon):
     """Prefill streams the first token as soon as its batch is computed, then the handle once the KV
     is published; a caller that goes away after the first token leaves no entry and no held block."""
+    kvstore, daemon_process = kvstore_daemon
     engine = _engine()
 
     async def scenario():
@@ -251,10 +259,18 @@ def test_the_first_token_comes_before_the_kv_handle_and_a_cancel_between_release
             assert len(messages) == 2 and not messages[0].HasField("kv") and messages[0].compute_seconds > 0
             assert messages[1].kv.num_tokens == 40 and not messages[1].compute_seconds
             await _release_and_wait_until_free(kvstore, channel, [messages[1].kv])
-            for _ in range(5):  # cancelled right after the first token
-                call = stub.Prefill(request, timeout=30)
-                assert not (await call.read()).HasField("kv")
-                call.cancel()
+            # Cancelled after the first token, while the publish is still on its way: the daemon is
+            # paused so that it is (a handle written before the cancel arrives would be the
+            # caller's to release, as the router does).
+            daemon_process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(5):
+                    call = stub.Prefill(request, timeout=30)
+                    assert not (await call.read()).HasField("kv")
+                    call.cancel()
+                await asyncio.sleep(0.2)
+            finally:
+                daemon_process.send_signal(signal.SIGCONT)
             for _ in range(100):
                 stats = await _stats(channel)
                 if stats.kv_blocks_free == stats.kv_blocks_total and stats.published_entries == 0:
