@@ -14,19 +14,24 @@ For each workload:
    the search found best for colocation) with and without --chunked-prefill. Every profile is
    slowed --slow times (LatencyProfile.slowed) with SLOs and rates alike, so a cluster at GPU token
    rates fits on this machine's cores.
-3. The same trace replayed at the same rates on each cluster (a grid spanning the simulator's
-   predicted goodputs), attainment measured at the client. Goodput is the highest rate with at
-   least 90% attainment (linear between the grid's rates). Attainment against SLO scale (both
-   SLOs multiplied alike, as DistServe's Figure 8) is read from the requests of the grid's rate
-   nearest the disaggregated goodput.
+3. The same requests at the same rates on each cluster (a grid spanning the simulator's predicted
+   goodputs; at each rate at least --min-duration seconds of arrivals in the profile's time, as
+   the plan search simulates, so that the cluster fills: a sequence lives seconds, and a shorter
+   trace ends before the decode batches are full), attainment measured at the client. Goodput is
+   the highest rate with at least 90% attainment (linear between the grid's rates). Attainment
+   against SLO scale (both SLOs multiplied alike, as DistServe's Figure 8) is read from the
+   requests of the grid's rate nearest the disaggregated goodput.
 Everything is reported in the profile's own time (rates times --slow). Writes headline.json and
-headline.png.
+headline.png. It is long: a rate of 400 req/s for 30 s is 12,000 requests, 10 minutes of this
+machine's time at --slow 20; the whole study (three workloads, three configurations, four rates)
+takes hours.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -36,7 +41,7 @@ from services.engine.config import ModelConfig
 from services.launcher import Cluster, ClusterSpec
 from services.planner import cli as planner_cli
 from services.planner.plan_output import read_layout
-from services.planner.workload import make_trace, rescale_rate
+from services.planner.workload import make_trace
 from services.tiny_models import get_model
 
 from .emulated_fidelity import MODEL, SLOS
@@ -125,7 +130,7 @@ def slo_scale_curve(results: list[RequestResult], ttft: float, tpot: float) -> l
     return [{"scale": s, "attainment": attainment(results, s * ttft, s * tpot)} for s in SLO_SCALES]
 
 
-def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rates: list[float], base) -> dict:
+def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rates: list[float]) -> dict:
     log_dir = os.path.join(args.out_dir, workload, "logs", config.replace(" ", "-"))
     os.makedirs(log_dir, exist_ok=True)
     spec = cluster_spec(args, plan_path, config, log_dir)
@@ -138,7 +143,9 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
         router = cluster.info()["router"]
         for rate in rates:
             started = time.monotonic()
-            results = run_trace(router, rescale_rate(base, rate / args.slow, 1.0), vocab, seed=args.seed, timeout=3600)
+            n = max(args.n, math.ceil(rate * args.min_duration))  # enough to fill the cluster
+            trace = make_trace(workload, rate / args.slow, n, seed=args.seed, max_model_len=4096)
+            results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
             by_rate[rate] = results
             point = {
                 "rate": rate,
@@ -184,7 +191,6 @@ def run_workload(args, workload: str) -> dict:
     predicted = [g for g in (predicted_goodput(plan, c) for c in configs) if g is not None]
     low, high = args.low * min(predicted), args.high * max(predicted)
     rates = [low + i * (high - low) / (args.points - 1) for i in range(args.points)]
-    base = make_trace(workload, 1.0, args.n, seed=args.seed, max_model_len=4096)
     p, d = plan["prefill"], plan["decode"]
     print(
         f"{workload}: plan {p['replicas']} x prefill (tp={p['tensor_parallel']}, pp={p['pipeline_parallel']}) + "
@@ -194,7 +200,7 @@ def run_workload(args, workload: str) -> dict:
         + " req/s",
         flush=True,
     )
-    runs = [run_config(args, plan, plan_path, workload, c, rates, base) for c in configs]
+    runs = [run_config(args, plan, plan_path, workload, c, rates) for c in configs]
     best_colocated = max(runs[1:], key=lambda r: r["goodput_per_gpu"])
     return {
         "workload": workload,
@@ -266,7 +272,10 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=5, help="rates in the grid")
     ap.add_argument("--low", type=float, default=0.7, help="the grid starts at this share of the lowest prediction")
     ap.add_argument("--high", type=float, default=1.15, help="and ends at this share of the highest")
-    ap.add_argument("--n", type=int, default=300, help="requests per rate")
+    ap.add_argument("--n", type=int, default=300, help="requests per rate, at least")
+    ap.add_argument(
+        "--min-duration", type=float, default=30.0, help="seconds of arrivals per rate in the profile's time, at least"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="results/headline")
     args = ap.parse_args(argv)
