@@ -187,8 +187,8 @@ def run_workload(args, workload: str) -> dict:
     plan_dir = os.path.join(args.out_dir, workload, "plan")
     plan = search_plan(args, workload, plan_dir)
     plan_path = os.path.join(plan_dir, "plan.json")
-    configs = [c for c in CONFIGS if predicted_goodput(plan, c) is not None]
-    predicted = [g for g in (predicted_goodput(plan, c) for c in configs) if g is not None]
+    runnable = {c: g for c in CONFIGS if (g := predicted_goodput(plan, c)) is not None}
+    configs, predicted = list(runnable), list(runnable.values())
     low, high = args.low * min(predicted), args.high * max(predicted)
     rates = [low + i * (high - low) / (args.points - 1) for i in range(args.points)]
     p, d = plan["prefill"], plan["decode"]
