@@ -14,16 +14,17 @@ For each workload:
    the search found best for colocation) with and without --chunked-prefill. Every profile is
    slowed --slow times (LatencyProfile.slowed) with SLOs and rates alike, so a cluster at GPU token
    rates fits on this machine's cores.
-3. The same requests at the same rates on each cluster (a grid spanning the simulator's predicted
-   goodputs; at each rate at least --min-duration seconds of arrivals in the profile's time, as
-   the plan search simulates, so that the cluster fills: a sequence lives seconds, and a shorter
-   trace ends before the decode batches are full), attainment measured at the client. Goodput is
-   the highest rate with at least 90% attainment (linear between the grid's rates). Attainment
-   against SLO scale (both SLOs multiplied alike, as DistServe's Figure 8) is read from the
-   requests of the grid's rate nearest the disaggregated goodput.
+3. The same requests on each cluster at rates around that configuration's own predicted goodput
+   (--fractions of it, so that every run is spent near its knee; at each rate at least
+   --min-duration seconds of arrivals in the profile's time, as the plan search simulates, so that
+   the cluster fills: a sequence lives seconds, and a shorter trace ends before the decode batches
+   are full), attainment measured at the client. Goodput is the highest rate with at least 90%
+   attainment (linear between the grid's rates). Attainment against SLO scale (both SLOs
+   multiplied alike, as DistServe's Figure 8) is read from the requests of each configuration's
+   rate nearest the disaggregated prediction.
 Everything is reported in the profile's own time (rates times --slow). Writes headline.json and
 headline.png. It is long: a rate of 400 req/s for 30 s is 12,000 requests, 10 minutes of this
-machine's time at --slow 20; the whole study (three workloads, three configurations, four rates)
+machine's time at --slow 20; the whole study (three workloads, three configurations, three rates)
 takes hours.
 """
 
@@ -189,8 +190,6 @@ def run_workload(args, workload: str) -> dict:
     plan_path = os.path.join(plan_dir, "plan.json")
     runnable = {c: g for c in CONFIGS if (g := predicted_goodput(plan, c)) is not None}
     configs, predicted = list(runnable), list(runnable.values())
-    low, high = args.low * min(predicted), args.high * max(predicted)
-    rates = [low + i * (high - low) / (args.points - 1) for i in range(args.points)]
     p, d = plan["prefill"], plan["decode"]
     print(
         f"{workload}: plan {p['replicas']} x prefill (tp={p['tensor_parallel']}, pp={p['pipeline_parallel']}) + "
@@ -200,7 +199,10 @@ def run_workload(args, workload: str) -> dict:
         + " req/s",
         flush=True,
     )
-    runs = [run_config(args, plan, plan_path, workload, c, rates) for c in configs]
+    runs = [
+        run_config(args, plan, plan_path, workload, c, [f * g for f in args.fractions])
+        for c, g in zip(configs, predicted, strict=True)
+    ]
     best_colocated = max(runs[1:], key=lambda r: r["goodput_per_gpu"])
     return {
         "workload": workload,
@@ -211,7 +213,6 @@ def run_workload(args, workload: str) -> dict:
             "decode": {k: d[k] for k in ("replicas", "tensor_parallel", "pipeline_parallel")},
             "colocated_tensor_parallel": plan["colocated_baseline"]["tensor_parallel"],
         },
-        "rates": rates,
         "runs": runs,
         "ratio_to_best_colocated": runs[0]["goodput_per_gpu"] / best_colocated["goodput_per_gpu"],
         # '=' when both goodputs were read between the grid's rates; else the ratio is a bound
@@ -243,7 +244,7 @@ def plot(result: dict, path: str) -> None:
                 [s["scale"] for s in run["slo_scale"]],
                 [s["attainment"] for s in run["slo_scale"]],
                 "o-",
-                label=run["config"],
+                label=f"{run['config']} at {run['slo_scale_rate'] / run['gpus']:.1f} req/s per GPU",
             )
         for ax in (top, bottom):
             ax.axhline(TARGET, color="grey", lw=0.8, ls=":")
@@ -254,7 +255,7 @@ def plot(result: dict, path: str) -> None:
             f"{w['workload']} (TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s), {w['gpus_used']} GPUs", fontsize=9
         )
         top.set_xlabel("requests/s per GPU")
-        bottom.set_xlabel(f"SLO scale (at {w['runs'][0]['slo_scale_rate'] / w['gpus_used']:.1f} req/s per GPU)")
+        bottom.set_xlabel("SLO scale (both SLOs multiplied)")
     fig.suptitle(
         f"{result['model']}, emulated at {result['gpu']} timings (analytic profiles); measured on this CPU", fontsize=10
     )
@@ -269,9 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=8, help="GPUs of the one node")
     ap.add_argument("--workloads", default="chat,code,summarization")
     ap.add_argument("--slow", type=float, default=20.0, help="run every profile this many times slower")
-    ap.add_argument("--points", type=int, default=5, help="rates in the grid")
-    ap.add_argument("--low", type=float, default=0.7, help="the grid starts at this share of the lowest prediction")
-    ap.add_argument("--high", type=float, default=1.15, help="and ends at this share of the highest")
+    ap.add_argument(
+        "--fractions",
+        type=lambda text: sorted(float(f) for f in text.split(",")),
+        default=[0.85, 1.0, 1.15],
+        help="rates to run, as shares of each configuration's predicted goodput",
+    )
     ap.add_argument("--n", type=int, default=300, help="requests per rate, at least")
     ap.add_argument(
         "--min-duration", type=float, default=30.0, help="seconds of arrivals per rate in the profile's time, at least"
@@ -282,11 +286,18 @@ def main(argv=None) -> int:
     for workload in args.workloads.split(","):
         if workload not in SLOS:
             ap.error(f"--workloads: {workload!r} is not one of {', '.join(SLOS)}")
-    if args.points < 2:
-        ap.error("--points: at least 2")
+    if len(args.fractions) < 2 or min(args.fractions) <= 0:
+        ap.error("--fractions: at least two positive shares")
     os.makedirs(args.out_dir, exist_ok=True)
     workloads = [run_workload(args, w) for w in args.workloads.split(",")]
-    result = {"model": args.model, "gpu": args.gpu, "slowed": args.slow, "n": args.n, "workloads": workloads}
+    result = {
+        "model": args.model,
+        "gpu": args.gpu,
+        "slowed": args.slow,
+        "min_duration_s": args.min_duration,
+        "n": args.n,
+        "workloads": workloads,
+    }
     with open(os.path.join(args.out_dir, "headline.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(result, os.path.join(args.out_dir, "headline.png"))
