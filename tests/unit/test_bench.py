@@ -86,3 +86,24 @@ def test_traces_are_reproducible_and_rescale_keeps_the_requests(tmp_path):
     assert fast[-1].arrival_s == pytest.approx(a[-1].arrival_s / 4)
     write_trace(str(tmp_path / "t.jsonl"), a)
     assert read_trace(str(tmp_path / "t.jsonl")) == a
+
+
+def test_puzzle_scales_prompts_within_opts_window_and_keeps_the_rest():
+    from bench.distserve_puzzle import CASES, CONTEXT, PromptScaledSearch
+    from services.planner.hardware import GiB, ClusterSpec, get_gpu, get_model_shape
+    from services.planner.search import SearchSpec
+
+    spec = SearchSpec(
+        model=get_model_shape("opt-13b", 2),
+        cluster=ClusterSpec(1, 8, get_gpu("A100-80G"), None, 0.9, 4 * GiB),
+        slo=CASES["opt-13b"][0],
+        workers=1,
+    )
+    plain = PromptScaledSearch(spec, 1.0).base_trace(500)
+    longer = PromptScaledSearch(spec, 4.0).base_trace(500)
+    assert plain == make_trace("chat", 1.0, 500, 0, max_model_len=spec.model.max_model_len)
+    assert [r.output_tokens for r in longer] == [r.output_tokens for r in plain]
+    assert [r.arrival_s for r in longer] == [r.arrival_s for r in plain]
+    assert all(r.prompt_tokens + r.output_tokens < CONTEXT for r in longer)
+    scaled = [(a, b) for a, b in zip(plain, longer) if 4 * a.prompt_tokens + a.output_tokens < CONTEXT]
+    assert len(scaled) > 250 and all(b.prompt_tokens == 4 * a.prompt_tokens for a, b in scaled)
