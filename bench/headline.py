@@ -3,7 +3,7 @@ disaggregated placement against the best colocated configurations (prefill first
 prefill), measured through the real router, workers and kvstore daemons with emulated engines.
 
     python -m bench.headline                                  # Llama-3-8B, 8 x H100, three workloads
-    python -m bench.headline --workloads chat --model llama-3-70b
+    python -m bench.headline --workloads chat --model llama-3-70b --slo-ttft 0.25 --slo-tpot 0.1 --slow 6
 
 For each workload:
 1. `pdserve plan search` (analytic profiles of --model on --gpus x --gpu, one node) chooses the
@@ -53,8 +53,14 @@ SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2, 1.6, 2.0)
 TARGET = 0.9
 
 
-def search_plan(args, workload: str, out_dir: str) -> dict:
+def slos(args, workload: str) -> tuple[float, float]:
+    """(TTFT, TPOT) SLOs in the profile's time: the workload's (set for Llama-3-8B), or --slo-*."""
     ttft, tpot = SLOS[workload]
+    return (args.slo_ttft or ttft, args.slo_tpot or tpot)
+
+
+def search_plan(args, workload: str, out_dir: str) -> dict:
+    ttft, tpot = slos(args, workload)
     argv = ["search", "--model", args.model, "--gpu", args.gpu, "--nodes", "1", "--gpus-per-node", str(args.gpus)]
     argv += ["--workload", workload, "--slo-ttft", str(ttft), "--slo-tpot", str(tpot), "--out-dir", out_dir]
     planner_cli.main(argv)
@@ -135,7 +141,7 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
     log_dir = os.path.join(args.out_dir, workload, "logs", config.replace(" ", "-"))
     os.makedirs(log_dir, exist_ok=True)
     spec = cluster_spec(args, plan_path, config, log_dir)
-    ttft, tpot = (args.slow * v for v in SLOS[workload])
+    ttft, tpot = (args.slow * v for v in slos(args, workload))
     vocab = ModelConfig.from_pretrained(get_model(MODEL)).vocab_size
     cluster = Cluster(spec)
     cluster.start(progress=lambda line: None)
@@ -206,7 +212,7 @@ def run_workload(args, workload: str) -> dict:
     best_colocated = max(runs[1:], key=lambda r: r["goodput_per_gpu"])
     return {
         "workload": workload,
-        "slo": dict(zip(("ttft_s", "tpot_s"), SLOS[workload], strict=True)),
+        "slo": dict(zip(("ttft_s", "tpot_s"), slos(args, workload), strict=True)),
         "gpus_used": plan["gpus_used"],
         "plan": {
             "prefill": {k: p[k] for k in ("replicas", "tensor_parallel", "pipeline_parallel")},
@@ -280,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--min-duration", type=float, default=30.0, help="seconds of arrivals per rate in the profile's time, at least"
     )
+    ap.add_argument("--slo-ttft", type=float, help="seconds (default: the workload's, set for an 8B model)")
+    ap.add_argument("--slo-tpot", type=float, help="seconds (default: the workload's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="results/headline")
     args = ap.parse_args(argv)
