@@ -21,7 +21,9 @@ For each workload:
    are full), attainment measured at the client. Goodput is the highest rate with at least 90%
    attainment (linear between the grid's rates). Attainment against SLO scale (both SLOs
    multiplied alike, as DistServe's Figure 8) is read from the requests of each configuration's
-   rate nearest the disaggregated prediction.
+   rate nearest the disaggregated prediction. Each rate's requests also go through the planner's
+   simulator at the same profiles (`simulated`): the search's predictions come from longer
+   probes (30 s of arrivals), so the same trace is the like-for-like comparison.
 Everything is reported in the profile's own time (rates times --slow). Writes headline.json and
 headline.png. It is long: a rate of 400 req/s for 30 s is 12,000 requests, 10 minutes of this
 machine's time at --slow 20; the whole study (three workloads, three configurations, three rates)
@@ -42,7 +44,8 @@ from services.engine.config import ModelConfig
 from services.launcher import Cluster, ClusterSpec
 from services.planner import cli as planner_cli
 from services.planner.plan_output import read_layout
-from services.planner.workload import make_trace
+from services.planner.simulator import SimConfig, Slo, simulate
+from services.planner.workload import TraceRequest, make_trace
 from services.tiny_models import get_model
 
 from .emulated_fidelity import MODEL, SLOS
@@ -137,6 +140,30 @@ def slo_scale_curve(results: list[RequestResult], ttft: float, tpot: float) -> l
     return [{"scale": s, "attainment": attainment(results, s * ttft, s * tpot)} for s in SLO_SCALES]
 
 
+def sim_config(spec: ClusterSpec, config: str) -> SimConfig:
+    """The planner's simulator of the cluster `spec` describes, at the same (slowed) profiles."""
+    profile = {role: LatencyProfile.load(path) for role, path in spec.profiles.items()}
+    if config == "disaggregated":
+        return SimConfig(
+            prefill_profile=profile["prefill"],
+            decode_profile=profile["decode"],
+            num_prefill=spec.prefill,
+            num_decode=spec.decode,
+        )
+    return SimConfig(
+        mode="colocated",
+        colocated_profile=profile["colocated"],
+        num_colocated=spec.colocated,
+        chunked_prefill=config == "colocated chunked",
+    )
+
+
+def request_trace(args, workload: str, rate: float) -> list[TraceRequest]:
+    """The requests of one rate (profile time), arriving in this machine's (slowed) time."""
+    n = max(args.n, math.ceil(rate * args.min_duration))  # enough to fill the cluster
+    return make_trace(workload, rate / args.slow, n, seed=args.seed, max_model_len=4096)
+
+
 def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rates: list[float]) -> dict:
     log_dir = os.path.join(args.out_dir, workload, "logs", config.replace(" ", "-"))
     os.makedirs(log_dir, exist_ok=True)
@@ -150,14 +177,15 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
         router = cluster.info()["router"]
         for rate in rates:
             started = time.monotonic()
-            n = max(args.n, math.ceil(rate * args.min_duration))  # enough to fill the cluster
-            trace = make_trace(workload, rate / args.slow, n, seed=args.seed, max_model_len=4096)
+            trace = request_trace(args, workload, rate)
             results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
             by_rate[rate] = results
             point = {
                 "rate": rate,
                 "rate_per_gpu": rate / gpus(plan, config),
                 "attainment": attainment(results, ttft, tpot),
+                # the same requests through the planner's simulator: the study is a fidelity check too
+                "simulated": simulate(sim_config(spec, config), trace, Slo(ttft, tpot)).attainment,
                 "ttft_attainment": sum(r.ok and r.ttft <= ttft for r in results) / len(results),
                 "tpot_attainment": sum(r.ok and r.tpot <= tpot for r in results) / len(results),
                 "errors": sum(not r.ok for r in results),
@@ -166,7 +194,8 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
             points.append(point)
             print(
                 f"  {workload:<13} {config:<24} {rate:7.1f} req/s  attainment {point['attainment']:.3f} "
-                f"(TTFT {point['ttft_attainment']:.3f}, TPOT {point['tpot_attainment']:.3f})  "
+                f"(TTFT {point['ttft_attainment']:.3f}, TPOT {point['tpot_attainment']:.3f}; "
+                f"simulated {point['simulated']:.3f})  "
                 f"({point['seconds']:.0f} s)",
                 flush=True,
             )
@@ -240,11 +269,19 @@ def plot(result: dict, path: str) -> None:
     for col, w in enumerate(workloads):
         top, bottom = axes[0][col], axes[1][col]
         for run in w["runs"]:
-            top.plot(
+            (line,) = top.plot(
                 [p["rate_per_gpu"] for p in run["points"]],
                 [p["attainment"] for p in run["points"]],
                 "o-",
                 label=run["config"],
+            )
+            top.plot(
+                [p["rate_per_gpu"] for p in run["points"]],
+                [p["simulated"] for p in run["points"]],
+                "x--",
+                color=line.get_color(),
+                alpha=0.6,
+                label=f"{run['config']}, simulated",
             )
             bottom.plot(
                 [s["scale"] for s in run["slo_scale"]],
