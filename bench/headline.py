@@ -300,7 +300,7 @@ def plot(result: dict, path: str) -> None:
         top.set_xlabel("requests/s per GPU")
         bottom.set_xlabel("SLO scale (both SLOs multiplied)")
     fig.suptitle(
-        f"{result['model']}, emulated at {result['gpu']} timings (analytic profiles); measured on this CPU", fontsize=10
+        f"{result['model']}, emulated at {result['gpu']} timings (analytic profiles)\nmeasured on this CPU", fontsize=10
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
