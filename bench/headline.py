@@ -158,9 +158,21 @@ def sim_config(spec: ClusterSpec, config: str) -> SimConfig:
     )
 
 
-def request_trace(args, workload: str, rate: float) -> list[TraceRequest]:
-    """The requests of one rate (profile time), arriving in this machine's (slowed) time."""
-    n = max(args.n, math.ceil(rate * args.min_duration))  # enough to fill the cluster
+def concurrency(spec: ClusterSpec, workload: str) -> int:
+    """Requests the cluster's decode side runs at once: each instance's batch limit (per pipeline
+    stage) or its KV memory at the workload's mean context, whichever binds (as `plan search`)."""
+    trace = make_trace(workload, 1.0, 2000, max_model_len=4096)
+    mean_context = sum(r.prompt_tokens + r.output_tokens / 2 for r in trace) / len(trace)
+    role, count = ("decode", spec.decode) if spec.mode == "disaggregated" else ("colocated", spec.colocated)
+    p = LatencyProfile.load(spec.profiles[role])
+    return count * int(min(p.max_num_seqs * p.pipeline_parallel, p.kv_capacity_tokens / mean_context))
+
+
+def request_trace(args, workload: str, rate: float, min_requests: int = 0) -> list[TraceRequest]:
+    """The requests of one rate (profile time), arriving in this machine's (slowed) time: at least
+    --min-duration of arrivals and three times what the cluster runs at once, as `plan search`
+    probes (a shorter trace ends before the batches fill, and every layout then looks better)."""
+    n = max(args.n, math.ceil(rate * args.min_duration), min_requests)
     return make_trace(workload, rate / args.slow, n, seed=args.seed, max_model_len=4096)
 
 
@@ -177,7 +189,7 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
         router = cluster.info()["router"]
         for rate in rates:
             started = time.monotonic()
-            trace = request_trace(args, workload, rate)
+            trace = request_trace(args, workload, rate, 3 * concurrency(spec, workload))
             results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
             by_rate[rate] = results
             point = {
