@@ -6,8 +6,11 @@ import random
 
 import pytest
 
+from bench.distserve_puzzle import CASES, CONTEXT, PromptScaledSearch
 from bench.loadgen import RequestResult, attainment, percentile, summarize
 from bench.serving import goodput, steady_state_limit
+from services.planner.hardware import ClusterSpec, GiB, get_gpu, get_model_shape
+from services.planner.search import SearchSpec
 from services.planner.workload import make_trace, read_trace, rescale_rate, write_trace
 
 
@@ -89,10 +92,6 @@ def test_traces_are_reproducible_and_rescale_keeps_the_requests(tmp_path):
 
 
 def test_puzzle_scales_prompts_within_opts_window_and_keeps_the_rest():
-    from bench.distserve_puzzle import CASES, CONTEXT, PromptScaledSearch
-    from services.planner.hardware import GiB, ClusterSpec, get_gpu, get_model_shape
-    from services.planner.search import SearchSpec
-
     spec = SearchSpec(
         model=get_model_shape("opt-13b", 2),
         cluster=ClusterSpec(1, 8, get_gpu("A100-80G"), None, 0.9, 4 * GiB),
