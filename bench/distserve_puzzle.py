@@ -33,10 +33,9 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from services.planner.analytic import AnalyticAssumptions
-from services.planner.goodput import decode_capacity, max_rate_meeting, prefill_capacity, trace_attainment
 from services.planner.hardware import ClusterSpec, GiB, get_gpu, get_model_shape
 from services.planner.search import PlacementSearch, SearchSpec
-from services.planner.simulator import SimConfig, Slo
+from services.planner.simulator import Slo
 
 # DistServe's chatbot SLOs (TTFT, TPOT) and the TP degree its artifact ran vLLM at, per model
 CASES = {"opt-13b": (Slo(0.25, 0.1), 1), "opt-66b": (Slo(2.5, 0.15), 4)}
@@ -59,16 +58,12 @@ class PromptScaledSearch(PlacementSearch):
             for r in trace
         ]
 
-    def colocated_goodput_with(self, tp: int, max_batched_tokens: int | None) -> float:
+    def vllm_colocated_goodput(self, tp: int, vllm_budgets: bool) -> float:
         """Goodput of one prefill-first colocated instance at `tp`, optionally with vLLM's budgets."""
         prof = self.profile(tp, 1)
-        if max_batched_tokens is not None:
-            prof = replace(prof, max_batched_tokens=max_batched_tokens, max_num_seqs=VLLM_MAX_NUM_SEQS)
-        cfg = SimConfig(mode="colocated", colocated_profile=prof, num_colocated=1, **self.sim_options)
-        s = self.spec
-        fn = trace_attainment(cfg, self.trace_source(self.concurrency(prof)), s.slo, s.attainment)
-        guess = min(prefill_capacity(prof, self.trace), decode_capacity(prof, self.trace))
-        return max_rate_meeting(fn, s.attainment, guess=guess, rel_tol=s.rel_tol)
+        if vllm_budgets:
+            prof = replace(prof, max_batched_tokens=VLLM_MAX_BATCHED_TOKENS, max_num_seqs=VLLM_MAX_NUM_SEQS)
+        return self.colocated_goodput_of(prof, chunked_prefill=False)
 
 
 def study(model: str, factor: float, args) -> dict:
@@ -87,14 +82,14 @@ def study(model: str, factor: float, args) -> dict:
     best = plan.colocated_baseline
     prefill_first = max((c for c in best["candidates"] if not c["chunked_prefill"]), key=lambda c: c["goodput_per_gpu"])
     search = PromptScaledSearch(spec, factor)  # run() closed the first one
-    at_vllm_tp = search.colocated_goodput_with(vllm_tp, None) / vllm_tp
-    as_distserve_ran = search.colocated_goodput_with(vllm_tp, VLLM_MAX_BATCHED_TOKENS) / vllm_tp
+    at_vllm_tp = search.vllm_colocated_goodput(vllm_tp, False) / vllm_tp
+    as_distserve_ran = search.vllm_colocated_goodput(vllm_tp, True) / vllm_tp
     p, d = plan.prefill, plan.decode
     trace = search.trace
     return {
         "model": model,
         "prompt_factor": factor,
-        "mean_prompt": sum(r.prompt_tokens for r in trace) / len(trace),
+        "mean_prompt": search.mean_prompt,
         "mean_output": sum(r.output_tokens for r in trace) / len(trace),
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "disaggregated": {

@@ -3,7 +3,7 @@ disaggregated placement against the best colocated configurations (prefill first
 prefill), measured through the real router, workers and kvstore daemons with emulated engines.
 
     python -m bench.headline                                  # Llama-3-8B, 8 x H100, three workloads
-    python -m bench.headline --workloads chat --model llama-3-70b --slo-ttft 0.25 --slo-tpot 0.1 --slow 6
+    python -m bench.headline --workloads chat --model llama-3-70b --slo-ttft 0.25 --slo-tpot 0.1 --slow 10
 
 For each workload:
 1. `pdserve plan search` (analytic profiles of --model on --gpus x --gpu, one node) chooses the
@@ -44,6 +44,7 @@ from services.engine.config import ModelConfig
 from services.launcher import Cluster, ClusterSpec
 from services.planner import cli as planner_cli
 from services.planner.plan_output import read_layout
+from services.planner.search import concurrent_sequences
 from services.planner.simulator import SimConfig, Slo, simulate
 from services.planner.workload import TraceRequest, make_trace
 from services.tiny_models import get_model
@@ -159,13 +160,11 @@ def sim_config(spec: ClusterSpec, config: str) -> SimConfig:
 
 
 def concurrency(spec: ClusterSpec, workload: str) -> int:
-    """Requests the cluster's decode side runs at once: each instance's batch limit (per pipeline
-    stage) or its KV memory at the workload's mean context, whichever binds (as `plan search`)."""
+    """Requests the cluster's decode side runs at once, counted as `plan search` counts them."""
     trace = make_trace(workload, 1.0, 2000, max_model_len=4096)
     mean_context = sum(r.prompt_tokens + r.output_tokens / 2 for r in trace) / len(trace)
     role, count = ("decode", spec.decode) if spec.mode == "disaggregated" else ("colocated", spec.colocated)
-    p = LatencyProfile.load(spec.profiles[role])
-    return count * int(min(p.max_num_seqs * p.pipeline_parallel, p.kv_capacity_tokens / mean_context))
+    return count * int(concurrent_sequences(LatencyProfile.load(spec.profiles[role]), mean_context))
 
 
 def request_trace(args, workload: str, rate: float, min_requests: int = 0) -> list[TraceRequest]:
@@ -184,12 +183,14 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
     vocab = ModelConfig.from_pretrained(get_model(MODEL)).vocab_size
     cluster = Cluster(spec)
     cluster.start(progress=lambda line: None)
+    simulator = sim_config(spec, config)
+    min_requests = 3 * concurrency(spec, workload)
     points, by_rate = [], {}
     try:
         router = cluster.info()["router"]
         for rate in rates:
             started = time.monotonic()
-            trace = request_trace(args, workload, rate, 3 * concurrency(spec, workload))
+            trace = request_trace(args, workload, rate, min_requests)
             results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
             by_rate[rate] = results
             point = {
@@ -197,7 +198,7 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
                 "rate_per_gpu": rate / gpus(plan, config),
                 "attainment": attainment(results, ttft, tpot),
                 # the same requests through the planner's simulator: the study is a fidelity check too
-                "simulated": simulate(sim_config(spec, config), trace, Slo(ttft, tpot)).attainment,
+                "simulated": simulate(simulator, trace, Slo(ttft, tpot)).attainment,
                 "ttft_attainment": sum(r.ok and r.ttft <= ttft for r in results) / len(results),
                 "tpot_attainment": sum(r.ok and r.tpot <= tpot for r in results) / len(results),
                 "errors": sum(not r.ok for r in results),

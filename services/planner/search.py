@@ -53,6 +53,13 @@ PLAN_SCHEMA = "pdserve.plan/v1"
 log = logging.getLogger(__name__)
 
 
+def concurrent_sequences(profile: LatencyProfile, mean_context: float) -> float:
+    """Requests a decode (or colocated) instance runs at once: its batch limit (per pipeline stage)
+    or its KV memory at the workload's mean context, whichever binds."""
+    slots = profile.max_num_seqs * profile.pipeline_parallel
+    return min(slots, profile.kv_capacity_tokens / max(mean_context, 1.0))
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     model: ModelShape
@@ -248,9 +255,7 @@ class PlacementSearch:
         return lambda rate: self.trace_at(rate, concurrency)
 
     def concurrency(self, profile: LatencyProfile) -> float:
-        """Requests a decode instance runs at once: its batch limit or its KV memory, whichever binds."""
-        slots = profile.max_num_seqs * profile.pipeline_parallel
-        return min(slots, profile.kv_capacity_tokens / max(self.mean_context, 1.0))
+        return concurrent_sequences(profile, self.mean_context)
 
     # ---- profiles and goodputs (the tasks, also run in worker processes) -------------------------
     def profile(self, tp: int, pp: int, hops: int | None = None) -> LatencyProfile:
@@ -288,8 +293,11 @@ class PlacementSearch:
         return max_rate_meeting(fn, s.attainment, guess=guess, rel_tol=s.rel_tol)
 
     def colocated_goodput(self, tp: int, chunked_prefill: bool) -> float:
+        return self.colocated_goodput_of(self.profile(tp, 1), chunked_prefill)
+
+    def colocated_goodput_of(self, prof: LatencyProfile, chunked_prefill: bool) -> float:
+        """Goodput of one colocated instance at `prof` on the search's workload and SLOs."""
         s = self.spec
-        prof = self.profile(tp, 1)
         cfg = SimConfig(
             mode="colocated",
             colocated_profile=prof,
