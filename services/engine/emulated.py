@@ -9,7 +9,11 @@ daemons and the bytes they move. The KV pool holds `kv_bytes_per_token / kv_scal
 token, so that dozens of emulated workers' pools fit in one machine's memory; a pull into an
 emulated worker lasts at least what the profile's transfer model says for the unscaled bytes
 (`min_transfer_seconds`). A step sleeps, so the GIL is free and many emulated workers share a few
-cores; it sleeps the profile's time less what the step itself took.
+cores; it sleeps the profile's time less what the step itself took. A step whose own work already
+took longer than the profile's time, or whose sleep overslept, because the machine's cores are too
+busy for the cluster emulated on them, runs late: `late_steps` and `late_seconds` count it, exported as
+pdserve_emulated_late_steps_total and pdserve_emulated_late_seconds_total, so a run can show
+that its timings were the profile's.
 
 An instance with pp pipeline stages (one process, as every emulated instance is) keeps pp batches
 in flight as the planner's simulator models it: a prefill worker's next batch enters once the first
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KV_SCALE = 4096  # an emulated pool holds the profile's KV bytes per token / this
 _MASK = (1 << 64) - 1
+LATE_TOLERANCE_SECONDS = 0.001  # a step ending later than this past the profile's time ran late
 
 
 def _mix(x: int) -> int:
@@ -101,6 +106,9 @@ class EmulatedEngine(EngineBase):
         self._stage_free = [0.0] * profile.pipeline_parallel  # when each pipeline stage is next free
         self._pipelined = False  # the prefill in progress is prefill_pipelined's
         self._leaves_at = 0.0  # when its batch leaves the last stage
+        self.steps = 0
+        self.late_steps = 0
+        self.late_seconds = 0.0
         log.info(
             "emulated engine: %s on %s (tp %d, pp %d, %s profile), %d KV blocks of %d tokens, "
             "%d bytes per token in the pool (1/%d of %d)",
@@ -173,8 +181,12 @@ class EmulatedEngine(EngineBase):
         logprobs = [0.0 if seq.sampling.logprobs else math.nan for seq in seqs]  # a certain token
         return SampleResult(tokens, logprobs)
 
-    @staticmethod
-    def _sleep_until(deadline: float) -> None:
+    def _sleep_until(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining > 0:
             time.sleep(remaining)
+        late = time.monotonic() - deadline
+        self.steps += 1
+        if late > LATE_TOLERANCE_SECONDS:
+            self.late_steps += 1
+            self.late_seconds += late

@@ -15,6 +15,8 @@ from typing import Protocol
 import grpc
 import torch
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common import validation
@@ -196,6 +198,28 @@ def register_kv_gauges(registry: CollectorRegistry, engine: EngineBase, role: Ro
     used.labels(role).set_function(lambda: engine.block_manager.num_used)
     total = Gauge("pdserve_kv_blocks_total", "KV blocks in this worker's pool.", ["role"], registry=registry)
     total.labels(role).set_function(lambda: engine.block_manager.num_blocks)
+    if isinstance(engine, EmulatedEngine):
+        registry.register(_EmulationCollector(engine))
+
+
+class _EmulationCollector(Collector):
+    """An emulated engine's steps, and those that ran later than its profile says (emulated.py)."""
+
+    def __init__(self, engine: EmulatedEngine):
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("pdserve_emulated_steps", "Engine steps of this emulated engine.", self.engine.steps)
+        yield CounterMetricFamily(
+            "pdserve_emulated_late_steps",
+            "Emulated steps that ended over 1 ms later than the profile's time (the machine's cores were too busy).",
+            self.engine.late_steps,
+        )
+        yield CounterMetricFamily(
+            "pdserve_emulated_late_seconds",
+            "Seconds by which emulated steps ran past the profile's time, in all.",
+            self.engine.late_seconds,
+        )
 
 
 def worker_stats(engine: EngineBase, role: Role, node_id: str, model_name: str) -> common_pb2.WorkerStats:

@@ -15,6 +15,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common.arith import ceil_div
@@ -97,6 +98,18 @@ def test_at_low_load_ttft_and_tpot_are_the_profiles(emulated):
         if n == 800:
             assert ttft <= prefill * 1.1 + 0.002, (n, ttft, prefill)
     emulated.wait_idle()
+    # the workers count their steps, and those that ran past the profile (few should, at this load)
+    steps = {"prefill": 0.0, "decode": 0.0}
+    for svc in emulated.info["services"]:
+        if svc["role"] in steps:
+            samples = {
+                s.name: s.value
+                for family in text_string_to_metric_families(emulated.metrics_text(svc))
+                for s in family.samples
+            }
+            steps[svc["role"]] += samples["pdserve_emulated_steps_total"]
+            assert samples["pdserve_emulated_late_steps_total"] <= 0.1 * samples["pdserve_emulated_steps_total"]
+    assert steps["prefill"] >= 6 and steps["decode"] >= 6 * 63
 
 
 def test_an_emulated_decode_worker_killed_mid_stream_gives_an_identical_stream(emulated, model_dir):

@@ -184,3 +184,22 @@ def test_a_pipelined_decode_step_advances_every_sequence_in_one_micro_batchs_tim
         assert profile.decode.step_time(4, context) > expected * 1.2  # the test tells them apart
     finally:
         engine.close()
+
+
+def test_steps_that_run_past_the_profile_are_counted_late(engine):
+    seqs = [_seq("late", 50)]
+    engine.prefill(seqs)
+    steps, late, late_seconds = engine.steps, engine.late_steps, engine.late_seconds
+    engine.decode_step(seqs)  # on time: its own work is a hash
+    assert engine.steps == steps + 1
+    step = PROFILE.decode.step_time(1, 52)
+    real_tokens = engine._tokens
+    # a step whose own work takes longer than the profile's time: the cores were too busy
+    engine._tokens = lambda s: (time.sleep(step + 0.010), real_tokens(s))[1]
+    try:
+        engine.decode_step(seqs)
+    finally:
+        engine._tokens = real_tokens
+    assert engine.late_steps >= late + 1
+    assert engine.late_seconds - late_seconds >= 0.010
+    engine.free(seqs[0])
