@@ -65,6 +65,7 @@ class ServiceProcess:
     grpc: str
     metrics: str
     argv: list[str] = field(repr=False)
+    public: str = ""  # routers: the address clients use (shared by every router of the cluster)
     pid: int = 0
     log: str = ""
 
@@ -81,6 +82,7 @@ class ClusterSpec:
     node_of: dict[str, list[int]] = field(default_factory=dict)  # role -> each worker's node index (else placement)
     host: str = "127.0.0.1"
     router_port: int = 7000
+    routers: int = 1  # more than one: all serve router_port (SO_REUSEPORT), each also its own port
     kv_cache_gb: float = 0.25
     threads: int = 0  # torch threads per worker (0: cores / workers)
     log_dir: str = "results/cluster-logs"
@@ -164,25 +166,35 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                     + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"]
                     + role_args(role),
                 )
-    router_port = spec.router_port or free_port(host)
-    router_args = ["--port", str(router_port)]
+    public_port = spec.router_port or free_port(host)
+    router_args = []
     for role in ("prefill", "decode", "colocated"):
         addrs = [p.grpc for p in procs if p.role == role]
         if addrs:
             router_args += [f"--{role}", ",".join(addrs)]
     if spec.model:
         router_args += ["--model", spec.model]
-    mport = free_port(host)
-    procs.append(
-        ServiceProcess(
-            "router",
-            "router",
-            nodes[0],
-            f"{host}:{router_port}",
-            f"{host}:{mport}",
-            py + ["services.router", "--host", host, "--metrics-port", str(mport)] + router_args + spec.router_args,
+    for i in range(spec.routers):
+        # One router: on the public port. Several: each on a port of its own (health checks and
+        # metrics reach each one) and all on the public one, which the kernel spreads connections over.
+        port = public_port if spec.routers == 1 else free_port(host)
+        shared = [] if spec.routers == 1 else ["--shared-port", str(public_port)]
+        mport = free_port(host)
+        procs.append(
+            ServiceProcess(
+                "router" if spec.routers == 1 else f"router-{i}",
+                "router",
+                nodes[0],
+                f"{host}:{port}",
+                f"{host}:{mport}",
+                py
+                + ["services.router", "--host", host, "--port", str(port), "--metrics-port", str(mport)]
+                + shared
+                + router_args
+                + spec.router_args,
+                public=f"{host}:{public_port}",
+            )
         )
-    )
     return procs
 
 
@@ -291,7 +303,7 @@ class Cluster:
     def info(self) -> dict:
         router = next(p for p in self.procs if p.role == "router")
         return {
-            "router": router.grpc,
+            "router": router.public,
             "router_metrics": router.metrics,
             "mode": self.spec.mode,
             "services": [{k: v for k, v in asdict(p).items() if k != "argv"} for p in self.procs],

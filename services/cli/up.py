@@ -33,6 +33,12 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7000, help="router gRPC port (0: any free port)")
+    ap.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="routers over the same workers, all serving --port (the kernel spreads client connections)",
+    )
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
@@ -91,6 +97,7 @@ def spec_from_args(args) -> ClusterSpec:
         placement=args.placement or "split",
         host=args.host,
         router_port=args.port,
+        routers=args.routers,
         kv_cache_gb=args.kv_cache_gb,
         threads=args.threads,
         log_dir=args.log_dir,
@@ -177,7 +184,7 @@ def _check_profile_flags(args) -> None:
 
 
 def _check_args(args, spec: ClusterSpec) -> None:
-    counts = {"--nodes": spec.nodes}
+    counts = {"--nodes": spec.nodes, "--routers": spec.routers}
     counts.update(
         {"--prefill": spec.prefill, "--decode": spec.decode}
         if spec.mode == "disaggregated"

@@ -5,11 +5,8 @@ measured against."""
 
 from __future__ import annotations
 
-import grpc
-
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common.enums import Role
-from services.common.errors import ServiceError
 from services.engine.scheduler import BatchScheduler
 from services.runtime.streaming import StreamingWorker, StreamJob
 from services.runtime.worker import sequence_for
@@ -29,9 +26,10 @@ class ColocatedService(StreamingWorker, worker_pb2_grpc.ColocatedWorkerServicer)
             self.engine.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.chunked_prefill
         )
 
-    async def Generate(self, request: worker_pb2.GenerateTokensRequest, context) -> None:
-        if self.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
+    async def Generate(self, requests, context) -> None:
+        await self.serve_call(requests, context)
+
+    def start_job(self, request: worker_pb2.GenerateTokensRequest) -> StreamJob:
         seq = sequence_for(
             self.engine,
             request.request_id,
@@ -41,7 +39,7 @@ class ColocatedService(StreamingWorker, worker_pb2_grpc.ColocatedWorkerServicer)
             request.resumed_output_ids,
             request.sampling,
         )
-        await self.submit_and_stream(self.new_job(request.request_id, seq), context)
+        return StreamJob(seq=seq, request_id=request.request_id)
 
     def enter(self, job: StreamJob) -> None:
         self.scheduler.add_prompt(job.seq)

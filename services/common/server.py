@@ -8,9 +8,11 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
 
 import grpc
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -32,6 +34,10 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # The server side of the keepalive above: accept a ping every 10 s on an idle connection. The
+    # default (5 minutes) answers the clients' 20 s pings with GOAWAY "too_many_pings" after a few
+    # idle minutes, breaking every call on the connection (a kvstore pool watch among them).
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
 
@@ -109,6 +115,24 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(exc.code, exc.message)
 
             return handler._replace(unary_stream=written)
+        if handler.stream_stream and not inspect.isasyncgenfunction(handler.stream_stream):
+            # the workers' calls carrying many requests (coroutines that write); not reflection's
+            inner_call = handler.stream_stream
+
+            async def observed_requests(requests):
+                async for request in requests:
+                    observe(method, "request", request)
+                    yield request
+
+            async def call(requests, context):
+                try:
+                    return await inner_call(
+                        observed_requests(requests), _ObservedWrites(context, lambda m: observe(method, "response", m))
+                    )
+                except ServiceError as exc:
+                    await context.abort(exc.code, exc.message)
+
+            return handler._replace(stream_stream=call)
         return handler
 
 
@@ -150,6 +174,12 @@ class _ObservedWrites:
         return getattr(self._context, name)
 
 
+def run_event_loop(main: Coroutine[Any, Any, object]) -> None:
+    """Runs a service's main coroutine to completion on uvloop, where grpc.aio's cost per message is
+    markedly lower than on asyncio's default loop (docs/benchmarks.md, "Serving path")."""
+    uvloop.run(main)
+
+
 class ServiceRunner:
     """Runs one gRPC server and its metrics endpoint until SIGTERM, then drains.
 
@@ -166,10 +196,14 @@ class ServiceRunner:
         metrics_port: int,
         registry: CollectorRegistry,
         grace_seconds: float = 30.0,
+        shared_port: int = 0,
     ):
         self.name = name
         self.host = host
         self.port = port
+        # A port this server shares with other processes (SO_REUSEPORT: the kernel spreads
+        # connections over them): `pdserve up --routers N` serves N routers at one address.
+        self.shared_port = shared_port
         self.metrics_port = metrics_port
         self.registry = registry
         self.grace_seconds = grace_seconds
@@ -179,7 +213,10 @@ class ServiceRunner:
         self.bound_port = 0
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], Iterable[str]]) -> None:
-        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(self.registry)], options=GRPC_OPTIONS)
+        options = GRPC_OPTIONS
+        if self.shared_port:  # (grpc reads the first value of a repeated option)
+            options = [("grpc.so_reuseport", 1)] + [o for o in GRPC_OPTIONS if o[0] != "grpc.so_reuseport"]
+        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(self.registry)], options=options)
         names = list(add_servicers(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -189,6 +226,8 @@ class ServiceRunner:
         self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
         if self.bound_port == 0:
             raise RuntimeError(f"{self.name}: cannot bind gRPC port {self.host}:{self.port}")
+        if self.shared_port and self.server.add_insecure_port(f"{self.host}:{self.shared_port}") == 0:
+            raise RuntimeError(f"{self.name}: cannot bind the shared gRPC port {self.host}:{self.shared_port}")
         await self.server.start()
         if self.metrics_port >= 0:
             start_http_server(

@@ -105,9 +105,10 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         # Decode blocks are never published, so nothing is ever released back to this pool.
         await self.kvstore.register_pool(self.worker_id, self.engine.kv_pool, lambda *_: None)
 
-    async def Decode(self, request: worker_pb2.DecodeRequest, context) -> None:
-        if self.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "decode worker is shutting down")
+    async def Decode(self, requests, context) -> None:
+        await self.serve_call(requests, context)
+
+    def start_job(self, request: worker_pb2.DecodeRequest) -> StreamJob:
         seq = sequence_for(
             self.engine,
             request.request_id,
@@ -130,9 +131,12 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
                 f"kv.layout_fingerprint: {request.kv.layout_fingerprint!r} does not match this "
                 f"worker's pool {fingerprint!r} (same model, dtype and block size needed)",
             )
-        job = self.new_job(request.request_id, seq)
-        job.handle = request.kv
-        await self.submit_and_stream(job, context)
+        return StreamJob(seq=seq, request_id=request.request_id, handle=request.kv)
+
+    async def Stats(self, request, context) -> common_pb2.WorkerStats:
+        stats = await super().Stats(request, context)
+        stats.kv_blocks_promised = self.scheduler.admission_blocks
+        return stats
 
     # ---- engine thread ------------------------------------------------------------------------
     def enter(self, job: StreamJob) -> None:

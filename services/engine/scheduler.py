@@ -272,6 +272,9 @@ class DecodeScheduler(BatchScheduler):
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         super().__init__(blocks, max_num_seqs, max_num_batched_tokens)
         self.admission: deque[Sequence] = deque()  # waiting for blocks, holding nothing
+        # The blocks those will take when admitted: a worker's load as every router sees it (the
+        # free blocks less these), whichever router sent them.
+        self.admission_blocks = 0
         self.num_pulling = 0
         self.quarantined_blocks = 0  # of pulls that failed mid-transfer, not reusable yet
 
@@ -279,6 +282,7 @@ class DecodeScheduler(BatchScheduler):
         """A request whose KV (all tokens but the last) is to be pulled from a kvstore."""
         seq.status = SequenceStatus.WAITING
         self.admission.append(seq)
+        self.admission_blocks += self.blocks.blocks_for_tokens(len(seq.token_ids))
 
     def fits(self, seq: Sequence) -> bool:
         """Room for the sequence's KV now. Sequences preempted back to the waiting queue come
@@ -299,6 +303,7 @@ class DecodeScheduler(BatchScheduler):
         admitted = []
         while self.admission and self.fits(self.admission[0]):
             seq = self.admission.popleft()
+            self.admission_blocks -= self.blocks.blocks_for_tokens(len(seq.token_ids))
             self.blocks.allocate_seq(seq, len(seq.token_ids) - 1)
             seq.status = SequenceStatus.PULLING
             self.num_pulling += 1
@@ -340,6 +345,7 @@ class DecodeScheduler(BatchScheduler):
             return AbortOutcome.PULLING
         if seq in self.admission:
             self.admission.remove(seq)
+            self.admission_blocks -= self.blocks.blocks_for_tokens(len(seq.token_ids))
             seq.status = SequenceStatus.FINISHED
             return AbortOutcome.NOT_ADMITTED
         return super().abort(seq)

@@ -6,13 +6,12 @@ SIGTERM: in-flight pulls finish, watch streams end, the process exits 0.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
-from services.common.server import ServiceRunner
+from services.common.server import ServiceRunner, run_event_loop
 
 from .daemon import KvStoreConfig, KvStoreDaemon
 from .ucx_endpoints import configure_ucx_environment
@@ -99,7 +98,7 @@ def main(argv=None) -> None:
     logging.getLogger("ucx").setLevel(logging.WARNING)  # ucxx logs its own env defaults at INFO
     tls = configure_ucx_environment(args.ucx_tls)
     log.info("UCX_TLS=%s", tls)
-    asyncio.run(serve(args))
+    run_event_loop(serve(args))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.common.enums import WORKER_ROLES, Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
-from services.common.server import ServiceRunner
+from services.common.server import ServiceRunner, run_event_loop
 from services.engine.config import ModelConfig
 from services.tiny_models import model_dir_or_default
 
@@ -46,6 +46,19 @@ def parser() -> FlagParser:
     p.add_flag("--slo-attainment-target", default=0.9, type=float, help="attainment goal (DistServe: 90%%)")
     p.add_flag("--max-retries", default=2, type=int, help="failovers per request")
     p.add_flag("--poll-interval", default=0.5, type=float, help="seconds between worker Stats polls")
+    p.add_flag(
+        "--shared-port",
+        default=0,
+        type=int,
+        help="also serve on this port, shared with other routers of the cluster (SO_REUSEPORT): the kernel "
+        "spreads client connections over them (`pdserve up --routers N`)",
+    )
+    p.add_flag(
+        "--client-stall-seconds",
+        default=10.0,
+        type=float,
+        help="cancel a request whose client has not taken a message for this long (its blocks are freed)",
+    )
     return p
 
 
@@ -80,8 +93,11 @@ def main(argv=None) -> None:
             slo=slo,
             default_max_tokens=args.default_max_tokens,
             max_retries=args.max_retries,
+            client_stall_seconds=args.client_stall_seconds,
         )
-        runner = ServiceRunner("router", args.host, args.port, args.metrics_port, registry, args.grace_seconds)
+        runner = ServiceRunner(
+            "router", args.host, args.port, args.metrics_port, registry, args.grace_seconds, args.shared_port
+        )
 
         def add(server):
             router_pb2_grpc.add_RouterServicer_to_server(service, server)
@@ -102,7 +118,7 @@ def main(argv=None) -> None:
         await runner.wait_and_drain(service.drain)
         watcher.cancel()
 
-    asyncio.run(run())
+    run_event_loop(run())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - prefill: least estimated queue delay. A prefill worker runs one batch at a time, so the wait of
   a new prompt is roughly the prompt tokens ahead of it times the worker's recent seconds/token.
-- decode: most free KV blocks (after what the router has just sent there), then the smaller
+- decode: most free KV blocks (less those promised to requests waiting there, whichever router sent
+  them, and what this router has just sent there), then the smaller
   running batch; a worker on the KV's own node wins ties, since its pull is a local copy.
 - colocated: least outstanding work: prompt tokens not yet prefilled plus requests in flight (a
   new prompt waits behind the queued prompts, prefill first, then shares the decode batch). The
@@ -35,7 +36,10 @@ def pick_prefill(endpoints: list[Endpoint], exclude: AbstractSet[str] = frozense
 
 
 def free_blocks_after_dispatch(ep: Endpoint) -> int:
-    return (ep.stats.kv_blocks_free if ep.stats else 0) - ep.reserved_blocks
+    """The worker's free blocks less those promised to requests waiting there (from any router) and
+    those this router sent since its last poll."""
+    stats = ep.stats
+    return (stats.kv_blocks_free - stats.kv_blocks_promised if stats else 0) - ep.reserved_blocks
 
 
 def pick_decode(endpoints: list[Endpoint], kv_node: str = "", exclude: AbstractSet[str] = frozenset()) -> Endpoint:

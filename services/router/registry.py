@@ -18,9 +18,11 @@ from typing import Any
 
 import grpc
 
-from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2_grpc
+from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.enums import Role
 from services.common.grpc_client import aio_channel
+
+from .worker_calls import WorkerCall
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class Endpoint:
     inflight_prompt_tokens: int = 0
     reserved_blocks: int = 0
     draining: bool = field(default=False)
+    call: WorkerCall | None = None  # decode and colocated: the one call carrying all requests to it
 
     @property
     def eligible(self) -> bool:
@@ -92,9 +95,12 @@ class WorkerRegistry:
         if key in self.endpoints:
             return
         channel = aio_channel(address)
-        self.endpoints[key] = Endpoint(
-            address, role, source, channel, ROLE_STUBS[role](channel), common_pb2_grpc.WorkerStub(channel)
-        )
+        stub: Any = ROLE_STUBS[role](channel)
+        ep = self.endpoints[key] = Endpoint(address, role, source, channel, stub, common_pb2_grpc.WorkerStub(channel))
+        if role is Role.DECODE:
+            ep.call = WorkerCall(address, stub.Decode, worker_pb2.DecodeStreamRequest)
+        elif role is Role.COLOCATED:
+            ep.call = WorkerCall(address, stub.Generate, worker_pb2.GenerateStreamRequest)
         log.info("registered %s worker %s (%s)", role, address, source)
 
     async def _resolve(self) -> None:
@@ -116,7 +122,7 @@ class WorkerRegistry:
                     if ep.source == name and ep.address not in found and ep.inflight_requests == 0:
                         log.info("%s worker %s left %s", role, ep.address, name)
                         del self.endpoints[key]
-                        await ep.channel.close()
+                        await _close(ep)
 
     async def _poll(self, ep: Endpoint) -> None:
         reserved_before = ep.reserved_blocks  # dispatches during the poll may not be in its answer
@@ -176,4 +182,10 @@ class WorkerRegistry:
         if self._task:
             self._task.cancel()
         for ep in self.endpoints.values():
-            await ep.channel.close()
+            await _close(ep)
+
+
+async def _close(ep: Endpoint) -> None:
+    if ep.call is not None:
+        await ep.call.close()
+    await ep.channel.close()

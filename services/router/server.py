@@ -52,6 +52,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         slo: SloTracker,
         default_max_tokens: int = 256,
         max_retries: int = 2,
+        client_stall_seconds: float = 10.0,
     ):
         self.registry = registry
         self.tokenizer = tokenizer
@@ -68,7 +69,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # UTF-8 bytes, times 4 for what normalizers may fold into one character): a longer prompt
         # cannot fit max_model_len, and is refused before tokenizing it.
         self.max_prompt_chars = max_model_len * 4 * max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
-        self.active = 0
+        self.client_stall_seconds = client_stall_seconds
+        self.requests: set[_RequestState] = set()  # in progress
+        self._stall_watch: asyncio.Task | None = None
         self.draining = False
 
     # ---- validation ---------------------------------------------------------------------------
@@ -126,7 +129,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
         state = _RequestState(prompt, sampling, request_id, context)
         judged = False  # slo.finish ran: a cancel during the last write must not count it twice
-        self.active += 1
+        self.requests.add(state)
+        if self._stall_watch is None:
+            self._stall_watch = asyncio.create_task(self._cancel_stalled_clients())
         self.slo.inflight.inc()
         try:
             async for chunk in self._tokens(state, timer):
@@ -166,12 +171,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             router_seconds=state.router_seconds(timer.ttft),
                         )
                     )
+                # While the client is slow to read, the tokens that come meanwhile wait in the
+                # worker call's RequestStream and go in the next message together.
+                state.write_started = timer.last_token
                 await context.write(response)
+                state.write_started = 0.0
                 if chunk.finish_reason:
                     return
         except asyncio.CancelledError:
             if not judged:
                 self.slo.finish(timer, FinishReason.CANCELLED, len(prompt), ttft_slo, tpot_slo)
+            if state.stalled:  # our cancel, not the client's: tell it why (when it reads again)
+                raise ServiceError(
+                    grpc.StatusCode.CANCELLED,
+                    f"the client read nothing for {self.client_stall_seconds:g} s (--client-stall-seconds)",
+                ) from None
             raise
         except NoWorkerError as exc:
             self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
@@ -188,7 +202,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
             raise ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc!r}") from None
         finally:
-            self.active -= 1
+            self.requests.discard(state)
             self.slo.inflight.dec()
             if state.handle_read is not None:
                 # The first token went out, the KV handle has not come: the prefill worker is
@@ -203,6 +217,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 # it. Release it now rather than leaving it to the TTL. Harmless if a worker did
                 # pull it (the entry is gone) or is pulling it (the release waits for the pull).
                 in_background(self._release(state.handle))
+
+    async def _cancel_stalled_clients(self) -> None:
+        """Cancels each request whose client has not taken a message for client_stall_seconds: it
+        reads nothing (or its connection is stuck), and its sequence would hold blocks until done.
+        Cancelling it frees them; other requests never wait on it (see worker_calls)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.client_stall_seconds / 4))
+            now = time.monotonic()
+            for state in list(self.requests):
+                if state.write_started and now - state.write_started > self.client_stall_seconds and state.task:
+                    log.warning(
+                        "request %s: the client read nothing for %.0f s; cancelling it",
+                        state.request_id,
+                        now - state.write_started,
+                    )
+                    self.slo.client_stalls.inc()
+                    state.write_started, state.stalled = 0.0, True
+                    state.task.cancel()
 
     def _timeout(self, context) -> float | None:
         remaining = context.time_remaining()
@@ -240,9 +272,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             sampling=state.sampling,
             resumed_output_ids=state.outputs,
         )
+        assert ep.call is not None
         async for chunk in self._stream(
             ep,
-            ep.stub.Generate(request, timeout=self._timeout(state.context)),
+            ep.call.open(request, self._timeout(state.context)),
             state,
             len(state.prompt) + len(state.outputs),
         ):
@@ -293,9 +326,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         )
         produced = 0
         try:
-            async for chunk in self._stream(
-                ep, ep.stub.Decode(request, timeout=self._timeout(state.context)), state, 0
-            ):
+            assert ep.call is not None
+            async for chunk in self._stream(ep, ep.call.open(request, self._timeout(state.context)), state, 0):
                 if produced == 0:
                     state.kv_transfer_seconds = time.monotonic() - state.handle_sent_at
                     state.decode_started = True  # the worker has the KV: the entry is its business
@@ -406,8 +438,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def drain(self) -> None:
         self.draining = True
-        while self.active:
+        while self.requests:
             await asyncio.sleep(0.05)
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
         await self.registry.close()
         await self.kvstore.close()
 
@@ -425,6 +459,9 @@ class _RequestState:
         self.sampling = sampling
         self.request_id = request_id
         self.context = context
+        self.task = asyncio.current_task()  # the Generate handler's
+        self.write_started = 0.0  # when the message being written to the client was handed over; 0: none
+        self.stalled = False  # cancelled because the client read nothing for client_stall_seconds
         self.outputs: list[int] = []
         self.handle: common_pb2.KvHandle | None = None
         self.handle_sent_at = 0.0

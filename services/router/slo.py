@@ -141,6 +141,11 @@ class SloTracker:
         )
         self.attainment.set_function(self.window_attainment)
         self.retries = Counter("pdserve_request_retries_total", "Failovers of requests to other workers.", registry=r)
+        self.client_stalls = Counter(
+            "pdserve_client_stalls_total",
+            "Requests cancelled because their client read nothing for --client-stall-seconds.",
+            registry=r,
+        )
         self.inflight = Gauge("pdserve_requests_in_flight", "Requests being served.", registry=r)
 
     def targets(self, ttft_override: float | None, tpot_override: float | None) -> tuple[float, float]:

@@ -1,12 +1,18 @@
 """The decode and colocated workers' common part: a continuous batch on the engine thread whose
-tokens stream back to each request's gRPC call, with cancellation that frees blocks at once.
+tokens stream back to the callers, with cancellation that frees blocks at once.
 
-    gRPC handler  --post(submit)-->  engine thread: scheduler.schedule() -> engine.run(plan)
-        ^                                               |  tokens, per job
-        +------- job.outbox <--emit(put_nowait)---------+
+A caller (a router) keeps one call open per worker and starts many requests on it (worker.proto:
+DecodeWorker.Decode, ColocatedWorker.Generate). Each engine step's tokens, for every request of
+every call, cross from the engine thread to the asyncio loop in one hand-off, and go back on each
+call as one StreamUpdate: the serving cost per token is a share of a message, not a message.
 
-Subclasses say how a request enters the scheduler (the decode worker: through pull admission;
-the colocated worker: as a prompt) and may do work before each step (`before_step`).
+    call reader  --post(submit / cancel)-->  engine thread: scheduler.schedule() -> engine.run(plan)
+                                                  |  the step's chunks, all jobs
+    call writer  <-- WorkerCall.add <--emit(_dispatch)-+
+
+Subclasses say how a request is checked and becomes a job (`start_job`), how it enters the
+scheduler (the decode worker: through pull admission; the colocated worker: as a prompt), and may
+do work before each step (`before_step`).
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pdserve.v1 import common_pb2
+from pdserve.v1 import common_pb2, worker_pb2
 from services.common.enums import Role
-from services.common.errors import ServiceError
+from services.common.errors import ServiceError, invalid
 from services.common.metrics import TOKEN_LATENCY_BUCKETS
 from services.engine.engine import EngineBase, StepOutput
 from services.engine.scheduler import AbortOutcome, BatchScheduler, StepKind, StepPlan
@@ -33,16 +40,15 @@ from .worker import PrefillRate, register_kv_gauges, worker_stats
 
 log = logging.getLogger(__name__)
 
-_DONE = object()  # the last item of a job's outbox
-
 
 @dataclass(eq=False)
 class StreamJob:
-    """One request's stream. `seq.status` is where it is (sequence.py)."""
+    """One request on a call. `seq.status` is where it is (sequence.py)."""
 
     seq: Sequence
     request_id: str
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenChunk, a ServiceError, or _DONE
+    stream_id: int = 0  # the caller's name for it on its call
+    call: WorkerCall | None = None  # the call it answers on
     enqueued_at: float = field(default_factory=time.monotonic)
     handle: common_pb2.KvHandle | None = None  # decode: where its KV waits to be pulled
     unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
@@ -117,6 +123,7 @@ class StreamingWorker:
         register_kv_gauges(registry, engine, self.role)
         self.prefill_rate = PrefillRate()
         self.jobs: dict[str, StreamJob] = {}  # seq_id -> job, engine thread only
+        self._outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceError]] = []  # engine thread
         self.draining = False
         self._preemptions_seen = 0
         self.thread = EngineThread(f"{self.role}-engine", self.step, self.scheduler.has_work)
@@ -171,6 +178,7 @@ class StreamingWorker:
         self._record(plan, outputs, started, ended - started, lengths, cached)
         for out in outputs:
             self._deliver(out, ended)
+        self._flush()
         self._update_gauges()
 
     def _record(
@@ -219,12 +227,17 @@ class StreamingWorker:
         first = out.seq.num_output_tokens == 1
         if first or out.finish_reason or len(chunk.token_ids) >= self.stream_interval:
             job.unsent = None
-            self.thread.emit(job.outbox.put_nowait, chunk)
+            self._outgoing.append((job, chunk))
         else:
             job.unsent = chunk
         if out.finish_reason:
             del self.jobs[out.seq.seq_id]
-            self.thread.emit(job.outbox.put_nowait, _DONE)
+
+    def _flush(self) -> None:
+        """Engine thread: hands the step's chunks to the asyncio loop, all in one callback."""
+        if self._outgoing:
+            self.thread.emit(_dispatch, self._outgoing)
+            self._outgoing = []
 
     def fail(self, plan: StepPlan, message: str) -> None:
         """Engine thread: the step's sequences end with INTERNAL `message`: out of the scheduler,
@@ -233,7 +246,8 @@ class StreamingWorker:
         for seq in plan.seqs:
             job = self.jobs.pop(seq.seq_id, None)
             if job is not None:  # one error each: every stream raises its own
-                self.thread.emit(job.outbox.put_nowait, ServiceError(grpc.StatusCode.INTERNAL, message))
+                self._outgoing.append((job, ServiceError(grpc.StatusCode.INTERNAL, message)))
+        self._flush()
         self._update_gauges()
 
     def cancel(self, job: StreamJob) -> None:
@@ -251,39 +265,60 @@ class StreamingWorker:
         self.metrics.waiting.set(len(self.jobs) - running)
 
     # ---- asyncio side ---------------------------------------------------------------------------
-    def new_job(self, request_id: str, seq: Sequence) -> StreamJob:
-        return StreamJob(seq=seq, request_id=request_id)
+    def start_job(self, start) -> StreamJob:
+        """A request's job, from the `start` of a stream request; ServiceError if it is invalid."""
+        raise NotImplementedError
 
-    async def submit_and_stream(self, job: StreamJob, context: grpc.aio.ServicerContext) -> None:
-        """Submits the job to the engine thread and writes its TokenChunks (coalescing tokens that piled up) until the
-        sequence finishes.
+    async def serve_call(self, requests, context: grpc.aio.ServicerContext) -> None:
+        """One caller's call: starts and cancels its requests as they come, and writes what they
+        produce, each step's chunks in one message, until the caller has closed its side and every
+        request has ended. However the call ends, the requests still on it are cancelled: their
+        sequences stop and their blocks are freed.
 
-        A coroutine writing with context.write, not an async generator: when the caller cancels,
-        grpc cancels this coroutine wherever it waits (a generator paused at `yield` would only
-        be finalised by the garbage collector, leaving the sequence running, its blocks held)."""
-        self.thread.post(lambda: self.submit(job))
-        finished = False
+        A coroutine writing with context.write, not an async generator: when the caller goes away,
+        grpc cancels this coroutine wherever it waits."""
+        call = WorkerCall()
+        reader = asyncio.create_task(self._read_call(requests, call))
         try:
             while True:
-                item = await job.outbox.get()
-                if item is _DONE:
-                    finished = True
+                await call.ready.wait()
+                call.ready.clear()
+                if call.pending:
+                    await context.write(call.take())
+                elif call.closed and not call.jobs:
                     return
-                if isinstance(item, ServiceError):
-                    finished = True  # the engine thread has dropped it already
-                    raise item
-                while not job.outbox.empty():
-                    nxt = job.outbox.get_nowait()
-                    if nxt is _DONE or isinstance(nxt, ServiceError):
-                        job.outbox.put_nowait(nxt)  # handled on the next turn
-                        break
-                    item.token_ids.extend(nxt.token_ids)
-                    item.logprobs.extend(nxt.logprobs)
-                    item.finish_reason = nxt.finish_reason
-                await context.write(item)
         finally:
-            if not finished:  # cancelled, deadline passed, or the write failed: stop the sequence now
-                self.thread.post(lambda: self.cancel(job))
+            reader.cancel()
+            for job in call.jobs.values():
+                self.thread.post(partial(self.cancel, job))
+            call.jobs.clear()
+
+    async def _read_call(self, requests, call: WorkerCall) -> None:
+        try:
+            async for request in requests:
+                stream_id = request.stream_id
+                if request.WhichOneof("kind") == "cancel":
+                    job = call.jobs.pop(stream_id, None)
+                    if job is not None:
+                        self.thread.post(partial(self.cancel, job))
+                    continue
+                try:
+                    if stream_id in call.jobs:
+                        raise invalid("stream_id", f"{stream_id} is a request in progress on this call")
+                    if self.draining:
+                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is shutting down")
+                    job = self.start_job(request.start)
+                except ServiceError as exc:
+                    call.fail(stream_id, exc)
+                    continue
+                job.stream_id, job.call = stream_id, call
+                call.jobs[stream_id] = job
+                self.thread.post(partial(self.submit, job))
+        except grpc.aio.AioRpcError:
+            pass  # the caller went away: serve_call is being cancelled too
+        finally:
+            call.closed = True
+            call.ready.set()
 
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
         stats = worker_stats(self.engine, self.role, self.node_id, self.model_name)
@@ -299,3 +334,47 @@ class StreamingWorker:
         while self.jobs:
             await asyncio.sleep(0.05)
         self.thread.stop()
+
+
+def _dispatch(outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceError]]) -> None:
+    """Asyncio side: a step's chunks to their calls (a job cancelled meanwhile gets nothing more)."""
+    for job, item in outgoing:
+        call = job.call
+        if call is not None and call.jobs.get(job.stream_id) is job:
+            call.add(job.stream_id, item)
+
+
+class WorkerCall:
+    """Asyncio side: one caller's call, its requests in progress and what they produced but was
+    not yet written (at most one chunk per request: later tokens merge into it)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, StreamJob] = {}  # stream_id -> job, until its stream ends
+        self.pending: dict[int, worker_pb2.StreamChunk] = {}
+        self.ready = asyncio.Event()  # something to write, or the caller closed its side
+        self.closed = False
+
+    def add(self, stream_id: int, item: common_pb2.TokenChunk | ServiceError) -> None:
+        if isinstance(item, ServiceError):
+            self.fail(stream_id, item)
+            return
+        chunk = self.pending.get(stream_id)
+        if chunk is None:
+            chunk = self.pending[stream_id] = worker_pb2.StreamChunk(stream_id=stream_id)
+        chunk.chunk.MergeFrom(item)  # appends the tokens and logprobs, takes a finish_reason
+        if item.finish_reason:
+            del self.jobs[stream_id]
+        self.ready.set()
+
+    def fail(self, stream_id: int, error: ServiceError) -> None:
+        chunk = self.pending.get(stream_id)
+        if chunk is None:
+            chunk = self.pending[stream_id] = worker_pb2.StreamChunk(stream_id=stream_id)
+        chunk.status_code, chunk.details = error.code.value[0], error.message
+        self.jobs.pop(stream_id, None)
+        self.ready.set()
+
+    def take(self) -> worker_pb2.StreamUpdate:
+        update = worker_pb2.StreamUpdate(chunks=self.pending.values())
+        self.pending = {}
+        return update

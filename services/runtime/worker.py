@@ -5,7 +5,6 @@ python -m services.{prefill,decode,colocated}  ->  run_worker(role, args, make_s
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import uuid
@@ -24,7 +23,7 @@ from services.common.enums import Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.latency_profile import LatencyProfile
 from services.common.metrics import new_registry
-from services.common.server import ServiceRunner
+from services.common.server import ServiceRunner, run_event_loop
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
 from services.engine.engine import Engine, EngineBase
@@ -288,4 +287,4 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
         await runner.wait_and_drain(drain)
         engine.close()
 
-    asyncio.run(main())
+    run_event_loop(main())

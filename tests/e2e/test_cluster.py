@@ -21,6 +21,7 @@ from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.launcher import free_port, health_status
+from services.router.worker_calls import WorkerCall
 from services.runtime.step_log import read_step_log
 
 pytestmark = pytest.mark.slow
@@ -317,7 +318,8 @@ def test_workers_reject_bad_requests_naming_the_field(two_node, role, make_reque
                 async for _ in worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(make_request(), timeout=10):
                     pass
             else:
-                async for _ in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(make_request(), timeout=10):
+                decode = worker_pb2_grpc.DecodeWorkerStub(channel).Decode
+                async for _ in WorkerCall(svc["grpc"], decode, worker_pb2.DecodeStreamRequest).open(make_request(), 10):
                     pass
 
     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdserve.v1.worker_pb2 import GenerateStreamRequest
 from services.colocated.server import ColocatedService
 from services.common.enums import Role
 from services.common.grpc_client import aio_channel
@@ -30,6 +31,7 @@ from services.engine.engine import Engine, EngineBase
 from services.kvstore.client import KvStoreClient
 from services.launcher import free_port, health_status
 from services.prefill.server import PrefillService
+from services.router.worker_calls import WorkerCall
 from services.runtime.worker import add_worker_servicers
 from services.tiny_models import get_model
 
@@ -72,7 +74,7 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
         service = ColocatedService(engine, node_id="n", model_name="m", registry=metrics)
         runner, address = await _serve(Role.COLOCATED, service)
         async with aio_channel(address) as channel:
-            stub = worker_pb2_grpc.ColocatedWorkerStub(channel)
+            call = WorkerCall(address, worker_pb2_grpc.ColocatedWorkerStub(channel).Generate, GenerateStreamRequest)
 
             async def generate(i: int, max_tokens: int) -> tuple[list[int], grpc.aio.AioRpcError | None]:
                 request = worker_pb2.GenerateTokensRequest(
@@ -82,7 +84,7 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
                 )
                 tokens: list[int] = []
                 try:
-                    async for chunk in stub.Generate(request, timeout=30):
+                    async for chunk in call.open(request, timeout=30):
                         tokens.extend(chunk.token_ids)
                 except grpc.aio.AioRpcError as exc:
                     return tokens, exc
@@ -296,13 +298,14 @@ def test_a_colocated_worker_grouping_tokens_sends_the_first_one_at_once():
         service = ColocatedService(engine, node_id="n", model_name="m", registry=CollectorRegistry(), stream_interval=8)
         runner, address = await _serve(Role.COLOCATED, service)
         async with aio_channel(address) as channel:
-            stub = worker_pb2_grpc.ColocatedWorkerStub(channel)
+            call = WorkerCall(address, worker_pb2_grpc.ColocatedWorkerStub(channel).Generate, GenerateStreamRequest)
             request = worker_pb2.GenerateTokensRequest(
                 request_id="r",
                 token_ids=[5] * 20,
                 sampling=common_pb2.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
             )
-            sizes = [len(chunk.token_ids) async for chunk in stub.Generate(request, timeout=30)]
+            sizes = [len(chunk.token_ids) async for chunk in call.open(request, timeout=30)]
+            await call.close()
         await _stop(runner, service)
         return sizes
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from pdserve.v1 import common_pb2
 from services.common.enums import Role
-from services.router.policies import pick_colocated
+from services.router.policies import pick_colocated, pick_decode
 from services.router.registry import Endpoint
 
 
@@ -24,3 +25,19 @@ def test_a_colocated_request_goes_where_the_least_work_is_outstanding():
     assert pick_colocated([_colocated("b:1", 2, 0), _colocated("a:1", 2, 0)]).address == "a:1"
     # a failed worker is skipped while another is left
     assert pick_colocated([long_queue, decoding], exclude={"b:1"}) is long_queue
+
+
+def _decode(address: str, free: int, promised: int, reserved: int) -> Endpoint:
+    ep = Endpoint(address, Role.DECODE, "static", channel=None, stub=None, stats_stub=None)
+    ep.stats = common_pb2.WorkerStats(kv_blocks_total=1000, kv_blocks_free=free, kv_blocks_promised=promised)
+    ep.reserved_blocks = reserved
+    return ep
+
+
+def test_a_decode_request_goes_where_most_blocks_are_free_counting_every_routers_requests():
+    # b has more free blocks, but requests from another router wait there for 300 of them
+    a, b = _decode("a:1", free=500, promised=0, reserved=0), _decode("b:1", free=700, promised=300, reserved=0)
+    assert pick_decode([a, b]) is a
+    # and what this router sent since its last poll counts too
+    a.reserved_blocks = 150
+    assert pick_decode([a, b]) is b

@@ -86,10 +86,11 @@ def test_admission_is_fcfs_keeps_a_watermark_and_counts_pulls_in_flight():
     first, big, small = _seq("first", 100), _seq("big", 200), _seq("small", 5)
     for seq in (first, big, small):
         scheduler.add_request(seq)
+    assert scheduler.admission_blocks == 7 + 13 + 1  # what routers see promised
     # first takes 7 blocks; big needs 13 + the watermark of 1 > 13 free: it waits, and small,
     # which would fit, waits behind it (no skipping ahead)
     assert scheduler.admit() == [first] and blocks.num_free == 13
-    assert scheduler.admit() == []
+    assert scheduler.admit() == [] and scheduler.admission_blocks == 13 + 1
     scheduler.pull_succeeded(first)
     scheduler.abort(first)
     assert scheduler.admit() == [big, small]
@@ -100,7 +101,7 @@ def test_admission_is_fcfs_keeps_a_watermark_and_counts_pulls_in_flight():
     scheduler.pull_succeeded(small)
     assert scheduler.admit() == []  # small is running now: still two in flight
     scheduler.abort(small)
-    assert scheduler.admit() == [third]
+    assert scheduler.admit() == [third] and scheduler.admission_blocks == 0
 
 
 def test_preempted_sequences_resume_before_new_requests_are_admitted(model_dir):
@@ -188,7 +189,9 @@ def test_aborting_a_request_wherever_it_is():
     assert scheduler.admit() == [pulled, failed, running]
     scheduler.add_request(queued)
     scheduler.pull_succeeded(running)
+    assert scheduler.admission_blocks == 3
     assert scheduler.abort(queued) is AbortOutcome.NOT_ADMITTED and queued not in scheduler.admission
+    assert scheduler.admission_blocks == 0
     assert scheduler.abort(pulled) is AbortOutcome.PULLING
     assert scheduler.abort(failed) is AbortOutcome.PULLING
     assert scheduler.abort(running) is AbortOutcome.FREED

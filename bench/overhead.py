@@ -1,0 +1,353 @@
+"""The serving path's own cost per streamed token (issue 16), for one checkout or two side by side.
+
+    python -m bench.overhead                                  # this checkout
+    git worktree add /tmp/pdserve-base <commit>
+    python -m bench.overhead --base /tmp/pdserve-base         # base against this checkout (head)
+
+Each checkout runs its own `pdserve up` (one router, one prefill and one decode worker, one
+kvstore daemon, every engine emulated at the analytic H100 Llama-3-8B profile: no model runs, a
+decode step sleeps the profile's time, so what the processes spend on the CPU is the serving path,
+not the model). Both clusters stay up; trials alternate between them (base, head, head, base, ...)
+so both see the same machine. A trial opens --streams concurrent Generate streams at once through
+the router (short token-id prompts, --tokens tokens each, the decode worker at --stream-interval)
+and reads every message. Measured per trial, from /proc and the decode worker's metrics:
+- router CPU per streamed token, and the token rate the whole path reached;
+- decode worker CPU per token: everything but the engine call, as the emulated engine's call is a
+  sleep and a hash per sequence;
+- the client's inter-message gaps (p50, p99) against the decode worker's mean step time: what the
+  router and the gRPC hops add to each token's delivery.
+Everything, the load generator included, shares this machine's cores: token rates are what the
+path reached here, CPU per token is what it costs. Medians over rounds, and head/base ratios.
+Writes JSON and a PNG to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+from tqdm import tqdm
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+from .control_plane import TICKS, cpu_seconds
+from .emulated_fidelity import DEFAULT_PROFILE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_TOKENS = 16
+
+
+@dataclass
+class Side:
+    name: str
+    checkout: str
+    proc: subprocess.Popen
+    info: dict
+
+    def pid(self, role: str) -> int:
+        return next(s["pid"] for s in self.info["services"] if s["role"] == role)
+
+    def metrics(self, role: str) -> str:
+        return next(s["metrics"] for s in self.info["services"] if s["role"] == role)
+
+
+def generate_stubs(checkout: str) -> None:
+    """A checkout's gRPC stubs (git-ignored), as `make protos` makes them: without them its
+    services would import this checkout's."""
+    v1 = os.path.join(checkout, "pdserve", "v1")
+    if os.path.exists(os.path.join(v1, ".generated")):
+        return
+    protos = sorted(f"protos/pdserve/v1/{f}" for f in os.listdir(os.path.join(checkout, "protos", "pdserve", "v1")))
+    os.makedirs(v1, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", "--python_out=.", "--grpc_python_out=.", *protos],
+        cwd=checkout,
+        check=True,
+    )
+    for path in (os.path.join(checkout, "pdserve", "__init__.py"), os.path.join(v1, "__init__.py")):
+        open(path, "a").close()
+    open(os.path.join(v1, ".generated"), "w").close()
+
+
+def start_side(name: str, checkout: str, args, workdir: str) -> Side:
+    generate_stubs(checkout)
+    ready = os.path.join(workdir, f"{name}-ready.json")
+    argv = [sys.executable, "-m", "services.cli", "up", "--emulate", os.path.abspath(args.profile)]
+    argv += ["--port", "0", "--ready-file", ready, "--log-dir", os.path.join(workdir, f"{name}-logs")]
+    argv += ["--on-exit", "stop", f"--worker-arg=--stream-interval {args.stream_interval}"]
+    env = dict(os.environ, PYTHONPATH=checkout)
+    log = os.path.join(workdir, f"{name}-up.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{name}: pdserve up did not start; see {log}")
+        time.sleep(0.2)
+    with open(ready) as f:
+        return Side(name, checkout, proc, json.load(f))
+
+
+def stop_side(side: Side) -> None:
+    side.proc.send_signal(signal.SIGINT)
+    try:
+        side.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        side.proc.kill()
+
+
+def engine_thread_cpu(pid: int) -> float:
+    """CPU seconds of a worker's engine thread (named "<role>-engine", runtime/engine_thread.py):
+    scheduling, the engine call and handing tokens over, in series with the device's step; the
+    rest of the process (its asyncio loop) runs while the step does."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if not f.read().strip().endswith("-engine"):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def decode_steps(side: Side) -> tuple[float, float]:
+    """The decode worker's decode steps so far: (seconds, count), from its Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://{side.metrics('decode')}/metrics", timeout=10).read().decode()
+    found = {}
+    for key in ("sum", "count"):
+        m = re.search(rf'^pdserve_decode_step_duration_seconds_{key}{{kind="decode"}} (\S+)$', text, re.M)
+        found[key] = float(m.group(1)) if m else 0.0
+    return found["sum"], found["count"]
+
+
+async def _stream(stub, index: int, tokens: int, gaps: list[float]) -> int:
+    request = router_pb2.GenerateRequest(
+        token_ids=[3 + (index * 7 + i) % 200 for i in range(PROMPT_TOKENS)],
+        sampling=common_pb2.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+    )
+    received, last = 0, None
+    async for response in stub.Generate(request, timeout=120):
+        now = time.perf_counter()
+        if last is not None:
+            gaps.append(now - last)
+        last = now
+        received += len(response.token_ids)
+    return received
+
+
+async def _trial(router: str, streams: int, tokens: int) -> tuple[int, list[float]]:
+    gaps: list[float] = []
+    options = [("grpc.max_concurrent_streams", 0)]
+    async with grpc.aio.insecure_channel(router, options=options) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        counts = await asyncio.gather(*(_stream(stub, i, tokens, gaps) for i in range(streams)))
+    return sum(counts), gaps
+
+
+def emulated_engine_us_per_token() -> float:
+    """What the emulated engine's own call costs per token (its token function, timed here): the
+    part of the decode worker's CPU that is the "engine call", not the serving path."""
+    from services.engine.emulated import emulated_token
+
+    started, n = time.perf_counter(), 20000
+    for i in range(n):
+        emulated_token(0x1234, i, 0, 32000, (2,))
+    return 1e6 * (time.perf_counter() - started) / n
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def trial(side: Side, streams: int, tokens: int) -> dict:
+    pids = {role: side.pid(role) for role in ("router", "decode", "prefill", "kvstore")}
+    cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    engine_before = engine_thread_cpu(pids["decode"])
+    steps_before = decode_steps(side)
+    wall = time.perf_counter()
+    try:
+        received, gaps = asyncio.run(_trial(side.info["router"], streams, tokens))
+    except grpc.aio.AioRpcError as exc:
+        raise RuntimeError(f"{side.name}: a stream failed: {exc.code().name} {exc.details()}") from None
+    wall = time.perf_counter() - wall
+    cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
+    engine_thread = engine_thread_cpu(pids["decode"]) - engine_before
+    steps_after = decode_steps(side)
+    step_count = steps_after[1] - steps_before[1]
+    if received != streams * tokens:
+        raise RuntimeError(f"{side.name}: received {received} tokens of {streams * tokens}")
+    return {
+        "tokens": received,
+        "token_rate": received / wall,
+        "router_us_per_token": 1e6 * cpu["router"] / received,
+        "decode_us_per_token": 1e6 * cpu["decode"] / received,
+        # of which on the engine thread, in series with the step (0 for a checkout whose engine
+        # thread has no OS name)
+        "decode_engine_thread_us_per_token": 1e6 * engine_thread / received,
+        "other_us_per_token": 1e6 * (cpu["prefill"] + cpu["kvstore"]) / received,
+        "step_ms_mean": 1000 * (steps_after[0] - steps_before[0]) / max(1, step_count),
+        "gap_ms_p50": 1000 * percentile(gaps, 0.5),
+        "gap_ms_p99": 1000 * percentile(gaps, 0.99),
+    }
+
+
+METRICS = (
+    "router_us_per_token",
+    "decode_us_per_token",
+    "decode_engine_thread_us_per_token",
+    "token_rate",
+    "step_ms_mean",
+    "gap_ms_p50",
+    "gap_ms_p99",
+)
+
+
+def summarize(trials: dict[str, list[dict]], names: list[str]) -> dict:
+    out: dict = {}
+    for name in names:
+        out[name] = {m: statistics.median(t[m] for t in trials[name]) for m in METRICS}
+    if len(names) == 2:
+        base, head = names
+        # ratios per round (trials were paired), then their median
+        out["head_over_base"] = {
+            m: statistics.median(
+                h[m] / b[m] if b[m] else math.nan for b, h in zip(trials[base], trials[head], strict=True)
+            )
+            for m in METRICS
+        }
+    return out
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [r["streams"] for r in results["points"]]
+    names = results["sides"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, metric, label in zip(
+        axes,
+        ("router_us_per_token", "decode_us_per_token", "gap_ms_p99"),
+        ("router CPU per token (us)", "decode worker CPU per token (us)", "client inter-message gap p99 (ms)"),
+        strict=True,
+    ):
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            values = [p["summary"][name][metric] for p in results["points"]]
+            ax.bar([i + k * width for i in range(len(batches))], values, width, label=name)
+        ax.set_xticks(
+            [i + width * (len(names) - 1) / 2 for i in range(len(batches))], [f"{b} streams" for b in batches]
+        )
+        ax.set_ylabel(label)
+    axes[-1].plot([], [])
+    axes[0].legend()
+    fig.suptitle("serving path per streamed token, measured on this CPU (engines emulated at H100 timings)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="", help="another checkout to compare against (its own pdserve up)")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE)
+    ap.add_argument("--streams", default="64,256", help="concurrent streams per trial, comma-separated")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per stream")
+    ap.add_argument("--stream-interval", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="results/overhead")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    checkouts = ([("base", os.path.abspath(args.base))] if args.base else []) + [("head", ROOT)]
+    workdir = tempfile.mkdtemp(prefix="pdserve-overhead-")
+    sides = []
+    try:
+        for name, checkout in checkouts:
+            print(f"starting {name} ({checkout})", flush=True)
+            sides.append(start_side(name, checkout, args, workdir))
+        for side in sides:
+            trial(side, 8, 16)  # warm up: connections, first-call paths
+        points = []
+        for streams in [int(s) for s in args.streams.split(",")]:
+            trials: dict[str, list[dict]] = {side.name: [] for side in sides}
+            order = sides
+            for _ in tqdm(range(args.rounds), desc=f"{streams} streams", unit="round"):
+                for side in order:
+                    trials[side.name].append(trial(side, streams, args.tokens))
+                order = order[::-1]
+            summary = summarize(trials, [s.name for s in sides])
+            points.append({"streams": streams, "trials": trials, "summary": summary})
+            for side in sides:
+                s = summary[side.name]
+                print(
+                    f"{streams:4d} streams {side.name}: router {s['router_us_per_token']:6.1f} us/token  decode "
+                    f"{s['decode_us_per_token']:6.1f} us/token "
+                    f"({s['decode_engine_thread_us_per_token']:.1f} on its engine thread)  "
+                    f"{s['token_rate']:7.0f} tokens/s  step "
+                    f"{s['step_ms_mean']:.2f} ms  gap p50 {s['gap_ms_p50']:.2f} p99 {s['gap_ms_p99']:.2f} ms",
+                    flush=True,
+                )
+            if "head_over_base" in summary:
+                r = summary["head_over_base"]
+                print(
+                    f"{streams:4d} streams head/base: router CPU/token {r['router_us_per_token']:.2f}x  decode "
+                    f"CPU/token {r['decode_us_per_token']:.2f}x  tokens/s {r['token_rate']:.2f}x",
+                    flush=True,
+                )
+    finally:
+        for side in sides:
+            stop_side(side)
+    results = {
+        "what": "serving-path CPU per streamed token, measured on this CPU, engines emulated at H100 timings",
+        "profile": os.path.abspath(args.profile),
+        "sides": [s.name for s in sides],
+        "checkouts": {s.name: s.checkout for s in sides},
+        "commits": {s.name: _commit(s.checkout) for s in sides},
+        "emulated_engine_us_per_token": emulated_engine_us_per_token(),
+        "tokens_per_stream": args.tokens,
+        "stream_interval": args.stream_interval,
+        "cores": os.cpu_count(),
+        "points": points,
+    }
+    with open(os.path.join(args.out, "overhead.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, os.path.join(args.out, "overhead.png"))
+    print(f"wrote {args.out}/overhead.json and overhead.png")
+    return 0
+
+
+def _commit(checkout: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The router's one call per decode (or colocated) worker, carrying all its requests to that worker.
+
+Each request is a stream on the call (worker.proto: DecodeWorker.Decode, ColocatedWorker.Generate):
+`WorkerCall.open` starts it and returns a `RequestStream`, which yields the request's TokenChunks as
+a worker's per-request call would have, and raises the same AioRpcError a per-request call would
+(the worker's status for that request; UNAVAILABLE for all of them when the call breaks, so each
+fails over as before). One task reads the call and sorts each step's chunks to their requests; it
+never waits on a request, so a client that stops reading holds up nobody else: its tokens wait in
+its RequestStream, merged into one chunk, until it reads or the router gives up on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from pdserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class RequestStream:
+    """One request on a WorkerCall: an async iterator of its TokenChunks, ending after the one with
+    a finish_reason. What arrived while the reader was away comes as one chunk."""
+
+    def __init__(self, owner: WorkerCall, stream_id: int, deadline: float | None):
+        self._owner = owner
+        self.stream_id = stream_id
+        self._deadline = deadline  # loop time, or None
+        self._pending: common_pb2.TokenChunk | None = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._ready = asyncio.Event()
+        self.done = False  # the worker ended it (a finish_reason or an error), or it was cancelled
+
+    # ---- from the reader task --------------------------------------------------------------------
+    def deliver(self, chunk: common_pb2.TokenChunk) -> None:
+        if self._pending is None:
+            self._pending = chunk
+        else:
+            self._pending.MergeFrom(chunk)  # appends tokens and logprobs, takes a finish_reason
+        self._ready.set()
+
+    def fail(self, error: grpc.aio.AioRpcError) -> None:
+        self._error = error
+        self._ready.set()
+
+    # ---- from the request's coroutine -------------------------------------------------------------
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> common_pb2.TokenChunk:
+        if self.done:
+            raise StopAsyncIteration
+        if self._pending is None and self._error is None:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    await self._ready.wait()
+            except TimeoutError:
+                self.cancel()
+                raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        self._ready.clear()
+        chunk, self._pending = self._pending, None
+        if chunk is not None:
+            if chunk.finish_reason:
+                self.done = True
+            return chunk  # the tokens before an error still count (the failover resumes after them)
+        assert self._error is not None
+        self.done = True
+        raise self._error
+
+    def cancel(self) -> None:
+        """Stops the request at the worker (freeing its blocks) unless it has ended. Idempotent."""
+        if not self.done:
+            self.done = True
+            self._owner.cancel(self.stream_id)
+
+
+class WorkerCall:
+    """The router's call to one worker. Opened on first use and again after it broke."""
+
+    def __init__(self, name: str, method: Callable, stream_request_type):
+        self.name = name  # the worker's address, for messages
+        self._method = method  # the stub's multi-request method: stub.Decode or stub.Generate
+        self._request_type = stream_request_type  # DecodeStreamRequest or GenerateStreamRequest
+        self._streams: dict[int, RequestStream] = {}
+        self._next_id = 0
+        self._outbox: asyncio.Queue | None = None  # requests to send; None: not open
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def open(self, start, timeout: float | None) -> RequestStream:
+        """Starts a request (a DecodeRequest or GenerateTokensRequest) on the call."""
+        if self._outbox is None:
+            self._connect()
+        assert self._outbox is not None
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, self._next_id, None if timeout is None else loop.time() + timeout)
+        self._streams[stream.stream_id] = stream
+        self._outbox.put_nowait(self._request_type(stream_id=stream.stream_id, start=start))
+        return stream
+
+    def cancel(self, stream_id: int) -> None:
+        if self._streams.pop(stream_id, None) is not None and self._outbox is not None:
+            self._outbox.put_nowait(self._request_type(stream_id=stream_id, cancel=True))
+
+    def _connect(self) -> None:
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while True:
+                request = await outbox.get()
+                if request is None:
+                    return
+                yield request
+
+        self._outbox = outbox
+        call = self._method(requests())
+        self._reader = asyncio.create_task(self._read(call, outbox))
+
+    async def _read(self, call, outbox: asyncio.Queue) -> None:
+        error = _error(grpc.StatusCode.UNAVAILABLE, f"worker {self.name} ended the call")
+        try:
+            async for update in call:
+                for item in update.chunks:
+                    stream = self._streams.get(item.stream_id)
+                    if stream is None:
+                        continue  # cancelled here meanwhile
+                    if item.status_code:
+                        del self._streams[item.stream_id]
+                        stream.fail(_error(_STATUS.get(item.status_code, grpc.StatusCode.UNKNOWN), item.details))
+                        if item.chunk.token_ids:
+                            stream.deliver(item.chunk)
+                        continue
+                    if item.chunk.finish_reason:
+                        del self._streams[item.stream_id]
+                    stream.deliver(item.chunk)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = _error(grpc.StatusCode.CANCELLED, "router is shutting down")
+            raise
+        finally:
+            if self._outbox is outbox:  # the next request opens a new call
+                self._outbox, self._reader = None, None
+            outbox.put_nowait(None)
+            call.cancel()
+            broken, self._streams = self._streams, {}
+            for stream in broken.values():
+                stream.fail(error)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
