@@ -259,12 +259,12 @@ def plot(results: dict, path: str) -> None:
         width = 0.8 / len(names)
         for k, name in enumerate(names):
             values = [p["summary"][name][metric] for p in results["points"]]
-            ax.bar([i + k * width for i in range(len(batches))], values, width, label=name)
+            label = f"{name} ({results['commits'][name]})" if results["commits"].get(name) else name
+            ax.bar([i + k * width for i in range(len(batches))], values, width, label=label)
         ax.set_xticks(
             [i + width * (len(names) - 1) / 2 for i in range(len(batches))], [f"{b} streams" for b in batches]
         )
         ax.set_ylabel(label)
-    axes[-1].plot([], [])
     axes[0].legend()
     fig.suptitle("serving path per streamed token, measured on this CPU (engines emulated at H100 timings)")
     fig.tight_layout()

@@ -62,12 +62,15 @@ class RequestStream:
         if self.done:
             raise StopAsyncIteration
         if self._pending is None and self._error is None:
-            try:
-                async with asyncio.timeout_at(self._deadline):
-                    await self._ready.wait()
-            except TimeoutError:
-                self.cancel()
-                raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            if self._deadline is None:
+                await self._ready.wait()
+            else:
+                try:
+                    async with asyncio.timeout_at(self._deadline):
+                        await self._ready.wait()
+                except TimeoutError:
+                    self.cancel()
+                    raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
         self._ready.clear()
         chunk, self._pending = self._pending, None
         if chunk is not None:

@@ -33,6 +33,30 @@ def test_incremental_text_equals_full_decode_and_never_splits_a_character(tokeni
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_byte_level_fast_path_equals_the_tokenizers_decode_of_any_ids(tokenizer, skip_special_tokens):
+    """Random ids (special tokens, bytes that are no valid UTF-8, characters split anywhere): the
+    byte table gives what the windowed decode and the tokenizer's own decode give."""
+    rng = random.Random(1)
+    for trial in range(50):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
+        fast = IncrementalDetokenizer(tokenizer, [5, 6], skip_special_tokens)
+        slow = IncrementalDetokenizer(tokenizer, [5, 6], skip_special_tokens)
+        slow._bytes = None  # the windowed decode, as for a tokenizer that is not byte-level
+        assert fast._bytes is not None
+        texts = {"fast": [], "slow": []}
+        i = 0
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            texts["fast"].append(fast.add(ids[i : i + n]))
+            texts["slow"].append(slow.add(ids[i : i + n]))
+            i += n
+        texts["fast"].append(fast.flush())
+        texts["slow"].append(slow.flush())
+        whole = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        assert "".join(texts["fast"]) == "".join(texts["slow"]) == whole, (trial, ids)
+
+
 def test_flags_fall_back_to_environment(monkeypatch):
     monkeypatch.setenv("PDSERVE_KV_CACHE_GB", "1.5")
     monkeypatch.setenv("PDSERVE_DECODE", "a:1,b:2")
