@@ -4,6 +4,8 @@
 2. bench.mixed_batch: CPU decode of mixed-context batches: the CPU kernels, and the torch path grouped and padded.
 3. bench.serving: SLO attainment against rate and goodput, colocated against disaggregated on the
    same cores, chat-like workload (a shortened sweep; docs/benchmarks.md has the longer runs).
+4. bench.overhead: the serving path's CPU per streamed token, router and decode worker (this
+   checkout alone; `--base` compares two checkouts side by side).
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, mixed_batch, serving
+from . import engine, mixed_batch, overhead, serving
 
 
 def main(argv=None) -> int:
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
             "results/serving-chat",
         ]
     )
+    print("\n== serving path: CPU per streamed token (engines emulated at H100 timings) ==", flush=True)
+    overhead.main(["--rounds", "1", "--out", "results/overhead"])
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0
 

@@ -8,6 +8,8 @@ import pytest
 
 from bench.distserve_puzzle import CASES, CONTEXT, PromptScaledSearch
 from bench.loadgen import RequestResult, attainment, percentile, summarize
+from bench.overhead import METRICS
+from bench.overhead import summarize as summarize_overhead
 from bench.serving import goodput, steady_state_limit
 from services.planner.hardware import ClusterSpec, GiB, get_gpu, get_model_shape
 from services.planner.search import SearchSpec
@@ -106,3 +108,19 @@ def test_puzzle_scales_prompts_within_opts_window_and_keeps_the_rest():
     assert all(r.prompt_tokens + r.output_tokens < CONTEXT for r in longer)
     scaled = [(a, b) for a, b in zip(plain, longer) if 4 * a.prompt_tokens + a.output_tokens < CONTEXT]
     assert len(scaled) > 250 and all(b.prompt_tokens == 4 * a.prompt_tokens for a, b in scaled)
+
+
+def test_overhead_ratios_are_medians_of_paired_rounds():
+    """bench.overhead pairs each round's base and head trials: the ratio is the median of the
+    per-round ratios, not a ratio of medians; a metric the base lacks (0) gives nan, not a crash."""
+
+    def trial(router: float, engine_thread: float = 0.0) -> dict:
+        values = dict.fromkeys(METRICS, 1.0)
+        values.update(router_us_per_token=router, decode_engine_thread_us_per_token=engine_thread)
+        return values
+
+    trials = {"base": [trial(100), trial(200), trial(100)], "head": [trial(50), trial(40), trial(90, 5.0)]}
+    out = summarize_overhead(trials, ["base", "head"])
+    assert out["base"]["router_us_per_token"] == 100 and out["head"]["router_us_per_token"] == 50
+    assert out["head_over_base"]["router_us_per_token"] == 0.5  # of 0.5, 0.2 and 0.9
+    assert math.isnan(out["head_over_base"]["decode_engine_thread_us_per_token"])
