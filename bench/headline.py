@@ -38,6 +38,9 @@ import math
 import os
 import sys
 import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.latency_profile import LatencyProfile
 from services.engine.config import ModelConfig
@@ -175,6 +178,22 @@ def request_trace(args, workload: str, rate: float, min_requests: int = 0) -> li
     return make_trace(workload, rate / args.slow, n, seed=args.seed, max_model_len=4096)
 
 
+def emulation_steps(cluster: Cluster) -> tuple[float, float]:
+    """Every emulated worker's steps so far, and those that ran past the profile's time
+    (pdserve_emulated_late_steps_total): the machine could not keep up with the cluster."""
+    steps = late = 0.0
+    for proc in cluster.procs:
+        if proc.role in ("prefill", "decode", "colocated"):
+            text = urllib.request.urlopen(f"http://{proc.metrics}/metrics", timeout=10).read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "pdserve_emulated_steps_total":
+                        steps += sample.value
+                    elif sample.name == "pdserve_emulated_late_steps_total":
+                        late += sample.value
+    return steps, late
+
+
 def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rates: list[float]) -> dict:
     log_dir = os.path.join(args.out_dir, workload, "logs", config.replace(" ", "-"))
     os.makedirs(log_dir, exist_ok=True)
@@ -191,7 +210,9 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
         for rate in rates:
             started = time.monotonic()
             trace = request_trace(args, workload, rate, min_requests)
+            steps_before, late_before = emulation_steps(cluster)
             results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
+            steps, late = (a - b for a, b in zip(emulation_steps(cluster), (steps_before, late_before), strict=True))
             by_rate[rate] = results
             point = {
                 "rate": rate,
@@ -202,13 +223,16 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
                 "ttft_attainment": sum(r.ok and r.ttft <= ttft for r in results) / len(results),
                 "tpot_attainment": sum(r.ok and r.tpot <= tpot for r in results) / len(results),
                 "errors": sum(not r.ok for r in results),
+                # steps that ended over 1 ms past the profile's time: a large share means this
+                # machine was too slow for the cluster at this --slow, and the point is not the profile's
+                "late_step_share": late / steps if steps else 0.0,
                 "seconds": round(time.monotonic() - started, 1),
             }
             points.append(point)
             print(
                 f"  {workload:<13} {config:<24} {rate:7.1f} req/s  attainment {point['attainment']:.3f} "
                 f"(TTFT {point['ttft_attainment']:.3f}, TPOT {point['tpot_attainment']:.3f}; "
-                f"simulated {point['simulated']:.3f})  "
+                f"simulated {point['simulated']:.3f}; late steps {100 * point['late_step_share']:.1f}%)  "
                 f"({point['seconds']:.0f} s)",
                 flush=True,
             )
@@ -236,7 +260,7 @@ def run_workload(args, workload: str) -> dict:
     plan_dir = os.path.join(args.out_dir, workload, "plan")
     plan = search_plan(args, workload, plan_dir)
     plan_path = os.path.join(plan_dir, "plan.json")
-    runnable = {c: g for c in CONFIGS if (g := predicted_goodput(plan, c)) is not None}
+    runnable = {c: g for c in args.configs if (g := predicted_goodput(plan, c)) is not None}
     configs, predicted = list(runnable), list(runnable.values())
     p, d = plan["prefill"], plan["decode"]
     print(
@@ -251,6 +275,13 @@ def run_workload(args, workload: str) -> dict:
         run_config(args, plan, plan_path, workload, c, [f * g for f in args.fractions])
         for c, g in zip(configs, predicted, strict=True)
     ]
+    if configs[0] != "disaggregated" or len(runs) < 2:  # (a --configs subset: no ratio)
+        return {
+            "workload": workload,
+            "slo": dict(zip(("ttft_s", "tpot_s"), slos(args, workload), strict=True)),
+            "gpus_used": plan["gpus_used"],
+            "runs": runs,
+        }
     best_colocated = max(runs[1:], key=lambda r: r["goodput_per_gpu"])
     return {
         "workload": workload,
@@ -332,6 +363,12 @@ def main(argv=None) -> int:
         default=[0.85, 1.0, 1.15],
         help="rates to run, as shares of each configuration's predicted goodput",
     )
+    ap.add_argument(
+        "--configs",
+        type=lambda text: [c.strip() for c in text.split(",")],
+        default=list(CONFIGS),
+        help=f"configurations to run, of {', '.join(CONFIGS)} (the ratio needs the first and another)",
+    )
     ap.add_argument("--n", type=int, default=300, help="requests per rate, at least")
     ap.add_argument(
         "--min-duration", type=float, default=30.0, help="seconds of arrivals per rate in the profile's time, at least"
@@ -346,6 +383,9 @@ def main(argv=None) -> int:
             ap.error(f"--workloads: {workload!r} is not one of {', '.join(SLOS)}")
     if len(args.fractions) < 2 or min(args.fractions) <= 0:
         ap.error("--fractions: at least two positive shares")
+    if not args.configs or any(c not in CONFIGS for c in args.configs):
+        ap.error(f"--configs: some of {', '.join(CONFIGS)}")
+    args.configs = [c for c in CONFIGS if c in args.configs]
     os.makedirs(args.out_dir, exist_ok=True)
     workloads = [run_workload(args, w) for w in args.workloads.split(",")]
     result = {
@@ -360,6 +400,8 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     plot(result, os.path.join(args.out_dir, "headline.png"))
     for w in workloads:
+        if "ratio_to_best_colocated" not in w:
+            continue
         cells = ", ".join(f"{r['config']} {r['goodput_bound']}{r['goodput_per_gpu']:.2f}" for r in w["runs"])
         print(
             f"{w['workload']}: goodput per GPU {cells}; disaggregated / best colocated "
