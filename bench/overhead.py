@@ -3,6 +3,7 @@
     python -m bench.overhead                                  # this checkout
     git worktree add /tmp/pdserve-base <commit>
     python -m bench.overhead --base /tmp/pdserve-base         # base against this checkout (head)
+    python -m bench.overhead --routers 2                      # two routers over the same workers
 
 Each checkout runs its own `pdserve up` (one router, one prefill and one decode worker, one
 kvstore daemon, every engine emulated at the analytic H100 Llama-3-8B profile: no model runs, a
@@ -60,6 +61,9 @@ class Side:
     def pid(self, role: str) -> int:
         return next(s["pid"] for s in self.info["services"] if s["role"] == role)
 
+    def routers(self) -> list[dict]:
+        return [s for s in self.info["services"] if s["role"] == "router"]
+
     def metrics(self, role: str) -> str:
         return next(s["metrics"] for s in self.info["services"] if s["role"] == role)
 
@@ -88,6 +92,8 @@ def start_side(name: str, checkout: str, args, workdir: str) -> Side:
     argv = [sys.executable, "-m", "services.cli", "up", "--emulate", os.path.abspath(args.profile)]
     argv += ["--port", "0", "--ready-file", ready, "--log-dir", os.path.join(workdir, f"{name}-logs")]
     argv += ["--on-exit", "stop", f"--worker-arg=--stream-interval {args.stream_interval}"]
+    if args.routers > 1:
+        argv += ["--routers", str(args.routers)]
     env = dict(os.environ, PYTHONPATH=checkout)
     log = os.path.join(workdir, f"{name}-up.log")
     with open(log, "w") as out:
@@ -157,12 +163,16 @@ async def _stream(stub, index: int, tokens: int, gaps: list[float]) -> int:
     return received
 
 
-async def _trial(router: str, streams: int, tokens: int) -> tuple[int, list[float]]:
+async def _trial(routers: list[str], streams: int, tokens: int) -> tuple[int, list[float]]:
+    """The streams spread evenly over the routers (each router's own address)."""
     gaps: list[float] = []
-    options = [("grpc.max_concurrent_streams", 0)]
-    async with grpc.aio.insecure_channel(router, options=options) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        counts = await asyncio.gather(*(_stream(stub, i, tokens, gaps) for i in range(streams)))
+    channels = [grpc.aio.insecure_channel(address) for address in routers]
+    try:
+        stubs = [router_pb2_grpc.RouterStub(channel) for channel in channels]
+        counts = await asyncio.gather(*(_stream(stubs[i % len(stubs)], i, tokens, gaps) for i in range(streams)))
+    finally:
+        for channel in channels:
+            await channel.close()
     return sum(counts), gaps
 
 
@@ -183,17 +193,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def trial(side: Side, streams: int, tokens: int) -> dict:
-    pids = {role: side.pid(role) for role in ("router", "decode", "prefill", "kvstore")}
+    pids = {role: side.pid(role) for role in ("decode", "prefill", "kvstore")}
+    routers = side.routers()
     cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    cpu_before["router"] = sum(cpu_seconds(r["pid"]) for r in routers)
     engine_before = engine_thread_cpu(pids["decode"])
     steps_before = decode_steps(side)
     wall = time.perf_counter()
     try:
-        received, gaps = asyncio.run(_trial(side.info["router"], streams, tokens))
+        received, gaps = asyncio.run(_trial([r["grpc"] for r in routers], streams, tokens))
     except grpc.aio.AioRpcError as exc:
         raise RuntimeError(f"{side.name}: a stream failed: {exc.code().name} {exc.details()}") from None
     wall = time.perf_counter() - wall
     cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
+    cpu["router"] = sum(cpu_seconds(r["pid"]) for r in routers) - cpu_before["router"]
     engine_thread = engine_thread_cpu(pids["decode"]) - engine_before
     steps_after = decode_steps(side)
     step_count = steps_after[1] - steps_before[1]
@@ -202,7 +215,7 @@ def trial(side: Side, streams: int, tokens: int) -> dict:
     return {
         "tokens": received,
         "token_rate": received / wall,
-        "router_us_per_token": 1e6 * cpu["router"] / received,
+        "router_us_per_token": 1e6 * cpu["router"] / received,  # all routers together
         "decode_us_per_token": 1e6 * cpu["decode"] / received,
         # of which on the engine thread, in series with the step (0 for a checkout whose engine
         # thread has no OS name)
@@ -279,6 +292,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=256, help="tokens per stream")
     ap.add_argument("--stream-interval", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="routers per cluster (pdserve up --routers; the streams spread over them): tokens/s against "
+        "--routers 1 shows the scale-out on a machine with a core per router (both checkouts need the flag)",
+    )
     ap.add_argument("--out", default="results/overhead")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -328,6 +348,7 @@ def main(argv=None) -> int:
         "checkouts": {s.name: s.checkout for s in sides},
         "commits": {s.name: _commit(s.checkout) for s in sides},
         "emulated_engine_us_per_token": emulated_engine_us_per_token(),
+        "routers": args.routers,
         "tokens_per_stream": args.tokens,
         "stream_interval": args.stream_interval,
         "cores": os.cpu_count(),
