@@ -100,10 +100,6 @@ class WorkerCall:
         self._outbox: asyncio.Queue | None = None  # requests to send; None: not open
         self._reader: asyncio.Task | None = None
 
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams)
-
     def open(self, start, timeout: float | None) -> RequestStream:
         """Starts a request (a DecodeRequest or GenerateTokensRequest) on the call."""
         if self._outbox is None:

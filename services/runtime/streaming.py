@@ -303,13 +303,18 @@ class StreamingWorker:
                         self.thread.post(partial(self.cancel, job))
                     continue
                 try:
-                    if stream_id in call.jobs:
+                    if stream_id in call.jobs:  # a caller's bug: both requests end, neither leaks
+                        self.thread.post(partial(self.cancel, call.jobs[stream_id]))
                         raise invalid("stream_id", f"{stream_id} is a request in progress on this call")
                     if self.draining:
                         raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is shutting down")
                     job = self.start_job(request.start)
                 except ServiceError as exc:
                     call.fail(stream_id, exc)
+                    continue
+                except Exception as exc:  # a bug here must fail this request, not the call's others
+                    log.exception("request on stream %d could not start", stream_id)
+                    call.fail(stream_id, ServiceError(grpc.StatusCode.INTERNAL, f"could not start: {exc!r}"))
                     continue
                 job.stream_id, job.call = stream_id, call
                 call.jobs[stream_id] = job

@@ -359,3 +359,59 @@ def test_an_emulated_prefill_pipeline_takes_the_next_batch_once_its_first_stage_
 
     asyncio.run(scenario())
     engine.close()
+
+
+def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
+    """A colocated worker's call (the router's one call per worker, raw here): each step's tokens
+    for every request come in one StreamUpdate; a request that fails validation, or that reuses a
+    stream id in progress, gets its status on its own stream while the others go on; cancelling
+    one and then ending the call frees every block."""
+    engine = _engine()
+
+    def start(stream_id: int, token_ids: list[int], max_tokens: int) -> GenerateStreamRequest:
+        sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        request = worker_pb2.GenerateTokensRequest(request_id=f"r{stream_id}", token_ids=token_ids, sampling=sampling)
+        return GenerateStreamRequest(stream_id=stream_id, start=request)
+
+    async def scenario():
+        service = ColocatedService(engine, node_id="n", model_name="m", registry=CollectorRegistry())
+        runner, address = await _serve(Role.COLOCATED, service)
+        async with aio_channel(address) as channel:
+            outbox: asyncio.Queue = asyncio.Queue()
+
+            async def requests():
+                while (item := await outbox.get()) is not None:
+                    yield item
+
+            call = worker_pb2_grpc.ColocatedWorkerStub(channel).Generate(requests())
+            for i in (1, 2, 3):
+                outbox.put_nowait(start(i, [5 + i] * 12, 30))
+            outbox.put_nowait(start(4, [5, 99999], 30))  # past the vocabulary
+            tokens: dict[int, list[int]] = {i: [] for i in (1, 2, 3, 4, 5)}
+            status: dict[int, tuple[int, str]] = {}
+            most_per_update, second_batch_sent, closed = 0, False, False
+            async for update in call:
+                most_per_update = max(most_per_update, len(update.chunks))
+                for item in update.chunks:
+                    tokens[item.stream_id].extend(item.chunk.token_ids)
+                    if item.status_code:
+                        status[item.stream_id] = (item.status_code, item.details)
+                if not second_batch_sent and len(tokens[1]) >= 5:
+                    second_batch_sent = True
+                    outbox.put_nowait(start(5, [9] * 12, 200))
+                    outbox.put_nowait(start(5, [9] * 12, 200))  # the same id again: both end
+                    outbox.put_nowait(GenerateStreamRequest(stream_id=3, cancel=True))
+                if not closed and second_batch_sent and 5 in status and all(len(tokens[i]) == 30 for i in (1, 2)):
+                    closed = True
+                    outbox.put_nowait(None)  # the caller is done: the call ends when its requests have
+            stats = await _stats(channel)
+        await _stop(runner, service)
+        return tokens, status, most_per_update, stats
+
+    tokens, status, most_per_update, stats = asyncio.run(scenario())
+    engine.close()
+    assert len(tokens[1]) == len(tokens[2]) == 30 and 0 < len(tokens[3]) < 30  # 3 was cancelled
+    assert status[4][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and status[4][1].startswith("token_ids")
+    assert status[5][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and status[5][1].startswith("stream_id")
+    assert most_per_update >= 2  # several requests' tokens in one message
+    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
