@@ -1,4 +1,4 @@
-"""`pdserve up` refuses a bad emulation or plan setup before it starts anything."""
+"""`pdserve up` refuses a bad emulation, cluster or plan setup before it starts anything."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ PROFILE = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
         (["--emulate", "/nonexistent/profile.json"], "--emulate: "),
         (["--emulate", os.path.join(ROOT, "README.md")], "--emulate: "),  # not JSON
         (["--prefill-profile", PROFILE], "--prefill-profile and --decode-profile go together"),
+        (["--routers", "0"], "--routers must be >= 1"),
     ],
 )
-def test_a_bad_emulation_setup_is_refused_up_front(tmp_path, args, message):
+def test_a_bad_emulation_or_cluster_setup_is_refused_up_front(tmp_path, args, message):
     _assert_refused(tmp_path, args, message)
 
 
