@@ -27,6 +27,9 @@ import json
 import os
 import sys
 import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.latency_profile import LatencyProfile
 from services.launcher import Cluster, ClusterSpec
@@ -39,14 +42,26 @@ from .loadgen import percentile, run_trace
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 when it is gone)."""
+def cpu_seconds(pid: int, tid: int | str | None = None) -> float:
+    """User + system CPU time of a process (or of its thread `tid`) so far (0 when it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def scrape(metrics_address: str, **labels: str) -> dict[str, float]:
+    """A service's Prometheus samples now, by sample name, each summed over the samples whose labels
+    include `labels`."""
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if labels.items() <= sample.labels.items():
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
 
 
 def machine_busy_seconds() -> float:

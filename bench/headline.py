@@ -38,9 +38,6 @@ import math
 import os
 import sys
 import time
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.latency_profile import LatencyProfile
 from services.engine.config import ModelConfig
@@ -52,6 +49,7 @@ from services.planner.simulator import SimConfig, Slo, simulate
 from services.planner.workload import TraceRequest, make_trace
 from services.tiny_models import get_model
 
+from .control_plane import scrape
 from .emulated_fidelity import MODEL, SLOS
 from .loadgen import RequestResult, attainment, run_trace
 
@@ -184,13 +182,9 @@ def emulation_steps(cluster: Cluster) -> tuple[float, float]:
     steps = late = 0.0
     for proc in cluster.procs:
         if proc.role in ("prefill", "decode", "colocated"):
-            text = urllib.request.urlopen(f"http://{proc.metrics}/metrics", timeout=10).read().decode()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "pdserve_emulated_steps_total":
-                        steps += sample.value
-                    elif sample.name == "pdserve_emulated_late_steps_total":
-                        late += sample.value
+            samples = scrape(proc.metrics)
+            steps += samples.get("pdserve_emulated_steps_total", 0.0)
+            late += samples.get("pdserve_emulated_late_steps_total", 0.0)
     return steps, late
 
 

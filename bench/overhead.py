@@ -29,14 +29,12 @@ import asyncio
 import json
 import math
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -44,8 +42,9 @@ from tqdm import tqdm
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-from .control_plane import TICKS, cpu_seconds
+from .control_plane import cpu_seconds, scrape
 from .emulated_fidelity import DEFAULT_PROFILE
+from .loadgen import percentile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_TOKENS = 16
@@ -130,22 +129,19 @@ def engine_thread_cpu(pid: int) -> float:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 if not f.read().strip().endswith("-engine"):
                     continue
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
+        total += cpu_seconds(pid, tid)
     return total
 
 
 def decode_steps(side: Side) -> tuple[float, float]:
     """The decode worker's decode steps so far: (seconds, count), from its Prometheus endpoint."""
-    text = urllib.request.urlopen(f"http://{side.metrics('decode')}/metrics", timeout=10).read().decode()
-    found = {}
-    for key in ("sum", "count"):
-        m = re.search(rf'^pdserve_decode_step_duration_seconds_{key}{{kind="decode"}} (\S+)$', text, re.M)
-        found[key] = float(m.group(1)) if m else 0.0
-    return found["sum"], found["count"]
+    samples = scrape(side.metrics("decode"), kind="decode")
+    return (
+        samples.get("pdserve_decode_step_duration_seconds_sum", 0.0),
+        samples.get("pdserve_decode_step_duration_seconds_count", 0.0),
+    )
 
 
 async def _stream(stub, index: int, tokens: int, gaps: list[float]) -> int:
@@ -185,11 +181,6 @@ def emulated_engine_us_per_token() -> float:
     for i in range(n):
         emulated_token(0x1234, i, 0, 32000, (2,))
     return 1e6 * (time.perf_counter() - started) / n
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def trial(side: Side, streams: int, tokens: int) -> dict:
