@@ -8,7 +8,7 @@ call as one StreamUpdate: the serving cost per token is a share of a message, no
 
     call reader  --post(submit / cancel)-->  engine thread: scheduler.schedule() -> engine.run(plan)
                                                   |  the step's chunks, all jobs
-    call writer  <-- WorkerCall.add <--emit(_dispatch)-+
+    call writer  <-- ServedCall.add <--emit(_dispatch)-+
 
 Subclasses say how a request is checked and becomes a job (`start_job`), how it enters the
 scheduler (the decode worker: through pull admission; the colocated worker: as a prompt), and may
@@ -48,7 +48,7 @@ class StreamJob:
     seq: Sequence
     request_id: str
     stream_id: int = 0  # the caller's name for it on its call
-    call: WorkerCall | None = None  # the call it answers on
+    call: ServedCall | None = None  # the call it answers on
     enqueued_at: float = field(default_factory=time.monotonic)
     handle: common_pb2.KvHandle | None = None  # decode: where its KV waits to be pulled
     unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
@@ -277,7 +277,7 @@ class StreamingWorker:
 
         A coroutine writing with context.write, not an async generator: when the caller goes away,
         grpc cancels this coroutine wherever it waits."""
-        call = WorkerCall()
+        call = ServedCall()
         reader = asyncio.create_task(self._read_call(requests, call))
         try:
             while True:
@@ -293,7 +293,7 @@ class StreamingWorker:
                 self.thread.post(partial(self.cancel, job))
             call.jobs.clear()
 
-    async def _read_call(self, requests, call: WorkerCall) -> None:
+    async def _read_call(self, requests, call: ServedCall) -> None:
         try:
             async for request in requests:
                 stream_id = request.stream_id
@@ -349,8 +349,9 @@ def _dispatch(outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceErr
             call.add(job.stream_id, item)
 
 
-class WorkerCall:
-    """Asyncio side: one caller's call, its requests in progress and what they produced but was
+class ServedCall:
+    """Asyncio side: one caller's call as the worker serves it (the router's end is
+    router/worker_calls.WorkerCall), its requests in progress and what they produced but was
     not yet written (at most one chunk per request: later tokens merge into it)."""
 
     def __init__(self) -> None:
@@ -363,21 +364,22 @@ class WorkerCall:
         if isinstance(item, ServiceError):
             self.fail(stream_id, item)
             return
-        chunk = self.pending.get(stream_id)
-        if chunk is None:
-            chunk = self.pending[stream_id] = worker_pb2.StreamChunk(stream_id=stream_id)
-        chunk.chunk.MergeFrom(item)  # appends the tokens and logprobs, takes a finish_reason
+        self._pending(stream_id).chunk.MergeFrom(item)  # appends the tokens and logprobs, takes a finish_reason
         if item.finish_reason:
             del self.jobs[stream_id]
         self.ready.set()
 
     def fail(self, stream_id: int, error: ServiceError) -> None:
-        chunk = self.pending.get(stream_id)
-        if chunk is None:
-            chunk = self.pending[stream_id] = worker_pb2.StreamChunk(stream_id=stream_id)
+        chunk = self._pending(stream_id)
         chunk.status_code, chunk.details = error.code.value[0], error.message
         self.jobs.pop(stream_id, None)
         self.ready.set()
+
+    def _pending(self, stream_id: int) -> worker_pb2.StreamChunk:
+        chunk = self.pending.get(stream_id)
+        if chunk is None:
+            chunk = self.pending[stream_id] = worker_pb2.StreamChunk(stream_id=stream_id)
+        return chunk
 
     def take(self) -> worker_pb2.StreamUpdate:
         update = worker_pb2.StreamUpdate(chunks=self.pending.values())
