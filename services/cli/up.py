@@ -235,10 +235,7 @@ def up(args) -> int:
             with open(args.prometheus_config, "w") as f:
                 yaml.safe_dump(prometheus_config(info), f, sort_keys=False)
         if args.ready_file:
-            tmp = args.ready_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(info, f, indent=2)
-            os.replace(tmp, args.ready_file)
+            _write_ready_file(args.ready_file, info)
         print(f"ready: router at {info['router']} (Ctrl-C to stop)", flush=True)
         while not stop["requested"]:
             for proc in cluster.procs:
@@ -248,6 +245,8 @@ def up(args) -> int:
                 if args.on_exit == "restart" and cluster.restarts.get(proc.name, 0) < MAX_RESTARTS:
                     print(f"{proc.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
                     cluster.restart(proc)
+                    if args.ready_file:  # its new pid
+                        _write_ready_file(args.ready_file, cluster.info())
                 else:
                     print(f"{proc.name} exited with code {code}; stopping the cluster", file=sys.stderr, flush=True)
                     stop["requested"] = True
@@ -259,6 +258,13 @@ def up(args) -> int:
         cluster.stop(grace=5)  # whatever ended us (a no-op after a clean stop)
         if args.ready_file and os.path.exists(args.ready_file):
             os.remove(args.ready_file)
+
+
+def _write_ready_file(path: str, info: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)  # readers never see half a file
 
 
 def _stopped_cleanly(cluster: Cluster, also_ok: tuple[int, ...] = ()) -> bool:

@@ -174,6 +174,10 @@ class _ObservedWrites:
         return getattr(self._context, name)
 
 
+def _status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def run_event_loop(main: Coroutine[Any, Any, object]) -> None:
     """Runs a service's main coroutine to completion on uvloop, where grpc.aio's cost per message is
     markedly lower than on asyncio's default loop (docs/benchmarks.md, "Serving path")."""
@@ -209,6 +213,7 @@ class ServiceRunner:
         self.grace_seconds = grace_seconds
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self._serving = True  # the overall health status ("") once started (set_serving)
         self._stop = asyncio.Event()
         self.bound_port = 0
 
@@ -235,18 +240,54 @@ class ServiceRunner:
                 addr=self.host if self.host not in ("[::]", "") else "0.0.0.0",
                 registry=self.registry,
             )
-        for n in names + [""]:
+        for n in names:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", _status(self._serving))
         log.info("%s serving gRPC on %s:%d, metrics on :%d", self.name, self.host, self.bound_port, self.metrics_port)
 
     async def set_serving(self, serving: bool) -> None:
-        """Readiness: a service that cannot do its job yet (the router without workers) reports
-        NOT_SERVING while its server is up, so liveness probes pass and readiness ones wait."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        """Readiness: a service that cannot do its job yet (the router without workers, a worker
+        without its kvstore daemon) reports NOT_SERVING while its server is up, so liveness probes
+        pass and readiness ones wait. Before start(), it sets the status start() will report."""
+        if serving == self._serving:
+            return
+        self._serving = serving
         # Only the server's overall status (""): the services' own names stay SERVING while the
         # process is up, because startup and liveness probes ask for them (deploy/helm) and a
         # router waiting for workers must not be restarted for it.
-        await self.health.set("", status)
+        await self.health.set("", _status(serving))
+
+    async def follow_readiness(self, not_serving_reason: Callable[[], str], interval: float) -> None:
+        """Keeps the health status on what `not_serving_reason()` says ("" when ready), checked every
+        `interval`; logs each change with its reason. Runs until cancelled."""
+        reported = None
+        while True:
+            reason = not_serving_reason()
+            if reason != reported:
+                if reason:
+                    log.warning("%s: not serving: %s", self.name, reason)
+                elif reported is not None:
+                    log.info("%s: serving again", self.name)
+                reported = reason
+                await self.set_serving(not reason)
+            await asyncio.sleep(interval)
+
+    async def unless_stopped(self, work: Awaitable[object]) -> bool:
+        """Awaits `work` (a startup step that may wait for a peer) unless a stop is requested first,
+        which cancels it. True if it finished; its exception, if any, propagates."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        return False
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

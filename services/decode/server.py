@@ -27,7 +27,7 @@ from services.engine.scheduler import AbortOutcome, DecodeScheduler
 from services.engine.sequence import SequenceStatus
 from services.kvstore.client import KvStoreClient
 from services.runtime.streaming import StreamingWorker, StreamJob
-from services.runtime.worker import sequence_for
+from services.runtime.worker import register_kvstore_metrics, sequence_for
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             stream_interval=stream_interval,
         )
         self.kvstore = kvstore
+        register_kvstore_metrics(registry, kvstore)
         self.worker_id = worker_id
         # After a pull that failed mid-transfer (our deadline passed, the call broke off), the
         # daemon may still be writing into its blocks until it notices (it stops at its next
@@ -99,6 +100,10 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         )
         for reason in RecomputeReason:
             self.recomputes.labels(reason)
+
+    @property
+    def not_serving_reason(self) -> str:
+        return self.kvstore.not_serving_reason
 
     async def start(self) -> None:
         await super().start()
@@ -158,6 +163,8 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             quarantined = self.scheduler.pull_failed(job.seq, blocks_may_be_written=error not in SETTLED_PULL_FAILURES)
             if quarantined:
                 self.thread.spawn(self._release_later(quarantined))
+            if error is not grpc.StatusCode.NOT_FOUND and job.handle is not None:  # nobody will pull it now
+                self.thread.spawn(self._release_entry(job.handle))
         self._update_gauges()
 
     def aborted(self, job: StreamJob, outcome: AbortOutcome) -> None:

@@ -13,9 +13,10 @@ frees blocks. reason (a ReleaseReason) is the daemon's (pulled, moved_to_host, r
 daemon_lost when the watch stream ends while the client is open (the daemon stopped or
 restarted): the daemon forgot every entry, so the client hands back all blocks it still holds for
 published entries. It then registers the pool again, retrying with backoff until the daemon is
-back (a restarted DaemonSet pod, or the launcher restarting a crashed daemon); until then
-`registered` is False and publishes and pulls fail (UNAVAILABLE or FAILED_PRECONDITION), which
-the router treats as a worker to avoid for a while.
+back (a restarted DaemonSet pod, or the launcher restarting a crashed daemon). The first
+registration waits the same way for a daemon that is not up yet. While not registered,
+`not_serving_reason` says so: the worker reports it in Stats and health (NOT_SERVING) and the
+router sends it nothing, since its publishes and pulls would fail.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ if TYPE_CHECKING:  # the router uses this client (Release) and imports no torch
 log = logging.getLogger(__name__)
 
 OnReleased = Callable[[str, list[int], ReleaseReason], object]
+DAEMON_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Between registration attempts: short, so that a worker serves again within about a second of its
+# daemon's return (the channel's own reconnect backoff is capped alike: grpc_client.py).
+RETRY_SECONDS = (0.1, 0.5)  # first, longest
 
 
 class KvStoreClient:
@@ -52,6 +57,16 @@ class KvStoreClient:
         self._closing = False
         self.registered = False  # the daemon knows our pool (READY received, watch still open)
         self.registrations = 0  # how many times the pool was registered (1 + re-registrations)
+        self.registrations_lost = 0  # how many times the watch ended while the client was open
+
+    @property
+    def not_serving_reason(self) -> str:
+        """Why a worker using this client cannot take work now ("": it can)."""
+        if self.registered:
+            return ""
+        if self.registrations_lost:
+            return f"lost its registration with the kvstore daemon at {self.address}; registering again"
+        return f"waiting to register with the kvstore daemon at {self.address}"
 
     def stub(self, address: str = "") -> kvstore_pb2_grpc.KvStoreStub:
         """The stub of the daemon at `address` (default: this node's), one channel per address."""
@@ -64,9 +79,10 @@ class KvStoreClient:
     async def register_pool(
         self, worker_id: str, kv_pool: KvPool, on_released: OnReleased, timeout: float = 30.0
     ) -> str:
-        """Registers the pool and opens its watch stream; returns once the daemon sent READY.
-        From then on the pool is kept registered (re-registered after a daemon restart) until
-        `close`."""
+        """Registers the pool and opens its watch stream; returns once the daemon sent READY. A
+        daemon that cannot be reached (not started yet) is retried until it can; other refusals
+        (a layout it rejects) raise. From then on the pool is kept registered (re-registered after
+        a daemon restart) until `close`."""
         if self._watch is not None:
             raise RuntimeError("this client already registered a pool")
         layout = kv_pool.layout
@@ -83,13 +99,31 @@ class KvStoreClient:
             ),
             memory_descriptor=json.dumps(kv_pool.descriptor),
         )
-        await self._register(request, timeout)
+        await self._register_until_up(request, timeout, retry=DAEMON_DOWN)
         ready = asyncio.get_running_loop().create_future()
         self._watch = asyncio.create_task(
             self._keep_registered(request, on_released, ready, timeout), name=f"watch-{worker_id}"
         )
         await asyncio.wait_for(asyncio.shield(ready), timeout)
         return self.pool_id
+
+    async def _register_until_up(
+        self, request: kvstore_pb2.RegisterPoolRequest, timeout: float, retry: set[grpc.StatusCode] | None
+    ) -> None:
+        """Registers, retrying with backoff on the codes in `retry` (None: on every error)."""
+        delay = RETRY_SECONDS[0]
+        while True:
+            try:
+                await self._register(request, timeout)
+                return
+            except grpc.aio.AioRpcError as e:
+                if retry is not None and e.code() not in retry:
+                    raise
+                log.info(
+                    "kvstore daemon at %s: cannot register (%s); retrying in %.1f s", self.address, e.code().name, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RETRY_SECONDS[1])
 
     async def _register(self, request: kvstore_pb2.RegisterPoolRequest, timeout: float) -> None:
         response = await self.stub().RegisterPool(request, timeout=timeout)
@@ -146,9 +180,8 @@ class KvStoreClient:
 
     async def _keep_registered(self, request, on_released: OnReleased, ready: asyncio.Future, timeout: float) -> None:
         """Watches the pool; when the watch ends while the client is open, hands back the blocks
-        of every published entry and registers the pool again (backoff 0.2 s doubling to 2 s).
-        The first registration's failure goes to register_pool's caller instead."""
-        delay = 0.2
+        of every published entry and registers the pool again. The first registration's failure
+        goes to register_pool's caller instead."""
         first = True
         while True:
             await self._watch_pool(on_released, ready)
@@ -156,24 +189,10 @@ class KvStoreClient:
             if self._closing or (first and failed_before_ready):
                 return
             first = False
-            if not failed_before_ready:
-                delay = 0.2  # it was up: start the backoff afresh
+            self.registrations_lost += 1
             await self._hand_back_everything(on_released)
-            while not self._closing:
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
-                try:
-                    await self._register(request, timeout)
-                    break
-                except grpc.aio.AioRpcError as e:
-                    log.info(
-                        "kvstore daemon at %s still unavailable (%s); retrying in %.1f s",
-                        self.address,
-                        e.code().name,
-                        delay,
-                    )
-            if self._closing:
-                return
+            await asyncio.sleep(RETRY_SECONDS[0])  # (a watch that fails at once must not spin)
+            await self._register_until_up(request, timeout, retry=None)
             ready = asyncio.get_running_loop().create_future()
 
     async def _watch_pool(self, on_released: OnReleased, ready: asyncio.Future) -> None:

@@ -29,7 +29,13 @@ from services.engine.sequence import Sequence
 from services.kvstore.client import KvStoreClient
 from services.runtime.engine_thread import EngineThread, reject, resolve
 from services.runtime.step_log import StepLog
-from services.runtime.worker import PrefillRate, register_kv_gauges, sequence_for, worker_stats
+from services.runtime.worker import (
+    PrefillRate,
+    register_kv_gauges,
+    register_kvstore_metrics,
+    sequence_for,
+    worker_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +128,16 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         )
         self.metrics = PrefillMetrics(registry)
         register_kv_gauges(registry, engine, Role.PREFILL)
+        register_kvstore_metrics(registry, kvstore)
         self.prefill_rate = PrefillRate()
         self.jobs: dict[str, PrefillJob] = {}  # seq_id -> job waiting for its prefill, engine thread only
         self.draining = False
         self.thread = EngineThread("prefill-engine", self.step, self.scheduler.has_work)
         self.metrics.published.set_function(lambda: len(self.scheduler.published))
+
+    @property
+    def not_serving_reason(self) -> str:
+        return self.kvstore.not_serving_reason
 
     async def start(self) -> None:
         self.thread.start(asyncio.get_running_loop())
@@ -199,7 +210,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.requests.labels(Outcome.PUBLISHED).inc()
 
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
-        stats = worker_stats(self.engine, Role.PREFILL, self.node_id, self.model_name)
+        stats = worker_stats(self.engine, Role.PREFILL, self.node_id, self.model_name, self.not_serving_reason)
         stats.waiting = len(self.scheduler.waiting)
         stats.queued_prompt_tokens = self.scheduler.queued_tokens
         stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token

@@ -14,7 +14,7 @@ from services.common.server import ServiceRunner, run_event_loop
 from services.engine.config import ModelConfig
 from services.tiny_models import model_dir_or_default
 
-from .registry import WorkerRegistry
+from .registry import RegistryMetrics, WorkerRegistry
 from .server import RouterService
 from .slo import SloTracker
 
@@ -54,6 +54,12 @@ def parser() -> FlagParser:
         "spreads client connections over them (`pdserve up --routers N`)",
     )
     p.add_flag(
+        "--worker-wait-seconds",
+        default=10.0,
+        type=float,
+        help="with no healthy worker of a role, how long a request waits for one before UNAVAILABLE",
+    )
+    p.add_flag(
         "--client-stall-seconds",
         default=10.0,
         type=float,
@@ -80,7 +86,7 @@ def main(argv=None) -> None:
 
     async def run():
         registry = new_registry()
-        workers = WorkerRegistry(static, dns, poll_interval=args.poll_interval)
+        workers = WorkerRegistry(static, dns, poll_interval=args.poll_interval, metrics=RegistryMetrics(registry))
         slo = SloTracker(
             registry, args.slo_ttft_seconds, args.slo_tpot_seconds, args.slo_window_seconds, args.slo_attainment_target
         )
@@ -94,6 +100,7 @@ def main(argv=None) -> None:
             default_max_tokens=args.default_max_tokens,
             max_retries=args.max_retries,
             client_stall_seconds=args.client_stall_seconds,
+            worker_wait_seconds=args.worker_wait_seconds,
         )
         runner = ServiceRunner(
             "router", args.host, args.port, args.metrics_port, registry, args.grace_seconds, args.shared_port
@@ -103,18 +110,16 @@ def main(argv=None) -> None:
             router_pb2_grpc.add_RouterServicer_to_server(service, server)
             return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
-        await runner.start(add)
         await runner.set_serving(False)
+        await runner.start(add)
         runner.install_signal_handlers()
         await workers.start()
 
-        async def readiness():
-            while True:
-                ready = all(workers.eligible(role) for role in roles)
-                await runner.set_serving(ready)
-                await asyncio.sleep(args.poll_interval)
+        def not_serving_reason() -> str:
+            missing = [role for role in sorted(roles) if not workers.eligible(role)]
+            return f"no healthy {' or '.join(missing)} worker" if missing else ""
 
-        watcher = asyncio.create_task(readiness())
+        watcher = asyncio.create_task(runner.follow_readiness(not_serving_reason, args.poll_interval))
         await runner.wait_and_drain(service.drain)
         watcher.cancel()
 

@@ -2,7 +2,8 @@
 
 Workers come from static addresses and from DNS names that resolve to many addresses (Kubernetes
 headless services). A background task re-resolves the names and polls every worker's Stats; a
-worker is eligible when its last poll succeeded and it is not draining. Between polls the router
+worker is eligible when its last poll succeeded, it is not draining and it does not report a reason
+not to serve (a worker without its kvstore daemon). Between polls the router
 adds what it dispatched itself (in-flight prompt tokens and reserved blocks), so a burst does not
 all land on the worker that looked idlest at the last poll.
 """
@@ -14,9 +15,11 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.enums import Role
@@ -31,6 +34,30 @@ ROLE_STUBS = {
     Role.DECODE: worker_pb2_grpc.DecodeWorkerStub,
     Role.COLOCATED: worker_pb2_grpc.ColocatedWorkerStub,
 }
+
+
+class Ejection(StrEnum):
+    """Why the router stopped sending a worker work (`pdserve_router_worker_ejections_total{reason}`)."""
+
+    UNREACHABLE = "unreachable"  # its Stats polls failed
+    NOT_SERVING = "not_serving"  # it said so (Stats.not_serving_reason)
+    CALL_FAILED = "call_failed"  # a call to it failed as if it were down
+
+
+class RegistryMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.healthy = Gauge(
+            "pdserve_router_worker_healthy",
+            "1 while the router sends this worker work, else 0.",
+            ["role", "worker"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "pdserve_router_worker_ejections_total",
+            "Times the router stopped sending a worker work, by reason.",
+            ["role", "reason"],
+            registry=registry,
+        )
 
 
 @dataclass(eq=False)
@@ -49,11 +76,12 @@ class Endpoint:
     inflight_prompt_tokens: int = 0
     reserved_blocks: int = 0
     draining: bool = field(default=False)
+    not_serving_reason: str = ""  # the worker's own, from its last Stats
     call: WorkerCall | None = None  # decode and colocated: the one call carrying all requests to it
 
     @property
     def eligible(self) -> bool:
-        return self.healthy and not self.draining
+        return self.healthy and not self.draining and not self.not_serving_reason
 
 
 async def _resolve_host(host: str, port: int) -> list[str]:
@@ -76,6 +104,7 @@ class WorkerRegistry:
         poll_interval: float = 0.5,
         stats_timeout: float = 2.0,
         resolve_host=None,
+        metrics: RegistryMetrics | None = None,
     ):
         self.static = {role: [a for a in addrs if a] for role, addrs in static.items()}
         self.dns = {role: [n for n in names if n] for role, names in dns.items()}
@@ -85,6 +114,7 @@ class WorkerRegistry:
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
         self._resolve_host = resolve_host or _resolve_host  # async (host, port) -> list of IP strings
+        self.metrics = metrics or RegistryMetrics(CollectorRegistry())
 
     @property
     def roles(self) -> set[Role]:
@@ -122,6 +152,7 @@ class WorkerRegistry:
                     if ep.source == name and ep.address not in found and ep.inflight_requests == 0:
                         log.info("%s worker %s left %s", role, ep.address, name)
                         del self.endpoints[key]
+                        self.metrics.healthy.remove(ep.role, ep.address)
                         await _close(ep)
 
     async def _poll(self, ep: Endpoint) -> None:
@@ -131,15 +162,26 @@ class WorkerRegistry:
         except grpc.aio.AioRpcError:
             ep.consecutive_failures += 1
             if ep.healthy and ep.consecutive_failures >= 2:
-                log.warning("%s worker %s is unhealthy", ep.role, ep.address)
-                ep.healthy = False
+                self._eject(ep, Ejection.UNREACHABLE, "its Stats polls fail")
             return
-        if not ep.healthy:
+        reason = ep.stats.not_serving_reason
+        if reason and reason != ep.not_serving_reason:
+            self._eject(ep, Ejection.NOT_SERVING, reason)
+        elif not reason and (ep.not_serving_reason or not ep.healthy):
             log.info("%s worker %s is healthy", ep.role, ep.address)
             self._changed.set()
         ep.healthy, ep.draining, ep.consecutive_failures = True, ep.stats.draining, 0
+        ep.not_serving_reason = reason
         ep.last_ok = time.monotonic()
         ep.reserved_blocks -= reserved_before  # the answer reflects what was dispatched before the poll
+        self.metrics.healthy.labels(ep.role, ep.address).set(1 if ep.eligible else 0)
+
+    def _eject(self, ep: Endpoint, why: Ejection, details: str) -> None:
+        if ep.eligible:
+            log.warning("%s worker %s: sending it nothing until it recovers: %s", ep.role, ep.address, details)
+            self.metrics.ejections.labels(ep.role, why).inc()
+        ep.healthy = False
+        self.metrics.healthy.labels(ep.role, ep.address).set(0)
 
     async def refresh(self) -> None:
         await self._resolve()
@@ -159,7 +201,7 @@ class WorkerRegistry:
 
     def mark_failed(self, ep: Endpoint) -> None:
         """A call to the worker failed as if it were down: skip it until a poll succeeds."""
-        ep.healthy = False
+        self._eject(ep, Ejection.CALL_FAILED, "a call to it failed")
 
     def eligible(self, role: Role) -> list[Endpoint]:
         return [ep for ep in self.endpoints.values() if ep.role == role and ep.eligible]

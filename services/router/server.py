@@ -53,6 +53,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         default_max_tokens: int = 256,
         max_retries: int = 2,
         client_stall_seconds: float = 10.0,
+        worker_wait_seconds: float = 10.0,
     ):
         self.registry = registry
         self.tokenizer = tokenizer
@@ -70,6 +71,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # cannot fit max_model_len, and is refused before tokenizing it.
         self.max_prompt_chars = max_model_len * 4 * max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
         self.client_stall_seconds = client_stall_seconds
+        # With no eligible worker of a role (its node's kvstore restarting, workers restarting), a
+        # request waits this long for one rather than failing at once.
+        self.worker_wait_seconds = worker_wait_seconds
         self.requests: set[_RequestState] = set()  # in progress
         self._stall_watch: asyncio.Task | None = None
         self.draining = False
@@ -265,7 +269,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 )
 
     async def _colocated(self, state: _RequestState, timer: RequestTimer):
-        ep = pick_colocated(self.registry.eligible(Role.COLOCATED), exclude=state.failed)
+        ep = pick_colocated(await self._eligible(Role.COLOCATED, state), exclude=state.failed)
         request = worker_pb2.GenerateTokensRequest(
             request_id=state.request_id,
             token_ids=state.prompt,
@@ -286,7 +290,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _disaggregated(self, state: _RequestState, timer: RequestTimer):
         if state.handle is None:
-            ep = pick_prefill(self.registry.eligible(Role.PREFILL), exclude=state.failed)
+            ep = pick_prefill(await self._eligible(Role.PREFILL, state), exclude=state.failed)
             # The first token comes first and goes to the client at once; the KV handle follows
             # once the worker has published the KV.
             first = await self._prefill(ep, state)
@@ -314,7 +318,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             state.handle_sent_at = time.monotonic()
             state.decode_started = False
         assert state.handle is not None  # set by the prefill above, or kept from an earlier try
-        ep = pick_decode(self.registry.eligible(Role.DECODE), kv_node=state.handle.node_id, exclude=state.failed)
+        ep = pick_decode(await self._eligible(Role.DECODE, state), kv_node=state.handle.node_id, exclude=state.failed)
         block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
         ep.reserved_blocks += ceil_div(state.handle.num_tokens + 1, block_size)
         request = worker_pb2.DecodeRequest(
@@ -337,6 +341,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if produced:  # the KV behind the handle no longer matches the tokens: re-prefill
                 state.handle = None
             raise
+
+    async def _eligible(self, role: Role, state: _RequestState) -> list[Endpoint]:
+        """The workers of `role` that may take work; if none, waits for one up to
+        worker_wait_seconds (or the request's deadline)."""
+        endpoints = self.registry.eligible(role)
+        if not endpoints:
+            wait = min(self.worker_wait_seconds, self._timeout(state.context) or self.worker_wait_seconds)
+            await self.registry.wait_for({role}, wait)
+            endpoints = self.registry.eligible(role)
+        return endpoints
 
     async def _prefill(self, ep: Endpoint, state: _RequestState) -> worker_pb2.PrefillResponse:
         """Starts the prefill call (state.call) and returns its first message: the first token."""

@@ -132,6 +132,10 @@ class StreamingWorker:
         config = self.engine.config
         return self.scheduler_class(self.engine.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
 
+    @property
+    def not_serving_reason(self) -> str:
+        return ""
+
     async def start(self) -> None:
         self.thread.start(asyncio.get_running_loop())
 
@@ -326,7 +330,7 @@ class StreamingWorker:
             call.ready.set()
 
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
-        stats = worker_stats(self.engine, self.role, self.node_id, self.model_name)
+        stats = worker_stats(self.engine, self.role, self.node_id, self.model_name, self.not_serving_reason)
         stats.running = len(self.scheduler.running)
         stats.waiting = max(0, len(self.jobs) - len(self.scheduler.running))
         stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token

@@ -5,6 +5,7 @@ python -m services.{prefill,decode,colocated}  ->  run_worker(role, args, make_s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -14,7 +15,7 @@ from typing import Protocol
 import grpc
 import torch
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -28,6 +29,7 @@ from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
 from services.engine.engine import Engine, EngineBase
 from services.engine.sequence import Sequence
+from services.kvstore.client import KvStoreClient
 from services.tiny_models import model_dir_or_default
 
 from .step_log import StepLog
@@ -201,6 +203,35 @@ def register_kv_gauges(registry: CollectorRegistry, engine: EngineBase, role: Ro
         registry.register(_EmulationCollector(engine))
 
 
+def register_kvstore_metrics(registry: CollectorRegistry, kvstore: KvStoreClient) -> None:
+    registry.register(_KvStoreRegistrationCollector(kvstore))
+
+
+class _KvStoreRegistrationCollector(Collector):
+    """Whether this worker's pool is registered with its node's kvstore daemon, and how often that
+    was lost and regained (a daemon restart)."""
+
+    def __init__(self, kvstore: KvStoreClient):
+        self.kvstore = kvstore
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "pdserve_kvstore_registered",
+            "1 while this worker's KV pool is registered with its node's kvstore daemon (it takes work only then).",
+            1 if self.kvstore.registered else 0,
+        )
+        yield CounterMetricFamily(
+            "pdserve_kvstore_registrations",
+            "Times this worker's pool was registered with the kvstore daemon (the first, then after each loss).",
+            self.kvstore.registrations,
+        )
+        yield CounterMetricFamily(
+            "pdserve_kvstore_registrations_lost",
+            "Times this worker lost its kvstore registration (the daemon stopped or restarted).",
+            self.kvstore.registrations_lost,
+        )
+
+
 class _EmulationCollector(Collector):
     """An emulated engine's steps, and those that ran later than its profile says (emulated.py)."""
 
@@ -221,10 +252,13 @@ class _EmulationCollector(Collector):
         )
 
 
-def worker_stats(engine: EngineBase, role: Role, node_id: str, model_name: str) -> common_pb2.WorkerStats:
+def worker_stats(
+    engine: EngineBase, role: Role, node_id: str, model_name: str, not_serving_reason: str
+) -> common_pb2.WorkerStats:
     """The fields every role fills; each service adds its queue."""
     bm = engine.block_manager
     return common_pb2.WorkerStats(
+        not_serving_reason=not_serving_reason,
         role=role,
         model=model_name,
         node_id=node_id,
@@ -242,6 +276,9 @@ class WorkerService(Protocol):
     """What run_worker needs of a worker's servicer (besides implementing its gRPC services)."""
 
     step_log: StepLog | None
+
+    @property
+    def not_serving_reason(self) -> str: ...  # "" when it can take work
 
     async def start(self) -> None: ...
 
@@ -280,11 +317,18 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
             raise SystemExit(f"{role}: {exc}") from None
         if args.step_log:
             service.step_log = StepLog(args.step_log.replace("{worker}", worker_id))
-        await service.start()
+        # Serving (NOT_SERVING, Stats saying why) while start() waits for this node's kvstore
+        # daemon: a worker started before its daemon waits for it instead of exiting.
+        await runner.set_serving(False)
         await runner.start(lambda server: add_worker_servicers(server, role, service))
         runner.install_signal_handlers()
+        readiness = None
+        if await runner.unless_stopped(service.start()):
+            readiness = asyncio.create_task(runner.follow_readiness(lambda: service.not_serving_reason, 0.1))
         drain: Callable[[], Awaitable[None]] = service.drain
         await runner.wait_and_drain(drain)
+        if readiness is not None:
+            readiness.cancel()
         engine.close()
 
     run_event_loop(main())

@@ -20,10 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class RunningCluster:
-    def __init__(self, proc: subprocess.Popen, info: dict, log_path: str):
+    def __init__(self, proc: subprocess.Popen, info: dict, log_path: str, ready_path: str):
         self.proc = proc
         self.info = info
         self.log_path = log_path
+        self.ready_path = ready_path  # the launcher's ready file (rewritten when it restarts a service)
 
     @property
     def router(self) -> str:
@@ -99,7 +100,7 @@ def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluste
             proc.kill()
             raise RuntimeError(f"cluster did not start:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.2)
-    return RunningCluster(proc, json.loads(ready.read_text()), str(log_path))
+    return RunningCluster(proc, json.loads(ready.read_text()), str(log_path), str(ready))
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
-from pdserve.v1.worker_pb2 import GenerateStreamRequest
+from pdserve.v1.worker_pb2 import DecodeStreamRequest, GenerateStreamRequest
 from services.colocated.server import ColocatedService
 from services.common.enums import Role
 from services.common.grpc_client import aio_channel
 from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency
 from services.common.server import ServiceRunner
+from services.decode.server import DecodeService
 from services.engine.config import EngineConfig
 from services.engine.emulated import EmulatedEngine
 from services.engine.engine import Engine, EngineBase
@@ -36,7 +37,7 @@ from services.runtime.worker import add_worker_servicers
 from services.tiny_models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SERVING = 1
+SERVING, NOT_SERVING = 1, 2
 
 
 def _engine() -> Engine:
@@ -118,37 +119,30 @@ def kvstore(kvstore_daemon):
 def kvstore_daemon(tmp_path):
     """A kvstore daemon: its address and its process."""
     port = free_port()
-    log = open(tmp_path / "kvstore.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.kvstore",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "-1",
-            "--node-id",
-            "n",
-            "--transfer-host",
-            "127.0.0.1",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = _start_kvstore(tmp_path, port)
     address = f"127.0.0.1:{port}"
-    for _ in range(300):
-        if health_status(address) == SERVING or proc.poll() is not None:
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    assert health_status(address) == SERVING, (tmp_path / "kvstore.log").read_text()
+    _wait_serving(address, proc, tmp_path / f"kvstore-{port}.log")
     yield address, proc
     proc.terminate()
     assert proc.wait(timeout=20) == 0
-    log.close()
+
+
+def _start_kvstore(tmp_path, port: int, node_id: str = "n") -> subprocess.Popen:
+    with open(tmp_path / f"kvstore-{port}.log", "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--metrics-port", "-1", "--node-id", node_id, "--transfer-host", "127.0.0.1"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, log_path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while health_status(address) != SERVING and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health_status(address) == SERVING, log_path.read_text()
 
 
 async def _prefill(stub, request_id: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
@@ -415,3 +409,119 @@ def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
     assert status[5][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and status[5][1].startswith("stream_id")
     assert most_per_update >= 2  # several requests' tokens in one message
     assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
+
+
+def test_a_worker_started_before_its_kvstore_daemon_waits_for_it(tmp_path):
+    """A prefill worker whose node's daemon is not up yet serves NOT_SERVING, its Stats saying why,
+    instead of exiting (it used to exit with code 1 after 5 s, burning the launcher's restarts);
+    it turns SERVING within a second of the daemon's arrival."""
+    kvstore_port, port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = tmp_path / "prefill.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services.prefill", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--metrics-port", "-1", "--kvstore", f"127.0.0.1:{kvstore_port}", "--model", get_model("llama")]
+            + ["--kv-cache-gb", "0.01", "--threads", "1"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    daemon = None
+    try:
+        deadline = time.monotonic() + 60
+        while health_status(address) != NOT_SERVING:
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        time.sleep(6)
+        assert worker.poll() is None, log_path.read_text()
+        with grpc.insecure_channel(address) as channel:
+            stats = common_pb2_grpc.WorkerStub(channel).Stats(common_pb2.StatsRequest(), timeout=5)
+        assert "waiting to register with the kvstore daemon" in stats.not_serving_reason
+        assert health_status(address) == NOT_SERVING
+
+        daemon = _start_kvstore(tmp_path, kvstore_port)
+        _wait_serving(f"127.0.0.1:{kvstore_port}", daemon, tmp_path / f"kvstore-{kvstore_port}.log")
+        daemon_up = time.monotonic()
+        while health_status(address) != SERVING:
+            assert time.monotonic() - daemon_up < 2.0, log_path.read_text()
+            time.sleep(0.05)
+        with grpc.insecure_channel(address) as channel:
+            stats = common_pb2_grpc.WorkerStub(channel).Stats(common_pb2.StatsRequest(), timeout=5)
+            assert stats.not_serving_reason == ""
+            first = asyncio.run(_prefill_address(address, "after-the-daemon", [3] * 20))
+            assert first.kv.num_tokens == 20
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        for proc in (worker, daemon):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        if daemon is not None:
+            daemon.wait()
+
+
+async def _prefill_address(address: str, request_id: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
+    async with aio_channel(address) as channel:
+        return await _prefill(worker_pb2_grpc.PrefillWorkerStub(channel), request_id, prompt)
+
+
+def test_a_failed_pull_releases_the_entry_it_could_not_pull(tmp_path):
+    """The decode node's daemon is gone, so the pull fails and the decode worker recomputes the KV;
+    the entry at the prefill node is released at once instead of waiting out its TTLs."""
+    prefill_port, decode_port = free_port(), free_port()
+    daemons = {
+        "a": _start_kvstore(tmp_path, prefill_port, node_id="a"),
+        "b": _start_kvstore(tmp_path, decode_port, node_id="b"),
+    }
+    for name, port in (("a", prefill_port), ("b", decode_port)):
+        _wait_serving(f"127.0.0.1:{port}", daemons[name], tmp_path / f"kvstore-{port}.log")
+    prefill_engine, decode_engine = _engine(), _engine()
+
+    async def scenario():
+        prefill = _prefill_service(prefill_engine, f"127.0.0.1:{prefill_port}")
+        decode = DecodeService(
+            decode_engine,
+            KvStoreClient(f"127.0.0.1:{decode_port}"),
+            worker_id="decode-test",
+            node_id="b",
+            model_name="m",
+            registry=CollectorRegistry(),
+        )
+        prefill_runner, prefill_address = await _serve(Role.PREFILL, prefill)
+        decode_runner, decode_address = await _serve(Role.DECODE, decode)
+        prompt = [11] * 30
+        async with aio_channel(prefill_address) as channel:
+            first = await _prefill(worker_pb2_grpc.PrefillWorkerStub(channel), "r", prompt)
+        daemons["b"].kill()
+        daemons["b"].wait()
+        async with aio_channel(decode_address) as channel:
+            call = WorkerCall(decode_address, worker_pb2_grpc.DecodeWorkerStub(channel).Decode, DecodeStreamRequest)
+            request = worker_pb2.DecodeRequest(
+                request_id="r",
+                prompt_token_ids=prompt,
+                output_token_ids=[first.first_token_id],
+                sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                kv=first.kv,
+            )
+            tokens = [t async for chunk in call.open(request, timeout=30) for t in chunk.token_ids]
+            assert len(tokens) == 3  # recomputed: the request went on without its KV
+            await call.close()
+        source = KvStoreClient(f"127.0.0.1:{prefill_port}")
+        deadline = time.monotonic() + 2
+        while (stats := await source.stats()).entries_device + stats.entries_host:
+            assert time.monotonic() < deadline, "the entry nobody could pull is still held"
+            await asyncio.sleep(0.05)
+        await source.close()
+        await _stop(prefill_runner, prefill)
+        await _stop(decode_runner, decode)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        prefill_engine.close()
+        decode_engine.close()
+        for proc in daemons.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
