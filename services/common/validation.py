@@ -16,12 +16,24 @@ from pdserve.v1 import common_pb2
 from .errors import invalid
 
 MAX_TEMPERATURE = 100.0
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
 class ModelLimits:
     vocab_size: int
     max_model_len: int
+
+
+def request_id(field: str, value: str) -> str:
+    """At most MAX_REQUEST_ID_CHARS printable ASCII characters: it is echoed in every streamed
+    message, becomes part of KV entry ids and is logged (no control characters in logs)."""
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        raise invalid(field, f"{len(value)} characters, at most {MAX_REQUEST_ID_CHARS} allowed")
+    bad = next((c for c in value if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise invalid(field, f"character {bad!r} is not printable ASCII")
+    return value
 
 
 def token_ids(field: str, ids: Sequence[int], limits: ModelLimits) -> list[int]:

@@ -128,7 +128,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         prompt = await self._prompt_ids(request)
         sampling = self._sampling(request, len(prompt))
         ttft_slo, tpot_slo = self._slo_targets(request)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = validation.request_id("request_id", request.request_id) or uuid.uuid4().hex
         skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
         state = _RequestState(prompt, sampling, request_id, context)

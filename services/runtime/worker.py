@@ -157,6 +157,7 @@ def sequence_for(
 ) -> Sequence:
     """A request, validated (common/validation.py), as the engine's Sequence: its prompt followed by
     the tokens generated for it so far, under an id of its own."""
+    validation.request_id("request_id", request_id)
     sampling = sampling_params(sp)
     prompt, outputs = validation.generation(
         limits_of(engine),

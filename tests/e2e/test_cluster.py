@@ -179,6 +179,9 @@ def test_cancel_right_after_the_first_token_leaves_no_kv_entry(two_node):
         (dict(token_ids=[5] * 5000), "token_ids"),
         (dict(prompt="hi " * 100_000), "prompt"),
         (dict(prompt="hi", slo=router_pb2.SloTargets(tpot_seconds=float("nan"))), "slo.tpot_seconds"),
+        (dict(prompt="hi", request_id="r" * (1 << 20)), "request_id"),  # 1 MB, echoed in every message
+        (dict(prompt="hi", request_id="r" * 129), "request_id"),
+        (dict(prompt="hi", request_id="bad\nid\x1b[31m"), "request_id"),  # control characters for the logs
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(two_node, request_kwargs, field):
@@ -304,6 +307,12 @@ def test_colocated_mode(cluster_factory, workload, model_dir, chunked):
             "decode",
             lambda: worker_pb2.DecodeRequest(prompt_token_ids=[5, 70000], output_token_ids=[7]),
             "prompt_token_ids",
+        ),
+        ("prefill", lambda: worker_pb2.PrefillRequest(request_id="x" * 200, token_ids=[5]), "request_id"),
+        (
+            "decode",
+            lambda: worker_pb2.DecodeRequest(request_id="a\tb", prompt_token_ids=[5, 6], output_token_ids=[7]),
+            "request_id",
         ),
     ],
 )
