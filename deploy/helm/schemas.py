@@ -155,6 +155,15 @@ GLOBAL = obj(
 )
 
 
+ADMISSION = obj(
+    {
+        "maxInflightRequests": integer(0, nullable=True, description="--max-inflight-requests (0: no bound)"),
+        "maxQueuedPromptTokens": integer(0, nullable=True, description="--max-queued-prompt-tokens (0: no bound)"),
+    },
+    description="admission bounds: past them, RESOURCE_EXHAUSTED with retry-after; null: the service's default",
+)
+
+
 def pod_keys() -> dict:
     return {
         "enabled": {"type": "boolean", "description": "umbrella chart: install this component"},
@@ -210,6 +219,7 @@ def worker_schema(role: str) -> dict:
                 if role == "decode"
                 else {}
             ),
+            "admission": ADMISSION,
             "resources": GPU_RESOURCES,
             "updateStrategy": ANY_OBJECT,
             "podDisruptionBudget": PDB,
@@ -279,6 +289,7 @@ def router_schema() -> dict:
                     "tls": obj({"secretName": string("an existing kubernetes.io/tls Secret; empty: no TLS")}),
                 }
             ),
+            "admission": ADMISSION,
             "resources": RESOURCES,
             "podDisruptionBudget": PDB,
         }

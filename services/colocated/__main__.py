@@ -1,7 +1,7 @@
 """python -m services.colocated --port 7400 [--model DIR] ..."""
 
 from services.common.enums import Role
-from services.runtime.worker import run_worker, worker_parser
+from services.runtime.worker import admission_limits, run_worker, worker_parser
 
 from .server import ColocatedService
 
@@ -24,6 +24,7 @@ def main(argv=None) -> None:
             registry=registry,
             stream_interval=args.stream_interval,
             chunked_prefill=args.chunked_prefill,
+            **admission_limits(args),
         )
 
     run_worker(Role.COLOCATED, args, make_service)

@@ -12,10 +12,14 @@ import grpc
 
 
 class ServiceError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_seconds: float = 0):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_seconds = retry_after_seconds  # > 0: sent as trailing metadata "retry-after"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("retry-after", f"{self.retry_after_seconds:g}"),) if self.retry_after_seconds > 0 else ()
 
     def __str__(self) -> str:
         return self.message

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from .errors import ServiceError
+from .memory import trim_when_idle
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ GRPC_OPTIONS = [
     # default (5 minutes) answers the clients' 20 s pings with GOAWAY "too_many_pings" after a few
     # idle minutes, breaking every call on the connection (a kvstore pool watch among them).
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Calls that arrived but that the Python server has not taken up yet: past 1000 gRPC starts
+    # cancelling new ones at random (CANCELLED, no details, never seen by the handler). A burst of
+    # thousands is normal at a router; its own admission bound refuses clearly (RESOURCE_EXHAUSTED).
+    ("grpc.server.max_pending_requests", 1 << 16),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 17),
+    # and such a call is cancelled (CANCELLED, no details) after 30 s not taken up: the client's
+    # deadline is the bound that should apply
+    ("grpc.server_max_unrequested_time_in_server", 3600),
 ]
 
 
@@ -82,7 +91,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     response = await inner(request, context)
                 except ServiceError as exc:
-                    await context.abort(exc.code, exc.message)
+                    await context.abort(exc.code, exc.message, exc.trailing_metadata())
                 if response is not None:
                     observe(method, "response", response)
                 return response
@@ -100,7 +109,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                             observe(method, "response", response)
                             yield response
                     except ServiceError as exc:
-                        await context.abort(exc.code, exc.message)
+                        await context.abort(exc.code, exc.message, exc.trailing_metadata())
 
                 return handler._replace(unary_stream=yielded)
 
@@ -112,7 +121,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                         request, _ObservedWrites(context, lambda m: observe(method, "response", m))
                     )
                 except ServiceError as exc:
-                    await context.abort(exc.code, exc.message)
+                    await context.abort(exc.code, exc.message, exc.trailing_metadata())
 
             return handler._replace(unary_stream=written)
         if handler.stream_stream and not inspect.isasyncgenfunction(handler.stream_stream):
@@ -130,7 +139,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                         observed_requests(requests), _ObservedWrites(context, lambda m: observe(method, "response", m))
                     )
                 except ServiceError as exc:
-                    await context.abort(exc.code, exc.message)
+                    await context.abort(exc.code, exc.message, exc.trailing_metadata())
 
             return handler._replace(stream_stream=call)
         return handler
@@ -214,6 +223,7 @@ class ServiceRunner:
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._serving = True  # the overall health status ("") once started (set_serving)
+        self._trimmer: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self.bound_port = 0
 
@@ -234,6 +244,7 @@ class ServiceRunner:
         if self.shared_port and self.server.add_insecure_port(f"{self.host}:{self.shared_port}") == 0:
             raise RuntimeError(f"{self.name}: cannot bind the shared gRPC port {self.host}:{self.shared_port}")
         await self.server.start()
+        self._trimmer = asyncio.create_task(trim_when_idle())
         if self.metrics_port >= 0:
             start_http_server(
                 self.metrics_port,
@@ -308,4 +319,6 @@ class ServiceRunner:
                 log.warning("%s: drain did not finish within %.0fs", self.name, self.grace_seconds)
         assert self.server is not None, "not started"
         await self.server.stop(grace=min(5.0, self.grace_seconds))
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         log.info("%s: stopped", self.name)

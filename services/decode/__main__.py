@@ -2,7 +2,7 @@
 
 from services.common.enums import Role
 from services.kvstore.client import KvStoreClient
-from services.runtime.worker import run_worker, worker_parser
+from services.runtime.worker import admission_limits, run_worker, worker_parser
 
 from .server import DecodeService
 
@@ -19,6 +19,7 @@ def main(argv=None) -> None:
             model_name=engine.kv_pool.layout.model_id,
             registry=registry,
             stream_interval=args.stream_interval,
+            **admission_limits(args),
         )
 
     run_worker(Role.DECODE, args, make_service)

@@ -71,6 +71,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         model_name: str,
         registry: CollectorRegistry,
         stream_interval: int = 1,
+        **admission_limits: int,
     ):
         super().__init__(
             engine,
@@ -78,6 +79,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             model_name=model_name,
             registry=registry,
             stream_interval=stream_interval,
+            **admission_limits,
         )
         self.kvstore = kvstore
         register_kvstore_metrics(registry, kvstore)

@@ -2,7 +2,7 @@
 
 from services.common.enums import Role
 from services.kvstore.client import KvStoreClient
-from services.runtime.worker import run_worker, worker_parser
+from services.runtime.worker import admission_limits, run_worker, worker_parser
 
 from .server import PrefillService
 
@@ -18,6 +18,7 @@ def main(argv=None) -> None:
             node_id=args.node_id,
             model_name=engine.kv_pool.layout.model_id,
             registry=registry,
+            **admission_limits(args),
         )
 
     run_worker(Role.PREFILL, args, make_service)

@@ -19,6 +19,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.admission import Admission, refusals_counter
 from services.common.background import in_background
 from services.common.enums import ReleaseReason, Role
 from services.common.errors import ServiceError
@@ -117,6 +118,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         node_id: str,
         model_name: str,
         registry: CollectorRegistry,
+        max_inflight_requests: int = 0,
+        max_queued_prompt_tokens: int = 0,
     ):
         self.engine = engine
         self.kvstore = kvstore
@@ -130,6 +133,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         register_kv_gauges(registry, engine, Role.PREFILL)
         register_kvstore_metrics(registry, kvstore)
         self.prefill_rate = PrefillRate()
+        self.admission = Admission(
+            "prefill worker", max_inflight_requests, max_queued_prompt_tokens, refusals_counter(registry)
+        )
         self.jobs: dict[str, PrefillJob] = {}  # seq_id -> job waiting for its prefill, engine thread only
         self.draining = False
         self.thread = EngineThread("prefill-engine", self.step, self.scheduler.has_work)
@@ -160,6 +166,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         except ServiceError:
             self.metrics.requests.labels(Outcome.INVALID).inc()
             raise
+        ticket = self.admission.admit(len(seq.token_ids))  # past a bound: RESOURCE_EXHAUSTED at once
         job = PrefillJob(seq, asyncio.get_running_loop().create_future())
         self.thread.post(lambda: self.submit(job))
         try:
@@ -171,6 +178,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         except ServiceError:
             self.metrics.requests.labels(Outcome.FAILED).inc()
             raise
+        finally:
+            ticket.release()  # computed (its published KV is bounded by the pool), failed or cancelled
         first = worker_pb2.PrefillResponse(
             first_token_id=out.token_id,
             first_logprob=out.logprob,

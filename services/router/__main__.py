@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from pdserve.v1 import router_pb2, router_pb2_grpc
+from services.common.admission import Admission, refusals_counter
 from services.common.enums import WORKER_ROLES, Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
@@ -52,6 +53,18 @@ def parser() -> FlagParser:
         type=int,
         help="also serve on this port, shared with other routers of the cluster (SO_REUSEPORT): the kernel "
         "spreads client connections over them (`pdserve up --routers N`)",
+    )
+    p.add_flag(
+        "--max-inflight-requests",
+        default=2048,
+        type=int,
+        help="requests this router holds at once; past it, RESOURCE_EXHAUSTED at once (0: no bound)",
+    )
+    p.add_flag(
+        "--max-queued-prompt-tokens",
+        default=1 << 20,
+        type=int,
+        help="prompt tokens of its requests waiting for their first token; past it, RESOURCE_EXHAUSTED (0: no bound)",
     )
     p.add_flag(
         "--worker-wait-seconds",
@@ -101,6 +114,9 @@ def main(argv=None) -> None:
             max_retries=args.max_retries,
             client_stall_seconds=args.client_stall_seconds,
             worker_wait_seconds=args.worker_wait_seconds,
+            admission=Admission(
+                "router", args.max_inflight_requests, args.max_queued_prompt_tokens, refusals_counter(registry)
+            ),
         )
         runner = ServiceRunner(
             "router", args.host, args.port, args.metrics_port, registry, args.grace_seconds, args.shared_port

@@ -24,6 +24,7 @@ import grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from services.common import validation
+from services.common.admission import RETRY_AFTER_SECONDS, Admission
 from services.common.arith import ceil_div
 from services.common.background import in_background
 from services.common.enums import FinishReason, Role
@@ -38,6 +39,7 @@ from .slo import RequestTimer, SloTracker
 log = logging.getLogger(__name__)
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+REFUSED_RETRY_SECONDS = 0.2  # between tries of a request every worker refused for load
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -54,6 +56,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         max_retries: int = 2,
         client_stall_seconds: float = 10.0,
         worker_wait_seconds: float = 10.0,
+        admission: Admission | None = None,
     ):
         self.registry = registry
         self.tokenizer = tokenizer
@@ -74,6 +77,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # With no eligible worker of a role (its node's kvstore restarting, workers restarting), a
         # request waits this long for one rather than failing at once.
         self.worker_wait_seconds = worker_wait_seconds
+        self.admission = admission or Admission("router", 0, 0)
         self.requests: set[_RequestState] = set()  # in progress
         self._stall_watch: asyncio.Task | None = None
         self.draining = False
@@ -125,12 +129,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
         timer = RequestTimer()
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
+        self.admission.check_requests()
         prompt = await self._prompt_ids(request)
         sampling = self._sampling(request, len(prompt))
         ttft_slo, tpot_slo = self._slo_targets(request)
         request_id = validation.request_id("request_id", request.request_id) or uuid.uuid4().hex
         skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
+        ticket = self.admission.admit(len(prompt))  # past a bound: RESOURCE_EXHAUSTED at once
         state = _RequestState(prompt, sampling, request_id, context)
         judged = False  # slo.finish ran: a cancel during the last write must not count it twice
         self.requests.add(state)
@@ -139,6 +145,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.slo.inflight.inc()
         try:
             async for chunk in self._tokens(state, timer):
+                ticket.prefilled()
                 gap = timer.tokens(len(chunk.token_ids))
                 if timer.num_tokens > len(chunk.token_ids):
                     self.slo.itl.observe(gap)
@@ -206,6 +213,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
             raise ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc!r}") from None
         finally:
+            ticket.release()
             self.requests.discard(state)
             self.slo.inflight.dec()
             if state.handle_read is not None:
@@ -256,6 +264,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    await self._after_refusal(state, exc)
+                    continue
                 if exc.code() not in RETRYABLE or state.retries >= self.max_retries:
                     raise
                 state.retries += 1
@@ -268,8 +279,34 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     self.max_retries,
                 )
 
+    async def _after_refusal(self, state: _RequestState, exc: grpc.aio.AioRpcError) -> None:
+        """A worker refused the request (its own admission bound): it goes to another worker of
+        the role. When every one has refused: before any token went out, the client gets the
+        refusal (RESOURCE_EXHAUSTED, retry-after) as if from this router; after, the request may
+        not fail for load, so it waits for room, up to worker_wait_seconds."""
+        role = (
+            Role.DECODE if state.handle is not None else (Role.PREFILL if self.mode != "colocated" else Role.COLOCATED)
+        )
+        if any(ep.address not in state.refused for ep in self.registry.eligible(role)):
+            return
+        if not state.outputs:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"every {role} worker is overloaded ({exc.details()})",
+                retry_after_seconds=RETRY_AFTER_SECONDS,
+            )
+        if not state.waiting_since:
+            state.waiting_since = time.monotonic()
+        elif time.monotonic() - state.waiting_since > self.worker_wait_seconds:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"every {role} worker stayed overloaded for {self.worker_wait_seconds:g} s ({exc.details()})",
+            )
+        await asyncio.sleep(REFUSED_RETRY_SECONDS)
+        state.refused.clear()
+
     async def _colocated(self, state: _RequestState, timer: RequestTimer):
-        ep = pick_colocated(await self._eligible(Role.COLOCATED, state), exclude=state.failed)
+        ep = pick_colocated(await self._eligible(Role.COLOCATED, state), exclude=state.failed | state.refused)
         request = worker_pb2.GenerateTokensRequest(
             request_id=state.request_id,
             token_ids=state.prompt,
@@ -290,7 +327,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _disaggregated(self, state: _RequestState, timer: RequestTimer):
         if state.handle is None:
-            ep = pick_prefill(await self._eligible(Role.PREFILL, state), exclude=state.failed)
+            ep = pick_prefill(await self._eligible(Role.PREFILL, state), exclude=state.failed | state.refused)
             # The first token comes first and goes to the client at once; the KV handle follows
             # once the worker has published the KV.
             first = await self._prefill(ep, state)
@@ -318,7 +355,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             state.handle_sent_at = time.monotonic()
             state.decode_started = False
         assert state.handle is not None  # set by the prefill above, or kept from an earlier try
-        ep = pick_decode(await self._eligible(Role.DECODE, state), kv_node=state.handle.node_id, exclude=state.failed)
+        ep = pick_decode(
+            await self._eligible(Role.DECODE, state), kv_node=state.handle.node_id, exclude=state.failed | state.refused
+        )
         block_size = ep.stats.block_size if ep.stats and ep.stats.block_size else 16
         ep.reserved_blocks += ceil_div(state.handle.num_tokens + 1, block_size)
         request = worker_pb2.DecodeRequest(
@@ -387,10 +426,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 raise _unavailable(f"prefill worker {ep.address} ended the call early")
             return response
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRYABLE:
-                self.registry.mark_failed(ep)
-                state.failed.add(ep.address)
+            self._note_failure(ep, state, exc)
             raise
+
+    def _note_failure(self, ep: Endpoint, state: _RequestState, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() in RETRYABLE:
+            self.registry.mark_failed(ep)
+            state.failed.add(ep.address)
+        elif exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            state.refused.add(ep.address)  # busy, not down: other requests still go there
 
     async def _release_when_published(self, handle_read: asyncio.Future) -> None:
         try:
@@ -415,9 +459,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     return
             raise _unavailable(f"{ep.role} worker {ep.address} ended the stream early")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRYABLE:
-                self.registry.mark_failed(ep)
-                state.failed.add(ep.address)
+            self._note_failure(ep, state, exc)
             raise
         finally:
             call.cancel()
@@ -484,6 +526,8 @@ class _RequestState:
         # reading the prefill call's KV handle, after the first token came: a task of its own
         self.handle_read: asyncio.Future[common_pb2.KvHandle] | None = None
         self.failed: set[str] = set()
+        self.refused: set[str] = set()  # workers that refused it for load (cleared when it retries them)
+        self.waiting_since = 0.0  # since when it waits for room at an overloaded worker (tokens already sent)
         self.retries = 0
         self.queue_seconds = 0.0  # in the workers' queues (prefill, or colocated) before compute
         self.prefill_seconds = 0.0

@@ -27,6 +27,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.v1 import common_pb2, worker_pb2
+from services.common.admission import Admission, Ticket, refusals_counter
 from services.common.enums import Role
 from services.common.errors import ServiceError, invalid
 from services.common.metrics import TOKEN_LATENCY_BUCKETS
@@ -54,6 +55,7 @@ class StreamJob:
     unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
     prefill_started: float | None = None  # when its first prefill (or first chunk) here began
     prefilled: bool = False  # that prefill's end was reported (TokenChunk.queue_seconds)
+    ticket: Ticket | None = None  # its share of the admission bounds, until its stream ends
 
 
 class BatchMetrics:
@@ -110,6 +112,8 @@ class StreamingWorker:
         model_name: str,
         registry: CollectorRegistry,
         stream_interval: int = 1,
+        max_inflight_requests: int = 0,
+        max_queued_prompt_tokens: int = 0,
     ):
         self.engine = engine
         self.scheduler = self.new_scheduler()
@@ -123,6 +127,9 @@ class StreamingWorker:
         register_kv_gauges(registry, engine, self.role)
         self.prefill_rate = PrefillRate()
         self.jobs: dict[str, StreamJob] = {}  # seq_id -> job, engine thread only
+        self.admission = Admission(
+            f"{self.role} worker", max_inflight_requests, max_queued_prompt_tokens, refusals_counter(registry)
+        )
         self._outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceError]] = []  # engine thread
         self.draining = False
         self._preemptions_seen = 0
@@ -293,16 +300,16 @@ class StreamingWorker:
                     return
         finally:
             reader.cancel()
-            for job in call.jobs.values():
+            for stream_id, job in list(call.jobs.items()):
                 self.thread.post(partial(self.cancel, job))
-            call.jobs.clear()
+                call.end(stream_id)
 
     async def _read_call(self, requests, call: ServedCall) -> None:
         try:
             async for request in requests:
                 stream_id = request.stream_id
                 if request.WhichOneof("kind") == "cancel":
-                    job = call.jobs.pop(stream_id, None)
+                    job = call.end(stream_id)
                     if job is not None:
                         self.thread.post(partial(self.cancel, job))
                     continue
@@ -313,6 +320,8 @@ class StreamingWorker:
                     if self.draining:
                         raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is shutting down")
                     job = self.start_job(request.start)
+                    # a decode worker's request has its KV (it is pulled); a colocated one's prompt waits
+                    job.ticket = self.admission.admit(0 if job.handle is not None else len(job.seq.token_ids))
                 except ServiceError as exc:
                     call.fail(stream_id, exc)
                     continue
@@ -370,14 +379,25 @@ class ServedCall:
             return
         self._pending(stream_id).chunk.MergeFrom(item)  # appends the tokens and logprobs, takes a finish_reason
         if item.finish_reason:
-            del self.jobs[stream_id]
+            self.end(stream_id)
+        else:
+            ticket = self.jobs[stream_id].ticket
+            if ticket is not None:
+                ticket.prefilled()
         self.ready.set()
 
     def fail(self, stream_id: int, error: ServiceError) -> None:
         chunk = self._pending(stream_id)
         chunk.status_code, chunk.details = error.code.value[0], error.message
-        self.jobs.pop(stream_id, None)
+        self.end(stream_id)
         self.ready.set()
+
+    def end(self, stream_id: int) -> StreamJob | None:
+        """The request's stream is over (finished, failed or cancelled): its job, if it had one."""
+        job = self.jobs.pop(stream_id, None)
+        if job is not None and job.ticket is not None:
+            job.ticket.release()
+        return job
 
     def _pending(self, stream_id: int) -> worker_pb2.StreamChunk:
         chunk = self.pending.get(stream_id)

@@ -94,6 +94,19 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         type=int,
         help="decode and colocated workers: tokens per streamed message (the last goes at once)",
     )
+    parser.add_flag(
+        "--max-inflight-requests",
+        default=1024,
+        type=int,
+        help="requests this worker holds at once (prefill: waiting for their batch; decode, colocated: "
+        "running or waiting); past it, RESOURCE_EXHAUSTED at once and the router tries another worker (0: no bound)",
+    )
+    parser.add_flag(
+        "--max-queued-prompt-tokens",
+        default=1 << 18,
+        type=int,
+        help="prefill, colocated: prompt tokens waiting to be computed; past it, RESOURCE_EXHAUSTED (0: no bound)",
+    )
     if role in (Role.PREFILL, Role.DECODE):
         parser.add_flag("--kvstore", default="127.0.0.1:7100", help="gRPC address of this node's kvstore daemon")
     return parser
@@ -119,6 +132,14 @@ def engine_from_flags(args) -> EngineBase:
             model_dir_or_default(args.model), config, LatencyProfile.load(args.profile), args.emulated_kv_scale
         )
     return Engine(model_dir_or_default(args.model), config)
+
+
+def admission_limits(args) -> dict[str, int]:
+    """The services' keyword arguments for their admission bounds (services/common/admission.py)."""
+    return {
+        "max_inflight_requests": args.max_inflight_requests,
+        "max_queued_prompt_tokens": args.max_queued_prompt_tokens,
+    }
 
 
 def default_threads() -> int:

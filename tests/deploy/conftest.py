@@ -109,11 +109,16 @@ def renders(planner_values) -> dict[str, list[dict]]:
             "ingress": {"enabled": True, "host": "llm.example.com", "tls": {"secretName": "llm-tls"}},
             "replicaCount": 2,
             "serviceMonitor": {"interval": "1m30s"},
+            "admission": {"maxInflightRequests": 0, "maxQueuedPromptTokens": 4000000},
         },
         "kvstore": {"hostNetwork": False, "ucxTls": "tcp,cuda_copy,cuda_ipc,sm,self"},
         # integers of a million or more: Helm holds them as float64 and would print 1.048576e+06
         "prefill": {"replicaCount": 3, "maxModelLen": 1048576, "maxBatchedTokens": 2000000},
-        "decode": {"streamInterval": 4, "podDisruptionBudget": {"maxUnavailable": 0}},
+        "decode": {
+            "streamInterval": 4,
+            "podDisruptionBudget": {"maxUnavailable": 0},
+            "admission": {"maxInflightRequests": 512},
+        },
     }
     result = {f"{chart}-defaults": render(chart) for chart in CHARTS}
     result["pdserve-planner"] = render("pdserve", planner_values)

@@ -146,6 +146,18 @@ def test_decode_stream_interval_reaches_the_worker(renders, parsers):
     assert parse_container(container_of(tuned), parsers["decode"]).stream_interval == 4
 
 
+def test_admission_bounds_reach_the_router_and_workers(renders, parsers):
+    (router,) = workloads(renders["pdserve-options"], "router")
+    (decode,) = workloads(renders["pdserve-options"], "decode")
+    (default,) = workloads(renders["router-defaults"], "router")
+    tuned = parse_container(container_of(router), parsers["router"])
+    assert (tuned.max_inflight_requests, tuned.max_queued_prompt_tokens) == (0, 4000000)  # 0: no bound, kept
+    decode_args = parse_container(container_of(decode), parsers["decode"])
+    assert (decode_args.max_inflight_requests, decode_args.max_queued_prompt_tokens) == (512, 1 << 18)
+    defaults = parse_container(container_of(default), parsers["router"])
+    assert (defaults.max_inflight_requests, defaults.max_queued_prompt_tokens) == (2048, 1 << 20)
+
+
 def test_large_integers_and_an_explicit_zero_render_as_given(renders, parsers):
     objects = renders["pdserve-options"]
     (prefill,) = workloads(objects, "prefill")

@@ -139,3 +139,16 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* Admission bounds (services/common/admission.py): past them, RESOURCE_EXHAUSTED at once.
+Unset keys keep the service's default. */}}
+{{- define "pdserve-lib.admissionArgs" -}}
+{{- with . }}
+{{- if ne .maxInflightRequests nil }}
+- --max-inflight-requests={{ .maxInflightRequests | int64 }}
+{{- end }}
+{{- if ne .maxQueuedPromptTokens nil }}
+- --max-queued-prompt-tokens={{ .maxQueuedPromptTokens | int64 }}
+{{- end }}
+{{- end }}
+{{- end }}

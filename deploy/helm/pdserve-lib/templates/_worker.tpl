@@ -139,6 +139,7 @@ spec:
             {{- with $v.streamInterval }}
             - --stream-interval={{ . | int64 }}
             {{- end }}
+            {{- include "pdserve-lib.admissionArgs" $v.admission | nindent 12 }}
             {{- with $v.extraArgs }}
             {{- toYaml . | nindent 12 }}
             {{- end }}

@@ -1,0 +1,54 @@
+"""Handing freed heap memory back to the operating system after a burst of work.
+
+glibc's malloc keeps memory a process has freed (in each thread's arena, below the top of the
+heap) for reuse, so after an overload burst a service's resident memory stays near its peak: on a
+2-core test cluster each worker kept 200-300 MB more anonymous memory after 3,000 requests than
+before. `trim_when_idle` calls malloc_trim(0) when the process goes quiet after having worked,
+which returns those free pages; under load it never runs, so it costs nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+CHECK_SECONDS = 2.0
+IDLE_CPU_SHARE = 0.05  # below this share of one core over a check interval, the process is idle
+WORK_CPU_SECONDS = 1.0  # CPU time spent since the last trim that makes another one worth it
+
+
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def resident_anonymous_bytes() -> int:
+    """RssAnon: the process's own memory, not the shared KV pools it maps."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+async def trim_when_idle() -> None:
+    """Runs until cancelled: malloc_trim(0) each time the process turns idle after a stretch of work."""
+    trim = _malloc_trim()
+    if trim is None:
+        return
+    cpu_at_trim = last_cpu = time.process_time()
+    while True:
+        await asyncio.sleep(CHECK_SECONDS)
+        cpu = time.process_time()
+        idle = cpu - last_cpu < IDLE_CPU_SHARE * CHECK_SECONDS
+        last_cpu = cpu
+        if idle and cpu - cpu_at_trim > WORK_CPU_SECONDS:
+            before = resident_anonymous_bytes()
+            trim(0)
+            cpu_at_trim = last_cpu = time.process_time()
+            log.debug("idle: returned %d MiB of freed memory", (before - resident_anonymous_bytes()) >> 20)
