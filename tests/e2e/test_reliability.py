@@ -114,7 +114,7 @@ def test_kvstore_daemons_sigkilled_under_load_lose_no_request(cluster, workload)
     cluster.wait_idle(timeout=10)
     router = _service(cluster.info, "router")
     text = cluster.metrics_text(router)
-    ejections = {role: 0.0 for role in ("prefill", "decode")}
+    ejections = dict.fromkeys(("prefill", "decode"), 0.0)
     for line in text.splitlines():
         if line.startswith("pdserve_router_worker_ejections_total{"):
             role = line.split('role="')[1].split('"')[0]
