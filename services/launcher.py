@@ -21,6 +21,10 @@ from dataclasses import asdict, dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.certs import new_cluster_ca
+from services.common.grpc_client import sync_channel
+from services.common.tls import TlsFiles
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_RESTARTS = 3  # per service; past that the launcher stops the cluster
 STOP_SECONDS_PER_PROCESS = 1.0  # added to a group's grace per process in it
@@ -92,6 +96,8 @@ class ClusterSpec:
     kvstore_args: list[str] = field(default_factory=list)
     # role -> latency profile: that role's workers run emulated engines (services/engine/emulated.py)
     profiles: dict[str, str] = field(default_factory=dict)
+    tls: bool = False  # mutual TLS everywhere, with a throwaway CA (services/common/certs.py)
+    api_key: str = ""  # the router's public API needs it (authorization: Bearer <key>)
 
 
 def _node_names(spec: ClusterSpec) -> list[str]:
@@ -222,9 +228,9 @@ def prometheus_config(
     }
 
 
-def health_status(address: str, timeout: float = 1.0) -> int:
+def health_status(address: str, timeout: float = 1.0, tls: TlsFiles | None = None) -> int:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, tls) as channel:
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
     except grpc.RpcError:
         return health_pb2.HealthCheckResponse.UNKNOWN
@@ -240,6 +246,27 @@ class Cluster:
         self.procs = plan_processes(spec)
         self._popen: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
+        self.client_tls: TlsFiles | None = None  # the launcher's own identity (health checks, tools)
+        self.api_key_file = ""
+        if spec.tls:
+            self._issue_certificates()
+        if spec.api_key:
+            self.api_key_file = os.path.join(spec.log_dir, "api-keys")
+            os.makedirs(spec.log_dir, exist_ok=True)
+            fd = os.open(self.api_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(spec.api_key + "\n")
+            for proc in self.procs:
+                if proc.role == "router":
+                    proc.argv += ["--api-key-file", self.api_key_file]
+
+    def _issue_certificates(self) -> None:
+        """A CA for this cluster and a certificate for each service (and for the launcher's clients)."""
+        ca = new_cluster_ca(os.path.join(self.spec.log_dir, "tls"))
+        for proc in self.procs:
+            files = ca.issue(proc.name, self.spec.host)
+            proc.argv += ["--tls-cert", files.cert, "--tls-key", files.key, "--tls-ca", files.ca]
+        self.client_tls = ca.issue("client", self.spec.host)
 
     def _start(self, proc: ServiceProcess, append_log: bool = False) -> None:
         os.makedirs(self.spec.log_dir, exist_ok=True)
@@ -266,7 +293,7 @@ class Cluster:
                 code = self._popen[proc.name].poll()
                 if code is not None:
                     raise RuntimeError(f"{proc.name} exited with code {code} while starting:\n{self.log_tail(proc)}")
-                if health_status(proc.grpc) == health_pb2.HealthCheckResponse.SERVING:
+                if health_status(proc.grpc, tls=self.client_tls) == health_pb2.HealthCheckResponse.SERVING:
                     pending.remove(proc)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.name for p in pending)
@@ -306,6 +333,9 @@ class Cluster:
             "router": router.public,
             "router_metrics": router.metrics,
             "mode": self.spec.mode,
+            # a client certificate of the cluster (internal services need one) and the API key
+            "tls": asdict(self.client_tls) if self.client_tls else None,
+            "api_key": self.spec.api_key,
             "services": [{k: v for k, v in asdict(p).items() if k != "argv"} for p in self.procs],
         }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 
 import grpc
@@ -18,16 +20,45 @@ def add_generate_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-tokens", type=at_least(1), default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=at_least(0), default=None)
+    ap.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY", ""), help="[env PDSERVE_API_KEY]")
+    ap.add_argument("--tls-ca", default="", help="CA certificate of a router serving TLS (PEM)")
+    ap.add_argument("--tls-server-name", default="", help="the name to check the router's certificate against")
+    ap.add_argument(
+        "--cluster",
+        default="",
+        help="a `pdserve up` ready file: its router, CA and API key (instead of the three flags)",
+    )
+
+
+def router_channel(router: str, tls_ca: str = "", server_name: str = "") -> grpc.aio.Channel:
+    """A channel to a router: plaintext, or TLS checked against `tls_ca` (no client certificate:
+    the public API authenticates with API keys)."""
+    if not tls_ca:
+        return grpc.aio.insecure_channel(router)
+    with open(tls_ca, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.aio.secure_channel(router, credentials, options=options)
 
 
 def generate(args) -> int:
+    router, tls_ca, server_name, api_key = args.router, args.tls_ca, args.tls_server_name, args.api_key
+    if args.cluster:
+        with open(args.cluster) as f:
+            info = json.load(f)
+        router, api_key = info["router"], info.get("api_key") or api_key
+        if info.get("tls"):
+            tls_ca, server_name = info["tls"]["ca"], info["tls"]["server_name"]
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+
     async def run():
-        async with grpc.aio.insecure_channel(args.router) as channel:
+        async with router_channel(router, tls_ca, server_name) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
             if args.seed is not None:
                 sampling.seed = args.seed
-            async for response in stub.Generate(router_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling)):
+            request = router_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling)
+            async for response in stub.Generate(request, metadata=metadata):
                 print(response.text, end="", flush=True)
                 if response.finish_reason:
                     t = response.timing

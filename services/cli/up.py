@@ -62,6 +62,18 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
         "for a flag without a value",
     )
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every port and call, with a throwaway CA and certificates in <log-dir>/tls "
+        "(the ready file names the CA and a client certificate)",
+    )
+    ap.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY", ""),
+        help="the router's public API requires it (metadata authorization: Bearer <key>, 16+ characters) "
+        "[env PDSERVE_API_KEY]",
+    )
     emulate = ap.add_argument_group("emulated engines (services/engine/emulated.py): no model, GPU timings")
     emulate.add_argument(
         "--emulate",
@@ -105,6 +117,8 @@ def spec_from_args(args) -> ClusterSpec:
         router_args=split_flags(args.router_arg),
         kvstore_args=split_flags(args.kvstore_arg),
         profiles=_profiles(args),
+        tls=args.tls,
+        api_key=args.api_key,
     )
     if args.plan:
         _apply_plan(args, spec)
@@ -184,6 +198,8 @@ def _check_profile_flags(args) -> None:
 
 
 def _check_args(args, spec: ClusterSpec) -> None:
+    if spec.api_key and len(spec.api_key) < 16:
+        raise SystemExit("--api-key: at least 16 characters")
     counts = {"--nodes": spec.nodes, "--routers": spec.routers}
     counts.update(
         {"--prefill": spec.prefill, "--decode": spec.decode}

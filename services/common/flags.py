@@ -10,6 +10,9 @@ import argparse
 import logging
 import os
 
+from .grpc_client import use_tls
+from .tls import TlsFiles, add_tls_flags
+
 
 def env_name(flag: str) -> str:
     return "PDSERVE_" + flag.lstrip("-").upper().replace("-", "_")
@@ -49,19 +52,31 @@ class _AppendOverridingDefault(argparse.Action):
         setattr(namespace, self.dest, items + [values])
 
 
-def common_server_flags(parser: FlagParser, *, port: int, metrics_port: int) -> None:
-    parser.add_flag("--host", default="0.0.0.0", help="address to bind")
+def common_server_flags(parser: FlagParser, *, port: int, metrics_port: int, reflection: str = "off") -> None:
+    parser.add_flag(
+        "--host",
+        default="127.0.0.1",
+        help="address every port of this service binds (0.0.0.0: all interfaces, as in a pod)",
+    )
     parser.add_flag("--port", default=port, type=int, help="gRPC port")
     parser.add_flag("--metrics-port", default=metrics_port, type=int, help="Prometheus /metrics port (-1: off)")
     parser.add_flag("--grace-seconds", default=30.0, type=float, help="drain time on SIGTERM")
     parser.add_flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_flag("--cpu-affinity", default="", help="pin this process to these CPU cores, e.g. 0 or 0,1 or 0-3")
+    parser.add_flag(
+        "--reflection",
+        default=reflection,
+        choices=["on", "off"],
+        help="gRPC server reflection (lists this server's services to anyone who asks)",
+    )
+    add_tls_flags(parser)
 
 
 def setup_process(args, service: str) -> None:
     """What every service does first: logging, CPU pinning (--cpu-affinity), and, when a launcher
     asks (PDSERVE_EXIT_WITH_PARENT=its pid), a SIGTERM when that launcher dies."""
     setup_logging(args.log_level, service)
+    use_tls(TlsFiles.from_args(args))  # every call this process makes
     if args.cpu_affinity:
         pin_to_cpus(parse_cpu_list(args.cpu_affinity))
     parent = os.environ.get("PDSERVE_EXIT_WITH_PARENT")

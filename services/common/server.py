@@ -1,10 +1,12 @@
-"""What every pdserve gRPC server shares: health checking, reflection, the Prometheus endpoint,
-one interceptor (message sizes, unparseable requests, ServiceError -> its status), and graceful
-shutdown on SIGTERM/SIGINT (stop taking work, drain, exit)."""
+"""What every pdserve gRPC server shares: health checking, reflection (off on internal services
+unless --reflection on), TLS (common/tls.py), the Prometheus endpoint, one interceptor (API keys,
+message sizes, unparseable requests, ServiceError -> its status), and graceful shutdown on
+SIGTERM/SIGINT (stop taking work, drain, exit)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
 import signal
@@ -20,6 +22,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from .errors import ServiceError
 from .memory import trim_when_idle
+from .tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +55,17 @@ GRPC_OPTIONS = [
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Around every handler of a pdserve server:
+    - with API keys, refuses calls to the protected service (the router's public API) that do not
+      carry `authorization: Bearer <key>` of one of them (UNAUTHENTICATED); health stays open;
     - records the largest request and response message per method: evidence that no gRPC message
       carries KV (the e2e tests compare it with the size of one KV block);
     - turns a request that does not parse (e.g. a string field that is not UTF-8) into
       INVALID_ARGUMENT: grpc's own answer is UNKNOWN, which clients read as a server fault;
     - turns a ServiceError the handler raises into its status (handlers never abort themselves)."""
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, api_keys: frozenset[str] = frozenset(), protected: str = ""):
+        self.api_keys = [key.encode() for key in api_keys]
+        self.protected = f"/{protected}/"  # method names of the service that needs a key start with it
         self.largest = Gauge(
             "pdserve_grpc_largest_message_bytes",
             "Largest serialized gRPC message seen by this server, per method and direction.",
@@ -74,12 +81,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             self._max[key] = size
             self.largest.labels(method, direction).set(size)
 
+    def _unauthenticated(self, handler_call_details) -> str:
+        """Why the call may not go on ("" when it may)."""
+        if not self.api_keys or not handler_call_details.method.startswith(self.protected):
+            return ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                token = value.encode() if isinstance(value, str) else value
+                scheme, _, presented = token.partition(b" ")
+                if scheme.lower() == b"bearer" and any(hmac.compare_digest(presented, k) for k in self.api_keys):
+                    return ""
+                return "the API key in the authorization metadata is not valid"
+        return "an API key is required: metadata authorization: Bearer <key>"
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
         observe = self._observe
+        refusal = self._unauthenticated(handler_call_details)
+        if refusal:
+            return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, refusal)
         if handler.request_deserializer is not None and (handler.unary_unary or handler.unary_stream):
             handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
@@ -143,6 +166,25 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return handler._replace(stream_stream=call)
         return handler
+
+
+def _refusing(handler, code: grpc.StatusCode, details: str):
+    """The handler, replaced by one that ends the call with `code` whatever it is sent."""
+
+    async def refuse(request_or_iterator, context):
+        await context.abort(code, details)
+
+    async def refuse_stream(request_or_iterator, context):
+        await context.abort(code, details)
+        yield  # (an async generator, as a streaming handler)
+
+    if handler.unary_unary:
+        return handler._replace(unary_unary=refuse)
+    if handler.unary_stream:
+        return handler._replace(unary_stream=refuse_stream)
+    if handler.stream_unary:
+        return handler._replace(stream_unary=refuse)
+    return handler._replace(stream_stream=refuse_stream)
 
 
 class _Undecodable:
@@ -210,6 +252,12 @@ class ServiceRunner:
         registry: CollectorRegistry,
         grace_seconds: float = 30.0,
         shared_port: int = 0,
+        *,
+        tls: TlsFiles | None = None,
+        require_client_cert: bool = True,
+        reflection: bool = True,
+        api_keys: frozenset[str] = frozenset(),
+        protected_service: str = "",
     ):
         self.name = name
         self.host = host
@@ -220,6 +268,12 @@ class ServiceRunner:
         self.metrics_port = metrics_port
         self.registry = registry
         self.grace_seconds = grace_seconds
+        # TLS on its ports (common/tls.py); an internal service requires a client certificate
+        self.tls = tls
+        self.require_client_cert = require_client_cert
+        self.reflection = reflection
+        self.api_keys = api_keys
+        self.protected_service = protected_service
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._serving = True  # the overall health status ("") once started (set_serving)
@@ -231,17 +285,19 @@ class ServiceRunner:
         options = GRPC_OPTIONS
         if self.shared_port:  # (grpc reads the first value of a repeated option)
             options = [("grpc.so_reuseport", 1)] + [o for o in GRPC_OPTIONS if o[0] != "grpc.so_reuseport"]
-        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(self.registry)], options=options)
+        interceptor = ServiceInterceptor(self.registry, self.api_keys, self.protected_service)
+        self.server = grpc.aio.server(interceptors=[interceptor], options=options)
         names = list(add_servicers(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server,
-        )
-        self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.reflection:
+            reflection.enable_server_reflection(
+                names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+                self.server,
+            )
+        self.bound_port = self._add_port(self.port)
         if self.bound_port == 0:
             raise RuntimeError(f"{self.name}: cannot bind gRPC port {self.host}:{self.port}")
-        if self.shared_port and self.server.add_insecure_port(f"{self.host}:{self.shared_port}") == 0:
+        if self.shared_port and self._add_port(self.shared_port) == 0:
             raise RuntimeError(f"{self.name}: cannot bind the shared gRPC port {self.host}:{self.shared_port}")
         await self.server.start()
         self._trimmer = asyncio.create_task(trim_when_idle())
@@ -255,6 +311,13 @@ class ServiceRunner:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", _status(self._serving))
         log.info("%s serving gRPC on %s:%d, metrics on :%d", self.name, self.host, self.bound_port, self.metrics_port)
+
+    def _add_port(self, port: int) -> int:
+        assert self.server is not None
+        address = f"{self.host}:{port}"
+        if self.tls is None:
+            return self.server.add_insecure_port(address)
+        return self.server.add_secure_port(address, server_credentials(self.tls, self.require_client_cert))
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness: a service that cannot do its job yet (the router without workers, a worker

@@ -12,6 +12,7 @@ from services.common.enums import WORKER_ROLES, Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
+from services.common.tls import TlsFiles
 from services.engine.config import ModelConfig
 from services.tiny_models import model_dir_or_default
 
@@ -26,9 +27,26 @@ def _addresses(values: list[str] | None) -> list[str]:
     return [a.strip() for v in values or [] for a in v.split(",") if a.strip()]
 
 
+def api_keys(args) -> frozenset[str]:
+    keys = set(_addresses(args.api_key))
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+    if any(len(key) < 16 for key in keys):
+        raise SystemExit("--api-key: keys must be at least 16 characters")
+    return frozenset(keys)
+
+
 def parser() -> FlagParser:
     p = FlagParser(description="pdserve router: the public gRPC API")
-    common_server_flags(p, port=7000, metrics_port=9000)
+    common_server_flags(p, port=7000, metrics_port=9000, reflection="on")
+    p.add_flag(
+        "--api-key",
+        action="append",
+        help="a key clients must send as metadata `authorization: Bearer <key>` (repeatable, or comma-separated "
+        "in the environment); none: the API is open",
+    )
+    p.add_flag("--api-key-file", default="", help="a file of API keys, one per line (a Kubernetes Secret mounted)")
     p.add_flag(
         "--model", default="", help="checkpoint folder for the tokenizer and config (default: the embedded tiny model)"
     )
@@ -119,7 +137,18 @@ def main(argv=None) -> None:
             ),
         )
         runner = ServiceRunner(
-            "router", args.host, args.port, args.metrics_port, registry, args.grace_seconds, args.shared_port
+            "router",
+            args.host,
+            args.port,
+            args.metrics_port,
+            registry,
+            args.grace_seconds,
+            args.shared_port,
+            tls=TlsFiles.from_args(args),
+            require_client_cert=False,  # the public API: clients authenticate with API keys
+            reflection=args.reflection == "on",
+            api_keys=api_keys(args),
+            protected_service=router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
         )
 
         def add(server):

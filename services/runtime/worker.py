@@ -25,6 +25,7 @@ from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.latency_profile import LatencyProfile
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
+from services.common.tls import TlsFiles
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
 from services.engine.engine import Engine, EngineBase
@@ -330,7 +331,16 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
     async def main() -> None:
         engine = engine_from_flags(args)
         registry = new_registry()
-        runner = ServiceRunner(role, args.host, args.port, args.metrics_port, registry, args.grace_seconds)
+        runner = ServiceRunner(
+            role,
+            args.host,
+            args.port,
+            args.metrics_port,
+            registry,
+            args.grace_seconds,
+            tls=TlsFiles.from_args(args),
+            reflection=args.reflection == "on",
+        )
         worker_id = args.worker_id or f"{role}-{os.uname().nodename}-{args.port}"
         try:
             service = make_service(engine, registry, worker_id)

@@ -10,11 +10,12 @@ import sys
 import time
 import urllib.request
 
-import grpc
 import pytest
 from workload import model_dir, workload  # noqa: F401 - fixtures shared by the e2e modules
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
+from services.common.grpc_client import sync_channel
+from services.common.tls import TlsFiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,17 +34,17 @@ class RunningCluster:
     def services(self, role: str) -> list[dict]:
         return [s for s in self.info["services"] if s["role"] == role]
 
-    def worker_stats(self, role: str) -> list[common_pb2.WorkerStats]:
+    def worker_stats(self, role: str, tls: TlsFiles | None = None) -> list[common_pb2.WorkerStats]:
         out = []
         for svc in self.services(role):
-            with grpc.insecure_channel(svc["grpc"]) as ch:
+            with sync_channel(svc["grpc"], tls) as ch:
                 out.append(common_pb2_grpc.WorkerStub(ch).Stats(common_pb2.StatsRequest(), timeout=5))
         return out
 
-    def kvstore_stats(self) -> list[kvstore_pb2.KvStoreStats]:
+    def kvstore_stats(self, tls: TlsFiles | None = None) -> list[kvstore_pb2.KvStoreStats]:
         out = []
         for svc in self.services("kvstore"):
-            with grpc.insecure_channel(svc["grpc"]) as ch:
+            with sync_channel(svc["grpc"], tls) as ch:
                 out.append(kvstore_pb2_grpc.KvStoreStub(ch).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=5))
         return out
 
@@ -60,13 +61,13 @@ class RunningCluster:
             self.proc.kill()
             raise
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
+    def wait_idle(self, timeout: float = 10.0, tls: TlsFiles | None = None) -> None:
         """Every worker pool fully free and no kvstore entry left (releases are asynchronous)."""
         deadline = time.monotonic() + timeout
         while True:
-            workers = [s for role in ("prefill", "decode", "colocated") for s in self.worker_stats(role)]
+            workers = [s for role in ("prefill", "decode", "colocated") for s in self.worker_stats(role, tls)]
             pools_free = all(s.kv_blocks_free == s.kv_blocks_total for s in workers)
-            entries = sum(k.entries_device + k.entries_host for k in self.kvstore_stats())
+            entries = sum(k.entries_device + k.entries_host for k in self.kvstore_stats(tls))
             if pools_free and entries == 0:
                 return
             if time.monotonic() > deadline:

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,12 +35,20 @@ def cluster(cluster_factory):
     )
 
 
-def test_every_server_has_health_and_reflection(cluster):
+def test_every_server_has_health_and_only_the_router_reflection(cluster):
+    """Reflection lists a server's services to anyone: on at the public router, off on internal
+    services unless --reflection on (test_security checks it under TLS too)."""
     for svc in cluster.info["services"]:
         with grpc.insecure_channel(svc["grpc"]) as channel:
-            names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-        assert EXPECTED_SERVICES[svc["role"]] <= names, svc["name"]
-        assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            if svc["role"] == "router":
+                names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+                assert EXPECTED_SERVICES["router"] | {"grpc.health.v1.Health"} <= names
+            else:
+                with pytest.raises(grpc.RpcError) as err:
+                    ProtoReflectionDescriptorDatabase(channel).get_services()
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, svc["name"]
 
 
 def test_decode_worker_killed_mid_stream_client_sees_one_uninterrupted_exact_stream(cluster):

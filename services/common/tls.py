@@ -1,0 +1,100 @@
+"""TLS for every gRPC server and client of a cluster, mutual between services.
+
+Each service has one certificate (`--tls-cert`, `--tls-key`), signed by the cluster's CA
+(`--tls-ca`), which it presents both as a server and as a client of the services it calls. An
+internal service (worker, kvstore) accepts only clients presenting a certificate of that CA; the
+router's public port accepts any client (clients authenticate with an API key, router/__main__.py).
+Servers read the files again when they change (a renewed certificate is served on the next
+connection, no restart); clients read them when they open a channel.
+
+Services are addressed by IP (pods, local ports), so clients check the server's certificate against
+a fixed name, `--tls-server-name` (default "pdserve"), which every cluster certificate carries as
+a DNS name; `pdserve up --tls` and the Helm charts issue them so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER_NAME = "pdserve"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str
+    key: str
+    ca: str
+    server_name: str = DEFAULT_SERVER_NAME
+
+    @classmethod
+    def from_args(cls, args) -> TlsFiles | None:
+        """The --tls-* flags: all three files, or none (plaintext)."""
+        given = {flag: getattr(args, flag.replace("-", "_")) for flag in ("tls-cert", "tls-key", "tls-ca")}
+        if not any(given.values()):
+            return None
+        missing = [f"--{flag}" for flag, path in given.items() if not path]
+        if missing:
+            raise SystemExit(f"TLS needs --tls-cert, --tls-key and --tls-ca; missing {', '.join(missing)}")
+        for flag, path in given.items():
+            if not os.path.isfile(path):
+                raise SystemExit(f"--{flag}: {path} is not a file")
+        return cls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name or DEFAULT_SERVER_NAME)
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        with open(self.cert, "rb") as c, open(self.key, "rb") as k, open(self.ca, "rb") as a:
+            return c.read(), k.read(), a.read()
+
+    def _stamp(self) -> tuple[float, ...]:
+        return tuple(os.stat(path).st_mtime_ns for path in (self.cert, self.key, self.ca))
+
+
+def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.ServerCredentials:
+    """Credentials that pick up new files: gRPC asks the fetcher at each new connection."""
+    cert, key, ca = files.read()
+    stamp = [files._stamp()]
+
+    def configuration(cert: bytes, key: bytes, ca: bytes):
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch():
+        try:
+            now = files._stamp()
+            if now == stamp[0]:
+                return None  # unchanged: keep the current configuration
+            new = configuration(*files.read())
+        except (OSError, ValueError) as exc:  # half-written files: keep serving the old ones
+            log.warning("TLS files not reloaded: %s", exc)
+            return None
+        stamp[0] = now
+        log.info("TLS certificate reloaded from %s", files.cert)
+        return new
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(cert, key, ca), fetch, require_client_authentication=require_client_cert
+    )
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    cert, key, ca = files.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def channel_options(files: TlsFiles) -> list[tuple[str, object]]:
+    return [("grpc.ssl_target_name_override", files.server_name)]
+
+
+def add_tls_flags(parser) -> None:
+    parser.add_flag("--tls-cert", default="", help="this service's certificate (PEM): TLS on every port and call")
+    parser.add_flag("--tls-key", default="", help="its private key (PEM)")
+    parser.add_flag("--tls-ca", default="", help="the cluster's CA certificate (PEM): peers must be signed by it")
+    parser.add_flag(
+        "--tls-server-name",
+        default=DEFAULT_SERVER_NAME,
+        help="the name servers' certificates are checked against (a DNS name in every cluster certificate)",
+    )

@@ -1,0 +1,152 @@
+"""Security with real processes (issue 17): `pdserve up --tls --api-key` runs every port with
+mutual TLS under a throwaway CA. Greedy output over TLS equals transformers'; the router's API
+refuses calls without the key; every internal service (workers, kvstore daemons) refuses clients
+without a certificate of the cluster's CA; reflection is off on internal services; a renewed
+certificate is served without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from transformers import AutoTokenizer
+
+from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
+from services.common.certs import ClusterCa, new_cluster_ca
+from services.common.grpc_client import sync_channel
+from services.common.tls import TlsFiles
+from services.tiny_models import get_model
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_factory):
+    return cluster_factory(
+        "--model", get_model("llama"), "--tls", "--api-key", API_KEY, "--prefill", "1", "--decode", "1", "--nodes", "2"
+    )
+
+
+def _client_tls(cluster) -> TlsFiles:
+    return TlsFiles(**cluster.info["tls"])
+
+
+def _router_channel(cluster, *, with_ca: bool = True) -> grpc.aio.Channel:
+    tls = _client_tls(cluster)
+    with open(tls.ca, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    options = [("grpc.ssl_target_name_override", tls.server_name)]
+    return grpc.aio.secure_channel(cluster.router, credentials, options=options)
+
+
+async def _generate(cluster, item: dict, api_key: str | None = API_KEY) -> list[int]:
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    async with _router_channel(cluster) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        request = router_pb2.GenerateRequest(
+            prompt=item["prompt"], sampling=common_pb2.SamplingParams(max_tokens=item["max_tokens"], temperature=0)
+        )
+        return [t async for r in stub.Generate(request, timeout=60, metadata=metadata) for t in r.token_ids]
+
+
+def test_greedy_output_over_tls_equals_transformers(cluster, workload, model_dir):
+    async def run():
+        return await asyncio.gather(*(_generate(cluster, item) for item in workload))
+
+    results = asyncio.run(run())
+    assert results == [item["expected"] for item in workload]
+    assert AutoTokenizer.from_pretrained(model_dir)  # (the references came from the same checkpoint)
+    cluster.wait_idle(tls=_client_tls(cluster))
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key-0123456789abcdef", ""], ids=["none", "wrong", "empty"])
+def test_the_router_refuses_a_call_without_its_api_key(cluster, workload, key):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(_generate(cluster, workload[0], api_key=key))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # health stays open for probes and load balancers
+    with sync_channel(cluster.router, _client_tls(cluster)) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _internal_call(address: str, role: str, tls: TlsFiles | None, ca_only: str = "") -> None:
+    if ca_only:  # TLS, trusting the cluster's CA, but presenting no certificate
+        with open(ca_only, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", "pdserve")])
+    else:
+        channel = sync_channel(address, tls)
+    with channel:
+        if role == "kvstore":
+            kvstore_pb2_grpc.KvStoreStub(channel).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=5)
+        else:
+            common_pb2_grpc.WorkerStub(channel).Stats(common_pb2.StatsRequest(), timeout=5)
+
+
+def test_internal_services_accept_only_clients_with_a_cluster_certificate(cluster, tmp_path):
+    stranger = new_cluster_ca(str(tmp_path / "other-ca")).issue("stranger", "127.0.0.1")
+    stranger_with_our_ca = TlsFiles(stranger.cert, stranger.key, _client_tls(cluster).ca)
+    internal = [s for s in cluster.info["services"] if s["role"] != "router"]
+    assert {s["role"] for s in internal} == {"prefill", "decode", "kvstore"}
+    for svc in internal:
+        _internal_call(svc["grpc"], svc["role"], _client_tls(cluster))  # a cluster member: served
+        for how in ("plaintext", "no certificate", "another CA's certificate"):
+            with pytest.raises(grpc.RpcError) as err:
+                if how == "plaintext":
+                    _internal_call(svc["grpc"], svc["role"], None)
+                elif how == "no certificate":
+                    _internal_call(svc["grpc"], svc["role"], None, ca_only=_client_tls(cluster).ca)
+                else:
+                    _internal_call(svc["grpc"], svc["role"], stranger_with_our_ca)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (svc["name"], how)  # the handshake fails
+
+
+def test_reflection_is_off_on_internal_services_and_on_at_the_router(cluster):
+    for svc in cluster.info["services"]:
+        with sync_channel(svc["grpc"], _client_tls(cluster)) as channel:
+            try:
+                names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+                names = set()
+        assert ("pdserve.v1.Router" in names) == (svc["role"] == "router"), svc["name"]
+
+
+def _served_certificate(address: str, ca: str) -> x509.Certificate:
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as sock,
+        context.wrap_socket(sock, server_hostname="pdserve") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(cluster):
+    tls = _client_tls(cluster)
+    router = next(s for s in cluster.info["services"] if s["role"] == "router")
+    before = _served_certificate(cluster.router, tls.ca)
+    ca = ClusterCa(os.path.dirname(tls.ca), tls.ca)
+    renewed = ca.issue("router", "127.0.0.1")  # rewrites the router's files in place, as a renewal does
+    assert renewed.cert.endswith("router.crt")
+    deadline = time.monotonic() + 10
+    while _served_certificate(cluster.router, tls.ca).serial_number == before.serial_number:
+        assert time.monotonic() < deadline, "the renewed certificate was not served"
+        time.sleep(0.2)
+    assert asyncio.run(_generate(cluster, {"prompt": "still serving", "max_tokens": 3}))
+    assert router["pid"] == next(s for s in cluster.info["services"] if s["role"] == "router")["pid"]
