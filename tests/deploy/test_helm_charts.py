@@ -213,7 +213,15 @@ def test_kvstore_is_a_daemonset_with_host_ipc(renders, parsers):
             reachable = FIELD_VALUES["status.hostIP" if pod.get("hostNetwork") else "status.podIP"]
             assert args.transfer_host == reachable, name
             assert args.advertise_address == f"{reachable}:{args.port}"
+            # every port binds --host: the node's address on the node's network, else the pod's interfaces
+            assert args.host == (FIELD_VALUES["status.hostIP"] if pod.get("hostNetwork") else "0.0.0.0"), name
             assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), "GPUs belong to the workers"
+
+
+def test_router_and_workers_listen_on_the_pods_interfaces(renders, parsers):
+    for role in ("router", "prefill", "decode"):
+        (workload,) = workloads(renders["pdserve-options"], role)
+        assert parse_container(container_of(workload), parsers[role]).host == "0.0.0.0"  # (the default: 127.0.0.1)
 
 
 def test_router_is_given_the_worker_headless_services(renders, parsers):

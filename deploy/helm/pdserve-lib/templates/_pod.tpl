@@ -26,6 +26,7 @@ the pod crash-loops. */}}
 {{- $_ := set $ports (toString (int .)) $key -}}
 {{- end -}}
 {{- end -}}
+- --host=0.0.0.0
 - --port={{ .Values.port }}
 - --metrics-port={{ .Values.metricsPort }}
 - --grace-seconds={{ .Values.graceSeconds }}
