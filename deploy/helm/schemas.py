@@ -137,6 +137,23 @@ GLOBAL = obj(
         "modelVolume": {"type": "object", "description": "a pod volume source holding the checkpoints"},
         "modelMountPath": string(pattern="^/"),
         "monitoring": obj({"serviceMonitor": BOOL, "dashboards": BOOL, "prometheusRule": BOOL}),
+        "tls": obj(
+            {
+                "enabled": BOOL,
+                "secretName": string("a Secret with tls.crt, tls.key and ca.crt shared by every component"),
+                "serverName": string("the DNS name every certificate carries and peers check", minLength=1),
+                "healthPort": PORT,
+                "certManager": obj(
+                    {
+                        "enabled": BOOL,
+                        "issuerRef": ANY_OBJECT,
+                        "duration": string(),
+                        "renewBefore": string(),
+                    }
+                ),
+            },
+            description="mutual TLS between services and on the router's API",
+        ),
         "pdserveUmbrella": BOOL,
         # written by the planner (docs/planner.md)
         "model": {"type": ["string", "null"], "description": "model the plan is for (planner, informational)"},
@@ -290,6 +307,9 @@ def router_schema() -> dict:
                 }
             ),
             "admission": ADMISSION,
+            "apiKeys": obj(
+                {"secretName": string("a Secret with API keys, one per line; empty: open API"), "key": string()}
+            ),
             "resources": RESOURCES,
             "podDisruptionBudget": PDB,
         }

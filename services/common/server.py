@@ -258,6 +258,7 @@ class ServiceRunner:
         reflection: bool = True,
         api_keys: frozenset[str] = frozenset(),
         protected_service: str = "",
+        health_port: int = 0,
     ):
         self.name = name
         self.host = host
@@ -274,6 +275,10 @@ class ServiceRunner:
         self.reflection = reflection
         self.api_keys = api_keys
         self.protected_service = protected_service
+        # With TLS: a plaintext port serving only the health service, for probes that cannot do
+        # TLS (Kubernetes' gRPC probes); 0: none
+        self.health_port = health_port
+        self._health_server: grpc.aio.Server | None = None
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._serving = True  # the overall health status ("") once started (set_serving)
@@ -300,6 +305,12 @@ class ServiceRunner:
         if self.shared_port and self._add_port(self.shared_port) == 0:
             raise RuntimeError(f"{self.name}: cannot bind the shared gRPC port {self.host}:{self.shared_port}")
         await self.server.start()
+        if self.health_port:
+            self._health_server = grpc.aio.server(options=GRPC_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            if self._health_server.add_insecure_port(f"{self.host}:{self.health_port}") == 0:
+                raise RuntimeError(f"{self.name}: cannot bind the health port {self.host}:{self.health_port}")
+            await self._health_server.start()
         self._trimmer = asyncio.create_task(trim_when_idle())
         if self.metrics_port >= 0:
             start_http_server(
@@ -382,6 +393,8 @@ class ServiceRunner:
                 log.warning("%s: drain did not finish within %.0fs", self.name, self.grace_seconds)
         assert self.server is not None, "not started"
         await self.server.stop(grace=min(5.0, self.grace_seconds))
+        if self._health_server is not None:
+            await self._health_server.stop(grace=0)
         if self._trimmer is not None:
             self._trimmer.cancel()
         log.info("%s: stopped", self.name)

@@ -94,6 +94,12 @@ def add_tls_flags(parser) -> None:
     parser.add_flag("--tls-key", default="", help="its private key (PEM)")
     parser.add_flag("--tls-ca", default="", help="the cluster's CA certificate (PEM): peers must be signed by it")
     parser.add_flag(
+        "--health-port",
+        default=0,
+        type=int,
+        help="also serve the health service alone, in plaintext, on this port (probes that cannot do TLS; 0: no)",
+    )
+    parser.add_flag(
         "--tls-server-name",
         default=DEFAULT_SERVER_NAME,
         help="the name servers' certificates are checked against (a DNS name in every cluster certificate)",

@@ -89,6 +89,7 @@ async def serve(args) -> None:
         args.grace_seconds,
         tls=TlsFiles.from_args(args),
         reflection=args.reflection == "on",
+        health_port=args.health_port,
     )
     await daemon.start()
     try:

@@ -149,6 +149,7 @@ def main(argv=None) -> None:
             reflection=args.reflection == "on",
             api_keys=api_keys(args),
             protected_service=router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+            health_port=args.health_port,
         )
 
         def add(server):

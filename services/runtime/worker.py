@@ -340,6 +340,7 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
             args.grace_seconds,
             tls=TlsFiles.from_args(args),
             reflection=args.reflection == "on",
+            health_port=args.health_port,
         )
         worker_id = args.worker_id or f"{role}-{os.uname().nodename}-{args.port}"
         try:

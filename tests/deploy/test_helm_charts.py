@@ -498,3 +498,49 @@ def test_prometheus_scrapes_the_metrics_port_on_ipv4_and_ipv6_pods(renders, pod_
     target = _relabel(job["relabel_configs"], labels)
     assert target is not None and target["__address__"] == address
     assert target["component"] == "decode"
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+
+
+def _tls_render(tls: dict, router: dict | None = None) -> list[dict]:
+    return render("pdserve", {"global": {"tls": {"enabled": True, **tls}}, "router": router or {}})
+
+
+def test_tls_from_one_secret_reaches_every_service_and_probes_move_to_the_health_port(parsers):
+    objects = _tls_render({"secretName": "pdserve-tls", "healthPort": 7901}, {"apiKeys": {"secretName": "keys"}})
+    pods = [w for w in objects if w["kind"] in ("Deployment", "DaemonSet")]
+    assert {component_of(w) for w in pods} == {"router", "prefill", "decode", "kvstore"}
+    for workload in pods:
+        container, role = container_of(workload), component_of(workload)
+        args = parse_container(container, parsers[role])
+        assert (args.tls_cert, args.tls_key, args.tls_ca) == tuple(
+            f"/etc/pdserve/tls/{f}" for f in ("tls.crt", "tls.key", "ca.crt")
+        )
+        assert (args.tls_server_name, args.health_port) == ("pdserve", 7901)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == 7901, (role, probe)  # kubelet's probes speak no TLS
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "pdserve-tls"
+        assert any(m["name"] == "tls" for m in container["volumeMounts"])
+        if role == "router":
+            assert args.api_key_file == "/etc/pdserve/api-keys/api-keys"
+            assert volumes["api-keys"]["secret"]["secretName"] == "keys"
+    assert not [o for o in objects if o["kind"] == "Certificate"]
+
+
+def test_tls_with_cert_manager_issues_a_certificate_per_component(parsers):
+    issuer = {"name": "pdserve-ca", "kind": "ClusterIssuer"}
+    objects = _tls_render({"certManager": {"enabled": True, "issuerRef": issuer}})
+    certificates = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate"}
+    assert set(certificates) == {f"pd-{c}-tls" for c in ("router", "prefill", "decode", "kvstore")}
+    for spec in certificates.values():
+        assert spec["dnsNames"] == ["pdserve"] and spec["issuerRef"] == issuer
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+    for workload in (w for w in objects if w["kind"] in ("Deployment", "DaemonSet")):
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == f"pd-{component_of(workload)}-tls"
+
+
+def test_tls_without_certificates_is_refused():
+    assert "global.tls.secretName" in render_error("pdserve", {"global": {"tls": {"enabled": True}}})

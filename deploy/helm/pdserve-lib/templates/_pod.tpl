@@ -31,6 +31,56 @@ the pod crash-loops. */}}
 - --metrics-port={{ .Values.metricsPort }}
 - --grace-seconds={{ .Values.graceSeconds }}
 - --log-level={{ .Values.logLevel }}
+{{- with include "pdserve-lib.tls" . }}
+{{- $tls := fromYaml . }}
+# mutual TLS with the cluster's CA (services/common/tls.py); probes use the plaintext health port
+- --tls-cert=/etc/pdserve/tls/tls.crt
+- --tls-key=/etc/pdserve/tls/tls.key
+- --tls-ca=/etc/pdserve/tls/ca.crt
+- --tls-server-name={{ $tls.serverName }}
+- --health-port={{ $tls.healthPort }}
+{{- end }}
+{{- end -}}
+
+{{/* global.tls when enabled (as YAML), else nothing. */}}
+{{- define "pdserve-lib.tls" -}}
+{{- $tls := (.Values.global | default dict).tls | default dict -}}
+{{- if $tls.enabled -}}
+{{- if and (not $tls.secretName) (not ($tls.certManager | default dict).enabled) -}}
+{{- fail "global.tls.enabled needs global.tls.secretName (a Secret with tls.crt, tls.key, ca.crt) or global.tls.certManager.enabled" -}}
+{{- end -}}
+serverName: {{ $tls.serverName | default "pdserve" }}
+healthPort: {{ $tls.healthPort | default 7900 }}
+secretName: {{ if ($tls.certManager | default dict).enabled }}{{ include "pdserve-lib.fullname" . }}-tls{{ else }}{{ $tls.secretName }}{{ end }}
+{{- end -}}
+{{- end -}}
+
+{{/* A cert-manager Certificate for this component (global.tls.certManager): server and client
+use, the fixed name every peer checks, signed by the given issuer (the cluster's CA). */}}
+{{- define "pdserve-lib.certificate" -}}
+{{- $tls := (.Values.global | default dict).tls | default dict -}}
+{{- if and $tls.enabled ($tls.certManager | default dict).enabled }}
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata:
+  name: {{ include "pdserve-lib.fullname" . }}-tls
+  namespace: {{ .Release.Namespace }}
+  labels:
+    {{- include "pdserve-lib.labels" . | nindent 4 }}
+spec:
+  secretName: {{ include "pdserve-lib.fullname" . }}-tls
+  commonName: {{ include "pdserve-lib.fullname" . }}
+  dnsNames:
+    - {{ $tls.serverName | default "pdserve" }}
+  usages: [server auth, client auth, digital signature, key encipherment]
+  duration: {{ $tls.certManager.duration | default "720h" }}
+  renewBefore: {{ $tls.certManager.renewBefore | default "240h" }}
+  privateKey:
+    algorithm: ECDSA
+    size: 256
+  issuerRef:
+    {{- required "global.tls.certManager.issuerRef: the issuer of the cluster's CA" $tls.certManager.issuerRef | toYaml | nindent 4 }}
+{{- end }}
 {{- end -}}
 
 {{/* --model: a checkpoint folder inside the model volume; none: the embedded tiny test model. */}}
@@ -54,18 +104,20 @@ liveness ask for the service's own name, SERVING from start-up until the drain: 
 for workers is alive, not ready. (dict "root" . "service" "pdserve.v1.Router") */}}
 {{- define "pdserve-lib.probes" -}}
 {{- $v := .root.Values -}}
+{{- $port := $v.port -}}
+{{- with include "pdserve-lib.tls" .root }}{{ $port = (fromYaml .).healthPort }}{{ end }}
 startupProbe:
   grpc:
-    port: {{ $v.port }}
+    port: {{ $port }}
     service: {{ .service }}
   {{- toYaml $v.probes.startup | nindent 2 }}
 readinessProbe:
   grpc:
-    port: {{ $v.port }}
+    port: {{ $port }}
   {{- toYaml $v.probes.readiness | nindent 2 }}
 livenessProbe:
   grpc:
-    port: {{ $v.port }}
+    port: {{ $port }}
     service: {{ .service }}
   {{- toYaml $v.probes.liveness | nindent 2 }}
 {{- end -}}
@@ -103,6 +155,16 @@ PDSERVE_CACHE is not a flag: the folder for the generated tiny model and compile
   mountPath: {{ $g.modelMountPath | default "/models" }}
   readOnly: true
 {{- end }}
+{{- if include "pdserve-lib.tls" . }}
+- name: tls
+  mountPath: /etc/pdserve/tls
+  readOnly: true
+{{- end }}
+{{- if (.Values.apiKeys | default dict).secretName }}
+- name: api-keys
+  mountPath: /etc/pdserve/api-keys
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "pdserve-lib.volumes" -}}
@@ -113,6 +175,18 @@ PDSERVE_CACHE is not a flag: the folder for the generated tiny model and compile
 {{- with $g.modelVolume }}
 - name: model
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with include "pdserve-lib.tls" . }}
+- name: tls
+  secret:
+    secretName: {{ (fromYaml .).secretName }}
+    defaultMode: 0400
+{{- end }}
+{{- with (.Values.apiKeys | default dict).secretName }}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400
 {{- end }}
 {{- end -}}
 
