@@ -32,6 +32,7 @@ import hashlib
 import logging
 import mmap
 import os
+import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 SHM_DIR = "/dev/shm"
+OWNER_PROOF_BYTES = 32  # a random secret after a /dev/shm pool (allocate)
 POOL_FILE_PREFIX = "pdserve-kv-"
 
 log = logging.getLogger(__name__)
@@ -116,8 +118,12 @@ class KvPool:
             name = name or f"{POOL_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             path = os.path.join(SHM_DIR, name)
             fd = _create_locked(path)
+            proof = secrets.token_bytes(OWNER_PROOF_BYTES)
             try:
-                os.ftruncate(fd, layout.total_bytes)
+                # after the pool, a secret only readers of this 0600 file can know: registering the
+                # pool with a kvstore daemon proves ownership with it (kvstore/daemon.py map_pool)
+                os.ftruncate(fd, layout.total_bytes + OWNER_PROOF_BYTES)
+                os.pwrite(fd, proof, layout.total_bytes)
                 mm = mmap.mmap(fd, layout.total_bytes)
             except BaseException:
                 os.close(fd)
@@ -135,7 +141,7 @@ class KvPool:
                     os.close(held.pop())  # releases the lock
 
             atexit.register(close)
-            descriptor = {"kind": "shm", "path": path, "size": layout.total_bytes}
+            descriptor = {"kind": "shm", "path": path, "size": layout.total_bytes, "proof": proof.hex()}
             return cls(layout, tensor, descriptor, owner=True, closer=close, mapping=mm)
         tensor = torch.zeros(shape, dtype=dtype, device=device)
         return cls(layout, tensor, _cuda_ipc_descriptor(tensor), owner=True)

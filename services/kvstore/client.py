@@ -156,9 +156,18 @@ class KvStoreClient:
         )
 
     async def release(self, handle: common_pb2.KvHandle, timeout: float | None = 10.0) -> bool:
-        """Drops an entry nobody will pull, at the daemon holding it. False if it was gone."""
+        """Drops an entry nobody will pull, at the daemon holding it (the handle's access token
+        says we may). False if it was gone."""
         response = await self.stub(handle.kvstore_address).Release(
-            kvstore_pb2.ReleaseRequest(kv_id=handle.kv_id), timeout=timeout
+            kvstore_pb2.ReleaseRequest(kv_id=handle.kv_id, access_token=handle.access_token), timeout=timeout
+        )
+        return response.released
+
+    async def release_own(self, kv_id: str, timeout: float | None = 10.0) -> bool:
+        """Drops an entry this client's pool published (no handle needed: a publish whose answer
+        was lost). False if it was gone."""
+        response = await self.stub().Release(
+            kvstore_pb2.ReleaseRequest(kv_id=kv_id, pool_id=self.pool_id), timeout=timeout
         )
         return response.released
 

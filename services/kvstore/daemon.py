@@ -8,6 +8,7 @@ copy does not stall the loop. See docs/kvstore.md for the protocol and the entry
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
-from services.engine.kv_cache import SHM_DIR, KvLayout, KvPool
+from services.engine.kv_cache import OWNER_PROOF_BYTES, SHM_DIR, KvLayout, KvPool
 
 from .block_runs import CopyStopped, copy_blocks
 from .entries import EntryTable, KvEntry, check_block_ids
@@ -139,6 +140,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
                 num_tokens=entry.num_tokens,
                 num_blocks=entry.num_blocks,
                 layout_fingerprint=entry.fingerprint,
+                access_token=entry.access_token,
             )
         )
 
@@ -160,7 +162,8 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         return kvstore_pb2.PullResponse(bytes=nbytes, path=path, seconds=seconds)
 
     async def Release(self, request, context):
-        return kvstore_pb2.ReleaseResponse(released=self.table.release(request.kv_id))
+        released = self.table.release(request.kv_id, request.access_token, request.pool_id)
+        return kvstore_pb2.ReleaseResponse(released=released)
 
     async def Stats(self, request, context):
         return kvstore_pb2.KvStoreStats(
@@ -205,9 +208,11 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         if len(dst_ids) != handle.num_blocks:
             raise invalid("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
         if handle.node_id != self.config.node_id:
-            nbytes = await self.puller.fetch(handle.transfer_address, handle.kv_id, fingerprint, record.rows, dst_ids)
+            nbytes = await self.puller.fetch(
+                handle.transfer_address, handle.kv_id, handle.access_token, fingerprint, record.rows, dst_ids
+            )
             return nbytes, "ucx"
-        entry = await self.table.begin_transfer(handle.kv_id, fingerprint, len(dst_ids))
+        entry = await self.table.begin_transfer(handle.kv_id, handle.access_token, fingerprint, len(dst_ids))
         path = "host" if entry.in_host_tier else "local"
         succeeded = False
         try:
@@ -331,6 +336,24 @@ def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:
     )
 
 
+def check_pool_owner(path: str, size: int, proof: object) -> None:
+    """The registrant must know the secret its pool file holds after the pool (kv_cache.py
+    allocate): only a process that can read the worker's 0600 file does, so nobody can have the
+    daemon (which may read any file) map, and serve over UCX, a pool they could not read themselves."""
+    try:
+        expected = bytes.fromhex(proof) if isinstance(proof, str) else b""
+    except ValueError:
+        expected = b""
+    with open(path, "rb") as f:
+        stored = os.pread(f.fileno(), OWNER_PROOF_BYTES, size)
+    if len(expected) != OWNER_PROOF_BYTES or not hmac.compare_digest(stored, expected):
+        raise ServiceError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "memory_descriptor.proof: does not match the pool file: only the worker that created a pool "
+            "may register it",
+        )
+
+
 def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
     """Maps a worker's pool after checking its descriptor field by field (errors name the field)."""
     try:
@@ -350,6 +373,7 @@ def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
             raise invalid("memory_descriptor.size", f"{size!r} does not match the layout ({layout.total_bytes} bytes)")
         if os.path.getsize(path) < size:
             raise invalid("memory_descriptor.size", f"{path} is smaller than {size} bytes")
+        check_pool_owner(path, size, descriptor.get("proof"))
     elif kind == "cuda_ipc":
         if not torch.cuda.is_available():
             raise ServiceError(

@@ -19,8 +19,9 @@ locks are needed.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -71,6 +72,7 @@ class KvEntry:
     published_at: float
     pool: PoolRecord | None  # device tier: the pool holding the blocks
     host_buffer: torch.Tensor | None = None  # host tier: [num_blocks, block_bytes]
+    access_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # KvHandle.access_token
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by the one transfer/move reading it
     release_pending: bool = False
     dropped: bool = False
@@ -115,7 +117,8 @@ class EntryTable:
 
     # ---- pools ------------------------------------------------------------------------------
     def add_pool(self, worker_id: str, kv_pool: KvPool) -> PoolRecord:
-        pool_id = f"{worker_id}-{uuid.uuid4().hex[:8]}"
+        # unguessable: who knows it may publish into, watch and release from the pool
+        pool_id = f"{worker_id}-{secrets.token_hex(16)}"
         record = PoolRecord(pool_id, worker_id, kv_pool, asyncio.Queue(), time.monotonic())
         self.pools[pool_id] = record
         return record
@@ -167,18 +170,19 @@ class EntryTable:
         self.entries[kv_id] = entry
         return entry
 
-    def get(self, kv_id: str) -> KvEntry:
+    def get(self, kv_id: str, access_token: str) -> KvEntry:
+        """The entry, if the token is its own: a wrong token reads as no entry (nothing to probe)."""
         entry = self.entries.get(kv_id)
-        if entry is None:
+        if entry is None or not hmac.compare_digest(entry.access_token, access_token):
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND,
                 f"no KV entry {kv_id!r} here (already pulled, released, expired, or its worker is gone)",
             )
         return entry
 
-    async def begin_transfer(self, kv_id: str, fingerprint: str, num_dst_blocks: int) -> KvEntry:
+    async def begin_transfer(self, kv_id: str, access_token: str, fingerprint: str, num_dst_blocks: int) -> KvEntry:
         """Checks a pull against the entry and takes the entry's lock; pair with end_transfer."""
-        entry = self.get(kv_id)
+        entry = self.get(kv_id, access_token)
         if entry.fingerprint != fingerprint:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -202,9 +206,14 @@ class EntryTable:
         finally:
             entry.lock.release()
 
-    def release(self, kv_id: str) -> bool:
+    def release(self, kv_id: str, access_token: str = "", pool_id: str = "") -> bool:
+        """Drops the entry for a caller holding its handle's token, or for the worker whose pool
+        publishes it. False if there is no such entry (or the caller may not know of it)."""
         entry = self.entries.get(kv_id)
         if entry is None:
+            return False
+        own_pool = bool(pool_id) and entry.pool is not None and hmac.compare_digest(entry.pool.pool_id, pool_id)
+        if not (own_pool or hmac.compare_digest(entry.access_token, access_token)):
             return False
         if entry.lock.locked():
             entry.release_pending = True  # applied when the transfer reading it ends

@@ -5,7 +5,7 @@ an idle endpoint to it (ucx_endpoints.py). A control frame is one tagged message
 UTF-8 JSON (the receiver learns its length by probing the tag). Data messages use tags 1, 2, ...
 One transfer on an endpoint:
 
-    puller -> source   {"op": "fetch", "kv_id", "fingerprint", "dst_blocks": [...]}
+    puller -> source   {"op": "fetch", "kv_id", "access_token", "fingerprint", "dst_blocks": [...]}
     source -> puller   {"ok": false, "code": "NOT_FOUND", "message": ...}        (end)
                     or {"ok": true, "runs": [[offset, count], ...], "bytes": N}
     source -> puller   run i as one message on tag 1+i: entry blocks offset..offset+count-1, which
@@ -148,7 +148,9 @@ class UcxTransferServer:
             raise ValueError(f"expected a fetch request, got {request.get('op')!r}")
         dst_ids = [int(b) for b in request["dst_blocks"]]
         try:
-            entry = await self.table.begin_transfer(str(request["kv_id"]), str(request["fingerprint"]), len(dst_ids))
+            entry = await self.table.begin_transfer(
+                str(request["kv_id"]), str(request.get("access_token", "")), str(request["fingerprint"]), len(dst_ids)
+            )
         except ServiceError as e:
             await send_frame(ep, {"ok": False, "code": e.code.name, "message": e.message})
             return
@@ -180,7 +182,13 @@ class UcxPuller:
         self.transfer_timeout = transfer_timeout
 
     async def fetch(
-        self, address: str, kv_id: str, fingerprint: str, dst_rows: torch.Tensor, dst_ids: list[int]
+        self,
+        address: str,
+        kv_id: str,
+        access_token: str,
+        fingerprint: str,
+        dst_rows: torch.Tensor,
+        dst_ids: list[int],
     ) -> int:
         """Pulls entry `kv_id` from the daemon at `address` into `dst_rows[dst_ids]`; returns the
         bytes received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
@@ -196,7 +204,7 @@ class UcxPuller:
                 ) from None
             try:
                 nbytes, clean = await asyncio.wait_for(
-                    self._fetch(ep, kv_id, fingerprint, dst_rows, dst_ids), self.transfer_timeout
+                    self._fetch(ep, kv_id, access_token, fingerprint, dst_rows, dst_ids), self.transfer_timeout
                 )
             except ServiceError:  # the source said no: the conversation ended cleanly
                 await self.endpoints.give_back(host, port, ep)
@@ -228,10 +236,19 @@ class UcxPuller:
             return nbytes
 
     async def _fetch(
-        self, ep, kv_id: str, fingerprint: str, dst_rows: torch.Tensor, dst_ids: list[int]
+        self, ep, kv_id: str, access_token: str, fingerprint: str, dst_rows: torch.Tensor, dst_ids: list[int]
     ) -> tuple[int, bool]:
         """(bytes received, whether the endpoint is clean for reuse)."""
-        await send_frame(ep, {"op": "fetch", "kv_id": kv_id, "fingerprint": fingerprint, "dst_blocks": dst_ids})
+        await send_frame(
+            ep,
+            {
+                "op": "fetch",
+                "kv_id": kv_id,
+                "access_token": access_token,
+                "fingerprint": fingerprint,
+                "dst_blocks": dst_ids,
+            },
+        )
         reply = await recv_frame(ep)
         if not reply.get("ok"):
             code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)

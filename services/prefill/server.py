@@ -295,9 +295,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             except Exception:
                 pass
         try:
-            released = await self.kvstore.release(
-                common_pb2.KvHandle(kv_id=kv_id, kvstore_address=self.kvstore.address)
-            )
+            released = await self.kvstore.release_own(kv_id)
         except grpc.aio.AioRpcError:
             released = False
         if not released:

@@ -8,6 +8,7 @@ the host tier; D only for the SIGTERM test. Every test leaves every daemon witho
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -491,6 +492,42 @@ def test_bad_requests_are_rejected_naming_the_field(nodes):
                 grpc.StatusCode.FAILED_PRECONDITION, decode.client.pull([5, 6], other_model)
             )
             assert await client.release(handle)
+
+    run(scenario())
+
+
+def test_the_daemon_maps_only_pools_their_registrant_owns_and_serves_entries_only_to_their_handles(nodes):
+    """Anyone reaching a daemon could once have it map another worker's 0600 /dev/shm pool by path
+    (the daemon reads any file) and copy that worker's KV out over UCX, or release any entry by id."""
+    a, b = nodes["A"], nodes["B"]
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as victim, Worker(b, "decode-b") as thief:
+            descriptor = dict(victim.pool.descriptor)
+            stub = thief.client.stub(a.address)
+            layout = kvstore_pb2.PoolLayout(**{k: v for k, v in LAYOUT.to_dict().items() if k != "fingerprint"})
+            for proof in (None, "00" * 32, descriptor["proof"][:-2] + "ff"):
+                forged = {k: v for k, v in descriptor.items() if k != "proof"} | ({"proof": proof} if proof else {})
+                details = await expect_rpc_error(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    stub.RegisterPool(
+                        kvstore_pb2.RegisterPoolRequest(
+                            worker_id="thief", layout=layout, memory_descriptor=json.dumps(forged)
+                        )
+                    ),
+                )
+                assert details.startswith("memory_descriptor.proof:"), details
+            handle, data = await victim.publish("secret", [1, 2], seed=31)
+            forged_handle = common_pb2.KvHandle()
+            forged_handle.CopyFrom(handle)
+            for token in ("", "guessed-token"):
+                forged_handle.access_token = token
+                # across nodes (UCX from the victim's daemon) and by Release: as if there were no entry
+                await expect_rpc_error(grpc.StatusCode.NOT_FOUND, thief.client.pull([3, 4], forged_handle))
+                assert not await thief.client.release(forged_handle)
+            assert not await thief.client.release_own("secret")  # not the thief's pool's entry
+            await thief.client.pull([3, 4], handle)  # the real handle works
+            assert torch.equal(thief.rows[[3, 4]], data)
 
     run(scenario())
 

@@ -183,13 +183,36 @@ def test_release_during_a_transfer_waits_for_it(table_and_pool):
 
     async def scenario():
         entry = table.publish(record.pool_id, "a", [1, 2], 8)
-        held = await table.begin_transfer("a", entry.fingerprint, 2)
-        assert table.release("a") is True
+        held = await table.begin_transfer("a", entry.access_token, entry.fingerprint, 2)
+        assert table.release("a", entry.access_token) is True
         assert record.events.empty()  # blocks are still being read
         table.end_transfer(held, succeeded=False)
         event = record.events.get_nowait()
         assert (event.kv_id, event.block_ids, event.reason) == ("a", [1, 2], "released")
-        assert table.release("a") is False
+        assert table.release("a", entry.access_token) is False
+
+    asyncio.run(scenario())
+
+
+def test_only_the_handles_token_or_the_publishing_pool_may_pull_or_release(table_and_pool):
+    """An entry's id is not a secret (it names the request); its access token is. A guessed id
+    reads as no entry at all."""
+    table, record = table_and_pool
+
+    async def scenario():
+        entry = table.publish(record.pool_id, "a", [1, 2], 8)
+        assert len(entry.access_token) >= 32
+        for token in ("", "guess", entry.access_token[:-1] + "x"):
+            with pytest.raises(ServiceError) as e:
+                await table.begin_transfer("a", token, entry.fingerprint, 2)
+            assert e.value.code == grpc.StatusCode.NOT_FOUND
+            assert table.release("a", token) is False
+        assert table.release("a", pool_id="someone-else-1234") is False
+        assert "a" in table.entries
+        assert table.release("a", pool_id=record.pool_id) is True  # its own worker
+        other = table.publish(record.pool_id, "b", [3], 4)
+        held = await table.begin_transfer("b", other.access_token, other.fingerprint, 1)
+        table.end_transfer(held, succeeded=True)
 
     asyncio.run(scenario())
 
@@ -199,8 +222,8 @@ def test_second_pull_of_an_entry_finds_it_gone(table_and_pool):
 
     async def scenario():
         entry = table.publish(record.pool_id, "a", [1], 4)
-        first = await table.begin_transfer("a", entry.fingerprint, 1)
-        second = asyncio.create_task(table.begin_transfer("a", entry.fingerprint, 1))
+        first = await table.begin_transfer("a", entry.access_token, entry.fingerprint, 1)
+        second = asyncio.create_task(table.begin_transfer("a", entry.access_token, entry.fingerprint, 1))
         await asyncio.sleep(0)
         table.end_transfer(first, succeeded=True)
         with pytest.raises(ServiceError) as e:
@@ -218,10 +241,10 @@ def test_transfer_checks_fingerprint_and_block_count(table_and_pool):
     async def scenario():
         entry = table.publish(record.pool_id, "a", [1, 2], 8)
         with pytest.raises(ServiceError) as e:
-            await table.begin_transfer("a", "other-model:1x2:float32", 2)
+            await table.begin_transfer("a", entry.access_token, "other-model:1x2:float32", 2)
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(ServiceError) as e:
-            await table.begin_transfer("a", entry.fingerprint, 3)
+            await table.begin_transfer("a", entry.access_token, entry.fingerprint, 3)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith("block_ids:")
         assert not entry.lock.locked()
 
