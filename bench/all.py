@@ -6,6 +6,8 @@
    same cores, chat-like workload (a shortened sweep; docs/benchmarks.md has the longer runs).
 4. bench.overhead: the serving path's CPU per streamed token, router and decode worker (this
    checkout alone; `--base` compares two checkouts side by side).
+5. bench.soak: 90 s of load with a random service SIGKILLed every 20 s: requests lost, exact,
+   memory slopes.
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, mixed_batch, overhead, serving
+from . import engine, mixed_batch, overhead, serving, soak
 
 
 def main(argv=None) -> int:
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     )
     print("\n== serving path: CPU per streamed token (engines emulated at H100 timings) ==", flush=True)
     overhead.main(["--rounds", "1", "--out", "results/overhead"])
+    print("\n== soak: services SIGKILLed at random under load (docs/reliability.md has 30 minutes) ==", flush=True)
+    soak.main(["--minutes", "1.5", "--kill-every", "20", "--probe-seconds", "10", "--out", "results/soak"])
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0
 
