@@ -52,10 +52,13 @@ RUN apt-get update \
  && groupadd --system --gid 10001 pdserve \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/pdserve pdserve
 COPY --from=builder /opt/pdserve /opt/pdserve
+# A container is its own network namespace: listen on its interfaces (the services' default,
+# 127.0.0.1, would be unreachable from outside it).
 ENV PATH=/opt/pdserve/bin:$PATH \
     CC=gcc \
     PYTHONUNBUFFERED=1 \
-    PDSERVE_CACHE=/home/pdserve/.cache/pdserve
+    PDSERVE_CACHE=/home/pdserve/.cache/pdserve \
+    PDSERVE_HOST=0.0.0.0
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /home/pdserve

@@ -98,6 +98,24 @@ DASHBOARDS = {
                 ],
                 "timeseries",
             ),
+            (
+                "Refused for load (RESOURCE_EXHAUSTED)",
+                "reqps",
+                [q(f"sum by (component) (rate(pdserve_admission_refusals_total[{RATE}]))", "{{component}}")],
+                "timeseries",
+            ),
+            (
+                "Workers the router sends work",
+                "short",
+                [
+                    q("sum by (role) (pdserve_router_worker_healthy)", "{{role}} healthy"),
+                    q(
+                        f"sum by (reason) (increase(pdserve_router_worker_ejections_total[{RATE}]))",
+                        "ejected: {{reason}}",
+                    ),
+                ],
+                "timeseries",
+            ),
         ],
     ),
     "pdserve-prefill": (

@@ -199,6 +199,8 @@ def test_every_alert_rule_evaluates_and_its_signal_returns_data(prometheus):
         "PdserveSloAttainmentLow",
         "PdserveKvPoolNearlyFull",
         "PdserveKvTransferFailures",
+        "PdserveShedding",
+        "PdserveWorkerEjected",
     }
     for rule in alerts:
         query(url, rule["expr"])
