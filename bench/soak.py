@@ -227,6 +227,15 @@ def slopes(memory: list[dict]) -> dict[str, float]:
 def summarize(results: list[dict], kills: list[dict], memory: list[dict], rate: float, goodput: float) -> dict:
     failed = [r for r in results if r["error"]]
     ok = [r for r in results if not r["error"]]
+    for kill in kills:  # each failure goes to the last kill before it was sent (or "none")
+        kill["lost"] = 0
+    unexplained = 0
+    for r in failed:
+        before = [k for k in kills if k["t"] <= r["t"] + 1.0]  # (a request sent just before the kill)
+        if before and r["t"] - before[-1]["t"] < 60:
+            before[-1]["lost"] += 1
+        else:
+            unexplained += 1
     return {
         "machine": "this CPU (2 vCPUs), tiny Llama, real engines",
         "goodput_rps": goodput,
@@ -234,6 +243,8 @@ def summarize(results: list[dict], kills: list[dict], memory: list[dict], rate: 
         "requests": len(results),
         "lost": len(failed),
         "lost_errors": sorted({r["error"][:120] for r in failed}),
+        "lost_not_within_60_s_of_a_kill": unexplained,
+        "failures": [[round(r["t"], 3), r["error"][:120]] for r in failed],
         "exact": sum(r["exact"] for r in results),
         "inexact_answers": sum(1 for r in ok if not r["exact"]),
         "p99_ttft_s": percentile([r["ttft"] for r in ok], 0.99) if ok else None,
@@ -292,8 +303,8 @@ def main(argv=None) -> int:
     with open(args.out + ".json", "w") as f:
         json.dump({"summary": summary, "memory": memory}, f, indent=1)
     plot(summary, memory, args.out + ".png")
-    print(json.dumps({k: v for k, v in summary.items() if k != "kills"}, indent=1))
-    print(f"kills: {[k['service'] for k in kills]}")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("kills", "failures")}, indent=1))
+    print("kills: " + ", ".join(f"{k['service']} at {k['t']:.0f} s ({k['lost']} lost)" for k in kills))
     return 0
 
 

@@ -26,7 +26,11 @@ from services.common.grpc_client import sync_channel
 from services.common.tls import TlsFiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_RESTARTS = 3  # per service; past that the launcher stops the cluster
+# A service that exits more than this often within the window is crash-looping: the launcher stops
+# the cluster instead of restarting it again. Crashes further apart are restarted however many
+# there are (a long-running cluster outlives many).
+MAX_RESTARTS = 3
+RESTART_WINDOW_SECONDS = 300.0
 STOP_SECONDS_PER_PROCESS = 1.0  # added to a group's grace per process in it
 
 
@@ -245,7 +249,7 @@ class Cluster:
         self.spec = spec
         self.procs = plan_processes(spec)
         self._popen: dict[str, subprocess.Popen] = {}
-        self.restarts: dict[str, int] = {}
+        self.restarts: dict[str, list[float]] = {}  # service -> when it was restarted
         self.client_tls: TlsFiles | None = None  # the launcher's own identity (health checks, tools)
         self.api_key_file = ""
         if spec.tls:
@@ -304,9 +308,14 @@ class Cluster:
         """The service's exit code, or None while it runs."""
         return self._popen[proc.name].poll()
 
+    def crash_looping(self, proc: ServiceProcess) -> bool:
+        """True if the service was restarted MAX_RESTARTS times within the last RESTART_WINDOW_SECONDS."""
+        recent = [t for t in self.restarts.get(proc.name, []) if time.monotonic() - t < RESTART_WINDOW_SECONDS]
+        return len(recent) >= MAX_RESTARTS
+
     def restart(self, proc: ServiceProcess) -> None:
         """Starts a crashed service again on the same ports (its peers find it by address)."""
-        self.restarts[proc.name] = self.restarts.get(proc.name, 0) + 1
+        self.restarts.setdefault(proc.name, []).append(time.monotonic())
         self._start(proc, append_log=True)
 
     def log_tail(self, proc: ServiceProcess, lines: int = 30) -> str:

@@ -13,7 +13,7 @@ import time
 import yaml
 
 from services.common.latency_profile import LatencyProfile
-from services.launcher import MAX_RESTARTS, Cluster, ClusterSpec, StartCancelled, prometheus_config
+from services.launcher import Cluster, ClusterSpec, StartCancelled, prometheus_config
 from services.planner.plan_output import read_layout
 from services.tiny_models import model_dir_or_default
 
@@ -52,7 +52,8 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
         "--on-exit",
         choices=["restart", "stop"],
         default="restart",
-        help="when a service dies: start it again (up to 3 times) or stop the whole cluster",
+        help="when a service dies: start it again (unless it is crash-looping: 3 restarts within 5 minutes) "
+        "or stop the whole cluster",
     )
     ap.add_argument(
         "--worker-arg",
@@ -258,7 +259,7 @@ def up(args) -> int:
                 code = cluster.exit_code(proc)
                 if code is None:
                     continue
-                if args.on_exit == "restart" and cluster.restarts.get(proc.name, 0) < MAX_RESTARTS:
+                if args.on_exit == "restart" and not cluster.crash_looping(proc):
                     print(f"{proc.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
                     cluster.restart(proc)
                     if args.ready_file:  # its new pid

@@ -75,3 +75,22 @@ def plans(tmp_path_factory):
 )
 def test_a_bad_plan_setup_is_refused_up_front(tmp_path, plans, args, message):
     _assert_refused(tmp_path, [a.format(**plans) for a in args], message)
+
+
+def test_the_launcher_gives_up_only_on_a_crash_loop(monkeypatch):
+    """Restarts far apart go on forever (a soak kills the same daemon many times); three within
+    the window mean a crash loop, and the cluster stops."""
+    import services.launcher as launcher
+
+    cluster = launcher.Cluster(launcher.ClusterSpec(log_dir="/tmp/pdserve-test-restarts"))
+    proc = cluster.procs[0]
+    now = [1000.0]
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: now[0])
+    for _ in range(10):  # one restart every 10 minutes
+        assert not cluster.crash_looping(proc)
+        cluster.restarts.setdefault(proc.name, []).append(now[0])
+        now[0] += 600
+    for _ in range(launcher.MAX_RESTARTS):  # then three in a minute
+        cluster.restarts[proc.name].append(now[0])
+        now[0] += 20
+    assert cluster.crash_looping(proc)
