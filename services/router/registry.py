@@ -115,6 +115,9 @@ class WorkerRegistry:
         self._changed = asyncio.Event()
         self._resolve_host = resolve_host or _resolve_host  # async (host, port) -> list of IP strings
         self.metrics = metrics or RegistryMetrics(CollectorRegistry())
+        for role in self.roles:  # zero from the start: dashboards and alerts see the series
+            for why in Ejection:
+                self.metrics.ejections.labels(role, why)
 
     @property
     def roles(self) -> set[Role]:
