@@ -3,8 +3,10 @@
 glibc's malloc keeps memory a process has freed (in each thread's arena, below the top of the
 heap) for reuse, so after an overload burst a service's resident memory stays near its peak: on a
 2-core test cluster each worker kept 200-300 MB more anonymous memory after 3,000 requests than
-before. `trim_when_idle` calls malloc_trim(0) when the process goes quiet after having worked,
-which returns those free pages; under load it never runs, so it costs nothing on the hot path.
+before. `trim_when_idle` calls malloc_trim(0) once the process has been quiet for a while after
+a lot of work, which returns those free pages. It must not run while requests are served, even
+slowly: the trim holds malloc's locks, and a worker's engine thread allocating meanwhile would be
+late (a worker emulating a GPU serves one request at a time with almost no CPU).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import time
 log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 2.0
-IDLE_CPU_SHARE = 0.05  # below this share of one core over a check interval, the process is idle
-WORK_CPU_SECONDS = 1.0  # CPU time spent since the last trim that makes another one worth it
+IDLE_CPU_SHARE = 0.02  # below this share of one core over a check interval, the process is quiet
+IDLE_CHECKS = 3  # quiet this many intervals in a row: idle
+WORK_CPU_SECONDS = 10.0  # CPU time spent since the last trim that makes another one worth it
 
 
 def _malloc_trim():
@@ -42,12 +45,14 @@ async def trim_when_idle() -> None:
     if trim is None:
         return
     cpu_at_trim = last_cpu = time.process_time()
+    quiet = 0
     while True:
         await asyncio.sleep(CHECK_SECONDS)
         cpu = time.process_time()
-        idle = cpu - last_cpu < IDLE_CPU_SHARE * CHECK_SECONDS
+        quiet = quiet + 1 if cpu - last_cpu < IDLE_CPU_SHARE * CHECK_SECONDS else 0
         last_cpu = cpu
-        if idle and cpu - cpu_at_trim > WORK_CPU_SECONDS:
+        if quiet >= IDLE_CHECKS and cpu - cpu_at_trim > WORK_CPU_SECONDS:
+            quiet = 0
             before = resident_anonymous_bytes()
             trim(0)
             cpu_at_trim = last_cpu = time.process_time()
