@@ -4,9 +4,11 @@ glibc's malloc keeps memory a process has freed (in each thread's arena, below t
 heap) for reuse, so after an overload burst a service's resident memory stays near its peak: on a
 2-core test cluster each worker kept 200-300 MB more anonymous memory after 3,000 requests than
 before. `trim_when_idle` calls malloc_trim(0) once the process has been quiet for a while after
-a lot of work, which returns those free pages. It must not run while requests are served, even
-slowly: the trim holds malloc's locks, and a worker's engine thread allocating meanwhile would be
-late (a worker emulating a GPU serves one request at a time with almost no CPU).
+a lot of work, which returns those free pages. It must not overlap a worker's engine step: the trim
+holds malloc's locks, and a step allocating meanwhile would be late (a worker emulating a GPU serves
+one request at a time with almost no CPU, so "quiet" says nothing about whether it is serving). A
+worker therefore runs it on its engine thread, and only while the engine has no work
+(EngineThread.post_when_idle): a request that arrives during a trim waits for it, like any queue.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,18 @@ def resident_anonymous_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
-async def trim_when_idle() -> None:
-    """Runs until cancelled: malloc_trim(0) each time the process turns idle after a stretch of work."""
-    trim = _malloc_trim()
-    if trim is None:
+async def trim_when_idle(run: Callable[[Callable[[], None]], None]) -> None:
+    """Runs until cancelled: malloc_trim(0) each time the process turns idle after a stretch of work,
+    through `run` (which may run it later, elsewhere, or not at all: a worker's engine thread)."""
+    malloc_trim = _malloc_trim()
+    if malloc_trim is None:
         return
+
+    def trim() -> None:
+        before = resident_anonymous_bytes()
+        malloc_trim(0)
+        log.debug("idle: returned %d MiB of freed memory", (before - resident_anonymous_bytes()) >> 20)
+
     cpu_at_trim = last_cpu = time.process_time()
     quiet = 0
     while True:
@@ -53,7 +63,5 @@ async def trim_when_idle() -> None:
         last_cpu = cpu
         if quiet >= IDLE_CHECKS and cpu - cpu_at_trim > WORK_CPU_SECONDS:
             quiet = 0
-            before = resident_anonymous_bytes()
-            trim(0)
+            run(trim)
             cpu_at_trim = last_cpu = time.process_time()
-            log.debug("idle: returned %d MiB of freed memory", (before - resident_anonymous_bytes()) >> 20)

@@ -168,6 +168,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def _run_now(fn: Callable[[], None]) -> None:
+    fn()
+
+
 def _refusing(handler, code: grpc.StatusCode, details: str):
     """The handler, replaced by one that ends the call with `code` whatever it is sent."""
 
@@ -282,9 +286,28 @@ class ServiceRunner:
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._serving = True  # the overall health status ("") once started (set_serving)
+        # Where memory housekeeping runs (common/memory.py): here, or, for a worker, on its engine
+        # thread between requests; set before start()
+        self.run_housekeeping: Callable[[Callable[[], None]], None] = _run_now
         self._trimmer: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self.bound_port = 0
+
+    @classmethod
+    def from_flags(cls, name: str, args, registry: CollectorRegistry, **options) -> ServiceRunner:
+        """A runner for a service's common_server_flags (flags.py); `options`: the rest of __init__'s."""
+        return cls(
+            name,
+            args.host,
+            args.port,
+            args.metrics_port,
+            registry,
+            args.grace_seconds,
+            tls=TlsFiles.from_args(args),
+            reflection=args.reflection == "on",
+            health_port=args.health_port,
+            **options,
+        )
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], Iterable[str]]) -> None:
         options = GRPC_OPTIONS
@@ -311,7 +334,7 @@ class ServiceRunner:
             if self._health_server.add_insecure_port(f"{self.host}:{self.health_port}") == 0:
                 raise RuntimeError(f"{self.name}: cannot bind the health port {self.host}:{self.health_port}")
             await self._health_server.start()
-        self._trimmer = asyncio.create_task(trim_when_idle())
+        self._trimmer = asyncio.create_task(trim_when_idle(self.run_housekeeping))
         if self.metrics_port >= 0:
             start_http_server(
                 self.metrics_port,

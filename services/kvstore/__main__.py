@@ -12,7 +12,6 @@ import socket
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
-from services.common.tls import TlsFiles
 
 from .daemon import KvStoreConfig, KvStoreDaemon
 from .ucx_endpoints import configure_ucx_environment
@@ -80,17 +79,7 @@ async def serve(args) -> None:
     )
     registry = new_registry()
     daemon = KvStoreDaemon(config, registry)
-    runner = ServiceRunner(
-        "kvstore",
-        args.host,
-        args.port,
-        args.metrics_port,
-        registry,
-        args.grace_seconds,
-        tls=TlsFiles.from_args(args),
-        reflection=args.reflection == "on",
-        health_port=args.health_port,
-    )
+    runner = ServiceRunner.from_flags("kvstore", args, registry)
     await daemon.start()
     try:
         await runner.start(lambda server: [daemon.add_to_server(server)])

@@ -12,7 +12,6 @@ from services.common.enums import WORKER_ROLES, Role
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
-from services.common.tls import TlsFiles
 from services.engine.config import ModelConfig
 from services.tiny_models import model_dir_or_default
 
@@ -23,12 +22,13 @@ from .slo import SloTracker
 log = logging.getLogger("router")
 
 
-def _addresses(values: list[str] | None) -> list[str]:
+def _comma_list(values: list[str] | None) -> list[str]:
+    """A repeatable flag's values, each possibly comma-separated, as one list."""
     return [a.strip() for v in values or [] for a in v.split(",") if a.strip()]
 
 
 def api_keys(args) -> frozenset[str]:
-    keys = set(_addresses(args.api_key))
+    keys = set(_comma_list(args.api_key))
     if args.api_key_file:
         with open(args.api_key_file) as f:
             keys.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
@@ -102,8 +102,8 @@ def parser() -> FlagParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     setup_process(args, Role.ROUTER)
-    static = {role: _addresses(getattr(args, role)) for role in WORKER_ROLES}
-    dns = {role: _addresses(getattr(args, f"{role}_dns")) for role in WORKER_ROLES}
+    static = {role: _comma_list(getattr(args, role)) for role in WORKER_ROLES}
+    dns = {role: _comma_list(getattr(args, f"{role}_dns")) for role in WORKER_ROLES}
     roles = {r for r in static if static[r] or dns[r]}
     if roles not in ({Role.COLOCATED}, {Role.PREFILL, Role.DECODE}):
         raise SystemExit("give prefill and decode workers (disaggregated), or colocated workers alone")
@@ -136,20 +136,14 @@ def main(argv=None) -> None:
                 "router", args.max_inflight_requests, args.max_queued_prompt_tokens, refusals_counter(registry)
             ),
         )
-        runner = ServiceRunner(
+        runner = ServiceRunner.from_flags(
             "router",
-            args.host,
-            args.port,
-            args.metrics_port,
+            args,
             registry,
-            args.grace_seconds,
-            args.shared_port,
-            tls=TlsFiles.from_args(args),
+            shared_port=args.shared_port,
             require_client_cert=False,  # the public API: clients authenticate with API keys
-            reflection=args.reflection == "on",
             api_keys=api_keys(args),
             protected_service=router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-            health_port=args.health_port,
         )
 
         def add(server):

@@ -4,7 +4,8 @@ The engine runs on its own thread so that the asyncio loop (gRPC, kvstore calls)
 while a forward pass runs (torch releases the GIL inside kernels). Every engine, block and
 scheduler mutation happens on that thread. The two sides talk only through this class:
 
-    asyncio side -> engine thread:  post(fn), or `await call(fn)` for fn's result
+    asyncio side -> engine thread:  post(fn), or `await call(fn)` for fn's result;
+                                    post_when_idle(fn) for housekeeping between requests
     engine thread -> asyncio side:  emit(fn, *args) for a plain callback (a queue put, a future's
                                     result), emit_at(when, fn, *args) for one at a given time,
                                     spawn(coroutine) to start async work (a KV pull)
@@ -49,6 +50,11 @@ class EngineThread:
     # ---- from the asyncio side ------------------------------------------------------------------
     def post(self, fn: Callable[[], object]) -> None:
         self._inbox.put(fn)
+
+    def post_when_idle(self, fn: Callable[[], object]) -> None:
+        """Runs fn on the engine thread if the engine has no work when its turn comes, else drops it:
+        housekeeping that must not overlap or delay a step."""
+        self.post(lambda: None if self._has_work() else fn())
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Runs fn on the engine thread and returns its result (or raises its exception)."""

@@ -25,7 +25,6 @@ from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.latency_profile import LatencyProfile
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
-from services.common.tls import TlsFiles
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
 from services.engine.engine import Engine, EngineBase
@@ -33,6 +32,7 @@ from services.engine.sequence import Sequence
 from services.kvstore.client import KvStoreClient
 from services.tiny_models import model_dir_or_default
 
+from .engine_thread import EngineThread
 from .step_log import StepLog
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,7 @@ class WorkerService(Protocol):
     """What run_worker needs of a worker's servicer (besides implementing its gRPC services)."""
 
     step_log: StepLog | None
+    thread: EngineThread
 
     @property
     def not_serving_reason(self) -> str: ...  # "" when it can take work
@@ -331,17 +332,7 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
     async def main() -> None:
         engine = engine_from_flags(args)
         registry = new_registry()
-        runner = ServiceRunner(
-            role,
-            args.host,
-            args.port,
-            args.metrics_port,
-            registry,
-            args.grace_seconds,
-            tls=TlsFiles.from_args(args),
-            reflection=args.reflection == "on",
-            health_port=args.health_port,
-        )
+        runner = ServiceRunner.from_flags(role, args, registry)
         worker_id = args.worker_id or f"{role}-{os.uname().nodename}-{args.port}"
         try:
             service = make_service(engine, registry, worker_id)
@@ -350,6 +341,7 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
             raise SystemExit(f"{role}: {exc}") from None
         if args.step_log:
             service.step_log = StepLog(args.step_log.replace("{worker}", worker_id))
+        runner.run_housekeeping = service.thread.post_when_idle
         # Serving (NOT_SERVING, Stats saying why) while start() waits for this node's kvstore
         # daemon: a worker started before its daemon waits for it instead of exiting.
         await runner.set_serving(False)
