@@ -8,10 +8,11 @@ from .server import GRPC_OPTIONS
 from .tls import TlsFiles, channel_credentials, channel_options
 
 # A peer that went away (a restarted worker or daemon) is reconnected to within a second of its
-# return: gRPC's default backoff grows to 120 s, and calls fail at once while it waits.
+# return: gRPC's default backoff grows to 120 s, and calls fail at once while it waits. The minimum
+# backoff stays at its default: gRPC core also uses it as the timeout of a connection attempt, and
+# at 100 ms a busy peer's handshake failed ("timed out before receiving SETTINGS frame").
 CLIENT_OPTIONS = GRPC_OPTIONS + [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
