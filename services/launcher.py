@@ -93,6 +93,7 @@ class ClusterSpec:
     routers: int = 1  # more than one: all serve router_port (SO_REUSEPORT), each also its own port
     kv_cache_gb: float = 0.25
     threads: int = 0  # torch threads per worker (0: cores / workers)
+    tensor_parallel: int = 1  # colocated instances: ranks each, one process per rank (engine/parallel.py)
     log_dir: str = "results/cluster-logs"
     worker_args: list[str] = field(default_factory=list)
     role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per role (prefill, decode, ...)
@@ -161,7 +162,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 "colocated",
                 node,
                 "services.colocated",
-                common + ["--node-id", node] + role_args("colocated"),
+                common + ["--node-id", node, "--tensor-parallel", str(spec.tensor_parallel)] + role_args("colocated"),
             )
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):

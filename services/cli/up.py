@@ -41,6 +41,12 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="colocated mode: tensor-parallel ranks per instance, one process each (on CUDA, one GPU each)",
+    )
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
     ap.add_argument("--log-dir", default="results/cluster-logs")
     ap.add_argument(
@@ -113,6 +119,7 @@ def spec_from_args(args) -> ClusterSpec:
         routers=args.routers,
         kv_cache_gb=args.kv_cache_gb,
         threads=args.threads,
+        tensor_parallel=args.tp,
         log_dir=args.log_dir,
         worker_args=split_flags(args.worker_arg),
         router_args=split_flags(args.router_arg),
@@ -207,9 +214,17 @@ def _check_args(args, spec: ClusterSpec) -> None:
         if spec.mode == "disaggregated"
         else {"--colocated": spec.colocated}
     )
+    counts["--tp"] = spec.tensor_parallel
     for flag, value in counts.items():
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
+    if spec.tensor_parallel > 1 and spec.mode != "colocated":
+        raise SystemExit(
+            "--tp: tensor parallelism runs in colocated mode so far; prefill and decode instances need "
+            "every rank's KV shard moved between them (not built yet)"
+        )
+    if spec.tensor_parallel > 1 and spec.profiles:
+        raise SystemExit("--tp: an emulated instance's parallelism is its profile's (--emulate)")
     for flag, path in (("--ready-file", args.ready_file), ("--prometheus-config", args.prometheus_config)):
         folder = os.path.dirname(os.path.abspath(path)) if path else ""
         if path and not os.path.isdir(folder):

@@ -212,6 +212,8 @@ class EngineConfig:
     cpu_decode_kv_mirror_bytes: int = 256 << 20
     seed: int = 0
     kv_pool_name: str | None = None  # shared-memory name; generated when None
+    # ranks of this instance, one process each, the model's heads and MLP split among them (parallel.py)
+    tensor_parallel: int = 1
 
     def __post_init__(self):
         if self.dtype not in SUPPORTED_DTYPES:
@@ -222,6 +224,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
 
     @property
     def dtype_bytes(self) -> int:

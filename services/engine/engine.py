@@ -27,8 +27,10 @@ from .backends.base import AttentionShape
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
 from .kv_cache import KvLayout, KvPool, model_id_for
+from .layers.linear import NO_TP, TensorParallel
 from .layers.rotary import RotaryEmbedding
 from .model import CausalLM
+from .parallel import Ranks, agreed_min
 from .runner import ModelRunner
 from .sampler import SampleResult, sample
 from .scheduler import StepKind, StepPlan
@@ -167,11 +169,22 @@ class Engine(EngineBase):
         *,
         model_config: ModelConfig | None = None,
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+        tp: TensorParallel | None = None,
     ):
         """Loads `model_dir` (a Hugging Face checkpoint folder). Without a folder, pass
         `model_config` and either `weights` (name, tensor) pairs in Hugging Face naming or nothing
-        for seeded random weights (benchmarks)."""
+        for seeded random weights (benchmarks).
+
+        With `config.tensor_parallel` N > 1 this is rank 0 of the instance: it starts the other
+        ranks (parallel.py), which build their own Engine with their `tp`."""
         self.config = config = config or EngineConfig()
+        self.ranks: Ranks | None = None
+        if tp is None and config.tensor_parallel > 1:
+            if model_dir is None or weights is not None:
+                raise ValueError("tensor parallelism loads a checkpoint folder on every rank (give model_dir)")
+            self.ranks = Ranks.start(model_dir, config)
+            tp = self.ranks.tp
+        self.tp = tp = tp or NO_TP
         if model_config is None:
             assert model_dir is not None, "give a model folder or a model_config"
             model_config = ModelConfig.from_pretrained(model_dir)
@@ -180,9 +193,11 @@ class Engine(EngineBase):
         self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
         dtype = getattr(torch, config.dtype)
         rotary = RotaryEmbedding(mc, self.max_model_len, self.device)
-        self.backend = select_backend(config, mc, rotary, AttentionShape(mc.num_heads, mc.num_kv_heads, mc.head_dim))
+        kv_heads = tp.kv_heads(mc.num_kv_heads)  # this rank's
+        shape = AttentionShape(tp.split(mc.num_heads, "attention heads"), kv_heads, mc.head_dim)
+        self.backend = select_backend(config, mc, rotary, shape)
         with _default_dtype(dtype), torch.device("meta"):
-            model = CausalLM(mc, self.backend)
+            model = CausalLM(mc, self.backend, tp)
         model = model.to_empty(device=self.device)
         model.tie_weights()  # to_empty gave each module its own tensor
         if model_dir is not None and weights is None:
@@ -195,11 +210,14 @@ class Engine(EngineBase):
         self.model = model.eval()
 
         hf_dict = mc.hf_config.to_dict() if mc.hf_config is not None else {}
+        num_blocks = self._num_kv_blocks(kv_heads)
+        if tp.size > 1:
+            num_blocks = agreed_min(num_blocks)  # block ids mean the same on every rank
         layout = KvLayout(
-            num_blocks=self._num_kv_blocks(),
+            num_blocks=num_blocks,
             num_layers=mc.num_layers,
             block_size=config.block_size,
-            num_kv_heads=mc.num_kv_heads,
+            num_kv_heads=kv_heads,
             head_dim=mc.head_dim,
             dtype=config.dtype,
             model_id=model_id_for(model_dir or "random", hf_dict),
@@ -216,11 +234,14 @@ class Engine(EngineBase):
             self.max_model_len,
             null_block=layout.num_blocks - 1,
         )
+        if self.ranks is not None:
+            self.runner.before_forward = self.ranks.send
         self.last_logits: torch.Tensor | None = None  # [len(seqs), vocab] of the last step, for tests
         log.info(
-            "engine ready: %s, %.1fM params, %s on %s (%s backend), %d KV blocks of %d tokens (%.1f MiB)",
+            "engine ready: %s, %.1fM params%s, %s on %s (%s backend), %d KV blocks of %d tokens (%.1f MiB)",
             mc.architecture,
             mc.num_params() / 1e6,
+            f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
             config.dtype,
             config.device,
             self.backend.name,
@@ -229,9 +250,9 @@ class Engine(EngineBase):
             layout.total_bytes / 2**20,
         )
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, kv_heads: int) -> int:
         mc, cfg = self.model_config, self.config
-        block_bytes = mc.kv_elements_per_token * cfg.block_size * cfg.dtype_bytes
+        block_bytes = 2 * mc.num_layers * kv_heads * mc.head_dim * cfg.block_size * cfg.dtype_bytes
         budget = cfg.kv_cache_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -257,6 +278,11 @@ class Engine(EngineBase):
 
     def _mixed(self, seqs: list[Sequence], num_tokens: list[int], completing: list[int]) -> SampleResult:
         return self._sample([seqs[i] for i in completing], self.runner.mixed(seqs, num_tokens, completing))
+
+    def close(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+        super().close()
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleResult:
         self.last_logits = logits

@@ -1,9 +1,16 @@
 """Turns sequences into the model's inputs, runs the model, and (with a backend that allows it, on
-CUDA) replays captured decode graphs."""
+CUDA) replays captured decode graphs.
+
+A step's inputs are first laid out as plain data (`ForwardInputs`), then run: in a tensor-parallel
+instance rank 0 lays them out from its sequences and every rank runs the same inputs on its shard
+of the model (engine/parallel.py). Decode graphs are captured only without tensor parallelism.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +24,37 @@ from .model import CausalLM
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardInputs:
+    """One forward pass as plain data (picklable, small: the tokens computed and block ids)."""
+
+    kind: str  # "prefill", "mixed" (chunked prefill beside running sequences) or "decode"
+    seq_ids: list[str]
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # block * block_size + row, where each token's K/V goes
+    discarded: list[str]  # sequences whose blocks were given up since the last pass (backend.forget)
+    cu_seqlens: list[int] | None = None  # prefill, mixed: row boundaries of the sequences
+    logits_rows: list[int] | None = None  # mixed: the rows whose logits are wanted (prefill: last rows)
+    block_tables: list[list[int]] | None = None  # decode; mixed: of its one-token rows
+    context_lens: list[int] | None = None  # the same rows' contexts, including this step's token
+    decode_rows: list[int] | None = None  # mixed: rows adding one token to a cached context
+    chunks: list[tuple[int, int, int, list[int]]] | None = None  # mixed: (first row, rows, cached before, blocks)
+
+    def reordered(self, order: list[int]) -> ForwardInputs:
+        """A decode pass with its sequences in `order`."""
+        assert self.block_tables is not None and self.context_lens is not None
+        return replace(
+            self,
+            seq_ids=[self.seq_ids[i] for i in order],
+            input_ids=[self.input_ids[i] for i in order],
+            positions=[self.positions[i] for i in order],
+            slots=[self.slots[i] for i in order],
+            block_tables=[self.block_tables[i] for i in order],
+            context_lens=[self.context_lens[i] for i in order],
+        )
 
 
 class ModelRunner:
@@ -40,7 +78,9 @@ class ModelRunner:
         self.max_blocks_per_seq = ceil_div(max_model_len, self.block_size)
         self.null_slot = null_block * self.block_size  # padded rows write here, never read
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if backend.supports_cuda_graphs and config.enable_cuda_graphs:
+        # rank 0 of a tensor-parallel instance: sends each pass's inputs to the other ranks
+        self.before_forward: Callable[[ForwardInputs], None] | None = None
+        if backend.supports_cuda_graphs and config.enable_cuda_graphs and config.tensor_parallel == 1:
             self._capture_decode_graphs()
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
@@ -49,14 +89,10 @@ class ModelRunner:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _forget_discarded(self) -> None:
-        for seq_id in self.block_manager.take_discarded():
-            self.backend.forget(seq_id)
-
+    # ---- sequences -> a forward pass's inputs (rank 0) ------------------------------------------
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Packs the prompts (no padding), writes their K/V, returns last-token logits [N, V]."""
-        self._forget_discarded()
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -67,10 +103,11 @@ class ModelRunner:
             positions.extend(range(n))
             slots.extend(self._slot(seq, p) for p in range(n))
             cu.append(cu[-1] + n)
-        inputs = StepInputs([s.seq_id for s in seqs], self._tensor(positions), self._tensor(slots), cu_seqlens=cu)
-        meta = self.backend.prefill_metadata(inputs)
-        last = self._tensor([c - 1 for c in cu[1:]])
-        return self.model(self._tensor(input_ids), meta, self.kv_pool, last)
+        return self.forward(
+            ForwardInputs(
+                "prefill", [s.seq_id for s in seqs], input_ids, positions, slots, self._discarded(), cu_seqlens=cu
+            )
+        )
 
     @torch.inference_mode()
     def mixed(self, seqs: list[Sequence], num_tokens: list[int], logits_of: list[int]) -> torch.Tensor:
@@ -78,14 +115,13 @@ class ModelRunner:
         (a prompt chunk, or the next token of a running sequence) in one forward pass. Returns the
         logits [len(logits_of), V] of the sequences at indices `logits_of` (those reaching their
         last token)."""
-        self._forget_discarded()
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         cu = [0]
         decode_rows: list[int] = []
         decode_seqs: list[Sequence] = []
-        chunks: list[tuple[int, int, int, torch.Tensor]] = []
+        chunks: list[tuple[int, int, int, list[int]]] = []
         for seq, n in zip(seqs, num_tokens, strict=True):
             start, end = seq.num_cached, seq.num_cached + n
             input_ids.extend(seq.token_ids[start:end])
@@ -95,58 +131,112 @@ class ModelRunner:
                 decode_rows.append(cu[-1])
                 decode_seqs.append(seq)
             else:
-                chunks.append((cu[-1], n, start, self._tensor(seq.block_table[: ceil_div(end, self.block_size)])))
+                chunks.append((cu[-1], n, start, seq.block_table[: ceil_div(end, self.block_size)]))
             cu.append(cu[-1] + n)
         lens = [s.num_cached + 1 for s in decode_seqs]
-        width = ceil_div(max(lens, default=1), self.block_size)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs]
-        cached = CachedContext(
-            self._tensor(decode_rows),
-            self._tensor(tables, torch.int32),
-            self._tensor(lens, torch.int32),
-            max(lens, default=0),
-            chunks,
+        return self.forward(
+            ForwardInputs(
+                "mixed",
+                [s.seq_id for s in seqs],
+                input_ids,
+                positions,
+                slots,
+                self._discarded(),
+                cu_seqlens=cu,
+                logits_rows=[cu[i + 1] - 1 for i in logits_of],
+                block_tables=self._tables(decode_seqs, lens),
+                context_lens=lens,
+                decode_rows=decode_rows,
+                chunks=chunks,
+            )
         )
-        inputs = StepInputs(
-            [s.seq_id for s in seqs], self._tensor(positions), self._tensor(slots), cu_seqlens=cu, cached=cached
-        )
-        meta = self.backend.prefill_metadata(inputs)
-        last = self._tensor([cu[i + 1] - 1 for i in logits_of])
-        return self.model(self._tensor(input_ids), meta, self.kv_pool, last)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One step: feeds each sequence's last token at position len-1, returns logits [B, V]."""
-        self._forget_discarded()
-        order = self.backend.decode_order([s.seq_id for s in seqs], [len(s.token_ids) for s in seqs])
-        if order is None or order == list(range(len(seqs))):
-            return self._decode(seqs)
+        positions = [len(s.token_ids) - 1 for s in seqs]
+        lens = [len(s.token_ids) for s in seqs]
+        return self.forward(
+            ForwardInputs(
+                "decode",
+                [s.seq_id for s in seqs],
+                [s.token_ids[-1] for s in seqs],
+                positions,
+                [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)],
+                self._discarded(),
+                block_tables=self._tables(seqs, lens),
+                context_lens=lens,
+            )
+        )
+
+    def _discarded(self) -> list[str]:
+        return self.block_manager.take_discarded()
+
+    def _tables(self, seqs: list[Sequence], context_lens: list[int]) -> list[list[int]]:
+        """Each sequence's blocks up to the longest context's, padded with block 0 (never read)."""
+        width = ceil_div(max(context_lens, default=1), self.block_size)
+        return [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
+
+    # ---- a forward pass (every rank) -------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inputs: ForwardInputs) -> torch.Tensor:
+        """Runs one forward pass; the logits of its `logits_rows` (decode: every row). Rank 0 of a
+        tensor-parallel instance hands the same inputs to its other ranks first (`before_forward`)."""
+        if self.before_forward is not None:
+            self.before_forward(inputs)
+        for seq_id in inputs.discarded:
+            self.backend.forget(seq_id)
+        if inputs.kind == "decode":
+            return self._decode(inputs)
+        cached = None
+        if inputs.kind == "mixed":
+            assert inputs.block_tables is not None and inputs.context_lens is not None
+            assert inputs.decode_rows is not None and inputs.chunks is not None
+            cached = CachedContext(
+                self._tensor(inputs.decode_rows),
+                self._tensor(inputs.block_tables, torch.int32),
+                self._tensor(inputs.context_lens, torch.int32),
+                max(inputs.context_lens, default=0),
+                [(first, rows, start, self._tensor(table)) for first, rows, start, table in inputs.chunks],
+            )
+        assert inputs.cu_seqlens is not None
+        step = StepInputs(
+            inputs.seq_ids,
+            self._tensor(inputs.positions),
+            self._tensor(inputs.slots),
+            cu_seqlens=inputs.cu_seqlens,
+            cached=cached,
+        )
+        meta = self.backend.prefill_metadata(step)
+        last = inputs.logits_rows if inputs.logits_rows is not None else [c - 1 for c in inputs.cu_seqlens[1:]]
+        return self.model(self._tensor(inputs.input_ids), meta, self.kv_pool, self._tensor(last))
+
+    def _decode(self, inputs: ForwardInputs) -> torch.Tensor:
+        assert inputs.context_lens is not None
+        order = self.backend.decode_order(inputs.seq_ids, inputs.context_lens)
+        if order is None or order == list(range(len(order))):
+            return self._decode_in_order(inputs)
         # run in the backend's order, hand the logits back in the caller's
-        logits = self._decode([seqs[i] for i in order])
+        logits = self._decode_in_order(inputs.reordered(order))
         out = torch.empty_like(logits)
         out[torch.tensor(order)] = logits
         return out
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        input_ids = [s.token_ids[-1] for s in seqs]
-        positions = [len(s.token_ids) - 1 for s in seqs]
-        slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
-        context_lens = [len(s.token_ids) for s in seqs]
-        graph_bs = next((bs for bs in sorted(self.graphs) if bs >= len(seqs)), None)
+    def _decode_in_order(self, inputs: ForwardInputs) -> torch.Tensor:
+        assert inputs.block_tables is not None and inputs.context_lens is not None
+        graph_bs = next((bs for bs in sorted(self.graphs) if bs >= len(inputs.seq_ids)), None)
         if graph_bs is not None:
-            return self._replay(graph_bs, seqs, input_ids, positions, slots, context_lens)
-        width = ceil_div(max(context_lens), self.block_size)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
-        inputs = StepInputs(
-            [s.seq_id for s in seqs],
-            self._tensor(positions),
-            self._tensor(slots),
-            block_tables=self._tensor(tables, torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
-            context_lens_list=context_lens,
+            return self._replay(graph_bs, inputs)
+        step = StepInputs(
+            inputs.seq_ids,
+            self._tensor(inputs.positions),
+            self._tensor(inputs.slots),
+            block_tables=self._tensor(inputs.block_tables, torch.int32),
+            context_lens=self._tensor(inputs.context_lens, torch.int32),
+            context_lens_list=inputs.context_lens,
         )
-        meta = self.backend.decode_metadata(inputs)
-        logits = self.model(self._tensor(input_ids), meta, self.kv_pool)
+        meta = self.backend.decode_metadata(step)
+        logits = self.model(self._tensor(inputs.input_ids), meta, self.kv_pool)
         self.backend.end_step(meta, self.kv_pool)
         return logits
 
@@ -184,16 +274,15 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(sizes))
 
-    def _replay(self, bs, seqs, input_ids, positions, slots, context_lens) -> torch.Tensor:
-        batch = len(seqs)
+    def _replay(self, bs: int, inputs: ForwardInputs) -> torch.Tensor:
+        assert inputs.block_tables is not None and inputs.context_lens is not None
+        batch = len(inputs.seq_ids)
         pad = bs - batch
-        self.g_input_ids[:bs].copy_(self._tensor(input_ids + [0] * pad))
-        self.g_positions[:bs].copy_(self._tensor(positions + [0] * pad))
-        self.g_slots[:bs].copy_(self._tensor(slots + [self.null_slot] * pad))
-        self.g_context_lens[:bs].copy_(self._tensor(context_lens + [1] * pad, torch.int32))
-        width = ceil_div(max(context_lens), self.block_size)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
-        tables += [[0] * width] * pad
-        self.g_tables[:bs, :width].copy_(self._tensor(tables, torch.int32))
+        self.g_input_ids[:bs].copy_(self._tensor(inputs.input_ids + [0] * pad))
+        self.g_positions[:bs].copy_(self._tensor(inputs.positions + [0] * pad))
+        self.g_slots[:bs].copy_(self._tensor(inputs.slots + [self.null_slot] * pad))
+        self.g_context_lens[:bs].copy_(self._tensor(inputs.context_lens + [1] * pad, torch.int32))
+        width = len(inputs.block_tables[0])
+        self.g_tables[:bs, :width].copy_(self._tensor(inputs.block_tables + [[0] * width] * pad, torch.int32))
         self.graphs[bs].replay()
         return self.g_logits[bs][:batch]

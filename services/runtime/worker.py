@@ -80,6 +80,13 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
     parser.add_flag("--max-num-batched-tokens", default=8192, type=int, help="prefill token budget per batch (L_m)")
     parser.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
     parser.add_flag("--threads", default=0, type=int, help="torch CPU threads (0: all cores this process may use)")
+    parser.add_flag(
+        "--tensor-parallel",
+        default=1,
+        type=int,
+        help="colocated workers: ranks of this instance, one process each (on CUDA one GPU each, from "
+        "--device on); its --threads are shared out among them, --kv-cache-gb is each rank's",
+    )
     parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
     parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: role-host-port)")
     parser.add_flag(
@@ -127,8 +134,11 @@ def engine_from_flags(args) -> EngineBase:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or None,
+        tensor_parallel=args.tensor_parallel,
     )
     if args.device == "emulated":
+        if config.tensor_parallel > 1:
+            raise SystemExit("--tensor-parallel: an emulated instance's parallelism is its profile's")
         return EmulatedEngine(
             model_dir_or_default(args.model), config, LatencyProfile.load(args.profile), args.emulated_kv_scale
         )
@@ -328,6 +338,11 @@ def add_worker_servicers(server: grpc.aio.Server, role: Role, service: object) -
 def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
     """Builds the engine, serves until SIGTERM, drains."""
     setup_process(args, role)
+    if args.tensor_parallel > 1 and role is not Role.COLOCATED:
+        raise SystemExit(
+            f"{role}: --tensor-parallel runs on colocated workers so far; a {role} worker would need every "
+            "rank's KV shard registered with the kvstore (not built yet)"
+        )
 
     async def main() -> None:
         engine = engine_from_flags(args)

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import grpc
 import pytest
 from workload import model_dir, workload  # noqa: F401 - fixtures shared by the e2e modules
 
@@ -74,6 +75,17 @@ class RunningCluster:
                 used = {s.role + "@" + s.node_id: s.kv_blocks_total - s.kv_blocks_free for s in workers}
                 raise AssertionError(f"not idle after {timeout}s: blocks in use {used}, kvstore entries {entries}")
             time.sleep(0.1)
+
+    def wait_recovered(self, timeout: float = 60.0) -> None:
+        """wait_idle, through a restart: until every service answers again and nothing is held."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.wait_idle(timeout=1)
+                return
+            except (AssertionError, grpc.RpcError):
+                assert time.monotonic() < deadline, "the cluster did not recover"
+                time.sleep(0.5)
 
 
 def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluster:

@@ -94,14 +94,7 @@ def test_decode_worker_killed_mid_stream_client_sees_one_uninterrupted_exact_str
     # decode worker's lifetime before it died
     assert last.timing.queue_seconds < killed_after
     # the launcher restarts the dead worker; the cluster returns to idle with nothing leaked
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            cluster.wait_idle(timeout=1)
-            break
-        except (AssertionError, grpc.RpcError):
-            assert time.monotonic() < deadline, "cluster did not recover"
-            time.sleep(0.5)
+    cluster.wait_recovered()
 
 
 def test_deadline_is_honoured_and_frees_blocks(cluster):

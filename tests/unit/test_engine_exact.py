@@ -4,7 +4,7 @@ For every supported architecture (and on CPU, through both the CPU kernels and t
 8 prompts prefilled as one packed batch, decoded as one continuous batch whose members leave at
 different steps while 2 more join mid-way, must give the same greedy tokens as
 `generate(do_sample=False)` per prompt, with logits within 1e-4 at every step; and so must a
-batch run with chunked prefill.
+batch run with chunked prefill. Both also with the model split over 2 and 4 tensor-parallel ranks.
 """
 
 import os
@@ -48,19 +48,39 @@ def _reference(hf, prompt, max_tokens):
 # On CPU both backends: pdserve's AVX-512 kernels (the default where they build) and the torch
 # reference; on CUDA, Triton with CUDA graphs.
 BACKENDS = ["cpu-kernels", "torch"] if DEVICE == "cpu" else ["triton"]
+# (backend, tensor-parallel ranks): each backend alone, and the default one split over 2 ranks
+# (one K/V head each, or Mistral's one head replicated) and 4 (K/V heads replicated on 2 ranks
+# each, Llama only); every rank a process, as in a worker (engine/parallel.py)
+CASES = [
+    (arch, backend, tp)
+    for arch in ARCHITECTURE_SPECS
+    for backend, tp in [(backend, 1) for backend in BACKENDS] + [(BACKENDS[0], 2), (BACKENDS[0], 4)]
+    if tp < 4 or arch == "llama"
+]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHITECTURE_SPECS)
-def test_continuous_batch_matches_transformers(arch, backend):
+def _skip_unless_runnable(backend: str, tp: int) -> None:
     if backend == "cpu-kernels" and cpu.load() is None:
         pytest.skip("the CPU kernels cannot be built here (test_cpu_kernels.py says why)")
+    if DEVICE != "cpu" and tp > max(1, torch.cuda.device_count()):
+        pytest.skip(f"{tp} ranks need {tp} GPUs")
+
+
+def _engine(model_dir: str, backend: str, tp: int) -> Engine:
+    config = EngineConfig(
+        dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend, tensor_parallel=tp
+    )
+    engine = Engine(model_dir, config)
+    assert engine.backend.name == backend and engine.tp.size == tp
+    return engine
+
+
+@pytest.mark.parametrize(("arch", "backend", "tp"), CASES)
+def test_continuous_batch_matches_transformers(arch, backend, tp):
+    _skip_unless_runnable(backend, tp)
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = Engine(
-        model_dir, EngineConfig(dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend)
-    )
-    assert engine.backend.name == backend
+    engine = _engine(model_dir, backend, tp)
 
     first = _prompts(PROMPT_LENS, seed=1)
     joiners = _prompts(JOIN_LENS, seed=2)
@@ -132,19 +152,15 @@ def test_prefill_kv_equals_reference_past_key_values(arch):
     engine.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHITECTURE_SPECS)
-def test_chunked_prefill_matches_transformers(arch, backend):
+@pytest.mark.parametrize(("arch", "backend", "tp"), CASES)
+def test_chunked_prefill_matches_transformers(arch, backend, tp):
     """A colocated batch with chunked prefill: a 24-token budget per step, so the longer prompts
     are computed over several steps beside the running sequences' next tokens, and two prompts
     arrive mid-way. Tokens and logits as transformers gives them."""
-    if backend == "cpu-kernels" and cpu.load() is None:
-        pytest.skip("the CPU kernels cannot be built here (test_cpu_kernels.py says why)")
+    _skip_unless_runnable(backend, tp)
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = Engine(
-        model_dir, EngineConfig(dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend)
-    )
+    engine = _engine(model_dir, backend, tp)
     scheduler = BatchScheduler(engine.block_manager, max_num_seqs=16, max_num_batched_tokens=24, chunked_prefill=True)
     seqs = [
         Sequence.from_prompt(f"a{i}", p, SamplingParams(max_tokens=m, temperature=0))

@@ -12,8 +12,8 @@ CPU it is repacked there: the layer then drops its own copy).
 - `RowParallelLinear`: input features split across ranks; the partial outputs are summed with an
   all-reduce (the attention output and MLP down projections).
 
-The engine runs one rank today (`NO_TP`); the tensor-parallelism issue gives ranks a
-`TensorParallel` with its process group's all-reduce.
+Without tensor parallelism a layer has `NO_TP`; the ranks of a tensor-parallel instance
+(engine/parallel.py) each have a `TensorParallel` with their process group's all-reduce.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ class TensorParallel:
         if total % self.size:
             raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size {self.size}")
         return total // self.size
+
+    def kv_heads(self, total: int) -> int:
+        """This rank's K/V heads: its share, or one (replicated) when there are more ranks than heads."""
+        if self.size > total and self.size % total:
+            raise ValueError(
+                f"tensor-parallel size {self.size} is neither a divisor nor a multiple of the {total} K/V heads"
+            )
+        return max(1, total // self.size)
 
 
 NO_TP = TensorParallel()
@@ -124,11 +132,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     ):
         self.head_dim = head_dim
         self.num_heads = tp.split(num_heads, "attention heads")
-        if tp.size > num_kv_heads and tp.size % num_kv_heads:
-            raise ValueError(
-                f"tensor-parallel size {tp.size} is neither a divisor nor a multiple of the {num_kv_heads} K/V heads"
-            )
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.num_kv_heads = tp.kv_heads(num_kv_heads)
         self.kv_rank = tp.rank // max(1, tp.size // num_kv_heads)  # which K/V head group this rank keeps
         width = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         Linear.__init__(self, hidden_size, width, bias, tp)

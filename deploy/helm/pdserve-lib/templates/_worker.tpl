@@ -11,12 +11,12 @@ and per-pod volumes nobody needs. (Multi-pod instances with ranks, i.e. pipeline
 nodes, would need stable identities; the engine does not implement them.)
 */}}
 
-{{/* The engine serves one GPU per worker process: refuse plans it cannot run. */}}
+{{/* Prefill and decode workers serve one GPU each: refuse plans they cannot run. */}}
 {{- define "pdserve-lib.checkParallelism" -}}
 {{- range $key := list "tensorParallel" "pipelineParallel" "podsPerReplica" -}}
 {{- $n := index $.Values $key | default 1 | int -}}
 {{- if gt $n 1 -}}
-{{- fail (printf "%s.%s is %d, but the pdserve engine runs one GPU per worker: tensor and pipeline parallelism are not implemented. Re-plan for single-GPU instances (docs/deploy.md, 'Sizing with the planner') or set %s.%s=1." $.Chart.Name $key $n $.Chart.Name $key) -}}
+{{- fail (printf "%s.%s is %d, but pdserve's prefill and decode workers run one GPU each: tensor and pipeline parallelism are not implemented for them. Re-plan for single-GPU instances (docs/deploy.md, 'Sizing with the planner') or set %s.%s=1." $.Chart.Name $key $n $.Chart.Name $key) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

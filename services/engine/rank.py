@@ -1,0 +1,43 @@
+"""A tensor-parallel rank other than 0 (parallel.py starts it): `python -m services.engine.rank SPEC`
+loads its shard of the model and runs every forward pass rank 0 sends it, until rank 0 says stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .config import EngineConfig
+from .engine import Engine
+from .parallel import die_with_parent, join_group, rank_device
+from .runner import ForwardInputs
+
+
+def follow(spec: dict) -> None:
+    rank = spec["rank"]
+    die_with_parent(spec["parent"])
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(message)s")
+    torch.set_num_threads(spec["threads"])
+    fields = spec["config"]
+    fields["cuda_graph_batch_sizes"] = tuple(fields["cuda_graph_batch_sizes"])
+    fields["kv_pool_name"] = None  # rank 0's name; each rank's pool gets its own
+    config = EngineConfig(**{**fields, "device": rank_device(fields["device"], rank)})
+    tp, control = join_group(rank, spec["size"], spec["address"], config.device)
+    engine = Engine(spec["model_dir"], config, tp=tp)
+    try:
+        while True:
+            received: list[ForwardInputs | None] = [None]
+            dist.broadcast_object_list(received, src=0, group=control)
+            if received[0] is None:
+                break
+            engine.runner.forward(received[0])
+    finally:
+        engine.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    follow(json.loads(sys.argv[1]))

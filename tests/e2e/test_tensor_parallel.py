@@ -1,0 +1,103 @@
+"""Colocated instances split over tensor-parallel ranks (engine/parallel.py), through the real
+cluster: `pdserve up --mode colocated --colocated 2 --tp 2` runs 4 rank processes (gloo on this
+CPU). It serves the shared workload exactly as transformers generates it, and SIGKILL of an
+instance's second rank takes the whole instance down (rank 0 exits, the launcher restarts it)
+while the stream it served finishes on the other instance, token for token as expected; SIGKILL
+of rank 0 takes its other rank with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from workload import check_outputs, run_workload
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def tp_cluster(cluster_factory, model_dir):
+    return cluster_factory("--model", model_dir, "--mode", "colocated", "--colocated", "2", "--tp", "2")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_tensor_parallel_instances_give_the_reference_outputs(tp_cluster, workload, model_dir):
+    for svc in tp_cluster.services("colocated"):
+        ranks = _children(svc["pid"])
+        assert len(ranks) == 1, ranks  # rank 1: a process of its own
+    results = run_workload(tp_cluster.router, workload)
+    check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
+    tp_cluster.wait_idle()
+
+
+def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_cluster, model_dir):
+    prompt = [3 + (7 * i) % 997 for i in range(40)]
+    max_tokens = 120
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens)[0, len(prompt) :]
+
+    async def run():
+        async with grpc.aio.insecure_channel(tp_cluster.router) as channel:
+            call = router_pb2_grpc.RouterStub(channel).Generate(
+                router_pb2.GenerateRequest(
+                    token_ids=prompt, sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0)
+                ),
+                timeout=120,
+            )
+            tokens: list[int] = []
+            killed, last = None, None
+            async for response in call:
+                tokens.extend(response.token_ids)
+                last = response
+                if killed is None and len(tokens) >= 10:
+                    busy = [
+                        svc
+                        for svc, stats in zip(tp_cluster.services("colocated"), tp_cluster.worker_stats("colocated"))
+                        if stats.running > 0
+                    ]
+                    assert len(busy) == 1
+                    killed = busy[0]
+                    rank1 = _children(killed["pid"])[0]
+                    os.kill(rank1, signal.SIGKILL)
+            return tokens, last, killed
+
+    tokens, last, killed = asyncio.run(run())
+    assert tokens == expected.tolist() and last.timing.retries == 1
+    # the instance went down whole: rank 0 exited, and the launcher started a new one, with its ranks
+    deadline = time.monotonic() + 10
+    while _alive(killed["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(killed["pid"])
+    tp_cluster.wait_recovered()
+    with open(tp_cluster.ready_path) as f:
+        restarted = next(svc for svc in json.load(f)["services"] if svc["name"] == killed["name"])
+    assert restarted["pid"] != killed["pid"] and len(_children(restarted["pid"])) == 1
+
+    # and the other way round: rank 0 SIGKILLed, its rank 1 exits too (the parent-death signal)
+    other = next(svc for svc in tp_cluster.services("colocated") if svc["name"] != killed["name"])
+    rank1 = _children(other["pid"])[0]
+    os.kill(other["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(rank1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(rank1)
+    tp_cluster.wait_recovered()  # restarted before the cluster stops
