@@ -30,7 +30,7 @@ from .kv_cache import KvLayout, KvPool, model_id_for
 from .layers.linear import NO_TP, TensorParallel
 from .layers.rotary import RotaryEmbedding
 from .model import CausalLM
-from .parallel import Ranks, agreed_min
+from .parallel import Ranks, agreed_min, check_split
 from .runner import ModelRunner
 from .sampler import SampleResult, sample
 from .scheduler import StepKind, StepPlan
@@ -178,17 +178,27 @@ class Engine(EngineBase):
         With `config.tensor_parallel` N > 1 this is rank 0 of the instance: it starts the other
         ranks (parallel.py), which build their own Engine with their `tp`."""
         self.config = config = config or EngineConfig()
+        if model_config is None:
+            assert model_dir is not None, "give a model folder or a model_config"
+            model_config = ModelConfig.from_pretrained(model_dir)
+        self.model_config = model_config
         self.ranks: Ranks | None = None
         if tp is None and config.tensor_parallel > 1:
             if model_dir is None or weights is not None:
                 raise ValueError("tensor parallelism loads a checkpoint folder on every rank (give model_dir)")
+            check_split(model_config, config)
             self.ranks = Ranks.start(model_dir, config)
             tp = self.ranks.tp
-        self.tp = tp = tp or NO_TP
-        if model_config is None:
-            assert model_dir is not None, "give a model folder or a model_config"
-            model_config = ModelConfig.from_pretrained(model_dir)
-        self.model_config = mc = model_config
+        self.tp = tp or NO_TP
+        try:
+            self._build(model_dir, weights)
+        except BaseException:
+            if self.ranks is not None:  # the other ranks would wait for this one forever
+                self.ranks.abort()
+            raise
+
+    def _build(self, model_dir: str | None, weights: Iterable[tuple[str, torch.Tensor]] | None) -> None:
+        config, mc, tp = self.config, self.model_config, self.tp
         self.device = torch.device(config.device)
         self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
         dtype = getattr(torch, config.dtype)

@@ -1,10 +1,12 @@
 """A tensor-parallel rank other than 0 (parallel.py starts it): `python -m services.engine.rank SPEC`
-loads its shard of the model and runs every forward pass rank 0 sends it, until rank 0 says stop."""
+loads its shard of the model and runs every forward pass rank 0 sends it (pickled ForwardInputs on
+stdin), until rank 0 says stop or is gone."""
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import sys
 
 import torch
@@ -25,15 +27,17 @@ def follow(spec: dict) -> None:
     fields["cuda_graph_batch_sizes"] = tuple(fields["cuda_graph_batch_sizes"])
     fields["kv_pool_name"] = None  # rank 0's name; each rank's pool gets its own
     config = EngineConfig(**{**fields, "device": rank_device(fields["device"], rank)})
-    tp, control = join_group(rank, spec["size"], spec["address"], config.device)
+    tp = join_group(rank, spec["size"], spec["address"], config.device)
     engine = Engine(spec["model_dir"], config, tp=tp)
     try:
         while True:
-            received: list[ForwardInputs | None] = [None]
-            dist.broadcast_object_list(received, src=0, group=control)
-            if received[0] is None:
+            try:
+                inputs: ForwardInputs | None = pickle.load(sys.stdin.buffer)
+            except EOFError:  # rank 0 is gone
                 break
-            engine.runner.forward(received[0])
+            if inputs is None:
+                break
+            engine.runner.forward(inputs)
     finally:
         engine.close()
     dist.destroy_process_group()

@@ -9,6 +9,7 @@ of the model (engine/parallel.py). Decode graphs are captured only without tenso
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -182,8 +183,19 @@ class ModelRunner:
     def forward(self, inputs: ForwardInputs) -> torch.Tensor:
         """Runs one forward pass; the logits of its `logits_rows` (decode: every row). Rank 0 of a
         tensor-parallel instance hands the same inputs to its other ranks first (`before_forward`)."""
-        if self.before_forward is not None:
-            self.before_forward(inputs)
+        if self.before_forward is None:
+            return self._forward(inputs)
+        self.before_forward(inputs)
+        try:
+            return self._forward(inputs)
+        except BaseException:
+            # the other ranks are in this pass's all-reduces: a rank 0 that went on would pair its
+            # next pass with them (wrong sums, or a hang); the instance fails as a whole instead
+            log.critical("tensor-parallel rank 0 failed in a forward pass: stopping this instance", exc_info=True)
+            logging.shutdown()
+            os._exit(1)
+
+    def _forward(self, inputs: ForwardInputs) -> torch.Tensor:
         for seq_id in inputs.discarded:
             self.backend.forget(seq_id)
         if inputs.kind == "decode":

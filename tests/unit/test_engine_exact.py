@@ -66,21 +66,32 @@ def _skip_unless_runnable(backend: str, tp: int) -> None:
         pytest.skip(f"{tp} ranks need {tp} GPUs")
 
 
-def _engine(model_dir: str, backend: str, tp: int) -> Engine:
-    config = EngineConfig(
-        dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend, tensor_parallel=tp
-    )
-    engine = Engine(model_dir, config)
-    assert engine.backend.name == backend and engine.tp.size == tp
-    return engine
+@pytest.fixture
+def make_engine():
+    """Engines closed after the test, passed or not (a tensor-parallel one stops its ranks)."""
+    made: list[Engine] = []
+    threads = torch.get_num_threads()
+
+    def make(model_dir: str, backend: str, tp: int) -> Engine:
+        config = EngineConfig(
+            dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend, tensor_parallel=tp
+        )
+        made.append(Engine(model_dir, config))
+        assert made[-1].backend.name == backend and made[-1].tp.size == tp
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+    assert torch.get_num_threads() == threads  # the ranks' share given back
 
 
 @pytest.mark.parametrize(("arch", "backend", "tp"), CASES)
-def test_continuous_batch_matches_transformers(arch, backend, tp):
+def test_continuous_batch_matches_transformers(arch, backend, tp, make_engine):
     _skip_unless_runnable(backend, tp)
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = _engine(model_dir, backend, tp)
+    engine = make_engine(model_dir, backend, tp)
 
     first = _prompts(PROMPT_LENS, seed=1)
     joiners = _prompts(JOIN_LENS, seed=2)
@@ -127,7 +138,6 @@ def test_continuous_batch_matches_transformers(arch, backend, tp):
         worst = max((a - b).abs().max().item() for a, b in zip(step_logits[seq.seq_id], ref_logits))
         assert worst <= LOGIT_TOL, f"{arch} {seq.seq_id}: logits differ by {worst:.2e}"
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
-    engine.close()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURE_SPECS)
@@ -153,14 +163,14 @@ def test_prefill_kv_equals_reference_past_key_values(arch):
 
 
 @pytest.mark.parametrize(("arch", "backend", "tp"), CASES)
-def test_chunked_prefill_matches_transformers(arch, backend, tp):
+def test_chunked_prefill_matches_transformers(arch, backend, tp, make_engine):
     """A colocated batch with chunked prefill: a 24-token budget per step, so the longer prompts
     are computed over several steps beside the running sequences' next tokens, and two prompts
     arrive mid-way. Tokens and logits as transformers gives them."""
     _skip_unless_runnable(backend, tp)
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = _engine(model_dir, backend, tp)
+    engine = make_engine(model_dir, backend, tp)
     scheduler = BatchScheduler(engine.block_manager, max_num_seqs=16, max_num_batched_tokens=24, chunked_prefill=True)
     seqs = [
         Sequence.from_prompt(f"a{i}", p, SamplingParams(max_tokens=m, temperature=0))
@@ -201,4 +211,3 @@ def test_chunked_prefill_matches_transformers(arch, backend, tp):
         worst = max((a - b).abs().max().item() for a, b in zip(step_logits[seq.seq_id], ref_logits))
         assert worst <= LOGIT_TOL, f"{arch} {seq.seq_id}: logits differ by {worst:.2e}"
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
-    engine.close()
