@@ -3,7 +3,7 @@ cluster: `pdserve up --mode colocated --colocated 2 --tp 2` runs 4 rank processe
 CPU). It serves the shared workload exactly as transformers generates it, and SIGKILL of an
 instance's second rank takes the whole instance down (rank 0 exits, the launcher restarts it)
 while the stream it served finishes on the other instance, token for token as expected; SIGKILL
-of rank 0 takes its other rank with it."""
+of rank 0 takes its other rank with it; no /dev/shm pool of a killed instance is left."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from workload import check_outputs, run_workload
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine.kv_cache import POOL_FILE_PREFIX, SHM_DIR
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,11 @@ def tp_cluster(cluster_factory, model_dir):
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
+
+
+def _pools_of(pids: list[int]) -> list[str]:
+    """The /dev/shm KV pools these processes created (kv_cache.py names them by pid)."""
+    return sorted(name for name in os.listdir(SHM_DIR) for pid in pids if name.startswith(f"{POOL_FILE_PREFIX}{pid}-"))
 
 
 def _alive(pid: int) -> bool:
@@ -44,6 +50,7 @@ def test_tensor_parallel_instances_give_the_reference_outputs(tp_cluster, worklo
     for svc in tp_cluster.services("colocated"):
         ranks = _children(svc["pid"])
         assert len(ranks) == 1, ranks  # rank 1: a process of its own
+        assert len(_pools_of([svc["pid"], *ranks])) == 2  # with a KV pool of its own
     results = run_workload(tp_cluster.router, workload)
     check_outputs(workload, results, AutoTokenizer.from_pretrained(model_dir))
     tp_cluster.wait_idle()
@@ -64,7 +71,7 @@ def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_clus
                 timeout=120,
             )
             tokens: list[int] = []
-            killed, last = None, None
+            killed, killed_rank, last = None, 0, None
             async for response in call:
                 tokens.extend(response.token_ids)
                 last = response
@@ -76,11 +83,11 @@ def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_clus
                     ]
                     assert len(busy) == 1
                     killed = busy[0]
-                    rank1 = _children(killed["pid"])[0]
-                    os.kill(rank1, signal.SIGKILL)
-            return tokens, last, killed
+                    killed_rank = _children(killed["pid"])[0]
+                    os.kill(killed_rank, signal.SIGKILL)
+            return tokens, last, killed, killed_rank
 
-    tokens, last, killed = asyncio.run(run())
+    tokens, last, killed, killed_rank = asyncio.run(run())
     assert tokens == expected.tolist() and last.timing.retries == 1
     # the instance went down whole: rank 0 exited, and the launcher started a new one, with its ranks
     deadline = time.monotonic() + 10
@@ -91,6 +98,7 @@ def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_clus
     with open(tp_cluster.ready_path) as f:
         restarted = next(svc for svc in json.load(f)["services"] if svc["name"] == killed["name"])
     assert restarted["pid"] != killed["pid"] and len(_children(restarted["pid"])) == 1
+    assert _pools_of([killed["pid"], killed_rank]) == []  # the new instance's ranks swept them
 
     # and the other way round: rank 0 SIGKILLed, its rank 1 exits too (the parent-death signal)
     other = next(svc for svc in tp_cluster.services("colocated") if svc["name"] != killed["name"])
@@ -101,3 +109,4 @@ def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_clus
         time.sleep(0.1)
     assert not _alive(rank1)
     tp_cluster.wait_recovered()  # restarted before the cluster stops
+    assert _pools_of([other["pid"], rank1]) == []
