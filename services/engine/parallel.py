@@ -111,9 +111,10 @@ class Ranks:
     def send(self, inputs: ForwardInputs | None) -> None:
         """Hands a forward pass's inputs to the other ranks (None: stop). A pipe, not a collective:
         a rank waits for the next pass as long as the instance is idle, and sees EOF if rank 0 dies."""
+        frame = pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
         for process in self.processes:
             assert process.stdin is not None
-            pickle.dump(inputs, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            process.stdin.write(frame)
             process.stdin.flush()
 
     def close(self) -> None:
