@@ -1,0 +1,104 @@
+"""Which part of a request's KV each rank of an instance holds, and what a pull between two
+instances of different parallelism moves: pure arithmetic, no I/O (the pull that uses it is not
+built yet; docs/architecture.md, tensor parallelism).
+
+An instance of (tp, pp) splits the model's layers into pp pipeline stages (contiguous; the first
+stages take one more layer when they do not divide evenly) and its K/V heads among the tp ranks of
+each stage (contiguous; a head is replicated on tp / heads ranks when there are more ranks than
+heads, as layers/linear.py's QKVParallelLinear keeps them). Rank r is stage r // tp, position
+r % tp. A rank's pool block holds [its layers, 2, block_size, its heads, head_dim].
+
+A pull into another layout copies, for each destination rank, exactly the layers and heads it holds,
+each piece from one source rank that holds it (where several replicas do, destination ranks take
+turns among them): no destination byte is written twice and none is missed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The layers and K/V heads one rank of an instance holds."""
+
+    rank: int
+    layers: range
+    heads: range
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Layers x heads a pull copies from one source rank's pool into one destination rank's."""
+
+    src_rank: int
+    dst_rank: int
+    layers: range
+    heads: range
+
+
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def rank_heads(num_kv_heads: int, tp: int, position: int) -> range:
+    if tp <= num_kv_heads:
+        if num_kv_heads % tp:
+            raise ValueError(f"{num_kv_heads} K/V heads do not split over {tp} ranks")
+        per_rank = num_kv_heads // tp
+        return range(position * per_rank, (position + 1) * per_rank)
+    if tp % num_kv_heads:
+        raise ValueError(f"{tp} ranks are neither a divisor nor a multiple of the {num_kv_heads} K/V heads")
+    head = position // (tp // num_kv_heads)
+    return range(head, head + 1)
+
+
+def shards(num_layers: int, num_kv_heads: int, tp: int, pp: int) -> list[Shard]:
+    """Every rank's shard, in rank order."""
+    if pp > num_layers:
+        raise ValueError(f"{pp} pipeline stages for {num_layers} layers")
+    return [
+        Shard(rank, stage_layers(num_layers, pp, rank // tp), rank_heads(num_kv_heads, tp, rank % tp))
+        for rank in range(tp * pp)
+    ]
+
+
+def _overlap(a: range, b: range) -> range:
+    return range(max(a.start, b.start), min(a.stop, b.stop))
+
+
+def resharding_plan(src: list[Shard], dst: list[Shard]) -> list[Piece]:
+    """The pieces that fill every destination shard from the source shards (see the module doc)."""
+    stages = sorted({s.layers for s in src}, key=lambda layers: layers.start)  # the source's stages
+    pieces = []
+    for want in dst:
+        for stage in stages:
+            layers = _overlap(want.layers, stage)
+            if not layers:
+                continue
+            holders = [s for s in src if s.layers == stage]
+            for head in want.heads:
+                owners = [s for s in holders if head in s.heads]
+                if not owners:
+                    raise ValueError(f"no source rank holds K/V head {head} of layers {layers.start}-{layers.stop - 1}")
+                source = owners[want.rank % len(owners)]  # replicas share the load
+                pieces.append(Piece(source.rank, want.rank, layers, range(head, head + 1)))
+    return _merged(pieces)
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent heads from the same source into the same destination as one piece."""
+    out: list[Piece] = []
+    for piece in pieces:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and (last.src_rank, last.dst_rank, last.layers) == (piece.src_rank, piece.dst_rank, piece.layers)
+            and last.heads.stop == piece.heads.start
+        ):
+            out[-1] = Piece(last.src_rank, last.dst_rank, last.layers, range(last.heads.start, piece.heads.stop))
+        else:
+            out.append(piece)
+    return out
