@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from processes import children, wait_gone
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -150,77 +151,54 @@ def _launch(tmp_path):
     return proc, ready
 
 
-def _children(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return {int(c) for c in f.read().split()}
-    except OSError:
-        return set()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if _alive(p)]}"
-        time.sleep(0.1)
-
-
 def _wait_ready(proc, ready, tmp_path) -> set[int]:
     """Waits for the launcher's ready file; returns the pids of the services it started."""
-    children: set[int] = set()
+    services: set[int] = set()
     deadline = time.monotonic() + 240
     while not (ready.exists() and ready.read_text() != "{}"):
-        children |= _children(proc.pid)
+        services |= children(proc.pid)
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
         time.sleep(0.2)
-    return children | _children(proc.pid)
+    return services | children(proc.pid)
 
 
 def test_ctrl_c_stops_a_running_cluster_cleanly(tmp_path):
     proc, ready = _launch(tmp_path)
-    children = _wait_ready(proc, ready, tmp_path)
-    assert len(children) == 4  # kvstore, prefill, decode, router
+    services = _wait_ready(proc, ready, tmp_path)
+    assert len(services) == 4  # kvstore, prefill, decode, router
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole foreground process group
     assert proc.wait(timeout=90) == 0, (tmp_path / "launcher.log").read_text()
     assert "unclean" not in (tmp_path / "launcher.log").read_text()
     assert not ready.exists()  # nobody should find the addresses of a stopped cluster
-    _wait_gone(children)
+    wait_gone(services)
 
 
 def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path):
     proc, ready = _launch(tmp_path)
     assert not ready.exists() or ready.read_text() == "{}"
-    children: set[int] = set()
+    services: set[int] = set()
     deadline = time.monotonic() + 60
-    while not children:  # the first service (a kvstore daemon) is starting
-        children |= _children(proc.pid)
+    while not services:  # the first service (a kvstore daemon) is starting
+        services |= children(proc.pid)
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stopped_at = time.monotonic()
     while proc.poll() is None:
-        children |= _children(proc.pid)
+        services |= children(proc.pid)
         assert time.monotonic() - stopped_at < 30, "the launcher went on starting the cluster"
         time.sleep(0.05)
     assert proc.returncode == 0, (tmp_path / "launcher.log").read_text()
     assert not ready.exists()
-    _wait_gone(children)
+    wait_gone(services)
 
 
 def test_a_killed_launcher_takes_its_services_with_it(tmp_path):
     """SIGKILL cannot be handled, so the services watch for it themselves (PR_SET_PDEATHSIG): each
     gets a SIGTERM and drains; none is left running without its launcher."""
     proc, ready = _launch(tmp_path)
-    children = _wait_ready(proc, ready, tmp_path)
-    assert len(children) == 4
+    services = _wait_ready(proc, ready, tmp_path)
+    assert len(services) == 4
     proc.kill()
     proc.wait(timeout=10)
-    _wait_gone(children, timeout=60)
+    wait_gone(services, timeout=60)

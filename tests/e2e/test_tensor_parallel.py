@@ -11,11 +11,11 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import grpc
 import pytest
 import torch
+from processes import children, wait_gone
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from workload import check_outputs, run_workload
 
@@ -28,27 +28,14 @@ def tp_cluster(cluster_factory, model_dir):
     return cluster_factory("--model", model_dir, "--mode", "colocated", "--colocated", "2", "--tp", "2")
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
 def _pools_of(pids: list[int]) -> list[str]:
     """The /dev/shm KV pools these processes created (kv_cache.py names them by pid)."""
     return sorted(name for name in os.listdir(SHM_DIR) for pid in pids if name.startswith(f"{POOL_FILE_PREFIX}{pid}-"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_tensor_parallel_instances_give_the_reference_outputs(tp_cluster, workload, model_dir):
     for svc in tp_cluster.services("colocated"):
-        ranks = _children(svc["pid"])
+        ranks = children(svc["pid"])
         assert len(ranks) == 1, ranks  # rank 1: a process of its own
         assert len(_pools_of([svc["pid"], *ranks])) == 2  # with a KV pool of its own
     results = run_workload(tp_cluster.router, workload)
@@ -83,30 +70,24 @@ def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_clus
                     ]
                     assert len(busy) == 1
                     killed = busy[0]
-                    killed_rank = _children(killed["pid"])[0]
+                    (killed_rank,) = children(killed["pid"])
                     os.kill(killed_rank, signal.SIGKILL)
             return tokens, last, killed, killed_rank
 
     tokens, last, killed, killed_rank = asyncio.run(run())
     assert tokens == expected.tolist() and last.timing.retries == 1
     # the instance went down whole: rank 0 exited, and the launcher started a new one, with its ranks
-    deadline = time.monotonic() + 10
-    while _alive(killed["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(killed["pid"])
+    wait_gone({killed["pid"]}, timeout=10)
     tp_cluster.wait_recovered()
     with open(tp_cluster.ready_path) as f:
         restarted = next(svc for svc in json.load(f)["services"] if svc["name"] == killed["name"])
-    assert restarted["pid"] != killed["pid"] and len(_children(restarted["pid"])) == 1
+    assert restarted["pid"] != killed["pid"] and len(children(restarted["pid"])) == 1
     assert _pools_of([killed["pid"], killed_rank]) == []  # the new instance's ranks swept them
 
     # and the other way round: rank 0 SIGKILLed, its rank 1 exits too (the parent-death signal)
     other = next(svc for svc in tp_cluster.services("colocated") if svc["name"] != killed["name"])
-    rank1 = _children(other["pid"])[0]
+    (rank1,) = children(other["pid"])
     os.kill(other["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _alive(rank1) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(rank1)
+    wait_gone({rank1}, timeout=10)
     tp_cluster.wait_recovered()  # restarted before the cluster stops
     assert _pools_of([other["pid"], rank1]) == []
