@@ -93,7 +93,9 @@ class ClusterSpec:
     routers: int = 1  # more than one: all serve router_port (SO_REUSEPORT), each also its own port
     kv_cache_gb: float = 0.25
     threads: int = 0  # torch threads per worker (0: cores / workers)
-    tensor_parallel: int = 1  # colocated instances: ranks each, one process per rank (engine/parallel.py)
+    # role -> (tensor-parallel ranks, pipeline stages) of each of its instances, one process per rank
+    # (engine/parallel.py); (1, 1) when not given
+    parallel: dict[str, tuple[int, int]] = field(default_factory=dict)
     log_dir: str = "results/cluster-logs"
     worker_args: list[str] = field(default_factory=list)
     role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per role (prefill, decode, ...)
@@ -140,7 +142,9 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
 
     def role_args(role: str) -> list[str]:
         emulated = ["--device", "emulated", "--profile", spec.profiles[role]] if role in spec.profiles else []
-        return emulated + spec.role_args.get(role, [])
+        tp, pp = spec.parallel.get(role, (1, 1))
+        ranks = ["--tensor-parallel", str(tp), "--pipeline-parallel", str(pp)] if tp * pp > 1 else []
+        return emulated + ranks + spec.role_args.get(role, [])
 
     def node_for(role: str, index: int) -> str:
         if role in spec.node_of:
@@ -162,7 +166,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 "colocated",
                 node,
                 "services.colocated",
-                common + ["--node-id", node, "--tensor-parallel", str(spec.tensor_parallel)] + role_args("colocated"),
+                common + ["--node-id", node] + role_args("colocated"),
             )
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):

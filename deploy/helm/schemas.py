@@ -118,7 +118,12 @@ GPU_RESOURCES = obj(
         "limits": {
             "type": "object",
             "additionalProperties": QUANTITY,
-            "properties": {"nvidia.com/gpu": integer(0, description="GPUs per pod (planner)")},
+            "properties": {
+                "nvidia.com/gpu": integer(
+                    0,
+                    description="GPUs per pod (planner); unset: tensorParallel x pipelineParallel on CUDA, none on cpu",
+                )
+            },
         },
     }
 )
@@ -215,9 +220,22 @@ def worker_schema(role: str) -> dict:
     keys.update(
         {
             "replicaCount": integer(0, description="worker pods (planner)"),
-            "tensorParallel": integer(1, description="planner; the engine supports 1"),
-            "pipelineParallel": integer(1, description="planner; the engine supports 1"),
-            "podsPerReplica": integer(1, description="planner; the engine supports 1"),
+            "tensorParallel": integer(
+                1,
+                description="--tensor-parallel (planner): tensor-parallel ranks per instance, "
+                "one process and one GPU each, all in the instance's pod",
+            ),
+            "pipelineParallel": integer(
+                1,
+                description="--pipeline-parallel (planner): pipeline stages per instance, each of "
+                "tensorParallel ranks, all in the instance's pod (the pod asks for tensorParallel x "
+                "pipelineParallel GPUs)",
+            ),
+            "podsPerReplica": integer(
+                1,
+                description="pods per instance (planner): must be 1, as the worker starts every rank of "
+                "its instance as a child process; a pipeline with a stage per pod is refused at render",
+            ),
             "expectedGoodputPerReplica": number(0, nullable=True),
             "kvstorePort": PORT,
             "device": string(pattern="^(cpu|cuda(:[0-9]+)?)$"),

@@ -41,12 +41,15 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
-    ap.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        help="colocated mode: tensor-parallel ranks per instance, one process each (on CUDA, one GPU each)",
+    parallel = ap.add_argument_group(
+        "parallelism (engine/parallel.py): tp x pp ranks per instance, one process each (on CUDA, one GPU each); "
+        "KV moves between instances of different layouts (docs/kvstore.md)"
     )
+    parallel.add_argument("--tp", type=int, default=1, help="colocated mode: tensor-parallel ranks per pipeline stage")
+    parallel.add_argument("--pp", type=int, default=1, help="colocated mode: pipeline stages per instance")
+    for role in ("prefill", "decode"):
+        parallel.add_argument(f"--{role}-tp", type=int, default=1, help=f"tensor-parallel ranks per {role} stage")
+        parallel.add_argument(f"--{role}-pp", type=int, default=1, help=f"pipeline stages per {role} instance")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
     ap.add_argument("--log-dir", default="results/cluster-logs")
     ap.add_argument(
@@ -119,7 +122,11 @@ def spec_from_args(args) -> ClusterSpec:
         routers=args.routers,
         kv_cache_gb=args.kv_cache_gb,
         threads=args.threads,
-        tensor_parallel=args.tp,
+        parallel=(
+            {"colocated": (args.tp, args.pp)}
+            if args.mode == "colocated"
+            else {"prefill": (args.prefill_tp, args.prefill_pp), "decode": (args.decode_tp, args.decode_pp)}
+        ),
         log_dir=args.log_dir,
         worker_args=split_flags(args.worker_arg),
         router_args=split_flags(args.router_arg),
@@ -214,17 +221,21 @@ def _check_args(args, spec: ClusterSpec) -> None:
         if spec.mode == "disaggregated"
         else {"--colocated": spec.colocated}
     )
-    counts["--tp"] = spec.tensor_parallel
-    for flag, value in counts.items():
+    degrees = {
+        f"--{prefix}{kind}": getattr(args, f"{prefix.replace('-', '_')}{kind}")
+        for prefix in ("", "prefill-", "decode-")
+        for kind in ("tp", "pp")
+    }
+    for flag, value in {**counts, **degrees}.items():
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
-    if spec.tensor_parallel > 1 and spec.mode != "colocated":
-        raise SystemExit(
-            "--tp: tensor parallelism runs in colocated mode so far; prefill and decode instances need "
-            "every rank's KV shard moved between them (not built yet)"
-        )
-    if spec.tensor_parallel > 1 and spec.profiles:
-        raise SystemExit("--tp: an emulated instance's parallelism is its profile's (--emulate)")
+    for flag, value in degrees.items():
+        colocated_flag = flag in ("--tp", "--pp")
+        if value > 1 and colocated_flag != (spec.mode == "colocated"):
+            mode = "colocated" if colocated_flag else "disaggregated"
+            raise SystemExit(f"{flag}: for {mode} mode (this cluster is {spec.mode})")
+    if any(tp * pp > 1 for tp, pp in spec.parallel.values()) and spec.profiles:
+        raise SystemExit("--tp, --pp: an emulated instance's parallelism is its profile's (--emulate)")
     for flag, path in (("--ready-file", args.ready_file), ("--prometheus-config", args.prometheus_config)):
         folder = os.path.dirname(os.path.abspath(path)) if path else ""
         if path and not os.path.isdir(folder):

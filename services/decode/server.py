@@ -110,7 +110,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     async def start(self) -> None:
         await super().start()
         # Decode blocks are never published, so nothing is ever released back to this pool.
-        await self.kvstore.register_pool(self.worker_id, self.engine.kv_pool, lambda *_: None)
+        await self.kvstore.register_pool(self.worker_id, self.engine.instance_kv(), lambda *_: None)
 
     async def Decode(self, requests, context) -> None:
         await self.serve_call(requests, context)
@@ -131,7 +131,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         cached = len(seq.token_ids) - 1
         if request.kv.num_tokens != cached:
             raise invalid("kv.num_tokens", f"is {request.kv.num_tokens}, the tokens before the last are {cached}")
-        fingerprint = self.engine.kv_pool.layout.fingerprint()
+        fingerprint = self.engine.instance_kv().layout.fingerprint()
         if request.kv.layout_fingerprint != fingerprint:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -214,6 +214,7 @@ class EngineConfig:
     kv_pool_name: str | None = None  # shared-memory name; generated when None
     # ranks of this instance, one process each, the model's heads and MLP split among them (parallel.py)
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # stages, the layers split among them; tensor_parallel ranks each
 
     def __post_init__(self):
         if self.dtype not in SUPPORTED_DTYPES:
@@ -226,6 +227,12 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
+        if self.pipeline_parallel < 1:
+            raise ValueError(f"pipeline_parallel must be at least 1, got {self.pipeline_parallel}")
+
+    @property
+    def ranks(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
 
     @property
     def dtype_bytes(self) -> int:

@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,11 +26,11 @@ from .backends import select_backend
 from .backends.base import AttentionShape
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
-from .kv_cache import KvLayout, KvPool, model_id_for
+from .kv_cache import InstanceKv, KvLayout, KvPool, model_id_for
 from .layers.linear import NO_TP, TensorParallel
 from .layers.rotary import RotaryEmbedding
 from .model import CausalLM
-from .parallel import Ranks, agreed_min, check_split
+from .parallel import NO_PP, Pipeline, Ranks, agreed_min, all_ranks, check_split
 from .runner import ModelRunner
 from .sampler import SampleResult, sample
 from .scheduler import StepKind, StepPlan
@@ -70,6 +70,10 @@ class EngineBase(ABC):
     @property
     def block_size(self) -> int:
         return self.config.block_size
+
+    def instance_kv(self) -> InstanceKv:
+        """The KV pools a worker registers with its kvstore daemon: this engine's one pool."""
+        return InstanceKv(self.kv_pool.layout, (self.kv_pool.descriptor,))
 
     def free(self, seq: Sequence) -> None:
         self.block_manager.free_seq(seq)
@@ -170,26 +174,31 @@ class Engine(EngineBase):
         model_config: ModelConfig | None = None,
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
         tp: TensorParallel | None = None,
+        pipeline: Pipeline | None = None,
     ):
         """Loads `model_dir` (a Hugging Face checkpoint folder). Without a folder, pass
         `model_config` and either `weights` (name, tensor) pairs in Hugging Face naming or nothing
         for seeded random weights (benchmarks).
 
-        With `config.tensor_parallel` N > 1 this is rank 0 of the instance: it starts the other
-        ranks (parallel.py), which build their own Engine with their `tp`."""
+        With `config.tensor_parallel` x `config.pipeline_parallel` > 1 this is rank 0 of the
+        instance: it starts the other ranks (parallel.py), which build their own Engine with their
+        `tp` and `pipeline`."""
         self.config = config = config or EngineConfig()
         if model_config is None:
             assert model_dir is not None, "give a model folder or a model_config"
             model_config = ModelConfig.from_pretrained(model_dir)
         self.model_config = model_config
         self.ranks: Ranks | None = None
-        if tp is None and config.tensor_parallel > 1:
+        if tp is None and config.ranks > 1:
             if model_dir is None or weights is not None:
-                raise ValueError("tensor parallelism loads a checkpoint folder on every rank (give model_dir)")
+                raise ValueError(
+                    "tensor and pipeline parallelism load a checkpoint folder on every rank (give model_dir)"
+                )
             check_split(model_config, config)
-            self.ranks = Ranks.start(model_dir, config)
-            tp = self.ranks.tp
+            self.ranks = Ranks.start(model_dir, config, model_config)
+            tp, pipeline = self.ranks.tp, self.ranks.pipeline
         self.tp = tp or NO_TP
+        self.pipeline = pipeline or NO_PP
         try:
             self._build(model_dir, weights)
         except BaseException:
@@ -198,16 +207,17 @@ class Engine(EngineBase):
             raise
 
     def _build(self, model_dir: str | None, weights: Iterable[tuple[str, torch.Tensor]] | None) -> None:
-        config, mc, tp = self.config, self.model_config, self.tp
+        config, mc, tp, pipeline = self.config, self.model_config, self.tp, self.pipeline
+        layers = pipeline.layers if pipeline.stages > 1 else range(mc.num_layers)
         self.device = torch.device(config.device)
         self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
         dtype = getattr(torch, config.dtype)
         rotary = RotaryEmbedding(mc, self.max_model_len, self.device)
         kv_heads = tp.kv_heads(mc.num_kv_heads)  # this rank's
         shape = AttentionShape(tp.split(mc.num_heads, "attention heads"), kv_heads, mc.head_dim)
-        self.backend = select_backend(config, mc, rotary, shape)
+        self.backend = select_backend(config, mc, rotary, shape, len(layers))
         with _default_dtype(dtype), torch.device("meta"):
-            model = CausalLM(mc, self.backend, tp)
+            model = CausalLM(mc, self.backend, tp, layers)
         model = model.to_empty(device=self.device)
         model.tie_weights()  # to_empty gave each module its own tensor
         if model_dir is not None and weights is None:
@@ -220,12 +230,12 @@ class Engine(EngineBase):
         self.model = model.eval()
 
         hf_dict = mc.hf_config.to_dict() if mc.hf_config is not None else {}
-        num_blocks = self._num_kv_blocks(kv_heads)
-        if tp.size > 1:
+        num_blocks = self._num_kv_blocks(len(layers), kv_heads)
+        if config.ranks > 1:
             num_blocks = agreed_min(num_blocks)  # block ids mean the same on every rank
         layout = KvLayout(
             num_blocks=num_blocks,
-            num_layers=mc.num_layers,
+            num_layers=len(layers),
             block_size=config.block_size,
             num_kv_heads=kv_heads,
             head_dim=mc.head_dim,
@@ -233,6 +243,10 @@ class Engine(EngineBase):
             model_id=model_id_for(model_dir or "random", hf_dict),
         )
         self.kv_pool = KvPool.allocate(layout, config.device, name=config.kv_pool_name)
+        # every rank's pool, for rank 0 to register with the kvstore daemon
+        self.rank_pool_descriptors = (
+            all_ranks(self.kv_pool.descriptor) if config.ranks > 1 else [self.kv_pool.descriptor]
+        )
         # The last block is never handed out: padded rows of a captured decode batch write there.
         self.block_manager = BlockManager(layout.num_blocks - 1, config.block_size)
         self.runner = ModelRunner(
@@ -243,6 +257,7 @@ class Engine(EngineBase):
             self.block_manager,
             self.max_model_len,
             null_block=layout.num_blocks - 1,
+            pipeline=pipeline,
         )
         if self.ranks is not None:
             self.runner.before_forward = self.ranks.send
@@ -251,7 +266,10 @@ class Engine(EngineBase):
             "engine ready: %s, %.1fM params%s, %s on %s (%s backend), %d KV blocks of %d tokens (%.1f MiB)",
             mc.architecture,
             mc.num_params() / 1e6,
-            f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
+            f", rank {pipeline.rank if pipeline.stages > 1 else tp.rank} of tp {tp.size} x pp {pipeline.stages} "
+            f"(layers {layers.start}-{layers.stop - 1})"
+            if config.ranks > 1
+            else "",
             config.dtype,
             config.device,
             self.backend.name,
@@ -260,9 +278,9 @@ class Engine(EngineBase):
             layout.total_bytes / 2**20,
         )
 
-    def _num_kv_blocks(self, kv_heads: int) -> int:
+    def _num_kv_blocks(self, num_layers: int, kv_heads: int) -> int:
         mc, cfg = self.model_config, self.config
-        block_bytes = 2 * mc.num_layers * kv_heads * mc.head_dim * cfg.block_size * cfg.dtype_bytes
+        block_bytes = 2 * num_layers * kv_heads * mc.head_dim * cfg.block_size * cfg.dtype_bytes
         budget = cfg.kv_cache_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -279,6 +297,18 @@ class Engine(EngineBase):
                 f"{self.max_model_len} needs {min_blocks}. Raise the KV memory or lower max_model_len."
             )
         return int(num_blocks)
+
+    def instance_kv(self) -> InstanceKv:
+        """The instance's KV geometry as a whole (the model's layers and K/V heads) and each rank's
+        pool: rank r holds its stage's layers and its share of their K/V heads (kvstore/shards.py)."""
+        mc = self.model_config
+        whole = replace(self.kv_pool.layout, num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads)
+        return InstanceKv(
+            whole,
+            tuple(self.rank_pool_descriptors),
+            tensor_parallel=self.config.tensor_parallel,
+            pipeline_parallel=self.config.pipeline_parallel,
+        )
 
     def _prefill(self, seqs: list[Sequence]) -> SampleResult:
         return self._sample(seqs, self.runner.prefill(seqs))

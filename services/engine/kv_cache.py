@@ -61,6 +61,10 @@ class KvLayout:
         return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     @property
+    def head_bytes(self) -> int:
+        return self.head_dim * self.element_size
+
+    @property
     def block_shape(self) -> tuple[int, ...]:
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
@@ -82,6 +86,19 @@ class KvLayout:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class InstanceKv:
+    """What a worker registers with its node's kvstore daemon: its instance's KV geometry as a
+    whole (`layout` has the model's layers and K/V heads) and each rank's pool, in rank order. Rank
+    r's pool holds its shard (services/kvstore/shards.py) with the same block ids as every other
+    rank's. One pool, for an instance of one rank."""
+
+    layout: KvLayout
+    descriptors: tuple[dict, ...]
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
 
 
 def model_id_for(model_dir_or_name: str, config_dict: dict) -> str:

@@ -1,13 +1,21 @@
-"""Tensor parallelism: an instance's ranks, one process each (Megatron-LM's split, layers/linear.py).
+"""Tensor and pipeline parallelism: an instance's ranks, one process each.
+
+An instance of tp x pp ranks splits the model's layers into pp pipeline stages (contiguous, as
+kvstore/shards.py lays out their KV) and each stage's layers over tp ranks (Megatron-LM's split,
+layers/linear.py). Rank r is stage r // tp, position r % tp.
 
 Rank 0 is the worker process: it owns the scheduler, the block accounting and sampling, and talks
 to the router. It starts ranks 1..N-1 as processes of their own (`python -m
-services.engine.rank`); each loads its shard of the weights (its attention heads, its slice
-of the MLP; the embeddings and the LM head whole) and a KV pool of its own with the same blocks as
-rank 0's, holding its K/V heads. Every forward pass runs on all ranks: rank 0 lays out the inputs
-from its sequences (runner.ForwardInputs) and writes them to each rank's stdin; the ranks' partial
-outputs are summed by an all-reduce after attention and after the MLP (gloo on CPU, NCCL on CUDA),
-so every rank ends a pass with the same hidden states and rank 0 samples from its logits.
+services.engine.rank`); each loads its shard of the weights (its stage's layers; of those, its
+attention heads and its slice of the MLP; the embeddings on the first stage and the LM head on the
+last, whole) and a KV pool of its own with the same blocks as rank 0's, holding its layers' K/V
+heads. Every forward pass runs on all ranks: rank 0 lays out the inputs from its sequences
+(runner.ForwardInputs) and writes them to each rank's stdin. Within a stage, the ranks' partial
+outputs are summed by an all-reduce after attention and after the MLP (gloo on CPU, NCCL on CUDA);
+between stages, each rank sends its hidden states to the rank in the same position of the next
+stage, and the last stage's first rank sends the logits to rank 0, which samples. A decode pass is
+cut into micro-batches, one per stage, so that every stage has work while the next computes
+(DistServe's inter-operator parallelism; runner.py).
 
 A rank that dies takes the instance with it, so that the router fails its requests over as it does
 for any dead worker: rank 0 exits when another rank exits, and the others exit when rank 0 does
@@ -28,20 +36,76 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from services.kvstore.shards import stage_layers
+
 from .config import EngineConfig, ModelConfig
 from .layers.linear import TensorParallel
-from .runner import ForwardInputs
+
+if TYPE_CHECKING:
+    from .runner import ForwardInputs
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = timedelta(minutes=5)  # the other ranks load their weights meanwhile
+
+
+@dataclass
+class Pipeline:
+    """This rank's place in its instance's pipeline, and the point-to-point sends between stages."""
+
+    rank: int = 0  # in the instance
+    stages: int = 1
+    tp: int = 1  # ranks per stage
+    layers: range = range(0)  # this rank's stage's layers (empty: all of them, no pipeline)
+    _sends: list = field(default_factory=list)  # sends in flight: their tensors must live until done
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    def send_on(self, tensor: torch.Tensor) -> None:
+        """Hands a stage's output to the same position in the next stage (not waiting for it)."""
+        self._sends.append((dist.isend(tensor, self.rank + self.tp), tensor))
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The previous stage's output."""
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(tensor, self.rank - self.tp)
+        return tensor
+
+    def logits_to_rank0(
+        self, logits: torch.Tensor | None, shape: tuple[int, ...], dtype, device
+    ) -> torch.Tensor | None:
+        """Ends a pass: the last stage's first rank sends the logits to rank 0, which returns them."""
+        if self.rank == (self.stages - 1) * self.tp:
+            assert logits is not None
+            dist.send(logits.contiguous(), 0)
+        elif self.rank == 0:
+            logits = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(logits, (self.stages - 1) * self.tp)
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+        return logits
+
+
+NO_PP = Pipeline()
 
 
 def check_split(model_config: ModelConfig, config: EngineConfig) -> None:
@@ -50,11 +114,13 @@ def check_split(model_config: ModelConfig, config: EngineConfig) -> None:
     tp.split(model_config.num_heads, "attention heads")
     tp.kv_heads(model_config.num_kv_heads)
     tp.split(model_config.intermediate_size, "MLP features")
+    if config.pipeline_parallel > model_config.num_layers:
+        raise ValueError(f"{config.pipeline_parallel} pipeline stages for {model_config.num_layers} layers")
     if config.device.startswith("cuda"):
-        last = int(rank_device(config.device, tp.size - 1).partition(":")[2])
+        last = int(rank_device(config.device, config.ranks - 1).partition(":")[2])
         if last >= torch.cuda.device_count():
             raise ValueError(
-                f"{tp.size} ranks from {config.device} need cuda:{last}; this machine has "
+                f"{config.ranks} ranks from {config.device} need cuda:{last}; this machine has "
                 f"{torch.cuda.device_count()} GPUs"
             )
 
@@ -68,15 +134,16 @@ class Ranks:
         self._threads_before = threads_before
         self._closing = False
         self.tp = TensorParallel()
+        self.pipeline = NO_PP
         for process in processes:
             threading.Thread(target=self._watch, args=(process,), name="rank-watcher", daemon=True).start()
 
     @classmethod
-    def start(cls, model_dir: str, config: EngineConfig) -> Ranks:
+    def start(cls, model_dir: str, config: EngineConfig, model_config: ModelConfig) -> Ranks:
         """Starts ranks 1..N-1 with the same model and config and joins them in a process group.
         Must run on the thread that lives as long as the instance (the main thread): the ranks'
         parent-death signal fires when the thread that started them exits."""
-        size = config.tensor_parallel
+        size = config.ranks
         address = f"127.0.0.1:{_free_port()}"
         threads_before = torch.get_num_threads()
         # on the CPU the instance's threads are shared out: ranks waiting on each other's all-reduce
@@ -85,7 +152,6 @@ class Ranks:
         spec = {
             "model_dir": model_dir,
             "config": asdict(config),
-            "size": size,
             "address": address,
             "threads": torch.get_num_threads(),
             "parent": os.getpid(),
@@ -101,11 +167,17 @@ class Ranks:
             threads_before,
         )
         try:
-            ranks.tp = join_group(0, size, address, config.device)
+            ranks.tp, ranks.pipeline = join_group(0, config, address, model_config.num_layers)
         except BaseException:
             ranks.abort()
             raise
-        log.info("tensor parallel: %d ranks (pids %s)", size, [p.pid for p in ranks.processes])
+        log.info(
+            "%d ranks: tp %d x pp %d (pids %s)",
+            size,
+            config.tensor_parallel,
+            config.pipeline_parallel,
+            [p.pid for p in ranks.processes],
+        )
         return ranks
 
     def send(self, inputs: ForwardInputs | None) -> None:
@@ -155,23 +227,29 @@ class Ranks:
             os._exit(1)
 
 
-def join_group(rank: int, size: int, address: str, device: str) -> TensorParallel:
-    """Joins the instance's process group; this rank's TensorParallel, with its all-reduce."""
-    on_cuda = device.startswith("cuda")
+def join_group(rank: int, config: EngineConfig, address: str, num_layers: int) -> tuple[TensorParallel, Pipeline]:
+    """Joins the instance's process group (`config` is this rank's: its device is the rank's own):
+    this rank's TensorParallel (with its stage's all-reduce) and Pipeline."""
+    tp, pp = config.tensor_parallel, config.pipeline_parallel
+    on_cuda = config.device.startswith("cuda")
     if on_cuda:
-        torch.cuda.set_device(rank_device(device, rank))
+        torch.cuda.set_device(config.device)  # this rank's own (rank.py: rank_device)
     dist.init_process_group(
         "nccl" if on_cuda else "gloo",
         init_method=f"tcp://{address}",
         rank=rank,
-        world_size=size,
+        world_size=tp * pp,
         timeout=START_TIMEOUT,
     )
+    # every rank creates every stage's group, in the same order (torch.distributed requires it)
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if pp > 1 else None for s in range(pp)]
+    stage = rank // tp
 
     def all_reduce(tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=groups[stage])
 
-    return TensorParallel(rank=rank, size=size, all_reduce=all_reduce)
+    pipeline = Pipeline(rank, pp, tp, stage_layers(num_layers, pp, stage)) if pp > 1 else NO_PP
+    return TensorParallel(rank=rank % tp, size=tp, all_reduce=all_reduce), pipeline
 
 
 def agreed_min(value: int) -> int:
@@ -181,6 +259,13 @@ def agreed_min(value: int) -> int:
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def all_ranks(value: object) -> list:
+    """Every rank's `value` (picklable), in rank order."""
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def rank_device(device: str, rank: int) -> str:

@@ -1,6 +1,6 @@
-"""A tensor-parallel rank other than 0 (parallel.py starts it): `python -m services.engine.rank SPEC`
-loads its shard of the model and runs every forward pass rank 0 sends it (pickled ForwardInputs on
-stdin), until rank 0 says stop or is gone."""
+"""A rank of a tensor- or pipeline-parallel instance other than 0 (parallel.py starts it):
+`python -m services.engine.rank SPEC` loads its shard of the model and runs every forward pass rank
+0 sends it (pickled ForwardInputs on stdin), until rank 0 says stop or is gone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .config import EngineConfig
+from .config import EngineConfig, ModelConfig
 from .engine import Engine
 from .parallel import die_with_parent, join_group, rank_device
 from .runner import ForwardInputs
@@ -27,8 +27,8 @@ def follow(spec: dict) -> None:
     fields["cuda_graph_batch_sizes"] = tuple(fields["cuda_graph_batch_sizes"])
     fields["kv_pool_name"] = None  # rank 0's name; each rank's pool gets its own
     config = EngineConfig(**{**fields, "device": rank_device(fields["device"], rank)})
-    tp = join_group(rank, spec["size"], spec["address"], config.device)
-    engine = Engine(spec["model_dir"], config, tp=tp)
+    tp, pipeline = join_group(rank, config, spec["address"], ModelConfig.from_pretrained(spec["model_dir"]).num_layers)
+    engine = Engine(spec["model_dir"], config, tp=tp, pipeline=pipeline)
     try:
         while True:
             try:

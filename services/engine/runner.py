@@ -1,9 +1,12 @@
 """Turns sequences into the model's inputs, runs the model, and (with a backend that allows it, on
 CUDA) replays captured decode graphs.
 
-A step's inputs are first laid out as plain data (`ForwardInputs`), then run: in a tensor-parallel
-instance rank 0 lays them out from its sequences and every rank runs the same inputs on its shard
-of the model (engine/parallel.py). Decode graphs are captured only without tensor parallelism.
+A step's inputs are first laid out as plain data (`ForwardInputs`), then run: in a tensor- or
+pipeline-parallel instance rank 0 lays them out from its sequences and every rank runs the same
+inputs on its shard of the model (engine/parallel.py). With pipeline stages, each stage takes the
+previous one's hidden states, and a decode pass runs as one micro-batch per stage (consecutive
+rows), so that stage s computes micro-batch m while stage s+1 computes m-1. Decode graphs are
+captured only for an instance of one rank.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .kv_cache import KvPool
 from .model import CausalLM
+from .parallel import NO_PP, Pipeline
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,23 @@ class ForwardInputs:
     decode_rows: list[int] | None = None  # mixed: rows adding one token to a cached context
     chunks: list[tuple[int, int, int, list[int]]] | None = None  # mixed: (first row, rows, cached before, blocks)
 
+    @property
+    def num_logits(self) -> int:
+        if self.kind == "decode":
+            return len(self.seq_ids)
+        if self.logits_rows is not None:
+            return len(self.logits_rows)
+        assert self.cu_seqlens is not None
+        return len(self.cu_seqlens) - 1
+
+    def micro_batches(self, count: int) -> list[ForwardInputs]:
+        """A decode pass as `count` passes of consecutive rows, as even as can be."""
+        n = len(self.seq_ids)
+        bounds = [i * n // count for i in range(count + 1)]
+        return [self.reordered(list(range(a, b))) for a, b in zip(bounds, bounds[1:]) if b > a]
+
     def reordered(self, order: list[int]) -> ForwardInputs:
-        """A decode pass with its sequences in `order`."""
+        """A decode pass of the sequences at `order` (all of them, reordered, or some)."""
         assert self.block_tables is not None and self.context_lens is not None
         return replace(
             self,
@@ -68,20 +87,22 @@ class ModelRunner:
         block_manager: BlockManager,
         max_model_len: int,
         null_block: int,
+        pipeline: Pipeline = NO_PP,
     ):
         self.model = model
         self.backend = backend
         self.config = config
         self.kv_pool = kv_pool
         self.block_manager = block_manager
+        self.pipeline = pipeline
         self.device = torch.device(config.device)
         self.block_size = kv_pool.layout.block_size
         self.max_blocks_per_seq = ceil_div(max_model_len, self.block_size)
         self.null_slot = null_block * self.block_size  # padded rows write here, never read
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # rank 0 of a tensor-parallel instance: sends each pass's inputs to the other ranks
+        # rank 0 of a tensor- or pipeline-parallel instance: sends each pass's inputs to the other ranks
         self.before_forward: Callable[[ForwardInputs], None] | None = None
-        if backend.supports_cuda_graphs and config.enable_cuda_graphs and config.tensor_parallel == 1:
+        if backend.supports_cuda_graphs and config.enable_cuda_graphs and config.ranks == 1:
             self._capture_decode_graphs()
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
@@ -104,7 +125,7 @@ class ModelRunner:
             positions.extend(range(n))
             slots.extend(self._slot(seq, p) for p in range(n))
             cu.append(cu[-1] + n)
-        return self.forward(
+        return self._logits(
             ForwardInputs(
                 "prefill", [s.seq_id for s in seqs], input_ids, positions, slots, self._discarded(), cu_seqlens=cu
             )
@@ -135,7 +156,7 @@ class ModelRunner:
                 chunks.append((cu[-1], n, start, seq.block_table[: ceil_div(end, self.block_size)]))
             cu.append(cu[-1] + n)
         lens = [s.num_cached + 1 for s in decode_seqs]
-        return self.forward(
+        return self._logits(
             ForwardInputs(
                 "mixed",
                 [s.seq_id for s in seqs],
@@ -157,7 +178,7 @@ class ModelRunner:
         """One step: feeds each sequence's last token at position len-1, returns logits [B, V]."""
         positions = [len(s.token_ids) - 1 for s in seqs]
         lens = [len(s.token_ids) for s in seqs]
-        return self.forward(
+        return self._logits(
             ForwardInputs(
                 "decode",
                 [s.seq_id for s in seqs],
@@ -170,6 +191,11 @@ class ModelRunner:
             )
         )
 
+    def _logits(self, inputs: ForwardInputs) -> torch.Tensor:
+        logits = self.forward(inputs)
+        assert logits is not None  # rank 0 has them (from the last stage)
+        return logits
+
     def _discarded(self) -> list[str]:
         return self.block_manager.take_discarded()
 
@@ -180,22 +206,51 @@ class ModelRunner:
 
     # ---- a forward pass (every rank) -------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, inputs: ForwardInputs) -> torch.Tensor:
-        """Runs one forward pass; the logits of its `logits_rows` (decode: every row). Rank 0 of a
-        tensor-parallel instance hands the same inputs to its other ranks first (`before_forward`)."""
+    def forward(self, inputs: ForwardInputs) -> torch.Tensor | None:
+        """Runs one forward pass; the logits of its `logits_rows` (decode: every row), on rank 0
+        (a rank of a later stage than the first returns its own, or None before the last stage).
+        Rank 0 of a parallel instance hands the same inputs to its other ranks first
+        (`before_forward`)."""
         if self.before_forward is None:
-            return self._forward(inputs)
+            return self._forward_and_gather(inputs)
         self.before_forward(inputs)
         try:
-            return self._forward(inputs)
+            return self._forward_and_gather(inputs)
         except BaseException:
             # the other ranks are in this pass's all-reduces: a rank 0 that went on would pair its
             # next pass with them (wrong sums, or a hang); the instance fails as a whole instead
-            log.critical("tensor-parallel rank 0 failed in a forward pass: stopping this instance", exc_info=True)
+            log.critical("parallel rank 0 failed in a forward pass: stopping this instance", exc_info=True)
             logging.shutdown()
             os._exit(1)
 
-    def _forward(self, inputs: ForwardInputs) -> torch.Tensor:
+    def _forward_and_gather(self, inputs: ForwardInputs) -> torch.Tensor | None:
+        logits = self._forward(inputs)
+        if self.pipeline.stages == 1:
+            return logits
+        shape = (inputs.num_logits, self.model.config.vocab_size)
+        return self.pipeline.logits_to_rank0(logits, shape, self._dtype, self.device)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.dtype)
+
+    def _model(self, input_ids: torch.Tensor, meta, logits_indices: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The model on this rank's layers: the logits on the last stage (None before it, whose
+        output goes on to the next stage)."""
+        pipeline = self.pipeline
+        if pipeline.stages == 1:
+            return self.model(input_ids, meta, self.kv_pool, logits_indices)
+        carried = None
+        if not pipeline.first:
+            shape = (2, input_ids.shape[0], self.model.config.hidden_size)
+            carried = pipeline.receive(shape, self._dtype, self.device)
+        out = self.model(input_ids, meta, self.kv_pool, logits_indices, carried)
+        if pipeline.last:
+            return out
+        pipeline.send_on(out)
+        return None
+
+    def _forward(self, inputs: ForwardInputs) -> torch.Tensor | None:
         for seq_id in inputs.discarded:
             self.backend.forget(seq_id)
         if inputs.kind == "decode":
@@ -221,20 +276,29 @@ class ModelRunner:
         )
         meta = self.backend.prefill_metadata(step)
         last = inputs.logits_rows if inputs.logits_rows is not None else [c - 1 for c in inputs.cu_seqlens[1:]]
-        return self.model(self._tensor(inputs.input_ids), meta, self.kv_pool, self._tensor(last))
+        return self._model(self._tensor(inputs.input_ids), meta, self._tensor(last))
 
-    def _decode(self, inputs: ForwardInputs) -> torch.Tensor:
+    def _decode(self, inputs: ForwardInputs) -> torch.Tensor | None:
+        if self.pipeline.stages == 1:
+            return self._decode_batch(inputs)
+        # one micro-batch per stage: all go into the pipeline before the logits come back
+        parts = [self._decode_batch(part) for part in inputs.micro_batches(self.pipeline.stages)]
+        return torch.cat(parts) if self.pipeline.last else None  # type: ignore[arg-type]
+
+    def _decode_batch(self, inputs: ForwardInputs) -> torch.Tensor | None:
         assert inputs.context_lens is not None
         order = self.backend.decode_order(inputs.seq_ids, inputs.context_lens)
         if order is None or order == list(range(len(order))):
             return self._decode_in_order(inputs)
         # run in the backend's order, hand the logits back in the caller's
         logits = self._decode_in_order(inputs.reordered(order))
+        if logits is None:
+            return None
         out = torch.empty_like(logits)
         out[torch.tensor(order)] = logits
         return out
 
-    def _decode_in_order(self, inputs: ForwardInputs) -> torch.Tensor:
+    def _decode_in_order(self, inputs: ForwardInputs) -> torch.Tensor | None:
         assert inputs.block_tables is not None and inputs.context_lens is not None
         graph_bs = next((bs for bs in sorted(self.graphs) if bs >= len(inputs.seq_ids)), None)
         if graph_bs is not None:
@@ -248,7 +312,7 @@ class ModelRunner:
             context_lens_list=inputs.context_lens,
         )
         meta = self.backend.decode_metadata(step)
-        logits = self.model(self._tensor(inputs.input_ids), meta, self.kv_pool)
+        logits = self._model(self._tensor(inputs.input_ids), meta)
         self.backend.end_step(meta, self.kv_pool)
         return logits
 

@@ -81,6 +81,8 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
         if _IGNORED.search(src) or (src == "lm_head.weight" and tied):
             continue
         path, param_name, shard = _target(src)
+        if not model.holds(path):
+            continue  # another pipeline stage's
         module = modules.get(path)
         if module is None or (path, param_name) not in expected:
             raise ValueError(f"unexpected weight {src!r} in checkpoint")
@@ -107,7 +109,7 @@ def _copy(param: nn.Parameter, tensor: torch.Tensor) -> None:
 
 def init_random_weights(model: CausalLM, seed: int, std: float = 0.02) -> None:
     """Random weights without a checkpoint (benchmarks of large shapes)."""
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)

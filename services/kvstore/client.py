@@ -1,7 +1,7 @@
 """What a prefill/decode worker uses to talk to its node's kvstore daemon.
 
     client = KvStoreClient("127.0.0.1:7100")
-    pool_id = await client.register_pool("prefill-0", kv_pool, on_released)
+    pool_id = await client.register_pool("prefill-0", engine.instance_kv(), on_released)
     handle = await client.publish(kv_id, block_ids, num_tokens)      # prefill: blocks stay owned
     ...                                                               # until on_released(kv_id, ...)
     response = await client.pull(dst_block_ids, handle)              # decode: KV lands in its blocks
@@ -35,7 +35,7 @@ from services.common.enums import ReleaseReason
 from services.common.grpc_client import aio_channel
 
 if TYPE_CHECKING:  # the router uses this client (Release) and imports no torch
-    from services.engine.kv_cache import KvPool
+    from services.engine.kv_cache import InstanceKv
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,16 @@ class KvStoreClient:
         return self._stubs[address][1]
 
     async def register_pool(
-        self, worker_id: str, kv_pool: KvPool, on_released: OnReleased, timeout: float = 30.0
+        self, worker_id: str, instance_kv: InstanceKv, on_released: OnReleased, timeout: float = 30.0
     ) -> str:
-        """Registers the pool and opens its watch stream; returns once the daemon sent READY. A
-        daemon that cannot be reached (not started yet) is retried until it can; other refusals
+        """Registers the instance's pools (one per rank) and opens their watch stream; returns once
+        the daemon sent READY. A daemon that cannot be reached (not started yet) is retried until it
+        can; other refusals
         (a layout it rejects) raise. From then on the pool is kept registered (re-registered after
         a daemon restart) until `close`."""
         if self._watch is not None:
             raise RuntimeError("this client already registered a pool")
-        layout = kv_pool.layout
+        layout = instance_kv.layout
         request = kvstore_pb2.RegisterPoolRequest(
             worker_id=worker_id,
             layout=kvstore_pb2.PoolLayout(
@@ -96,8 +97,10 @@ class KvStoreClient:
                 head_dim=layout.head_dim,
                 dtype=layout.dtype,
                 model_id=layout.model_id,
+                tensor_parallel=instance_kv.tensor_parallel,
+                pipeline_parallel=instance_kv.pipeline_parallel,
             ),
-            memory_descriptor=json.dumps(kv_pool.descriptor),
+            memory_descriptors=[json.dumps(d) for d in instance_kv.descriptors],
         )
         await self._register_until_up(request, timeout, retry=DAEMON_DOWN)
         ready = asyncio.get_running_loop().create_future()

@@ -25,15 +25,17 @@ from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import OWNER_PROOF_BYTES, SHM_DIR, KvLayout, KvPool
 
-from .block_runs import CopyStopped, copy_blocks
-from .entries import EntryTable, KvEntry, check_block_ids
+from .block_runs import CopyStopped, RankRows, copy_pieces
+from .entries import EntryTable, KvEntry, check_block_ids, host_parts
 from .host_tier import HostTier
 from .metrics import KvStoreMetrics
+from .shards import Piece, degrees, instance_shards, rank_layout, resharding_plan
 from .ucx_transfer import UcxPuller, UcxTransferServer
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_RANKS = 256  # of one instance: more is a malformed registration, not a deployment
 
 
 @dataclass
@@ -104,9 +106,31 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         if not request.worker_id:
             raise invalid("worker_id", "empty")
         layout = layout_from_proto(request.layout)
-        kv_pool = map_pool(layout, request.memory_descriptor)
-        record = self.table.add_pool(request.worker_id, kv_pool)
-        log.info("registered pool %s (%d blocks of %d bytes)", record.pool_id, layout.num_blocks, layout.block_bytes)
+        tp, pp = request.layout.tensor_parallel or 1, request.layout.pipeline_parallel or 1
+        if tp * pp > MAX_RANKS:
+            raise invalid("layout.tensor_parallel", f"{tp} x {pp} ranks: at most {MAX_RANKS}")
+        try:
+            shards = instance_shards(layout, tp, pp)
+        except ValueError as e:
+            raise invalid("layout.tensor_parallel", str(e)) from None
+        if len(request.memory_descriptors) != len(shards):
+            raise invalid(
+                "memory_descriptors", f"{len(request.memory_descriptors)} given for an instance of {len(shards)} ranks"
+            )
+        kv_pools = [
+            map_pool(rank_layout(layout, shard), descriptor, f"memory_descriptors[{rank}]")
+            for rank, (shard, descriptor) in enumerate(zip(shards, request.memory_descriptors, strict=True))
+        ]
+        record = self.table.add_pool(request.worker_id, layout, shards, kv_pools)
+        log.info(
+            "registered pool %s (%d blocks of %d bytes on %d ranks: tp %d, pp %d)",
+            record.pool_id,
+            layout.num_blocks,
+            sum(record.rank_block_bytes),
+            len(shards),
+            tp,
+            pp,
+        )
         return kvstore_pb2.RegisterPoolResponse(pool_id=record.pool_id, node_id=self.config.node_id)
 
     async def WatchPool(self, request, context):
@@ -131,6 +155,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
 
     async def Publish(self, request, context):
         entry = self.table.publish(request.pool_id, request.kv_id, request.block_ids, request.num_tokens)
+        tp, pp = degrees(entry.shards)
         return kvstore_pb2.PublishResponse(
             handle=common_pb2.KvHandle(
                 kv_id=entry.kv_id,
@@ -141,6 +166,8 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
                 num_blocks=entry.num_blocks,
                 layout_fingerprint=entry.fingerprint,
                 access_token=entry.access_token,
+                tensor_parallel=tp,
+                pipeline_parallel=pp,
             )
         )
 
@@ -198,7 +225,8 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         if not handle.kv_id:
             raise invalid("handle.kv_id", "empty")
         dst_ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
-        fingerprint = record.layout.fingerprint()
+        layout = record.layout
+        fingerprint = layout.fingerprint()
         if handle.layout_fingerprint != fingerprint:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -207,17 +235,23 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             )
         if len(dst_ids) != handle.num_blocks:
             raise invalid("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
+        destination = record.rank_rows(dst_ids)
         if handle.node_id != self.config.node_id:
+            try:
+                src_shards = instance_shards(layout, handle.tensor_parallel or 1, handle.pipeline_parallel or 1)
+            except ValueError as e:
+                raise invalid("handle.tensor_parallel", str(e)) from None
+            pieces = resharding_plan(src_shards, record.shards)
             nbytes = await self.puller.fetch(
-                handle.transfer_address, handle.kv_id, handle.access_token, fingerprint, record.rows, dst_ids
+                handle.transfer_address, handle.kv_id, handle.access_token, layout, pieces, destination
             )
             return nbytes, "ucx"
         entry = await self.table.begin_transfer(handle.kv_id, handle.access_token, fingerprint, len(dst_ids))
         path = "host" if entry.in_host_tier else "local"
         succeeded = False
         try:
-            src_rows, src_ids = entry.source()
-            nbytes = await copy_until_cancelled(src_rows, src_ids, record.rows, dst_ids)
+            pieces = resharding_plan(entry.shards, record.shards)
+            nbytes = await copy_until_cancelled(entry.source(), destination, pieces, layout)
             succeeded = True
         finally:
             self.table.end_transfer(entry, succeeded)
@@ -273,11 +307,14 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
                 return True
             assert entry.pool is not None  # a device-tier entry: only move_to_host, under this lock, clears it
             buffer = table.host.allocate(
-                entry.kv_id, entry.num_blocks, entry.block_bytes, pin_memory=entry.pool.rows.is_cuda
+                entry.kv_id, entry.num_blocks, entry.block_bytes, pin_memory=entry.pool.on_cuda
             )
-            rows, ids = entry.source()
+            whole = resharding_plan(entry.shards, entry.shards)  # every rank's part as it is
+            parts = host_parts(buffer, entry.shards, entry.rank_block_bytes)
             try:
-                await asyncio.to_thread(copy_blocks, rows, ids, buffer, list(range(entry.num_blocks)))
+                await asyncio.to_thread(
+                    copy_pieces, entry.source(), parts, whole, entry.layout.block_size, entry.layout.head_bytes
+                )
             except Exception:  # the entry stays on the device: a later sweep retries, or it expires
                 log.exception("moving %s to the host tier failed", entry.kv_id)
                 table.host.free(entry.kv_id)
@@ -296,14 +333,16 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         return True
 
 
-async def copy_until_cancelled(src_rows, src_ids, dst_rows, dst_ids) -> int:
-    """copy_blocks in a thread. If the caller is cancelled (the puller's deadline passed, or it went
+async def copy_until_cancelled(src: list[RankRows], dst: list[RankRows], pieces: list[Piece], layout: KvLayout) -> int:
+    """copy_pieces in a thread. If the caller is cancelled (the puller's deadline passed, or it went
     away), the copy stops at its next run and this returns (raising CancelledError) only once the
     thread has stopped: until then the destination blocks are still being written, and the source
     blocks read, so neither may be handed back before. (The decode worker also waits a grace period
     before reusing the blocks of a pull that failed this way: its own deadline fires on its side.)"""
     stop = threading.Event()
-    copy = asyncio.ensure_future(asyncio.to_thread(copy_blocks, src_rows, src_ids, dst_rows, dst_ids, stop))
+    copy = asyncio.ensure_future(
+        asyncio.to_thread(copy_pieces, src, dst, pieces, layout.block_size, layout.head_bytes, stop)
+    )
     try:
         return await asyncio.shield(copy)
     except asyncio.CancelledError:
@@ -336,7 +375,7 @@ def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:
     )
 
 
-def check_pool_owner(path: str, size: int, proof: object) -> None:
+def check_pool_owner(path: str, size: int, proof: object, name: str) -> None:
     """The registrant must know the secret its pool file holds after the pool (kv_cache.py
     allocate): only a process that can read the worker's 0600 file does, so nobody can have the
     daemon (which may read any file) map, and serve over UCX, a pool they could not read themselves."""
@@ -349,40 +388,40 @@ def check_pool_owner(path: str, size: int, proof: object) -> None:
     if len(expected) != OWNER_PROOF_BYTES or not hmac.compare_digest(stored, expected):
         raise ServiceError(
             grpc.StatusCode.PERMISSION_DENIED,
-            "memory_descriptor.proof: does not match the pool file: only the worker that created a pool "
-            "may register it",
+            f"{name}.proof: does not match the pool file: only the worker that created a pool may register it",
         )
 
 
-def map_pool(layout: KvLayout, memory_descriptor: str) -> KvPool:
-    """Maps a worker's pool after checking its descriptor field by field (errors name the field)."""
+def map_pool(layout: KvLayout, memory_descriptor: str, name: str = "memory_descriptors[0]") -> KvPool:
+    """Maps one rank's pool after checking its descriptor (`name`, the request's field) field by
+    field: errors name the field."""
     try:
         descriptor = json.loads(memory_descriptor)
     except ValueError as e:
-        raise invalid("memory_descriptor", f"not valid JSON ({e})") from None
+        raise invalid(name, f"not valid JSON ({e})") from None
     if not isinstance(descriptor, dict):
-        raise invalid("memory_descriptor", "must be a JSON object")
+        raise invalid(name, "must be a JSON object")
     kind = descriptor.get("kind")
     if kind == "shm":
         path, size = descriptor.get("path"), descriptor.get("size")
         if not isinstance(path, str) or not os.path.realpath(path).startswith(SHM_DIR + "/"):
-            raise invalid("memory_descriptor.path", f"must be a file under {SHM_DIR}, got {path!r}")
+            raise invalid(f"{name}.path", f"must be a file under {SHM_DIR}, got {path!r}")
         if not os.path.isfile(path):
-            raise invalid("memory_descriptor.path", f"{path} does not exist")
+            raise invalid(f"{name}.path", f"{path} does not exist")
         if not isinstance(size, int) or size != layout.total_bytes:
-            raise invalid("memory_descriptor.size", f"{size!r} does not match the layout ({layout.total_bytes} bytes)")
+            raise invalid(f"{name}.size", f"{size!r} does not match the layout ({layout.total_bytes} bytes)")
         if os.path.getsize(path) < size:
-            raise invalid("memory_descriptor.size", f"{path} is smaller than {size} bytes")
-        check_pool_owner(path, size, descriptor.get("proof"))
+            raise invalid(f"{name}.size", f"{path} is smaller than {size} bytes")
+        check_pool_owner(path, size, descriptor.get("proof"), name)
     elif kind == "cuda_ipc":
         if not torch.cuda.is_available():
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "memory_descriptor.kind: cuda_ipc pool, but this daemon sees no GPU",
+                f"{name}.kind: cuda_ipc pool, but this daemon sees no GPU",
             )
     else:
-        raise invalid("memory_descriptor.kind", f"{kind!r} is not one of shm, cuda_ipc")
+        raise invalid(f"{name}.kind", f"{kind!r} is not one of shm, cuda_ipc")
     try:
         return KvPool.attach(layout, descriptor)
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
-        raise invalid("memory_descriptor", f"cannot map the pool: {e}") from None
+        raise invalid(name, f"cannot map the pool: {e}") from None

@@ -33,7 +33,9 @@ from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import KvLayout, KvPool
 
+from .block_runs import RankRows
 from .host_tier import HostTier
+from .shards import Shard, rank_layout
 
 
 @dataclass(frozen=True)
@@ -45,30 +47,41 @@ class ReleasedEvent:
 
 @dataclass
 class PoolRecord:
+    """A worker's registered KV memory: one pool per rank of its instance, the same blocks in each."""
+
     pool_id: str
     worker_id: str
-    kv_pool: KvPool  # the daemon's mapping of the worker's memory; unmapped when the last reference goes
+    layout: KvLayout  # the instance's as a whole: the model's layers and K/V heads
+    shards: list[Shard]  # rank r's layers and heads
+    kv_pools: list[KvPool]  # the daemon's mappings of each rank's pool; unmapped with the last reference
     events: asyncio.Queue  # ReleasedEvent, or None to end the watch stream
     registered_at: float
     watched: bool = False
     block_owner: dict[int, str] = field(default_factory=dict)  # block -> kv_id of the entry holding it
 
     @property
-    def layout(self) -> KvLayout:
-        return self.kv_pool.layout
+    def rank_block_bytes(self) -> tuple[int, ...]:
+        return tuple(pool.layout.block_bytes for pool in self.kv_pools)
 
     @property
-    def rows(self) -> torch.Tensor:
-        return self.kv_pool.block_bytes_view()
+    def on_cuda(self) -> bool:
+        return self.kv_pools[0].tensor.is_cuda
+
+    def rank_rows(self, ids: Sequence[int]) -> list[RankRows]:
+        return [
+            RankRows(pool.block_bytes_view(), ids, shard)
+            for pool, shard in zip(self.kv_pools, self.shards, strict=True)
+        ]
 
 
 @dataclass
 class KvEntry:
     kv_id: str
-    fingerprint: str
+    layout: KvLayout  # its instance's as a whole
+    shards: list[Shard]  # which layers and heads each rank's part of a block holds
+    rank_block_bytes: tuple[int, ...]  # each rank's part of a block
     num_tokens: int
-    block_bytes: int
-    block_ids: list[int]  # in the source pool, token order
+    block_ids: list[int]  # in the source pools, token order
     published_at: float
     pool: PoolRecord | None  # device tier: the pool holding the blocks
     host_buffer: torch.Tensor | None = None  # host tier: [num_blocks, block_bytes]
@@ -76,6 +89,15 @@ class KvEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by the one transfer/move reading it
     release_pending: bool = False
     dropped: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.layout.fingerprint()
+
+    @property
+    def block_bytes(self) -> int:
+        """One block on all ranks together."""
+        return sum(self.rank_block_bytes)
 
     @property
     def num_blocks(self) -> int:
@@ -89,12 +111,22 @@ class KvEntry:
     def in_host_tier(self) -> bool:
         return self.host_buffer is not None
 
-    def source(self) -> tuple[torch.Tensor, list[int]]:
-        """(rows, row ids): where the entry's bytes are now, block i of the entry in rows[ids[i]]."""
-        if self.host_buffer is not None:
-            return self.host_buffer, list(range(self.num_blocks))
-        assert self.pool is not None  # a live entry not in the host tier is in a worker's pool
-        return self.pool.rows, self.block_ids
+    def source(self) -> list[RankRows]:
+        """Where each rank's part of the entry is now: block i of the entry in rows[ids[i]]. In the
+        host tier, a block is one row of the buffer, the ranks' parts side by side."""
+        if self.host_buffer is None:
+            assert self.pool is not None  # a live entry not in the host tier is in a worker's pool
+            return self.pool.rank_rows(self.block_ids)
+        return host_parts(self.host_buffer, self.shards, self.rank_block_bytes)
+
+
+def host_parts(buffer: torch.Tensor, shards: list[Shard], rank_block_bytes: Sequence[int]) -> list[RankRows]:
+    """A host-tier buffer `[num_blocks, sum of rank_block_bytes]` as each rank's part."""
+    ids, parts, start = range(buffer.shape[0]), [], 0
+    for shard, nbytes in zip(shards, rank_block_bytes, strict=True):
+        parts.append(RankRows(buffer[:, start : start + nbytes], ids, shard))
+        start += nbytes
+    return parts
 
 
 def check_block_ids(field_name: str, block_ids: Sequence[int], num_blocks: int) -> list[int]:
@@ -116,10 +148,12 @@ class EntryTable:
         self.entries: dict[str, KvEntry] = {}
 
     # ---- pools ------------------------------------------------------------------------------
-    def add_pool(self, worker_id: str, kv_pool: KvPool) -> PoolRecord:
+    def add_pool(self, worker_id: str, layout: KvLayout, shards: list[Shard], kv_pools: list[KvPool]) -> PoolRecord:
         # unguessable: who knows it may publish into, watch and release from the pool
         pool_id = f"{worker_id}-{secrets.token_hex(16)}"
-        record = PoolRecord(pool_id, worker_id, kv_pool, asyncio.Queue(), time.monotonic())
+        if [pool.layout for pool in kv_pools] != [rank_layout(layout, shard) for shard in shards]:
+            raise ValueError("the ranks' pools do not hold the shards of the layout")  # map_pool checked
+        record = PoolRecord(pool_id, worker_id, layout, shards, kv_pools, asyncio.Queue(), time.monotonic())
         self.pools[pool_id] = record
         return record
 
@@ -164,7 +198,9 @@ class EntryTable:
         taken = [b for b in ids if b in record.block_owner]
         if taken:
             raise invalid("block_ids", f"block {taken[0]} already belongs to entry {record.block_owner[taken[0]]!r}")
-        entry = KvEntry(kv_id, layout.fingerprint(), num_tokens, layout.block_bytes, ids, time.monotonic(), record)
+        entry = KvEntry(
+            kv_id, layout, record.shards, record.rank_block_bytes, num_tokens, ids, time.monotonic(), record
+        )
         for b in ids:
             record.block_owner[b] = kv_id
         self.entries[kv_id] = entry

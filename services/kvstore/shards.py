@@ -1,6 +1,6 @@
 """Which part of a request's KV each rank of an instance holds, and what a pull between two
-instances of different parallelism moves: pure arithmetic, no I/O (the pull that uses it is not
-built yet; docs/architecture.md, tensor parallelism).
+instances of different parallelism moves: pure arithmetic, no I/O (the daemon's pulls use it:
+block_runs.copy_pieces on one node, ucx_transfer.py between nodes; docs/kvstore.md).
 
 An instance of (tp, pp) splits the model's layers into pp pipeline stages (contiguous; the first
 stages take one more layer when they do not divide evenly) and its K/V heads among the tp ranks of
@@ -15,7 +15,9 @@ turns among them): no destination byte is written twice and none is missed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from services.engine.kv_cache import KvLayout
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,23 @@ def shards(num_layers: int, num_kv_heads: int, tp: int, pp: int) -> list[Shard]:
         Shard(rank, stage_layers(num_layers, pp, rank // tp), rank_heads(num_kv_heads, tp, rank % tp))
         for rank in range(tp * pp)
     ]
+
+
+def instance_shards(layout: KvLayout, tp: int, pp: int) -> list[Shard]:
+    """The shards of an instance whose KV geometry as a whole is `layout` (the model's layers and
+    K/V heads)."""
+    return shards(layout.num_layers, layout.num_kv_heads, tp, pp)
+
+
+def rank_layout(layout: KvLayout, shard: Shard) -> KvLayout:
+    """The layout of one rank's pool: the instance's, cut to the rank's layers and heads."""
+    return replace(layout, num_layers=len(shard.layers), num_kv_heads=len(shard.heads))
+
+
+def degrees(shards_: list[Shard]) -> tuple[int, int]:
+    """(tp, pp) of the instance whose shards these are."""
+    pp = len({s.layers for s in shards_})
+    return len(shards_) // pp, pp
 
 
 def _overlap(a: range, b: range) -> range:

@@ -5,12 +5,19 @@ an idle endpoint to it (ucx_endpoints.py). A control frame is one tagged message
 UTF-8 JSON (the receiver learns its length by probing the tag). Data messages use tags 1, 2, ...
 One transfer on an endpoint:
 
-    puller -> source   {"op": "fetch", "kv_id", "access_token", "fingerprint", "dst_blocks": [...]}
+    puller -> source   {"op": "fetch", "kv_id", "access_token", "fingerprint", "dst_blocks": [...],
+                        "tensor_parallel", "pipeline_parallel"}            (the destination's layout)
     source -> puller   {"ok": false, "code": "NOT_FOUND", "message": ...}        (end)
-                    or {"ok": true, "runs": [[offset, count], ...], "bytes": N}
-    source -> puller   run i as one message on tag 1+i: entry blocks offset..offset+count-1, which
-                       are consecutive in the source rows and in the destination pool, so the
-                       puller posts each receive directly on the destination blocks' memory
+                    or {"ok": true, "runs": [[offset, count], ...],
+                        "pieces": [[src_rank, dst_rank, first_layer, end_layer, first_head, end_head], ...],
+                        "bytes": N}
+    source -> puller   piece p of run i as one message on tag 1 + p * len(runs) + i: entry blocks
+                       offset..offset+count-1, which are consecutive in the source pools and in the
+                       destination pools. A piece that is a whole rank's shard on both sides (same
+                       layouts) is sent from, and received into, the pools' memory directly; any
+                       other piece is packed by the source and unpacked by the puller (shards.py
+                       says which layers and heads go from which source rank to which destination
+                       rank; both sides compute it and the puller checks that they agree)
     puller -> source   {"op": "commit"}      (every run has landed)
     source -> puller   {"ok": true}          (the source dropped the entry and told its worker)
 
@@ -35,9 +42,11 @@ import numpy as np
 import torch
 
 from services.common.errors import ServiceError
+from services.engine.kv_cache import KvLayout
 
-from .block_runs import contiguous_runs
+from .block_runs import RankRows, contiguous_runs, piece_bytes, piece_view
 from .entries import EntryTable
+from .shards import Piece, degrees, instance_shards, resharding_plan
 from .ucx_endpoints import CONTROL_TAG, Endpoint, EndpointPool, Listener, RequestWaiter, ucxx_module
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,16 @@ def split_host_port(address: str) -> tuple[str, int]:
             grpc.StatusCode.INVALID_ARGUMENT, f"handle.transfer_address: expected host:port, got {address!r}"
         )
     return host.strip("[]"), int(port)
+
+
+def piece_list(piece: Piece) -> list[int]:
+    return [piece.src_rank, piece.dst_rank, piece.layers.start, piece.layers.stop, piece.heads.start, piece.heads.stop]
+
+
+def run_slices(side: RankRows, piece: Piece, runs: list[tuple[int, int]], layout: KvLayout) -> list[torch.Tensor]:
+    """The piece's bytes in each run's blocks of one side's rows (views into the pool)."""
+    view = piece_view(side, piece, layout.block_size, layout.head_bytes)
+    return [view[side.ids[offset] : side.ids[offset] + count] for offset, count in runs]
 
 
 def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -156,21 +175,36 @@ class UcxTransferServer:
             return
         committed = False
         try:
-            rows, src_ids = entry.source()
-            runs = contiguous_runs(src_ids, dst_ids, entry.block_bytes)
-            await send_frame(ep, {"ok": True, "runs": runs, "bytes": entry.nbytes})
-            await asyncio.gather(
-                *(
-                    ep.send(_ucx_buffer(rows[src_ids[offset] : src_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
-                    for i, (offset, count) in enumerate(runs)
+            try:
+                dst_shards = instance_shards(
+                    entry.layout, int(request.get("tensor_parallel", 1)), int(request.get("pipeline_parallel", 1))
                 )
+            except ValueError as e:
+                await send_frame(ep, {"ok": False, "code": "INVALID_ARGUMENT", "message": f"tensor_parallel: {e}"})
+                return
+            pieces = resharding_plan(entry.shards, dst_shards)
+            source = entry.source()
+            runs = contiguous_runs(source[0].ids, dst_ids, entry.block_bytes)
+            nbytes = len(dst_ids) * sum(
+                piece_bytes(p, entry.layout.block_size, entry.layout.head_bytes) for p in pieces
+            )
+            messages = [
+                part if part.is_contiguous() else part.contiguous()  # a piece of a shard: packed
+                for piece in pieces
+                for part in run_slices(source[piece.src_rank], piece, runs, entry.layout)
+            ]
+            for device in {m.device for m in messages if m.is_cuda}:  # UCX does not wait for torch's stream
+                torch.cuda.synchronize(device)
+            await send_frame(ep, {"ok": True, "runs": runs, "pieces": [piece_list(p) for p in pieces], "bytes": nbytes})
+            await asyncio.gather(
+                *(ep.send(_ucx_buffer(m.view(-1)), tag=FIRST_RUN_TAG + i) for i, m in enumerate(messages))
             )
             committed = (await recv_frame(ep)).get("op") == "commit"
         finally:
             self.table.end_transfer(entry, succeeded=committed)
         if not committed:
             raise ValueError("expected a commit")
-        self.on_sent(entry.nbytes)
+        self.on_sent(nbytes)
         await send_frame(ep, {"ok": True})
 
 
@@ -186,12 +220,13 @@ class UcxPuller:
         address: str,
         kv_id: str,
         access_token: str,
-        fingerprint: str,
-        dst_rows: torch.Tensor,
-        dst_ids: list[int],
+        layout: KvLayout,
+        pieces: list[Piece],
+        destination: list[RankRows],
     ) -> int:
-        """Pulls entry `kv_id` from the daemon at `address` into `dst_rows[dst_ids]`; returns the
-        bytes received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
+        """Pulls entry `kv_id` from the daemon at `address` into the destination ranks' rows: the
+        entry's `pieces`, from the source's layout into the destination's. Returns the bytes
+        received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
         cannot be reached or the connection fails, DEADLINE_EXCEEDED on timeout."""
         host, port = split_host_port(address)
         may_retry = True
@@ -204,7 +239,7 @@ class UcxPuller:
                 ) from None
             try:
                 nbytes, clean = await asyncio.wait_for(
-                    self._fetch(ep, kv_id, access_token, fingerprint, dst_rows, dst_ids), self.transfer_timeout
+                    self._fetch(ep, kv_id, access_token, layout, pieces, destination), self.transfer_timeout
                 )
             except ServiceError:  # the source said no: the conversation ended cleanly
                 await self.endpoints.give_back(host, port, ep)
@@ -236,17 +271,27 @@ class UcxPuller:
             return nbytes
 
     async def _fetch(
-        self, ep, kv_id: str, access_token: str, fingerprint: str, dst_rows: torch.Tensor, dst_ids: list[int]
+        self,
+        ep,
+        kv_id: str,
+        access_token: str,
+        layout: KvLayout,
+        pieces: list[Piece],
+        destination: list[RankRows],
     ) -> tuple[int, bool]:
         """(bytes received, whether the endpoint is clean for reuse)."""
+        dst_ids = list(destination[0].ids)
+        tp, pp = degrees([side.shard for side in destination])
         await send_frame(
             ep,
             {
                 "op": "fetch",
                 "kv_id": kv_id,
                 "access_token": access_token,
-                "fingerprint": fingerprint,
+                "fingerprint": layout.fingerprint(),
                 "dst_blocks": dst_ids,
+                "tensor_parallel": tp,
+                "pipeline_parallel": pp,
             },
         )
         reply = await recv_frame(ep)
@@ -254,13 +299,20 @@ class UcxPuller:
             code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)
             raise ServiceError(code, f"source daemon: {reply.get('message', '')}")
         runs = check_runs(reply["runs"], dst_ids)
+        if reply.get("pieces") != [piece_list(p) for p in pieces]:
+            raise ValueError("the source splits the entry differently from its KvHandle's layout")
+        targets = [part for piece in pieces for part in run_slices(destination[piece.dst_rank], piece, runs, layout)]
+        # a piece that is not contiguous in our pool lands in a buffer first, unpacked below
+        landing = [t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in targets]
         await asyncio.gather(
-            *(
-                ep.recv(_ucx_buffer(dst_rows[dst_ids[offset] : dst_ids[offset] + count]), tag=FIRST_RUN_TAG + i)
-                for i, (offset, count) in enumerate(runs)
-            )
+            *(ep.recv(_ucx_buffer(buffer.view(-1)), tag=FIRST_RUN_TAG + i) for i, buffer in enumerate(landing))
         )
-        nbytes = len(dst_ids) * dst_rows.shape[1]
+        for target, buffer in zip(targets, landing, strict=True):
+            if buffer is not target:
+                target.copy_(buffer)
+        for device in {t.device for t in targets if t.is_cuda}:
+            torch.cuda.synchronize(device)
+        nbytes = len(dst_ids) * sum(piece_bytes(p, layout.block_size, layout.head_bytes) for p in pieces)
         try:
             await send_frame(ep, {"op": "commit"})
             await recv_frame(ep)

@@ -2,13 +2,16 @@
 profile of each role's instances; and reading its layout back for `pdserve up --plan`.
 
 The values are for an umbrella chart with subcharts `prefill`, `decode`, `router` and `kvstore`
-(docs/planner.md lists every key). A replica whose pipeline spans nodes is one pod per node
-(`podsPerReplica`), each asking for the GPUs of its stages on that node.
+(docs/planner.md lists every key). An instance is one pod asking for tensor x pipeline GPUs: the
+worker starts every rank of its instance as a child process. The charts refuse a replica whose
+placement spans nodes (`podsPerReplica` above 1: the nodes it spans); `helm_problems`
+says which instances do, and `write_plan` warns and notes it in values.yaml.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +26,15 @@ from .search import PLAN_SCHEMA, Plan
 PROFILE_FILES = {role: f"{role}-profile.json" for role in ("prefill", "decode", "colocated")}
 # role -> where plan.json describes that role's instances
 PLAN_SECTIONS = {"prefill": "prefill", "decode": "decode", "colocated": "colocated_baseline"}
+log = logging.getLogger(__name__)
+
+
+def _gpus_per_node(instance: dict) -> dict[int, int]:
+    """node -> how many of the instance's GPUs the placement puts there."""
+    per_node: dict[int, int] = {}
+    for st in instance["stages"]:
+        per_node[st["node"]] = per_node.get(st["node"], 0) + len(st["gpus"])
+    return per_node
 
 
 def _role_values(plan: Plan, role: str) -> dict:
@@ -31,9 +43,9 @@ def _role_values(plan: Plan, role: str) -> dict:
     instances = [i for i in plan.instances if i["role"] == role]
     pods, gpus_per_pod = 1, choice.num_gpus
     if instances:
-        per_node: dict[int, int] = {}
-        for st in instances[0]["stages"]:
-            per_node[st["node"]] = per_node.get(st["node"], 0) + len(st["gpus"])
+        # the instance spread over the most nodes: one of them spanning nodes is enough for the
+        # charts to refuse the role (helm_problems)
+        per_node = max((_gpus_per_node(i) for i in instances), key=len)
         pods, gpus_per_pod = len(per_node), max(per_node.values())
     values = {
         "enabled": True,
@@ -47,6 +59,35 @@ def _role_values(plan: Plan, role: str) -> dict:
     if role == "prefill":
         values["maxBatchedTokens"] = choice.max_batched_tokens
     return values
+
+
+def helm_problems(plan: Plan) -> list[str]:
+    """Why deploy/helm would refuse this plan's values, one line per role: instances the placement
+    spreads over several nodes. The workers run all ranks of an instance in one pod (child
+    processes of rank 0, one GPU each), so each instance must fit one node; a pipeline with a stage
+    per node would need a rendezvous between pods, which the engine does not have yet."""
+    per_node = plan.cluster.get("gpus_per_node")
+    problems = []
+    for role, choice in (("prefill", plan.prefill), ("decode", plan.decode)):
+        instances = [i for i in plan.instances if i["role"] == role]
+        spread = [(i, sorted(_gpus_per_node(i))) for i in instances if len(_gpus_per_node(i)) > 1]
+        if not spread:
+            continue
+        if per_node and choice.num_gpus > per_node:
+            why = f"{choice.num_gpus} GPUs per instance, more than a node's {per_node}"
+        elif plan.segments:
+            why = "the low-affinity placement puts each pipeline stage on a node of its own"
+        else:
+            why = "the placement packed them across node boundaries"
+        first, nodes = spread[0]
+        problems.append(
+            f"{role}: {len(spread)} of {len(instances)} instances (tensor {choice.tensor_parallel} x pipeline "
+            f"{choice.pipeline_parallel}) span nodes, e.g. instance {first['index']} on nodes "
+            f"{', '.join(map(str, nodes))} ({why}). The Helm charts run all ranks of an instance in one pod "
+            "and refuse podsPerReplica above 1: re-plan with --max-nodes-per-instance 1 "
+            "(docs/deploy.md, 'Tensor and pipeline parallelism')."
+        )
+    return problems
 
 
 def helm_values(plan: Plan) -> dict:
@@ -117,6 +158,9 @@ def write_plan(plan: Plan, out_dir: str) -> dict[str, str]:
     with open(paths["helm"], "w") as f:
         f.write(f"# Helm values for the pdserve umbrella chart, from `pdserve plan search` ({plan.algorithm}).\n")
         f.write(f"# Planned for {plan.rate:.3g} req/s of {plan.workload['name']} on {plan.gpus_used} x {plan.gpu}.\n")
+        for problem in helm_problems(plan):
+            log.warning("values.yaml: helm will refuse it: %s", problem)
+            f.write(f"# NOT DEPLOYABLE as is: {problem}\n")
         yaml.dump(helm_values(plan), f, Dumper=_PlainDumper, sort_keys=False)
     return paths
 

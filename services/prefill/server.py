@@ -147,7 +147,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
 
     async def start(self) -> None:
         self.thread.start(asyncio.get_running_loop())
-        await self.kvstore.register_pool(self.worker_id, self.engine.kv_pool, self._on_released)
+        await self.kvstore.register_pool(self.worker_id, self.engine.instance_kv(), self._on_released)
 
     # ---- gRPC -----------------------------------------------------------------------------------
     async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> None:

@@ -84,8 +84,16 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         "--tensor-parallel",
         default=1,
         type=int,
-        help="colocated workers: ranks of this instance, one process each (on CUDA one GPU each, from "
-        "--device on); its --threads are shared out among them, --kv-cache-gb is each rank's",
+        help="ranks per pipeline stage of this instance, the model's heads and MLP split among them, one "
+        "process each (on CUDA one GPU each, from --device on); --threads are shared out among all ranks, "
+        "--kv-cache-gb is each rank's",
+    )
+    parser.add_flag(
+        "--pipeline-parallel",
+        default=1,
+        type=int,
+        help="pipeline stages of this instance, the model's layers split among them (each stage "
+        "--tensor-parallel ranks); a decode step runs one micro-batch per stage",
     )
     parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
     parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: role-host-port)")
@@ -135,10 +143,13 @@ def engine_from_flags(args) -> EngineBase:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or None,
         tensor_parallel=args.tensor_parallel,
+        pipeline_parallel=args.pipeline_parallel,
     )
     if args.device == "emulated":
-        if config.tensor_parallel > 1:
-            raise SystemExit("--tensor-parallel: an emulated instance's parallelism is its profile's")
+        if config.ranks > 1:
+            raise SystemExit(
+                "--tensor-parallel, --pipeline-parallel: an emulated instance's parallelism is its profile's"
+            )
         return EmulatedEngine(
             model_dir_or_default(args.model), config, LatencyProfile.load(args.profile), args.emulated_kv_scale
         )
@@ -300,7 +311,7 @@ def worker_stats(
         block_size=engine.block_size,
         max_model_len=engine.max_model_len,
         max_num_seqs=engine.config.max_num_seqs,
-        layout_fingerprint=engine.kv_pool.layout.fingerprint(),
+        layout_fingerprint=engine.instance_kv().layout.fingerprint(),
     )
 
 
@@ -338,11 +349,6 @@ def add_worker_servicers(server: grpc.aio.Server, role: Role, service: object) -
 def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
     """Builds the engine, serves until SIGTERM, drains."""
     setup_process(args, role)
-    if args.tensor_parallel > 1 and role is not Role.COLOCATED:
-        raise SystemExit(
-            f"{role}: --tensor-parallel runs on colocated workers so far; a {role} worker would need every "
-            "rank's KV shard registered with the kvstore (not built yet)"
-        )
 
     async def main() -> None:
         engine = engine_from_flags(args)

@@ -1,9 +1,17 @@
-"""Colocated instances split over tensor-parallel ranks (engine/parallel.py), through the real
-cluster: `pdserve up --mode colocated --colocated 2 --tp 2` runs 4 rank processes (gloo on this
-CPU). It serves the shared workload exactly as transformers generates it, and SIGKILL of an
-instance's second rank takes the whole instance down (rank 0 exits, the launcher restarts it)
-while the stream it served finishes on the other instance, token for token as expected; SIGKILL
-of rank 0 takes its other rank with it; no /dev/shm pool of a killed instance is left."""
+"""Instances split over tensor-parallel ranks (engine/parallel.py), through the real cluster (gloo
+on this CPU).
+
+Colocated: `pdserve up --mode colocated --colocated 2 --tp 2` runs 4 rank processes. It serves the
+shared workload exactly as transformers generates it, and SIGKILL of an instance's second rank
+takes the whole instance down (rank 0 exits, the launcher restarts it) while the stream it served
+finishes on the other instance, token for token as expected; SIGKILL of rank 0 takes its other rank
+with it; no /dev/shm pool of a killed instance is left.
+
+Disaggregated, prefill and decode of different tensor and pipeline parallelism: the kvstore daemon
+moves each decode rank exactly the layers and K/V heads it holds from the prefill ranks that hold
+them (kvstore/shards.py), and the outputs are transformers' token for token; the bytes the daemons
+moved are the destination's share, replicas included (a 1-K/V-head model on 2 decode ranks holds
+its KV twice)."""
 
 from __future__ import annotations
 
@@ -17,10 +25,12 @@ import pytest
 import torch
 from processes import children, wait_gone
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from workload import check_outputs, run_workload
+from workload import BLOCK_SIZE, build_workload, check_outputs, run_workload
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine.config import ModelConfig
 from services.engine.kv_cache import POOL_FILE_PREFIX, SHM_DIR
+from services.tiny_models import get_model
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +101,48 @@ def test_a_killed_rank_takes_its_instance_down_and_the_stream_fails_over(tp_clus
     wait_gone({rank1}, timeout=10)
     tp_cluster.wait_recovered()  # restarted before the cluster stops
     assert _pools_of([other["pid"], rank1]) == []
+
+
+def destination_share(model_dir: str, tp: int, num_tokens: int) -> int:
+    """KV bytes an instance of `tp` ranks holds for `num_tokens` tokens (whole blocks, float32):
+    every rank its K/V heads, a head on several ranks when there are more ranks than heads."""
+    mc = ModelConfig.from_pretrained(model_dir)
+    heads_per_rank = max(1, mc.num_kv_heads // tp)
+    blocks = -(-num_tokens // BLOCK_SIZE)
+    return blocks * tp * mc.num_layers * 2 * BLOCK_SIZE * heads_per_rank * mc.head_dim * 4
+
+
+@pytest.mark.parametrize(
+    "model, prefill, decode",
+    [
+        ("llama", (2, 1), (1, 1)),
+        ("mistral", (1, 1), (2, 1)),  # 1 K/V head, replicated on both decode ranks
+        ("qwen3", (1, 2), (2, 1)),
+        ("qwen2", (2, 2), (1, 1)),
+    ],
+    ids=lambda p: f"tp{p[0]}pp{p[1]}" if isinstance(p, tuple) else p,
+)
+def test_kv_moves_between_prefill_and_decode_of_different_parallelism(cluster_factory, model, prefill, decode):
+    model_dir = get_model(model)
+    items = build_workload(model_dir, 10)
+    cluster = cluster_factory(
+        "--model",
+        model_dir,
+        *("--prefill-tp", str(prefill[0]), "--prefill-pp", str(prefill[1])),
+        *("--decode-tp", str(decode[0]), "--decode-pp", str(decode[1])),
+    )
+    decode_tp = decode[0]
+    try:
+        for role, (tp, pp) in (("prefill", prefill), ("decode", decode)):
+            (svc,) = cluster.services(role)
+            assert len(children(svc["pid"])) == tp * pp - 1
+        before = sum(s.bytes_local for s in cluster.kvstore_stats())
+        results = run_workload(cluster.router, items)
+        check_outputs(items, results, AutoTokenizer.from_pretrained(model_dir))
+        cluster.wait_idle()
+        moved = sum(s.bytes_local for s in cluster.kvstore_stats()) - before
+        # every request that continued past its first token had its prompt's KV pulled, once
+        want = sum(destination_share(model_dir, decode_tp, len(i["ids"])) for i in items if len(i["expected"]) > 1)
+        assert moved == want
+    finally:
+        assert cluster.stop() == 0, open(cluster.log_path).read()[-3000:]

@@ -29,11 +29,15 @@ def model_dir():
 @pytest.fixture(scope="module")
 def workload(model_dir):
     """32 prompts of varied length and max_tokens, with HF greedy references."""
+    return build_workload(model_dir, NUM_REQUESTS)
+
+
+def build_workload(model_dir: str, num_requests: int) -> list[dict]:
     rng = random.Random(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     items = []
-    for i in range(NUM_REQUESTS):
+    for i in range(num_requests):
         prompt = " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(1, 60)))
         max_tokens = rng.choice([1, 2, 5, 17, 33, 48])
         ids = tokenizer.encode(prompt)

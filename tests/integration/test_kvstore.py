@@ -23,8 +23,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from services.engine.kv_cache import KvLayout, KvPool
+from services.engine.kv_cache import InstanceKv, KvLayout, KvPool
 from services.kvstore.client import KvStoreClient
+from services.kvstore.shards import instance_shards, rank_layout
 from services.launcher import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,23 +177,28 @@ def run(coro, timeout: float = 30.0):
 
 
 class Worker:
-    """A prefill or decode worker as the daemon sees it: a shared-memory pool plus a client."""
+    """A prefill or decode worker as the daemon sees it: a shared-memory pool per rank of its
+    instance (one, by default) plus a client."""
 
-    def __init__(self, node: Daemon, name: str):
+    def __init__(self, node: Daemon, name: str, tp: int = 1, pp: int = 1, layout: KvLayout = LAYOUT):
         self.name = name
-        self.pool = KvPool.allocate(LAYOUT)
+        self.shards = instance_shards(layout, tp, pp)
+        self.pools = [KvPool.allocate(rank_layout(layout, shard)) for shard in self.shards]
+        self.instance = InstanceKv(layout, tuple(pool.descriptor for pool in self.pools), tp, pp)
+        self.pool = self.pools[0]
         self.rows = self.pool.block_bytes_view()
         self.client = KvStoreClient(node.address)
         self.released: dict[str, tuple[list[int], str]] = {}
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> Worker:
-        await self.client.register_pool(self.name, self.pool, self._on_released)
+        await self.client.register_pool(self.name, self.instance, self._on_released)
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.client.close()
-        self.pool.close()
+        for pool in self.pools:
+            pool.close()
 
     def _on_released(self, kv_id: str, block_ids: list[int], reason: str) -> None:
         self.released[kv_id] = (block_ids, reason)
@@ -438,23 +444,34 @@ def test_bad_requests_are_rejected_naming_the_field(nodes):
 
             def register(worker_id="w", layout=good, descriptor=f'{{"kind": "shm", "path": "{path}", "size": {size}}}'):
                 return stub.RegisterPool(
-                    kvstore_pb2.RegisterPoolRequest(worker_id=worker_id, layout=layout, memory_descriptor=descriptor)
+                    kvstore_pb2.RegisterPoolRequest(worker_id=worker_id, layout=layout, memory_descriptors=[descriptor])
                 )
+
+            three_ranks = kvstore_pb2.PoolLayout()
+            three_ranks.CopyFrom(good)
+            three_ranks.tensor_parallel = 3  # 2 K/V heads do not split over 3 ranks
 
             invalid = grpc.StatusCode.INVALID_ARGUMENT
             for call, field in [
                 (register(worker_id=""), "worker_id"),
-                (register(descriptor="not json"), "memory_descriptor"),
-                (register(descriptor='{"kind": "tmpfs"}'), "memory_descriptor.kind"),
+                (register(descriptor="not json"), "memory_descriptors[0]"),
+                (register(descriptor='{"kind": "tmpfs"}'), "memory_descriptors[0].kind"),
                 (
                     register(descriptor=f'{{"kind": "shm", "path": "/etc/passwd", "size": {size}}}'),
-                    "memory_descriptor.path",
+                    "memory_descriptors[0].path",
                 ),
                 (
                     register(descriptor=f'{{"kind": "shm", "path": "/dev/shm/no-such-pool", "size": {size}}}'),
-                    "memory_descriptor.path",
+                    "memory_descriptors[0].path",
                 ),
-                (register(descriptor=f'{{"kind": "shm", "path": "{path}", "size": 12}}'), "memory_descriptor.size"),
+                (register(descriptor=f'{{"kind": "shm", "path": "{path}", "size": 12}}'), "memory_descriptors[0].size"),
+                (register(layout=three_ranks), "layout.tensor_parallel"),
+                (
+                    stub.RegisterPool(
+                        kvstore_pb2.RegisterPoolRequest(worker_id="w", layout=good, memory_descriptors=[])
+                    ),
+                    "memory_descriptors",
+                ),
                 (register(layout=kvstore_pb2.PoolLayout(num_blocks=0)), "layout.num_blocks"),
                 (
                     register(
@@ -512,11 +529,11 @@ def test_the_daemon_maps_only_pools_their_registrant_owns_and_serves_entries_onl
                     grpc.StatusCode.PERMISSION_DENIED,
                     stub.RegisterPool(
                         kvstore_pb2.RegisterPoolRequest(
-                            worker_id="thief", layout=layout, memory_descriptor=json.dumps(forged)
+                            worker_id="thief", layout=layout, memory_descriptors=[json.dumps(forged)]
                         )
                     ),
                 )
-                assert details.startswith("memory_descriptor.proof:"), details
+                assert details.startswith("memory_descriptors[0].proof:"), details
             handle, data = await victim.publish("secret", [1, 2], seed=31)
             forged_handle = common_pb2.KvHandle()
             forged_handle.CopyFrom(handle)
@@ -667,3 +684,79 @@ def test_cpu_affinity_flag_pins_every_thread(tmp_path):
         assert {int(t): os.sched_getaffinity(int(t)) for t in tids} == {int(t): {0} for t in tids}
     finally:
         assert daemon.stop() == 0
+
+
+# ---- pulls between instances of different parallelism ---------------------------------------------
+# 4 layers and 4 K/V heads: pipeline stages of 2 layers, tensor-parallel shares of 1, 2 or 4 heads,
+# and 8 ranks replicate every head twice.
+SHARDED = KvLayout(
+    num_blocks=16, num_layers=4, block_size=4, num_kv_heads=4, head_dim=8, dtype="float32", model_id="kvstore-test"
+)
+LAYOUT_PAIRS = [  # (source tp, pp) -> (destination tp, pp)
+    ((2, 1), (1, 1)),
+    ((1, 1), (2, 1)),
+    ((4, 1), (2, 1)),
+    ((1, 2), (2, 1)),
+    ((2, 2), (1, 1)),
+    ((8, 1), (1, 2)),
+    ((1, 1), (8, 1)),
+]
+
+
+def fill_shards(worker: Worker, blocks: list[int], whole: torch.Tensor) -> None:
+    """Writes each rank's layers and heads of `whole` ([len(blocks), *SHARDED.block_shape]) into
+    its pool, as the ranks of a prefill instance would leave their KV."""
+    for pool, shard in zip(worker.pools, worker.shards, strict=True):
+        pool.tensor[blocks] = whole[:, shard.layers][:, :, :, :, shard.heads]
+
+
+def rank_share_bytes(worker: Worker, num_blocks: int) -> int:
+    return num_blocks * sum(pool.layout.block_bytes for pool in worker.pools)
+
+
+@pytest.mark.parametrize("src_layout,dst_layout", LAYOUT_PAIRS, ids=lambda p: f"tp{p[0]}pp{p[1]}")
+@pytest.mark.parametrize("where", ["same-node", "across-nodes", "from-host-tier"])
+def test_a_pull_between_layouts_moves_each_destination_rank_exactly_its_share(nodes, src_layout, dst_layout, where):
+    src_node, dst_node = {
+        "same-node": (nodes["A"], nodes["A"]),
+        "across-nodes": (nodes["A"], nodes["B"]),
+        "from-host-tier": (nodes["C"], nodes["B"]),  # C moves it to its host tier after 1 s
+    }[where]
+    src_blocks, dst_blocks = [3, 4, 9, 1], [0, 1, 12, 7]  # (8 replicas of 4 blocks fill C's host tier)
+    whole = torch.randn(len(src_blocks), *SHARDED.block_shape, generator=torch.Generator().manual_seed(5))
+    counters = ("bytes_local", "bytes_ucx_sent", "bytes_ucx_received")
+    involved = {src_node.node_id: src_node, dst_node.node_id: dst_node}
+    before = {name: n.stats() for name, n in involved.items()}
+
+    async def scenario() -> int:
+        async with (
+            Worker(src_node, "prefill", *src_layout, layout=SHARDED) as prefill,
+            Worker(dst_node, "decode", *dst_layout, layout=SHARDED) as decode,
+        ):
+            fill_shards(prefill, src_blocks, whole)
+            handle = await prefill.client.publish("sharded", src_blocks, num_tokens=len(src_blocks) * 4)
+            assert (handle.tensor_parallel, handle.pipeline_parallel) == src_layout
+            if where == "from-host-tier":
+                assert (await prefill.wait_released("sharded"))[1] == "moved_to_host"
+                for pool in prefill.pools:
+                    pool.tensor.zero_()  # its blocks are free again: the host copy must not care
+            response = await decode.client.pull(dst_blocks, handle)
+            expected = rank_share_bytes(decode, len(dst_blocks))
+            assert response.bytes == expected
+            others = [b for b in range(SHARDED.num_blocks) if b not in dst_blocks]
+            for rank, (pool, shard) in enumerate(zip(decode.pools, decode.shards, strict=True)):
+                want = whole[:, shard.layers][:, :, :, :, shard.heads]
+                assert torch.equal(pool.tensor[dst_blocks], want), f"destination rank {rank}"
+                assert int(pool.tensor[others].count_nonzero()) == 0, f"rank {rank} written outside its blocks"
+            return expected
+
+    expected = run(scenario())
+    moved = {
+        name: {c: getattr(n.stats(), c) - getattr(before[name], c) for c in counters} for name, n in involved.items()
+    }
+    if where == "same-node":
+        assert moved[src_node.node_id] == {"bytes_local": expected, "bytes_ucx_sent": 0, "bytes_ucx_received": 0}
+    else:
+        assert moved[src_node.node_id]["bytes_ucx_sent"] == expected
+        assert moved[dst_node.node_id]["bytes_ucx_received"] == expected
+        assert moved[dst_node.node_id]["bytes_local"] == 0

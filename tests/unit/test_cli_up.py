@@ -20,7 +20,12 @@ PROFILE = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
         (["--emulate", os.path.join(ROOT, "README.md")], "--emulate: "),  # not JSON
         (["--prefill-profile", PROFILE], "--prefill-profile and --decode-profile go together"),
         (["--routers", "0"], "--routers must be >= 1"),
-        (["--tp", "2"], "--tp: tensor parallelism runs in colocated mode so far"),
+        (["--tp", "2"], "--tp: for colocated mode (this cluster is disaggregated)"),
+        (["--mode", "colocated", "--prefill-tp", "2"], "--prefill-tp: for disaggregated mode"),
+        (["--decode-tp", "0"], "--decode-tp must be >= 1"),
+        (["--prefill-tp", "2", "--emulate", PROFILE], "its profile's"),
+        (["--pp", "2"], "--pp: for colocated mode"),
+        (["--decode-pp", "0"], "--decode-pp must be >= 1"),
         (["--mode", "colocated", "--tp", "0"], "--tp must be >= 1"),
         (["--mode", "colocated", "--tp", "2", "--emulate", PROFILE], "its profile's"),
     ],
@@ -97,17 +102,3 @@ def test_the_launcher_gives_up_only_on_a_crash_loop(monkeypatch):
         cluster.restarts[proc.name].append(now[0])
         now[0] += 20
     assert cluster.crash_looping(proc)
-
-
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_prefill_and_decode_workers_refuse_tensor_parallelism_for_now(role):
-    """Their KV would have to move shard by shard between instances (not built): they say so at
-    start instead of serving one rank's heads."""
-    proc = subprocess.run(
-        [sys.executable, "-m", f"services.{role}", "--port", "0", "--tensor-parallel", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0 and "--tensor-parallel runs on colocated workers so far" in proc.stderr

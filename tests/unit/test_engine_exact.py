@@ -4,7 +4,8 @@ For every supported architecture (and on CPU, through both the CPU kernels and t
 8 prompts prefilled as one packed batch, decoded as one continuous batch whose members leave at
 different steps while 2 more join mid-way, must give the same greedy tokens as
 `generate(do_sample=False)` per prompt, with logits within 1e-4 at every step; and so must a
-batch run with chunked prefill. Both also with the model split over 2 and 4 tensor-parallel ranks.
+batch run with chunked prefill. Both also with the model split over 2 and 4 tensor-parallel ranks,
+over 2 pipeline stages (whose decode passes run as 2 micro-batches), and over both (2 x 2 ranks).
 """
 
 import os
@@ -48,22 +49,25 @@ def _reference(hf, prompt, max_tokens):
 # On CPU both backends: pdserve's AVX-512 kernels (the default where they build) and the torch
 # reference; on CUDA, Triton with CUDA graphs.
 BACKENDS = ["cpu-kernels", "torch"] if DEVICE == "cpu" else ["triton"]
-# (backend, tensor-parallel ranks): each backend alone, and the default one split over 2 ranks
-# (one K/V head each, or Mistral's one head replicated) and 4 (K/V heads replicated on 2 ranks
-# each, Llama only); every rank a process, as in a worker (engine/parallel.py)
+# (backend, tensor-parallel ranks, pipeline stages): each backend alone, and the default one split
+# over 2 ranks (one K/V head each, or Mistral's one head replicated), 4 (K/V heads replicated on 2
+# ranks each, Llama only), 2 stages (one layer each), and 2 x 2 (Llama: untied LM head, Qwen2: tied
+# to the embeddings, so on both stages); every rank a process, as in a worker (engine/parallel.py)
 CASES = [
-    (arch, backend, tp)
+    (arch, backend, tp, pp)
     for arch in ARCHITECTURE_SPECS
-    for backend, tp in [(backend, 1) for backend in BACKENDS] + [(BACKENDS[0], 2), (BACKENDS[0], 4)]
-    if tp < 4 or arch == "llama"
+    for backend, tp, pp in [(backend, 1, 1) for backend in BACKENDS]
+    + [(BACKENDS[0], 2, 1), (BACKENDS[0], 4, 1), (BACKENDS[0], 1, 2), (BACKENDS[0], 2, 2)]
+    if (tp, pp) != (4, 1) or arch == "llama"
+    if (tp, pp) != (2, 2) or arch in ("llama", "qwen2")
 ]
 
 
-def _skip_unless_runnable(backend: str, tp: int) -> None:
+def _skip_unless_runnable(backend: str, tp: int, pp: int) -> None:
     if backend == "cpu-kernels" and cpu.load() is None:
         pytest.skip("the CPU kernels cannot be built here (test_cpu_kernels.py says why)")
-    if DEVICE != "cpu" and tp > max(1, torch.cuda.device_count()):
-        pytest.skip(f"{tp} ranks need {tp} GPUs")
+    if DEVICE != "cpu" and tp * pp > max(1, torch.cuda.device_count()):
+        pytest.skip(f"{tp * pp} ranks need {tp * pp} GPUs")
 
 
 @pytest.fixture
@@ -72,12 +76,18 @@ def make_engine():
     made: list[Engine] = []
     threads = torch.get_num_threads()
 
-    def make(model_dir: str, backend: str, tp: int) -> Engine:
+    def make(model_dir: str, backend: str, tp: int, pp: int) -> Engine:
         config = EngineConfig(
-            dtype="float32", device=DEVICE, block_size=16, kv_cache_bytes=16 << 20, backend=backend, tensor_parallel=tp
+            dtype="float32",
+            device=DEVICE,
+            block_size=16,
+            kv_cache_bytes=16 << 20,
+            backend=backend,
+            tensor_parallel=tp,
+            pipeline_parallel=pp,
         )
         made.append(Engine(model_dir, config))
-        assert made[-1].backend.name == backend and made[-1].tp.size == tp
+        assert made[-1].backend.name == backend and made[-1].tp.size == tp and made[-1].pipeline.stages == pp
         return made[-1]
 
     yield make
@@ -86,12 +96,12 @@ def make_engine():
     assert torch.get_num_threads() == threads  # the ranks' share given back
 
 
-@pytest.mark.parametrize(("arch", "backend", "tp"), CASES)
-def test_continuous_batch_matches_transformers(arch, backend, tp, make_engine):
-    _skip_unless_runnable(backend, tp)
+@pytest.mark.parametrize(("arch", "backend", "tp", "pp"), CASES)
+def test_continuous_batch_matches_transformers(arch, backend, tp, pp, make_engine):
+    _skip_unless_runnable(backend, tp, pp)
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = make_engine(model_dir, backend, tp)
+    engine = make_engine(model_dir, backend, tp, pp)
 
     first = _prompts(PROMPT_LENS, seed=1)
     joiners = _prompts(JOIN_LENS, seed=2)
@@ -162,15 +172,15 @@ def test_prefill_kv_equals_reference_past_key_values(arch):
     engine.close()
 
 
-@pytest.mark.parametrize(("arch", "backend", "tp"), CASES)
-def test_chunked_prefill_matches_transformers(arch, backend, tp, make_engine):
+@pytest.mark.parametrize(("arch", "backend", "tp", "pp"), CASES)
+def test_chunked_prefill_matches_transformers(arch, backend, tp, pp, make_engine):
     """A colocated batch with chunked prefill: a 24-token budget per step, so the longer prompts
     are computed over several steps beside the running sequences' next tokens, and two prompts
     arrive mid-way. Tokens and logits as transformers gives them."""
-    _skip_unless_runnable(backend, tp)
+    _skip_unless_runnable(backend, tp, pp)
     model_dir = get_model(arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    engine = make_engine(model_dir, backend, tp)
+    engine = make_engine(model_dir, backend, tp, pp)
     scheduler = BatchScheduler(engine.block_manager, max_num_seqs=16, max_num_batched_tokens=24, chunked_prefill=True)
     seqs = [
         Sequence.from_prompt(f"a{i}", p, SamplingParams(max_tokens=m, temperature=0))

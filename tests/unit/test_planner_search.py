@@ -10,7 +10,7 @@ import yaml
 from services.planner.analytic import kv_capacity_tokens
 from services.planner.goodput import max_rate_meeting
 from services.planner.hardware import ClusterSpec, get_gpu, get_model_shape
-from services.planner.plan_output import helm_values, write_plan
+from services.planner.plan_output import helm_problems, helm_values, write_plan
 from services.planner.search import SearchSpec, candidate_degrees, parallel_config_problems, search
 from services.planner.simulator import Slo
 
@@ -214,6 +214,27 @@ def test_plan_files_and_helm_values(high_plan, low_plan, tmp_path):
         assert v["resources"]["limits"]["nvidia.com/gpu"] * v["podsPerReplica"] >= choice.num_gpus
     assert values["prefill"]["maxBatchedTokens"] == plan.prefill.max_batched_tokens
     assert values["placement"]["algorithm"] == "high-affinity"
+    check_pods_per_replica(plan, values)
     low = helm_values(low_plan)
     assert low["placement"]["algorithm"] == "low-affinity"
     assert len(low["placement"]["segments"]) == low_plan.unit["units"] * low_plan.unit["pipeline_parallel"]
+    check_pods_per_replica(low_plan, low)
+    # Algorithm 2 puts stage s on node s: a pipeline spans pp nodes, which the charts refuse
+    assert bool(helm_problems(low_plan)) == (low_plan.unit["pipeline_parallel"] > 1)
+
+
+def check_pods_per_replica(plan, values):
+    """podsPerReplica: the most nodes an instance of the role spans; the Helm charts take only 1 (an
+    instance's ranks are child processes of its worker), and helm_problems names the roles above it."""
+    refused = []
+    for role in ("prefill", "decode"):
+        spans = [len({st["node"] for st in i["stages"]}) for i in plan.instances if i["role"] == role]
+        assert values[role]["podsPerReplica"] == max(spans)
+        v = values[role]
+        if max(spans) == 1:
+            assert v["resources"]["limits"]["nvidia.com/gpu"] == v["tensorParallel"] * v["pipelineParallel"]
+        else:
+            refused.append(role)
+    problems = helm_problems(plan)
+    assert [p.split(":")[0] for p in problems] == refused
+    assert all("--max-nodes-per-instance 1" in p for p in problems)

@@ -49,13 +49,12 @@ def choose_backend(config: EngineConfig, head_dim: int) -> str:
 
 
 def select_backend(
-    config: EngineConfig, model_config: ModelConfig, rotary: RotaryEmbedding, shape: AttentionShape
+    config: EngineConfig, model_config: ModelConfig, rotary: RotaryEmbedding, shape: AttentionShape, num_layers: int
 ) -> Backend:
+    """The backend for a model's `num_layers` layers (a pipeline stage's, or all)."""
     name = choose_backend(config, model_config.head_dim)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    common = dict(
-        num_layers=model_config.num_layers, block_size=config.block_size, mirror_bytes=config.cpu_decode_kv_mirror_bytes
-    )
+    common = dict(num_layers=num_layers, block_size=config.block_size, mirror_bytes=config.cpu_decode_kv_mirror_bytes)
     if name == "cpu-kernels":
         kernels = cpu.load()
         assert kernels is not None

@@ -7,18 +7,56 @@ finds workers through the headless Service's DNS records (pod IPs of ready pods)
 apart by the address it dialled; the KV cache lives only as long as the process; the weights are
 read-only from a shared volume; a replacement pod on another node is as good as the old one. A
 StatefulSet would add ordered, one-at-a-time start-up (minutes per GPU worker loading weights)
-and per-pod volumes nobody needs. (Multi-pod instances with ranks, i.e. pipeline parallelism across
-nodes, would need stable identities; the engine does not implement them.)
+and per-pod volumes nobody needs. (An instance with tensor/pipeline parallelism is still one pod:
+its ranks are child processes of the worker. Multi-pod instances, a pipeline across nodes, would
+need stable identities and a rendezvous; the engine does not implement them.)
 */}}
 
-{{/* Prefill and decode workers serve one GPU each: refuse plans they cannot run. */}}
+{{/*
+Parallelism of one instance. The worker process is rank 0 and starts ranks 1..tp*pp-1 itself, as
+its child processes in the same container, rank r on cuda:(first + r) (first: --device's index,
+0 for plain "cuda"); so the pod holds every rank and must see tp*pp GPUs. A pipeline with a stage
+per pod (podsPerReplica > 1) would need ranks in different pods to find each other, which the
+engine does not do: refused. (values.schema.json keeps all three at 1 or more.)
+*/}}
 {{- define "pdserve-lib.checkParallelism" -}}
-{{- range $key := list "tensorParallel" "pipelineParallel" "podsPerReplica" -}}
-{{- $n := index $.Values $key | default 1 | int -}}
-{{- if gt $n 1 -}}
-{{- fail (printf "%s.%s is %d, but pdserve's prefill and decode workers run one GPU each: tensor and pipeline parallelism are not implemented for them. Re-plan for single-GPU instances (docs/deploy.md, 'Sizing with the planner') or set %s.%s=1." $.Chart.Name $key $n $.Chart.Name $key) -}}
+{{- $v := .Values -}}
+{{- $pods := $v.podsPerReplica | default 1 | int -}}
+{{- if gt $pods 1 -}}
+{{- $ranks := include "pdserve-lib.ranks" . | int -}}
+{{- fail (printf "%s.podsPerReplica is %d, but pdserve runs all %d ranks of an instance (tensorParallel %d x pipelineParallel %d) in one pod, as child processes of rank 0: a pipeline with a stage per pod would need the ranks of different pods to rendezvous, which the engine does not do yet. Re-plan so that each instance fits one node (pdserve plan search --max-nodes-per-instance 1; docs/deploy.md, 'Tensor and pipeline parallelism'), or set %s.podsPerReplica=1 if one node has the instance's %d GPUs." $.Chart.Name $pods $ranks ($v.tensorParallel | default 1 | int) ($v.pipelineParallel | default 1 | int) $.Chart.Name $ranks) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Processes (ranks) of one instance: tensorParallel x pipelineParallel. */}}
+{{- define "pdserve-lib.ranks" -}}
+{{- mul (.Values.tensorParallel | default 1 | int) (.Values.pipelineParallel | default 1 | int) -}}
+{{- end -}}
+
+{{/*
+The worker container's resources: `resources` as given, plus on CUDA the GPU limit. Unset, it is
+tensorParallel x pipelineParallel (one GPU per rank); set (the planner writes it), it must cover
+ranks on cuda:first .. cuda:first+tp*pp-1 (the pod sees its GPUs as cuda:0..). On the CPU device
+no GPU is added: the ranks share the pod's CPUs.
+*/}}
+{{- define "pdserve-lib.workerResources" -}}
+{{- $v := .Values -}}
+{{- $resources := deepCopy ($v.resources | default dict) -}}
+{{- if hasPrefix "cuda" $v.device -}}
+  {{- $ranks := include "pdserve-lib.ranks" . | int -}}
+  {{- $first := 0 -}}
+  {{- if contains ":" $v.device -}}{{- $first = regexReplaceAll "^cuda:" $v.device "" | int -}}{{- end -}}
+  {{- $limits := $resources.limits | default dict -}}
+  {{- $gpus := index $limits "nvidia.com/gpu" -}}
+  {{- if kindIs "invalid" $gpus -}}
+    {{- $gpus = add $first $ranks -}}
+  {{- else if lt (int $gpus) (add $first $ranks | int) -}}
+    {{- fail (printf "%s.resources.limits.nvidia.com/gpu is %d, but the instance's %d ranks (tensorParallel x pipelineParallel) run on cuda:%d..cuda:%d, one GPU each, all in this pod: ask for %d GPUs, or leave the key unset (the chart then asks for one per rank)." $.Chart.Name (int $gpus) $ranks $first (sub (add $first $ranks) 1 | int) (add $first $ranks | int)) -}}
+  {{- end -}}
+  {{- $_ := set $limits "nvidia.com/gpu" (int $gpus) -}}
+  {{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- with $resources }}{{ toYaml . }}{{ end -}}
 {{- end -}}
 
 {{/*
@@ -139,6 +177,13 @@ spec:
             {{- with $v.streamInterval }}
             - --stream-interval={{ . | int64 }}
             {{- end }}
+            {{- /* ranks 1..tp*pp-1 are child processes of this one, in this pod (pdserve-lib.checkParallelism) */}}
+            {{- if gt ($v.tensorParallel | default 1 | int) 1 }}
+            - --tensor-parallel={{ $v.tensorParallel | int }}
+            {{- end }}
+            {{- if gt ($v.pipelineParallel | default 1 | int) 1 }}
+            - --pipeline-parallel={{ $v.pipelineParallel | int }}
+            {{- end }}
             {{- include "pdserve-lib.admissionArgs" $v.admission | nindent 12 }}
             {{- with $v.extraArgs }}
             {{- toYaml . | nindent 12 }}
@@ -153,9 +198,9 @@ spec:
               containerPort: {{ $v.metricsPort }}
               protocol: TCP
           {{- include "pdserve-lib.probes" (dict "root" $root "service" $v.healthService) | nindent 10 }}
-          {{- with $v.resources }}
+          {{- with include "pdserve-lib.workerResources" $root | trim }}
           resources:
-            {{- toYaml . | nindent 12 }}
+            {{- . | nindent 12 }}
           {{- end }}
           {{- with $v.securityContext }}
           securityContext:
