@@ -256,3 +256,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """The layers of pipeline stage `stage` of `pp`: contiguous, the first stages one more when pp
+    does not divide the layers (kvstore/shards.py lays out their KV the same way)."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))

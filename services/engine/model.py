@@ -70,7 +70,8 @@ class CausalLM(nn.Module):
         self.first = self.layer_range.start == 0
         self.last = self.layer_range.stop == config.num_layers
         tied = config.tie_word_embeddings
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.first or tied else None
+        embedded = self.first or (tied and self.last)  # a tied LM head is the embedding matrix
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if embedded else None
         self.layers = nn.ModuleDict(
             {str(i): DecoderLayer(config, i - self.layer_range.start, backend, tp) for i in self.layer_range}
         )
@@ -89,7 +90,9 @@ class CausalLM(nn.Module):
         """Whether a checkpoint module (our naming) is on this stage."""
         head, _, rest = module_path.partition(".")
         if head == "layers":
-            return rest.partition(".")[0] in self.layers
+            index = rest.partition(".")[0]
+            # a layer the model does not have counts as held: loading it then fails, naming it
+            return index in self.layers or not (index.isdigit() and int(index) < self.config.num_layers)
         return getattr(self, head, None) is not None
 
     def finalize(self) -> None:

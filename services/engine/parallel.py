@@ -43,9 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from services.kvstore.shards import stage_layers
-
-from .config import EngineConfig, ModelConfig
+from .config import EngineConfig, ModelConfig, stage_layers
 from .layers.linear import TensorParallel
 
 if TYPE_CHECKING:

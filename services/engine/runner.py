@@ -279,7 +279,7 @@ class ModelRunner:
         return self._model(self._tensor(inputs.input_ids), meta, self._tensor(last))
 
     def _decode(self, inputs: ForwardInputs) -> torch.Tensor | None:
-        if self.pipeline.stages == 1:
+        if self.pipeline.stages == 1 or len(inputs.seq_ids) < 2:
             return self._decode_batch(inputs)
         # one micro-batch per stage: all go into the pipeline before the logits come back
         parts = [self._decode_batch(part) for part in inputs.micro_batches(self.pipeline.stages)]

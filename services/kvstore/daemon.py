@@ -35,7 +35,6 @@ from .ucx_transfer import UcxPuller, UcxTransferServer
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
-MAX_RANKS = 256  # of one instance: more is a malformed registration, not a deployment
 
 
 @dataclass
@@ -107,8 +106,6 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             raise invalid("worker_id", "empty")
         layout = layout_from_proto(request.layout)
         tp, pp = request.layout.tensor_parallel or 1, request.layout.pipeline_parallel or 1
-        if tp * pp > MAX_RANKS:
-            raise invalid("layout.tensor_parallel", f"{tp} x {pp} ranks: at most {MAX_RANKS}")
         try:
             shards = instance_shards(layout, tp, pp)
         except ValueError as e:
@@ -237,13 +234,13 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             raise invalid("block_ids", f"{len(dst_ids)} destination blocks for an entry of {handle.num_blocks} blocks")
         destination = record.rank_rows(dst_ids)
         if handle.node_id != self.config.node_id:
+            source = (handle.tensor_parallel or 1, handle.pipeline_parallel or 1)
             try:
-                src_shards = instance_shards(layout, handle.tensor_parallel or 1, handle.pipeline_parallel or 1)
+                instance_shards(layout, *source)
             except ValueError as e:
                 raise invalid("handle.tensor_parallel", str(e)) from None
-            pieces = resharding_plan(src_shards, record.shards)
             nbytes = await self.puller.fetch(
-                handle.transfer_address, handle.kv_id, handle.access_token, layout, pieces, destination
+                handle.transfer_address, handle.kv_id, handle.access_token, layout, source, destination
             )
             return nbytes, "ucx"
         entry = await self.table.begin_transfer(handle.kv_id, handle.access_token, fingerprint, len(dst_ids))

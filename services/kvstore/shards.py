@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from services.engine.config import stage_layers
 from services.engine.kv_cache import KvLayout
 
 
@@ -39,12 +40,6 @@ class Piece:
     heads: range
 
 
-def stage_layers(num_layers: int, pp: int, stage: int) -> range:
-    base, extra = divmod(num_layers, pp)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
-
-
 def rank_heads(num_kv_heads: int, tp: int, position: int) -> range:
     if tp <= num_kv_heads:
         if num_kv_heads % tp:
@@ -57,8 +52,13 @@ def rank_heads(num_kv_heads: int, tp: int, position: int) -> range:
     return range(head, head + 1)
 
 
+MAX_RANKS = 256  # of one instance: more is a malformed request, not a deployment
+
+
 def shards(num_layers: int, num_kv_heads: int, tp: int, pp: int) -> list[Shard]:
     """Every rank's shard, in rank order."""
+    if tp < 1 or pp < 1 or tp * pp > MAX_RANKS:
+        raise ValueError(f"tp {tp} x pp {pp}: each must be at least 1, and at most {MAX_RANKS} ranks in all")
     if pp > num_layers:
         raise ValueError(f"{pp} pipeline stages for {num_layers} layers")
     return [

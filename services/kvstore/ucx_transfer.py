@@ -6,7 +6,8 @@ UTF-8 JSON (the receiver learns its length by probing the tag). Data messages us
 One transfer on an endpoint:
 
     puller -> source   {"op": "fetch", "kv_id", "access_token", "fingerprint", "dst_blocks": [...],
-                        "tensor_parallel", "pipeline_parallel"}            (the destination's layout)
+                        "tensor_parallel", "pipeline_parallel",             (the destination's layout)
+                        "src_tensor_parallel", "src_pipeline_parallel"}     (the source's, per the handle)
     source -> puller   {"ok": false, "code": "NOT_FOUND", "message": ...}        (end)
                     or {"ok": true, "runs": [[offset, count], ...],
                         "pieces": [[src_rank, dst_rank, first_layer, end_layer, first_head, end_head], ...],
@@ -100,6 +101,30 @@ def run_slices(side: RankRows, piece: Piece, runs: list[tuple[int, int]], layout
     return [view[side.ids[offset] : side.ids[offset] + count] for offset, count in runs]
 
 
+LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "src_tensor_parallel", "src_pipeline_parallel")
+
+
+def pieces_bytes(pieces: list[Piece], num_blocks: int, layout: KvLayout) -> int:
+    return num_blocks * sum(piece_bytes(p, layout.block_size, layout.head_bytes) for p in pieces)
+
+
+def _packed(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each part as contiguous memory UCX can send (a copy where it is a strided piece of a shard),
+    with the device's stream drained: UCX reads the memory without waiting for torch's stream."""
+    packed = [part if part.is_contiguous() else part.contiguous() for part in parts]
+    for device in {t.device for t in packed if t.is_cuda}:
+        torch.cuda.synchronize(device)
+    return packed
+
+
+def _unpack(targets: list[torch.Tensor], landing: list[torch.Tensor]) -> None:
+    for target, buffer in zip(targets, landing, strict=True):
+        if buffer is not target:
+            target.copy_(buffer)
+    for device in {t.device for t in targets if t.is_cuda}:
+        torch.cuda.synchronize(device)
+
+
 def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
     """The source's runs must tile the entry in order, each onto consecutive destination blocks."""
     checked, expected_offset = [], 0
@@ -174,32 +199,36 @@ class UcxTransferServer:
             await send_frame(ep, {"ok": False, "code": e.code.name, "message": e.message})
             return
         committed = False
+        messages: list[torch.Tensor] = []
         try:
+            layouts = [int(request.get(key, 1)) for key in LAYOUT_KEYS]
+            if tuple(layouts[2:]) != degrees(entry.shards):
+                tp, pp = degrees(entry.shards)
+                message = f"handle.tensor_parallel: the entry was published by a tp {tp} x pp {pp} instance"
+                await send_frame(ep, {"ok": False, "code": "FAILED_PRECONDITION", "message": message})
+                return
             try:
-                dst_shards = instance_shards(
-                    entry.layout, int(request.get("tensor_parallel", 1)), int(request.get("pipeline_parallel", 1))
-                )
+                dst_shards = instance_shards(entry.layout, layouts[0], layouts[1])
             except ValueError as e:
                 await send_frame(ep, {"ok": False, "code": "INVALID_ARGUMENT", "message": f"tensor_parallel: {e}"})
                 return
             pieces = resharding_plan(entry.shards, dst_shards)
             source = entry.source()
             runs = contiguous_runs(source[0].ids, dst_ids, entry.block_bytes)
-            nbytes = len(dst_ids) * sum(
-                piece_bytes(p, entry.layout.block_size, entry.layout.head_bytes) for p in pieces
-            )
-            messages = [
-                part if part.is_contiguous() else part.contiguous()  # a piece of a shard: packed
-                for piece in pieces
-                for part in run_slices(source[piece.src_rank], piece, runs, entry.layout)
+            nbytes = pieces_bytes(pieces, len(dst_ids), entry.layout)
+            slices = [
+                part for piece in pieces for part in run_slices(source[piece.src_rank], piece, runs, entry.layout)
             ]
-            for device in {m.device for m in messages if m.is_cuda}:  # UCX does not wait for torch's stream
-                torch.cuda.synchronize(device)
+            messages = await asyncio.to_thread(_packed, slices)  # a copy of the pieces that are not whole shards
             await send_frame(ep, {"ok": True, "runs": runs, "pieces": [piece_list(p) for p in pieces], "bytes": nbytes})
             await asyncio.gather(
                 *(ep.send(_ucx_buffer(m.view(-1)), tag=FIRST_RUN_TAG + i) for i, m in enumerate(messages))
             )
             committed = (await recv_frame(ep)).get("op") == "commit"
+        except BaseException:
+            if not ep.closed:  # sends may still be posted on the packed buffers: stopped before they go
+                ep.abort()
+            raise
         finally:
             self.table.end_transfer(entry, succeeded=committed)
         if not committed:
@@ -221,11 +250,11 @@ class UcxPuller:
         kv_id: str,
         access_token: str,
         layout: KvLayout,
-        pieces: list[Piece],
+        source: tuple[int, int],
         destination: list[RankRows],
     ) -> int:
-        """Pulls entry `kv_id` from the daemon at `address` into the destination ranks' rows: the
-        entry's `pieces`, from the source's layout into the destination's. Returns the bytes
+        """Pulls entry `kv_id` from the daemon at `address` into the destination ranks' rows, from
+        the `source` layout (tp, pp: its handle's) into the destination's. Returns the bytes
         received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
         cannot be reached or the connection fails, DEADLINE_EXCEEDED on timeout."""
         host, port = split_host_port(address)
@@ -239,7 +268,7 @@ class UcxPuller:
                 ) from None
             try:
                 nbytes, clean = await asyncio.wait_for(
-                    self._fetch(ep, kv_id, access_token, layout, pieces, destination), self.transfer_timeout
+                    self._fetch(ep, kv_id, access_token, layout, source, destination), self.transfer_timeout
                 )
             except ServiceError:  # the source said no: the conversation ended cleanly
                 await self.endpoints.give_back(host, port, ep)
@@ -276,12 +305,13 @@ class UcxPuller:
         kv_id: str,
         access_token: str,
         layout: KvLayout,
-        pieces: list[Piece],
+        source: tuple[int, int],
         destination: list[RankRows],
     ) -> tuple[int, bool]:
         """(bytes received, whether the endpoint is clean for reuse)."""
         dst_ids = list(destination[0].ids)
-        tp, pp = degrees([side.shard for side in destination])
+        dst_shards = [side.shard for side in destination]
+        pieces = resharding_plan(instance_shards(layout, *source), dst_shards)
         await send_frame(
             ep,
             {
@@ -290,8 +320,7 @@ class UcxPuller:
                 "access_token": access_token,
                 "fingerprint": layout.fingerprint(),
                 "dst_blocks": dst_ids,
-                "tensor_parallel": tp,
-                "pipeline_parallel": pp,
+                **dict(zip(LAYOUT_KEYS, (*degrees(dst_shards), *source), strict=True)),
             },
         )
         reply = await recv_frame(ep)
@@ -300,19 +329,19 @@ class UcxPuller:
             raise ServiceError(code, f"source daemon: {reply.get('message', '')}")
         runs = check_runs(reply["runs"], dst_ids)
         if reply.get("pieces") != [piece_list(p) for p in pieces]:
-            raise ValueError("the source splits the entry differently from its KvHandle's layout")
+            raise ValueError("the source daemon splits the entry differently (another version?)")
         targets = [part for piece in pieces for part in run_slices(destination[piece.dst_rank], piece, runs, layout)]
         # a piece that is not contiguous in our pool lands in a buffer first, unpacked below
         landing = [t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in targets]
-        await asyncio.gather(
-            *(ep.recv(_ucx_buffer(buffer.view(-1)), tag=FIRST_RUN_TAG + i) for i, buffer in enumerate(landing))
-        )
-        for target, buffer in zip(targets, landing, strict=True):
-            if buffer is not target:
-                target.copy_(buffer)
-        for device in {t.device for t in targets if t.is_cuda}:
-            torch.cuda.synchronize(device)
-        nbytes = len(dst_ids) * sum(piece_bytes(p, layout.block_size, layout.head_bytes) for p in pieces)
+        try:
+            await asyncio.gather(
+                *(ep.recv(_ucx_buffer(buffer.view(-1)), tag=FIRST_RUN_TAG + i) for i, buffer in enumerate(landing))
+            )
+        except BaseException:
+            await EndpointPool.discard(ep)  # cancels the receives still posted, before the buffers go
+            raise
+        await asyncio.to_thread(_unpack, targets, landing)
+        nbytes = pieces_bytes(pieces, len(dst_ids), layout)
         try:
             await send_frame(ep, {"op": "commit"})
             await recv_frame(ep)

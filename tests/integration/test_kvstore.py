@@ -760,3 +760,32 @@ def test_a_pull_between_layouts_moves_each_destination_rank_exactly_its_share(no
         assert moved[src_node.node_id]["bytes_ucx_sent"] == expected
         assert moved[dst_node.node_id]["bytes_ucx_received"] == expected
         assert moved[dst_node.node_id]["bytes_local"] == 0
+
+
+def test_a_handle_that_misstates_its_layout_is_refused_and_the_entry_stays_pullable(nodes):
+    """The puller plans the pieces from the handle's tp and pp: a handle altered to another layout
+    (or an absurd one) is refused before any byte moves, on the pulling node or by the source."""
+    a, b = nodes["A"], nodes["B"]
+
+    async def scenario():
+        async with (
+            Worker(a, "prefill", 2, 1, layout=SHARDED) as prefill,
+            Worker(b, "decode", 1, 1, layout=SHARDED) as decode,
+        ):
+            whole = torch.randn(2, *SHARDED.block_shape, generator=torch.Generator().manual_seed(9))
+            fill_shards(prefill, [1, 2], whole)
+            handle = await prefill.client.publish("misstated", [1, 2], num_tokens=8)
+            for tp, code, field in [
+                (4, grpc.StatusCode.FAILED_PRECONDITION, "handle.tensor_parallel"),  # the source says no
+                (2**31, grpc.StatusCode.INVALID_ARGUMENT, "handle.tensor_parallel"),
+                (3, grpc.StatusCode.INVALID_ARGUMENT, "handle.tensor_parallel"),
+            ]:
+                forged = common_pb2.KvHandle()
+                forged.CopyFrom(handle)
+                forged.tensor_parallel = tp
+                details = await expect_rpc_error(code, decode.client.pull([5, 6], forged))
+                assert field in details, details
+            await decode.client.pull([5, 6], handle)
+            assert torch.equal(decode.pools[0].tensor[[5, 6]], whole)
+
+    run(scenario())

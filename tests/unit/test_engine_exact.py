@@ -51,15 +51,16 @@ def _reference(hf, prompt, max_tokens):
 BACKENDS = ["cpu-kernels", "torch"] if DEVICE == "cpu" else ["triton"]
 # (backend, tensor-parallel ranks, pipeline stages): each backend alone, and the default one split
 # over 2 ranks (one K/V head each, or Mistral's one head replicated), 4 (K/V heads replicated on 2
-# ranks each, Llama only), 2 stages (one layer each), and 2 x 2 (Llama: untied LM head, Qwen2: tied
-# to the embeddings, so on both stages); every rank a process, as in a worker (engine/parallel.py)
+# ranks each: Llama), 2 stages of one layer each (Llama; Mistral: multi-query, untied) and 2 x 2
+# (Qwen2: its LM head tied to the embeddings, so they are on both stages); every rank a process, as
+# in a worker (engine/parallel.py). (The e2e tests add Qwen3 on 2 stages.)
+WHICH_ARCHS = {(4, 1): ("llama",), (1, 2): ("llama", "mistral"), (2, 2): ("qwen2",)}
 CASES = [
     (arch, backend, tp, pp)
     for arch in ARCHITECTURE_SPECS
     for backend, tp, pp in [(backend, 1, 1) for backend in BACKENDS]
     + [(BACKENDS[0], 2, 1), (BACKENDS[0], 4, 1), (BACKENDS[0], 1, 2), (BACKENDS[0], 2, 2)]
-    if (tp, pp) != (4, 1) or arch == "llama"
-    if (tp, pp) != (2, 2) or arch in ("llama", "qwen2")
+    if arch in WHICH_ARCHS.get((tp, pp), ARCHITECTURE_SPECS)
 ]
 
 

@@ -9,10 +9,11 @@ import torch
 
 from services.common.errors import ServiceError
 from services.engine.kv_cache import KvLayout, KvPool
-from services.kvstore.block_runs import CopyStopped, contiguous_runs, copy_blocks
+from services.kvstore.block_runs import CopyStopped, RankRows, contiguous_runs, copy_blocks, copy_pieces
 from services.kvstore.daemon import copy_until_cancelled
 from services.kvstore.entries import EntryTable
 from services.kvstore.host_tier import HostTier
+from services.kvstore.shards import instance_shards, resharding_plan
 from services.kvstore.ucx_transfer import check_runs, split_host_port
 
 LAYOUT = KvLayout(num_blocks=16, num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype="float32", model_id="t")
@@ -61,13 +62,17 @@ def test_a_cancelled_local_copy_has_stopped_writing_when_the_cancellation_return
     """The daemon's Pull handler is cancelled when the puller's deadline passes: by the time the
     CancelledError leaves copy_until_cancelled, nothing writes into the destination any more (it
     used to keep copying in its thread while the decode worker reused the blocks)."""
-    blocks, block_bytes = 4000, 32 << 10
-    src = torch.ones(blocks, block_bytes, dtype=torch.uint8)
-    dst = torch.zeros(2 * blocks, block_bytes, dtype=torch.uint8)
+    blocks = 4000
+    layout = KvLayout(2 * blocks, 1, 1, 1, 4096, "float32")  # 32 KiB blocks
+    src = torch.ones(blocks, layout.block_bytes, dtype=torch.uint8)
+    dst = torch.zeros(2 * blocks, layout.block_bytes, dtype=torch.uint8)
     dst_ids = list(range(0, 2 * blocks, 2))  # every other block: 4000 separate runs
+    (shard,) = instance_shards(layout, 1, 1)
+    whole = resharding_plan([shard], [shard])
 
     async def cancel_midway():
-        task = asyncio.ensure_future(copy_until_cancelled(src, list(range(blocks)), dst, dst_ids))
+        source, target = [RankRows(src, list(range(blocks)), shard)], [RankRows(dst, dst_ids, shard)]
+        task = asyncio.ensure_future(copy_until_cancelled(source, target, whole, layout))
         await asyncio.sleep(0.002)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -142,7 +147,7 @@ def test_host_tier_expiry_is_oldest_first():
 def table_and_pool():
     pool = KvPool.allocate(LAYOUT)
     table = EntryTable(HostTier(1 << 20, 60))
-    record = table.add_pool("w", pool)
+    record = table.add_pool("w", LAYOUT, instance_shards(LAYOUT, 1, 1), [pool])
     yield table, record
     pool.close()
 
@@ -274,17 +279,17 @@ def test_a_failed_move_to_the_host_tier_gives_its_bytes_back(monkeypatch):
 
     daemon = daemon_module.KvStoreDaemon(daemon_module.KvStoreConfig(node_id="n", ttl_seconds=0.0), CollectorRegistry())
     pool = KvPool.allocate(LAYOUT)
-    record = daemon.table.add_pool("w", pool)
+    record = daemon.table.add_pool("w", LAYOUT, instance_shards(LAYOUT, 1, 1), [pool])
     daemon.table.publish(record.pool_id, "a", [1, 2], 8)
 
     def failing_copy(*args):
         raise OSError("copy failed")
 
-    monkeypatch.setattr(daemon_module, "copy_blocks", failing_copy)
+    monkeypatch.setattr(daemon_module, "copy_pieces", failing_copy)
     asyncio.run(daemon.sweep())
     assert daemon.table.host.used_bytes == 0
     assert daemon.table.count("device") == 1 and daemon.table.count("host") == 0
-    monkeypatch.setattr(daemon_module, "copy_blocks", copy_blocks)
+    monkeypatch.setattr(daemon_module, "copy_pieces", copy_pieces)
     asyncio.run(daemon.sweep())  # the retry moves it
     assert daemon.table.count("host") == 1 and daemon.table.host.used_bytes == 2 * LAYOUT.block_bytes
     pool.close()

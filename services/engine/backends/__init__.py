@@ -54,7 +54,11 @@ def select_backend(
     """The backend for a model's `num_layers` layers (a pipeline stage's, or all)."""
     name = choose_backend(config, model_config.head_dim)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    common = dict(num_layers=num_layers, block_size=config.block_size, mirror_bytes=config.cpu_decode_kv_mirror_bytes)
+    # No decode K/V mirror on a pipeline stage: it orders each step's rows by its own memory budget,
+    # which a stage with fewer layers could decide differently from the next (rows must line up
+    # between stages), and the stage's micro-batches would evict each other from it every step.
+    mirror_bytes = config.cpu_decode_kv_mirror_bytes if config.pipeline_parallel == 1 else 0
+    common = dict(num_layers=num_layers, block_size=config.block_size, mirror_bytes=mirror_bytes)
     if name == "cpu-kernels":
         kernels = cpu.load()
         assert kernels is not None
