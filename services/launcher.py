@@ -65,6 +65,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in [{low}, {ephemeral_low}) on {host}")
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A free port whose next port is free too (an instance's rendezvous and its ranks' store)."""
+    for _ in range(100):
+        port = free_port(host)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port + 1))
+            except OSError:
+                continue
+        _handed_out.add(port + 1)
+        return port
+    raise RuntimeError(f"no two consecutive free ports on {host}")
+
+
+def _wait_all(popens: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in popens) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -96,6 +116,12 @@ class ClusterSpec:
     # role -> (tensor-parallel ranks, pipeline stages) of each of its instances, one process per rank
     # (engine/parallel.py); (1, 1) when not given
     parallel: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # role -> pods (hosts) each of its instances spans, whole pipeline stages each: the worker runs the
+    # first's ranks, a follower process (engine/follower.py) each other's (1 when not given)
+    pods: dict[str, int] = field(default_factory=dict)
+    # "cuda": every worker instance on GPUs of its own, one per rank, consecutive over the instances
+    # (cuda:0.. for the first); "" leaves the workers' --device alone (default cpu, or --worker-arg)
+    device: str = ""
     log_dir: str = "results/cluster-logs"
     worker_args: list[str] = field(default_factory=list)
     role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per role (prefill, decode, ...)
@@ -140,11 +166,20 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
         common += ["--model", spec.model]
     common += spec.worker_args
 
+    next_gpu = 0
+
     def role_args(role: str) -> list[str]:
-        emulated = ["--device", "emulated", "--profile", spec.profiles[role]] if role in spec.profiles else []
+        nonlocal next_gpu
         tp, pp = spec.parallel.get(role, (1, 1))
+        if role in spec.profiles:
+            device = ["--device", "emulated", "--profile", spec.profiles[role]]
+        elif spec.device == "cuda":  # rank r of this instance on cuda:first+r (engine/parallel.py)
+            device = ["--device", f"cuda:{next_gpu}"]
+            next_gpu += tp * pp // spec.pods.get(role, 1)
+        else:
+            device = []
         ranks = ["--tensor-parallel", str(tp), "--pipeline-parallel", str(pp)] if tp * pp > 1 else []
-        return emulated + ranks + spec.role_args.get(role, [])
+        return device + ranks + spec.role_args.get(role, [])
 
     def node_for(role: str, index: int) -> str:
         if role in spec.node_of:
@@ -158,21 +193,33 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
         offset = 0 if role == "prefill" else spec.prefill
         return nodes[(offset + index) % len(nodes)]
 
+    def add_followers(worker: ServiceProcess) -> None:
+        """The instance's other pods: a follower each, emulating another host (same GPUs numbering)."""
+        pods = spec.pods.get(worker.role, 1)
+        if pods == 1:
+            return
+        port = free_port_pair(host)
+        worker.argv += ["--pods", str(pods), "--rendezvous-port", str(port)]
+        for pod in range(1, pods):
+            argv = py + ["services.engine.follower", "--leader", f"{host}:{port}", "--pod", str(pod)]
+            procs.append(ServiceProcess(f"{worker.name}-pod{pod}", "follower", worker.node, "", "", argv))
+
     if spec.mode == "colocated":
         for i in range(spec.colocated):
             node = node_for("colocated", i)
-            add(
+            worker = add(
                 f"colocated-{i}",
                 "colocated",
                 node,
                 "services.colocated",
                 common + ["--node-id", node] + role_args("colocated"),
             )
+            add_followers(worker)
     else:
         for role, count in (("prefill", spec.prefill), ("decode", spec.decode)):
             for i in range(count):
                 node = node_for(role, i)
-                add(
+                worker = add(
                     f"{role}-{i}",
                     role,
                     node,
@@ -181,6 +228,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                     + ["--node-id", node, "--kvstore", kvstores[node].grpc, "--worker-id", f"{role}-{i}"]
                     + role_args(role),
                 )
+                add_followers(worker)
     public_port = spec.router_port or free_port(host)
     router_args = []
     for role in ("prefill", "decode", "colocated"):
@@ -302,7 +350,11 @@ class Cluster:
                 code = self._popen[proc.name].poll()
                 if code is not None:
                     raise RuntimeError(f"{proc.name} exited with code {code} while starting:\n{self.log_tail(proc)}")
-                if health_status(proc.grpc, tls=self.client_tls) == health_pb2.HealthCheckResponse.SERVING:
+                # a follower serves nothing: its worker turns SERVING only once every follower joined
+                if (
+                    not proc.grpc
+                    or health_status(proc.grpc, tls=self.client_tls) == health_pb2.HealthCheckResponse.SERVING
+                ):
                     pending.remove(proc)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.name for p in pending)
@@ -333,13 +385,16 @@ class Cluster:
     def start(self, timeout: float = 180.0, progress=print, cancelled=lambda: False) -> None:
         """Starts in dependency order: kvstore daemons, workers, router. Raises StartCancelled
         as soon as `cancelled()` turns true (a Ctrl-C while a large model loads)."""
-        for roles in (("kvstore",), ("prefill", "decode", "colocated"), ("router",)):
+        for roles in (("kvstore",), ("prefill", "decode", "colocated", "follower"), ("router",)):
             group = [p for p in self.procs if p.role in roles]
             for proc in group:
                 self._start(proc)
             self._wait_serving(group, timeout, cancelled)
             for proc in group:
-                progress(f"  {proc.name:<14} {proc.grpc:<22} metrics {proc.metrics:<22} node {proc.node}")
+                if proc.role == "follower":
+                    progress(f"  {proc.name:<14} a follower: the instance's ranks on another (emulated) host")
+                else:
+                    progress(f"  {proc.name:<14} {proc.grpc:<22} metrics {proc.metrics:<22} node {proc.node}")
 
     def info(self) -> dict:
         router = next(p for p in self.procs if p.role == "router")
@@ -358,10 +413,15 @@ class Cluster:
         Each group gets `grace` and a little more per process: dozens of workers (emulated ones)
         exiting at once on a few cores take their time. Returns each process's exit code."""
         order = sorted(
-            self.procs, key=lambda p: {"router": 0, "prefill": 1, "decode": 1, "colocated": 1}.get(p.role, 2)
+            self.procs,
+            key=lambda p: {"router": 0, "prefill": 1, "decode": 1, "colocated": 1, "follower": 2}.get(p.role, 3),
         )
-        for group_roles in (("router",), ("prefill", "decode", "colocated"), ("kvstore",)):
+        # A worker stops its followers as it drains (they exit once their ranks have): they are
+        # signalled only if they outlive that. (One stopped first would take its worker down.)
+        for group_roles in (("router",), ("prefill", "decode", "colocated"), ("follower",), ("kvstore",)):
             group = [p for p in order if p.role in group_roles and p.name in self._popen]
+            if group_roles == ("follower",):
+                _wait_all([self._popen[p.name] for p in group], grace)
             for proc in group:
                 if self._popen[proc.name].poll() is None:
                     self._popen[proc.name].send_signal(signal.SIGTERM)

@@ -121,7 +121,8 @@ GPU_RESOURCES = obj(
             "properties": {
                 "nvidia.com/gpu": integer(
                     0,
-                    description="GPUs per pod (planner); unset: tensorParallel x pipelineParallel on CUDA, none on cpu",
+                    description="GPUs per pod (planner); unset: tensorParallel x pipelineParallel / podsPerReplica "
+                    "(one per rank of the pod) on CUDA, none on cpu",
                 )
             },
         },
@@ -222,19 +223,27 @@ def worker_schema(role: str) -> dict:
             "replicaCount": integer(0, description="worker pods (planner)"),
             "tensorParallel": integer(
                 1,
-                description="--tensor-parallel (planner): tensor-parallel ranks per instance, "
-                "one process and one GPU each, all in the instance's pod",
+                description="--tensor-parallel (planner): tensor-parallel ranks per pipeline stage, "
+                "one process and one GPU each; a stage's ranks are always in one pod",
             ),
             "pipelineParallel": integer(
                 1,
                 description="--pipeline-parallel (planner): pipeline stages per instance, each of "
-                "tensorParallel ranks, all in the instance's pod (the pod asks for tensorParallel x "
-                "pipelineParallel GPUs)",
+                "tensorParallel ranks, pipelineParallel / podsPerReplica whole stages per pod (each pod "
+                "asks for tensorParallel x pipelineParallel / podsPerReplica GPUs)",
             ),
             "podsPerReplica": integer(
                 1,
-                description="pods per instance (planner): must be 1, as the worker starts every rank of "
-                "its instance as a child process; a pipeline with a stage per pod is refused at render",
+                description="pods per instance (planner), each on a node of its own or not; must divide "
+                "pipelineParallel (refused at render otherwise). 1: a Deployment, the worker starts every "
+                "rank; above 1: StatefulSets, pod 0 the worker with --pods, pods 1..P-1 "
+                "services.engine.follower",
+            ),
+            "rendezvousPort": integer(
+                1,
+                65534,
+                description="--rendezvous-port, with podsPerReplica > 1: the worker waits for its "
+                "followers there; the ranks' process-group store listens on the next port",
             ),
             "expectedGoodputPerReplica": number(0, nullable=True),
             "kvstorePort": PORT,

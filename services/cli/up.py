@@ -45,11 +45,26 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
         "parallelism (engine/parallel.py): tp x pp ranks per instance, one process each (on CUDA, one GPU each); "
         "KV moves between instances of different layouts (docs/kvstore.md)"
     )
+    parallel.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="",
+        help="cuda: each worker instance on GPUs of its own, one per rank, consecutive (the first instance "
+        "from cuda:0); the machine needs them all. Default: the workers' own --device (cpu)",
+    )
     parallel.add_argument("--tp", type=int, default=1, help="colocated mode: tensor-parallel ranks per pipeline stage")
     parallel.add_argument("--pp", type=int, default=1, help="colocated mode: pipeline stages per instance")
+    parallel.add_argument(
+        "--pods",
+        type=int,
+        default=1,
+        help="colocated mode: hosts each instance spans (whole stages each), emulated here by a follower "
+        "process per extra pod (engine/follower.py)",
+    )
     for role in ("prefill", "decode"):
         parallel.add_argument(f"--{role}-tp", type=int, default=1, help=f"tensor-parallel ranks per {role} stage")
         parallel.add_argument(f"--{role}-pp", type=int, default=1, help=f"pipeline stages per {role} instance")
+        parallel.add_argument(f"--{role}-pods", type=int, default=1, help=f"hosts each {role} instance spans")
     ap.add_argument("--ready-file", default="", help="write the cluster's addresses here (JSON) once healthy")
     ap.add_argument("--log-dir", default="results/cluster-logs")
     ap.add_argument(
@@ -122,10 +137,16 @@ def spec_from_args(args) -> ClusterSpec:
         routers=args.routers,
         kv_cache_gb=args.kv_cache_gb,
         threads=args.threads,
+        device=args.device if args.device == "cuda" else "",
         parallel=(
             {"colocated": (args.tp, args.pp)}
             if args.mode == "colocated"
             else {"prefill": (args.prefill_tp, args.prefill_pp), "decode": (args.decode_tp, args.decode_pp)}
+        ),
+        pods=(
+            {"colocated": args.pods}
+            if args.mode == "colocated"
+            else {"prefill": args.prefill_pods, "decode": args.decode_pods}
         ),
         log_dir=args.log_dir,
         worker_args=split_flags(args.worker_arg),
@@ -224,18 +245,23 @@ def _check_args(args, spec: ClusterSpec) -> None:
     degrees = {
         f"--{prefix}{kind}": getattr(args, f"{prefix.replace('-', '_')}{kind}")
         for prefix in ("", "prefill-", "decode-")
-        for kind in ("tp", "pp")
+        for kind in ("tp", "pp", "pods")
     }
     for flag, value in {**counts, **degrees}.items():
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
     for flag, value in degrees.items():
-        colocated_flag = flag in ("--tp", "--pp")
+        colocated_flag = flag in ("--tp", "--pp", "--pods")
         if value > 1 and colocated_flag != (spec.mode == "colocated"):
             mode = "colocated" if colocated_flag else "disaggregated"
             raise SystemExit(f"{flag}: for {mode} mode (this cluster is {spec.mode})")
     if any(tp * pp > 1 for tp, pp in spec.parallel.values()) and spec.profiles:
         raise SystemExit("--tp, --pp: an emulated instance's parallelism is its profile's (--emulate)")
+    for role, pods in spec.pods.items():
+        pp = spec.parallel[role][1]
+        if pp % pods:
+            flag = "--pods" if role == "colocated" else f"--{role}-pods"
+            raise SystemExit(f"{flag}: {pods} pods must each hold whole pipeline stages of the {pp}")
     for flag, path in (("--ready-file", args.ready_file), ("--prometheus-config", args.prometheus_config)):
         folder = os.path.dirname(os.path.abspath(path)) if path else ""
         if path and not os.path.isdir(folder):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -52,6 +53,16 @@ class TlsFiles:
 
     def _stamp(self) -> tuple[float, ...]:
         return tuple(os.stat(path).st_mtime_ns for path in (self.cert, self.key, self.ca))
+
+
+def socket_context(files: TlsFiles, server: bool) -> ssl.SSLContext:
+    """For a plain socket between services (an instance's rendezvous, engine/parallel.py): mutual,
+    the peer's certificate checked against the cluster's CA (and, by a client, the server name)."""
+    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+    context = ssl.create_default_context(purpose, cafile=files.ca)
+    context.load_cert_chain(files.cert, files.key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.ServerCredentials:

@@ -215,6 +215,10 @@ class EngineConfig:
     # ranks of this instance, one process each, the model's heads and MLP split among them (parallel.py)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1  # stages, the layers split among them; tensor_parallel ranks each
+    # hosts (pods) the ranks are spread over, whole stages each: this process is rank 0 on the first,
+    # listening at `rendezvous` (host:port) for the others' followers (engine/follower.py)
+    pods: int = 1
+    rendezvous: str = ""
 
     def __post_init__(self):
         if self.dtype not in SUPPORTED_DTYPES:
@@ -229,6 +233,16 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
         if self.pipeline_parallel < 1:
             raise ValueError(f"pipeline_parallel must be at least 1, got {self.pipeline_parallel}")
+        if self.pods < 1 or self.pipeline_parallel % self.pods:
+            raise ValueError(
+                f"pods: {self.pods} pods must each hold whole pipeline stages of the {self.pipeline_parallel}"
+            )
+        if self.pods > 1 and not self.rendezvous:
+            raise ValueError("pods: an instance over several pods needs a rendezvous address for their followers")
+
+    @property
+    def ranks_per_pod(self) -> int:
+        return self.ranks // self.pods
 
     @property
     def ranks(self) -> int:

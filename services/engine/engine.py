@@ -11,6 +11,7 @@ sequences may join or leave the decode batch at any step.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -175,6 +176,7 @@ class Engine(EngineBase):
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
         tp: TensorParallel | None = None,
         pipeline: Pipeline | None = None,
+        rendezvous_tls: ssl.SSLContext | None = None,
     ):
         """Loads `model_dir` (a Hugging Face checkpoint folder). Without a folder, pass
         `model_config` and either `weights` (name, tensor) pairs in Hugging Face naming or nothing
@@ -182,7 +184,8 @@ class Engine(EngineBase):
 
         With `config.tensor_parallel` x `config.pipeline_parallel` > 1 this is rank 0 of the
         instance: it starts the other ranks (parallel.py), which build their own Engine with their
-        `tp` and `pipeline`."""
+        `tp` and `pipeline`; over several pods it waits for their followers at `config.rendezvous`
+        (with TLS when `rendezvous_tls`, a server context)."""
         self.config = config = config or EngineConfig()
         if model_config is None:
             assert model_dir is not None, "give a model folder or a model_config"
@@ -195,7 +198,7 @@ class Engine(EngineBase):
                     "tensor and pipeline parallelism load a checkpoint folder on every rank (give model_dir)"
                 )
             check_split(model_config, config)
-            self.ranks = Ranks.start(model_dir, config, model_config)
+            self.ranks = Ranks.start(model_dir, config, model_config, rendezvous_tls)
             tp, pipeline = self.ranks.tp, self.ranks.pipeline
         self.tp = tp or NO_TP
         self.pipeline = pipeline or NO_PP

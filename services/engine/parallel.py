@@ -17,9 +17,17 @@ stage, and the last stage's first rank sends the logits to rank 0, which samples
 cut into micro-batches, one per stage, so that every stage has work while the next computes
 (DistServe's inter-operator parallelism; runner.py).
 
+An instance may span several pods (hosts), each holding whole stages (`EngineConfig.pods`): the
+worker starts the ranks of its own pod; each other pod runs a follower (follower.py) that connects
+to the worker's rendezvous address, gets the model and configuration from it, starts its pod's
+ranks and relays them the passes' inputs, which rank 0 writes to its socket as length-prefixed
+frames. The process group's store is at the rendezvous port + 1 on rank 0's host.
+
 A rank that dies takes the instance with it, so that the router fails its requests over as it does
 for any dead worker: rank 0 exits when another rank exits, and the others exit when rank 0 does
-(the kernel's parent-death signal, or EOF on their stdin). Rank 0 exits too if its own part of a
+(the kernel's parent-death signal, or EOF on their stdin). Across pods the same holds through the
+follower: rank 0 exits when a follower's connection ends, a follower (and its ranks) when rank 0's
+does. Rank 0 exits too if its own part of a
 pass fails after the others got its inputs (runner.py): they wait in that pass's all-reduces, and
 its next pass would be paired with them.
 """
@@ -31,11 +39,15 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -115,68 +127,108 @@ def check_split(model_config: ModelConfig, config: EngineConfig) -> None:
     if config.pipeline_parallel > model_config.num_layers:
         raise ValueError(f"{config.pipeline_parallel} pipeline stages for {model_config.num_layers} layers")
     if config.device.startswith("cuda"):
-        last = int(rank_device(config.device, config.ranks - 1).partition(":")[2])
+        last = int(rank_device(config.device, config.ranks_per_pod - 1).partition(":")[2])
         if last >= torch.cuda.device_count():
             raise ValueError(
-                f"{config.ranks} ranks from {config.device} need cuda:{last}; this machine has "
+                f"{config.ranks_per_pod} ranks from {config.device} need cuda:{last}; this machine has "
                 f"{torch.cuda.device_count()} GPUs"
             )
 
 
 class Ranks:
-    """Rank 0's side of its instance: the other ranks' processes, each reading the forward passes'
-    inputs from a pipe (its stdin), and the process group they all share for the all-reduces."""
+    """Rank 0's side of its instance: the other ranks of its pod, each reading the forward passes'
+    inputs from a pipe (its stdin), the followers of the other pods (a socket each), and the
+    process group they all share for the collectives."""
 
     def __init__(self, processes: list[subprocess.Popen], threads_before: int):
         self.processes = processes
+        self.followers: list[socket.socket] = []
         self._threads_before = threads_before
         self._closing = False
         self.tp = TensorParallel()
         self.pipeline = NO_PP
         for process in processes:
-            threading.Thread(target=self._watch, args=(process,), name="rank-watcher", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(process.wait, process.pid), name="rank-watcher", daemon=True
+            ).start()
 
     @classmethod
-    def start(cls, model_dir: str, config: EngineConfig, model_config: ModelConfig) -> Ranks:
-        """Starts ranks 1..N-1 with the same model and config and joins them in a process group.
-        Must run on the thread that lives as long as the instance (the main thread): the ranks'
-        parent-death signal fires when the thread that started them exits."""
-        size = config.ranks
-        address = f"127.0.0.1:{_free_port()}"
+    def start(
+        cls, model_dir: str, config: EngineConfig, model_config: ModelConfig, tls: ssl.SSLContext | None = None
+    ) -> Ranks:
+        """Starts the other ranks of this pod, waits for the other pods' followers (over TLS with
+        `tls`, a server context requiring the cluster's client certificates), and joins them all in
+        a process group. Must run on the thread that lives as long as the instance (the main
+        thread): the ranks' parent-death signal fires when the thread that started them exits."""
+        size, per_pod = config.ranks, config.ranks_per_pod
+        listener = None
+        if config.pods > 1:  # the store on the port after the followers' (a fixed port others can reach)
+            listener = _listen(config.rendezvous)
+            store_port = listener.getsockname()[1] + 1
+        else:
+            store_port = _free_port()
         threads_before = torch.get_num_threads()
-        # on the CPU the instance's threads are shared out: ranks waiting on each other's all-reduce
+        # on the CPU the pod's threads are shared out: ranks waiting on each other's all-reduce
         # must not also compete for cores
-        torch.set_num_threads(max(1, threads_before // size))
-        spec = {
-            "model_dir": model_dir,
-            "config": asdict(config),
-            "address": address,
-            "threads": torch.get_num_threads(),
-            "parent": os.getpid(),
-        }
+        torch.set_num_threads(max(1, threads_before // per_pod))
+        spec = {"model_dir": model_dir, "config": asdict(config), "store_port": store_port}
         ranks = cls(
-            [
-                subprocess.Popen(
-                    [sys.executable, "-m", "services.engine.rank", json.dumps({**spec, "rank": rank})],
-                    stdin=subprocess.PIPE,
-                )
-                for rank in range(1, size)
-            ],
+            start_pod_ranks({**spec, "store_host": "127.0.0.1", "threads": torch.get_num_threads()}, range(1, per_pod)),
             threads_before,
         )
         try:
-            ranks.tp, ranks.pipeline = join_group(0, config, address, model_config.num_layers)
+            if listener is not None:
+                ranks._accept_followers(listener, config.pods, spec, tls)
+            ranks.tp, ranks.pipeline = join_group(0, config, f"127.0.0.1:{store_port}", model_config.num_layers)
         except BaseException:
             ranks.abort()
             raise
+        finally:
+            if listener is not None:
+                listener.close()
         log.info(
-            "%d ranks: tp %d x pp %d (pids %s)",
+            "%d ranks: tp %d x pp %d over %d pod(s) (pids here %s)",
             size,
             config.tensor_parallel,
             config.pipeline_parallel,
+            config.pods,
             [p.pid for p in ranks.processes],
         )
         return ranks
+
+    def _accept_followers(self, listener: socket.socket, pods: int, spec: dict, tls: ssl.SSLContext | None) -> None:
+        """Waits for a follower of each other pod (follower.py) and hands it the instance's spec."""
+        listener.settimeout(START_TIMEOUT.total_seconds())
+        waiting = set(range(1, pods))
+        while waiting:
+            try:
+                connection, peer = listener.accept()
+            except TimeoutError:
+                raise RuntimeError(
+                    f"pods {sorted(waiting)} of this instance did not join within {START_TIMEOUT}"
+                ) from None
+            connection.settimeout(10)
+            try:
+                if tls is not None:
+                    connection = tls.wrap_socket(connection, server_side=True)
+                hello = json.loads(read_frame(connection) or b"{}")
+                pod = hello.get("pod")
+            except (OSError, ValueError) as e:  # (ssl.SSLError is an OSError: no client certificate)
+                log.warning("a connection from %s to the rendezvous failed: %r", peer, e)
+                connection.close()
+                continue
+            if pod not in waiting:
+                log.warning("a follower at %s asked to be pod %r of this instance: refused", peer, pod)
+                connection.close()
+                continue
+            write_frame(connection, json.dumps(spec).encode())
+            connection.settimeout(None)
+            waiting.discard(pod)
+            self.followers.append(connection)
+            threading.Thread(
+                target=self._watch, args=(lambda c=connection: _wait_closed(c), f"pod {pod} at {peer}"), daemon=True
+            ).start()
+            log.info("pod %d of this instance joined from %s", pod, peer)
 
     def send(self, inputs: ForwardInputs | None) -> None:
         """Hands a forward pass's inputs to the other ranks (None: stop). A pipe, not a collective:
@@ -186,6 +238,8 @@ class Ranks:
             assert process.stdin is not None
             process.stdin.write(frame)
             process.stdin.flush()
+        for follower in self.followers:
+            write_frame(follower, frame)
 
     def close(self) -> None:
         if self._closing:
@@ -205,6 +259,8 @@ class Ranks:
         self._end()
 
     def _end(self) -> None:
+        for follower in self.followers:  # a follower stops its ranks when its connection ends
+            follower.close()
         for process in self.processes:
             try:
                 process.wait(timeout=10)
@@ -215,12 +271,12 @@ class Ranks:
             dist.destroy_process_group()
         torch.set_num_threads(self._threads_before)
 
-    def _watch(self, process: subprocess.Popen) -> None:
-        code = process.wait()
+    def _watch(self, wait: Callable[[], object], what: object) -> None:
+        code = wait()
         if not self._closing:
-            # its shard of every layer is gone: this instance cannot compute another token, and a
+            # its shard of the model is gone: this instance cannot compute another token, and a
             # clean shutdown would wait on collectives that never finish
-            log.critical("tensor-parallel rank (pid %d) exited with %s: stopping this instance", process.pid, code)
+            log.critical("rank %s exited (%s): stopping this instance", what, code)
             logging.shutdown()
             os._exit(1)
 
@@ -266,8 +322,76 @@ def all_ranks(value: object) -> list:
     return values
 
 
+def start_pod_ranks(spec: dict, ranks: range, first_on_pod: int = 0) -> list[subprocess.Popen]:
+    """Starts these ranks of the instance on this pod, whose first rank is `first_on_pod` (`python
+    -m services.engine.rank`), each reading its passes from its stdin and dying with this process."""
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.engine.rank",
+                json.dumps({**spec, "rank": rank, "local_rank": rank - first_on_pod, "parent": os.getpid()}),
+            ],
+            stdin=subprocess.PIPE,
+        )
+        for rank in ranks
+    ]
+
+
+def config_fields(spec: dict) -> dict:
+    fields = dict(spec["config"])
+    fields["cuda_graph_batch_sizes"] = tuple(fields["cuda_graph_batch_sizes"])
+    return fields
+
+
+# ---- frames between rank 0 and the followers: an 8-byte length, then the bytes -------------------
+def write_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack("!Q", len(payload)) + payload)
+
+
+def read_frame(sock: socket.socket) -> bytes | None:
+    """The next frame, or None at the end of the stream."""
+    header = _read_exactly(sock, 8)
+    if header is None:
+        return None
+    payload = _read_exactly(sock, struct.unpack("!Q", header)[0])
+    if payload is None:
+        raise ConnectionError("the stream ended inside a frame")
+    return payload
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _wait_closed(sock: socket.socket) -> str:
+    """Blocks until the peer closes (a follower sends nothing after its hello). Polls the descriptor
+    instead of reading: with TLS, reading here while the engine thread writes frames would use one
+    SSL connection from two threads at once."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    while not poller.poll():
+        pass
+    return "connection closed"
+
+
+def _listen(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    listener = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=False)
+    return listener
+
+
 def rank_device(device: str, rank: int) -> str:
-    """Rank r of an instance on cuda:k runs on cuda:k+r; on the CPU, every rank on the CPU."""
+    """Rank r of an instance on cuda:k runs on cuda:k+r; on the CPU, every rank on the CPU (r: the
+    rank's index on its pod)."""
     if not device.startswith("cuda"):
         return device
     first = int(device.partition(":")[2] or 0)

@@ -14,20 +14,20 @@ import torch.distributed as dist
 
 from .config import EngineConfig, ModelConfig
 from .engine import Engine
-from .parallel import die_with_parent, join_group, rank_device
+from .parallel import config_fields, die_with_parent, join_group, rank_device
 from .runner import ForwardInputs
 
 
 def follow(spec: dict) -> None:
     rank = spec["rank"]
     die_with_parent(spec["parent"])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank-{rank} %(levelname)s %(message)s")
     torch.set_num_threads(spec["threads"])
-    fields = spec["config"]
-    fields["cuda_graph_batch_sizes"] = tuple(fields["cuda_graph_batch_sizes"])
+    fields = config_fields(spec)
     fields["kv_pool_name"] = None  # rank 0's name; each rank's pool gets its own
-    config = EngineConfig(**{**fields, "device": rank_device(fields["device"], rank)})
-    tp, pipeline = join_group(rank, config, spec["address"], ModelConfig.from_pretrained(spec["model_dir"]).num_layers)
+    config = EngineConfig(**{**fields, "device": rank_device(fields["device"], spec["local_rank"])})
+    store = f"{spec['store_host']}:{spec['store_port']}"
+    tp, pipeline = join_group(rank, config, store, ModelConfig.from_pretrained(spec["model_dir"]).num_layers)
     engine = Engine(spec["model_dir"], config, tp=tp, pipeline=pipeline)
     try:
         while True:

@@ -2,10 +2,11 @@
 profile of each role's instances; and reading its layout back for `pdserve up --plan`.
 
 The values are for an umbrella chart with subcharts `prefill`, `decode`, `router` and `kvstore`
-(docs/planner.md lists every key). An instance is one pod asking for tensor x pipeline GPUs: the
-worker starts every rank of its instance as a child process. The charts refuse a replica whose
-placement spans nodes (`podsPerReplica` above 1: the nodes it spans); `helm_problems`
-says which instances do, and `write_plan` warns and notes it in values.yaml.
+(docs/planner.md lists every key). An instance on one node is one pod asking for tensor x pipeline
+GPUs: the worker starts every rank of its instance as a child process. An instance whose placement
+spans nodes is `podsPerReplica` pods (the most nodes an instance of the role spans), each holding
+pipeline / podsPerReplica whole, consecutive stages on one node; `helm_problems` names the
+instances the charts cannot deploy that way, and `write_plan` warns and notes them in values.yaml.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def _role_values(plan: Plan, role: str) -> dict:
     instances = [i for i in plan.instances if i["role"] == role]
     pods, gpus_per_pod = 1, choice.num_gpus
     if instances:
-        # the instance spread over the most nodes: one of them spanning nodes is enough for the
-        # charts to refuse the role (helm_problems)
+        # the instance spread over the most nodes: the role's instances run as that many pods
+        # each, of pipeline / pods whole stages (helm_problems names those that cannot)
         per_node = max((_gpus_per_node(i) for i in instances), key=len)
         pods, gpus_per_pod = len(per_node), max(per_node.values())
     values = {
@@ -61,17 +62,35 @@ def _role_values(plan: Plan, role: str) -> dict:
     return values
 
 
+def _pod_nodes(instance: dict, pods: int) -> list[list[int]]:
+    """The nodes of each pod's stages when the instance runs as `pods` pods of consecutive, whole
+    pipeline stages (pipeline / pods each), in stage order."""
+    per_pod = len(instance["stages"]) // pods
+    return [sorted({st["node"] for st in instance["stages"][j * per_pod : (j + 1) * per_pod]}) for j in range(pods)]
+
+
 def helm_problems(plan: Plan) -> list[str]:
-    """Why deploy/helm would refuse this plan's values, one line per role: instances the placement
-    spreads over several nodes. The workers run all ranks of an instance in one pod (child
-    processes of rank 0, one GPU each), so each instance must fit one node; a pipeline with a stage
-    per node would need a rendezvous between pods, which the engine does not have yet."""
+    """Why deploy/helm would refuse or misplace this plan's values, one line per role. The charts run
+    an instance as podsPerReplica pods (the most nodes an instance of the role spans), each holding
+    pipeline / podsPerReplica whole, consecutive stages, pinned to one node: so an instance spanning
+    nodes is deployable when its pipeline splits evenly into that many pods and each pod's stages
+    share a node (a stage per node, as Algorithm 2 places them, or as packing does across a node
+    boundary between stages); not when a pod's stages would be on two nodes."""
     per_node = plan.cluster.get("gpus_per_node")
     problems = []
     for role, choice in (("prefill", plan.prefill), ("decode", plan.decode)):
         instances = [i for i in plan.instances if i["role"] == role]
-        spread = [(i, sorted(_gpus_per_node(i))) for i in instances if len(_gpus_per_node(i)) > 1]
-        if not spread:
+        pods = max((len(_gpus_per_node(i)) for i in instances), default=1)
+        if pods == 1:
+            continue
+        pp = choice.pipeline_parallel
+        if pp % pods:
+            split = f"its {pp} pipeline stages do not split into {pods} pods of whole stages"
+            bad = [i for i in instances if len(_gpus_per_node(i)) > 1]
+        else:
+            split = f"a pod holds {pp // pods} consecutive stages, which the placement puts on more than one node"
+            bad = [i for i in instances if any(len(nodes) > 1 for nodes in _pod_nodes(i, pods))]
+        if not bad:
             continue
         if per_node and choice.num_gpus > per_node:
             why = f"{choice.num_gpus} GPUs per instance, more than a node's {per_node}"
@@ -79,13 +98,14 @@ def helm_problems(plan: Plan) -> list[str]:
             why = "the low-affinity placement puts each pipeline stage on a node of its own"
         else:
             why = "the placement packed them across node boundaries"
-        first, nodes = spread[0]
+        first = bad[0]
+        nodes = ", ".join(str(st["node"]) for st in first["stages"])
         problems.append(
-            f"{role}: {len(spread)} of {len(instances)} instances (tensor {choice.tensor_parallel} x pipeline "
-            f"{choice.pipeline_parallel}) span nodes, e.g. instance {first['index']} on nodes "
-            f"{', '.join(map(str, nodes))} ({why}). The Helm charts run all ranks of an instance in one pod "
-            "and refuse podsPerReplica above 1: re-plan with --max-nodes-per-instance 1 "
-            "(docs/deploy.md, 'Tensor and pipeline parallelism')."
+            f"{role}: {len(bad)} of {len(instances)} instances (tensor {choice.tensor_parallel} x pipeline "
+            f"{choice.pipeline_parallel}) span nodes in a way the Helm charts cannot deploy, e.g. instance "
+            f"{first['index']} with its stages on nodes {nodes} ({why}). The charts run each instance as "
+            f"podsPerReplica={pods} pods of whole, consecutive pipeline stages, each pod on one node, but "
+            f"{split}: re-plan with --max-nodes-per-instance 1 (docs/deploy.md, 'Tensor and pipeline parallelism')."
         )
     return problems
 

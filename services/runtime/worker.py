@@ -25,6 +25,7 @@ from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.latency_profile import LatencyProfile
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
+from services.common.tls import TlsFiles, socket_context
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
 from services.engine.engine import Engine, EngineBase
@@ -95,6 +96,20 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         help="pipeline stages of this instance, the model's layers split among them (each stage "
         "--tensor-parallel ranks); a decode step runs one micro-batch per stage",
     )
+    parser.add_flag(
+        "--pods",
+        default=1,
+        type=int,
+        help="hosts (pods) the instance's ranks are spread over, whole pipeline stages each: this worker runs "
+        "the first pod's; each other pod runs `python -m services.engine.follower --leader HOST:PORT --pod J`",
+    )
+    parser.add_flag(
+        "--rendezvous-port",
+        default=29500,
+        type=int,
+        help="with --pods > 1: where this worker (on --host) waits for the other pods' followers; the ranks' "
+        "process-group store listens on the next port",
+    )
     parser.add_flag("--node-id", default=os.uname().nodename, help="node name (Kubernetes: spec.nodeName)")
     parser.add_flag("--worker-id", default="", help="name in logs and kvstore (default: role-host-port)")
     parser.add_flag(
@@ -144,6 +159,8 @@ def engine_from_flags(args) -> EngineBase:
         max_model_len=args.max_model_len or None,
         tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel,
+        pods=args.pods,
+        rendezvous=f"{args.host}:{args.rendezvous_port}" if args.pods > 1 else "",
     )
     if args.device == "emulated":
         if config.ranks > 1:
@@ -153,7 +170,9 @@ def engine_from_flags(args) -> EngineBase:
         return EmulatedEngine(
             model_dir_or_default(args.model), config, LatencyProfile.load(args.profile), args.emulated_kv_scale
         )
-    return Engine(model_dir_or_default(args.model), config)
+    tls = TlsFiles.from_args(args)
+    rendezvous_tls = socket_context(tls, server=True) if tls is not None and config.pods > 1 else None
+    return Engine(model_dir_or_default(args.model), config, rendezvous_tls=rendezvous_tls)
 
 
 def admission_limits(args) -> dict[str, int]:

@@ -337,7 +337,8 @@ def test_unsupported_or_invalid_values_are_refused(planner_values):
     # tensor parallelism on the plan's single GPU: each rank needs one (test_helm_parallel.py has more)
     tp2 = {**planner_values, "prefill": {**planner_values["prefill"], "tensorParallel": 2}}
     assert "ask for 2 GPUs" in render_error("pdserve", tp2)
-    assert "need the ranks of different pods to rendezvous" in render_error("decode", {"podsPerReplica": 2})
+    # an instance's pods hold whole pipeline stages (test_helm_parallel.py has more)
+    assert "do not split evenly over 2 pods" in render_error("decode", {"podsPerReplica": 2})
     mismatch = {**planner_values, "decode": {**planner_values["decode"], "replicaCount": 9}}
     assert "placement.instances places" in render_error("pdserve", mismatch)
     assert "replicaCount" in render_error("prefill", {"replicaCount": "two"})

@@ -2,7 +2,8 @@
 mutual TLS under a throwaway CA. Greedy output over TLS equals transformers'; the router's API
 refuses calls without the key; every internal service (workers, kvstore daemons) refuses clients
 without a certificate of the cluster's CA; reflection is off on internal services; a renewed
-certificate is served without a restart."""
+certificate is served without a restart. The prefill instance spans 2 pods (engine/follower.py): its
+follower joins the worker over mutual TLS too."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ API_KEY = "test-key-0123456789abcdef"
 @pytest.fixture(scope="module")
 def cluster(cluster_factory):
     return cluster_factory(
-        "--model", get_model("llama"), "--tls", "--api-key", API_KEY, "--prefill", "1", "--decode", "1", "--nodes", "2"
-    )
+        "--model", get_model("llama"), "--tls", "--api-key", API_KEY, "--prefill", "1", "--decode", "1", "--nodes", "2",
+        *("--prefill-pp", "2", "--prefill-pods", "2"),
+    )  # fmt: skip
 
 
 def _client_tls(cluster) -> TlsFiles:
@@ -89,7 +91,7 @@ def _internal_call(address: str, role: str, tls: TlsFiles | None, ca_only: str =
 def test_internal_services_accept_only_clients_with_a_cluster_certificate(cluster, tmp_path):
     stranger = new_cluster_ca(str(tmp_path / "other-ca")).issue("stranger", "127.0.0.1")
     stranger_with_our_ca = TlsFiles(stranger.cert, stranger.key, _client_tls(cluster).ca)
-    internal = [s for s in cluster.info["services"] if s["role"] != "router"]
+    internal = [s for s in cluster.info["services"] if s["role"] not in ("router", "follower")]
     assert {s["role"] for s in internal} == {"prefill", "decode", "kvstore"}
     for svc in internal:
         _internal_call(svc["grpc"], svc["role"], _client_tls(cluster))  # a cluster member: served
@@ -106,6 +108,8 @@ def test_internal_services_accept_only_clients_with_a_cluster_certificate(cluste
 
 def test_reflection_is_off_on_internal_services_and_on_at_the_router(cluster):
     for svc in cluster.info["services"]:
+        if svc["role"] == "follower":  # serves nothing
+            continue
         with sync_channel(svc["grpc"], _client_tls(cluster)) as channel:
             try:
                 names = set(ProtoReflectionDescriptorDatabase(channel).get_services())

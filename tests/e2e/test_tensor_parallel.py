@@ -117,14 +117,13 @@ def destination_share(model_dir: str, tp: int, num_tokens: int) -> int:
     [
         ("llama", (2, 1), (1, 1)),
         ("mistral", (1, 1), (2, 1)),  # 1 K/V head, replicated on both decode ranks
-        ("qwen3", (1, 2), (2, 1)),
-        ("qwen2", (2, 2), (1, 1)),
+        ("qwen2", (2, 2), (1, 1)),  # (and Qwen3 pp 2 -> tp 2 below, over 2 pods)
     ],
     ids=lambda p: f"tp{p[0]}pp{p[1]}" if isinstance(p, tuple) else p,
 )
 def test_kv_moves_between_prefill_and_decode_of_different_parallelism(cluster_factory, model, prefill, decode):
     model_dir = get_model(model)
-    items = build_workload(model_dir, 10)
+    items = build_workload(model_dir, 8)
     cluster = cluster_factory(
         "--model",
         model_dir,
@@ -144,5 +143,37 @@ def test_kv_moves_between_prefill_and_decode_of_different_parallelism(cluster_fa
         # every request that continued past its first token had its prompt's KV pulled, once
         want = sum(destination_share(model_dir, decode_tp, len(i["ids"])) for i in items if len(i["expected"]) > 1)
         assert moved == want
+    finally:
+        assert cluster.stop() == 0, open(cluster.log_path).read()[-3000:]
+
+
+def test_an_instance_over_two_pods_serves_exactly_and_goes_down_whole(cluster_factory):
+    """A prefill instance of 2 pipeline stages over 2 pods (here: the worker and a follower process,
+    engine/follower.py, as a second host would run it), pulling into a decode instance of 2
+    tensor-parallel ranks: exact, and the KV moved is the destination's share. SIGKILL of the
+    follower takes the worker down with it; both restart, the follower joins the new worker, and the
+    instance serves exactly again."""
+    model_dir = get_model("qwen3")
+    items = build_workload(model_dir, 8)
+    cluster = cluster_factory("--model", model_dir, "--prefill-pp", "2", "--prefill-pods", "2", "--decode-tp", "2")
+    try:
+        (prefill,) = cluster.services("prefill")
+        (follower,) = cluster.services("follower")
+        assert not children(prefill["pid"])  # its pod's one rank is itself
+        assert len(children(follower["pid"])) == 1  # the second stage's rank, on the other pod
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        check_outputs(items, run_workload(cluster.router, items), tokenizer)
+        cluster.wait_idle()
+        moved = sum(s.bytes_local for s in cluster.kvstore_stats())
+        assert moved == sum(destination_share(model_dir, 2, len(i["ids"])) for i in items if len(i["expected"]) > 1)
+
+        os.kill(follower["pid"], signal.SIGKILL)
+        wait_gone({prefill["pid"]}, timeout=10)  # the instance cannot compute without its second stage
+        cluster.wait_recovered()
+        with open(cluster.ready_path) as f:
+            services = {svc["name"]: svc for svc in json.load(f)["services"]}
+        assert services[prefill["name"]]["pid"] != prefill["pid"]
+        assert services[follower["name"]]["pid"] != follower["pid"]
+        check_outputs(items, run_workload(cluster.router, items), tokenizer)
     finally:
         assert cluster.stop() == 0, open(cluster.log_path).read()[-3000:]

@@ -26,6 +26,7 @@ PROFILE = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
         (["--prefill-tp", "2", "--emulate", PROFILE], "its profile's"),
         (["--pp", "2"], "--pp: for colocated mode"),
         (["--decode-pp", "0"], "--decode-pp must be >= 1"),
+        (["--prefill-pods", "2"], "--prefill-pods: 2 pods must each hold whole pipeline stages of the 1"),
         (["--mode", "colocated", "--tp", "0"], "--tp must be >= 1"),
         (["--mode", "colocated", "--tp", "2", "--emulate", PROFILE], "its profile's"),
     ],
@@ -102,3 +103,24 @@ def test_the_launcher_gives_up_only_on_a_crash_loop(monkeypatch):
         cluster.restarts[proc.name].append(now[0])
         now[0] += 20
     assert cluster.crash_looping(proc)
+
+
+def test_up_on_cuda_gives_each_instance_gpus_of_its_own():
+    """`pdserve up --device cuda`: instance after instance, one GPU per rank (rank r of an instance
+    on cuda:first+r, engine/parallel.py), so no two instances share a GPU."""
+    import services.launcher as launcher
+
+    spec = launcher.ClusterSpec(
+        prefill=2, decode=1, device="cuda", parallel={"prefill": (2, 1), "decode": (1, 2)}, log_dir="/tmp/pdserve-gpus"
+    )
+    workers = [p for p in launcher.plan_processes(spec) if p.role in ("prefill", "decode")]
+
+    def flag(argv: list[str], name: str) -> str:
+        return argv[len(argv) - 1 - argv[::-1].index(name) + 1]  # the last one given wins
+
+    assert [(p.name, flag(p.argv, "--device")) for p in workers] == [
+        ("prefill-0", "cuda:0"),
+        ("prefill-1", "cuda:2"),
+        ("decode-0", "cuda:4"),
+    ]
+    assert flag(workers[0].argv, "--tensor-parallel") == "2" and flag(workers[2].argv, "--pipeline-parallel") == "2"

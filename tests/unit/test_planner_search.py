@@ -219,20 +219,31 @@ def test_plan_files_and_helm_values(high_plan, low_plan, tmp_path):
     assert low["placement"]["algorithm"] == "low-affinity"
     assert len(low["placement"]["segments"]) == low_plan.unit["units"] * low_plan.unit["pipeline_parallel"]
     check_pods_per_replica(low_plan, low)
-    # Algorithm 2 puts stage s on node s: a pipeline spans pp nodes, which the charts refuse
-    assert bool(helm_problems(low_plan)) == (low_plan.unit["pipeline_parallel"] > 1)
+    # Algorithm 2 puts stage s on node s: a pipeline is pp pods of a stage each, which the charts deploy
+    assert helm_problems(low_plan) == []
+    assert low["decode"]["podsPerReplica"] == low_plan.unit["pipeline_parallel"]
 
 
 def check_pods_per_replica(plan, values):
-    """podsPerReplica: the most nodes an instance of the role spans; the Helm charts take only 1 (an
-    instance's ranks are child processes of its worker), and helm_problems names the roles above it."""
+    """podsPerReplica: the most nodes an instance of the role spans. The Helm charts run an instance
+    as that many pods of pipeline / podsPerReplica whole, consecutive stages, each on one node, with
+    tp x pp / podsPerReplica GPUs; helm_problems names the roles with an instance that does not split
+    so."""
     refused = []
     for role in ("prefill", "decode"):
-        spans = [len({st["node"] for st in i["stages"]}) for i in plan.instances if i["role"] == role]
-        assert values[role]["podsPerReplica"] == max(spans)
+        instances = [i for i in plan.instances if i["role"] == role]
+        pods = max(len({st["node"] for st in i["stages"]}) for i in instances)
         v = values[role]
-        if max(spans) == 1:
-            assert v["resources"]["limits"]["nvidia.com/gpu"] == v["tensorParallel"] * v["pipelineParallel"]
+        assert v["podsPerReplica"] == pods
+        pp = v["pipelineParallel"]
+        per_pod = pp // pods
+        splits = pp % pods == 0 and all(
+            len({st["node"] for st in i["stages"][j * per_pod : (j + 1) * per_pod]}) == 1
+            for i in instances
+            for j in range(pods)
+        )
+        if splits:
+            assert v["resources"]["limits"]["nvidia.com/gpu"] * pods == v["tensorParallel"] * pp
         else:
             refused.append(role)
     problems = helm_problems(plan)
