@@ -69,6 +69,8 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
     """A free port whose next port is free too (an instance's rendezvous and its ranks' store)."""
     for _ in range(100):
         port = free_port(host)
+        if port + 1 in _handed_out:  # planned for another service, which has not bound it yet
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port + 1))
@@ -173,9 +175,9 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
         tp, pp = spec.parallel.get(role, (1, 1))
         if role in spec.profiles:
             device = ["--device", "emulated", "--profile", spec.profiles[role]]
-        elif spec.device == "cuda":  # rank r of this instance on cuda:first+r (engine/parallel.py)
+        elif spec.device == "cuda":  # rank r of this instance's pod on cuda:first+r (engine/parallel.py)
             device = ["--device", f"cuda:{next_gpu}"]
-            next_gpu += tp * pp // spec.pods.get(role, 1)
+            next_gpu += tp * pp // spec.pods.get(role, 1)  # its followers' GPUs follow (add_followers)
         else:
             device = []
         ranks = ["--tensor-parallel", str(tp), "--pipeline-parallel", str(pp)] if tp * pp > 1 else []
@@ -194,14 +196,19 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
         return nodes[(offset + index) % len(nodes)]
 
     def add_followers(worker: ServiceProcess) -> None:
-        """The instance's other pods: a follower each, emulating another host (same GPUs numbering)."""
+        """The instance's other pods: a follower each, emulating another host."""
         pods = spec.pods.get(worker.role, 1)
         if pods == 1:
             return
         port = free_port_pair(host)
         worker.argv += ["--pods", str(pods), "--rendezvous-port", str(port)]
+        nonlocal next_gpu
+        tp, pp = spec.parallel.get(worker.role, (1, 1))
         for pod in range(1, pods):
             argv = py + ["services.engine.follower", "--leader", f"{host}:{port}", "--pod", str(pod)]
+            if spec.device == "cuda":  # an emulated host: GPUs of its own on this machine
+                argv += ["--device", f"cuda:{next_gpu}"]
+                next_gpu += tp * pp // pods
             procs.append(ServiceProcess(f"{worker.name}-pod{pod}", "follower", worker.node, "", "", argv))
 
     if spec.mode == "colocated":
@@ -279,6 +286,7 @@ def prometheus_config(
                         "labels": {"component": svc["role"], "node": svc["node"], "service": svc["name"]},
                     }
                     for svc in info["services"]
+                    if svc["metrics"]  # (a follower has none)
                 ],
             }
         ],

@@ -10,18 +10,21 @@ services.engine.rank`); each loads its shard of the weights (its stage's layers;
 attention heads and its slice of the MLP; the embeddings on the first stage and the LM head on the
 last, whole) and a KV pool of its own with the same blocks as rank 0's, holding its layers' K/V
 heads. Every forward pass runs on all ranks: rank 0 lays out the inputs from its sequences
-(runner.ForwardInputs) and writes them to each rank's stdin. Within a stage, the ranks' partial
-outputs are summed by an all-reduce after attention and after the MLP (gloo on CPU, NCCL on CUDA);
-between stages, each rank sends its hidden states to the rank in the same position of the next
-stage, and the last stage's first rank sends the logits to rank 0, which samples. A decode pass is
+(runner.ForwardInputs, as JSON: data only) and writes them to each rank's stdin as a frame. Within
+a stage, the ranks' partial outputs are summed by an all-reduce after attention and after the MLP
+(gloo on CPU, NCCL on CUDA); between stages, each rank sends its hidden states to the rank in the
+same position of the next stage, and the last stage's first rank sends the logits to rank 0, which
+samples. A decode pass is
 cut into micro-batches, one per stage, so that every stage has work while the next computes
 (DistServe's inter-operator parallelism; runner.py).
 
 An instance may span several pods (hosts), each holding whole stages (`EngineConfig.pods`): the
 worker starts the ranks of its own pod; each other pod runs a follower (follower.py) that connects
 to the worker's rendezvous address, gets the model and configuration from it, starts its pod's
-ranks and relays them the passes' inputs, which rank 0 writes to its socket as length-prefixed
-frames. The process group's store is at the rendezvous port + 1 on rank 0's host.
+ranks and relays them the passes' inputs, which rank 0 writes to its socket in the same frames. The
+rendezvous is mutual TLS when the worker has the cluster's certificates; the process group's store
+(at the rendezvous port + 1 on rank 0's host) and the collectives are never encrypted: an
+instance's pods belong on a trusted network.
 
 A rank that dies takes the instance with it, so that the router fails its requests over as it does
 for any dead worker: rank 0 exits when another rank exits, and the others exit when rank 0 does
@@ -38,7 +41,6 @@ import ctypes
 import json
 import logging
 import os
-import pickle
 import select
 import signal
 import socket
@@ -47,10 +49,11 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -141,12 +144,16 @@ class Ranks:
     process group they all share for the collectives."""
 
     def __init__(self, processes: list[subprocess.Popen], threads_before: int):
-        self.processes = processes
+        self.processes: list[subprocess.Popen] = []
         self.followers: list[socket.socket] = []
         self._threads_before = threads_before
         self._closing = False
         self.tp = TensorParallel()
         self.pipeline = NO_PP
+        self._adopt(processes)
+
+    def _adopt(self, processes: list[subprocess.Popen]) -> None:
+        self.processes += processes
         for process in processes:
             threading.Thread(
                 target=self._watch, args=(process.wait, process.pid), name="rank-watcher", daemon=True
@@ -172,13 +179,12 @@ class Ranks:
         # must not also compete for cores
         torch.set_num_threads(max(1, threads_before // per_pod))
         spec = {"model_dir": model_dir, "config": asdict(config), "store_port": store_port}
-        ranks = cls(
-            start_pod_ranks({**spec, "store_host": "127.0.0.1", "threads": torch.get_num_threads()}, range(1, per_pod)),
-            threads_before,
-        )
+        ranks = cls([], threads_before)
         try:
-            if listener is not None:
+            if listener is not None:  # before this pod's ranks start: they all join within START_TIMEOUT
                 ranks._accept_followers(listener, config.pods, spec, tls)
+            local = {**spec, "store_host": "127.0.0.1", "threads": torch.get_num_threads()}
+            ranks._adopt(start_pod_ranks(local, range(1, per_pod)))
             ranks.tp, ranks.pipeline = join_group(0, config, f"127.0.0.1:{store_port}", model_config.num_layers)
         except BaseException:
             ranks.abort()
@@ -197,32 +203,33 @@ class Ranks:
         return ranks
 
     def _accept_followers(self, listener: socket.socket, pods: int, spec: dict, tls: ssl.SSLContext | None) -> None:
-        """Waits for a follower of each other pod (follower.py) and hands it the instance's spec."""
-        listener.settimeout(START_TIMEOUT.total_seconds())
+        """Waits for a follower of each other pod (follower.py) and hands it the instance's spec. A
+        peer that is not one (no cluster certificate with TLS, a bad hello, too slow) is dropped."""
+        deadline = time.monotonic() + START_TIMEOUT.total_seconds()
         waiting = set(range(1, pods))
         while waiting:
+            listener.settimeout(max(0.0, deadline - time.monotonic()))
             try:
                 connection, peer = listener.accept()
             except TimeoutError:
                 raise RuntimeError(
                     f"pods {sorted(waiting)} of this instance did not join within {START_TIMEOUT}"
                 ) from None
-            connection.settimeout(10)
             try:
+                connection.settimeout(HELLO_TIMEOUT)  # for the handshake and the hello, together
+                connection = keepalive(connection)
                 if tls is not None:
                     connection = tls.wrap_socket(connection, server_side=True)
-                hello = json.loads(read_frame(connection) or b"{}")
-                pod = hello.get("pod")
-            except (OSError, ValueError) as e:  # (ssl.SSLError is an OSError: no client certificate)
-                log.warning("a connection from %s to the rendezvous failed: %r", peer, e)
+                hello = json.loads(read_frame(connection, max_bytes=1024) or b"{}")
+                pod = hello.get("pod") if isinstance(hello, dict) else None
+                if not isinstance(pod, int) or pod not in waiting:
+                    raise ValueError(f"asked to be pod {pod!r}; waiting for {sorted(waiting)}")
+                write_frame(connection, json.dumps(spec).encode())
+                connection.settimeout(None)
+            except Exception as e:  # (ssl.SSLError is an OSError: no client certificate)
+                log.warning("refused a peer at %s on the rendezvous: %r", peer, e)
                 connection.close()
                 continue
-            if pod not in waiting:
-                log.warning("a follower at %s asked to be pod %r of this instance: refused", peer, pod)
-                connection.close()
-                continue
-            write_frame(connection, json.dumps(spec).encode())
-            connection.settimeout(None)
             waiting.discard(pod)
             self.followers.append(connection)
             threading.Thread(
@@ -233,11 +240,10 @@ class Ranks:
     def send(self, inputs: ForwardInputs | None) -> None:
         """Hands a forward pass's inputs to the other ranks (None: stop). A pipe, not a collective:
         a rank waits for the next pass as long as the instance is idle, and sees EOF if rank 0 dies."""
-        frame = pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = STOP if inputs is None else inputs.to_bytes()
         for process in self.processes:
             assert process.stdin is not None
-            process.stdin.write(frame)
-            process.stdin.flush()
+            write_frame(process.stdin, frame)
         for follower in self.followers:
             write_frame(follower, frame)
 
@@ -245,10 +251,12 @@ class Ranks:
         if self._closing:
             return
         self._closing = True
-        try:
-            self.send(None)
-        except OSError:  # a rank already gone: the others are killed below
-            pass
+        for target in (*(p.stdin for p in self.processes), *self.followers):
+            try:
+                assert target is not None
+                write_frame(target, STOP)
+            except OSError:  # a rank already gone: the others still stop cleanly (it is killed below)
+                pass
         self._end()
 
     def abort(self) -> None:
@@ -345,31 +353,54 @@ def config_fields(spec: dict) -> dict:
     return fields
 
 
-# ---- frames between rank 0 and the followers: an 8-byte length, then the bytes -------------------
-def write_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(struct.pack("!Q", len(payload)) + payload)
+# ---- frames: rank 0 to its ranks' stdin and to the followers' sockets ------------------------------
+# An 8-byte length, then the bytes: a pass's inputs as JSON (ForwardInputs.to_bytes), or STOP.
+STOP = b"stop"
+HELLO_TIMEOUT = 10.0  # seconds a peer of the rendezvous has for its TLS handshake and hello
+MAX_FRAME_BYTES = 1 << 30
 
 
-def read_frame(sock: socket.socket) -> bytes | None:
+def write_frame(target: socket.socket | IO[bytes], payload: bytes) -> None:
+    header = struct.pack("!Q", len(payload))
+    if isinstance(target, socket.socket):
+        target.sendall(header + payload)
+    else:
+        target.write(header + payload)
+        target.flush()
+
+
+def read_frame(source: socket.socket | IO[bytes], max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:
     """The next frame, or None at the end of the stream."""
-    header = _read_exactly(sock, 8)
+    header = _read_exactly(source, 8)
     if header is None:
         return None
-    payload = _read_exactly(sock, struct.unpack("!Q", header)[0])
+    (length,) = struct.unpack("!Q", header)
+    if length > max_bytes:
+        raise ValueError(f"a frame of {length} bytes (at most {max_bytes})")
+    payload = _read_exactly(source, length)
     if payload is None:
         raise ConnectionError("the stream ended inside a frame")
     return payload
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+def _read_exactly(source: socket.socket | IO[bytes], n: int) -> bytes | None:
     chunks, left = [], n
     while left:
-        chunk = sock.recv(min(left, 1 << 20))
+        chunk = source.recv(min(left, 1 << 20)) if isinstance(source, socket.socket) else source.read(left)
         if not chunk:
             return None
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def keepalive(sock: socket.socket) -> socket.socket:
+    """A peer whose host vanished (no FIN, no RST) is noticed within about 25 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    return sock
 
 
 def _wait_closed(sock: socket.socket) -> str:

@@ -1,12 +1,11 @@
 """A rank of a tensor- or pipeline-parallel instance other than 0 (parallel.py starts it):
 `python -m services.engine.rank SPEC` loads its shard of the model and runs every forward pass rank
-0 sends it (pickled ForwardInputs on stdin), until rank 0 says stop or is gone."""
+0 sends it (ForwardInputs frames on stdin, parallel.py), until rank 0 says stop or is gone."""
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import sys
 
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 
 from .config import EngineConfig, ModelConfig
 from .engine import Engine
-from .parallel import config_fields, die_with_parent, join_group, rank_device
+from .parallel import STOP, config_fields, die_with_parent, join_group, rank_device, read_frame
 from .runner import ForwardInputs
 
 
@@ -31,13 +30,10 @@ def follow(spec: dict) -> None:
     engine = Engine(spec["model_dir"], config, tp=tp, pipeline=pipeline)
     try:
         while True:
-            try:
-                inputs: ForwardInputs | None = pickle.load(sys.stdin.buffer)
-            except EOFError:  # rank 0 is gone
+            frame = read_frame(sys.stdin.buffer)
+            if frame is None or frame == STOP:  # rank 0 is gone, or stops the instance
                 break
-            if inputs is None:
-                break
-            engine.runner.forward(inputs)
+            engine.runner.forward(ForwardInputs.from_bytes(frame))
     finally:
         engine.close()
     dist.destroy_process_group()

@@ -11,10 +11,11 @@ captured only for an instance of one rank.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ForwardInputs:
-    """One forward pass as plain data (picklable, small: the tokens computed and block ids)."""
+    """One forward pass as plain data (JSON for the other ranks, small: the tokens computed and block ids)."""
 
     kind: str  # "prefill", "mixed" (chunked prefill beside running sequences) or "decode"
     seq_ids: list[str]
@@ -47,6 +48,14 @@ class ForwardInputs:
     context_lens: list[int] | None = None  # the same rows' contexts, including this step's token
     decode_rows: list[int] | None = None  # mixed: rows adding one token to a cached context
     chunks: list[tuple[int, int, int, list[int]]] | None = None  # mixed: (first row, rows, cached before, blocks)
+
+    def to_bytes(self) -> bytes:
+        """The pass as JSON, for the other ranks (data only: nothing a peer sends is ever executed)."""
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, frame: bytes) -> ForwardInputs:
+        return cls(**json.loads(frame))
 
     @property
     def num_logits(self) -> int:

@@ -154,7 +154,7 @@ def test_an_instance_over_two_pods_serves_exactly_and_goes_down_whole(cluster_fa
     follower takes the worker down with it; both restart, the follower joins the new worker, and the
     instance serves exactly again."""
     model_dir = get_model("qwen3")
-    items = build_workload(model_dir, 8)
+    items = build_workload(model_dir, 6)
     cluster = cluster_factory("--model", model_dir, "--prefill-pp", "2", "--prefill-pods", "2", "--decode-tp", "2")
     try:
         (prefill,) = cluster.services("prefill")

@@ -111,9 +111,14 @@ def test_up_on_cuda_gives_each_instance_gpus_of_its_own():
     import services.launcher as launcher
 
     spec = launcher.ClusterSpec(
-        prefill=2, decode=1, device="cuda", parallel={"prefill": (2, 1), "decode": (1, 2)}, log_dir="/tmp/pdserve-gpus"
+        prefill=2,
+        decode=1,
+        device="cuda",
+        parallel={"prefill": (2, 1), "decode": (1, 4)},
+        pods={"decode": 2},  # the decode instance's second pod: a follower, GPUs of its own
+        log_dir="/tmp/pdserve-gpus",
     )
-    workers = [p for p in launcher.plan_processes(spec) if p.role in ("prefill", "decode")]
+    workers = [p for p in launcher.plan_processes(spec) if p.role in ("prefill", "decode", "follower")]
 
     def flag(argv: list[str], name: str) -> str:
         return argv[len(argv) - 1 - argv[::-1].index(name) + 1]  # the last one given wins
@@ -122,5 +127,8 @@ def test_up_on_cuda_gives_each_instance_gpus_of_its_own():
         ("prefill-0", "cuda:0"),
         ("prefill-1", "cuda:2"),
         ("decode-0", "cuda:4"),
+        ("decode-0-pod1", "cuda:6"),
     ]
-    assert flag(workers[0].argv, "--tensor-parallel") == "2" and flag(workers[2].argv, "--pipeline-parallel") == "2"
+    assert flag(workers[0].argv, "--tensor-parallel") == "2" and flag(workers[2].argv, "--pipeline-parallel") == "4"
+    assert flag(workers[2].argv, "--pods") == "2"
+    assert flag(workers[3].argv, "--leader").endswith(":" + flag(workers[2].argv, "--rendezvous-port"))
