@@ -36,7 +36,7 @@ from .parallel import HELLO_TIMEOUT, STOP, keepalive, read_frame, start_pod_rank
 
 log = logging.getLogger("follower")
 
-RETRY_SECONDS = (0.5, 5.0)  # first, longest wait between connection attempts
+RETRY_SECONDS = (0.5, 2.0)  # first, longest wait between connection attempts (cheap: a TCP connect)
 
 
 def join(leader: str, pod: int, tls: TlsFiles | None) -> tuple[socket.socket, dict]:

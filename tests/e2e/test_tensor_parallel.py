@@ -123,7 +123,7 @@ def destination_share(model_dir: str, tp: int, num_tokens: int) -> int:
 )
 def test_kv_moves_between_prefill_and_decode_of_different_parallelism(cluster_factory, model, prefill, decode):
     model_dir = get_model(model)
-    items = build_workload(model_dir, 8)
+    items = build_workload(model_dir, 6)
     cluster = cluster_factory(
         "--model",
         model_dir,
@@ -142,7 +142,7 @@ def test_kv_moves_between_prefill_and_decode_of_different_parallelism(cluster_fa
         moved = sum(s.bytes_local for s in cluster.kvstore_stats()) - before
         # every request that continued past its first token had its prompt's KV pulled, once
         want = sum(destination_share(model_dir, decode_tp, len(i["ids"])) for i in items if len(i["expected"]) > 1)
-        assert moved == want
+        assert moved == want > 0
     finally:
         assert cluster.stop() == 0, open(cluster.log_path).read()[-3000:]
 
