@@ -8,6 +8,7 @@
    checkout alone; `--base` compares two checkouts side by side).
 5. bench.soak: 90 s of load with a random service SIGKILLed every 20 s: requests lost, exact,
    memory slopes.
+6. bench.pipeline: decode on 2 pipeline stages, the batch whole against cut into micro-batches.
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, mixed_batch, overhead, serving, soak
+from . import engine, mixed_batch, overhead, pipeline, serving, soak
 
 
 def main(argv=None) -> int:
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     overhead.main(["--rounds", "1", "--out", "results/overhead"])
     print("\n== soak: services SIGKILLed at random under load (docs/reliability.md has 30 minutes) ==", flush=True)
     soak.main(["--minutes", "1.5", "--kill-every", "20", "--probe-seconds", "10", "--out", "results/soak"])
+    print("\n== pipeline parallelism: decode micro-batches on 2 stages ==", flush=True)
+    pipeline.main(["--rounds", "3", "--out", "results/pipeline-cpu.json"])
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0
 

@@ -215,6 +215,10 @@ class EngineConfig:
     # ranks of this instance, one process each, the model's heads and MLP split among them (parallel.py)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1  # stages, the layers split among them; tensor_parallel ranks each
+    # a decode pass's micro-batches on a pipeline (1: none, the batch goes whole; 0: one per stage).
+    # Whole by default: cut, each stage reads its weights once per micro-batch, which cost more than
+    # the overlap won in bench/pipeline.py (docs/benchmarks.md)
+    pipeline_micro_batches: int = 1
     # hosts (pods) the ranks are spread over, whole stages each: this process is rank 0 on the first,
     # listening at `rendezvous` (host:port) for the others' followers (engine/follower.py)
     pods: int = 1
@@ -233,6 +237,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
         if self.pipeline_parallel < 1:
             raise ValueError(f"pipeline_parallel must be at least 1, got {self.pipeline_parallel}")
+        if self.pipeline_micro_batches < 0:
+            raise ValueError(
+                f"pipeline_micro_batches: 1 (whole), 0 (one per stage) or more, got {self.pipeline_micro_batches}"
+            )
         if self.pods < 1 or self.pipeline_parallel % self.pods:
             raise ValueError(
                 f"pods: {self.pods} pods must each hold whole pipeline stages of the {self.pipeline_parallel}"

@@ -14,9 +14,8 @@ heads. Every forward pass runs on all ranks: rank 0 lays out the inputs from its
 a stage, the ranks' partial outputs are summed by an all-reduce after attention and after the MLP
 (gloo on CPU, NCCL on CUDA); between stages, each rank sends its hidden states to the rank in the
 same position of the next stage, and the last stage's first rank sends the logits to rank 0, which
-samples. A decode pass is
-cut into micro-batches, one per stage, so that every stage has work while the next computes
-(DistServe's inter-operator parallelism; runner.py).
+samples. A decode pass may be
+cut into micro-batches (runner.py), so that every stage has work while the next computes.
 
 An instance may span several pods (hosts), each holding whole stages (`EngineConfig.pods`): the
 worker starts the ranks of its own pod; each other pod runs a follower (follower.py) that connects

@@ -4,9 +4,9 @@ CUDA) replays captured decode graphs.
 A step's inputs are first laid out as plain data (`ForwardInputs`), then run: in a tensor- or
 pipeline-parallel instance rank 0 lays them out from its sequences and every rank runs the same
 inputs on its shard of the model (engine/parallel.py). With pipeline stages, each stage takes the
-previous one's hidden states, and a decode pass runs as one micro-batch per stage (consecutive
-rows), so that stage s computes micro-batch m while stage s+1 computes m-1. Decode graphs are
-captured only for an instance of one rank.
+previous one's hidden states; a decode pass may run as micro-batches of consecutive rows
+(`EngineConfig.pipeline_micro_batches`), so that stage s computes micro-batch m while stage s+1
+computes m-1. Decode graphs are captured only for an instance of one rank.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class ForwardInputs:
     context_lens: list[int] | None = None  # the same rows' contexts, including this step's token
     decode_rows: list[int] | None = None  # mixed: rows adding one token to a cached context
     chunks: list[tuple[int, int, int, list[int]]] | None = None  # mixed: (first row, rows, cached before, blocks)
+    micro_batches: int = 1  # decode on a pipeline: consecutive rows cut into this many (rank 0 decides)
 
     def to_bytes(self) -> bytes:
         """The pass as JSON, for the other ranks (data only: nothing a peer sends is ever executed)."""
@@ -66,9 +67,9 @@ class ForwardInputs:
         assert self.cu_seqlens is not None
         return len(self.cu_seqlens) - 1
 
-    def micro_batches(self, count: int) -> list[ForwardInputs]:
-        """A decode pass as `count` passes of consecutive rows, as even as can be."""
-        n = len(self.seq_ids)
+    def split(self) -> list[ForwardInputs]:
+        """A decode pass as its `micro_batches` passes of consecutive rows, as even as can be."""
+        n, count = len(self.seq_ids), self.micro_batches
         bounds = [i * n // count for i in range(count + 1)]
         return [self.reordered(list(range(a, b))) for a, b in zip(bounds, bounds[1:]) if b > a]
 
@@ -197,6 +198,9 @@ class ModelRunner:
                 self._discarded(),
                 block_tables=self._tables(seqs, lens),
                 context_lens=lens,
+                micro_batches=(self.config.pipeline_micro_batches or self.pipeline.stages)
+                if self.pipeline.stages > 1
+                else 1,
             )
         )
 
@@ -288,10 +292,10 @@ class ModelRunner:
         return self._model(self._tensor(inputs.input_ids), meta, self._tensor(last))
 
     def _decode(self, inputs: ForwardInputs) -> torch.Tensor | None:
-        if self.pipeline.stages == 1 or len(inputs.seq_ids) < 2:
+        if inputs.micro_batches == 1 or len(inputs.seq_ids) < 2:
             return self._decode_batch(inputs)
-        # one micro-batch per stage: all go into the pipeline before the logits come back
-        parts = [self._decode_batch(part) for part in inputs.micro_batches(self.pipeline.stages)]
+        # all the micro-batches go into the pipeline before the logits come back
+        parts = [self._decode_batch(part) for part in inputs.split()]
         return torch.cat(parts) if self.pipeline.last else None  # type: ignore[arg-type]
 
     def _decode_batch(self, inputs: ForwardInputs) -> torch.Tensor | None:

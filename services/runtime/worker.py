@@ -94,7 +94,14 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         default=1,
         type=int,
         help="pipeline stages of this instance, the model's layers split among them (each stage "
-        "--tensor-parallel ranks); a decode step runs one micro-batch per stage",
+        "--tensor-parallel ranks)",
+    )
+    parser.add_flag(
+        "--pipeline-micro-batches",
+        default=1,
+        type=int,
+        help="micro-batches a decode step is cut into on a pipeline, so that stages overlap (1: none; 0: one "
+        "per stage); each costs a pass over the stage's weights (docs/benchmarks.md, bench/pipeline.py)",
     )
     parser.add_flag(
         "--pods",
@@ -159,6 +166,7 @@ def engine_from_flags(args) -> EngineBase:
         max_model_len=args.max_model_len or None,
         tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel,
+        pipeline_micro_batches=args.pipeline_micro_batches,
         pods=args.pods,
         rendezvous=f"{args.host}:{args.rendezvous_port}" if args.pods > 1 else "",
     )

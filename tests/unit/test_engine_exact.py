@@ -5,7 +5,7 @@ For every supported architecture (and on CPU, through both the CPU kernels and t
 different steps while 2 more join mid-way, must give the same greedy tokens as
 `generate(do_sample=False)` per prompt, with logits within 1e-4 at every step; and so must a
 batch run with chunked prefill. Both also with the model split over 2 and 4 tensor-parallel ranks,
-over 2 pipeline stages (whose decode passes run as 2 micro-batches), and over both (2 x 2 ranks).
+over 2 pipeline stages (decode passes cut into 2 micro-batches), and over both (2 x 2 ranks).
 """
 
 import os
@@ -86,6 +86,7 @@ def make_engine():
             backend=backend,
             tensor_parallel=tp,
             pipeline_parallel=pp,
+            pipeline_micro_batches=0,  # on a pipeline, decode as one micro-batch per stage (not the default)
         )
         made.append(Engine(model_dir, config))
         assert made[-1].backend.name == backend and made[-1].tp.size == tp and made[-1].pipeline.stages == pp
