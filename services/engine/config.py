@@ -219,6 +219,9 @@ class EngineConfig:
     # Whole by default: cut, each stage reads its weights once per micro-batch, which cost more than
     # the overlap won in bench/pipeline.py (docs/benchmarks.md)
     pipeline_micro_batches: int = 1
+    # every rank on `device` itself, its collectives over gloo through host memory (slow): for checking
+    # a parallel layout's outputs on a machine with fewer GPUs than ranks; else rank r on cuda:k+r
+    ranks_share_device: bool = False
     # hosts (pods) the ranks are spread over, whole stages each: this process is rank 0 on the first,
     # listening at `rendezvous` (host:port) for the others' followers (engine/follower.py)
     pods: int = 1

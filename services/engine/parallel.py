@@ -77,6 +77,7 @@ class Pipeline:
     stages: int = 1
     tp: int = 1  # ranks per stage
     layers: range = range(0)  # this rank's stage's layers (empty: all of them, no pipeline)
+    via_host: bool = False  # ranks sharing a GPU: tensors cross through host memory (gloo)
     _sends: list = field(default_factory=list)  # sends in flight: their tensors must live until done
 
     @property
@@ -93,13 +94,14 @@ class Pipeline:
 
     def send_on(self, tensor: torch.Tensor) -> None:
         """Hands a stage's output to the same position in the next stage (not waiting for it)."""
+        tensor = tensor.cpu() if self.via_host else tensor
         self._sends.append((dist.isend(tensor, self.rank + self.tp), tensor))
 
     def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The previous stage's output."""
-        tensor = torch.empty(shape, dtype=dtype, device=device)
+        tensor = torch.empty(shape, dtype=dtype, device="cpu" if self.via_host else device)
         dist.recv(tensor, self.rank - self.tp)
-        return tensor
+        return tensor.to(device)
 
     def logits_to_rank0(
         self, logits: torch.Tensor | None, shape: tuple[int, ...], dtype, device
@@ -107,10 +109,11 @@ class Pipeline:
         """Ends a pass: the last stage's first rank sends the logits to rank 0, which returns them."""
         if self.rank == (self.stages - 1) * self.tp:
             assert logits is not None
-            dist.send(logits.contiguous(), 0)
+            dist.send(logits.cpu() if self.via_host else logits.contiguous(), 0)
         elif self.rank == 0:
-            logits = torch.empty(shape, dtype=dtype, device=device)
+            logits = torch.empty(shape, dtype=dtype, device="cpu" if self.via_host else device)
             dist.recv(logits, (self.stages - 1) * self.tp)
+            logits = logits.to(device)
         for work, _ in self._sends:
             work.wait()
         self._sends.clear()
@@ -128,7 +131,7 @@ def check_split(model_config: ModelConfig, config: EngineConfig) -> None:
     tp.split(model_config.intermediate_size, "MLP features")
     if config.pipeline_parallel > model_config.num_layers:
         raise ValueError(f"{config.pipeline_parallel} pipeline stages for {model_config.num_layers} layers")
-    if config.device.startswith("cuda"):
+    if config.device.startswith("cuda") and not config.ranks_share_device:
         last = int(rank_device(config.device, config.ranks_per_pod - 1).partition(":")[2])
         if last >= torch.cuda.device_count():
             raise ValueError(
@@ -295,8 +298,10 @@ def join_group(rank: int, config: EngineConfig, address: str, num_layers: int) -
     on_cuda = config.device.startswith("cuda")
     if on_cuda:
         torch.cuda.set_device(config.device)  # this rank's own (rank.py: rank_device)
+    # NCCL wants a GPU per rank; ranks sharing one go through gloo, their tensors through host memory
+    via_host = on_cuda and config.ranks_share_device
     dist.init_process_group(
-        "nccl" if on_cuda else "gloo",
+        "nccl" if on_cuda and not via_host else "gloo",
         init_method=f"tcp://{address}",
         rank=rank,
         world_size=tp * pp,
@@ -307,16 +312,21 @@ def join_group(rank: int, config: EngineConfig, address: str, num_layers: int) -
     stage = rank // tp
 
     def all_reduce(tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, group=groups[stage])
+        if via_host:
+            on_host = tensor.cpu()
+            dist.all_reduce(on_host, group=groups[stage])
+            tensor.copy_(on_host)
+        else:
+            dist.all_reduce(tensor, group=groups[stage])
 
-    pipeline = Pipeline(rank, pp, tp, stage_layers(num_layers, pp, stage)) if pp > 1 else NO_PP
+    pipeline = Pipeline(rank, pp, tp, stage_layers(num_layers, pp, stage), via_host) if pp > 1 else NO_PP
     return TensorParallel(rank=rank % tp, size=tp, all_reduce=all_reduce), pipeline
 
 
 def agreed_min(value: int) -> int:
     """The smallest of the ranks' values (the KV blocks each rank's memory allows)."""
     tensor = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl":  # (gloo: on the host)
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())

@@ -24,7 +24,8 @@ def follow(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     fields = config_fields(spec)
     fields["kv_pool_name"] = None  # rank 0's name; each rank's pool gets its own
-    config = EngineConfig(**{**fields, "device": rank_device(fields["device"], spec["local_rank"])})
+    device = fields["device"] if fields["ranks_share_device"] else rank_device(fields["device"], spec["local_rank"])
+    config = EngineConfig(**{**fields, "device": device})
     store = f"{spec['store_host']}:{spec['store_port']}"
     tp, pipeline = join_group(rank, config, store, ModelConfig.from_pretrained(spec["model_dir"]).num_layers)
     engine = Engine(spec["model_dir"], config, tp=tp, pipeline=pipeline)

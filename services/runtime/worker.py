@@ -104,6 +104,13 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         "per stage); each costs a pass over the stage's weights (docs/benchmarks.md, bench/pipeline.py)",
     )
     parser.add_flag(
+        "--ranks-share-gpu",
+        default=False,
+        action="store_true",
+        help="every rank of this instance on --device itself, collectives over gloo through host memory (slow): "
+        "to check a parallel layout's outputs on fewer GPUs than ranks",
+    )
+    parser.add_flag(
         "--pods",
         default=1,
         type=int,
@@ -167,6 +174,7 @@ def engine_from_flags(args) -> EngineBase:
         tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel,
         pipeline_micro_batches=args.pipeline_micro_batches,
+        ranks_share_device=args.ranks_share_gpu,
         pods=args.pods,
         rendezvous=f"{args.host}:{args.rendezvous_port}" if args.pods > 1 else "",
     )
