@@ -44,6 +44,11 @@ def step_seconds(engine: Engine, lengths: list[int], rng: random.Random, steps: 
     for seq in seqs:
         engine.prefill([seq])
     engine.decode_step(seqs)  # joins the mirror
+    return timed_decode_steps(engine, seqs, steps)
+
+
+def timed_decode_steps(engine: Engine, seqs: list[Sequence], steps: int) -> float:
+    """Median seconds of `steps` decode steps of these (prefilled) sequences, which are then freed."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()

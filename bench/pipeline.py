@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from dataclasses import replace
 
 import torch
@@ -30,6 +29,8 @@ from services.engine.config import EngineConfig, SamplingParams
 from services.engine.engine import Engine
 from services.engine.sequence import Sequence
 from services.tiny_models import get_model
+
+from .mixed_batch import timed_decode_steps
 
 CONFIGS = {  # name -> (engine: pipeline stages, micro-batches of a decode pass)
     "pp1": (1, 0),
@@ -51,14 +52,7 @@ def decode_seconds(engine: Engine, batch: int, prompt_len: int, steps: int, seed
         for i in range(batch)
     ]
     engine.prefill(seqs)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.decode_step(seqs)
-        times.append(time.perf_counter() - start)
-    for seq in seqs:
-        engine.free(seq)
-    return statistics.median(times)
+    return timed_decode_steps(engine, seqs, steps)
 
 
 def main(argv=None) -> dict:

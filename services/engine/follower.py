@@ -32,7 +32,8 @@ import time
 
 from services.common.tls import DEFAULT_SERVER_NAME, TlsFiles, socket_context
 
-from .parallel import HELLO_TIMEOUT, STOP, keepalive, read_frame, start_pod_ranks, write_frame
+from .config import EngineConfig
+from .parallel import HELLO_TIMEOUT, STOP, config_fields, keepalive, read_frame, start_pod_ranks, write_frame
 
 log = logging.getLogger("follower")
 
@@ -80,7 +81,7 @@ def run(leader: str, pod: int, tls: TlsFiles | None = None, device: str = "") ->
     config = spec["config"]
     if device or config["device"].startswith("cuda"):  # this pod's GPUs, not the worker's numbering
         config["device"] = device or "cuda:0"
-    per_pod = config["tensor_parallel"] * config["pipeline_parallel"] // config["pods"]
+    per_pod = EngineConfig(**config_fields(spec)).ranks_per_pod
     first = pod * per_pod
     threads = max(1, len(os.sched_getaffinity(0)) // per_pod)
     host = leader.rpartition(":")[0].strip("[]")
