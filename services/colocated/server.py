@@ -38,6 +38,7 @@ class ColocatedService(StreamingWorker, worker_pb2_grpc.ColocatedWorkerServicer)
             "resumed_output_ids",
             request.resumed_output_ids,
             request.sampling,
+            cache_salt=request.cache_salt,
         )
         return StreamJob(seq=seq, request_id=request.request_id)
 

@@ -17,6 +17,7 @@ from .errors import invalid
 
 MAX_TEMPERATURE = 100.0
 MAX_REQUEST_ID_CHARS = 128
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ def request_id(field: str, value: str) -> str:
     bad = next((c for c in value if not " " <= c <= "~"), None)
     if bad is not None:
         raise invalid(field, f"character {bad!r} is not printable ASCII")
+    return value
+
+
+def cache_salt(field: str, value: str) -> str:
+    if len(value) > MAX_CACHE_SALT_CHARS:
+        raise invalid(field, f"{len(value)} characters, at most {MAX_CACHE_SALT_CHARS} allowed")
     return value
 
 

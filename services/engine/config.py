@@ -211,6 +211,8 @@ class EngineConfig:
     # (0: off); see backends/kv_mirror.py. The CPU kernels read the pool in place and keep none.
     cpu_decode_kv_mirror_bytes: int = 256 << 20
     seed: int = 0
+    # full blocks' K/V kept under their content hash and reused by later prompts (block_manager.py)
+    enable_prefix_caching: bool = False
     kv_pool_name: str | None = None  # shared-memory name; generated when None
     # ranks of this instance, one process each, the model's heads and MLP split among them (parallel.py)
     tensor_parallel: int = 1

@@ -101,7 +101,7 @@ class EmulatedEngine(EngineBase):
             model_id=f"emulated-{profile.model}-scale{kv_scale}",
         )
         self.kv_pool = KvPool.allocate(layout, "cpu", name=config.kv_pool_name)
-        self.block_manager = BlockManager(layout.num_blocks, profile.block_size)
+        self.block_manager = BlockManager(layout.num_blocks, profile.block_size, config.enable_prefix_caching)
         self._prompt_hashes: dict[str, int] = {}  # seq_id -> prompt_hash, dropped with its blocks
         self._stage_free = [0.0] * profile.pipeline_parallel  # when each pipeline stage is next free
         self._pipelined = False  # the prefill in progress is prefill_pipelined's
@@ -138,10 +138,14 @@ class EmulatedEngine(EngineBase):
     def _prefill(self, seqs: list[Sequence]) -> SampleResult:
         started = time.monotonic()
         result = self._tokens(seqs)
-        duration = self.profile.prefill.time([len(s.token_ids) for s in seqs])
+        self._take_prefill_time(started, self.profile.prefill.time([len(s.token_ids) for s in seqs]))
+        return result
+
+    def _take_prefill_time(self, started: float, duration: float) -> None:
+        """Sleeps as a prefill pass of `duration` begun at `started` holds up this worker."""
         if not self._pipelined:  # a decode or colocated worker's prefill: its results are needed now
             self._sleep_until(started + duration)
-            return result
+            return
         # The simulator's PrefillInstance: each stage takes 1/pp of the time, a batch waits for each
         # stage to be free, and the next batch may enter when this one has left the first.
         stage, leaves = duration / len(self._stage_free), started
@@ -149,7 +153,6 @@ class EmulatedEngine(EngineBase):
             leaves = self._stage_free[k] = max(leaves, free) + stage
         self._leaves_at = leaves
         self._sleep_until(self._stage_free[0])
-        return result
 
     def _decode(self, seqs: list[Sequence]) -> SampleResult:
         started = time.monotonic()
@@ -164,7 +167,8 @@ class EmulatedEngine(EngineBase):
         result = self._tokens([seqs[i] for i in completing])
         decode = [(s.num_cached + 1) for s, n in zip(seqs, num_tokens) if n == 1 and s.num_cached > 0]
         chunks = [(s.num_cached, n) for s, n in zip(seqs, num_tokens) if not (n == 1 and s.num_cached > 0)]
-        self._sleep_until(started + self.profile.mixed_step_time(chunks, decode))
+        # a prefill worker's batch with cached prefixes comes here too (EngineBase.prefill)
+        self._take_prefill_time(started, self.profile.mixed_step_time(chunks, decode))
         return result
 
     def _tokens(self, seqs: list[Sequence]) -> SampleResult:

@@ -95,12 +95,14 @@ class EngineBase(ABC):
         """Computes the K/V of every token of each sequence and its next token.
 
         Sequences without blocks get them here (OutOfBlocksError when the pool cannot hold them;
-        a scheduler allocates first)."""
+        a scheduler allocates first). Sequences whose prefix is cached already (prefix caching:
+        `num_cached` > 0) compute the rest, as chunked prefill computes a prompt's last chunk."""
         for seq in seqs:
             self.block_manager.allocate_seq(seq)
+        if any(seq.num_cached for seq in seqs):
+            return self.mixed_step(seqs, [len(seq) - seq.num_cached for seq in seqs])
         result = self._prefill(seqs)
-        for seq in seqs:
-            seq.num_cached = len(seq.token_ids)
+        self._computed(seqs, [len(seq) for seq in seqs])
         return self._append(seqs, result)
 
     def prefill_pipelined(self, seqs: list[Sequence]) -> tuple[list[StepOutput], float]:
@@ -114,8 +116,7 @@ class EngineBase(ABC):
         for seq in seqs:
             self.block_manager.allocate_seq(seq)
         result = self._decode(seqs)
-        for seq in seqs:
-            seq.num_cached = len(seq.token_ids)
+        self._computed(seqs, [len(seq) for seq in seqs])
         return self._append(seqs, result)
 
     def mixed_step(self, seqs: list[Sequence], num_tokens: list[int]) -> list[StepOutput]:
@@ -128,9 +129,14 @@ class EngineBase(ABC):
             i for i, (seq, n) in enumerate(zip(seqs, num_tokens, strict=True)) if seq.num_cached + n == len(seq)
         ]
         result = self._mixed(seqs, num_tokens, completing)
-        for seq, n in zip(seqs, num_tokens, strict=True):
-            seq.num_cached += n
+        self._computed(seqs, [seq.num_cached + n for seq, n in zip(seqs, num_tokens, strict=True)])
         return self._append([seqs[i] for i in completing], result)
+
+    def _computed(self, seqs: list[Sequence], num_cached: list[int]) -> None:
+        """The K/V of each sequence's first `num_cached` tokens is in its blocks now."""
+        for seq, n in zip(seqs, num_cached, strict=True):
+            seq.num_cached = n
+            self.block_manager.enter_computed_blocks(seq)
 
     @abstractmethod
     def _prefill(self, seqs: list[Sequence]) -> SampleResult:
@@ -251,7 +257,7 @@ class Engine(EngineBase):
             all_ranks(self.kv_pool.descriptor) if config.ranks > 1 else [self.kv_pool.descriptor]
         )
         # The last block is never handed out: padded rows of a captured decode batch write there.
-        self.block_manager = BlockManager(layout.num_blocks - 1, config.block_size)
+        self.block_manager = BlockManager(layout.num_blocks - 1, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(
             self.model,
             self.backend,

@@ -51,23 +51,24 @@ class AbortOutcome(Enum):
 def take_prefill_batch(
     waiting: deque[Sequence], blocks: BlockManager, max_tokens: int, max_seqs: int, reserve_blocks: int = 0
 ) -> list[Sequence]:
-    """Pops the longest FCFS prefix of `waiting` that fits the token budget and the free blocks.
+    """Pops the longest FCFS prefix of `waiting` that fits the token budget and the free blocks, and
+    gives each its blocks: those of its cached prefix (prefix caching), new ones for the rest. The
+    budget counts the tokens to compute.
 
     A prompt longer than the budget still runs, alone: the budget bounds batching, not prompts."""
     batch: list[Sequence] = []
-    tokens = needed = 0
-    free = blocks.num_free - reserve_blocks
+    tokens = 0
     while waiting and len(batch) < max_seqs:
         seq = waiting[0]
-        n = len(seq.token_ids)
-        need = blocks.blocks_for_tokens(n) - len(seq.block_table)
+        cached = blocks.cached_prefix(seq)
+        n = len(seq.token_ids) - len(cached) * blocks.block_size
         if batch and tokens + n > max_tokens:
             break
-        if needed + need > free:
+        if blocks.blocks_to_admit(seq, cached) + reserve_blocks > blocks.num_free:
             break
-        batch.append(waiting.popleft())
+        blocks.admit(waiting.popleft(), cached)
+        batch.append(seq)
         tokens += n
-        needed += need
     return batch
 
 
@@ -87,14 +88,16 @@ class PrefillScheduler:
 
     def has_work(self) -> bool:
         """The head of the queue fits the free blocks (it may need to wait for releases)."""
-        return bool(self.waiting) and self.blocks.can_allocate(self.blocks.blocks_for_tokens(len(self.waiting[0])))
+        if not self.waiting:
+            return False
+        head = self.waiting[0]
+        return self.blocks.blocks_to_admit(head, self.blocks.cached_prefix(head)) <= self.blocks.num_free
 
     def schedule(self) -> list[Sequence]:
         """The next batch, its blocks allocated (empty when the head does not fit yet)."""
         batch = take_prefill_batch(self.waiting, self.blocks, self.max_num_batched_tokens, self.max_num_seqs)
         for seq in batch:
             self.queued_tokens -= len(seq.token_ids)
-            self.blocks.allocate_seq(seq)
             seq.status = SequenceStatus.RUNNING
         return batch
 
@@ -182,7 +185,6 @@ class BatchScheduler:
         )
         if batch:
             for seq in batch:
-                self.blocks.allocate_seq(seq)
                 seq.status = SequenceStatus.RUNNING
             return StepPlan(StepKind.PREFILL, batch)
         self._reserve_decode_blocks()
@@ -197,7 +199,7 @@ class BatchScheduler:
         next token first, then prompts, FCFS, as far as the step's token budget goes, the last one
         cut to what is left (and continued in the next steps). A step never waits for a whole long
         prompt, so running sequences keep their pace while prompts arrive. A prompt takes blocks
-        for all its tokens when its first chunk is scheduled."""
+        for all its tokens (its cached prefix's first) when its first chunk is scheduled."""
         self._reserve_decode_blocks()
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
@@ -220,10 +222,11 @@ class BatchScheduler:
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             spare = self.watermark_blocks if self.running else 0
-            if self.blocks.blocks_for_tokens(len(seq)) - len(seq.block_table) + spare > self.blocks.num_free:
+            cached = self.blocks.cached_prefix(seq)
+            if self.blocks.blocks_to_admit(seq, cached) + spare > self.blocks.num_free:
                 break
             self.waiting.popleft()
-            self.blocks.allocate_seq(seq)
+            self.blocks.admit(seq, cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             take(seq)

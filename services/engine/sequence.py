@@ -31,6 +31,11 @@ class Sequence:
     num_cached: int = 0
     output_logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # prefix caching (block_manager.py): requests with different salts share no blocks
+    cache_salt: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)  # of its first full blocks, as far as computed
+    num_blocks_entered: int = 0  # its first blocks that are in the prefix cache
+    prefix_hit_tokens: int = 0  # tokens found cached when it was last admitted
 
     @classmethod
     def from_prompt(cls, seq_id: str, prompt: list[int], sampling: SamplingParams) -> Sequence:

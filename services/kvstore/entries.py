@@ -57,7 +57,6 @@ class PoolRecord:
     events: asyncio.Queue  # ReleasedEvent, or None to end the watch stream
     registered_at: float
     watched: bool = False
-    block_owner: dict[int, str] = field(default_factory=dict)  # block -> kv_id of the entry holding it
 
     @property
     def rank_block_bytes(self) -> tuple[int, ...]:
@@ -180,6 +179,9 @@ class EntryTable:
 
     # ---- entries ----------------------------------------------------------------------------
     def publish(self, pool_id: str, kv_id: str, block_ids: Sequence[int], num_tokens: int) -> KvEntry:
+        """Entries of one pool may share blocks (a prefix cached by the worker backs several
+        requests' KV at once): the worker counts their owners, and frees a block when the last
+        entry holding it is released."""
         record = self.pool(pool_id)
         layout = record.layout
         if not kv_id:
@@ -195,14 +197,9 @@ class EntryTable:
                 "num_tokens",
                 f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, got {len(ids)} block_ids",
             )
-        taken = [b for b in ids if b in record.block_owner]
-        if taken:
-            raise invalid("block_ids", f"block {taken[0]} already belongs to entry {record.block_owner[taken[0]]!r}")
         entry = KvEntry(
             kv_id, layout, record.shards, record.rank_block_bytes, num_tokens, ids, time.monotonic(), record
         )
-        for b in ids:
-            record.block_owner[b] = kv_id
         self.entries[kv_id] = entry
         return entry
 
@@ -293,16 +290,11 @@ class EntryTable:
     def _forget(self, entry: KvEntry) -> None:
         entry.dropped = True
         self.entries.pop(entry.kv_id, None)
-        if entry.pool is not None:
-            for b in entry.block_ids:
-                entry.pool.block_owner.pop(b, None)
         if entry.host_buffer is not None:
             self.host.free(entry.kv_id)
             entry.host_buffer = None
 
     def _notify(self, record: PoolRecord, entry: KvEntry, reason: ReleaseReason) -> None:
-        for b in entry.block_ids:
-            record.block_owner.pop(b, None)
         record.events.put_nowait(ReleasedEvent(entry.kv_id, list(entry.block_ids), reason))
 
     @staticmethod

@@ -245,7 +245,9 @@ def step_log_samples(
     each bin gives its mean: a TPOT is a mean of step times, slow steps (GC pauses, page faults)
     included, and the cycle time is skewed, so a median would understate it (by 5-10% here)."""
     prefill = [
-        (rec["lengths"], rec["seconds"]) for rec in records if rec["kind"] == "prefill" and since <= rec["t"] < until
+        (rec["lengths"], rec["seconds"])
+        for rec in records
+        if rec["kind"] == "prefill" and not any(rec.get("cached", ())) and since <= rec["t"] < until
     ]
     bins: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for rec, cycle in decode_cycles(records, since, until):

@@ -162,6 +162,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
                 "resumed_output_ids",
                 request.resumed_output_ids,
                 request.sampling,
+                cache_salt=request.cache_salt,
             )
         except ServiceError:
             self.metrics.requests.labels(Outcome.INVALID).inc()
@@ -219,7 +220,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.requests.labels(Outcome.PUBLISHED).inc()
 
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
-        stats = worker_stats(self.engine, Role.PREFILL, self.node_id, self.model_name, self.not_serving_reason)
+        stats = worker_stats(self.engine, Role.PREFILL, self.node_id, self.model_name, self.not_serving_reason, request)
         stats.waiting = len(self.scheduler.waiting)
         stats.queued_prompt_tokens = self.scheduler.queued_tokens
         stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token
@@ -257,7 +258,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             return
         busy = time.monotonic() - started  # until the next batch may start
         compute = max(busy, done_at - started)  # until this one's results are out
-        tokens = sum(seq.num_cached for seq in batch)
+        tokens = sum(seq.num_cached - seq.prefix_hit_tokens for seq in batch)  # computed, not found cached
         self.prefill_rate.observe(busy, tokens)
         self.metrics.step_seconds.observe(compute)
         self.metrics.batch_tokens.observe(tokens)
@@ -268,6 +269,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
                     "t": round(started, 6),
                     "kind": "prefill",
                     "lengths": [s.num_cached for s in batch],
+                    # tokens found in the prefix cache (`pdserve plan profile` skips these steps)
+                    "cached": [s.prefix_hit_tokens for s in batch],
                     "seconds": round(compute, 6),
                 }
             )

@@ -15,6 +15,7 @@ from services.common.server import ServiceRunner, run_event_loop
 from services.engine.config import ModelConfig
 from services.tiny_models import model_dir_or_default
 
+from .policies import PrefillPolicy
 from .registry import RegistryMetrics, WorkerRegistry
 from .server import RouterService
 from .slo import SloTracker
@@ -64,6 +65,13 @@ def parser() -> FlagParser:
     p.add_flag("--slo-window-seconds", default=60.0, type=float, help="window of the attainment gauge")
     p.add_flag("--slo-attainment-target", default=0.9, type=float, help="attainment goal (DistServe: 90%%)")
     p.add_flag("--max-retries", default=2, type=int, help="failovers per request")
+    p.add_flag(
+        "--prefill-policy",
+        default=PrefillPolicy.KV_AWARE,
+        choices=list(PrefillPolicy),
+        help="where prompts go (prefill or colocated workers): kv-aware weighs each worker's queue against the "
+        "prompt's prefix it holds cached; least-loaded, the queue alone",
+    )
     p.add_flag("--poll-interval", default=0.5, type=float, help="seconds between worker Stats polls")
     p.add_flag(
         "--shared-port",
@@ -132,6 +140,8 @@ def main(argv=None) -> None:
             max_retries=args.max_retries,
             client_stall_seconds=args.client_stall_seconds,
             worker_wait_seconds=args.worker_wait_seconds,
+            prefill_policy=PrefillPolicy(args.prefill_policy),
+            metrics_registry=registry,
             admission=Admission(
                 "router", args.max_inflight_requests, args.max_queued_prompt_tokens, refusals_counter(registry)
             ),

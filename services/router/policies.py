@@ -1,20 +1,37 @@
 """Dispatch policies. Pure functions of the registry's endpoints, so they are unit-tested alone.
 
-- prefill: least estimated queue delay. A prefill worker runs one batch at a time, so the wait of
-  a new prompt is roughly the prompt tokens ahead of it times the worker's recent seconds/token.
+- prefill: least estimated time to the first token. A prefill worker runs one batch at a time, so
+  the wait of a new prompt is roughly the prompt tokens ahead of it times the worker's recent
+  seconds/token; KV-aware (the default), its own compute is the prompt's tokens less those of its
+  longest prefix that the worker has cached (its PrefixIndex), at the same rate. Least-loaded
+  leaves that out: the queue alone decides.
 - decode: most free KV blocks (less those promised to requests waiting there, whichever router sent
   them, and what this router has just sent there), then the smaller
   running batch; a worker on the KV's own node wins ties, since its pull is a local copy.
 - colocated: least outstanding work: prompt tokens not yet prefilled plus requests in flight (a
-  new prompt waits behind the queued prompts, prefill first, then shares the decode batch). The
-  planner's simulator dispatches the same way (ColocatedInstance.load).
+  new prompt waits behind the queued prompts, prefill first, then shares the decode batch), and
+  KV-aware, the prompt's own tokens not cached there. The planner's simulator dispatches the same
+  way (ColocatedInstance.load).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
+from enum import StrEnum
 
 from .registry import Endpoint
+
+
+class PrefillPolicy(StrEnum):
+    """How prompts go to prefill (and colocated) workers."""
+
+    KV_AWARE = "kv-aware"
+    LEAST_LOADED = "least-loaded"
+
+
+def _no_cache(ep: Endpoint) -> int:
+    return 0
 
 
 class NoWorkerError(RuntimeError):
@@ -24,15 +41,30 @@ class NoWorkerError(RuntimeError):
 def estimated_prefill_delay(ep: Endpoint) -> float:
     stats = ep.stats
     queued = max(ep.inflight_prompt_tokens, stats.queued_prompt_tokens if stats else 0)
-    seconds_per_token = stats.prefill_seconds_per_token if stats and stats.prefill_seconds_per_token > 0 else 1e-4
-    return queued * seconds_per_token
+    return queued * seconds_per_prefill_token(ep)
 
 
-def pick_prefill(endpoints: list[Endpoint], exclude: AbstractSet[str] = frozenset()) -> Endpoint:
+def seconds_per_prefill_token(ep: Endpoint) -> float:
+    stats = ep.stats
+    return stats.prefill_seconds_per_token if stats and stats.prefill_seconds_per_token > 0 else 1e-4
+
+
+def pick_prefill(
+    endpoints: list[Endpoint],
+    exclude: AbstractSet[str] = frozenset(),
+    prompt_tokens: int = 0,
+    cached_tokens: Callable[[Endpoint], int] = _no_cache,
+) -> Endpoint:
+    """`cached_tokens(ep)`: the prompt's tokens whose K/V worker `ep` holds (KV-aware dispatch)."""
     candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
     if not candidates:
         raise NoWorkerError("no healthy prefill worker")
-    return min(candidates, key=lambda ep: (estimated_prefill_delay(ep), ep.inflight_requests, ep.address))
+
+    def key(ep: Endpoint):
+        compute = (prompt_tokens - cached_tokens(ep)) * seconds_per_prefill_token(ep)
+        return (estimated_prefill_delay(ep) + compute, ep.inflight_requests, ep.address)
+
+    return min(candidates, key=key)
 
 
 def free_blocks_after_dispatch(ep: Endpoint) -> int:
@@ -54,8 +86,17 @@ def pick_decode(endpoints: list[Endpoint], kv_node: str = "", exclude: AbstractS
     return min(candidates, key=key)
 
 
-def pick_colocated(endpoints: list[Endpoint], exclude: AbstractSet[str] = frozenset()) -> Endpoint:
+def pick_colocated(
+    endpoints: list[Endpoint],
+    exclude: AbstractSet[str] = frozenset(),
+    prompt_tokens: int = 0,
+    cached_tokens: Callable[[Endpoint], int] = _no_cache,
+) -> Endpoint:
     candidates = [ep for ep in endpoints if ep.address not in exclude] or endpoints
     if not candidates:
         raise NoWorkerError("no healthy colocated worker")
-    return min(candidates, key=lambda ep: (ep.inflight_prompt_tokens + ep.inflight_requests, ep.address))
+
+    def key(ep: Endpoint):
+        return (ep.inflight_prompt_tokens + ep.inflight_requests + prompt_tokens - cached_tokens(ep), ep.address)
+
+    return min(candidates, key=key)

@@ -25,6 +25,7 @@ from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.enums import Role
 from services.common.grpc_client import aio_channel
 
+from .prefix_index import PrefixIndex
 from .worker_calls import WorkerCall
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Endpoint:
     draining: bool = field(default=False)
     not_serving_reason: str = ""  # the worker's own, from its last Stats
     call: WorkerCall | None = None  # decode and colocated: the one call carrying all requests to it
+    prefix: PrefixIndex = field(default_factory=PrefixIndex)  # what its prefix cache holds
 
     @property
     def eligible(self) -> bool:
@@ -161,12 +163,16 @@ class WorkerRegistry:
     async def _poll(self, ep: Endpoint) -> None:
         reserved_before = ep.reserved_blocks  # dispatches during the poll may not be in its answer
         try:
-            ep.stats = await ep.stats_stub.Stats(common_pb2.StatsRequest(), timeout=self.stats_timeout)
+            ep.stats = await ep.stats_stub.Stats(ep.prefix.stats_request(), timeout=self.stats_timeout)
         except grpc.aio.AioRpcError:
             ep.consecutive_failures += 1
             if ep.healthy and ep.consecutive_failures >= 2:
                 self._eject(ep, Ejection.UNREACHABLE, "its Stats polls fail")
             return
+        if ep.stats.HasField("prefix_cache"):
+            ep.prefix.apply(ep.stats.prefix_cache)
+        else:
+            ep.prefix.clear()
         reason = ep.stats.not_serving_reason
         if reason and reason != ep.not_serving_reason:
             self._eject(ep, Ejection.NOT_SERVING, reason)

@@ -32,7 +32,8 @@ from services.common.errors import ServiceError, invalid
 from services.kvstore.client import KvStoreClient
 
 from .detokenizer import IncrementalDetokenizer
-from .policies import NoWorkerError, pick_colocated, pick_decode, pick_prefill
+from .policies import NoWorkerError, PrefillPolicy, pick_colocated, pick_decode, pick_prefill
+from .prefix_index import PrefixRoutingMetrics, PromptPrefix
 from .registry import Endpoint, WorkerRegistry
 from .slo import RequestTimer, SloTracker
 
@@ -57,6 +58,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         client_stall_seconds: float = 10.0,
         worker_wait_seconds: float = 10.0,
         admission: Admission | None = None,
+        prefill_policy: PrefillPolicy = PrefillPolicy.KV_AWARE,
+        metrics_registry=None,
     ):
         self.registry = registry
         self.tokenizer = tokenizer
@@ -78,6 +81,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # request waits this long for one rather than failing at once.
         self.worker_wait_seconds = worker_wait_seconds
         self.admission = admission or Admission("router", 0, 0)
+        self.prefill_policy = prefill_policy
+        self.prefix_metrics = PrefixRoutingMetrics(metrics_registry)
         self.requests: set[_RequestState] = set()  # in progress
         self._stall_watch: asyncio.Task | None = None
         self.draining = False
@@ -134,10 +139,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         sampling = self._sampling(request, len(prompt))
         ttft_slo, tpot_slo = self._slo_targets(request)
         request_id = validation.request_id("request_id", request.request_id) or uuid.uuid4().hex
+        cache_salt = validation.cache_salt("cache_salt", request.cache_salt)
         skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
         ticket = self.admission.admit(len(prompt))  # past a bound: RESOURCE_EXHAUSTED at once
         state = _RequestState(prompt, sampling, request_id, context)
+        state.cache_salt = cache_salt
         judged = False  # slo.finish ran: a cancel during the last write must not count it twice
         self.requests.add(state)
         if self._stall_watch is None:
@@ -306,12 +313,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
         state.refused.clear()
 
     async def _colocated(self, state: _RequestState, timer: RequestTimer):
-        ep = pick_colocated(await self._eligible(Role.COLOCATED, state), exclude=state.failed | state.refused)
+        prompt = PromptPrefix(state.prompt + state.outputs, state.cache_salt)
+        ep = pick_colocated(
+            await self._eligible(Role.COLOCATED, state),
+            exclude=state.failed | state.refused,
+            prompt_tokens=len(prompt.token_ids),
+            cached_tokens=self._cached_tokens(prompt),
+        )
+        self.prefix_metrics.record(Role.COLOCATED, self.prefill_policy, prompt, ep)
         request = worker_pb2.GenerateTokensRequest(
             request_id=state.request_id,
             token_ids=state.prompt,
             sampling=state.sampling,
             resumed_output_ids=state.outputs,
+            cache_salt=state.cache_salt,
         )
         assert ep.call is not None
         async for chunk in self._stream(
@@ -327,7 +342,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _disaggregated(self, state: _RequestState, timer: RequestTimer):
         if state.handle is None:
-            ep = pick_prefill(await self._eligible(Role.PREFILL, state), exclude=state.failed | state.refused)
+            prompt = PromptPrefix(state.prompt + state.outputs, state.cache_salt)
+            ep = pick_prefill(
+                await self._eligible(Role.PREFILL, state),
+                exclude=state.failed | state.refused,
+                prompt_tokens=len(prompt.token_ids),
+                cached_tokens=self._cached_tokens(prompt),
+            )
+            self.prefix_metrics.record(Role.PREFILL, self.prefill_policy, prompt, ep)
             # The first token comes first and goes to the client at once; the KV handle follows
             # once the worker has published the KV.
             first = await self._prefill(ep, state)
@@ -381,6 +403,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 state.handle = None
             raise
 
+    def _cached_tokens(self, prompt: PromptPrefix):
+        """What KV-aware dispatch scores workers by; least-loaded scores none."""
+        if self.prefill_policy is PrefillPolicy.KV_AWARE:
+            return prompt.cached_tokens
+        return lambda ep: 0
+
     async def _eligible(self, role: Role, state: _RequestState) -> list[Endpoint]:
         """The workers of `role` that may take work; if none, waits for one up to
         worker_wait_seconds (or the request's deadline)."""
@@ -402,6 +430,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 token_ids=state.prompt,
                 sampling=state.sampling,
                 resumed_output_ids=state.outputs,
+                cache_salt=state.cache_salt,
             ),
             timeout=self._timeout(state.context),
         )
@@ -515,6 +544,7 @@ class _RequestState:
         self.sampling = sampling
         self.request_id = request_id
         self.context = context
+        self.cache_salt = ""
         self.task = asyncio.current_task()  # the Generate handler's
         self.write_started = 0.0  # when the message being written to the client was handed over; 0: none
         self.stalled = False  # cancelled because the client read nothing for client_stall_seconds

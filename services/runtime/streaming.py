@@ -174,7 +174,8 @@ class StreamingWorker:
         if plan.kind is not StepKind.DECODE:
             for seq in plan.seqs:
                 job = self.jobs.get(seq.seq_id)
-                next_token = len(seq) - seq.num_cached == 1 and seq.num_cached > 0  # not a prompt (chunk)
+                # a running sequence's next token, not a prompt (chunk) whose prefix was cached
+                next_token = len(seq) - seq.num_cached == 1 and seq.num_cached > 0 and job is not None and job.prefilled
                 if job is not None and job.prefill_started is None and not next_token:
                     job.prefill_started = started
         try:
@@ -205,14 +206,16 @@ class StreamingWorker:
         self.metrics.step_seconds.labels(plan.kind.value).observe(elapsed)
         if plan.kind is StepKind.DECODE:
             self.metrics.batch_size.observe(len(outputs))
-        elif plan.kind is StepKind.PREFILL:
-            self.prefill_rate.observe(elapsed, sum(len(seq.token_ids) - 1 for seq in plan.seqs))
+        elif plan.kind is StepKind.PREFILL:  # the tokens computed: not those of cached prefixes
+            self.prefill_rate.observe(elapsed, sum(len(seq.token_ids) - 1 - c for seq, c in zip(plan.seqs, cached)))
         if self.step_log is not None:
             record: dict[str, object] = {"t": round(started, 6), "kind": plan.kind.value}
             if plan.kind is StepKind.DECODE:
                 record.update(batch=len(lengths), context_tokens=sum(lengths), max_context=max(lengths))
             elif plan.kind is StepKind.PREFILL:
                 record["lengths"] = lengths
+                if any(cached):  # tokens found in the prefix cache (`pdserve plan profile` skips these steps)
+                    record["cached"] = cached
             else:  # each sequence's (tokens cached before, tokens computed)
                 assert plan.num_tokens is not None
                 record["chunks"] = [[c, n] for c, n in zip(cached, plan.num_tokens, strict=True)]
@@ -339,7 +342,7 @@ class StreamingWorker:
             call.ready.set()
 
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
-        stats = worker_stats(self.engine, self.role, self.node_id, self.model_name, self.not_serving_reason)
+        stats = worker_stats(self.engine, self.role, self.node_id, self.model_name, self.not_serving_reason, request)
         stats.running = len(self.scheduler.running)
         stats.waiting = max(0, len(self.jobs) - len(self.scheduler.running))
         stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token

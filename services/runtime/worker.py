@@ -152,12 +152,19 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         type=int,
         help="prefill, colocated: prompt tokens waiting to be computed; past it, RESOURCE_EXHAUSTED (0: no bound)",
     )
+    parser.add_flag(
+        "--no-prefix-caching",
+        default=False,
+        action="store_true",
+        help="prefill and colocated workers: compute every prompt whole, keeping no computed blocks for later "
+        "prompts with the same prefix (a decode worker computes no prompts but recomputes, and caches nothing)",
+    )
     if role in (Role.PREFILL, Role.DECODE):
         parser.add_flag("--kvstore", default="127.0.0.1:7100", help="gRPC address of this node's kvstore daemon")
     return parser
 
 
-def engine_from_flags(args) -> EngineBase:
+def engine_from_flags(args, role: Role) -> EngineBase:
     torch.set_num_threads(args.threads or default_threads())  # the cores left to it by --cpu-affinity
     if (args.device == "emulated") != bool(args.profile):
         raise SystemExit("--profile goes with --device emulated, and --device emulated needs a --profile")
@@ -177,6 +184,7 @@ def engine_from_flags(args) -> EngineBase:
         ranks_share_device=args.ranks_share_gpu,
         pods=args.pods,
         rendezvous=f"{args.host}:{args.rendezvous_port}" if args.pods > 1 else "",
+        enable_prefix_caching=role is not Role.DECODE and not args.no_prefix_caching,
     )
     if args.device == "emulated":
         if config.ranks > 1:
@@ -232,6 +240,7 @@ def sequence_for(
     sp: common_pb2.SamplingParams,
     *,
     need_output: bool = False,
+    cache_salt: str = "",
 ) -> Sequence:
     """A request, validated (common/validation.py), as the engine's Sequence: its prompt followed by
     the tokens generated for it so far, under an id of its own."""
@@ -248,7 +257,11 @@ def sequence_for(
         need_output=need_output,
     )
     return Sequence(
-        seq_id=new_seq_id(request_id), token_ids=prompt + outputs, num_prompt_tokens=len(prompt), sampling=sampling
+        seq_id=new_seq_id(request_id),
+        token_ids=prompt + outputs,
+        num_prompt_tokens=len(prompt),
+        sampling=sampling,
+        cache_salt=validation.cache_salt("cache_salt", cache_salt),
     )
 
 
@@ -280,6 +293,8 @@ def register_kv_gauges(registry: CollectorRegistry, engine: EngineBase, role: Ro
     total.labels(role).set_function(lambda: engine.block_manager.num_blocks)
     if isinstance(engine, EmulatedEngine):
         registry.register(_EmulationCollector(engine))
+    if engine.block_manager.prefix_caching:
+        registry.register(_PrefixCacheCollector(engine))
 
 
 def register_kvstore_metrics(registry: CollectorRegistry, kvstore: KvStoreClient) -> None:
@@ -311,6 +326,41 @@ class _KvStoreRegistrationCollector(Collector):
         )
 
 
+class _PrefixCacheCollector(Collector):
+    """Prefix caching (engine/block_manager.py): tokens looked up and found, by tier. A worker finds
+    blocks in its own pool (tier "worker")."""
+
+    TIERS = ("worker",)
+
+    def __init__(self, engine: EngineBase):
+        self.blocks = engine.block_manager
+
+    def collect(self):
+        queries = CounterMetricFamily(
+            "pdserve_prefix_cache_queries_tokens",
+            "Tokens of prompts looked up in the prefix cache (every prompt token, the last included).",
+            labels=["tier"],
+        )
+        hits = CounterMetricFamily(
+            "pdserve_prefix_cache_hit_tokens",
+            "Prompt tokens whose K/V was found in the prefix cache, by where it was found.",
+            labels=["tier"],
+        )
+        for tier in self.TIERS:
+            queries.add_metric([tier], self.blocks.prefix_query_tokens)
+            hits.add_metric([tier], self.blocks.prefix_hit_tokens)
+        yield queries
+        yield hits
+        yield GaugeMetricFamily(
+            "pdserve_prefix_cache_blocks", "KV blocks holding a cached prefix (in use or free).", self.blocks.num_cached
+        )
+        yield CounterMetricFamily(
+            "pdserve_prefix_cache_evicted_blocks",
+            "Cached blocks evicted (reused for other K/V) because no free block was uncached.",
+            self.blocks.prefix_evicted_blocks,
+        )
+
+
 class _EmulationCollector(Collector):
     """An emulated engine's steps, and those that ran later than its profile says (emulated.py)."""
 
@@ -332,11 +382,30 @@ class _EmulationCollector(Collector):
 
 
 def worker_stats(
-    engine: EngineBase, role: Role, node_id: str, model_name: str, not_serving_reason: str
+    engine: EngineBase,
+    role: Role,
+    node_id: str,
+    model_name: str,
+    not_serving_reason: str,
+    request: common_pb2.StatsRequest | None = None,
 ) -> common_pb2.WorkerStats:
     """The fields every role fills; each service adds its queue."""
     bm = engine.block_manager
+    prefix_cache = None
+    if bm.prefix_caching:
+        events = bm.cache_events
+        cursor = events.cursor  # read first: what the changes below may miss, the next answer has
+        since = events.since(request.prefix_log_id, request.prefix_cursor) if request is not None else None
+        if since is None:
+            prefix_cache = common_pb2.PrefixCacheUpdate(
+                log_id=events.log_id, cursor=cursor, snapshot=True, stored=bm.cached_hashes()
+            )
+        else:
+            prefix_cache = common_pb2.PrefixCacheUpdate(
+                log_id=events.log_id, cursor=cursor, stored=since[0], removed=since[1]
+            )
     return common_pb2.WorkerStats(
+        prefix_cache=prefix_cache,
         not_serving_reason=not_serving_reason,
         role=role,
         model=model_name,
@@ -386,7 +455,7 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
     setup_process(args, role)
 
     async def main() -> None:
-        engine = engine_from_flags(args)
+        engine = engine_from_flags(args, role)
         registry = new_registry()
         runner = ServiceRunner.from_flags(role, args, registry)
         worker_id = args.worker_id or f"{role}-{os.uname().nodename}-{args.port}"

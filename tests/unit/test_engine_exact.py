@@ -4,7 +4,8 @@ For every supported architecture (and on CPU, through both the CPU kernels and t
 8 prompts prefilled as one packed batch, decoded as one continuous batch whose members leave at
 different steps while 2 more join mid-way, must give the same greedy tokens as
 `generate(do_sample=False)` per prompt, with logits within 1e-4 at every step; and so must a
-batch run with chunked prefill. Both also with the model split over 2 and 4 tensor-parallel ranks,
+batch run with chunked prefill, and multi-turn conversations whose prompts are mostly found in the
+prefix cache. All also with the model split over 2 and 4 tensor-parallel ranks,
 over 2 pipeline stages (decode passes cut into 2 micro-batches), and over both (2 x 2 ranks).
 """
 
@@ -77,7 +78,7 @@ def make_engine():
     made: list[Engine] = []
     threads = torch.get_num_threads()
 
-    def make(model_dir: str, backend: str, tp: int, pp: int) -> Engine:
+    def make(model_dir: str, backend: str, tp: int, pp: int, **overrides) -> Engine:
         config = EngineConfig(
             dtype="float32",
             device=DEVICE,
@@ -87,6 +88,7 @@ def make_engine():
             tensor_parallel=tp,
             pipeline_parallel=pp,
             pipeline_micro_batches=0,  # on a pipeline, decode as one micro-batch per stage (not the default)
+            **overrides,
         )
         made.append(Engine(model_dir, config))
         assert made[-1].backend.name == backend and made[-1].tp.size == tp and made[-1].pipeline.stages == pp
@@ -227,3 +229,76 @@ def test_chunked_prefill_matches_transformers(arch, backend, tp, pp, make_engine
         worst = max((a - b).abs().max().item() for a, b in zip(step_logits[seq.seq_id], ref_logits))
         assert worst <= LOGIT_TOL, f"{arch} {seq.seq_id}: logits differ by {worst:.2e}"
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+# prefix caching: every architecture alone, prefill first and chunked, and (prefill first) a
+# pipeline's and tensor-parallel ranks' (the cached blocks are rank 0's decision; every rank reads
+# its own share of them)
+PREFIX_CASES = [(*c, chunked) for c in CASES if c[1:] == (BACKENDS[0], 1, 1) for chunked in (False, True)] + [
+    ("llama", BACKENDS[0], 2, 1, False),
+    ("mistral", BACKENDS[0], 1, 2, False),
+]
+
+
+@pytest.mark.parametrize(("arch", "backend", "tp", "pp", "chunked"), PREFIX_CASES)
+def test_prefix_cache_hits_match_transformers(arch, backend, tp, pp, chunked, make_engine):
+    """Conversations over a shared 40-token system prompt, two turns each: the first turns hit only
+    the system prompt (once one of them has computed it), the second turns (first turn, its answer,
+    a new message) hit all of the first turn's full blocks, answer included; one conversation asks
+    the same twice (all but its last block). The tokens computed are only the rest, and tokens and
+    logits are transformers' all the same. A salted request hits nothing."""
+    _skip_unless_runnable(backend, tp, pp)
+    model_dir = get_model(arch)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
+    engine = make_engine(model_dir, backend, tp, pp, enable_prefix_caching=True)
+    blocks = engine.block_manager
+    scheduler = BatchScheduler(blocks, max_num_seqs=16, max_num_batched_tokens=64, chunked_prefill=chunked)
+    system = _prompts([40], seed=5)[0]
+    turns = _prompts([7, 20, 3, 11], seed=6)
+    step_logits: dict[str, list[torch.Tensor]] = {}
+
+    def run(seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            step_logits[seq.seq_id] = []
+            scheduler.add_prompt(seq)
+        while scheduler.has_work():
+            plan = scheduler.schedule()
+            assert plan is not None
+            outputs = engine.run(plan)
+            for out, row in zip(outputs, engine.last_logits):
+                step_logits[out.seq.seq_id].append(row.float().cpu())
+            scheduler.finish_step(plan)
+
+    def check(seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            ref_tokens, ref_logits = _reference(hf, seq.token_ids[: seq.num_prompt_tokens], seq.sampling.max_tokens)
+            assert seq.output_token_ids == ref_tokens, f"{arch} {seq.seq_id}: tokens differ"
+            worst = max((a - b).abs().max().item() for a, b in zip(step_logits[seq.seq_id], ref_logits))
+            assert worst <= LOGIT_TOL, f"{arch} {seq.seq_id}: logits differ by {worst:.2e}"
+
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    first = [Sequence.from_prompt(f"t1-{i}", system + turn, greedy) for i, turn in enumerate(turns)]
+    run(first[:1])
+    run(first[1:])
+    # the system prompt's two full blocks computed once; the others found them cached
+    assert [s.prefix_hit_tokens for s in first] == [0, 32, 32, 32]
+    second = [
+        Sequence.from_prompt(f"t2-{i}", s.token_ids + reply, greedy)
+        for i, (s, reply) in enumerate(zip(first, _prompts([5, 9, 16, 2], seed=7)))
+    ]
+    second.append(Sequence.from_prompt("again", list(first[3].token_ids[: first[3].num_prompt_tokens]), greedy))
+    salted = Sequence.from_prompt("salted", system + turns[0], greedy)
+    salted.cache_salt = "tenant-b"
+    run(second + [salted])
+    # a first turn's blocks were computed up to its last token (not fed back): its answer's full
+    # blocks but the one holding that token are cached
+    assert [s.prefix_hit_tokens for s in second[:4]] == [(len(f) - 1) // 16 * 16 for f in first], (
+        "the second turns hit every full block of the first"
+    )
+    assert second[4].prefix_hit_tokens == 48 and salted.prefix_hit_tokens == 0
+    check(first + second + [salted])
+    computed = blocks.prefix_query_tokens - blocks.prefix_hit_tokens
+    assert computed == sum(
+        len(s.token_ids) - s.num_output_tokens - s.prefix_hit_tokens for s in first + second + [salted]
+    )
+    assert blocks.num_free == blocks.num_blocks and blocks.num_cached > 0

@@ -1,0 +1,100 @@
+"""The router's view of one worker's prefix cache, for KV-aware dispatch (policies.py): the block
+hashes it holds (common/block_hashes.py), from the cache events in its Stats answers
+(engine/block_manager.py CacheEvents), plus what this router has just sent it (entered at once,
+so that a conversation's next turn finds the worker of the last one before the worker's next
+Stats answer says so). A stale hash only misjudges a score: the worker looks up its own cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter
+
+from pdserve.v1 import common_pb2
+from services.common.block_hashes import block_hashes
+
+if TYPE_CHECKING:
+    from .registry import Endpoint
+
+
+class PrefixIndex:
+    def __init__(self) -> None:
+        self.hashes: set[bytes] = set()
+        self.log_id = ""  # the worker's event log and our place in it (none: ask for a snapshot)
+        self.cursor = 0
+
+    def stats_request(self) -> common_pb2.StatsRequest:
+        return common_pb2.StatsRequest(prefix_log_id=self.log_id, prefix_cursor=self.cursor)
+
+    def apply(self, update: common_pb2.PrefixCacheUpdate) -> None:
+        if update.snapshot:
+            self.hashes = set(update.stored)
+        else:
+            self.hashes.update(update.stored)
+            self.hashes.difference_update(update.removed)
+        self.log_id, self.cursor = update.log_id, update.cursor
+
+    def clear(self) -> None:
+        """The worker has no prefix cache (or it went away)."""
+        self.hashes.clear()
+        self.log_id, self.cursor = "", 0
+
+    def add(self, hashes: Iterable[bytes]) -> None:
+        self.hashes.update(hashes)
+
+    def cached_blocks(self, hashes: list[bytes]) -> int:
+        """How many of the first blocks (`hashes`, in order) the worker holds."""
+        for i, block_hash in enumerate(hashes):
+            if block_hash not in self.hashes:
+                return i
+        return len(hashes)
+
+
+class PromptPrefix:
+    """A prompt's full-block hashes for KV-aware dispatch, computed once per block size (short of
+    its last token, which a worker always computes)."""
+
+    def __init__(self, token_ids: list[int], salt: str):
+        self.token_ids = token_ids
+        self.salt = salt
+        self._hashes: dict[int, list[bytes]] = {}
+
+    def hashes(self, block_size: int) -> list[bytes]:
+        found = self._hashes.get(block_size)
+        if found is None:
+            found = self._hashes[block_size] = block_hashes(self.token_ids[:-1], block_size, self.salt)
+        return found
+
+    def cached_tokens(self, ep: Endpoint) -> int:
+        """The prompt's tokens whose K/V worker `ep` holds, as far as this router knows."""
+        if not ep.prefix.hashes or ep.stats is None or not ep.stats.block_size:
+            return 0
+        block_size = ep.stats.block_size
+        return ep.prefix.cached_blocks(self.hashes(block_size)) * block_size
+
+
+class PrefixRoutingMetrics:
+    def __init__(self, registry: CollectorRegistry | None):
+        self.dispatched = Counter(
+            "pdserve_router_prefix_dispatch",
+            "Prompts sent to a prefill or colocated worker, by policy and by whether that worker held a "
+            "cached prefix of the prompt (as the router knew it).",
+            ["role", "policy", "outcome"],
+            registry=registry,
+        )
+        self.cached_tokens = Counter(
+            "pdserve_router_prefix_cached_tokens",
+            "Prompt tokens the router expected the chosen worker to find cached.",
+            ["role"],
+            registry=registry,
+        )
+
+    def record(self, role: str, policy: str, prompt: PromptPrefix, ep: Endpoint) -> None:
+        """Counts the decision, and enters the prompt's blocks as the worker will hold them."""
+        cached = prompt.cached_tokens(ep)
+        self.dispatched.labels(role, policy, "hit" if cached else "miss").inc()
+        self.cached_tokens.labels(role).inc(cached)
+        if ep.stats is not None and ep.stats.HasField("prefix_cache") and ep.stats.block_size:
+            ep.prefix.add(prompt.hashes(ep.stats.block_size))

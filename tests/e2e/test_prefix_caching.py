@@ -1,0 +1,174 @@
+"""Prefix caching through the whole system (issue 19): real clusters started with `pdserve up`.
+
+Disaggregated (2 prefill workers, small pools): multi-turn conversations over a shared system
+prompt, one turn at a time, go to the prefill worker that holds their prefix (KV-aware dispatch:
+the router's index of the workers' caches) and compute only what is new, exactly as many tokens
+as the cached blocks leave (metric deltas); then a concurrent flood of long prompts, half of them
+cancelled, evicts cached blocks while conversations go on; a salted request finds nothing. Every
+output equals transformers' greedy `generate`, and afterwards every pool and the kvstore are idle.
+
+Colocated: a conversation's next turn finds the previous answer's blocks cached too (they were
+computed on the same worker), and computes only the new message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoModelForCausalLM
+
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.engine.config import ModelConfig
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 16
+MAX_TOKENS = 12
+POOL_BLOCKS = 96  # every worker's: the flood below needs several times that, so cached blocks are evicted
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 1000) for _ in range(n)]
+
+
+class Reference:
+    """transformers' greedy tokens for a prompt (each computed once)."""
+
+    def __init__(self, model_dir: str):
+        self.hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.done: dict[tuple[int, ...], list[int]] = {}
+
+    def __call__(self, prompt: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
+        key = (*prompt, -max_tokens)
+        if key not in self.done:
+            out = self.hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens)
+            self.done[key] = out[0, len(prompt) :].tolist()
+        return self.done[key]
+
+
+async def _generate(stub, prompt: list[int], max_tokens: int = MAX_TOKENS, salt: str = "", cancel_after: int = 0):
+    call = stub.Generate(
+        router_pb2.GenerateRequest(
+            token_ids=prompt,
+            cache_salt=salt,
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0),
+        ),
+        timeout=120,
+    )
+    tokens: list[int] = []
+    async for response in call:
+        tokens.extend(response.token_ids)
+        if cancel_after and len(tokens) >= cancel_after:
+            call.cancel()
+            break
+    return tokens
+
+
+def _metric(cluster, service: dict, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(cluster.metrics_text(service)):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+def _summed(cluster, role: str, name: str, **labels: str) -> float:
+    return sum(_metric(cluster, s, name, **labels) for s in cluster.services(role))
+
+
+def _pool_gb(model_dir: str) -> str:
+    mc = ModelConfig.from_pretrained(model_dir)
+    return f"{POOL_BLOCKS * mc.kv_elements_per_token * BLOCK * 4 / 2**30:.9f}"
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return Reference(model_dir)
+
+
+def test_disaggregated_turns_hit_their_prefill_workers_cache_exactly(cluster_factory, model_dir, reference):
+    cluster = cluster_factory(
+        "--model", model_dir, "--prefill", "2", "--decode", "1", "--kv-cache-gb", _pool_gb(model_dir)
+    )
+    rng = random.Random(19)
+    system = _tokens(rng, 4 * BLOCK)
+    hits = ("pdserve_prefix_cache_hit_tokens_total",)
+    queries = "pdserve_prefix_cache_queries_tokens_total"
+
+    async def run():
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            # 1. four conversations of three turns, one request at a time
+            prompts: list[list[int]] = []
+            expected_hits = 0
+            conversations = []
+            for c in range(4):
+                prompt = system + _tokens(rng, rng.randint(5, 30))
+                turns = []
+                for turn in range(3):
+                    before = _summed(cluster, "prefill", *hits, tier="worker")
+                    tokens = await _generate(stub, prompt)
+                    assert tokens == reference(prompt), f"conversation {c} turn {turn}"
+                    got = _summed(cluster, "prefill", *hits, tier="worker") - before
+                    # the system prompt was cached by the first conversation; a later turn finds its
+                    # last prompt's full blocks (the answer was computed by the decode worker)
+                    want = 0 if c == turn == 0 else (4 * BLOCK if turn == 0 else len(turns[-1]) // BLOCK * BLOCK)
+                    assert got == want, f"conversation {c} turn {turn}: {got} tokens hit, expected {want}"
+                    expected_hits += want
+                    prompts.append(prompt)
+                    turns.append(prompt)
+                    prompt = prompt + tokens + _tokens(rng, rng.randint(3, 20))
+                conversations.append(turns)
+            assert _summed(cluster, "prefill", queries, tier="worker") == sum(len(p) for p in prompts)
+            assert _summed(cluster, "prefill", *hits, tier="worker") == expected_hits
+            assert _summed(cluster, "router", "pdserve_router_prefix_dispatch_total", outcome="hit") >= 11
+
+            # 2. a flood of long prompts, half cancelled at their first token, evicts cached
+            # blocks while the conversations' last turns are asked again, concurrently
+            flood = [_tokens(rng, rng.randint(300, 500)) for _ in range(10)]
+            jobs = [_generate(stub, p, cancel_after=1 if i % 2 else 0) for i, p in enumerate(flood)]
+            jobs += [_generate(stub, turns[-1]) for turns in conversations]
+            results = await asyncio.gather(*jobs)
+            for i, (p, tokens) in enumerate(zip(flood + [t[-1] for t in conversations], results)):
+                if i < len(flood) and i % 2:
+                    assert tokens[:1] == reference(p)[:1]
+                else:
+                    assert tokens == reference(p), f"request {i} after the flood"
+            assert _summed(cluster, "prefill", "pdserve_prefix_cache_evicted_blocks_total") > 0
+
+            # 3. another tenant's salt finds nothing of the first conversation
+            before = _summed(cluster, "prefill", *hits, tier="worker")
+            assert await _generate(stub, conversations[0][0], salt="tenant-b") == reference(conversations[0][0])
+            assert _summed(cluster, "prefill", *hits, tier="worker") == before
+
+    asyncio.run(run())
+    cluster.wait_idle(timeout=20)
+
+
+def test_colocated_next_turn_finds_the_answer_cached(cluster_factory, model_dir, reference):
+    cluster = cluster_factory("--model", model_dir, "--mode", "colocated")
+    rng = random.Random(20)
+    name = "pdserve_prefix_cache_hit_tokens_total"
+
+    async def run():
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            prompt = _tokens(rng, 37)
+            computed = 0  # tokens of the last turn whose K/V was computed: its prompt and its answer but the last
+            for turn in range(3):
+                before = _summed(cluster, "colocated", name, tier="worker")
+                tokens = await _generate(stub, prompt)
+                assert tokens == reference(prompt), f"turn {turn}"
+                got = _summed(cluster, "colocated", name, tier="worker") - before
+                assert got == computed // BLOCK * BLOCK, f"turn {turn}: the last turn's full blocks were cached"
+                computed = len(prompt) + len(tokens) - 1
+                prompt = prompt + tokens + _tokens(rng, 9)
+
+    asyncio.run(run())
+    cluster.wait_idle(timeout=20)
