@@ -141,6 +141,56 @@ DASHBOARDS = {
                 "timeseries",
             ),
             (
+                "Prefix cache hit rate (prefill and colocated workers)",
+                "percentunit",
+                [
+                    q(
+                        f"sum by (tier) (rate(pdserve_prefix_cache_hit_tokens_total[{RATE}])) / "
+                        f"sum by (tier) (rate(pdserve_prefix_cache_queries_tokens_total[{RATE}]))",
+                        "{{tier}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Prompt tokens looked up, found cached",
+                "short",
+                [
+                    q(
+                        f"sum by (instance) (rate(pdserve_prefix_cache_queries_tokens_total[{RATE}]))",
+                        "looked up {{instance}}",
+                    ),
+                    q(
+                        f"sum by (instance, tier) (rate(pdserve_prefix_cache_hit_tokens_total[{RATE}]))",
+                        "found ({{tier}}) {{instance}}",
+                    ),
+                ],
+                "timeseries",
+            ),
+            (
+                "Cached blocks and evictions",
+                "short",
+                [
+                    q("sum by (instance) (pdserve_prefix_cache_blocks)", "cached {{instance}}"),
+                    q(
+                        f"sum by (instance) (rate(pdserve_prefix_cache_evicted_blocks_total[{RATE}]))",
+                        "evicted/s {{instance}}",
+                    ),
+                ],
+                "timeseries",
+            ),
+            (
+                "Router: prompts by cached prefix at the chosen worker",
+                "reqps",
+                [
+                    q(
+                        f"sum by (policy, outcome) (rate(pdserve_router_prefix_dispatch_total[{RATE}]))",
+                        "{{policy}}: {{outcome}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
                 "KV entries waiting to be pulled",
                 "short",
                 [q("sum by (instance) (pdserve_prefill_published_entries)", "{{instance}}")],

@@ -316,6 +316,11 @@ def router_schema() -> dict:
                 },
                 description="default SLOs; global.slo (the planner's) wins where set",
             ),
+            "prefillPolicy": {
+                "type": "string",
+                "enum": ["kv-aware", "least-loaded"],
+                "description": "--prefill-policy: where prompts go",
+            },
             "service": obj(
                 {
                     "type": {"type": "string", "enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
@@ -362,6 +367,7 @@ def kvstore_schema() -> dict:
             "ttlSeconds": number(0, exclusive=True),
             "hostTierBytes": integer(0),
             "hostTtlSeconds": number(0, exclusive=True),
+            "prefixStoreBytes": integer(0),
             "visibleDevices": string(
                 "NVIDIA_VISIBLE_DEVICES for the daemon (it maps every worker's GPU pool "
                 "without taking GPUs from the device plugin); empty: unset"

@@ -19,6 +19,7 @@ def main(argv=None) -> None:
             model_name=engine.kv_pool.layout.model_id,
             registry=registry,
             stream_interval=args.stream_interval,
+            offer_prefixes=not args.no_prefix_caching,
             **admission_limits(args),
         )
 

@@ -19,12 +19,14 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.background import in_background
+from services.common.block_hashes import block_hashes
 from services.common.enums import Role
 from services.common.errors import ServiceError, invalid
 from services.common.metrics import REQUEST_LATENCY_BUCKETS
 from services.engine.engine import EngineBase
 from services.engine.scheduler import AbortOutcome, DecodeScheduler
-from services.engine.sequence import SequenceStatus
+from services.engine.sequence import Sequence, SequenceStatus
 from services.kvstore.client import KvStoreClient
 from services.runtime.streaming import StreamingWorker, StreamJob
 from services.runtime.worker import register_kvstore_metrics, sequence_for
@@ -71,6 +73,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         model_name: str,
         registry: CollectorRegistry,
         stream_interval: int = 1,
+        offer_prefixes: bool = True,
         **admission_limits: int,
     ):
         super().__init__(
@@ -88,6 +91,8 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
         # daemon may still be writing into its blocks until it notices (it stops at its next
         # copy run, within milliseconds): they return to the pool only after this long.
         self.unsettled_pull_grace_seconds = 5.0
+        # finished requests' blocks go to the node's prefix tier (one-rank pools only)
+        self.offer_prefixes = offer_prefixes and engine.config.ranks == 1
         self.admission_wait = Histogram(
             "pdserve_decode_admission_wait_seconds",
             "Time from a request's arrival until it was given KV blocks.",
@@ -125,6 +130,7 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             request.output_token_ids,
             request.sampling,
             need_output=True,
+            cache_salt=request.cache_salt,
         )
         if not request.kv.kv_id:
             raise invalid("kv.kv_id", "a KV handle is required")
@@ -169,6 +175,17 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
                 self.thread.spawn(self._release_entry(job.handle))
         self._update_gauges()
 
+    def finishing(self, seqs: list[Sequence]) -> None:
+        """Offers each finished sequence's full computed blocks (its prompt and its answer, but the
+        last token, never fed) to the node's prefix tier; they stay held until the daemon has them."""
+        if not self.offer_prefixes:
+            return
+        for seq in seqs:
+            blocks = seq.block_table[: seq.num_cached // self.engine.block_size]
+            if blocks:
+                self.engine.block_manager.share(blocks)
+                self.thread.spawn(self._offer(seq.token_ids[: seq.num_cached], seq.cache_salt, blocks))
+
     def aborted(self, job: StreamJob, outcome: AbortOutcome) -> None:
         if outcome is AbortOutcome.NOT_ADMITTED and job.handle is not None:
             self.thread.spawn(self._release_entry(job.handle))  # nobody will pull it now
@@ -188,6 +205,24 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
             log.exception("request %s: KV pull failed", job.request_id)
             error = grpc.StatusCode.UNKNOWN
         self.thread.post(lambda: self._pulled(job, error))
+
+    async def _offer(self, token_ids: list[int], salt: str, blocks: list[int]) -> None:
+        settled = False  # the daemon reads the blocks no more
+        try:
+            await self.kvstore.offer_prefix(blocks, block_hashes(token_ids, self.engine.block_size, salt))
+            settled = True
+        except grpc.aio.AioRpcError as exc:
+            settled = exc.code() in SETTLED_PULL_FAILURES
+            log.debug("offer to the prefix tier failed: %s", exc.details())
+        finally:
+            if settled:
+                self.thread.post(lambda: self.engine.block_manager.free(blocks))
+            else:  # a copy broken off may still be reading them
+                in_background(self._free_later(blocks))
+
+    async def _free_later(self, blocks: list[int]) -> None:
+        await asyncio.sleep(self.unsettled_pull_grace_seconds)
+        self.thread.post(lambda: self.engine.block_manager.free(blocks))
 
     async def _release_later(self, blocks: list[int]) -> None:
         await asyncio.sleep(self.unsettled_pull_grace_seconds)

@@ -26,6 +26,8 @@ from services.common.block_hashes import extend_block_hashes
 
 from .sequence import Sequence
 
+PREFIX_TIERS = ("worker", "node")
+
 
 class OutOfBlocksError(RuntimeError):
     pass
@@ -72,8 +74,10 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # block hash -> the block holding that K/V
         self._hash_of: dict[int, bytes] = {}  # the reverse, for cached blocks
         self.cache_events = CacheEvents()
-        self.prefix_query_tokens = 0  # tokens of sequences admitted with prefix caching on
-        self.prefix_hit_tokens = 0  # of those, found cached
+        # by tier: "worker", tokens of sequences admitted (with prefix caching on) and those found
+        # in this pool; "node", tokens looked up in the node's prefix tier and those fetched from it
+        self.prefix_query_tokens = dict.fromkeys(PREFIX_TIERS, 0)
+        self.prefix_hit_tokens = dict.fromkeys(PREFIX_TIERS, 0)
         self.prefix_evicted_blocks = 0
 
     # ---- blocks -----------------------------------------------------------------------------------
@@ -198,10 +202,46 @@ class BlockManager:
             seq.num_cached = len(cached) * self.block_size
             seq.num_blocks_entered = len(cached)
         if self.prefix_caching:
-            self.prefix_query_tokens += len(seq.token_ids)
-            self.prefix_hit_tokens += seq.num_cached
+            first, end = seq.fetched_blocks
+            fetched = max(0, min(end, len(cached)) - first) * self.block_size
+            self.prefix_query_tokens["worker"] += len(seq.token_ids)
+            self.prefix_hit_tokens["worker"] += seq.num_cached - fetched
+            self.prefix_hit_tokens["node"] += fetched
         seq.prefix_hit_tokens = seq.num_cached
         self.allocate_seq(seq)
+
+    def cached_blocks(self, hashes: list[bytes]) -> int:
+        """How many of the first blocks (`hashes`, in order) are cached here."""
+        for i, block_hash in enumerate(hashes):
+            if block_hash not in self._cached:
+                return i
+        return len(hashes)
+
+    def hold_for_fetch(self, hashes: list[bytes], count: int) -> tuple[list[int], list[int]] | None:
+        """For a fetch of `count` blocks that continue the cached prefix of `hashes`: holds that
+        prefix's blocks (so that making room does not evict them) and allocates `count` blocks to
+        copy into; None when the pool has no room. Give them back with `enter_fetched` and `free`."""
+        held = [self._cached[h] for h in hashes[: self.cached_blocks(hashes)]]
+        if count + sum(1 for b in held if self._ref_counts[b] == 0) > len(self._free):
+            return None
+        for b in held:
+            if self._ref_counts[b] == 0:
+                del self._free[b]
+            self._ref_counts[b] += 1
+        return held, self.allocate(count)
+
+    def count_node_lookup(self, num_tokens: int) -> None:
+        self.prefix_query_tokens["node"] += num_tokens
+
+    def enter_fetched(self, blocks: list[int], hashes: list[bytes]) -> None:
+        """Blocks allocated for K/V copied in from elsewhere (the node's prefix tier) enter the cache
+        under `hashes`, and are freed: a sequence admitted next finds them as if computed here."""
+        for b, block_hash in zip(blocks, hashes, strict=True):
+            if block_hash not in self._cached:
+                self._cached[block_hash] = b
+                self._hash_of[b] = block_hash
+                self.cache_events.add(True, block_hash)
+        self.free(blocks)
 
     def enter_computed_blocks(self, seq: Sequence) -> None:
         """Enters the sequence's full blocks whose K/V is now computed in the prefix cache. A block

@@ -40,6 +40,12 @@ def parser() -> FlagParser:
     p.add_flag("--ttl-seconds", default=30.0, type=float, help="unpulled entries move to the host tier after this")
     p.add_flag("--host-tier-bytes", default=1 << 30, type=int, help="host-memory tier capacity (0: off)")
     p.add_flag("--host-ttl-seconds", default=600.0, type=float, help="host-tier entries expire after this")
+    p.add_flag(
+        "--prefix-store-bytes",
+        default=1 << 30,
+        type=int,
+        help="host memory of the prefix tier: full blocks workers offer, for any worker of the node (0: off)",
+    )
     p.add_flag("--transfer-timeout-seconds", default=30.0, type=float, help="limit of one UCX transfer")
     p.add_flag("--connect-timeout-seconds", default=5.0, type=float, help="limit of connecting to a peer daemon")
     p.add_flag(
@@ -73,6 +79,7 @@ async def serve(args) -> None:
         ttl_seconds=args.ttl_seconds,
         host_tier_bytes=args.host_tier_bytes,
         host_ttl_seconds=args.host_ttl_seconds,
+        prefix_store_bytes=args.prefix_store_bytes,
         transfer_timeout_seconds=args.transfer_timeout_seconds,
         connect_timeout_seconds=args.connect_timeout_seconds,
         watch_grace_seconds=args.watch_grace_seconds,

@@ -6,6 +6,8 @@
     ...                                                               # until on_released(kv_id, ...)
     response = await client.pull(dst_block_ids, handle)              # decode: KV lands in its blocks
     await client.release(handle)                                     # nobody will pull it
+    await client.offer_prefix(block_ids, hashes)                     # the node's prefix tier
+    response = await client.fetch_prefix(hashes, dst_block_ids)      #   copies in, and back out
     await client.close()                                             # ends the watch: pool dropped
 
 `on_released(kv_id, block_ids, reason)` (a function or a coroutine function) is where the worker
@@ -173,6 +175,26 @@ class KvStoreClient:
             kvstore_pb2.ReleaseRequest(kv_id=kv_id, pool_id=self.pool_id), timeout=timeout
         )
         return response.released
+
+    async def offer_prefix(
+        self, block_ids: list[int], block_hashes: list[bytes], timeout: float | None = 10.0
+    ) -> kvstore_pb2.OfferPrefixResponse:
+        """Has the node's prefix tier copy those of our blocks it lacks (keep them unchanged until
+        this returns)."""
+        return await self.stub().OfferPrefix(
+            kvstore_pb2.OfferPrefixRequest(pool_id=self.pool_id, block_ids=block_ids, block_hashes=block_hashes),
+            timeout=timeout,
+        )
+
+    async def fetch_prefix(
+        self, block_hashes: list[bytes], block_ids: list[int] | None = None, timeout: float | None = 10.0
+    ) -> kvstore_pb2.FetchPrefixResponse:
+        """How many leading blocks of the prefix the node's prefix tier holds; with `block_ids`,
+        also copies them into those blocks of our pool."""
+        return await self.stub().FetchPrefix(
+            kvstore_pb2.FetchPrefixRequest(pool_id=self.pool_id, block_hashes=block_hashes, block_ids=block_ids or []),
+            timeout=timeout,
+        )
 
     async def stats(self, address: str = "") -> kvstore_pb2.KvStoreStats:
         return await self.stub(address).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=10.0)

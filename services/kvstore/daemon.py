@@ -21,14 +21,16 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.block_hashes import HASH_BYTES
 from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import OWNER_PROOF_BYTES, SHM_DIR, KvLayout, KvPool
 
 from .block_runs import CopyStopped, RankRows, copy_pieces
-from .entries import EntryTable, KvEntry, check_block_ids, host_parts
+from .entries import EntryTable, KvEntry, PoolRecord, check_block_ids, host_parts
 from .host_tier import HostTier
 from .metrics import KvStoreMetrics
+from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, rank_layout, resharding_plan
 from .ucx_transfer import UcxPuller, UcxTransferServer
 
@@ -46,6 +48,7 @@ class KvStoreConfig:
     ttl_seconds: float = 30.0
     host_tier_bytes: int = 1 << 30
     host_ttl_seconds: float = 600.0
+    prefix_store_bytes: int = 1 << 30
     transfer_timeout_seconds: float = 30.0
     connect_timeout_seconds: float = 5.0
     watch_grace_seconds: float = 30.0  # a registered pool nobody watches is dropped after this
@@ -59,8 +62,11 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
     def __init__(self, config: KvStoreConfig, registry: CollectorRegistry):
         self.config = config
         self.table = EntryTable(HostTier(config.host_tier_bytes, config.host_ttl_seconds))
+        self.prefix = PrefixStore(config.prefix_store_bytes)
         self.metrics = KvStoreMetrics(registry)
-        self.metrics.bind_state(self.table.count, lambda: self.table.host.used_bytes, lambda: len(self.table.pools))
+        self.metrics.bind_state(
+            self.table.count, lambda: self.table.host.used_bytes, lambda: len(self.table.pools), self.prefix
+        )
         self.ucx_server = UcxTransferServer(self.table, config.transfer_timeout_seconds, self._count_sent)
         self.puller = UcxPuller(config.connect_timeout_seconds, config.transfer_timeout_seconds)
         self.transfer_address = ""
@@ -196,8 +202,71 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             entries_device=self.table.count("device"),
             entries_host=self.table.count("host"),
             host_tier_bytes=self.table.host.used_bytes,
+            prefix_blocks=self.prefix.num_blocks,
+            prefix_pinned_rows=self.prefix.num_pinned,
             **self.totals,
         )
+
+    # ---- the prefix tier --------------------------------------------------------------------
+    async def OfferPrefix(self, request, context):
+        record, pool, hashes = self._prefix_request(request)
+        ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
+        if len(ids) != len(hashes):
+            raise invalid("block_ids", f"{len(ids)} blocks for {len(hashes)} block_hashes")
+        fingerprint = record.layout.fingerprint()
+        evictions = self.prefix.evictions
+        rows, reserved = self.prefix.reserve(fingerprint, pool.layout.block_bytes, hashes, pin_memory=record.on_cuda)
+        self.metrics.prefix_evicted.inc(self.prefix.evictions - evictions)
+        try:
+            await to_the_end(
+                copy_rows, pool.block_bytes_view(), [ids[i] for i, _ in reserved], rows, [r for _, r in reserved]
+            )
+        except BaseException:
+            self.prefix.cancel(fingerprint, reserved)
+            raise
+        self.prefix.commit(fingerprint, hashes, reserved)
+        self.metrics.prefix_offered.labels("stored").inc(len(reserved))
+        self.metrics.prefix_offered.labels("present").inc(len(hashes) - len(reserved))
+        return kvstore_pb2.OfferPrefixResponse(stored=len(reserved), present=len(hashes) - len(reserved))
+
+    async def FetchPrefix(self, request, context):
+        record, pool, hashes = self._prefix_request(request)
+        fingerprint = record.layout.fingerprint()
+        if not request.block_ids:
+            return kvstore_pb2.FetchPrefixResponse(num_blocks=self.prefix.lookup(fingerprint, hashes))
+        ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
+        if len(ids) > len(hashes):
+            raise invalid("block_ids", f"{len(ids)} blocks for {len(hashes)} block_hashes")
+        started = time.perf_counter()
+        rows_tensor, rows = self.prefix.take(fingerprint, hashes[: len(ids)])
+        try:
+            nbytes = await to_the_end(copy_rows, rows_tensor, rows, pool.block_bytes_view(), ids[: len(rows)])
+        finally:
+            self.prefix.unpin(fingerprint, rows)
+        seconds = time.perf_counter() - started
+        self.metrics.prefix_fetched.inc(len(rows))
+        if rows:
+            self.metrics.pulls.labels("prefix").inc()
+            self.metrics.transferred_bytes.labels("prefix").inc(nbytes)
+            self.metrics.transfer_duration.labels("prefix").observe(seconds)
+        return kvstore_pb2.FetchPrefixResponse(num_blocks=len(rows), bytes=nbytes, seconds=seconds)
+
+    def _prefix_request(self, request) -> tuple[PoolRecord, KvPool, list[bytes]]:
+        record = self.table.pool(request.pool_id)
+        if len(record.kv_pools) != 1:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"pool_id: the prefix tier holds blocks of one-rank pools; {request.pool_id!r} has "
+                f"{len(record.kv_pools)} ranks",
+            )
+        if not request.block_hashes:
+            raise invalid("block_hashes", "empty")
+        bad = next((i for i, h in enumerate(request.block_hashes) if len(h) != HASH_BYTES), None)
+        if bad is not None:
+            raise invalid(
+                f"block_hashes[{bad}]", f"{len(request.block_hashes[bad])} bytes, a block hash has {HASH_BYTES}"
+            )
+        return record, record.kv_pools[0], list(request.block_hashes)
 
     # ---- pulls ------------------------------------------------------------------------------
     async def _counted_pull(self, request) -> tuple[int, str]:
@@ -353,6 +422,34 @@ async def copy_until_cancelled(src: list[RankRows], dst: list[RankRows], pieces:
         if error is not None and not isinstance(error, CopyStopped):
             log.error("copy of a cancelled pull failed: %r", error)
         raise
+
+
+async def to_the_end(fn, *args):
+    """fn(*args) in a worker thread. A cancelled caller (its client's deadline, or it went away)
+    still waits for the thread to end before it raises: the blocks and rows it copies may not be
+    handed back while it does."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # a second cancellation (server stop) must not end the wait early
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                pass
+        raise
+
+
+def copy_rows(src: torch.Tensor, src_rows: list[int], dst: torch.Tensor, dst_rows: list[int]) -> int:
+    """dst[dst_rows] = src[src_rows], raw block rows between a pool and the prefix tier (either way,
+    a GPU pool included); returns the bytes copied."""
+    if not src_rows:
+        return 0
+    data = src[torch.tensor(src_rows, device=src.device)]
+    dst[torch.tensor(dst_rows, device=dst.device)] = data.to(dst.device)
+    if src.is_cuda or dst.is_cuda:
+        torch.cuda.synchronize()
+    return data.numel()
 
 
 def layout_from_proto(layout: kvstore_pb2.PoolLayout) -> KvLayout:

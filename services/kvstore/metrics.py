@@ -9,7 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import TRANSFER_LATENCY_BUCKETS
 
-PATHS = ("local", "ucx", "host")  # label values of `path`, as in PullResponse.path
+from .prefix_store import PrefixStore
+
+# label values of `path`: as in PullResponse.path, and "prefix" (FetchPrefix, from the prefix tier)
+PATHS = ("local", "ucx", "host", "prefix")
 # the failure reasons seen in practice, pre-created at zero; others still appear when they occur
 FAILURE_REASONS = ("not_found", "unavailable", "deadline_exceeded", "failed_precondition", "internal")
 
@@ -66,6 +69,28 @@ class KvStoreMetrics:
             "pdserve_kvstore_host_tier_bytes", "Bytes of the host-memory tier in use.", registry=registry
         )
         self.pools = Gauge("pdserve_kvstore_pools", "Registered worker pools.", registry=registry)
+        self.prefix_offered = Counter(
+            "pdserve_kvstore_prefix_offered_blocks_total",
+            "Blocks workers offered to the prefix tier: stored, or present already.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.prefix_fetched = Counter(
+            "pdserve_kvstore_prefix_fetched_blocks_total",
+            "Blocks copied from the prefix tier into a worker's pool.",
+            registry=registry,
+        )
+        self.prefix_evicted = Counter(
+            "pdserve_kvstore_prefix_evicted_blocks_total",
+            "Prefix-tier blocks dropped for newer ones (least recently used first).",
+            registry=registry,
+        )
+        self.prefix_blocks = Gauge("pdserve_kvstore_prefix_blocks", "Blocks in the prefix tier.", registry=registry)
+        self.prefix_bytes = Gauge(
+            "pdserve_kvstore_prefix_bytes", "Host-memory bytes of the prefix tier's blocks.", registry=registry
+        )
+        for outcome in ("stored", "present"):
+            self.prefix_offered.labels(outcome)
         for path in PATHS:  # so that every series exists from the start (rate() needs a zero)
             self.transferred_bytes.labels(path)
             self.pulls.labels(path)
@@ -74,9 +99,15 @@ class KvStoreMetrics:
             self.failures.labels(reason)
 
     def bind_state(
-        self, entries: Callable[[str], int], host_bytes: Callable[[], int], pools: Callable[[], int]
+        self,
+        entries: Callable[[str], int],
+        host_bytes: Callable[[], int],
+        pools: Callable[[], int],
+        prefix: PrefixStore,
     ) -> None:
         """Gauges read the daemon's state when scraped (nothing to keep in sync)."""
+        self.prefix_blocks.set_function(lambda: prefix.num_blocks)
+        self.prefix_bytes.set_function(lambda: prefix.used_bytes)
         for tier in ("device", "host"):
             self.entries.labels(tier).set_function(partial(entries, tier))
         self.host_tier_bytes.set_function(host_bytes)

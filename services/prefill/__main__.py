@@ -18,6 +18,7 @@ def main(argv=None) -> None:
             node_id=args.node_id,
             model_name=engine.kv_pool.layout.model_id,
             registry=registry,
+            node_prefix_fetch=args.node_prefix_fetch,
             **admission_limits(args),
         )
 

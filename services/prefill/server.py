@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.admission import Admission, refusals_counter
 from services.common.background import in_background
+from services.common.block_hashes import block_hashes
 from services.common.enums import ReleaseReason, Role
 from services.common.errors import ServiceError
 from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
@@ -39,6 +40,37 @@ from services.runtime.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# After a prefix fetch that failed mid-copy (our deadline passed) the daemon may still write into
+# its blocks until it notices: they return to the pool only after this long.
+UNSETTLED_COPY_GRACE_SECONDS = 5.0
+
+
+class FetchCost:
+    """What fetching from the node's prefix tier costs here, measured (recent averages): a round
+    trip to the daemon, and seconds per block copied. A fetch pays when it costs less than
+    computing the same tokens at the worker's measured prefill rate."""
+
+    def __init__(self, alpha: float = 0.2, always: bool = False):
+        self.alpha = alpha
+        self.always = always  # --node-prefix-fetch always
+        self.lookup_seconds = 0.0
+        self.seconds_per_block = 0.0  # 0: not measured yet
+
+    def _average(self, old: float, sample: float) -> float:
+        return sample if old == 0 else self.alpha * sample + (1 - self.alpha) * old
+
+    def observe_lookup(self, seconds: float) -> None:
+        self.lookup_seconds = self._average(self.lookup_seconds, seconds)
+
+    def observe_fetch(self, seconds: float, blocks: int) -> None:
+        self.seconds_per_block = self._average(self.seconds_per_block, max(0.0, seconds - self.lookup_seconds) / blocks)
+
+    def pays(self, blocks: int, compute_seconds: float) -> bool:
+        if self.always or self.seconds_per_block == 0 or compute_seconds == 0:
+            return True  # (nothing measured yet: try, and measure)
+        return self.lookup_seconds + blocks * self.seconds_per_block < compute_seconds
 
 
 class Outcome(StrEnum):
@@ -120,8 +152,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         registry: CollectorRegistry,
         max_inflight_requests: int = 0,
         max_queued_prompt_tokens: int = 0,
+        node_prefix_fetch: str = "measured",
     ):
         self.engine = engine
+        # prefix caching and a one-rank pool: the node's prefix tier can fill this worker's cache
+        self.node_prefix_tier = engine.block_manager.prefix_caching and engine.config.ranks == 1
+        self.fetch_cost = FetchCost(always=node_prefix_fetch == "always")
         self.kvstore = kvstore
         self.worker_id = worker_id
         self.node_id = node_id
@@ -168,6 +204,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             self.metrics.requests.labels(Outcome.INVALID).inc()
             raise
         ticket = self.admission.admit(len(seq.token_ids))  # past a bound: RESOURCE_EXHAUSTED at once
+        if self.node_prefix_tier:
+            try:
+                await self._fetch_node_prefix(seq)
+            except BaseException:
+                ticket.release()
+                raise
         job = PrefillJob(seq, asyncio.get_running_loop().create_future())
         self.thread.post(lambda: self.submit(job))
         try:
@@ -286,6 +328,63 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.queue_tokens.set(self.scheduler.queued_tokens)
 
     # ---- asyncio side -------------------------------------------------------------------------
+    async def _fetch_node_prefix(self, seq: Sequence) -> None:
+        """Copies what the node's prefix tier holds of the sequence's prefix beyond this worker's
+        own cache into that cache, when that takes less than computing it (FetchCost), so that the
+        prefill computes only the rest. Best effort: on any failure the prefill computes it all."""
+        blocks, bs = self.engine.block_manager, self.engine.block_size
+        wanted = (len(seq.token_ids) - 1) // bs
+        if not wanted:
+            return
+        hashes = block_hashes(seq.token_ids[: wanted * bs], bs, seq.cache_salt)
+        local = await self.thread.call(lambda: blocks.cached_blocks(hashes))
+        if local == wanted:
+            return
+        started = time.monotonic()
+        try:
+            held = (await self.kvstore.fetch_prefix(hashes[local:])).num_blocks
+        except grpc.aio.AioRpcError as exc:
+            log.debug("prefix tier lookup failed: %s", exc.details())
+            return
+        self.fetch_cost.observe_lookup(time.monotonic() - started)
+        self.thread.post(lambda: blocks.count_node_lookup((wanted - local) * bs))
+        if not held or not self.fetch_cost.pays(held, held * bs * self.prefill_rate.seconds_per_token):
+            return
+        room = await self.thread.call(lambda: blocks.hold_for_fetch(hashes, held))
+        if room is None:
+            return
+        prefix, fresh = room
+        first = len(prefix)
+        got, settled = 0, False  # settled: the daemon writes no more into `fresh`
+        started = time.monotonic()
+        try:
+            response = await self.kvstore.fetch_prefix(hashes[first : first + held], fresh)
+            got, settled = response.num_blocks, True
+            # an emulated device's copy lasts what its profile says for the real bytes
+            await asyncio.sleep(self.engine.min_transfer_seconds(got * bs) - (time.monotonic() - started))
+            if got:
+                self.fetch_cost.observe_fetch(time.monotonic() - started, got)
+        except grpc.aio.AioRpcError as exc:
+            got, settled = 0, exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+            log.debug("prefix tier fetch failed: %s", exc.details())
+        finally:
+            if settled:
+                self.thread.post(lambda: self._fetched(fresh, hashes[first : first + got], prefix))
+            else:  # the daemon may still be writing them: out of use for a while
+                self.thread.post(lambda: blocks.free(prefix))
+                in_background(self._free_later(fresh))
+        seq.fetched_blocks = (first, first + got)
+
+    def _fetched(self, fresh: list[int], hashes: list[bytes], prefix: list[int]) -> None:
+        """Engine thread: the fetched blocks enter the cache, the rest go back."""
+        blocks = self.engine.block_manager
+        blocks.enter_fetched(fresh[: len(hashes)], hashes)
+        blocks.free(fresh[len(hashes) :] + prefix)
+
+    async def _free_later(self, fresh: list[int]) -> None:
+        await asyncio.sleep(UNSETTLED_COPY_GRACE_SECONDS)
+        self.thread.post(lambda: self.engine.block_manager.free(fresh))
+
     def _on_released(self, kv_id: str, block_ids: list[int], reason: ReleaseReason) -> None:
         self.thread.post(lambda: self.scheduler.release(kv_id))
 

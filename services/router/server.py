@@ -388,6 +388,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             output_token_ids=state.outputs,
             sampling=state.sampling,
             kv=state.handle,
+            cache_salt=state.cache_salt,
         )
         produced = 0
         try:

@@ -159,6 +159,10 @@ class StreamingWorker:
     def before_step(self) -> None:
         """Engine thread, before each step."""
 
+    def finishing(self, seqs: list[Sequence]) -> None:
+        """Engine thread: these sequences finished (stop or length) and their blocks are about to
+        be freed."""
+
     def step(self) -> None:
         """Engine thread: one scheduler step, its tokens delivered to their streams."""
         self.before_step()
@@ -186,6 +190,7 @@ class StreamingWorker:
             self.fail(plan, f"engine step failed: {exc!r}")
             return
         ended = time.monotonic()
+        self.finishing([out.seq for out in outputs if out.finish_reason])
         self.scheduler.finish_step(plan)
         self._record(plan, outputs, started, ended - started, lengths, cached)
         for out in outputs:

@@ -26,6 +26,7 @@ from services.common.latency_profile import LatencyProfile
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
 from services.common.tls import TlsFiles, socket_context
+from services.engine.block_manager import PREFIX_TIERS
 from services.engine.config import BACKENDS, EngineConfig, SamplingParams
 from services.engine.emulated import DEFAULT_KV_SCALE, EmulatedEngine
 from services.engine.engine import Engine, EngineBase
@@ -156,8 +157,15 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
         "--no-prefix-caching",
         default=False,
         action="store_true",
-        help="prefill and colocated workers: compute every prompt whole, keeping no computed blocks for later "
-        "prompts with the same prefix (a decode worker computes no prompts but recomputes, and caches nothing)",
+        help="compute every prompt whole: a prefill or colocated worker keeps no computed blocks for later prompts "
+        "with the same prefix and fetches none from its node's prefix tier; a decode worker offers none to it",
+    )
+    parser.add_flag(
+        "--node-prefix-fetch",
+        default="measured",
+        choices=["measured", "always"],
+        help="prefill workers: fetch a prefix from the node's prefix tier only when the measured cost of a fetch is "
+        "below that of computing it (measured), or whenever the tier holds more of it than this worker (always)",
     )
     if role in (Role.PREFILL, Role.DECODE):
         parser.add_flag("--kvstore", default="127.0.0.1:7100", help="gRPC address of this node's kvstore daemon")
@@ -327,10 +335,8 @@ class _KvStoreRegistrationCollector(Collector):
 
 
 class _PrefixCacheCollector(Collector):
-    """Prefix caching (engine/block_manager.py): tokens looked up and found, by tier. A worker finds
-    blocks in its own pool (tier "worker")."""
-
-    TIERS = ("worker",)
+    """Prefix caching (engine/block_manager.py): tokens looked up and found, by tier: in the worker's
+    own pool ("worker"), in its node's prefix tier ("node": a prefill worker fetches from it)."""
 
     def __init__(self, engine: EngineBase):
         self.blocks = engine.block_manager
@@ -346,9 +352,9 @@ class _PrefixCacheCollector(Collector):
             "Prompt tokens whose K/V was found in the prefix cache, by where it was found.",
             labels=["tier"],
         )
-        for tier in self.TIERS:
-            queries.add_metric([tier], self.blocks.prefix_query_tokens)
-            hits.add_metric([tier], self.blocks.prefix_hit_tokens)
+        for tier in PREFIX_TIERS:
+            queries.add_metric([tier], self.blocks.prefix_query_tokens[tier])
+            hits.add_metric([tier], self.blocks.prefix_hit_tokens[tier])
         yield queries
         yield hits
         yield GaugeMetricFamily(

@@ -1,11 +1,14 @@
 """Prefix caching through the whole system (issue 19): real clusters started with `pdserve up`.
 
-Disaggregated (2 prefill workers, small pools): multi-turn conversations over a shared system
-prompt, one turn at a time, go to the prefill worker that holds their prefix (KV-aware dispatch:
-the router's index of the workers' caches) and compute only what is new, exactly as many tokens
-as the cached blocks leave (metric deltas); then a concurrent flood of long prompts, half of them
-cancelled, evicts cached blocks while conversations go on; a salted request finds nothing. Every
-output equals transformers' greedy `generate`, and afterwards every pool and the kvstore are idle.
+Disaggregated (2 prefill workers, a decode worker, small pools): multi-turn conversations over a
+shared system prompt, one turn at a time, go to the prefill worker that holds their prefix
+(KV-aware dispatch: the router's index of the workers' caches), which finds their earlier prompt in
+its own cache (tier "worker") and the earlier answer, which the decode worker offered to the
+node's prefix tier when it finished, in the kvstore daemon (tier "node"), and computes only the
+new message: exactly as many tokens hit in each tier as the blocks allow (metric deltas). Then a
+concurrent flood of long prompts, half of them cancelled, evicts cached blocks while conversations
+go on; a salted request finds nothing in either tier. Every output equals transformers' greedy
+`generate`, and afterwards every pool and the kvstore are idle (no prefix-tier row held).
 
 Colocated: a conversation's next turn finds the previous answer's blocks cached too (they were
 computed on the same worker), and computes only the new message.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import grpc
 import pytest
@@ -92,41 +96,69 @@ def reference(model_dir):
     return Reference(model_dir)
 
 
-def test_disaggregated_turns_hit_their_prefill_workers_cache_exactly(cluster_factory, model_dir, reference):
+def _wait_decode_idle(cluster) -> None:
+    """The decode worker holds a finished request's blocks until the node's prefix tier has them."""
+    deadline = time.monotonic() + 10
+    while not all(s.kv_blocks_free == s.kv_blocks_total for s in cluster.worker_stats("decode")):
+        assert time.monotonic() < deadline, "the decode worker kept blocks"
+        time.sleep(0.02)
+
+
+def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_factory, model_dir, reference):
     cluster = cluster_factory(
-        "--model", model_dir, "--prefill", "2", "--decode", "1", "--kv-cache-gb", _pool_gb(model_dir)
+        "--model",
+        model_dir,
+        "--prefill",
+        "2",
+        "--decode",
+        "1",
+        "--kv-cache-gb",
+        _pool_gb(model_dir),
+        "--worker-arg=--node-prefix-fetch always",  # (measured: whether a fetch pays depends on timing)
     )
     rng = random.Random(19)
     system = _tokens(rng, 4 * BLOCK)
     hits = ("pdserve_prefix_cache_hit_tokens_total",)
     queries = "pdserve_prefix_cache_queries_tokens_total"
 
+    def tier_hits() -> tuple[float, float]:
+        return tuple(_summed(cluster, "prefill", *hits, tier=tier) for tier in ("worker", "node"))  # type: ignore[return-value]
+
     async def run():
         async with grpc.aio.insecure_channel(cluster.router) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             # 1. four conversations of three turns, one request at a time
             prompts: list[list[int]] = []
-            expected_hits = 0
+            expected = [0, 0]
             conversations = []
             for c in range(4):
                 prompt = system + _tokens(rng, rng.randint(5, 30))
-                turns = []
+                turns: list[list[int]] = []
+                answers: list[list[int]] = []
                 for turn in range(3):
-                    before = _summed(cluster, "prefill", *hits, tier="worker")
+                    before = tier_hits()
                     tokens = await _generate(stub, prompt)
                     assert tokens == reference(prompt), f"conversation {c} turn {turn}"
-                    got = _summed(cluster, "prefill", *hits, tier="worker") - before
-                    # the system prompt was cached by the first conversation; a later turn finds its
-                    # last prompt's full blocks (the answer was computed by the decode worker)
-                    want = 0 if c == turn == 0 else (4 * BLOCK if turn == 0 else len(turns[-1]) // BLOCK * BLOCK)
-                    assert got == want, f"conversation {c} turn {turn}: {got} tokens hit, expected {want}"
-                    expected_hits += want
+                    _wait_decode_idle(cluster)
+                    got = [after - b for after, b in zip(tier_hits(), before)]
+                    # The system prompt was cached by the first conversation. A later turn finds its
+                    # last prompt's full blocks at its prefill worker, and the blocks of the answer
+                    # that the decode worker computed, offered to the node's prefix tier, there.
+                    if turn == 0:
+                        want = [0 if c == 0 else 4 * BLOCK, 0]
+                    else:
+                        last, answer = turns[-1], answers[-1]
+                        in_worker = len(last) // BLOCK * BLOCK
+                        want = [in_worker, (len(last) + len(answer) - 1) // BLOCK * BLOCK - in_worker]
+                    assert got == want, f"conversation {c} turn {turn}: (worker, node) hits {got}, expected {want}"
+                    expected = [e + w for e, w in zip(expected, want)]
                     prompts.append(prompt)
                     turns.append(prompt)
+                    answers.append(tokens)
                     prompt = prompt + tokens + _tokens(rng, rng.randint(3, 20))
                 conversations.append(turns)
             assert _summed(cluster, "prefill", queries, tier="worker") == sum(len(p) for p in prompts)
-            assert _summed(cluster, "prefill", *hits, tier="worker") == expected_hits
+            assert list(tier_hits()) == expected and expected[1] > 0
             assert _summed(cluster, "router", "pdserve_router_prefix_dispatch_total", outcome="hit") >= 11
 
             # 2. a flood of long prompts, half cancelled at their first token, evicts cached
@@ -142,13 +174,15 @@ def test_disaggregated_turns_hit_their_prefill_workers_cache_exactly(cluster_fac
                     assert tokens == reference(p), f"request {i} after the flood"
             assert _summed(cluster, "prefill", "pdserve_prefix_cache_evicted_blocks_total") > 0
 
-            # 3. another tenant's salt finds nothing of the first conversation
-            before = _summed(cluster, "prefill", *hits, tier="worker")
-            assert await _generate(stub, conversations[0][0], salt="tenant-b") == reference(conversations[0][0])
-            assert _summed(cluster, "prefill", *hits, tier="worker") == before
+            # 3. another tenant's salt finds nothing of the first conversation, in either tier
+            before = tier_hits()
+            salted = conversations[0][1]
+            assert await _generate(stub, salted, salt="tenant-b") == reference(salted)
+            assert tier_hits() == before
 
     asyncio.run(run())
     cluster.wait_idle(timeout=20)
+    assert all(s.prefix_pinned_rows == 0 and s.prefix_blocks > 0 for s in cluster.kvstore_stats())
 
 
 def test_colocated_next_turn_finds_the_answer_cached(cluster_factory, model_dir, reference):

@@ -1,8 +1,9 @@
 """The kvstore daemon for real: daemon processes on loopback, real gRPC, real UCX (tcp), pools in
 POSIX shared memory allocated by this test process (standing in for prefill/decode workers).
 
-Nodes: A and B (TTL 30 s) for transfers; C (TTL 1 s, host TTL 3 s, an 8-block host tier) for
-the host tier; D only for the SIGTERM test. Every test leaves every daemon without entries or pools.
+Nodes: A and B (TTL 30 s) for transfers; C (TTL 1 s, host TTL 3 s, an 8-block host tier, an
+8-block prefix tier) for the host and prefix tiers; D only for the SIGTERM test. Every test leaves
+every daemon without entries or pools, and no prefix-tier row held by a copy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.block_hashes import HASH_BYTES
 from services.engine.kv_cache import InstanceKv, KvLayout, KvPool
 from services.kvstore.client import KvStoreClient
 from services.kvstore.shards import instance_shards, rank_layout
@@ -35,6 +37,7 @@ LAYOUT = KvLayout(
 )
 BLOCK_BYTES = LAYOUT.block_bytes
 HOST_TIER_BLOCKS = 8
+PREFIX_TIER_BLOCKS = 8
 
 
 @dataclass
@@ -140,6 +143,8 @@ def nodes(tmp_path_factory):
             "3",
             "--host-tier-bytes",
             str(HOST_TIER_BLOCKS * BLOCK_BYTES),
+            "--prefix-store-bytes",
+            str(PREFIX_TIER_BLOCKS * BLOCK_BYTES),
         ),
         # D takes its settings from the environment, as in a container.
         "D": launch("D", log_dir, env={"PDSERVE_NODE_ID": "D", "PDSERVE_TTL_SECONDS": "30"}),
@@ -166,7 +171,13 @@ def leaves_nothing_behind(nodes):
             continue
         while True:
             s = daemon.stats()
-            if s.pools == 0 and s.entries_device == 0 and s.entries_host == 0 and s.host_tier_bytes == 0:
+            if (
+                s.pools == 0
+                and s.entries_device == 0
+                and s.entries_host == 0
+                and s.host_tier_bytes == 0
+                and s.prefix_pinned_rows == 0
+            ):
                 break
             assert time.monotonic() < deadline, f"node {daemon.node_id} kept state after the test:\n{s}"
             time.sleep(0.05)
@@ -284,6 +295,61 @@ def test_same_node_pull_is_a_local_copy(nodes):
     after = a.stats()
     assert after.bytes_local - before.bytes_local == 4 * BLOCK_BYTES
     assert after.bytes_ucx_sent == before.bytes_ucx_sent
+
+
+def test_the_prefix_tier_keeps_offered_blocks_for_every_pool_of_the_node(nodes):
+    """A decode worker's finished blocks, offered under their hashes, reach a prefill worker's pool
+    byte for byte; a block offered twice is stored once; the least recently used go first when the
+    8-block tier is full; bad requests are refused naming the field, before anything is copied."""
+    c = nodes["C"]
+    hashes = [bytes([i]) * HASH_BYTES for i in range(10)]
+
+    async def scenario():
+        async with Worker(c, "decode-c") as decode, Worker(c, "prefill-c") as prefill, Worker(c, "tp2", tp=2) as tp2:
+            data = decode.fill_random([3, 4, 5, 6, 7, 8], seed=11)
+            response = await decode.client.offer_prefix([3, 4, 5, 6, 7, 8], hashes[:6])
+            assert (response.stored, response.present) == (6, 0)
+            response = await decode.client.offer_prefix([3, 4], hashes[:2])
+            assert (response.stored, response.present) == (0, 2)
+            # how much is held (a prefix: it stops at the first missing hash), then a copy of it
+            assert (await prefill.client.fetch_prefix(hashes[:4] + hashes[9:] + hashes[4:6])).num_blocks == 4
+            response = await prefill.client.fetch_prefix(hashes[:6], [10, 11, 12, 13, 14, 15])
+            assert (response.num_blocks, response.bytes) == (6, 6 * BLOCK_BYTES)
+            assert torch.equal(prefill.rows[10:16], data)
+            # four more blocks: the two least recently used make room
+            await decode.client.offer_prefix([20, 21, 22, 23], hashes[6:10])
+            assert (await prefill.client.fetch_prefix(hashes)).num_blocks == 0
+            assert (await prefill.client.fetch_prefix(hashes[2:])).num_blocks == 8
+            # refused, naming the field
+            for request, field in (
+                ({"block_hashes": [b"short"], "block_ids": [1]}, "block_hashes[0]"),
+                ({"block_hashes": hashes[:2], "block_ids": [1]}, "block_ids"),
+                ({"block_hashes": [], "block_ids": []}, "block_hashes"),
+                ({"block_hashes": hashes[:1], "block_ids": [LAYOUT.num_blocks]}, "block_ids"),
+            ):
+                details = await expect_rpc_error(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    decode.client.stub().OfferPrefix(
+                        kvstore_pb2.OfferPrefixRequest(pool_id=decode.client.pool_id, **request)
+                    ),
+                )
+                assert details.startswith(field), details
+            details = await expect_rpc_error(
+                grpc.StatusCode.FAILED_PRECONDITION, tp2.client.offer_prefix([1], hashes[:1])
+            )
+            assert details.startswith("pool_id"), details
+            await expect_rpc_error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                prefill.client.stub().FetchPrefix(
+                    kvstore_pb2.FetchPrefixRequest(pool_id="nobody", block_hashes=hashes[:1])
+                ),
+            )
+
+    run(scenario())
+    stats = c.stats()
+    assert (stats.prefix_blocks, stats.prefix_pinned_rows) == (PREFIX_TIER_BLOCKS, 0)
+    assert c.metric("pdserve_kvstore_prefix_evicted_blocks_total") == 2
+    assert c.metric("pdserve_kvstore_prefix_offered_blocks_total", outcome="present") == 2
 
 
 def test_concurrent_pulls_across_nodes_are_byte_exact(nodes):

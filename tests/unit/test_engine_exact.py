@@ -297,7 +297,7 @@ def test_prefix_cache_hits_match_transformers(arch, backend, tp, pp, chunked, ma
     )
     assert second[4].prefix_hit_tokens == 48 and salted.prefix_hit_tokens == 0
     check(first + second + [salted])
-    computed = blocks.prefix_query_tokens - blocks.prefix_hit_tokens
+    computed = blocks.prefix_query_tokens["worker"] - blocks.prefix_hit_tokens["worker"]
     assert computed == sum(
         len(s.token_ids) - s.num_output_tokens - s.prefix_hit_tokens for s in first + second + [salted]
     )

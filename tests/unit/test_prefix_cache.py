@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import pytest
+
 from pdserve.v1 import common_pb2
 from services.common.block_hashes import block_hashes
 from services.common.enums import Role
@@ -14,6 +16,8 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import SamplingParams
 from services.engine.scheduler import PrefillScheduler, take_prefill_batch
 from services.engine.sequence import Sequence
+from services.kvstore.prefix_store import PrefixStore
+from services.prefill.server import FetchCost
 from services.router.policies import pick_colocated, pick_prefill
 from services.router.prefix_index import PrefixIndex, PrefixRoutingMetrics, PromptPrefix
 from services.router.registry import Endpoint
@@ -65,7 +69,7 @@ def test_a_prefix_is_computed_once_shared_while_held_and_kept_after():
     # a prompt entirely cached still computes its last token: 8 tokens cached of [0..8)
     again = _seq("d", list(range(8)))
     assert len(blocks.cached_prefix(again)) == 1
-    assert (blocks.prefix_query_tokens, blocks.prefix_hit_tokens) == (21, 8)
+    assert (blocks.prefix_query_tokens["worker"], blocks.prefix_hit_tokens["worker"]) == (21, 8)
 
 
 def test_cached_blocks_are_evicted_last_and_least_recently_used_first():
@@ -189,3 +193,54 @@ def test_the_router_enters_what_it_sent_and_counts_its_decisions():
     assert metrics.dispatched.labels(Role.PREFILL, "kv-aware", "miss")._value.get() == 1
     assert metrics.dispatched.labels(Role.PREFILL, "kv-aware", "hit")._value.get() == 1
     assert metrics.cached_tokens.labels(Role.PREFILL)._value.get() == 40
+
+
+def test_fetched_blocks_join_the_cache_after_the_held_prefix_and_count_as_node_hits():
+    blocks = BlockManager(8, BS, prefix_caching=True)
+    seq = _seq("a", list(range(17)))  # 4 full blocks, the first cached here
+    seed = _seq("seed", list(range(4)) + [99])
+    blocks.admit(seed, [])
+    _computed(blocks, seed)
+    blocks.free_seq(seed)
+    hashes = block_hashes(seq.token_ids[:16], BS)
+    assert blocks.cached_blocks(hashes) == 1
+    # room for the 3 blocks the node tier holds beyond it: the cached one is held meanwhile
+    prefix, fresh = blocks.hold_for_fetch(hashes, 3)
+    assert len(prefix) == 1 and len(fresh) == 3 and blocks.ref_count(prefix[0]) == 1
+    assert blocks.hold_for_fetch(hashes, 8) is None  # no room: nothing taken
+    blocks.enter_fetched(fresh, hashes[1:4])
+    blocks.free(prefix)
+    assert blocks.num_free == 8 and blocks.cached_blocks(hashes) == 4
+    seq.fetched_blocks = (1, 4)
+    blocks.admit(seq, blocks.cached_prefix(seq))
+    assert seq.prefix_hit_tokens == 16
+    assert blocks.prefix_hit_tokens == {"worker": 4, "node": 12}
+
+
+def test_the_node_tiers_store_keeps_blocks_by_hash_evicts_the_least_recent_and_never_a_pinned_one():
+    store = PrefixStore(capacity_bytes=4 * 8)  # 4 rows of 8 bytes
+    h = [bytes([i]) * 16 for i in range(6)]
+    rows, reserved = store.reserve("fp", 8, h[:3] + h[:1])  # a hash twice: stored once
+    assert [i for i, _ in reserved] == [0, 1, 2]
+    for i, row in reserved:
+        rows[row] = i
+    store.commit("fp", h[:3] + h[:1], reserved)
+    assert store.lookup("fp", h) == 3 and store.lookup("other", h) == 0
+    tensor, taken = store.take("fp", h[:2])  # pinned, and now the most recently used
+    assert [int(tensor[r][0]) for r in taken] == [0, 1]
+    _, more = store.reserve("fp", 8, h[3:6])  # 1 free row, then h[2] (unpinned, least recent)
+    assert [i for i, _ in more] == [0, 1] and store.evictions == 1
+    store.cancel("fp", more)  # a failed copy: nothing stored, rows free again
+    assert store.lookup("fp", h[3:]) == 0 and store.num_pinned == 2
+    store.unpin("fp", taken)
+    assert store.num_pinned == 0 and store.lookup("fp", h) == 2
+
+
+def test_a_fetch_pays_only_when_cheaper_than_computing():
+    cost = FetchCost()
+    assert cost.pays(4, 0.001)  # nothing measured yet: try
+    cost.observe_lookup(0.002)
+    cost.observe_fetch(0.002 + 4 * 0.0005, 4)
+    assert cost.seconds_per_block == pytest.approx(0.0005)
+    assert cost.pays(10, 0.01) and not cost.pays(10, 0.005)
+    assert FetchCost(always=True).pays(10, 0.0)
