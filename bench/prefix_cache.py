@@ -14,10 +14,14 @@ Workloads (seeded, the same requests for every configuration):
   document    questions about a few long shared documents (1,500-3,000 tokens times --scale), each
               prompt a document and a question, short answers; Poisson arrivals at --rate.
 
-Configurations, each on a fresh cluster (2 prefill workers and 1 decode worker, disaggregated):
+Configurations, each on a fresh cluster (2 prefill workers and 1 decode worker, disaggregated, one
+node):
   none         --no-prefix-caching on the workers, least-loaded dispatch
-  worker       each worker's own prefix cache, least-loaded dispatch
-  worker+kv    the same, KV-aware dispatch (router --prefill-policy kv-aware, the default)
+  worker       each prefill worker's own prefix cache only (--node-prefix-fetch never), least-loaded
+  worker+kv    the same, KV-aware dispatch (router --prefill-policy kv-aware)
+  all          the defaults: own caches, the node's prefix tier (the decode worker offers finished
+               requests' blocks, which hold the answers; prefill workers fetch when it pays),
+               KV-aware dispatch
 
 Printed and written (JSON, PNG) per workload: prefill tokens computed (the prompt tokens sent less
 those the workers found cached, from their metrics) and their ratio to `none`; TTFT p50/p90 and
@@ -52,8 +56,9 @@ PROFILE = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
 MODEL = "llama-serve"  # 4 layers, context 4096: the CPU runs it; emulated engines take its tokenizer and context
 CONFIGS = {
     "none": (["--no-prefix-caching"], ["--prefill-policy", "least-loaded"]),
-    "worker": ([], ["--prefill-policy", "least-loaded"]),
-    "worker+kv": ([], ["--prefill-policy", "kv-aware"]),
+    "worker": (["--node-prefix-fetch", "never"], ["--prefill-policy", "least-loaded"]),
+    "worker+kv": (["--node-prefix-fetch", "never"], ["--prefill-policy", "kv-aware"]),
+    "all": ([], ["--prefill-policy", "kv-aware"]),
 }
 
 
@@ -163,15 +168,17 @@ async def run_conversations(
     return results
 
 
-def _metric_sum(cluster: Cluster, role: str, name: str) -> float:
-    total = 0.0
+def _metric_by_tier(cluster: Cluster, role: str, name: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
     for service in cluster.info()["services"]:
         if service["role"] != role:
             continue
         with urllib.request.urlopen(f"http://{service['metrics']}/metrics", timeout=5) as r:
             for family in text_string_to_metric_families(r.read().decode()):
-                total += sum(s.value for s in family.samples if s.name == name)
-    return total
+                for s in family.samples:
+                    if s.name == name:
+                        totals[s.labels["tier"]] = totals.get(s.labels["tier"], 0.0) + s.value
+    return totals
 
 
 def cluster_spec(mode: str, config: str, model: str, log_dir: str) -> ClusterSpec:
@@ -207,7 +214,8 @@ def run_config(mode: str, config: str, workload: list[Conversation], args, model
             )
         )
         sent = sum(r.prompt_tokens for r in results if not r.error)
-        hits = _metric_sum(cluster, "prefill", "pdserve_prefix_cache_hit_tokens_total")
+        by_tier = _metric_by_tier(cluster, "prefill", "pdserve_prefix_cache_hit_tokens_total")
+        hits = sum(by_tier.values())
     finally:
         cluster.stop()
     summary = summarize(results, args.ttft_slo, args.tpot_slo)
@@ -215,6 +223,7 @@ def run_config(mode: str, config: str, workload: list[Conversation], args, model
         "config": config,
         "prompt_tokens_sent": sent,
         "prefill_tokens_hit": hits,
+        "prefill_tokens_hit_by_tier": by_tier,
         "prefill_tokens_computed": sent - hits,
         **summary,
         "requests_detail": [asdict(r) for r in results],

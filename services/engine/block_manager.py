@@ -26,7 +26,7 @@ from services.common.block_hashes import extend_block_hashes
 
 from .sequence import Sequence
 
-PREFIX_TIERS = ("worker", "node")
+PREFIX_TIERS = ("worker", "node", "remote")  # this pool; the node's prefix tier; another node's
 
 
 class OutOfBlocksError(RuntimeError):
@@ -75,7 +75,8 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}  # the reverse, for cached blocks
         self.cache_events = CacheEvents()
         # by tier: "worker", tokens of sequences admitted (with prefix caching on) and those found
-        # in this pool; "node", tokens looked up in the node's prefix tier and those fetched from it
+        # in this pool; "node" ("remote"), tokens looked up in the node's (another node's) prefix
+        # tier and those fetched from it
         self.prefix_query_tokens = dict.fromkeys(PREFIX_TIERS, 0)
         self.prefix_hit_tokens = dict.fromkeys(PREFIX_TIERS, 0)
         self.prefix_evicted_blocks = 0
@@ -206,7 +207,7 @@ class BlockManager:
             fetched = max(0, min(end, len(cached)) - first) * self.block_size
             self.prefix_query_tokens["worker"] += len(seq.token_ids)
             self.prefix_hit_tokens["worker"] += seq.num_cached - fetched
-            self.prefix_hit_tokens["node"] += fetched
+            self.prefix_hit_tokens[seq.fetched_tier] += fetched
         seq.prefix_hit_tokens = seq.num_cached
         self.allocate_seq(seq)
 
@@ -230,8 +231,8 @@ class BlockManager:
             self._ref_counts[b] += 1
         return held, self.allocate(count)
 
-    def count_node_lookup(self, num_tokens: int) -> None:
-        self.prefix_query_tokens["node"] += num_tokens
+    def count_lookup(self, tier: str, num_tokens: int) -> None:
+        self.prefix_query_tokens[tier] += num_tokens
 
     def enter_fetched(self, blocks: list[int], hashes: list[bytes]) -> None:
         """Blocks allocated for K/V copied in from elsewhere (the node's prefix tier) enter the cache

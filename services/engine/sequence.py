@@ -36,7 +36,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its first full blocks, as far as computed
     num_blocks_entered: int = 0  # its first blocks that are in the prefix cache
     prefix_hit_tokens: int = 0  # tokens found cached when it was last admitted
-    fetched_blocks: tuple[int, int] = (0, 0)  # [first, end) of its blocks fetched from the node's prefix tier
+    fetched_blocks: tuple[int, int] = (0, 0)  # [first, end) of its blocks fetched from a prefix tier
+    fetched_tier: str = "node"  # which: "node" (this node's), "remote" (another node's)
 
     @classmethod
     def from_prompt(cls, seq_id: str, prompt: list[int], sampling: SamplingParams) -> Sequence:

@@ -53,6 +53,7 @@ class KvStoreClient:
         self.address = address  # this node's daemon
         self.pool_id = ""
         self.node_id = ""
+        self.transfer_address = ""  # the daemon's UCX listener, as other nodes reach it
         self._stubs: dict[str, tuple[grpc.aio.Channel, kvstore_pb2_grpc.KvStoreStub]] = {}
         self._watch: asyncio.Task | None = None
         self._published: dict[str, list[int]] = {}  # kv_id -> blocks not yet released to us
@@ -133,6 +134,7 @@ class KvStoreClient:
     async def _register(self, request: kvstore_pb2.RegisterPoolRequest, timeout: float) -> None:
         response = await self.stub().RegisterPool(request, timeout=timeout)
         self.pool_id, self.node_id = response.pool_id, response.node_id
+        self.transfer_address = response.transfer_address
 
     async def publish(
         self, kv_id: str, block_ids: list[int], num_tokens: int, timeout: float | None = 10.0
@@ -187,12 +189,22 @@ class KvStoreClient:
         )
 
     async def fetch_prefix(
-        self, block_hashes: list[bytes], block_ids: list[int] | None = None, timeout: float | None = 10.0
+        self,
+        block_hashes: list[bytes],
+        block_ids: list[int] | None = None,
+        source_transfer_address: str = "",
+        timeout: float | None = 10.0,
     ) -> kvstore_pb2.FetchPrefixResponse:
         """How many leading blocks of the prefix the node's prefix tier holds; with `block_ids`,
-        also copies them into those blocks of our pool."""
+        also copies them into those blocks of our pool (from another node's tier, over UCX, with
+        `source_transfer_address`)."""
         return await self.stub().FetchPrefix(
-            kvstore_pb2.FetchPrefixRequest(pool_id=self.pool_id, block_hashes=block_hashes, block_ids=block_ids or []),
+            kvstore_pb2.FetchPrefixRequest(
+                pool_id=self.pool_id,
+                block_hashes=block_hashes,
+                block_ids=block_ids or [],
+                source_transfer_address=source_transfer_address,
+            ),
             timeout=timeout,
         )
 

@@ -67,7 +67,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         self.metrics.bind_state(
             self.table.count, lambda: self.table.host.used_bytes, lambda: len(self.table.pools), self.prefix
         )
-        self.ucx_server = UcxTransferServer(self.table, config.transfer_timeout_seconds, self._count_sent)
+        self.ucx_server = UcxTransferServer(self.table, self.prefix, config.transfer_timeout_seconds, self._count_sent)
         self.puller = UcxPuller(config.connect_timeout_seconds, config.transfer_timeout_seconds)
         self.transfer_address = ""
         self.totals = {
@@ -134,7 +134,12 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             tp,
             pp,
         )
-        return kvstore_pb2.RegisterPoolResponse(pool_id=record.pool_id, node_id=self.config.node_id)
+        return kvstore_pb2.RegisterPoolResponse(
+            pool_id=record.pool_id,
+            node_id=self.config.node_id,
+            advertise_address=self.config.advertise_address,
+            transfer_address=self.transfer_address,
+        )
 
     async def WatchPool(self, request, context):
         record = self.table.pools.get(request.pool_id)
@@ -232,12 +237,30 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
     async def FetchPrefix(self, request, context):
         record, pool, hashes = self._prefix_request(request)
         fingerprint = record.layout.fingerprint()
+        if request.source_transfer_address:
+            host, _, port = request.source_transfer_address.rpartition(":")
+            if not host or not port.isdigit():
+                raise invalid("source_transfer_address", f"expected host:port, got {request.source_transfer_address!r}")
+            if not request.block_ids:
+                raise invalid("block_ids", "needed with source_transfer_address")
         if not request.block_ids:
             return kvstore_pb2.FetchPrefixResponse(num_blocks=self.prefix.lookup(fingerprint, hashes))
         ids = check_block_ids("block_ids", request.block_ids, record.layout.num_blocks)
         if len(ids) > len(hashes):
             raise invalid("block_ids", f"{len(ids)} blocks for {len(hashes)} block_hashes")
         started = time.perf_counter()
+        if request.source_transfer_address:  # another node's tier, over UCX
+            count, nbytes = await self.puller.fetch_prefix(
+                request.source_transfer_address, fingerprint, hashes[: len(ids)], pool.block_bytes_view(), ids
+            )
+            seconds = time.perf_counter() - started
+            self.metrics.prefix_fetched.inc(count)
+            self.totals["bytes_ucx_received"] += nbytes
+            if count:
+                self.metrics.pulls.labels("ucx").inc()
+                self.metrics.transferred_bytes.labels("ucx").inc(nbytes)
+                self.metrics.transfer_duration.labels("ucx").observe(seconds)
+            return kvstore_pb2.FetchPrefixResponse(num_blocks=count, bytes=nbytes, seconds=seconds)
         rows_tensor, rows = self.prefix.take(fingerprint, hashes[: len(ids)])
         try:
             nbytes = await to_the_end(copy_rows, rows_tensor, rows, pool.block_bytes_view(), ids[: len(rows)])

@@ -22,6 +22,14 @@ One transfer on an endpoint:
     puller -> source   {"op": "commit"}      (every run has landed)
     source -> puller   {"ok": true}          (the source dropped the entry and told its worker)
 
+A prefix-tier fetch (prefix_store.py) runs the same way:
+
+    puller -> source   {"op": "prefix", "fingerprint", "hashes": [hex, ...], "block_bytes"}
+    source -> puller   {"ok": true, "count": n}     (the leading n hashes it holds; their rows pinned)
+    source -> puller   the n rows, packed, as one message on tag 1 (none when n is 0)
+    puller -> source   {"op": "done"}
+    source -> puller   {"ok": true}                 (rows unpinned)
+
 Each side's last message is received before the other sends again, so a transfer ends with nothing
 in flight and the endpoint can carry the next one. On any failure both sides close the endpoint.
 
@@ -47,6 +55,7 @@ from services.engine.kv_cache import KvLayout
 
 from .block_runs import RankRows, contiguous_runs, piece_bytes, piece_view
 from .entries import EntryTable
+from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, resharding_plan
 from .ucx_endpoints import CONTROL_TAG, Endpoint, EndpointPool, Listener, RequestWaiter, ucxx_module
 
@@ -144,8 +153,9 @@ def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
 class UcxTransferServer:
     """The source side: serves this daemon's entries to pulling daemons on other nodes."""
 
-    def __init__(self, table: EntryTable, transfer_timeout: float, on_sent: Callable[[int], None]):
+    def __init__(self, table: EntryTable, prefix: PrefixStore, transfer_timeout: float, on_sent: Callable[[int], None]):
         self.table = table
+        self.prefix = prefix
         self.transfer_timeout = transfer_timeout
         self.on_sent = on_sent
         self._listener: Listener | None = None
@@ -188,6 +198,9 @@ class UcxTransferServer:
 
     async def _serve_one(self, ep) -> None:
         request = await recv_frame(ep)
+        if request.get("op") == "prefix":
+            await self._serve_prefix(ep, request)
+            return
         if request.get("op") != "fetch":
             raise ValueError(f"expected a fetch request, got {request.get('op')!r}")
         dst_ids = [int(b) for b in request["dst_blocks"]]
@@ -233,6 +246,31 @@ class UcxTransferServer:
             self.table.end_transfer(entry, succeeded=committed)
         if not committed:
             raise ValueError("expected a commit")
+        self.on_sent(nbytes)
+        await send_frame(ep, {"ok": True})
+
+    async def _serve_prefix(self, ep, request: dict) -> None:
+        fingerprint = str(request["fingerprint"])
+        hashes = [bytes.fromhex(h) for h in request["hashes"]]
+        rows_tensor, rows = self.prefix.take(fingerprint, hashes)
+        try:
+            if rows and rows_tensor.shape[1] != int(request["block_bytes"]):
+                raise ValueError("block size differs for one fingerprint")
+            await send_frame(ep, {"ok": True, "count": len(rows)})
+            nbytes = 0
+            if rows:
+                packed = await asyncio.to_thread(lambda: rows_tensor[torch.tensor(rows)].contiguous())
+                nbytes = packed.numel()
+                await ep.send(_ucx_buffer(packed.view(-1)), tag=FIRST_RUN_TAG)
+            done = (await recv_frame(ep)).get("op") == "done"
+        except BaseException:
+            if not ep.closed:
+                ep.abort()
+            raise
+        finally:
+            self.prefix.unpin(fingerprint, rows)
+        if not done:
+            raise ValueError("expected done")
         self.on_sent(nbytes)
         await send_frame(ep, {"ok": True})
 
@@ -351,6 +389,64 @@ class UcxPuller:
             log.warning("pull of %r: no commit acknowledgement from the source: %r", kv_id, e)
             return nbytes, False
         return nbytes, True
+
+    async def fetch_prefix(
+        self, address: str, fingerprint: str, hashes: list[bytes], pool_rows: torch.Tensor, dst_ids: list[int]
+    ) -> tuple[int, int]:
+        """Copies the leading blocks of `hashes` that the prefix tier of the daemon at `address`
+        holds into `pool_rows[dst_ids[i]]`; returns (blocks, bytes). Raises ServiceError as fetch."""
+        host, port = split_host_port(address)
+        try:
+            ep, _ = await self.endpoints.acquire(host, port)
+        except Exception as e:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore transfer listener at {address}: {e!r}"
+            ) from None
+        try:
+            result = await asyncio.wait_for(
+                self._fetch_prefix(ep, fingerprint, hashes, pool_rows, dst_ids), self.transfer_timeout
+            )
+        except TimeoutError:
+            await self.endpoints.discard(ep)
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"prefix fetch from {address} took over {self.transfer_timeout}s"
+            ) from None
+        except Exception as e:
+            await self.endpoints.discard(ep)
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"prefix fetch from {address} failed: {e!r}") from None
+        except BaseException:  # cancelled: a receive may still be posted on our buffer
+            await self.endpoints.discard(ep)
+            raise
+        await self.endpoints.give_back(host, port, ep)
+        return result
+
+    async def _fetch_prefix(
+        self, ep, fingerprint: str, hashes: list[bytes], pool_rows: torch.Tensor, dst_ids: list[int]
+    ) -> tuple[int, int]:
+        block_bytes = pool_rows.shape[1]
+        request = {"op": "prefix", "fingerprint": fingerprint, "hashes": [h.hex() for h in hashes]}
+        await send_frame(ep, {**request, "block_bytes": block_bytes})
+        reply = await recv_frame(ep)
+        count = int(reply.get("count", -1))
+        if not reply.get("ok") or not 0 <= count <= len(hashes):
+            raise ValueError(f"bad prefix reply {reply!r}")
+        if count:
+            landing = torch.empty((count, block_bytes), dtype=torch.uint8, device=pool_rows.device)
+            try:
+                await ep.recv(_ucx_buffer(landing.view(-1)), tag=FIRST_RUN_TAG)
+            except BaseException:
+                await EndpointPool.discard(ep)  # cancels the receive still posted, before the buffer goes
+                raise
+
+            def scatter() -> None:
+                pool_rows[torch.tensor(dst_ids[:count], device=pool_rows.device)] = landing
+                if pool_rows.is_cuda:
+                    torch.cuda.synchronize(pool_rows.device)
+
+            await asyncio.to_thread(scatter)
+        await send_frame(ep, {"op": "done"})
+        await recv_frame(ep)
+        return count, count * block_bytes
 
     async def close(self) -> None:
         await self.endpoints.close_idle(everything=True)

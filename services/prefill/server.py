@@ -156,8 +156,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
     ):
         self.engine = engine
         # prefix caching and a one-rank pool: the node's prefix tier can fill this worker's cache
-        self.node_prefix_tier = engine.block_manager.prefix_caching and engine.config.ranks == 1
-        self.fetch_cost = FetchCost(always=node_prefix_fetch == "always")
+        self.node_prefix_tier = (
+            engine.block_manager.prefix_caching and engine.config.ranks == 1 and node_prefix_fetch != "never"
+        )
+        self.fetch_cost = {tier: FetchCost(always=node_prefix_fetch == "always") for tier in ("node", "remote")}
         self.kvstore = kvstore
         self.worker_id = worker_id
         self.node_id = node_id
@@ -206,7 +208,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         ticket = self.admission.admit(len(seq.token_ids))  # past a bound: RESOURCE_EXHAUSTED at once
         if self.node_prefix_tier:
             try:
-                await self._fetch_node_prefix(seq)
+                await self._fetch_prefix(seq, request.prefix_source)
             except BaseException:
                 ticket.release()
                 raise
@@ -268,6 +270,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token
         stats.published_entries = len(self.scheduler.published)
         stats.draining = self.draining
+        stats.kvstore_transfer_address = self.kvstore.transfer_address
         return stats
 
     # ---- engine thread ------------------------------------------------------------------------------
@@ -328,10 +331,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         self.metrics.queue_tokens.set(self.scheduler.queued_tokens)
 
     # ---- asyncio side -------------------------------------------------------------------------
-    async def _fetch_node_prefix(self, seq: Sequence) -> None:
-        """Copies what the node's prefix tier holds of the sequence's prefix beyond this worker's
-        own cache into that cache, when that takes less than computing it (FetchCost), so that the
-        prefill computes only the rest. Best effort: on any failure the prefill computes it all."""
+    async def _fetch_prefix(self, seq: Sequence, source: worker_pb2.PrefixSource) -> None:
+        """Copies what a prefix tier holds of the sequence's prefix beyond this worker's own cache
+        into that cache, when that takes less than computing it (FetchCost), so that the prefill
+        computes only the rest: from this node's tier, or from another node's (over UCX) when the
+        router says (`source`) that it holds more. Best effort: on a failure the prefill computes."""
         blocks, bs = self.engine.block_manager, self.engine.block_size
         wanted = (len(seq.token_ids) - 1) // bs
         if not wanted:
@@ -346,9 +350,15 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         except grpc.aio.AioRpcError as exc:
             log.debug("prefix tier lookup failed: %s", exc.details())
             return
-        self.fetch_cost.observe_lookup(time.monotonic() - started)
-        self.thread.post(lambda: blocks.count_node_lookup((wanted - local) * bs))
-        if not held or not self.fetch_cost.pays(held, held * bs * self.prefill_rate.seconds_per_token):
+        self.fetch_cost["node"].observe_lookup(time.monotonic() - started)
+        self.thread.post(lambda: blocks.count_lookup("node", (wanted - local) * bs))
+        tier, address = "node", ""
+        remote = min(wanted, source.num_blocks) - local
+        if source.transfer_address and source.node_id != self.node_id and remote > held:
+            tier, address, held = "remote", source.transfer_address, remote
+            self.thread.post(lambda: blocks.count_lookup("remote", remote * bs))
+        cost = self.fetch_cost[tier]
+        if not held or not cost.pays(held, held * bs * self.prefill_rate.seconds_per_token):
             return
         room = await self.thread.call(lambda: blocks.hold_for_fetch(hashes, held))
         if room is None:
@@ -358,22 +368,22 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         got, settled = 0, False  # settled: the daemon writes no more into `fresh`
         started = time.monotonic()
         try:
-            response = await self.kvstore.fetch_prefix(hashes[first : first + held], fresh)
+            response = await self.kvstore.fetch_prefix(hashes[first : first + held], fresh, address)
             got, settled = response.num_blocks, True
             # an emulated device's copy lasts what its profile says for the real bytes
             await asyncio.sleep(self.engine.min_transfer_seconds(got * bs) - (time.monotonic() - started))
             if got:
-                self.fetch_cost.observe_fetch(time.monotonic() - started, got)
+                cost.observe_fetch(time.monotonic() - started, got)
         except grpc.aio.AioRpcError as exc:
             got, settled = 0, exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-            log.debug("prefix tier fetch failed: %s", exc.details())
+            log.debug("prefix fetch (%s) failed: %s", tier, exc.details())
         finally:
             if settled:
                 self.thread.post(lambda: self._fetched(fresh, hashes[first : first + got], prefix))
             else:  # the daemon may still be writing them: out of use for a while
                 self.thread.post(lambda: blocks.free(prefix))
                 in_background(self._free_later(fresh))
-        seq.fetched_blocks = (first, first + got)
+        seq.fetched_blocks, seq.fetched_tier = (first, first + got), tier
 
     def _fetched(self, fresh: list[int], hashes: list[bytes], prefix: list[int]) -> None:
         """Engine thread: the fetched blocks enter the cache, the rest go back."""

@@ -7,12 +7,13 @@ Stats answer says so). A stale hash only misjudges a score: the worker looks up 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 
-from pdserve.v1 import common_pb2
+from pdserve.v1 import common_pb2, worker_pb2
 from services.common.block_hashes import block_hashes
 
 if TYPE_CHECKING:
@@ -98,3 +99,59 @@ class PrefixRoutingMetrics:
         self.cached_tokens.labels(role).inc(cached)
         if ep.stats is not None and ep.stats.HasField("prefix_cache") and ep.stats.block_size:
             ep.prefix.add(prompt.hashes(ep.stats.block_size))
+
+
+class NodePrefixes:
+    """What each node's prefix tier (kvstore/prefix_store.py) should hold, as this router saw it: the
+    blocks of every request a decode worker there finished (it offers them when it finishes), the
+    most recent NODE_INDEX_BLOCKS per node. The daemon evicts without telling: a stale entry only
+    makes a prefill worker fetch less than it was told it might."""
+
+    NODE_INDEX_BLOCKS = 1 << 16
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, tuple[str, OrderedDict[bytes, None]]] = {}  # node -> (transfer address, hashes)
+
+    def offered(self, ep: Endpoint, token_ids: list[int], salt: str) -> None:
+        """A decode worker finished a request: it offers its computed full blocks (all its tokens
+        but the last, never fed)."""
+        stats = ep.stats
+        if stats is None or not stats.kvstore_transfer_address or not stats.block_size:
+            return
+        hashes = self._nodes[stats.node_id][1] if stats.node_id in self._nodes else OrderedDict()
+        self._nodes[stats.node_id] = (stats.kvstore_transfer_address, hashes)  # (a restarted daemon's port)
+        computed = (len(token_ids) - 1) // stats.block_size * stats.block_size
+        for block_hash in block_hashes(token_ids[:computed], stats.block_size, salt):
+            hashes[block_hash] = None
+            hashes.move_to_end(block_hash)
+        while len(hashes) > self.NODE_INDEX_BLOCKS:
+            hashes.popitem(last=False)
+
+    def _held(self, node: str, prompt: PromptPrefix, block_size: int) -> int:
+        entry = self._nodes.get(node)
+        if entry is None:
+            return 0
+        count = 0
+        for block_hash in prompt.hashes(block_size):
+            if block_hash not in entry[1]:
+                break
+            count += 1
+        return count
+
+    def source_for(self, prompt: PromptPrefix, ep: Endpoint) -> worker_pb2.PrefixSource | None:
+        """The node whose tier holds more of the prompt than prefill worker `ep`'s cache and node
+        tier, if any: the worker fetches from it over UCX instead of computing that much."""
+        stats = ep.stats
+        if stats is None or not stats.block_size or not self._nodes:
+            return None
+        block_size = stats.block_size
+        best, best_node = (
+            max(ep.prefix.cached_blocks(prompt.hashes(block_size)), self._held(stats.node_id, prompt, block_size)),
+            "",
+        )
+        for node in self._nodes:
+            if node != stats.node_id and (held := self._held(node, prompt, block_size)) > best:
+                best, best_node = held, node
+        if not best_node:
+            return None
+        return worker_pb2.PrefixSource(node_id=best_node, transfer_address=self._nodes[best_node][0], num_blocks=best)

@@ -33,7 +33,7 @@ from services.kvstore.client import KvStoreClient
 
 from .detokenizer import IncrementalDetokenizer
 from .policies import NoWorkerError, PrefillPolicy, pick_colocated, pick_decode, pick_prefill
-from .prefix_index import PrefixRoutingMetrics, PromptPrefix
+from .prefix_index import NodePrefixes, PrefixRoutingMetrics, PromptPrefix
 from .registry import Endpoint, WorkerRegistry
 from .slo import RequestTimer, SloTracker
 
@@ -83,6 +83,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.admission = admission or Admission("router", 0, 0)
         self.prefill_policy = prefill_policy
         self.prefix_metrics = PrefixRoutingMetrics(metrics_registry)
+        self.node_prefixes = NodePrefixes()
         self.requests: set[_RequestState] = set()  # in progress
         self._stall_watch: asyncio.Task | None = None
         self.draining = False
@@ -349,6 +350,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 prompt_tokens=len(prompt.token_ids),
                 cached_tokens=self._cached_tokens(prompt),
             )
+            state.prefix_source = self.node_prefixes.source_for(prompt, ep)  # (before record enters the prompt)
             self.prefix_metrics.record(Role.PREFILL, self.prefill_policy, prompt, ep)
             # The first token comes first and goes to the client at once; the KV handle follows
             # once the worker has published the KV.
@@ -398,6 +400,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     state.kv_transfer_seconds = time.monotonic() - state.handle_sent_at
                     state.decode_started = True  # the worker has the KV: the entry is its business
                 produced += len(chunk.token_ids)
+                if chunk.finish_reason:  # its blocks go to that node's prefix tier
+                    self.node_prefixes.offered(ep, state.prompt + state.outputs, state.cache_salt)
                 yield chunk
         except grpc.aio.AioRpcError:
             if produced:  # the KV behind the handle no longer matches the tokens: re-prefill
@@ -432,6 +436,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 sampling=state.sampling,
                 resumed_output_ids=state.outputs,
                 cache_salt=state.cache_salt,
+                prefix_source=state.prefix_source,
             ),
             timeout=self._timeout(state.context),
         )
@@ -546,6 +551,7 @@ class _RequestState:
         self.request_id = request_id
         self.context = context
         self.cache_salt = ""
+        self.prefix_source: worker_pb2.PrefixSource | None = None  # another node's prefix tier to fetch from
         self.task = asyncio.current_task()  # the Generate handler's
         self.write_started = 0.0  # when the message being written to the client was handed over; 0: none
         self.stalled = False  # cancelled because the client read nothing for client_stall_seconds

@@ -163,9 +163,10 @@ def worker_parser(role: Role, description: str, *, port: int, metrics_port: int)
     parser.add_flag(
         "--node-prefix-fetch",
         default="measured",
-        choices=["measured", "always"],
-        help="prefill workers: fetch a prefix from the node's prefix tier only when the measured cost of a fetch is "
-        "below that of computing it (measured), or whenever the tier holds more of it than this worker (always)",
+        choices=["measured", "always", "never"],
+        help="prefill workers: fetch a prompt's prefix from a prefix tier (this node's, or the one the router names) "
+        "only when the measured cost of a fetch is below that of computing it (measured), whenever a tier holds "
+        "more of it than this worker (always), or not at all (never: this worker's own cache only)",
     )
     if role in (Role.PREFILL, Role.DECODE):
         parser.add_flag("--kvstore", default="127.0.0.1:7100", help="gRPC address of this node's kvstore daemon")

@@ -185,6 +185,54 @@ def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_facto
     assert all(s.prefix_pinned_rows == 0 and s.prefix_blocks > 0 for s in cluster.kvstore_stats())
 
 
+def test_two_nodes_next_turn_fetches_the_answer_from_the_decode_nodes_tier_over_ucx(
+    cluster_factory, model_dir, reference
+):
+    """Prefill on node A, decode on node B (the default split): a finished turn's blocks go to node
+    B's prefix tier; the router tells the prefill worker that node B holds the conversation, and
+    its daemon fetches the answer's blocks from node B's over UCX (tier "remote")."""
+    cluster = cluster_factory(
+        "--model",
+        model_dir,
+        "--nodes",
+        "2",
+        "--kv-cache-gb",
+        _pool_gb(model_dir),
+        "--worker-arg=--node-prefix-fetch always",
+    )
+    rng = random.Random(21)
+    name = "pdserve_prefix_cache_hit_tokens_total"
+
+    def tier_hits() -> list[float]:
+        return [_summed(cluster, "prefill", name, tier=tier) for tier in ("worker", "node", "remote")]
+
+    async def run():
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            for c in range(2):
+                prompt = _tokens(rng, rng.randint(20, 60))
+                last: list[int] = []
+                answer: list[int] = []
+                for turn in range(3):
+                    before = tier_hits()
+                    tokens = await _generate(stub, prompt)
+                    assert tokens == reference(prompt), f"conversation {c} turn {turn}"
+                    _wait_decode_idle(cluster)
+                    got = [after - b for after, b in zip(tier_hits(), before)]
+                    in_worker = len(last) // BLOCK * BLOCK
+                    remote = (len(last) + len(answer) - 1) // BLOCK * BLOCK - in_worker if turn else 0
+                    assert got == [in_worker, 0, remote], f"conversation {c} turn {turn}: (worker, node, remote) {got}"
+                    last, answer = prompt, tokens
+                    prompt = prompt + tokens + _tokens(rng, rng.randint(3, 20))
+
+    asyncio.run(run())
+    cluster.wait_idle(timeout=20)
+    stats = {s.node_id: s for s in cluster.kvstore_stats()}
+    decode_node = cluster.services("decode")[0]["node"]
+    assert stats[decode_node].prefix_blocks > 0 and stats[decode_node].bytes_ucx_sent > 0
+    assert all(s.prefix_pinned_rows == 0 for s in stats.values())
+
+
 def test_colocated_next_turn_finds_the_answer_cached(cluster_factory, model_dir, reference):
     cluster = cluster_factory("--model", model_dir, "--mode", "colocated")
     rng = random.Random(20)

@@ -19,7 +19,7 @@ from services.engine.sequence import Sequence
 from services.kvstore.prefix_store import PrefixStore
 from services.prefill.server import FetchCost
 from services.router.policies import pick_colocated, pick_prefill
-from services.router.prefix_index import PrefixIndex, PrefixRoutingMetrics, PromptPrefix
+from services.router.prefix_index import NodePrefixes, PrefixIndex, PrefixRoutingMetrics, PromptPrefix
 from services.router.registry import Endpoint
 
 BS = 4
@@ -183,6 +183,24 @@ def test_kv_aware_dispatch_weighs_the_cached_prefix_against_the_queue():
     assert PromptPrefix(list(range(401)), salt="t").cached_tokens(holder) == 0
 
 
+def test_the_router_points_a_prefill_worker_at_the_node_whose_tier_holds_more_of_the_prompt():
+    nodes = NodePrefixes()
+    decode = _worker("d:1", Role.DECODE)
+    decode.stats.node_id, decode.stats.kvstore_transfer_address = "node-b", "10.0.0.2:9999"
+    conversation = list(range(50))
+    nodes.offered(decode, conversation, salt="")  # 49 tokens computed: 12 full blocks
+    prefill = _worker("p:1", Role.PREFILL, cached=block_hashes(conversation[:20], BS))
+    prefill.stats.node_id = "node-a"
+    next_turn = PromptPrefix(conversation + [7, 8, 9], salt="")
+    source = nodes.source_for(next_turn, prefill)
+    assert (source.node_id, source.transfer_address, source.num_blocks) == ("node-b", "10.0.0.2:9999", 12)
+    # nothing when the worker holds as much, when the salt differs, or on the worker's own node
+    assert nodes.source_for(PromptPrefix(conversation[:21], salt=""), prefill) is None
+    assert nodes.source_for(PromptPrefix(conversation + [7], salt="t"), prefill) is None
+    prefill.stats.node_id = "node-b"
+    assert nodes.source_for(next_turn, prefill) is None
+
+
 def test_the_router_enters_what_it_sent_and_counts_its_decisions():
     metrics = PrefixRoutingMetrics(None)
     prompt = PromptPrefix(list(range(41)), salt="")
@@ -214,7 +232,7 @@ def test_fetched_blocks_join_the_cache_after_the_held_prefix_and_count_as_node_h
     seq.fetched_blocks = (1, 4)
     blocks.admit(seq, blocks.cached_prefix(seq))
     assert seq.prefix_hit_tokens == 16
-    assert blocks.prefix_hit_tokens == {"worker": 4, "node": 12}
+    assert blocks.prefix_hit_tokens == {"worker": 4, "node": 12, "remote": 0}
 
 
 def test_the_node_tiers_store_keeps_blocks_by_hash_evicts_the_least_recent_and_never_a_pinned_one():
