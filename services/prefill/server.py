@@ -48,29 +48,24 @@ UNSETTLED_COPY_GRACE_SECONDS = 5.0
 
 
 class FetchCost:
-    """What fetching from the node's prefix tier costs here, measured (recent averages): a round
-    trip to the daemon, and seconds per block copied. A fetch pays when it costs less than
-    computing the same tokens at the worker's measured prefill rate."""
+    """What fetching from a prefix tier costs here: the recent average of a fetch's seconds per
+    block (its round trip included). A fetch pays when it costs less than computing the same tokens
+    at the worker's measured prefill rate."""
 
     def __init__(self, alpha: float = 0.2, always: bool = False):
         self.alpha = alpha
         self.always = always  # --node-prefix-fetch always
-        self.lookup_seconds = 0.0
         self.seconds_per_block = 0.0  # 0: not measured yet
 
-    def _average(self, old: float, sample: float) -> float:
-        return sample if old == 0 else self.alpha * sample + (1 - self.alpha) * old
-
-    def observe_lookup(self, seconds: float) -> None:
-        self.lookup_seconds = self._average(self.lookup_seconds, seconds)
-
-    def observe_fetch(self, seconds: float, blocks: int) -> None:
-        self.seconds_per_block = self._average(self.seconds_per_block, max(0.0, seconds - self.lookup_seconds) / blocks)
+    def observe(self, seconds: float, blocks: int) -> None:
+        sample = seconds / blocks
+        old = self.seconds_per_block
+        self.seconds_per_block = sample if old == 0 else self.alpha * sample + (1 - self.alpha) * old
 
     def pays(self, blocks: int, compute_seconds: float) -> bool:
         if self.always or self.seconds_per_block == 0 or compute_seconds == 0:
             return True  # (nothing measured yet: try, and measure)
-        return self.lookup_seconds + blocks * self.seconds_per_block < compute_seconds
+        return blocks * self.seconds_per_block < compute_seconds
 
 
 class Outcome(StrEnum):
@@ -334,46 +329,38 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
     async def _fetch_prefix(self, seq: Sequence, source: worker_pb2.PrefixSource) -> None:
         """Copies what a prefix tier holds of the sequence's prefix beyond this worker's own cache
         into that cache, when that takes less than computing it (FetchCost), so that the prefill
-        computes only the rest: from this node's tier, or from another node's (over UCX) when the
-        router says (`source`) that it holds more. Best effort: on a failure the prefill computes."""
+        computes only the rest: from this node's tier, or from another node's over UCX. The router
+        says which tier holds how much (`source`: it saw the decode workers finish those requests).
+        Best effort: on a failure the prefill computes it."""
         blocks, bs = self.engine.block_manager, self.engine.block_size
-        wanted = (len(seq.token_ids) - 1) // bs
+        wanted = min((len(seq.token_ids) - 1) // bs, source.num_blocks)
         if not wanted:
             return
         hashes = block_hashes(seq.token_ids[: wanted * bs], bs, seq.cache_salt)
         local = await self.thread.call(lambda: blocks.cached_blocks(hashes))
-        if local == wanted:
+        held = wanted - local
+        if held <= 0:
             return
-        started = time.monotonic()
-        try:
-            held = (await self.kvstore.fetch_prefix(hashes[local:])).num_blocks
-        except grpc.aio.AioRpcError as exc:
-            log.debug("prefix tier lookup failed: %s", exc.details())
-            return
-        self.fetch_cost["node"].observe_lookup(time.monotonic() - started)
-        self.thread.post(lambda: blocks.count_lookup("node", (wanted - local) * bs))
-        tier, address = "node", ""
-        remote = min(wanted, source.num_blocks) - local
-        if source.transfer_address and source.node_id != self.node_id and remote > held:
-            tier, address, held = "remote", source.transfer_address, remote
-            self.thread.post(lambda: blocks.count_lookup("remote", remote * bs))
+        tier, address = ("node", "") if source.node_id == self.node_id else ("remote", source.transfer_address)
+        self.thread.post(lambda: blocks.count_lookup(tier, held * bs))
         cost = self.fetch_cost[tier]
-        if not held or not cost.pays(held, held * bs * self.prefill_rate.seconds_per_token):
+        if not cost.pays(held, held * bs * self.prefill_rate.seconds_per_token):
             return
         room = await self.thread.call(lambda: blocks.hold_for_fetch(hashes, held))
         if room is None:
             return
         prefix, fresh = room
-        first = len(prefix)
+        first = len(prefix)  # (the cache may have changed meanwhile)
         got, settled = 0, False  # settled: the daemon writes no more into `fresh`
         started = time.monotonic()
         try:
-            response = await self.kvstore.fetch_prefix(hashes[first : first + held], fresh, address)
+            targets = hashes[first:wanted]
+            response = await self.kvstore.fetch_prefix(targets, fresh[: len(targets)], address)
             got, settled = response.num_blocks, True
             # an emulated device's copy lasts what its profile says for the real bytes
             await asyncio.sleep(self.engine.min_transfer_seconds(got * bs) - (time.monotonic() - started))
             if got:
-                cost.observe_fetch(time.monotonic() - started, got)
+                cost.observe(time.monotonic() - started, got)
         except grpc.aio.AioRpcError as exc:
             got, settled = 0, exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
             log.debug("prefix fetch (%s) failed: %s", tier, exc.details())

@@ -104,8 +104,10 @@ class PrefixRoutingMetrics:
 class NodePrefixes:
     """What each node's prefix tier (kvstore/prefix_store.py) should hold, as this router saw it: the
     blocks of every request a decode worker there finished (it offers them when it finishes), the
-    most recent NODE_INDEX_BLOCKS per node. The daemon evicts without telling: a stale entry only
-    makes a prefill worker fetch less than it was told it might."""
+    most recent NODE_INDEX_BLOCKS per node. A prefill worker asks a tier only when the router says
+    it holds more of the prompt than the worker (no round trip for the rest). The daemon evicts
+    without telling: a stale entry only makes a prefill worker fetch less than it was told it might;
+    another router's requests are not seen: a tier may hold more than a router knows."""
 
     NODE_INDEX_BLOCKS = 1 << 16
 
@@ -139,18 +141,15 @@ class NodePrefixes:
         return count
 
     def source_for(self, prompt: PromptPrefix, ep: Endpoint) -> worker_pb2.PrefixSource | None:
-        """The node whose tier holds more of the prompt than prefill worker `ep`'s cache and node
-        tier, if any: the worker fetches from it over UCX instead of computing that much."""
+        """The node whose prefix tier holds the most of the prompt, if more than prefill worker
+        `ep`'s own cache: the worker's node first (a local copy), else the best other one (UCX)."""
         stats = ep.stats
         if stats is None or not stats.block_size or not self._nodes:
             return None
         block_size = stats.block_size
-        best, best_node = (
-            max(ep.prefix.cached_blocks(prompt.hashes(block_size)), self._held(stats.node_id, prompt, block_size)),
-            "",
-        )
-        for node in self._nodes:
-            if node != stats.node_id and (held := self._held(node, prompt, block_size)) > best:
+        best, best_node = ep.prefix.cached_blocks(prompt.hashes(block_size)), ""
+        for node in sorted(self._nodes, key=lambda n: n != stats.node_id):
+            if (held := self._held(node, prompt, block_size)) > best:
                 best, best_node = held, node
         if not best_node:
             return None

@@ -87,8 +87,9 @@ def test_at_low_load_ttft_and_tpot_are_the_profiles(emulated):
     emulated.wait_idle()
     before = _emulation_counters(emulated)  # earlier tests' steps (concurrent requests) are not at low load
     for n in (100, 800):
-        prompt = [3 + i % 997 for i in range(n)]
-        timings = [asyncio.run(_generate(emulated.router, prompt, 64))[2].timing for _ in range(3)]
+        # a new prompt each time: a repeated one would find its blocks in the prefill worker's cache
+        prompts = [[3 + (i + 101 * k + n) % 997 for i in range(n)] for k in range(3)]
+        timings = [asyncio.run(_generate(emulated.router, prompt, 64))[2].timing for prompt in prompts]
         prefill = PROFILE.prefill.time([n])
         step = PROFILE.decode.step_time(1, n + 32)  # the context half-way through
         for timing in timings:

@@ -8,7 +8,8 @@ node's prefix tier when it finished, in the kvstore daemon (tier "node"), and co
 new message: exactly as many tokens hit in each tier as the blocks allow (metric deltas). Then a
 concurrent flood of long prompts, half of them cancelled, evicts cached blocks while conversations
 go on; a salted request finds nothing in either tier. Every output equals transformers' greedy
-`generate`, and afterwards every pool and the kvstore are idle (no prefix-tier row held).
+`generate` (logprobs within 1e-4), and afterwards every pool and the kvstore are idle (no
+prefix-tier row held).
 
 Colocated: a conversation's next turn finds the previous answer's blocks cached too (they were
 computed on the same worker), and computes only the new message.
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.slow
 
 BLOCK = 16
 MAX_TOKENS = 12
+LOGPROB_TOL = 1e-4
 POOL_BLOCKS = 96  # every worker's: the flood below needs several times that, so cached blocks are evicted
 
 
@@ -40,37 +42,61 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 1000) for _ in range(n)]
 
 
+class Answer(list):
+    """A request's tokens, with their logprobs."""
+
+    logprobs: list[float]
+
+
 class Reference:
-    """transformers' greedy tokens for a prompt (each computed once)."""
+    """transformers' greedy tokens for a prompt, and their logprobs (each computed once)."""
 
     def __init__(self, model_dir: str):
         self.hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.done: dict[tuple[int, ...], list[int]] = {}
+        self.done: dict[tuple[int, ...], Answer] = {}
 
-    def __call__(self, prompt: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
-        key = (*prompt, -max_tokens)
+    def __call__(self, prompt: list[int]) -> Answer:
+        key = tuple(prompt)
         if key not in self.done:
-            out = self.hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens)
-            self.done[key] = out[0, len(prompt) :].tolist()
+            out = self.hf.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=MAX_TOKENS,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            answer = Answer(out.sequences[0, len(prompt) :].tolist())
+            answer.logprobs = [torch.log_softmax(lg[0], -1)[t].item() for lg, t in zip(out.logits, answer)]
+            self.done[key] = answer
         return self.done[key]
 
+    def check(self, prompt: list[int], answer: Answer, what: str) -> None:
+        """Tokens equal, logprobs within LOGPROB_TOL."""
+        expected = self(prompt)
+        assert answer == expected, f"{what}: tokens differ"
+        worst = max(abs(a - b) for a, b in zip(answer.logprobs, expected.logprobs))
+        assert worst <= LOGPROB_TOL, f"{what}: logprobs differ by {worst:.2e}"
 
-async def _generate(stub, prompt: list[int], max_tokens: int = MAX_TOKENS, salt: str = "", cancel_after: int = 0):
+
+async def _generate(stub, prompt: list[int], salt: str = "", cancel_after: int = 0) -> Answer:
     call = stub.Generate(
         router_pb2.GenerateRequest(
             token_ids=prompt,
             cache_salt=salt,
-            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0),
+            logprobs=True,
+            sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
         ),
         timeout=120,
     )
-    tokens: list[int] = []
+    answer = Answer()
+    answer.logprobs = []
     async for response in call:
-        tokens.extend(response.token_ids)
-        if cancel_after and len(tokens) >= cancel_after:
+        answer.extend(response.token_ids)
+        answer.logprobs.extend(response.logprobs)
+        if cancel_after and len(answer) >= cancel_after:
             call.cancel()
             break
-    return tokens
+    return answer
 
 
 def _metric(cluster, service: dict, name: str, **labels: str) -> float:
@@ -138,7 +164,7 @@ def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_facto
                 for turn in range(3):
                     before = tier_hits()
                     tokens = await _generate(stub, prompt)
-                    assert tokens == reference(prompt), f"conversation {c} turn {turn}"
+                    reference.check(prompt, tokens, f"conversation {c} turn {turn}")
                     _wait_decode_idle(cluster)
                     got = [after - b for after, b in zip(tier_hits(), before)]
                     # The system prompt was cached by the first conversation. A later turn finds its
@@ -171,13 +197,13 @@ def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_facto
                 if i < len(flood) and i % 2:
                     assert tokens[:1] == reference(p)[:1]
                 else:
-                    assert tokens == reference(p), f"request {i} after the flood"
+                    reference.check(p, tokens, f"request {i} after the flood")
             assert _summed(cluster, "prefill", "pdserve_prefix_cache_evicted_blocks_total") > 0
 
             # 3. another tenant's salt finds nothing of the first conversation, in either tier
             before = tier_hits()
             salted = conversations[0][1]
-            assert await _generate(stub, salted, salt="tenant-b") == reference(salted)
+            reference.check(salted, await _generate(stub, salted, salt="tenant-b"), "salted")
             assert tier_hits() == before
 
     asyncio.run(run())
@@ -216,7 +242,7 @@ def test_two_nodes_next_turn_fetches_the_answer_from_the_decode_nodes_tier_over_
                 for turn in range(3):
                     before = tier_hits()
                     tokens = await _generate(stub, prompt)
-                    assert tokens == reference(prompt), f"conversation {c} turn {turn}"
+                    reference.check(prompt, tokens, f"conversation {c} turn {turn}")
                     _wait_decode_idle(cluster)
                     got = [after - b for after, b in zip(tier_hits(), before)]
                     in_worker = len(last) // BLOCK * BLOCK
@@ -246,7 +272,7 @@ def test_colocated_next_turn_finds_the_answer_cached(cluster_factory, model_dir,
             for turn in range(3):
                 before = _summed(cluster, "colocated", name, tier="worker")
                 tokens = await _generate(stub, prompt)
-                assert tokens == reference(prompt), f"turn {turn}"
+                reference.check(prompt, tokens, f"turn {turn}")
                 got = _summed(cluster, "colocated", name, tier="worker") - before
                 assert got == computed // BLOCK * BLOCK, f"turn {turn}: the last turn's full blocks were cached"
                 computed = len(prompt) + len(tokens) - 1

@@ -194,11 +194,15 @@ def test_the_router_points_a_prefill_worker_at_the_node_whose_tier_holds_more_of
     next_turn = PromptPrefix(conversation + [7, 8, 9], salt="")
     source = nodes.source_for(next_turn, prefill)
     assert (source.node_id, source.transfer_address, source.num_blocks) == ("node-b", "10.0.0.2:9999", 12)
-    # nothing when the worker holds as much, when the salt differs, or on the worker's own node
+    # nothing when the worker holds as much, or when the salt differs
     assert nodes.source_for(PromptPrefix(conversation[:21], salt=""), prefill) is None
     assert nodes.source_for(PromptPrefix(conversation + [7], salt="t"), prefill) is None
-    prefill.stats.node_id = "node-b"
-    assert nodes.source_for(next_turn, prefill) is None
+    # the worker's own node first, on a tie
+    nodes.offered(_worker("d:2", Role.DECODE), conversation, salt="")  # (no transfer address: not indexed)
+    other = _worker("d:3", Role.DECODE)
+    other.stats.node_id, other.stats.kvstore_transfer_address = "node-a", "10.0.0.1:9999"
+    nodes.offered(other, conversation, salt="")
+    assert nodes.source_for(next_turn, prefill).node_id == "node-a"
 
 
 def test_the_router_enters_what_it_sent_and_counts_its_decisions():
@@ -257,8 +261,9 @@ def test_the_node_tiers_store_keeps_blocks_by_hash_evicts_the_least_recent_and_n
 def test_a_fetch_pays_only_when_cheaper_than_computing():
     cost = FetchCost()
     assert cost.pays(4, 0.001)  # nothing measured yet: try
-    cost.observe_lookup(0.002)
-    cost.observe_fetch(0.002 + 4 * 0.0005, 4)
+    cost.observe(0.002, 4)
     assert cost.seconds_per_block == pytest.approx(0.0005)
+    cost.observe(0.01, 10)  # a recent average
+    assert cost.seconds_per_block == pytest.approx(0.2 * 0.001 + 0.8 * 0.0005)
     assert cost.pays(10, 0.01) and not cost.pays(10, 0.005)
     assert FetchCost(always=True).pays(10, 0.0)
