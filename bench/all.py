@@ -9,6 +9,9 @@
 5. bench.soak: 90 s of load with a random service SIGKILLed every 20 s: requests lost, exact,
    memory slopes.
 6. bench.pipeline: decode on 2 pipeline stages, the batch whole against cut into micro-batches.
+7. bench.prefix_cache: multi-turn chat without prefix caching and with all of it (engines emulated
+   at H100 timings): prefill tokens computed and TTFT (docs/benchmarks.md has both workloads and
+   every configuration).
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, mixed_batch, overhead, pipeline, serving, soak
+from . import engine, mixed_batch, overhead, pipeline, prefix_cache, serving, soak
 
 
 def main(argv=None) -> int:
@@ -50,6 +53,10 @@ def main(argv=None) -> int:
     soak.main(["--minutes", "1.5", "--kill-every", "20", "--probe-seconds", "10", "--out", "results/soak"])
     print("\n== pipeline parallelism: decode micro-batches on 2 stages ==", flush=True)
     pipeline.main(["--rounds", "3", "--out", "results/pipeline-cpu.json"])
+    print("\n== prefix caching: multi-turn chat, none against all (engines emulated at H100 timings) ==", flush=True)
+    prefix_cache.main(
+        ["--mode", "emulated", "--workloads", "multi-turn", "--conversations", "12", "--configs", "none,all"]
+    )
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0
 

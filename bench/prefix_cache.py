@@ -202,8 +202,8 @@ def cluster_spec(mode: str, config: str, model: str, log_dir: str) -> ClusterSpe
     return spec
 
 
-def run_config(mode: str, config: str, workload: list[Conversation], args, model: str) -> dict:
-    spec = cluster_spec(mode, config, model, os.path.join(args.out, "logs", f"{mode}-{config}"))
+def run_config(mode: str, name: str, config: str, workload: list[Conversation], args, model: str) -> dict:
+    spec = cluster_spec(mode, config, model, os.path.join(args.out, "logs", f"{mode}-{name}-{config}"))
     cluster = Cluster(spec)
     cluster.start(progress=lambda line: None)
     try:
@@ -237,25 +237,63 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(report["workloads"])
-    fig, axes = plt.subplots(1, 2 * len(workloads), figsize=(5 * 2 * len(workloads), 4))
+    sweep = report.get("goodput")
+    cols = 3 if sweep else 2
+    fig, axes = plt.subplots(len(workloads), cols, figsize=(5 * cols, 4 * len(workloads)), squeeze=False)
+    colors = ["#888888", "#4a90d9", "#2a7a2a", "#d98c1a"]
     for w, name in enumerate(workloads):
         runs = report["workloads"][name]["configs"]
         labels = [r["config"] for r in runs]
         base = runs[0]["prefill_tokens_computed"] or 1
-        ax = axes[2 * w]
-        ax.bar(labels, [r["prefill_tokens_computed"] / base for r in runs], color=["#888", "#4a90d9", "#2a7a2a"])
-        ax.set_title(f"{name}: prefill tokens computed\n(fraction of no caching)")
+        ax = axes[w][0]
+        ax.bar(labels, [r["prefill_tokens_computed"] / base for r in runs], color=colors[: len(runs)])
+        ax.set_title(f"{name}: prefill tokens computed\n(fraction of {labels[0]})")
         ax.set_ylim(0, 1.05)
-        ax = axes[2 * w + 1]
+        ax = axes[w][1]
         x = range(len(runs))
         ax.bar([i - 0.2 for i in x], [r["ttft_p50"] for r in runs], 0.4, label="TTFT p50")
         ax.bar([i + 0.2 for i in x], [r["ttft_p90"] for r in runs], 0.4, label="TTFT p90")
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("seconds")
-        ax.set_title(f"{name}: TTFT ({report['source']})")
+        ax.set_title(f"{name}: TTFT at {report['workloads'][name]['rate']:g}/s")
         ax.legend()
+        if sweep and w == 0:
+            ax = axes[0][2]
+            for color, (config, points) in zip(colors, sweep["attainment"].items()):
+                ax.plot(list(map(float, points)), list(points.values()), "o-", color=color, label=config)
+            ax.axhline(sweep["target"], color="red", linestyle=":", linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("conversations started per second")
+            ax.set_ylabel("SLO attainment")
+            ax.set_title("multi-turn: attainment against rate")
+            ax.legend()
+        elif sweep:
+            axes[w][2].axis("off")
+    fig.suptitle(report["source"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def goodput_sweep(args, model: str, vocab: int, rates: list[float]) -> dict:
+    """Multi-turn at each rate (conversations arriving over --arrival-seconds), every config: SLO
+    attainment per rate, and goodput: the highest swept rate whose attainment meets --target."""
+    attainment: dict[str, dict[str, float]] = {}
+    for config in args.configs.split(","):
+        attainment[config] = {}
+        for rate in rates:
+            n = max(1, round(rate * args.arrival_seconds))
+            print(f"== goodput sweep: {config} at {rate:g} conversations/s ({n}) ==", flush=True)
+            workload = multi_turn(n, rate, args.scale, vocab, args.seed)
+            run = run_config(args.mode, f"sweep-{rate:g}", config, workload, args, model)
+            attainment[config][f"{rate:g}"] = run["attainment"]
+    goodput = {
+        config: max((float(r) for r, a in points.items() if a >= args.target), default=0.0)
+        for config, points in attainment.items()
+    }
+    print(f"\nmulti-turn goodput (conversations/s at attainment >= {args.target:g}; swept {rates}):")
+    for config, points in attainment.items():
+        print(f"{config:<12}" + "".join(f"{a:>8.2f}" for a in points.values()) + f"   goodput {goodput[config]:g}")
+    return {"rates": rates, "target": args.target, "attainment": attainment, "goodput": goodput}
 
 
 def main(argv=None) -> dict:
@@ -273,6 +311,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--ttft-slo", type=float, default=0.0, help="0: per mode (cpu 1.0 s, emulated 0.25 s)")
     ap.add_argument("--tpot-slo", type=float, default=0.0, help="0: per mode (cpu 0.2 s, emulated 0.1 s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--goodput-rates", default="", help="also sweep multi-turn over these conversation rates (comma list)"
+    )
+    ap.add_argument("--arrival-seconds", type=float, default=20.0, help="sweep: conversations arrive over this long")
+    ap.add_argument("--target", type=float, default=0.9, help="sweep: the attainment goodput must meet")
     ap.add_argument("--out", default="results/prefix-cache")
     args = ap.parse_args(argv)
     cpu = args.mode == "cpu"
@@ -298,12 +341,16 @@ def main(argv=None) -> dict:
         runs = []
         for config in args.configs.split(","):
             print(f"== {name}: {config} ==", flush=True)
-            runs.append(run_config(args.mode, config, workload, args, model))
+            runs.append(run_config(args.mode, name, config, workload, args, model))
         base = runs[0]
         for run in runs:
             run["computed_vs_first"] = run["prefill_tokens_computed"] / max(1, base["prefill_tokens_computed"])
             run["ttft_p90_gain_vs_first"] = base["ttft_p90"] / run["ttft_p90"] if run["ttft_p90"] else float("nan")
-        report["workloads"][name] = {"requests": sum(len(c.turns) for c in workload), "configs": runs}
+        report["workloads"][name] = {
+            "requests": sum(len(c.turns) for c in workload),
+            "rate": rate if name == "multi-turn" else rate * 4,
+            "configs": runs,
+        }
         print(f"\n{name} ({source}), ratios against {base['config']}:")
         print(
             f"{'config':<12}{'computed':>12}{'ratio':>8}{'TTFT p50':>10}{'p90':>8}{'p90 gain':>10}"
@@ -315,6 +362,8 @@ def main(argv=None) -> dict:
                 f"{run['ttft_p50']:>10.3f}{run['ttft_p90']:>8.3f}{run['ttft_p90_gain_vs_first']:>10.2f}"
                 f"{run['attainment']:>8.2f}{run['errors']:>8}"
             )
+    if args.goodput_rates:
+        report["goodput"] = goodput_sweep(args, model, vocab, [float(r) for r in args.goodput_rates.split(",")])
     path = os.path.join(args.out, f"{args.mode}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -12,6 +12,7 @@ import urllib.request
 
 import grpc
 import pytest
+from conversations import reference  # noqa: F401 - fixtures shared by the e2e modules
 from workload import model_dir, workload  # noqa: F401 - fixtures shared by the e2e modules
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc

@@ -16,6 +16,7 @@ import time
 
 import grpc
 import pytest
+from conversations import check_next_turns_find_the_answer_cached
 from transformers import AutoTokenizer
 from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
@@ -181,6 +182,7 @@ def test_cancel_right_after_the_first_token_leaves_no_kv_entry(two_node):
         (dict(prompt="hi", slo=router_pb2.SloTargets(tpot_seconds=float("nan"))), "slo.tpot_seconds"),
         (dict(prompt="hi", request_id="r" * (1 << 20)), "request_id"),  # 1 MB, echoed in every message
         (dict(prompt="hi", request_id="r" * 129), "request_id"),
+        (dict(prompt="hi", cache_salt="s" * 257), "cache_salt"),
         (dict(prompt="hi", request_id="bad\nid\x1b[31m"), "request_id"),  # control characters for the logs
     ],
 )
@@ -268,7 +270,7 @@ def test_one_node_local_copies(cluster_factory, workload, model_dir, tmp_path):
 
 # ---- colocated -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunked", [False, True], ids=["prefill-first", "chunked-prefill"])
-def test_colocated_mode(cluster_factory, workload, model_dir, chunked):
+def test_colocated_mode(cluster_factory, workload, model_dir, chunked, reference):
     # chunked: a 32-token budget per step, so that most prompts are computed over several steps
     chunking = ["--worker-arg=--chunked-prefill --max-num-batched-tokens 32 --max-num-seqs 32"] if chunked else []
     cluster = cluster_factory("--model", model_dir, "--mode", "colocated", "--colocated", "2", *chunking)
@@ -283,6 +285,8 @@ def test_colocated_mode(cluster_factory, workload, model_dir, chunked):
         if line.startswith('pdserve_decode_step_duration_seconds_count{kind="mixed"}')
     )
     assert (mixed_steps > 0) == chunked
+    check_next_turns_find_the_answer_cached(cluster, reference)  # prefix caching (issue 19)
+    cluster.wait_idle()
 
 
 @pytest.mark.parametrize(
@@ -309,6 +313,7 @@ def test_colocated_mode(cluster_factory, workload, model_dir, chunked):
             "prompt_token_ids",
         ),
         ("prefill", lambda: worker_pb2.PrefillRequest(request_id="x" * 200, token_ids=[5]), "request_id"),
+        ("prefill", lambda: worker_pb2.PrefillRequest(token_ids=[5], cache_salt="s" * 300), "cache_salt"),
         (
             "decode",
             lambda: worker_pb2.DecodeRequest(request_id="a\tb", prompt_token_ids=[5, 6], output_token_ids=[7]),
