@@ -25,9 +25,11 @@ def extend_block_hashes(
     num_blocks = min(num_blocks, len(token_ids) // block_size)
     # the root is a hash too, so that every hashed message is (16 bytes, tokens): unambiguous
     parent = hashes[-1] if hashes else hashlib.blake2b(_ROOT + salt.encode(), digest_size=HASH_BYTES).digest()
-    for i in range(len(hashes), num_blocks):
-        tokens = array("I", token_ids[i * block_size : (i + 1) * block_size]).tobytes()
-        parent = hashlib.blake2b(parent + tokens, digest_size=HASH_BYTES).digest()
+    first = len(hashes)
+    data = array("I", token_ids[first * block_size : num_blocks * block_size]).tobytes()
+    step = 4 * block_size
+    for k in range(num_blocks - first):
+        parent = hashlib.blake2b(parent + data[k * step : (k + 1) * step], digest_size=HASH_BYTES).digest()
         hashes.append(parent)
     return hashes
 

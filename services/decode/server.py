@@ -149,7 +149,8 @@ class DecodeService(StreamingWorker, worker_pb2_grpc.DecodeWorkerServicer):
     async def Stats(self, request, context) -> common_pb2.WorkerStats:
         stats = await super().Stats(request, context)
         stats.kv_blocks_promised = self.scheduler.admission_blocks
-        stats.kvstore_transfer_address = self.kvstore.transfer_address
+        if self.offer_prefixes:  # routers point prefill workers at this node's prefix tier only then
+            stats.kvstore_transfer_address = self.kvstore.transfer_address
         return stats
 
     # ---- engine thread ------------------------------------------------------------------------

@@ -128,8 +128,10 @@ class BlockManager:
 
     def free(self, blocks: list[int]) -> None:
         """Drops one owner from each block; a block returns to the free list with its last owner:
-        at the back if cached (evicted last), else at the front (reused first)."""
-        for b in blocks:
+        at the back if cached (evicted last), else at the front (reused first). A sequence's blocks
+        go back last first, so that its prefix's tail is evicted before its head (a lookup stops at
+        the first missing block)."""
+        for b in reversed(blocks):
             if self._ref_counts[b] <= 0:
                 raise ValueError(f"block {b} freed twice")
             self._ref_counts[b] -= 1

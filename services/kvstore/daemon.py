@@ -257,9 +257,9 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             self.metrics.prefix_fetched.inc(count)
             self.totals["bytes_ucx_received"] += nbytes
             if count:
-                self.metrics.pulls.labels("ucx").inc()
-                self.metrics.transferred_bytes.labels("ucx").inc(nbytes)
-                self.metrics.transfer_duration.labels("ucx").observe(seconds)
+                self.metrics.pulls.labels("prefix-ucx").inc()
+                self.metrics.transferred_bytes.labels("prefix-ucx").inc(nbytes)
+                self.metrics.transfer_duration.labels("prefix-ucx").observe(seconds)
             return kvstore_pb2.FetchPrefixResponse(num_blocks=count, bytes=nbytes, seconds=seconds)
         rows_tensor, rows = self.prefix.take(fingerprint, hashes[: len(ids)])
         try:

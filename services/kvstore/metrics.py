@@ -11,8 +11,9 @@ from services.common.metrics import TRANSFER_LATENCY_BUCKETS
 
 from .prefix_store import PrefixStore
 
-# label values of `path`: as in PullResponse.path, and "prefix" (FetchPrefix, from the prefix tier)
-PATHS = ("local", "ucx", "host", "prefix")
+# label values of `path`: as in PullResponse.path, and "prefix" / "prefix-ucx" (FetchPrefix, from
+# this node's prefix tier / another node's)
+PATHS = ("local", "ucx", "host", "prefix", "prefix-ucx")
 # the failure reasons seen in practice, pre-created at zero; others still appear when they occur
 FAILURE_REASONS = ("not_found", "unavailable", "deadline_exceeded", "failed_precondition", "internal")
 

@@ -22,8 +22,9 @@ import torch
 class _Slab:
     """Every stored block of one layout: rows of `block_bytes`, allocated on first use."""
 
-    rows: torch.Tensor  # [capacity, block_bytes] uint8
-    free: list[int]
+    rows: torch.Tensor  # [capacity, block_bytes] uint8 (its pages touched as rows are first written)
+    free: list[int] = field(default_factory=list)  # rows given back; those from `unused` on never taken
+    unused: int = 0
     row_of: OrderedDict[bytes, int] = field(default_factory=OrderedDict)  # hash -> row, least recent first
     pins: dict[int, int] = field(default_factory=dict)  # row -> copies reading or writing it
 
@@ -65,8 +66,8 @@ class PrefixStore:
             row = slab.row_of.get(block_hash)
             if row is None:
                 break
-            slab.row_of.move_to_end(block_hash)
             rows.append(row)
+        self._touch(slab, hashes[: len(rows)])
         self._pin(slab, rows)
         return slab.rows, rows
 
@@ -84,13 +85,16 @@ class PrefixStore:
         yet findable: write them, then `commit` (or `cancel`). Evicts the least recently used
         unpinned blocks for room; reserves fewer (the first ones) when too many are pinned."""
         slab = self._slab(fingerprint, block_bytes, pin_memory)
+        self._touch(slab, [h for h in hashes if h in slab.row_of])
         reserved: list[tuple[int, int]] = []
         seen: set[bytes] = set()
         for i, block_hash in enumerate(hashes):
             if block_hash in slab.row_of or block_hash in seen:  # (a hash twice in one offer: its first block)
                 continue
             seen.add(block_hash)
-            row = slab.free.pop() if slab.free else self._evict(slab)
+            row = self._free_row(slab)
+            if row is None:
+                row = self._evict(slab)
             if row is None:
                 break
             reserved.append((i, row))
@@ -98,10 +102,15 @@ class PrefixStore:
         return slab.rows, reserved
 
     def commit(self, fingerprint: str, hashes: list[bytes], reserved: list[tuple[int, int]]) -> None:
+        """The reserved rows hold their blocks now: findable, the prefix's first blocks the most
+        recently used. A hash another offer committed meanwhile keeps that one's row."""
         slab = self._slabs[fingerprint]
-        for i, row in reserved:
-            slab.row_of[hashes[i]] = row
         self.unpin(fingerprint, [row for _, row in reserved])
+        for i, row in reversed(reserved):
+            if hashes[i] in slab.row_of:
+                slab.free.append(row)
+            else:
+                slab.row_of[hashes[i]] = row
 
     def cancel(self, fingerprint: str, reserved: list[tuple[int, int]]) -> None:
         rows = [row for _, row in reserved]
@@ -116,8 +125,17 @@ class PrefixStore:
             taken = sum(s.rows.numel() for s in self._slabs.values())
             capacity = max(0, self.capacity_bytes - taken) // block_bytes
             rows = torch.empty((capacity, block_bytes), dtype=torch.uint8, pin_memory=pin_memory and capacity > 0)
-            slab = self._slabs[fingerprint] = _Slab(rows, list(range(capacity - 1, -1, -1)))
+            slab = self._slabs[fingerprint] = _Slab(rows)
         return slab
+
+    @staticmethod
+    def _free_row(slab: _Slab) -> int | None:
+        if slab.free:
+            return slab.free.pop()
+        if slab.unused < slab.rows.shape[0]:
+            slab.unused += 1
+            return slab.unused - 1
+        return None
 
     def _evict(self, slab: _Slab) -> int | None:
         for block_hash, row in slab.row_of.items():
@@ -126,6 +144,13 @@ class PrefixStore:
                 self.evictions += 1
                 return row
         return None
+
+    @staticmethod
+    def _touch(slab: _Slab, hashes: list[bytes]) -> None:
+        """Most recently used, a prefix's first block last: the tail of a prefix is evicted before
+        its head (a lookup stops at the first missing block)."""
+        for block_hash in reversed(hashes):
+            slab.row_of.move_to_end(block_hash)
 
     @staticmethod
     def _pin(slab: _Slab, rows: list[int]) -> None:

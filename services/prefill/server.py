@@ -265,7 +265,6 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         stats.prefill_seconds_per_token = self.prefill_rate.seconds_per_token
         stats.published_entries = len(self.scheduler.published)
         stats.draining = self.draining
-        stats.kvstore_transfer_address = self.kvstore.transfer_address
         return stats
 
     # ---- engine thread ------------------------------------------------------------------------------
@@ -346,7 +345,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         cost = self.fetch_cost[tier]
         if not cost.pays(held, held * bs * self.prefill_rate.seconds_per_token):
             return
-        room = await self.thread.call(lambda: blocks.hold_for_fetch(hashes, held))
+        hold = asyncio.ensure_future(self.thread.call(lambda: blocks.hold_for_fetch(hashes, held)))
+        try:
+            room = await asyncio.shield(hold)
+        except asyncio.CancelledError:  # the engine thread holds the blocks all the same: give them back
+            hold.add_done_callback(self._give_back_held)
+            raise
         if room is None:
             return
         prefix, fresh = room
@@ -359,8 +363,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
             got, settled = response.num_blocks, True
             # an emulated device's copy lasts what its profile says for the real bytes
             await asyncio.sleep(self.engine.min_transfer_seconds(got * bs) - (time.monotonic() - started))
-            if got:
-                cost.observe(time.monotonic() - started, got)
+            # (a fetch that found nothing cost its round trip: a block's worth)
+            cost.observe(time.monotonic() - started, max(got, 1))
         except grpc.aio.AioRpcError as exc:
             got, settled = 0, exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
             log.debug("prefix fetch (%s) failed: %s", tier, exc.details())
@@ -371,6 +375,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
                 self.thread.post(lambda: blocks.free(prefix))
                 in_background(self._free_later(fresh))
         seq.fetched_blocks, seq.fetched_tier = (first, first + got), tier
+
+    def _give_back_held(self, hold: asyncio.Future) -> None:
+        if not hold.cancelled() and hold.exception() is None and hold.result() is not None:
+            prefix, fresh = hold.result()
+            self.thread.post(lambda: self.engine.block_manager.free(fresh + prefix))
 
     def _fetched(self, fresh: list[int], hashes: list[bytes], prefix: list[int]) -> None:
         """Engine thread: the fetched blocks enter the cache, the rest go back."""

@@ -21,8 +21,12 @@ if TYPE_CHECKING:
 
 
 class PrefixIndex:
+    GUESS_POLLS = 4  # a block this router sent is taken as cached for this many Stats answers
+
     def __init__(self) -> None:
-        self.hashes: set[bytes] = set()
+        self.hashes: set[bytes] = set()  # as the worker reported them
+        self.guessed: dict[bytes, int] = {}  # sent there, not reported yet: hash -> the poll it expires at
+        self.polls = 0
         self.log_id = ""  # the worker's event log and our place in it (none: ask for a snapshot)
         self.cursor = 0
 
@@ -36,19 +40,31 @@ class PrefixIndex:
             self.hashes.update(update.stored)
             self.hashes.difference_update(update.removed)
         self.log_id, self.cursor = update.log_id, update.cursor
+        self._expire_guesses()
+
+    def _expire_guesses(self) -> None:
+        """A block the worker did not report within GUESS_POLLS answers was not cached (its request
+        was cancelled before its prefill, or the block was evicted and reported already)."""
+        self.polls += 1
+        self.guessed = {h: until for h, until in self.guessed.items() if until > self.polls}
 
     def clear(self) -> None:
         """The worker has no prefix cache (or it went away)."""
         self.hashes.clear()
+        self.guessed.clear()
         self.log_id, self.cursor = "", 0
 
     def add(self, hashes: Iterable[bytes]) -> None:
-        self.hashes.update(hashes)
+        """Blocks this router just sent the worker: taken as cached until its answers say otherwise."""
+        until = self.polls + self.GUESS_POLLS
+        for block_hash in hashes:
+            if block_hash not in self.hashes:
+                self.guessed[block_hash] = until
 
     def cached_blocks(self, hashes: list[bytes]) -> int:
         """How many of the first blocks (`hashes`, in order) the worker holds."""
         for i, block_hash in enumerate(hashes):
-            if block_hash not in self.hashes:
+            if block_hash not in self.hashes and block_hash not in self.guessed:
                 return i
         return len(hashes)
 
@@ -70,7 +86,7 @@ class PromptPrefix:
 
     def cached_tokens(self, ep: Endpoint) -> int:
         """The prompt's tokens whose K/V worker `ep` holds, as far as this router knows."""
-        if not ep.prefix.hashes or ep.stats is None or not ep.stats.block_size:
+        if not (ep.prefix.hashes or ep.prefix.guessed) or ep.stats is None or not ep.stats.block_size:
             return 0
         block_size = ep.stats.block_size
         return ep.prefix.cached_blocks(self.hashes(block_size)) * block_size

@@ -10,8 +10,7 @@ with it; no /dev/shm pool of a killed instance is left.
 Disaggregated, prefill and decode of different tensor and pipeline parallelism: the kvstore daemon
 moves each decode rank exactly the layers and K/V heads it holds from the prefill ranks that hold
 them (kvstore/shards.py), and the outputs are transformers' token for token; the bytes the daemons
-moved are the destination's share, replicas included (a 1-K/V-head model on 2 decode ranks holds
-its KV twice)."""
+moved are the destination's share."""
 
 from __future__ import annotations
 
@@ -116,8 +115,9 @@ def destination_share(model_dir: str, tp: int, num_tokens: int) -> int:
     "model, prefill, decode",
     [
         ("llama", (2, 1), (1, 1)),
-        ("mistral", (1, 1), (2, 1)),  # 1 K/V head, replicated on both decode ranks
         ("qwen2", (2, 2), (1, 1)),  # (and Qwen3 pp 2 -> tp 2 below, over 2 pods)
+        # (K/V heads replicated on decode ranks: tests/integration/test_kvstore.py's tp1 -> tp8 pull,
+        # byte for byte, and test_engine_exact.py's Mistral on 2 ranks)
     ],
     ids=lambda p: f"tp{p[0]}pp{p[1]}" if isinstance(p, tuple) else p,
 )

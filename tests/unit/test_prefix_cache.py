@@ -140,7 +140,8 @@ def test_cache_events_give_each_reader_what_changed_or_a_snapshot():
     cursor = events.cursor
     blocks.free_seq(a)
     blocks.allocate(4)  # evicts both
-    assert events.since(events.log_id, cursor) == ([], a.block_hashes)
+    stored, removed = events.since(events.log_id, cursor)
+    assert stored == [] and sorted(removed) == sorted(a.block_hashes)
     assert events.since("another-log", cursor) is None  # a restarted worker: start from a snapshot
     assert events.since(events.log_id, events.cursor + 1) is None
 
@@ -215,6 +216,10 @@ def test_the_router_enters_what_it_sent_and_counts_its_decisions():
     assert metrics.dispatched.labels(Role.PREFILL, "kv-aware", "miss")._value.get() == 1
     assert metrics.dispatched.labels(Role.PREFILL, "kv-aware", "hit")._value.get() == 1
     assert metrics.cached_tokens.labels(Role.PREFILL)._value.get() == 40
+    # the worker never reports them (the request was cancelled before its prefill): forgotten
+    for _ in range(PrefixIndex.GUESS_POLLS):
+        ep.prefix.apply(common_pb2.PrefixCacheUpdate(log_id="w", cursor=0))
+    assert prompt.cached_tokens(ep) == 0
 
 
 def test_fetched_blocks_join_the_cache_after_the_held_prefix_and_count_as_node_hits():
