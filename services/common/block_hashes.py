@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 HASH_BYTES = 16
 _ROOT = b"pdserve.prefix/v1\0"
@@ -32,6 +32,15 @@ def extend_block_hashes(
         parent = hashlib.blake2b(parent + data[k * step : (k + 1) * step], digest_size=HASH_BYTES).digest()
         hashes.append(parent)
     return hashes
+
+
+def leading_held(hashes: Sequence[bytes], held: Container[bytes]) -> int:
+    """How many of the first blocks (`hashes`, in order) `held` has: a prefix is usable up to its
+    first missing block."""
+    for i, block_hash in enumerate(hashes):
+        if block_hash not in held:
+            return i
+    return len(hashes)
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, salt: str = "") -> list[bytes]:

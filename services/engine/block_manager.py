@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict, deque
 
 from services.common.arith import ceil_div
-from services.common.block_hashes import extend_block_hashes
+from services.common.block_hashes import extend_block_hashes, leading_held
 
 from .sequence import Sequence
 
@@ -179,13 +179,7 @@ class BlockManager:
             return []
         wanted = (len(seq.token_ids) - 1) // self.block_size
         hashes = extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, wanted, seq.cache_salt)
-        blocks = []
-        for block_hash in hashes[:wanted]:
-            b = self._cached.get(block_hash)
-            if b is None:
-                break
-            blocks.append(b)
-        return blocks
+        return [self._cached[h] for h in hashes[: self.cached_blocks(hashes[:wanted])]]
 
     def blocks_to_admit(self, seq: Sequence, cached: list[int]) -> int:
         """Free blocks that `admit(seq, cached)` takes: new ones for what is not cached, and the
@@ -196,10 +190,7 @@ class BlockManager:
     def admit(self, seq: Sequence, cached: list[int]) -> None:
         """Gives a sequence about to be prefilled the `cached` blocks of its prefix (from
         `cached_prefix`) and new blocks for the rest of its tokens."""
-        for b in cached:
-            if self._ref_counts[b] == 0:
-                del self._free[b]
-            self._ref_counts[b] += 1
+        self._hold(cached)
         if cached:
             seq.block_table = list(cached)
             seq.num_cached = len(cached) * self.block_size
@@ -215,10 +206,7 @@ class BlockManager:
 
     def cached_blocks(self, hashes: list[bytes]) -> int:
         """How many of the first blocks (`hashes`, in order) are cached here."""
-        for i, block_hash in enumerate(hashes):
-            if block_hash not in self._cached:
-                return i
-        return len(hashes)
+        return leading_held(hashes, self._cached)
 
     def hold_for_fetch(self, hashes: list[bytes], count: int) -> tuple[list[int], list[int]] | None:
         """For a fetch of `count` blocks that continue the cached prefix of `hashes`: holds that
@@ -227,10 +215,7 @@ class BlockManager:
         held = [self._cached[h] for h in hashes[: self.cached_blocks(hashes)]]
         if count + sum(1 for b in held if self._ref_counts[b] == 0) > len(self._free):
             return None
-        for b in held:
-            if self._ref_counts[b] == 0:
-                del self._free[b]
-            self._ref_counts[b] += 1
+        self._hold(held)
         return held, self.allocate(count)
 
     def count_lookup(self, tier: str, num_tokens: int) -> None:
@@ -240,10 +225,7 @@ class BlockManager:
         """Blocks allocated for K/V copied in from elsewhere (the node's prefix tier) enter the cache
         under `hashes`, and are freed: a sequence admitted next finds them as if computed here."""
         for b, block_hash in zip(blocks, hashes, strict=True):
-            if block_hash not in self._cached:
-                self._cached[block_hash] = b
-                self._hash_of[b] = block_hash
-                self.cache_events.add(True, block_hash)
+            self._enter(b, block_hash)
         self.free(blocks)
 
     def enter_computed_blocks(self, seq: Sequence) -> None:
@@ -256,9 +238,19 @@ class BlockManager:
             return
         hashes = extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, full, seq.cache_salt)
         for i in range(seq.num_blocks_entered, full):
-            block_hash, b = hashes[i], seq.block_table[i]
-            if block_hash not in self._cached and b not in self._hash_of:
-                self._cached[block_hash] = b
-                self._hash_of[b] = block_hash
-                self.cache_events.add(True, block_hash)
+            self._enter(seq.block_table[i], hashes[i])
         seq.num_blocks_entered = full
+
+    def _enter(self, block: int, block_hash: bytes) -> None:
+        """Caches `block` under `block_hash`, unless another block holds that content already."""
+        if block_hash not in self._cached and block not in self._hash_of:
+            self._cached[block_hash] = block
+            self._hash_of[block] = block_hash
+            self.cache_events.add(True, block_hash)
+
+    def _hold(self, cached: list[int]) -> None:
+        """One more owner for each cached block, taking those that were free off the free list."""
+        for b in cached:
+            if self._ref_counts[b] == 0:
+                del self._free[b]
+            self._ref_counts[b] += 1

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.block_hashes import leading_held
+
 
 @dataclass
 class _Slab:
@@ -50,10 +52,7 @@ class PrefixStore:
     def lookup(self, fingerprint: str, hashes: list[bytes]) -> int:
         """How many of the first `hashes` are stored (no order change, no pin)."""
         slab = self._slabs.get(fingerprint)
-        count = 0
-        while slab is not None and count < len(hashes) and hashes[count] in slab.row_of:
-            count += 1
-        return count
+        return 0 if slab is None else leading_held(hashes, slab.row_of)
 
     def take(self, fingerprint: str, hashes: list[bytes]) -> tuple[torch.Tensor, list[int]]:
         """The rows of the stored leading `hashes`, pinned (they cannot be evicted until `unpin`)
@@ -61,13 +60,9 @@ class PrefixStore:
         slab = self._slabs.get(fingerprint)
         if slab is None:
             return torch.empty(0, 0, dtype=torch.uint8), []
-        rows = []
-        for block_hash in hashes:
-            row = slab.row_of.get(block_hash)
-            if row is None:
-                break
-            rows.append(row)
-        self._touch(slab, hashes[: len(rows)])
+        held = hashes[: leading_held(hashes, slab.row_of)]
+        rows = [slab.row_of[h] for h in held]
+        self._touch(slab, held)
         self._pin(slab, rows)
         return slab.rows, rows
 

@@ -44,7 +44,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -60,6 +61,8 @@ from .shards import Piece, degrees, instance_shards, resharding_plan
 from .ucx_endpoints import CONTROL_TAG, Endpoint, EndpointPool, Listener, RequestWaiter, ucxx_module
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FIRST_RUN_TAG = 1
 MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
@@ -295,6 +298,17 @@ class UcxPuller:
         the `source` layout (tp, pp: its handle's) into the destination's. Returns the bytes
         received. Raises ServiceError: the source's own status (NOT_FOUND...), UNAVAILABLE when it
         cannot be reached or the connection fails, DEADLINE_EXCEEDED on timeout."""
+        return await self._exchange(
+            address,
+            f"transfer of {kv_id!r}",
+            lambda ep: self._fetch(ep, kv_id, access_token, layout, source, destination),
+        )
+
+    async def _exchange(self, address: str, what: str, run: Callable[[Any], Awaitable[tuple[T, bool]]]) -> T:
+        """`run(ep)` on an endpoint to the daemon at `address` (pooled, or new), which returns its
+        result and whether the endpoint is clean for reuse. Raises ServiceError: `run`'s own (the
+        source said no: the endpoint goes back), UNAVAILABLE when the daemon cannot be reached or
+        the connection fails, DEADLINE_EXCEEDED past the transfer timeout."""
         host, port = split_host_port(address)
         may_retry = True
         while True:
@@ -305,17 +319,14 @@ class UcxPuller:
                     grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore transfer listener at {address}: {e!r}"
                 ) from None
             try:
-                nbytes, clean = await asyncio.wait_for(
-                    self._fetch(ep, kv_id, access_token, layout, source, destination), self.transfer_timeout
-                )
+                result, clean = await asyncio.wait_for(run(ep), self.transfer_timeout)
             except ServiceError:  # the source said no: the conversation ended cleanly
                 await self.endpoints.give_back(host, port, ep)
                 raise
             except TimeoutError:
                 await self.endpoints.discard(ep)
                 raise ServiceError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"transfer of {kv_id!r} from {address} took over {self.transfer_timeout}s",
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} from {address} took over {self.transfer_timeout}s"
                 ) from None
             except Exception as e:
                 await self.endpoints.discard(ep)
@@ -325,9 +336,7 @@ class UcxPuller:
                     log.info("pooled endpoint to %s failed (%r): retrying on a new one", address, e)
                     may_retry = False
                     continue
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE, f"transfer of {kv_id!r} from {address} failed: {e!r}"
-                ) from None
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{what} from {address} failed: {e!r}") from None
             except BaseException:  # cancelled: receives may still be posted on our blocks
                 await self.endpoints.discard(ep)
                 raise
@@ -335,7 +344,7 @@ class UcxPuller:
                 await self.endpoints.give_back(host, port, ep)
             else:
                 await self.endpoints.discard(ep)
-            return nbytes
+            return result
 
     async def _fetch(
         self,
@@ -395,34 +404,14 @@ class UcxPuller:
     ) -> tuple[int, int]:
         """Copies the leading blocks of `hashes` that the prefix tier of the daemon at `address`
         holds into `pool_rows[dst_ids[i]]`; returns (blocks, bytes). Raises ServiceError as fetch."""
-        host, port = split_host_port(address)
-        try:
-            ep, _ = await self.endpoints.acquire(host, port)
-        except Exception as e:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore transfer listener at {address}: {e!r}"
-            ) from None
-        try:
-            result = await asyncio.wait_for(
-                self._fetch_prefix(ep, fingerprint, hashes, pool_rows, dst_ids), self.transfer_timeout
-            )
-        except TimeoutError:
-            await self.endpoints.discard(ep)
-            raise ServiceError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"prefix fetch from {address} took over {self.transfer_timeout}s"
-            ) from None
-        except Exception as e:
-            await self.endpoints.discard(ep)
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"prefix fetch from {address} failed: {e!r}") from None
-        except BaseException:  # cancelled: a receive may still be posted on our buffer
-            await self.endpoints.discard(ep)
-            raise
-        await self.endpoints.give_back(host, port, ep)
-        return result
+        return await self._exchange(
+            address, "prefix fetch", lambda ep: self._fetch_prefix(ep, fingerprint, hashes, pool_rows, dst_ids)
+        )
 
     async def _fetch_prefix(
         self, ep, fingerprint: str, hashes: list[bytes], pool_rows: torch.Tensor, dst_ids: list[int]
-    ) -> tuple[int, int]:
+    ) -> tuple[tuple[int, int], bool]:
+        """((blocks, bytes) received, whether the endpoint is clean for reuse)."""
         block_bytes = pool_rows.shape[1]
         request = {"op": "prefix", "fingerprint": fingerprint, "hashes": [h.hex() for h in hashes]}
         await send_frame(ep, {**request, "block_bytes": block_bytes})
@@ -446,7 +435,7 @@ class UcxPuller:
             await asyncio.to_thread(scatter)
         await send_frame(ep, {"op": "done"})
         await recv_frame(ep)
-        return count, count * block_bytes
+        return (count, count * block_bytes), True
 
     async def close(self) -> None:
         await self.endpoints.close_idle(everything=True)

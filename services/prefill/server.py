@@ -336,6 +336,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer, common_pb2_grpc.Work
         if not wanted:
             return
         hashes = block_hashes(seq.token_ids[: wanted * bs], bs, seq.cache_salt)
+        seq.block_hashes = list(hashes)  # (not on the engine thread yet: its admission goes on from these)
         local = await self.thread.call(lambda: blocks.cached_blocks(hashes))
         held = wanted - local
         if held <= 0:

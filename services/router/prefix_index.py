@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter
 
 from pdserve.v1 import common_pb2, worker_pb2
-from services.common.block_hashes import block_hashes
+from services.common.block_hashes import block_hashes, leading_held
 
 if TYPE_CHECKING:
     from .registry import Endpoint
@@ -61,12 +61,12 @@ class PrefixIndex:
             if block_hash not in self.hashes:
                 self.guessed[block_hash] = until
 
+    def __contains__(self, block_hash: object) -> bool:
+        return block_hash in self.hashes or block_hash in self.guessed
+
     def cached_blocks(self, hashes: list[bytes]) -> int:
         """How many of the first blocks (`hashes`, in order) the worker holds."""
-        for i, block_hash in enumerate(hashes):
-            if block_hash not in self.hashes and block_hash not in self.guessed:
-                return i
-        return len(hashes)
+        return leading_held(hashes, self)
 
 
 class PromptPrefix:
@@ -147,14 +147,7 @@ class NodePrefixes:
 
     def _held(self, node: str, prompt: PromptPrefix, block_size: int) -> int:
         entry = self._nodes.get(node)
-        if entry is None:
-            return 0
-        count = 0
-        for block_hash in prompt.hashes(block_size):
-            if block_hash not in entry[1]:
-                break
-            count += 1
-        return count
+        return 0 if entry is None else leading_held(prompt.hashes(block_size), entry[1])
 
     def source_for(self, prompt: PromptPrefix, ep: Endpoint) -> worker_pb2.PrefixSource | None:
         """The node whose prefix tier holds the most of the prompt, if more than prefill worker

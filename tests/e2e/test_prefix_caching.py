@@ -45,6 +45,25 @@ def _wait_decode_idle(cluster) -> None:
         time.sleep(0.02)
 
 
+HITS = "pdserve_prefix_cache_hit_tokens_total"
+TIERS = ("worker", "node", "remote")
+
+
+def _prefill_hits(cluster) -> list[float]:
+    """The prefill workers' hit tokens in each of TIERS."""
+    return [summed(cluster, "prefill", HITS, tier=tier) for tier in TIERS]
+
+
+async def _turn(stub, cluster, reference, prompt: list[int], what: str) -> tuple[list[int], list[float]]:
+    """One request, checked against transformers; the hit tokens it added in each tier, once the
+    decode worker has offered its blocks to its node's prefix tier."""
+    before = _prefill_hits(cluster)
+    answer = await generate(stub, prompt)
+    reference.check(prompt, answer, what)
+    _wait_decode_idle(cluster)
+    return answer, [after - b for after, b in zip(_prefill_hits(cluster), before)]
+
+
 def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_factory, model_dir, reference):
     cluster = cluster_factory(
         "--model",
@@ -59,39 +78,31 @@ def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_facto
     )
     rng = random.Random(19)
     system = random_tokens(rng, 4 * BLOCK)
-    hits = ("pdserve_prefix_cache_hit_tokens_total",)
     queries = "pdserve_prefix_cache_queries_tokens_total"
-
-    def tier_hits() -> tuple[float, float]:
-        return tuple(summed(cluster, "prefill", *hits, tier=tier) for tier in ("worker", "node"))  # type: ignore[return-value]
 
     async def run():
         async with grpc.aio.insecure_channel(cluster.router) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             # 1. four conversations of three turns, one request at a time
             prompts: list[list[int]] = []
-            expected = [0, 0]
+            expected = [0, 0, 0]
             conversations = []
             for c in range(4):
                 prompt = system + random_tokens(rng, rng.randint(5, 30))
                 turns: list[list[int]] = []
                 answers: list[list[int]] = []
                 for turn in range(3):
-                    before = tier_hits()
-                    tokens = await generate(stub, prompt)
-                    reference.check(prompt, tokens, f"conversation {c} turn {turn}")
-                    _wait_decode_idle(cluster)
-                    got = [after - b for after, b in zip(tier_hits(), before)]
+                    tokens, got = await _turn(stub, cluster, reference, prompt, f"conversation {c} turn {turn}")
                     # The system prompt was cached by the first conversation. A later turn finds its
                     # last prompt's full blocks at its prefill worker, and the blocks of the answer
                     # that the decode worker computed, offered to the node's prefix tier, there.
                     if turn == 0:
-                        want = [0 if c == 0 else 4 * BLOCK, 0]
+                        want = [0 if c == 0 else 4 * BLOCK, 0, 0]
                     else:
                         last, answer = turns[-1], answers[-1]
                         in_worker = len(last) // BLOCK * BLOCK
-                        want = [in_worker, (len(last) + len(answer) - 1) // BLOCK * BLOCK - in_worker]
-                    assert got == want, f"conversation {c} turn {turn}: (worker, node) hits {got}, expected {want}"
+                        want = [in_worker, (len(last) + len(answer) - 1) // BLOCK * BLOCK - in_worker, 0]
+                    assert got == want, f"conversation {c} turn {turn}: {TIERS} hits {got}, expected {want}"
                     expected = [e + w for e, w in zip(expected, want)]
                     prompts.append(prompt)
                     turns.append(prompt)
@@ -99,7 +110,7 @@ def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_facto
                     prompt = prompt + tokens + random_tokens(rng, rng.randint(3, 20))
                 conversations.append(turns)
             assert summed(cluster, "prefill", queries, tier="worker") == sum(len(p) for p in prompts)
-            assert list(tier_hits()) == expected and expected[1] > 0
+            assert _prefill_hits(cluster) == expected and expected[1] > 0
             assert summed(cluster, "router", "pdserve_router_prefix_dispatch_total", outcome="hit") >= 11
 
             # 2. a flood of long prompts, half cancelled at their first token, evicts cached
@@ -116,10 +127,10 @@ def test_disaggregated_turns_hit_the_worker_and_node_tiers_exactly(cluster_facto
             assert summed(cluster, "prefill", "pdserve_prefix_cache_evicted_blocks_total") > 0
 
             # 3. another tenant's salt finds nothing of the first conversation, in either tier
-            before = tier_hits()
+            before = _prefill_hits(cluster)
             salted = conversations[0][1]
             reference.check(salted, await generate(stub, salted, salt="tenant-b"), "salted")
-            assert tier_hits() == before
+            assert _prefill_hits(cluster) == before
 
     asyncio.run(run())
     cluster.wait_idle(timeout=20)
@@ -142,10 +153,6 @@ def test_two_nodes_next_turn_fetches_the_answer_from_the_decode_nodes_tier_over_
         "--worker-arg=--node-prefix-fetch always",
     )
     rng = random.Random(21)
-    name = "pdserve_prefix_cache_hit_tokens_total"
-
-    def tier_hits() -> list[float]:
-        return [summed(cluster, "prefill", name, tier=tier) for tier in ("worker", "node", "remote")]
 
     async def run():
         async with grpc.aio.insecure_channel(cluster.router) as channel:
@@ -155,14 +162,10 @@ def test_two_nodes_next_turn_fetches_the_answer_from_the_decode_nodes_tier_over_
                 last: list[int] = []
                 answer: list[int] = []
                 for turn in range(3):
-                    before = tier_hits()
-                    tokens = await generate(stub, prompt)
-                    reference.check(prompt, tokens, f"conversation {c} turn {turn}")
-                    _wait_decode_idle(cluster)
-                    got = [after - b for after, b in zip(tier_hits(), before)]
+                    tokens, got = await _turn(stub, cluster, reference, prompt, f"conversation {c} turn {turn}")
                     in_worker = len(last) // BLOCK * BLOCK
                     remote = (len(last) + len(answer) - 1) // BLOCK * BLOCK - in_worker if turn else 0
-                    assert got == [in_worker, 0, remote], f"conversation {c} turn {turn}: (worker, node, remote) {got}"
+                    assert got == [in_worker, 0, remote], f"conversation {c} turn {turn}: {TIERS} hits {got}"
                     last, answer = prompt, tokens
                     prompt = prompt + tokens + random_tokens(rng, rng.randint(3, 20))
 
