@@ -96,6 +96,7 @@ class ServiceProcess:
     metrics: str
     argv: list[str] = field(repr=False)
     public: str = ""  # routers: the address clients use (shared by every router of the cluster)
+    http: str = ""  # routers: the OpenAI-compatible HTTP API's address (shared likewise); "": off
     pid: int = 0
     log: str = ""
 
@@ -103,6 +104,7 @@ class ServiceProcess:
 @dataclass
 class ClusterSpec:
     model: str = ""
+    served_model_name: str = ""  # the model's name in the APIs (default: the router's, from model)
     mode: str = "disaggregated"  # or "colocated"
     prefill: int = 1
     decode: int = 1
@@ -113,6 +115,7 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     router_port: int = 7000
     routers: int = 1  # more than one: all serve router_port (SO_REUSEPORT), each also its own port
+    http_port: int = 0  # the routers' OpenAI-compatible HTTP API (all on this one port); 0: a free port, -1: off
     kv_cache_gb: float = 0.25
     threads: int = 0  # torch threads per worker (0: cores / workers)
     # role -> (tensor-parallel ranks, pipeline stages) of each of its instances, one process per rank
@@ -237,6 +240,7 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 )
                 add_followers(worker)
     public_port = spec.router_port or free_port(host)
+    http_port = spec.http_port or free_port(host)
     router_args = []
     for role in ("prefill", "decode", "colocated"):
         addrs = [p.grpc for p in procs if p.role == role]
@@ -244,6 +248,8 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
             router_args += [f"--{role}", ",".join(addrs)]
     if spec.model:
         router_args += ["--model", spec.model]
+    if spec.served_model_name:
+        router_args += ["--served-model-name", spec.served_model_name]
     for i in range(spec.routers):
         # One router: on the public port. Several: each on a port of its own (health checks and
         # metrics reach each one) and all on the public one, which the kernel spreads connections over.
@@ -259,10 +265,12 @@ def plan_processes(spec: ClusterSpec) -> list[ServiceProcess]:
                 f"{host}:{mport}",
                 py
                 + ["services.router", "--host", host, "--port", str(port), "--metrics-port", str(mport)]
+                + ["--http-port", str(http_port)]
                 + shared
                 + router_args
                 + spec.router_args,
                 public=f"{host}:{public_port}",
+                http=f"{host}:{http_port}" if http_port > 0 else "",
             )
         )
     return procs
@@ -408,6 +416,7 @@ class Cluster:
         router = next(p for p in self.procs if p.role == "router")
         return {
             "router": router.public,
+            "http": router.http,
             "router_metrics": router.metrics,
             "mode": self.spec.mode,
             # a client certificate of the cluster (internal services need one) and the API key

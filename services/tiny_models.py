@@ -21,8 +21,13 @@ import tempfile
 from services.common.paths import cache_dir
 
 TOKENIZER_VOCAB = 1024
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# ChatML, as Qwen's checkpoints write it: what the HTTP API's /v1/chat/completions renders messages with
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 _TINY = dict(
     hidden_size=64,
@@ -169,13 +174,20 @@ def build_tokenizer(folder: str, vocab_size: int = TOKENIZER_VOCAB) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
 
 
 def spec_key(name: str) -> str:
     cls, overrides = SPECS[name]
-    blob = json.dumps([cls, overrides, TOKENIZER_VOCAB, SPECIAL_TOKENS, 2], sort_keys=True)
+    blob = json.dumps([cls, overrides, TOKENIZER_VOCAB, SPECIAL_TOKENS, CHAT_TEMPLATE, 2], sort_keys=True)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -214,6 +226,9 @@ def get_model(name: str = "llama", root: str | None = None, max_shard_size: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+DEFAULT_SERVED_NAME = "pdserve-tiny-llama"  # the embedded model's name in the APIs
 
 
 def model_dir_or_default(model: str) -> str:

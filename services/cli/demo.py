@@ -16,7 +16,7 @@ import grpc
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
 from services.common.commands import at_least
 from services.launcher import Cluster, ClusterSpec
-from services.tiny_models import model_dir_or_default
+from services.tiny_models import DEFAULT_SERVED_NAME, model_dir_or_default
 
 PROMPTS = [
     "Once upon a time there lived a little fox who loved numbers",
@@ -88,6 +88,7 @@ def demo(args) -> int:
     model = model_dir_or_default(args.model)
     spec = ClusterSpec(
         model=model,
+        served_model_name=args.model or DEFAULT_SERVED_NAME,
         mode=args.mode,
         nodes=args.nodes if args.mode == "disaggregated" else 1,
         router_port=0,

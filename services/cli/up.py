@@ -15,7 +15,7 @@ import yaml
 from services.common.latency_profile import LatencyProfile
 from services.launcher import Cluster, ClusterSpec, StartCancelled, prometheus_config
 from services.planner.plan_output import read_layout
-from services.tiny_models import model_dir_or_default
+from services.tiny_models import DEFAULT_SERVED_NAME, model_dir_or_default
 
 
 def add_up_arguments(ap: argparse.ArgumentParser) -> None:
@@ -33,6 +33,12 @@ def add_up_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7000, help="router gRPC port (0: any free port)")
+    ap.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the routers' OpenAI-compatible HTTP API port (0: any free port, -1: off)",
+    )
     ap.add_argument(
         "--routers",
         type=int,
@@ -134,6 +140,7 @@ def spec_from_args(args) -> ClusterSpec:
         placement=args.placement or "split",
         host=args.host,
         router_port=args.port,
+        http_port=args.http_port,
         routers=args.routers,
         kv_cache_gb=args.kv_cache_gb,
         threads=args.threads,
@@ -273,6 +280,8 @@ def _check_args(args, spec: ClusterSpec) -> None:
 def up(args) -> int:
     spec = spec_from_args(args)
     _check_args(args, spec)
+    if not spec.model:
+        spec.served_model_name = DEFAULT_SERVED_NAME
     spec.model = model_dir_or_default(spec.model)  # built once here, not by every service at once
     if args.ready_file and os.path.exists(args.ready_file):
         os.remove(args.ready_file)  # a stale file would point scripts at a dead cluster
@@ -305,7 +314,8 @@ def up(args) -> int:
                 yaml.safe_dump(prometheus_config(info), f, sort_keys=False)
         if args.ready_file:
             _write_ready_file(args.ready_file, info)
-        print(f"ready: router at {info['router']} (Ctrl-C to stop)", flush=True)
+        http = f", OpenAI-compatible API at http{'s' if spec.tls else ''}://{info['http']}/v1" if info["http"] else ""
+        print(f"ready: router at {info['router']}{http} (Ctrl-C to stop)", flush=True)
         while not stop["requested"]:
             for proc in cluster.procs:
                 code = cluster.exit_code(proc)

@@ -25,6 +25,10 @@ class ServiceError(Exception):
         return self.message
 
 
+class PastContextError(ServiceError):
+    """INVALID_ARGUMENT for a prompt that does not fit the model's context (HTTP 413, not 400)."""
+
+
 def invalid(field: str, problem: str) -> ServiceError:
     """INVALID_ARGUMENT naming the field: `invalid("sampling.top_k", "must be >= 0, got -1")`."""
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")

@@ -87,12 +87,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return ""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                token = value.encode() if isinstance(value, str) else value
-                scheme, _, presented = token.partition(b" ")
-                if scheme.lower() == b"bearer" and any(hmac.compare_digest(presented, k) for k in self.api_keys):
-                    return ""
-                return "the API key in the authorization metadata is not valid"
-        return "an API key is required: metadata authorization: Bearer <key>"
+                return api_key_refusal(value.encode() if isinstance(value, str) else value, self.api_keys, "metadata")
+        return api_key_refusal(None, self.api_keys, "metadata")
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -166,6 +162,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return handler._replace(stream_stream=call)
         return handler
+
+
+def api_key_refusal(authorization: bytes | None, api_keys: list[bytes], where: str) -> str:
+    """Why a request with this `authorization` value (`Bearer <key>`, gRPC metadata or an HTTP
+    header) may not go on: "" when it may."""
+    if authorization is None:
+        return f"an API key is required: {where} authorization: Bearer <key>"
+    scheme, _, presented = authorization.partition(b" ")
+    if scheme.lower() == b"bearer" and any(hmac.compare_digest(presented, k) for k in api_keys):
+        return ""
+    return f"the API key in the authorization {where} is not valid"
 
 
 def _run_now(fn: Callable[[], None]) -> None:

@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from pdserve.v1 import common_pb2
 
-from .errors import invalid
+from .errors import PastContextError, invalid
 
 MAX_TEMPERATURE = 100.0
 MAX_REQUEST_ID_CHARS = 128
 MAX_CACHE_SALT_CHARS = 256
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,10 @@ def token_ids(field: str, ids: Sequence[int], limits: ModelLimits) -> list[int]:
 def context(field: str, num_tokens: int, limits: ModelLimits) -> None:
     """`num_tokens` leave room for at least one more under max_model_len."""
     if num_tokens >= limits.max_model_len:
-        raise invalid(field, f"{num_tokens} tokens leave no room under max_model_len {limits.max_model_len}")
+        raise PastContextError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: {num_tokens} tokens leave no room under max_model_len {limits.max_model_len}",
+        )
 
 
 def sampling(sp: common_pb2.SamplingParams, limits: ModelLimits) -> None:
@@ -70,6 +77,13 @@ def sampling(sp: common_pb2.SamplingParams, limits: ModelLimits) -> None:
     bad = next((t for t in sp.stop_token_ids if t >= limits.vocab_size), None)
     if bad is not None:
         raise invalid("sampling.stop_token_ids", f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    if sp.max_tokens and sp.min_tokens > sp.max_tokens:
+        raise invalid("sampling.min_tokens", f"must be at most max_tokens ({sp.max_tokens}), got {sp.min_tokens}")
+    if len(sp.stop) > MAX_STOP_STRINGS:
+        raise invalid("sampling.stop", f"{len(sp.stop)} stop strings, at most {MAX_STOP_STRINGS} allowed")
+    for stop in sp.stop:
+        if not 0 < len(stop) <= MAX_STOP_CHARS:
+            raise invalid("sampling.stop", f"a stop string has {len(stop)} characters; 1 to {MAX_STOP_CHARS} allowed")
 
 
 def positive_seconds(field: str, value: float | None) -> None:

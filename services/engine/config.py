@@ -279,6 +279,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # compute the chosen token's logprob (NaN otherwise)
+    min_tokens: int = 0  # EOS and stop tokens cannot be sampled before this many output tokens
 
     @property
     def greedy(self) -> bool:

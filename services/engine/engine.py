@@ -335,4 +335,11 @@ class Engine(EngineBase):
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleResult:
         self.last_logits = logits
+        early = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.sampling.min_tokens]
+        if early:  # min_tokens: the tokens that would end these sequences cannot be drawn yet
+            logits = logits.clone()
+            for i in early:
+                sp = seqs[i].sampling
+                ends = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.model_config.eos_token_ids))
+                logits[i, [t for t in ends if t < logits.shape[-1]]] = float("-inf")
         return sample(logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs])

@@ -1,4 +1,4 @@
-"""python -m services.router --port 7000 --prefill HOST:PORT,... --decode HOST:PORT,...
+"""python -m services.router --port 7000 --http-port 8000 --prefill HOST:PORT,... --decode HOST:PORT,...
 [--prefill-dns NAME:PORT --decode-dns NAME:PORT] [--colocated ...] [--model DIR]"""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
 from services.engine.config import ModelConfig
-from services.tiny_models import model_dir_or_default
+from services.tiny_models import DEFAULT_SERVED_NAME, model_dir_or_default
 
+from .openai_http import OpenAiServer
 from .policies import PrefillPolicy
 from .registry import RegistryMetrics, WorkerRegistry
 from .server import RouterService
@@ -39,7 +40,7 @@ def api_keys(args) -> frozenset[str]:
 
 
 def parser() -> FlagParser:
-    p = FlagParser(description="pdserve router: the public gRPC API")
+    p = FlagParser(description="pdserve router: the public gRPC API, and the OpenAI-compatible HTTP API")
     common_server_flags(p, port=7000, metrics_port=9000, reflection="on")
     p.add_flag(
         "--api-key",
@@ -52,6 +53,25 @@ def parser() -> FlagParser:
         "--model", default="", help="checkpoint folder for the tokenizer and config (default: the embedded tiny model)"
     )
     p.add_flag("--max-model-len", default=0, type=int, help="context limit (0: the model's)")
+    p.add_flag(
+        "--served-model-name",
+        default="",
+        help="the model's name in both APIs (ListModels, the HTTP API's `model`); default: --model, or "
+        "pdserve-tiny-llama for the embedded model",
+    )
+    p.add_flag(
+        "--http-port",
+        default=8000,
+        type=int,
+        help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health); "
+        "-1: off",
+    )
+    p.add_flag(
+        "--http-max-body-bytes",
+        default=0,
+        type=int,
+        help="largest HTTP request body (413 past it); 0: what the longest prompt that fits the context needs",
+    )
     for role in WORKER_ROLES:
         p.add_flag(f"--{role}", action="append", help=f"{role} worker addresses host:port, comma-separated")
         p.add_flag(
@@ -123,6 +143,10 @@ def main(argv=None) -> None:
     model_config = ModelConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
+    model_name = args.served_model_name or args.model or DEFAULT_SERVED_NAME
+
+    keys = api_keys(args)
+
     async def run():
         registry = new_registry()
         workers = WorkerRegistry(static, dns, poll_interval=args.poll_interval, metrics=RegistryMetrics(registry))
@@ -132,7 +156,7 @@ def main(argv=None) -> None:
         service = RouterService(
             workers,
             tokenizer,
-            model_id=args.model or "pdserve-tiny-llama",
+            model_id=model_name,
             max_model_len=min(args.max_model_len or model_config.max_model_len, model_config.max_model_len),
             vocab_size=model_config.vocab_size,
             slo=slo,
@@ -152,7 +176,7 @@ def main(argv=None) -> None:
             registry,
             shared_port=args.shared_port,
             require_client_cert=False,  # the public API: clients authenticate with API keys
-            api_keys=api_keys(args),
+            api_keys=keys,
             protected_service=router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
         )
 
@@ -160,17 +184,34 @@ def main(argv=None) -> None:
             router_pb2_grpc.add_RouterServicer_to_server(service, server)
             return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
-        await runner.set_serving(False)
-        await runner.start(add)
-        runner.install_signal_handlers()
-        await workers.start()
-
         def not_serving_reason() -> str:
             missing = [role for role in sorted(roles) if not workers.eligible(role)]
             return f"no healthy {' or '.join(missing)} worker" if missing else ""
 
+        await runner.set_serving(False)
+        await runner.start(add)
+        http = None
+        if args.http_port >= 0:
+            http = OpenAiServer(
+                service,
+                model_name=model_name,
+                api_keys=keys,
+                not_serving_reason=not_serving_reason,
+                max_body_bytes=args.http_max_body_bytes,
+                registry=registry,
+            )
+            # several routers of a cluster share the HTTP port as they share the gRPC one
+            await http.start(args.host, args.http_port, tls=runner.tls, reuse_port=bool(args.shared_port))
+        runner.install_signal_handlers()
+        await workers.start()
+
+        async def drain() -> None:
+            await service.drain()
+            if http is not None:
+                await http.stop()
+
         watcher = asyncio.create_task(runner.follow_readiness(not_serving_reason, args.poll_interval))
-        await runner.wait_and_drain(service.drain)
+        await runner.wait_and_drain(drain)
         watcher.cancel()
 
     run_event_loop(run())

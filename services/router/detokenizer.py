@@ -46,7 +46,8 @@ def _byte_tables(tokenizer) -> tuple[tuple[bytes, ...], tuple[bytes, ...]] | Non
         return None
     byte_of = _gpt2_byte_decoder()
     added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-    special = set(tokenizer.all_special_ids)
+    # what decode(skip_special_tokens=True) drops: the special tokens, and added tokens marked special
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     size = max(len(tokenizer), max(added, default=-1) + 1)
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     with_special, without = [], []

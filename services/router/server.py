@@ -19,6 +19,9 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
 
 import grpc
 
@@ -28,7 +31,7 @@ from services.common.admission import RETRY_AFTER_SECONDS, Admission
 from services.common.arith import ceil_div
 from services.common.background import in_background
 from services.common.enums import FinishReason, Role
-from services.common.errors import ServiceError, invalid
+from services.common.errors import PastContextError, ServiceError, invalid
 from services.kvstore.client import KvStoreClient
 
 from .detokenizer import IncrementalDetokenizer
@@ -36,6 +39,7 @@ from .policies import NoWorkerError, PrefillPolicy, pick_colocated, pick_decode,
 from .prefix_index import NodePrefixes, PrefixRoutingMetrics, PromptPrefix
 from .registry import Endpoint, WorkerRegistry
 from .slo import RequestTimer, SloTracker
+from .stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -88,87 +92,127 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._stall_watch: asyncio.Task | None = None
         self.draining = False
 
-    # ---- validation ---------------------------------------------------------------------------
-    async def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
-        has_text, has_ids = bool(request.prompt), len(request.token_ids) > 0
-        if has_text == has_ids:
-            raise invalid("prompt", "set exactly one of prompt and token_ids")
-        if not has_text:
-            ids = validation.token_ids("token_ids", request.token_ids, self.limits)
-            validation.context("token_ids", len(ids), self.limits)
-            return ids
-        if len(request.prompt) > self.max_prompt_chars:
-            raise invalid(
-                "prompt", f"{len(request.prompt)} characters cannot fit in max_model_len {self.max_model_len} tokens"
+    # ---- validation (what both APIs share) ----------------------------------------------------
+    def check_open(self) -> None:
+        """Refuses a request before any work on it: the router is draining, or holds its limit."""
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
+        self.admission.check_requests()
+
+    async def prompt_from_text(self, field: str, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise PastContextError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}: {len(text)} characters cannot fit in max_model_len {self.max_model_len} tokens",
             )
-        if len(request.prompt) > 4096:  # long: tokenize off the event loop (the tokenizer drops the GIL)
-            ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
+        if len(text) > 4096:  # long: tokenize off the event loop (the tokenizer drops the GIL)
+            ids = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         else:
-            ids = self.tokenizer.encode(request.prompt)
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if not ids:
-            raise invalid("prompt", "encodes to no tokens")
-        validation.context("prompt", len(ids), self.limits)
+            raise invalid(field, "encodes to no tokens")
+        validation.context(field, len(ids), self.limits)
         return ids
 
-    def _sampling(self, request: router_pb2.GenerateRequest, prompt_len: int) -> common_pb2.SamplingParams:
-        validation.sampling(request.sampling, self.limits)
+    def prompt_from_ids(self, field: str, token_ids) -> list[int]:
+        ids = validation.token_ids(field, token_ids, self.limits)
+        validation.context(field, len(ids), self.limits)
+        return ids
+
+    def sampling_for(
+        self, requested: common_pb2.SamplingParams, prompt_len: int, logprobs: bool = False
+    ) -> tuple[common_pb2.SamplingParams, tuple[str, ...]]:
+        """The sampling the workers get (defaults filled in) and the stop strings, which stay here."""
+        validation.sampling(requested, self.limits)
         sp = common_pb2.SamplingParams()
-        sp.CopyFrom(request.sampling)
+        sp.CopyFrom(requested)
+        del sp.stop[:]
         # the context limit caps generation; generation then ends with finish_reason "length"
-        sp.max_tokens = min(sp.max_tokens or self.default_max_tokens, self.max_model_len - prompt_len)
+        sp.max_tokens = min(
+            sp.max_tokens or max(self.default_max_tokens, sp.min_tokens), self.max_model_len - prompt_len
+        )
         if not sp.HasField("seed"):
             sp.seed = random.getrandbits(63)
-        sp.logprobs = sp.logprobs or request.logprobs
-        return sp
+        sp.logprobs = sp.logprobs or logprobs
+        return sp, tuple(requested.stop)
 
-    def _slo_targets(self, request: router_pb2.GenerateRequest) -> tuple[float, float]:
-        ttft = request.slo.ttft_seconds if request.slo.HasField("ttft_seconds") else None
-        tpot = request.slo.tpot_seconds if request.slo.HasField("tpot_seconds") else None
-        validation.positive_seconds("slo.ttft_seconds", ttft)
-        validation.positive_seconds("slo.tpot_seconds", tpot)
+    def slo_targets(self, ttft: float | None, tpot: float | None, field: str = "slo.") -> tuple[float, float]:
+        validation.positive_seconds(f"{field}ttft_seconds", ttft)
+        validation.positive_seconds(f"{field}tpot_seconds", tpot)
         return self.slo.targets(ttft, tpot)
 
     # ---- Generate -----------------------------------------------------------------------------
     async def Generate(self, request: router_pb2.GenerateRequest, context):
         # A coroutine writing with context.write rather than an async generator, so that a client
         # cancel always lands inside this code and the downstream call is cancelled at once.
+        self.check_open()
+        has_text, has_ids = bool(request.prompt), len(request.token_ids) > 0
+        if has_text == has_ids:
+            raise invalid("prompt", "set exactly one of prompt and token_ids")
+        if has_text:
+            prompt = await self.prompt_from_text("prompt", request.prompt)
+        else:
+            prompt = self.prompt_from_ids("token_ids", request.token_ids)
+        sampling, stop = self.sampling_for(request.sampling, len(prompt), request.logprobs)
+        ttft_slo, tpot_slo = self.slo_targets(
+            request.slo.ttft_seconds if request.slo.HasField("ttft_seconds") else None,
+            request.slo.tpot_seconds if request.slo.HasField("tpot_seconds") else None,
+        )
+        remaining = context.time_remaining()
+        generation = Generation(
+            prompt,
+            sampling,
+            validation.request_id("request_id", request.request_id) or uuid.uuid4().hex,
+            ttft_slo,
+            tpot_slo,
+            stop=stop,
+            cache_salt=validation.cache_salt("cache_salt", request.cache_salt),
+            skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
+            api=Api.GRPC,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+        await self.generate(generation, context.write)
+
+    async def generate(self, gen: Generation, write: Callable[[router_pb2.GenerateResponse], Awaitable[None]]) -> None:
+        """Serves one validated request, handing each GenerateResponse to `write` (which waits while
+        the client is slow to read); raises ServiceError for a status the client gets. Whatever ends
+        it (the last token, an error, a cancel of the calling task) frees its KV on every worker."""
         timer = RequestTimer()
-        if self.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
-        self.admission.check_requests()
-        prompt = await self._prompt_ids(request)
-        sampling = self._sampling(request, len(prompt))
-        ttft_slo, tpot_slo = self._slo_targets(request)
-        request_id = validation.request_id("request_id", request.request_id) or uuid.uuid4().hex
-        cache_salt = validation.cache_salt("cache_salt", request.cache_salt)
-        skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special)
+        prompt, sampling, request_id = gen.prompt, gen.sampling, gen.request_id
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, gen.skip_special_tokens)
+        stops = StopStrings(gen.stop) if gen.stop else None
         ticket = self.admission.admit(len(prompt))  # past a bound: RESOURCE_EXHAUSTED at once
-        state = _RequestState(prompt, sampling, request_id, context)
-        state.cache_salt = cache_salt
+        state = _RequestState(prompt, sampling, request_id, gen.deadline)
+        state.cache_salt = gen.cache_salt
         judged = False  # slo.finish ran: a cancel during the last write must not count it twice
         self.requests.add(state)
         if self._stall_watch is None:
             self._stall_watch = asyncio.create_task(self._cancel_stalled_clients())
-        self.slo.inflight.inc()
+        slo = self.slo.of(gen.api)
+        slo.inflight.inc()
         try:
             async for chunk in self._tokens(state, timer):
                 ticket.prefilled()
                 gap = timer.tokens(len(chunk.token_ids))
                 if timer.num_tokens > len(chunk.token_ids):
-                    self.slo.itl.observe(gap)
-                response = router_pb2.GenerateResponse(
-                    token_ids=chunk.token_ids, text=detok.add(list(chunk.token_ids)), request_id=request_id
-                )
+                    slo.itl.observe(gap)
+                finish_reason = chunk.finish_reason
+                text = detok.add(list(chunk.token_ids))
+                if finish_reason:
+                    text += detok.flush()
+                if stops is not None:
+                    text = stops.feed(text, bool(finish_reason), match=timer.num_tokens >= sampling.min_tokens)
+                    if stops.stopped:
+                        finish_reason = FinishReason.STOP
+                response = router_pb2.GenerateResponse(token_ids=chunk.token_ids, text=text, request_id=request_id)
                 response.logprobs.extend(chunk.logprobs)  # present only when requested
-                if chunk.finish_reason:
-                    response.text += detok.flush()
-                    ttft_met, tpot_met = self.slo.finish(timer, chunk.finish_reason, len(prompt), ttft_slo, tpot_slo)
+                if finish_reason:
+                    ttft_met, tpot_met = slo.finish(timer, finish_reason, len(prompt), gen.ttft_slo, gen.tpot_slo)
                     judged = True
                     if state.prefill_seconds:
                         self.slo.queue.observe(state.queue_seconds)
                         self.slo.router_overhead.observe(state.router_seconds(timer.ttft))
-                    response.finish_reason = chunk.finish_reason
+                    response.finish_reason = finish_reason
                     response.usage.CopyFrom(
                         router_pb2.Usage(
                             prompt_tokens=len(prompt), completion_tokens=timer.num_tokens, seed=sampling.seed
@@ -184,8 +228,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             kv_transfer_seconds=state.kv_transfer_seconds,
                             slo_ttft_met=ttft_met,
                             slo_tpot_met=tpot_met,
-                            slo_ttft_seconds=ttft_slo,
-                            slo_tpot_seconds=tpot_slo,
+                            slo_ttft_seconds=gen.ttft_slo,
+                            slo_tpot_seconds=gen.tpot_slo,
                             retries=state.retries,
                             router_seconds=state.router_seconds(timer.ttft),
                         )
@@ -193,13 +237,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 # While the client is slow to read, the tokens that come meanwhile wait in the
                 # worker call's RequestStream and go in the next message together.
                 state.write_started = timer.last_token
-                await context.write(response)
+                await write(response)
                 state.write_started = 0.0
-                if chunk.finish_reason:
-                    return
+                if finish_reason:
+                    return  # (after a stop string, the finally cancels the worker's call)
         except asyncio.CancelledError:
             if not judged:
-                self.slo.finish(timer, FinishReason.CANCELLED, len(prompt), ttft_slo, tpot_slo)
+                slo.finish(timer, FinishReason.CANCELLED, len(prompt), gen.ttft_slo, gen.tpot_slo)
             if state.stalled:  # our cancel, not the client's: tell it why (when it reads again)
                 raise ServiceError(
                     grpc.StatusCode.CANCELLED,
@@ -207,10 +251,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 ) from None
             raise
         except NoWorkerError as exc:
-            self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
+            slo.finish(timer, FinishReason.ERROR, len(prompt), gen.ttft_slo, gen.tpot_slo)
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except grpc.aio.AioRpcError as exc:
-            self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
+            slo.finish(timer, FinishReason.ERROR, len(prompt), gen.ttft_slo, gen.tpot_slo)
             raise ServiceError(exc.code(), f"worker call failed: {exc.details()}") from None
         except (grpc.aio.AbortError, grpc.aio.UsageError, ServiceError):
             raise  # an abort on its way out, the call already over, or a status already chosen
@@ -218,12 +262,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if judged:
                 raise
             log.exception("request %s failed", request_id)
-            self.slo.finish(timer, FinishReason.ERROR, len(prompt), ttft_slo, tpot_slo)
+            slo.finish(timer, FinishReason.ERROR, len(prompt), gen.ttft_slo, gen.tpot_slo)
             raise ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc!r}") from None
         finally:
             ticket.release()
             self.requests.discard(state)
-            self.slo.inflight.dec()
+            slo.inflight.dec()
             if state.handle_read is not None:
                 # The first token went out, the KV handle has not come: the prefill worker is
                 # publishing the KV. Take the handle when it comes and release the entry (cancelling
@@ -255,10 +299,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     self.slo.client_stalls.inc()
                     state.write_started, state.stalled = 0.0, True
                     state.task.cancel()
-
-    def _timeout(self, context) -> float | None:
-        remaining = context.time_remaining()
-        return None if remaining is None else max(remaining, 0.001)
 
     async def _tokens(self, state: _RequestState, timer: RequestTimer):
         """Yields TokenChunks until a finish_reason, failing over between workers."""
@@ -332,7 +372,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         assert ep.call is not None
         async for chunk in self._stream(
             ep,
-            ep.call.open(request, self._timeout(state.context)),
+            ep.call.open(request, state.time_left()),
             state,
             len(state.prompt) + len(state.outputs),
         ):
@@ -395,7 +435,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         produced = 0
         try:
             assert ep.call is not None
-            async for chunk in self._stream(ep, ep.call.open(request, self._timeout(state.context)), state, 0):
+            async for chunk in self._stream(ep, ep.call.open(request, state.time_left()), state, 0):
                 if produced == 0:
                     state.kv_transfer_seconds = time.monotonic() - state.handle_sent_at
                     state.decode_started = True  # the worker has the KV: the entry is its business
@@ -419,7 +459,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         worker_wait_seconds (or the request's deadline)."""
         endpoints = self.registry.eligible(role)
         if not endpoints:
-            wait = min(self.worker_wait_seconds, self._timeout(state.context) or self.worker_wait_seconds)
+            wait = min(self.worker_wait_seconds, state.time_left() or self.worker_wait_seconds)
             await self.registry.wait_for({role}, wait)
             endpoints = self.registry.eligible(role)
         return endpoints
@@ -438,7 +478,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 cache_salt=state.cache_salt,
                 prefix_source=state.prefix_source,
             ),
-            timeout=self._timeout(state.context),
+            timeout=state.time_left(),
         )
         try:
             return await self._read(ep, state, state.call)
@@ -542,14 +582,37 @@ def _unavailable(details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
+class Api(StrEnum):
+    """Which door a request came in by (the `api` label of the request metrics)."""
+
+    GRPC = "grpc"
+    HTTP = "http"
+
+
+@dataclass
+class Generation:
+    """One validated request, from either API: what RouterService.generate serves."""
+
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams  # as the workers get it (no stop strings)
+    request_id: str
+    ttft_slo: float
+    tpot_slo: float
+    stop: tuple[str, ...] = ()  # matched here, on the output text (stop_strings.py)
+    cache_salt: str = ""
+    skip_special_tokens: bool = True
+    api: Api = Api.GRPC
+    deadline: float | None = None  # time.monotonic() by which the client wants the answer
+
+
 class _RequestState:
     def __init__(
-        self, prompt: list[int], sampling: common_pb2.SamplingParams, request_id: str, context: grpc.aio.ServicerContext
+        self, prompt: list[int], sampling: common_pb2.SamplingParams, request_id: str, deadline: float | None
     ) -> None:
         self.prompt = prompt
         self.sampling = sampling
         self.request_id = request_id
-        self.context = context
+        self.deadline = deadline  # time.monotonic() by which the client wants the answer; None: no limit
         self.cache_salt = ""
         self.prefix_source: worker_pb2.PrefixSource | None = None  # another node's prefix tier to fetch from
         self.task = asyncio.current_task()  # the Generate handler's
@@ -569,6 +632,10 @@ class _RequestState:
         self.queue_seconds = 0.0  # in the workers' queues (prefill, or colocated) before compute
         self.prefill_seconds = 0.0
         self.kv_transfer_seconds = 0.0
+
+    def time_left(self) -> float | None:
+        """The timeout for a worker call: what is left of the client's deadline."""
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
 
     def router_seconds(self, ttft: float) -> float:
         """What the router and its calls added to TTFT (0 when no worker reported its prefill)."""

@@ -52,6 +52,10 @@ class RequestTimer:
 
 
 class SloTracker:
+    """The router's request metrics. Those a client sees (latencies, finished requests, SLO
+    counters, tokens, requests in flight) carry an `api` label, "grpc" or "http": `of(api)` gives
+    one API's view, which does the accounting."""
+
     def __init__(
         self,
         registry: CollectorRegistry,
@@ -59,33 +63,39 @@ class SloTracker:
         tpot_slo: float,
         window_seconds: float,
         attainment_target: float = 0.9,
+        apis: tuple[str, ...] = ("grpc", "http"),
     ):
         self.ttft_slo = ttft_slo
         self.tpot_slo = tpot_slo
         self.window_seconds = window_seconds
         self._window: deque[tuple[float, bool, bool]] = deque()  # (finished at, ttft met, tpot met)
         r = registry
+        api = ["api"]
         self.ttft = Histogram(
             "pdserve_time_to_first_token_seconds",
             "Time to first token, per request, at the router.",
+            api,
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "pdserve_time_per_output_token_seconds",
             "Time per output token after the first, per request: (t_last - t_first) / (n - 1).",
+            api,
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "pdserve_inter_token_latency_seconds",
             "Gaps between consecutive token messages to clients.",
+            api,
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "pdserve_e2e_request_latency_seconds",
             "Request arrival to last token.",
+            api,
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=r,
         )
@@ -102,12 +112,14 @@ class SloTracker:
             registry=r,
         )
         self.requests = Counter(
-            "pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason"], registry=r
+            "pdserve_requests_total", "Finished requests by finish reason.", ["finish_reason", "api"], registry=r
         )
-        for reason in FinishReason:
-            self.requests.labels(reason)
-        self.prompt_tokens = Counter("pdserve_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated for clients.", registry=r)
+        self.prompt_tokens = Counter(
+            "pdserve_prompt_tokens_total", "Prompt tokens of finished requests.", api, registry=r
+        )
+        self.generation_tokens = Counter(
+            "pdserve_generation_tokens_total", "Tokens generated for clients.", api, registry=r
+        )
         self.prompt_len = Histogram(
             "pdserve_request_prompt_tokens", "Prompt length per request.", buckets=TOKEN_COUNT_BUCKETS, registry=r
         )
@@ -118,12 +130,16 @@ class SloTracker:
             registry=r,
         )
         self.slo_requests = Counter(
-            "pdserve_slo_requests_total", "Requests judged against their SLOs (finished normally).", registry=r
+            "pdserve_slo_requests_total", "Requests judged against their SLOs (finished normally).", api, registry=r
         )
-        self.slo_ttft_met = Counter("pdserve_slo_ttft_met_total", "Requests whose TTFT met their TTFT SLO.", registry=r)
-        self.slo_tpot_met = Counter("pdserve_slo_tpot_met_total", "Requests whose TPOT met their TPOT SLO.", registry=r)
+        self.slo_ttft_met = Counter(
+            "pdserve_slo_ttft_met_total", "Requests whose TTFT met their TTFT SLO.", api, registry=r
+        )
+        self.slo_tpot_met = Counter(
+            "pdserve_slo_tpot_met_total", "Requests whose TPOT met their TPOT SLO.", api, registry=r
+        )
         self.slo_met = Counter(
-            "pdserve_slo_met_total", "Requests that met both SLOs (they count toward goodput).", registry=r
+            "pdserve_slo_met_total", "Requests that met both SLOs (they count toward goodput).", api, registry=r
         )
         self.slo_target = Gauge("pdserve_slo_target_seconds", "The configured default SLOs.", ["slo"], registry=r)
         self.slo_target.labels("ttft").set(ttft_slo)
@@ -146,7 +162,11 @@ class SloTracker:
             "Requests cancelled because their client read nothing for --client-stall-seconds.",
             registry=r,
         )
-        self.inflight = Gauge("pdserve_requests_in_flight", "Requests being served.", registry=r)
+        self.inflight = Gauge("pdserve_requests_in_flight", "Requests being served.", api, registry=r)
+        self._apis = {name: ApiSlo(self, name) for name in apis}
+
+    def of(self, api: str) -> ApiSlo:
+        return self._apis[api]
 
     def targets(self, ttft_override: float | None, tpot_override: float | None) -> tuple[float, float]:
         return (
@@ -161,13 +181,41 @@ class SloTracker:
         prompt_tokens: int,
         ttft_slo: float,
         tpot_slo: float,
+        api: str = "grpc",
     ) -> tuple[bool, bool]:
+        return self.of(api).finish(timer, finish_reason, prompt_tokens, ttft_slo, tpot_slo)
+
+    def window_attainment(self) -> float:
+        horizon = time.monotonic() - self.window_seconds
+        while self._window and self._window[0][0] < horizon:
+            self._window.popleft()
+        if not self._window:
+            return 1.0
+        return sum(1 for _, a, b in self._window if a and b) / len(self._window)
+
+
+class ApiSlo:
+    """One API's request metrics (the children labelled api=<name>), resolved once."""
+
+    def __init__(self, tracker: SloTracker, api: str):
+        t = self.tracker = tracker
+        self.ttft, self.tpot, self.itl, self.e2e = (h.labels(api) for h in (t.ttft, t.tpot, t.itl, t.e2e))
+        self.requests = {reason: t.requests.labels(reason, api) for reason in FinishReason}
+        self.prompt_tokens, self.generation_tokens = t.prompt_tokens.labels(api), t.generation_tokens.labels(api)
+        self.slo_requests, self.slo_ttft_met = t.slo_requests.labels(api), t.slo_ttft_met.labels(api)
+        self.slo_tpot_met, self.slo_met = t.slo_tpot_met.labels(api), t.slo_met.labels(api)
+        self.inflight = t.inflight.labels(api)
+
+    def finish(
+        self, timer: RequestTimer, finish_reason: str, prompt_tokens: int, ttft_slo: float, tpot_slo: float
+    ) -> tuple[bool, bool]:
+        t = self.tracker
         known = finish_reason in FinishReason._value2member_map_
-        self.requests.labels(finish_reason if known else FinishReason.ERROR).inc()
+        self.requests[FinishReason(finish_reason) if known else FinishReason.ERROR].inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(timer.num_tokens)
-        self.prompt_len.observe(prompt_tokens)
-        self.output_len.observe(timer.num_tokens)
+        t.prompt_len.observe(prompt_tokens)
+        t.output_len.observe(timer.num_tokens)
         if timer.num_tokens:
             self.ttft.observe(timer.ttft)
             self.e2e.observe(timer.e2e)
@@ -180,13 +228,5 @@ class SloTracker:
             self.slo_ttft_met.inc(ttft_met)
             self.slo_tpot_met.inc(tpot_met)
             self.slo_met.inc(ttft_met and tpot_met)
-            self._window.append((time.monotonic(), ttft_met, tpot_met))
+            t._window.append((time.monotonic(), ttft_met, tpot_met))
         return ttft_met, tpot_met
-
-    def window_attainment(self) -> float:
-        horizon = time.monotonic() - self.window_seconds
-        while self._window and self._window[0][0] < horizon:
-            self._window.popleft()
-        if not self._window:
-            return 1.0
-        return sum(1 for _, a, b in self._window if a and b) / len(self._window)

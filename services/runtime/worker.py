@@ -236,6 +236,7 @@ def sampling_params(sp: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
         logprobs=sp.logprobs,
+        min_tokens=sp.min_tokens,
     )
 
 

@@ -99,6 +99,8 @@ def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluste
         "up",
         "--port",
         "0",
+        "--http-port",
+        "0",
         "--ready-file",
         str(ready),
         "--log-dir",

@@ -17,6 +17,7 @@ import time
 import grpc
 import pytest
 from conversations import check_next_turns_find_the_answer_cached
+from openai_checks import check_chat_exact, check_completions_exact
 from transformers import AutoTokenizer
 from workload import block_bytes, check_outputs, expected_kv_bytes, largest_grpc_message, run_workload
 
@@ -286,6 +287,9 @@ def test_colocated_mode(cluster_factory, workload, model_dir, chunked, reference
     )
     assert (mixed_steps > 0) == chunked
     check_next_turns_find_the_answer_cached(cluster, reference)  # prefix caching (issue 19)
+    if not chunked:  # the OpenAI-compatible HTTP API (issue 20)
+        check_completions_exact(cluster, workload[:12], AutoTokenizer.from_pretrained(model_dir))
+        check_chat_exact(cluster, model_dir)
     cluster.wait_idle()
 
 

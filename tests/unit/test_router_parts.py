@@ -92,8 +92,14 @@ def test_slo_accounting_per_request_targets():
     assert slo.finish(slow_tpot, "stop", 10, 0.25, 0.5) == (True, True)  # a looser per-request SLO
     assert slo.window_attainment() == pytest.approx(2 / 3)
     slo.finish(RequestTimer(arrived=0.0), "cancelled", 10, 0.25, 0.1)  # not judged
-    assert registry.get_sample_value("pdserve_slo_requests_total") == 3
-    assert registry.get_sample_value("pdserve_slo_met_total") == 2
+    assert slo.finish(fast, "stop", 10, 0.25, 0.1, api="http") == (True, True)
+    grpc, http = {"api": "grpc"}, {"api": "http"}
+    assert registry.get_sample_value("pdserve_slo_requests_total", grpc) == 3
+    assert registry.get_sample_value("pdserve_slo_met_total", grpc) == 2
+    assert registry.get_sample_value("pdserve_slo_met_total", http) == 1
+    assert registry.get_sample_value("pdserve_requests_total", {"finish_reason": "cancelled", **grpc}) == 1
+    assert registry.get_sample_value("pdserve_requests_total", {"finish_reason": "stop", **http}) == 1
+    assert slo.window_attainment() == pytest.approx(3 / 4)  # one window over both APIs
 
 
 def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
@@ -137,4 +143,4 @@ def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
             await service.kvstore.close()
 
     asyncio.run(run())
-    assert registry.get_sample_value("pdserve_requests_total", {"finish_reason": "error"}) == 2
+    assert registry.get_sample_value("pdserve_requests_total", {"finish_reason": "error", "api": "grpc"}) == 2

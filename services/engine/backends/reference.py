@@ -10,6 +10,7 @@ sizes no slower; results differ from `F.linear` only by summation order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ class TorchLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class OneDnnLinear:
@@ -91,8 +97,9 @@ class TorchBackend(Backend):
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKernel:
         if (
             self.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()
+            # oneDNN's bfloat16 path needs AVX-512 (or AVX-NE-CONVERT); without it, torch's own
+            and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _onednn_bf16()))
         ):
             return OneDnnLinear(weight, bias)
         return TorchLinear(weight, bias)
