@@ -4,6 +4,7 @@
     git worktree add /tmp/pdserve-base <commit>
     python -m bench.overhead --base /tmp/pdserve-base         # base against this checkout (head)
     python -m bench.overhead --routers 2                      # two routers over the same workers
+    python -m bench.overhead --apis grpc,http                 # gRPC streams and SSE streams side by side
 
 Each checkout runs its own `pdserve up` (one router, one prefill and one decode worker, one
 kvstore daemon, every engine emulated at the analytic H100 Llama-3-8B profile: no model runs, a
@@ -11,7 +12,11 @@ decode step sleeps the profile's time, so what the processes spend on the CPU is
 not the model). Both clusters stay up; trials alternate between them (base, head, head, base, ...)
 so both see the same machine. A trial opens --streams concurrent Generate streams at once through
 the router (short token-id prompts, --tokens tokens each, the decode worker at --stream-interval)
-and reads every message. Measured per trial, from /proc and the decode worker's metrics:
+and reads every message; with --apis grpc,http (the default) each checkout also runs the same
+trials as server-sent event streams through the router's OpenAI-compatible HTTP API
+(/v1/completions, stream=true), alternating with the gRPC ones, so the SSE path's cost per token
+is measured next to gRPC's (a checkout without the HTTP API runs gRPC only). Measured per trial,
+from /proc and the decode worker's metrics:
 - router CPU per streamed token, and the token rate the whole path reached;
 - decode worker CPU per token: everything but the engine call, as the emulated engine's call is a
   sleep and a hash per sequence;
@@ -159,6 +164,46 @@ async def _stream(stub, index: int, tokens: int, gaps: list[float]) -> int:
     return received
 
 
+async def _sse_stream(session, url: str, index: int, tokens: int, gaps: list[float]) -> int:
+    """One /v1/completions SSE stream: its tokens (from the usage event), its inter-event gaps."""
+    body = {
+        "prompt": [3 + (index * 7 + i) % 200 for i in range(PROMPT_TOKENS)],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    received, last = 0, None
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                received = event["usage"]["completion_tokens"]
+                continue
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+    return received
+
+
+async def _trial_http(addresses: list[str], streams: int, tokens: int) -> tuple[int, list[float]]:
+    import aiohttp
+
+    gaps: list[float] = []
+    urls = [f"http://{address}/v1/completions" for address in addresses]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        counts = await asyncio.gather(
+            *(_sse_stream(session, urls[i % len(urls)], i, tokens, gaps) for i in range(streams))
+        )
+    return sum(counts), gaps
+
+
 async def _trial(routers: list[str], streams: int, tokens: int) -> tuple[int, list[float]]:
     """The streams spread evenly over the routers (each router's own address)."""
     gaps: list[float] = []
@@ -183,7 +228,7 @@ def emulated_engine_us_per_token() -> float:
     return 1e6 * (time.perf_counter() - started) / n
 
 
-def trial(side: Side, streams: int, tokens: int) -> dict:
+def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
     pids = {role: side.pid(role) for role in ("decode", "prefill", "kvstore")}
     routers = side.routers()
     cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
@@ -192,7 +237,10 @@ def trial(side: Side, streams: int, tokens: int) -> dict:
     steps_before = decode_steps(side)
     wall = time.perf_counter()
     try:
-        received, gaps = asyncio.run(_trial([r["grpc"] for r in routers], streams, tokens))
+        if api == "http":  # (several routers share the one HTTP port)
+            received, gaps = asyncio.run(_trial_http([side.info["http"]], streams, tokens))
+        else:
+            received, gaps = asyncio.run(_trial([r["grpc"] for r in routers], streams, tokens))
     except grpc.aio.AioRpcError as exc:
         raise RuntimeError(f"{side.name}: a stream failed: {exc.code().name} {exc.details()}") from None
     wall = time.perf_counter() - wall
@@ -233,15 +281,20 @@ def summarize(trials: dict[str, list[dict]], names: list[str]) -> dict:
     out: dict = {}
     for name in names:
         out[name] = {m: statistics.median(t[m] for t in trials[name]) for m in METRICS}
-    if len(names) == 2:
-        base, head = names
+
+    def ratio(top: str, bottom: str) -> dict:
         # ratios per round (trials were paired), then their median
-        out["head_over_base"] = {
+        return {
             m: statistics.median(
-                h[m] / b[m] if b[m] else math.nan for b, h in zip(trials[base], trials[head], strict=True)
+                t[m] / b[m] if b[m] else math.nan for b, t in zip(trials[bottom], trials[top], strict=True)
             )
             for m in METRICS
         }
+
+    if "base" in names and "head" in names:
+        out["head_over_base"] = ratio("head", "base")
+    if "head" in names and "head-http" in names:
+        out["http_over_grpc"] = ratio("head-http", "head")
     return out
 
 
@@ -290,6 +343,11 @@ def main(argv=None) -> int:
         help="routers per cluster (pdserve up --routers; the streams spread over them): tokens/s against "
         "--routers 1 shows the scale-out on a machine with a core per router (both checkouts need the flag)",
     )
+    ap.add_argument(
+        "--apis",
+        default="grpc,http",
+        help="client APIs to stream through: grpc (Generate streams), http (SSE from /v1/completions)",
+    )
     ap.add_argument("--out", default="results/overhead")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -300,22 +358,29 @@ def main(argv=None) -> int:
         for name, checkout in checkouts:
             print(f"starting {name} ({checkout})", flush=True)
             sides.append(start_side(name, checkout, args, workdir))
-        for side in sides:
-            trial(side, 8, 16)  # warm up: connections, first-call paths
+        # (side, api, name): a checkout without the HTTP API (no "http" in its ready file) runs gRPC only
+        variants = [
+            (side, api, side.name if api == "grpc" else f"{side.name}-{api}")
+            for side in sides
+            for api in args.apis.split(",")
+            if api == "grpc" or side.info.get("http")
+        ]
+        for side, api, _ in variants:
+            trial(side, 8, 16, api)  # warm up: connections, first-call paths
         points = []
         for streams in [int(s) for s in args.streams.split(",")]:
-            trials: dict[str, list[dict]] = {side.name: [] for side in sides}
-            order = sides
+            trials: dict[str, list[dict]] = {name: [] for _, _, name in variants}
+            order = variants
             for _ in tqdm(range(args.rounds), desc=f"{streams} streams", unit="round"):
-                for side in order:
-                    trials[side.name].append(trial(side, streams, args.tokens))
+                for side, api, name in order:
+                    trials[name].append(trial(side, streams, args.tokens, api))
                 order = order[::-1]
-            summary = summarize(trials, [s.name for s in sides])
+            summary = summarize(trials, [name for _, _, name in variants])
             points.append({"streams": streams, "trials": trials, "summary": summary})
-            for side in sides:
-                s = summary[side.name]
+            for _, _, name in variants:
+                s = summary[name]
                 print(
-                    f"{streams:4d} streams {side.name}: router {s['router_us_per_token']:6.1f} us/token  decode "
+                    f"{streams:4d} streams {name}: router {s['router_us_per_token']:6.1f} us/token  decode "
                     f"{s['decode_us_per_token']:6.1f} us/token "
                     f"({s['decode_engine_thread_us_per_token']:.1f} on its engine thread)  "
                     f"{s['token_rate']:7.0f} tokens/s  step "
@@ -329,13 +394,20 @@ def main(argv=None) -> int:
                     f"CPU/token {r['decode_us_per_token']:.2f}x  tokens/s {r['token_rate']:.2f}x",
                     flush=True,
                 )
+            if "http_over_grpc" in summary:
+                r = summary["http_over_grpc"]
+                print(
+                    f"{streams:4d} streams head SSE/gRPC: router CPU/token {r['router_us_per_token']:.2f}x  "
+                    f"tokens/s {r['token_rate']:.2f}x  gap p99 {r['gap_ms_p99']:.2f}x",
+                    flush=True,
+                )
     finally:
         for side in sides:
             stop_side(side)
     results = {
         "what": "serving-path CPU per streamed token, measured on this CPU, engines emulated at H100 timings",
         "profile": os.path.abspath(args.profile),
-        "sides": [s.name for s in sides],
+        "sides": [name for _, _, name in variants],
         "checkouts": {s.name: s.checkout for s in sides},
         "commits": {s.name: _commit(s.checkout) for s in sides},
         "emulated_engine_us_per_token": emulated_engine_us_per_token(),

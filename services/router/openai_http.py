@@ -192,7 +192,7 @@ class OpenAiServer:
         raw = await request.read()
         try:
             data = json.loads(raw)
-        except ValueError as exc:  # not JSON, or not UTF-8
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the parser's depth
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
         req = parse(data, chat=chat)
         self._check_model(req.model)
@@ -326,9 +326,9 @@ class _Reply:
         first = not choice.text
         choice.text.append(response.text)  # (streamed; kept only to know the first message)
         if not first and not response.finish_reason and not response.logprobs:
-            if not response.text:
-                return  # held back (a partial character or a stop string's start): nothing to say yet
-            # the per-token path: one string to format, no dict to build
+            # the per-token path: one string to format, no dict to build. A message whose text is
+            # held back (a partial character, a stop string's start) still goes out, as vLLM's do:
+            # its tokens were generated, and the client sees the stream is alive.
             body = (
                 f'{{"index":{index},"delta":{{"content":{json.dumps(response.text)}}},"logprobs":null,"finish_reason":null}}'
                 if self.chat

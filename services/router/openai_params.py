@@ -102,6 +102,9 @@ class _Body:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ApiError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+        for name, value in data.items():
+            if not _encodable(value):  # JSON's \ud800 escapes decode to text no tokenizer takes
+                raise bad(name, "holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
         self.data = data
 
     def get(self, name: str) -> Any:
@@ -154,6 +157,24 @@ class _Body:
             raise bad(name, why)
 
 
+def _encodable(value: Any) -> bool:
+    """Every string in `value` is valid Unicode (encodes to UTF-8). Iterative: JSON nests deep."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+    return True
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -167,8 +188,8 @@ def _token_list(name: str, value: Any) -> list[int]:
         raise bad(name, "must not be empty")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise bad(name, "must be a string, an array of strings, or an array of token ids (integers)")
-    if any(t < 0 for t in value):
-        raise bad(name, "token ids must be >= 0")
+    if any(not 0 <= t < 1 << 32 for t in value):
+        raise bad(name, "token ids must be in [0, 2^32)")
     return value
 
 

@@ -8,6 +8,8 @@ follower joins the worker over mutual TLS too."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import socket
 import ssl
@@ -72,6 +74,40 @@ def test_the_router_refuses_a_call_without_its_api_key(cluster, workload, key):
     with sync_channel(cluster.router, _client_tls(cluster)) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _https(cluster, method: str, path: str, body: dict | None = None, api_key: str | None = API_KEY):
+    """A request to the router's OpenAI-compatible API over HTTPS, its certificate checked against
+    the cluster's CA: (status, JSON answer)."""
+    host, port = cluster.info["http"].rsplit(":", 1)
+    context = ssl.create_default_context(cafile=_client_tls(cluster).ca)
+    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+def test_the_http_api_serves_https_and_needs_the_api_key(cluster, workload):
+    item = workload[0]
+    body = {"prompt": item["ids"], "max_tokens": item["max_tokens"], "temperature": 0, "logprobs": 0}
+    status, answer = _https(cluster, "POST", "/v1/completions", {**body, "return_tokens_as_token_ids": True})
+    assert status == 200
+    assert [int(t.split(":")[1]) for t in answer["choices"][0]["logprobs"]["tokens"]] == item["expected"]
+    for key in (None, "wrong-key-0123456789abcdef"):
+        status, answer = _https(cluster, "POST", "/v1/completions", body, api_key=key)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert _https(cluster, "GET", "/health", api_key=None)[0] == 200  # probes need no key
+    host, port = cluster.info["http"].rsplit(":", 1)
+    plain = http.client.HTTPConnection(host, int(port), timeout=10)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):  # no plaintext on the TLS port
+        plain.request("GET", "/health")
+        plain.getresponse()
+    plain.close()
 
 
 def _internal_call(address: str, role: str, tls: TlsFiles | None, ca_only: str = "") -> None:

@@ -21,12 +21,12 @@ NUM_REQUESTS = 32
 BLOCK_SIZE = 16
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_dir():
     return get_model("llama")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workload(model_dir):
     """32 prompts of varied length and max_tokens, with HF greedy references."""
     return build_workload(model_dir, NUM_REQUESTS)
