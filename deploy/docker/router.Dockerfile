@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# pdserve router (the public gRPC API; tokenizer, no GPU): `python -m services.router`.
+# pdserve router (the public gRPC and OpenAI-compatible HTTP APIs; tokenizer, no GPU): `python -m services.router`.
 # Build from the repository root:
 #   docker build -f deploy/docker/router.Dockerfile -t REGISTRY/pdserve-router:0.1.0 .
 # No torch: the router tokenizes and dispatches; pdserve's base dependencies (no `engine` extra)
@@ -42,6 +42,6 @@ ENV PATH=/opt/pdserve/bin:$PATH \
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /home/pdserve
-# gRPC and Prometheus /metrics (the service's defaults).
-EXPOSE 7000 9000
+# gRPC, Prometheus /metrics and the OpenAI-compatible HTTP API (the service's defaults).
+EXPOSE 7000 9000 8000
 ENTRYPOINT ["python", "-m", "services.router"]

@@ -5,6 +5,11 @@
 Edit the lists here, not the JSON: a test checks that the committed JSON is this script's output
 and that every expression returns data from a live cluster scraped by a real Prometheus.
 Expressions use Grafana's $__rate_interval and the recording rules of deploy/prometheus/rules.
+The router's request metrics carry an `api` label ("grpc" or "http"): the SLO overview has a
+variable $api (multi-select, All by default) and its request panels query those metrics directly,
+filtered by it (the recording rules sum over both APIs, for the alerts); quantiles still sum by
+(le), so a selection of several APIs gives one set of quantiles. `promql()` turns a panel's
+expression into what Grafana sends with every variable at its default (All).
 """
 
 from __future__ import annotations
@@ -15,19 +20,35 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "dashboards")
 RATE = "$__rate_interval"
+# The router's request metrics, limited to the APIs chosen in the dashboard's $api variable.
+API = 'api=~"$api"'
+ALL = ".*"  # what Grafana puts in place of $api for All (the default)
+
+
+def promql(expr: str, *, rate_interval: str = "1m", api: str = ALL) -> str:
+    """A panel's expression as Grafana sends it to Prometheus: $__rate_interval and $api replaced
+    (by default with All; a selection of several APIs is a regex, e.g. api="(grpc|http)")."""
+    return expr.replace(RATE, rate_interval).replace("$api", api)
 
 
 def q(expr: str, legend: str = "") -> dict:
     return {"expr": expr, "legend": legend}
 
 
-def quantiles(metric: str, by: str = "") -> list[dict]:
+def quantiles(metric: str, by: str = "", selector: str = "") -> list[dict]:
+    """p50, p90, p99 of a histogram, its series summed by le (and `by`), of those matching selector."""
     group = f"le, {by}" if by else "le"
     suffix = f" {{{{{by}}}}}" if by else ""
+    series = f"{metric}_bucket{{{selector}}}" if selector else f"{metric}_bucket"
     return [
-        q(f"histogram_quantile({p}, sum by ({group}) (rate({metric}_bucket[{RATE}])))", f"p{int(p * 100)}{suffix}")
+        q(f"histogram_quantile({p}, sum by ({group}) (rate({series}[{RATE}])))", f"p{int(p * 100)}{suffix}")
         for p in (0.5, 0.9, 0.99)
     ]
+
+
+def api_ratio(met: str, window: str = "5m") -> str:
+    """The share of the chosen APIs' SLO-judged requests counted by `met` over the window."""
+    return f"sum(rate({met}{{{API}}}[{window}])) / sum(rate(pdserve_slo_requests_total{{{API}}}[{window}]))"
 
 
 # (title, unit, queries, kind) ; kind: "timeseries" or "stat"
@@ -38,54 +59,71 @@ DASHBOARDS = {
             (
                 "SLO attainment (both SLOs, 5m)",
                 "percentunit",
-                [
-                    q("pdserve:slo_attainment:ratio_rate5m", "both"),
-                    q("pdserve:slo_ttft_attainment:ratio_rate5m", "TTFT"),
-                    q("pdserve:slo_tpot_attainment:ratio_rate5m", "TPOT"),
+                [  # the recording rules pdserve:slo_*attainment:ratio_rate5m, for the chosen APIs
+                    q(api_ratio("pdserve_slo_met_total"), "both"),
+                    q(api_ratio("pdserve_slo_ttft_met_total"), "TTFT"),
+                    q(api_ratio("pdserve_slo_tpot_met_total"), "TPOT"),
                     q("max(pdserve_slo_attainment_target_ratio)", "target"),
                 ],
                 "timeseries",
             ),
-            ("Attainment, last window", "percentunit", [q("min(pdserve_slo_attainment_ratio)", "attainment")], "stat"),
+            (
+                "Attainment, last window (all APIs)",
+                "percentunit",
+                [q("min(pdserve_slo_attainment_ratio)", "attainment")],
+                "stat",
+            ),
             (
                 "Goodput and throughput",
                 "reqps",
-                [
-                    q("pdserve:goodput:rate5m", "goodput (met both SLOs)"),
-                    q("pdserve:requests:rate5m", "finished requests"),
+                [  # pdserve:goodput:rate5m and pdserve:requests:rate5m, for the chosen APIs
+                    q(f"sum(rate(pdserve_slo_met_total{{{API}}}[5m]))", "goodput (met both SLOs)"),
+                    q(f"sum(rate(pdserve_slo_requests_total{{{API}}}[5m]))", "finished requests"),
                 ],
                 "timeseries",
             ),
             (
                 "Request rate by finish reason",
                 "reqps",
-                [q(f"sum by (finish_reason) (rate(pdserve_requests_total[{RATE}]))", "{{finish_reason}}")],
+                [q(f"sum by (finish_reason) (rate(pdserve_requests_total{{{API}}}[{RATE}]))", "{{finish_reason}}")],
+                "timeseries",
+            ),
+            (
+                "Requests by API",
+                "reqps",
+                [q(f"sum by (api) (rate(pdserve_requests_total{{{API}}}[{RATE}]))", "{{api}}")],
+                "timeseries",
+            ),
+            (
+                "HTTP API responses by status",
+                "reqps",
+                [q(f"sum by (status) (rate(pdserve_http_responses_total[{RATE}]))", "{{status}}")],
                 "timeseries",
             ),
             (
                 "TTFT against SLO",
                 "s",
-                quantiles("pdserve_time_to_first_token_seconds")
+                quantiles("pdserve_time_to_first_token_seconds", selector=API)
                 + [q('max(pdserve_slo_target_seconds{slo="ttft"})', "SLO")],
                 "timeseries",
             ),
             (
                 "TPOT against SLO",
                 "s",
-                quantiles("pdserve_time_per_output_token_seconds")
+                quantiles("pdserve_time_per_output_token_seconds", selector=API)
                 + [q('max(pdserve_slo_target_seconds{slo="tpot"})', "SLO")],
                 "timeseries",
             ),
-            ("End-to-end latency", "s", quantiles("pdserve_e2e_request_latency_seconds"), "timeseries"),
+            ("End-to-end latency", "s", quantiles("pdserve_e2e_request_latency_seconds", selector=API), "timeseries"),
             ("Queue time before compute", "s", quantiles("pdserve_request_queue_time_seconds"), "timeseries"),
             ("Router overhead in TTFT", "s", quantiles("pdserve_router_overhead_seconds"), "timeseries"),
-            ("Inter-token latency", "s", quantiles("pdserve_inter_token_latency_seconds"), "timeseries"),
+            ("Inter-token latency", "s", quantiles("pdserve_inter_token_latency_seconds", selector=API), "timeseries"),
             (
                 "Tokens per second",
                 "short",
                 [
-                    q(f"sum(rate(pdserve_prompt_tokens_total[{RATE}]))", "prompt"),
-                    q("pdserve:generation_tokens:rate5m", "generated"),
+                    q(f"sum(rate(pdserve_prompt_tokens_total{{{API}}}[{RATE}]))", "prompt"),
+                    q(f"sum(rate(pdserve_generation_tokens_total{{{API}}}[{RATE}]))", "generated"),
                 ],
                 "timeseries",
             ),
@@ -93,7 +131,7 @@ DASHBOARDS = {
                 "Requests in flight, retries",
                 "short",
                 [
-                    q("sum(pdserve_requests_in_flight)", "in flight"),
+                    q(f"sum(pdserve_requests_in_flight{{{API}}})", "in flight"),
                     q(f"sum(rate(pdserve_request_retries_total[{RATE}]))", "failovers/s"),
                 ],
                 "timeseries",
@@ -290,6 +328,33 @@ DASHBOARDS = {
 }
 
 
+def query_variable(name: str, label: str, query: str) -> dict:
+    """A multi-select variable over a label's values (from Prometheus), All by default (the regex
+    ALL, matching any value, so series whose value Grafana has not listed yet still count)."""
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "definition": query,
+        "query": {"query": query, "refId": f"{name}-variable"},
+        "refresh": 2,  # on every time range change, so a newly used API appears
+        "sort": 1,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ALL,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "options": [],
+        "hide": 0,
+    }
+
+
+# Variables of each dashboard besides the data source.
+VARIABLES = {
+    "pdserve-slo-overview": [query_variable("api", "API", "label_values(pdserve_requests_total, api)")],
+}
+
+
 def panel(panel_id: int, title: str, unit: str, queries: list[dict], kind: str) -> dict:
     width = 6 if kind == "stat" else 12
     return {
@@ -312,7 +377,7 @@ def panel(panel_id: int, title: str, unit: str, queries: list[dict], kind: str) 
     }
 
 
-def dashboard(uid: str, title: str, panels: list) -> dict:
+def dashboard(uid: str, title: str, panels: list, variables: list = ()) -> dict:
     x = y = 0
     built = []
     for i, spec in enumerate(panels, start=1):
@@ -340,7 +405,8 @@ def dashboard(uid: str, title: str, panels: list) -> dict:
                     "query": "prometheus",
                     "label": "Prometheus",
                     "current": {},
-                }
+                },
+                *variables,
             ]
         },
         "panels": built,
@@ -349,7 +415,7 @@ def dashboard(uid: str, title: str, panels: list) -> dict:
 
 def build() -> dict[str, str]:
     return {
-        f"{uid}.json": json.dumps(dashboard(uid, title, panels), indent=2) + "\n"
+        f"{uid}.json": json.dumps(dashboard(uid, title, panels, VARIABLES.get(uid, [])), indent=2) + "\n"
         for uid, (title, panels) in DASHBOARDS.items()
     }
 

@@ -306,6 +306,15 @@ def router_schema() -> dict:
     keys.update(
         {
             "replicaCount": integer(0),
+            "httpPort": integer(
+                0,
+                65535,
+                nullable=True,
+                description="--http-port: the OpenAI-compatible HTTP API (HTTPS with global.tls); 0 or null: off",
+            ),
+            "servedModelName": string(
+                "--served-model-name: the model's name in both APIs; empty: the service's default (--model)"
+            ),
             "discovery": obj({"prefill": role_discovery, "decode": role_discovery}, required=("prefill", "decode")),
             "slo": obj(
                 {
@@ -325,6 +334,7 @@ def router_schema() -> dict:
                 {
                     "type": {"type": "string", "enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
                     "port": PORT,
+                    "httpPort": integer(1, 65535, description="the Service's port for the HTTP API (to httpPort)"),
                     "annotations": STRING_MAP,
                 }
             ),

@@ -46,7 +46,8 @@ def test_dockerfile(service, parsers):
     assert entrypoint == ["python", "-m", f"services.{service}"]
     exposed = {int(p) for w, a in runtime if w == "EXPOSE" for p in a.split()}
     defaults = parsers[service].parse_args([])
-    assert exposed == {defaults.port, defaults.metrics_port}
+    http = getattr(defaults, "http_port", -1)  # the router's OpenAI-compatible HTTP API
+    assert exposed == {defaults.port, defaults.metrics_port} | ({http} if http > 0 else set())
     base_args = {a.split("=", 1)[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
     base = base_args["CUDA_IMAGE" if service in GPU_SERVICES else "PYTHON_IMAGE"]
     assert base.startswith("nvidia/cuda:") if service in GPU_SERVICES else "slim" in base

@@ -127,6 +127,10 @@ def test_workloads_match_their_services_flags(renders, parsers):
         ports = ports_by_name(container)
         assert ports["grpc"]["containerPort"] == args.port, name
         assert ports["metrics"]["containerPort"] == args.metrics_port, name
+        if getattr(args, "http_port", -1) >= 0:  # the router's OpenAI-compatible HTTP API
+            assert ports["http"]["containerPort"] == args.http_port, name
+        else:
+            assert "http" not in ports, name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == args.port, (name, probe)
         assert "service" not in container["readinessProbe"]["grpc"]  # overall health: NOT_SERVING until ready
@@ -268,6 +272,44 @@ def test_router_service_and_disruption_budgets(renders):
             assert any(b["spec"]["selector"]["matchLabels"].items() <= pod_labels.items() for b in budgets.values())
 
 
+def _router_objects(objects) -> tuple[dict, dict]:
+    (router,) = workloads(objects, "router")
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "pd-router"]
+    return container_of(router), service
+
+
+def test_router_http_api_port_and_its_service_port(renders, parsers):
+    """httpPort: --http-port, a container port named http, and a port of the router Service that
+    targets it (plain HTTP, or HTTPS with global.tls); 0 or null turns all three off."""
+    for name in ("router-defaults", "pdserve-defaults", "pdserve-options"):
+        container, service = _router_objects(renders[name])
+        args = parse_container(container, parsers["router"])
+        assert args.http_port == 8000 == ports_by_name(container)["http"]["containerPort"], name
+        http = {p["name"]: p for p in service["spec"]["ports"]}["http"]
+        assert [http[k] for k in ("port", "targetPort", "protocol", "appProtocol")] == [8000, "http", "TCP", "http"]
+        assert args.served_model_name == ""  # the service's default: --model, or the tiny model's name
+
+    container, service = _router_objects(
+        render("router", {"httpPort": 8080, "service": {"httpPort": 80}, "servedModelName": "llama-3: 8b"})
+    )
+    args = parse_container(container, parsers["router"])
+    assert (args.http_port, args.served_model_name) == (8080, "llama-3: 8b")
+    assert ports_by_name(container)["http"]["containerPort"] == 8080
+    http = {p["name"]: p for p in service["spec"]["ports"]}["http"]
+    assert (http["port"], http["targetPort"]) == (80, "http")
+
+    for off in (0, None):
+        for chart, values in (("router", {"httpPort": off}), ("pdserve", {"router": {"httpPort": off}})):
+            container, service = _router_objects(render(chart, values))
+            assert parse_container(container, parsers["router"]).http_port == -1, (chart, off)
+            assert "http" not in ports_by_name(container), (chart, off)
+            assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}, (chart, off)
+
+    # with TLS the HTTP port serves HTTPS with the router's certificate
+    _, service = _router_objects(_tls_render({"secretName": "pdserve-tls"}))
+    assert {p["name"]: p for p in service["spec"]["ports"]}["http"]["appProtocol"] == "https"
+
+
 # ---- the planner's values ----------------------------------------------------------------------
 
 
@@ -349,6 +391,9 @@ def test_unsupported_or_invalid_values_are_refused(planner_values):
     assert "decode.port and decode.metricsPort are both 7300" in render_error("decode", {"metricsPort": 7300})
     assert "kvstore.port and kvstore.transferPort are both 7100" in render_error("kvstore", {"transferPort": 7100})
     assert "router.port and router.metricsPort" in render_error("router", {"metricsPort": 7000})
+    assert "router.metricsPort and router.httpPort are both 9000" in render_error("router", {"httpPort": 9000})
+    assert "router.port and router.httpPort" in render_error("pdserve", {"router": {"httpPort": 7000}})
+    assert "httpPort" in render_error("router", {"httpPort": "8000"})
 
 
 # ---- monitoring, dashboards, TLS, models ---------------------------------------------------------

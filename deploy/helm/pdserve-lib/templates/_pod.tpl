@@ -13,11 +13,11 @@ prometheus.io/path: /metrics
 {{- end -}}
 
 {{/* Flags every server has (services/common/flags.py common_server_flags). The ports the pod
-listens on must differ (the kvstore's transferPort too), or the second bind fails at start-up and
-the pod crash-loops. */}}
+listens on must differ (the kvstore's transferPort and the router's httpPort too), or the second
+bind fails at start-up and the pod crash-loops. */}}
 {{- define "pdserve-lib.serverArgs" -}}
 {{- $ports := dict -}}
-{{- range $key := list "port" "metricsPort" "transferPort" -}}
+{{- range $key := list "port" "metricsPort" "transferPort" "httpPort" -}}
 {{- with index $.Values $key -}}
 {{- $taken := get $ports (toString (int .)) -}}
 {{- if $taken -}}

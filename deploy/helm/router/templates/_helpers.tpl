@@ -15,3 +15,8 @@
 {{- if kindIs "invalid" $v }}{{ $v = index .root.Values.slo .local }}{{ end -}}
 {{- $v -}}
 {{- end -}}
+
+{{/* --http-port: httpPort, or -1 (the HTTP API off) when it is 0 or null. */}}
+{{- define "router.httpPort" -}}
+{{- if .Values.httpPort }}{{ .Values.httpPort | int }}{{ else }}-1{{ end -}}
+{{- end -}}
