@@ -307,7 +307,7 @@ def plot(results: dict, path: str) -> None:
     batches = [r["streams"] for r in results["points"]]
     names = results["sides"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, metric, label in zip(
+    for ax, metric, ylabel in zip(
         axes,
         ("router_us_per_token", "decode_us_per_token", "gap_ms_p99"),
         ("router CPU per token (us)", "decode worker CPU per token (us)", "client inter-message gap p99 (ms)"),
@@ -316,12 +316,13 @@ def plot(results: dict, path: str) -> None:
         width = 0.8 / len(names)
         for k, name in enumerate(names):
             values = [p["summary"][name][metric] for p in results["points"]]
-            label = f"{name} ({results['commits'][name]})" if results["commits"].get(name) else name
+            commit = results["commits"].get(name.split("-")[0])
+            label = f"{name} ({commit})" if commit else name
             ax.bar([i + k * width for i in range(len(batches))], values, width, label=label)
         ax.set_xticks(
             [i + width * (len(names) - 1) / 2 for i in range(len(batches))], [f"{b} streams" for b in batches]
         )
-        ax.set_ylabel(label)
+        ax.set_ylabel(ylabel)
     axes[0].legend()
     fig.suptitle("serving path per streamed token, measured on this CPU (engines emulated at H100 timings)")
     fig.tight_layout()
