@@ -206,9 +206,11 @@ def main(argv=None) -> None:
         await workers.start()
 
         async def drain() -> None:
-            await service.drain()
-            if http is not None:
-                await http.stop()
+            try:
+                await service.drain()
+            finally:  # (also when the grace period cuts the drain short)
+                if http is not None:
+                    await http.stop()
 
         watcher = asyncio.create_task(runner.follow_readiness(not_serving_reason, args.poll_interval))
         await runner.wait_and_drain(drain)

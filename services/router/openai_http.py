@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry, Counter
 
 from pdserve.v1 import router_pb2
@@ -83,8 +85,9 @@ class OpenAiServer:
         self.model_name = model_name
         self.api_keys = [key.encode() for key in api_keys]
         self.not_serving_reason = not_serving_reason
-        # A prompt's JSON is at most some bytes per character (escapes); a longer body cannot fit.
-        self.max_body_bytes = max_body_bytes or (1 << 16) + 8 * service.max_prompt_chars
+        # Room for a prompt as long as the context, as JSON-escaped text or token ids, and the rest
+        # of the body; bodies are parsed on the event loop, so the bound is also the loop's protection.
+        self.max_body_bytes = max_body_bytes or (1 << 20) + 64 * service.max_model_len
         self.created = int(time.time())
         self.responses = Counter(
             "pdserve_http_responses_total",
@@ -130,8 +133,9 @@ class OpenAiServer:
         path = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
         try:
             if self.api_keys and request.path != "/health":
-                header = request.headers.get("Authorization")
-                refusal = api_key_refusal(None if header is None else header.encode(), self.api_keys, "header")
+                header = request.headers.get("Authorization")  # (its bytes as aiohttp decoded them)
+                presented = None if header is None else header.encode("utf-8", "surrogateescape")
+                refusal = api_key_refusal(presented, self.api_keys, "header")
                 if refusal:
                     raise ApiError(401, refusal, type="authentication_error", code="invalid_api_key")
             response = await handler(request)
@@ -189,7 +193,10 @@ class OpenAiServer:
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self.service.check_open()
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except (HttpProcessingError, RequestPayloadError) as exc:  # a body aiohttp cannot frame or decode
+            raise ApiError(400, f"the request body cannot be read: {exc}".strip()) from None
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the parser's depth
@@ -198,6 +205,9 @@ class OpenAiServer:
         self._check_model(req.model)
         prompts = await self._prompt_ids(req)
         reply_id = validation.request_id("request_id", req.request_id) or uuid.uuid4().hex
+        choices = len(prompts) * req.n
+        if choices > 1 and len(reply_id) > validation.MAX_REQUEST_ID_CHARS - len(f"-{choices - 1}"):
+            raise ApiError(400, "request_id: too long to number the choices (request_id-<index>)", "request_id")
         reply = _Reply(req, self.model_name, self._generations(req, prompts, reply_id), request, reply_id)
         return await reply.serve(self.service)
 
@@ -258,6 +268,7 @@ class _Choice:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.usage = router_pb2.Usage()
+        self.sent_chars = 0  # of text streamed so far (completions' logprobs.text_offset)
 
 
 class _Reply:
@@ -296,18 +307,28 @@ class _Reply:
                             group.create_task(service.generate(generation, functools.partial(self._write, index)))
                 except ExceptionGroup as failed:  # the first failure cancelled the other choices
                     raise failed.exceptions[0] from None
+        except ConnectionError:  # the client went away while a message was being written
+            return self.stream or web.Response(status=499)
         except ServiceError as exc:
             if self.stream is None:
                 raise
-            await self._send_error(api_error(exc))  # the stream began: the error is its last event
+            if exc.code is grpc.StatusCode.CANCELLED:  # it stopped reading: writing more would wait forever
+                if self.request.transport is not None:
+                    self.request.transport.close()
+            else:
+                await self._send_error(api_error(exc))  # the stream began: the error is its last event
             return self.stream
         if self.stream is None:
             return _json(200, self._whole())
-        if self.req.include_usage:
-            usage = {"id": self.id, "object": self._object(chunk=True), "created": self.created, "model": self.model}
-            await self.stream.write(_event({**usage, "choices": [], "usage": self._usage()}))
-        await self.stream.write(b"data: [DONE]\n\n")
-        await self.stream.write_eof()
+        try:
+            if self.req.include_usage:
+                usage = {"id": self.id, "object": self._object(chunk=True), "created": self.created}
+                usage["model"] = self.model
+                await self.stream.write(_event({**usage, "choices": [], "usage": self._usage()}))
+            await self.stream.write(b"data: [DONE]\n\n")
+            await self.stream.write_eof()
+        except ConnectionError:
+            pass  # the client left after its last token
         return self.stream
 
     async def _write(self, index: int, response: router_pb2.GenerateResponse) -> None:
@@ -334,6 +355,7 @@ class _Reply:
                 if self.chat
                 else f'{{"index":{index},"text":{json.dumps(response.text)},"logprobs":null,"finish_reason":null}}'
             )
+            choice.sent_chars += len(response.text)
             await self.stream.write(f"{self._head}{body}]}}\n\n".encode())
             return
         if self.chat:
@@ -341,8 +363,9 @@ class _Reply:
             entry = {"index": index, "delta": delta}
         else:
             entry = {"index": index, "text": response.text}
-        entry["logprobs"] = self._logprobs(response.token_ids, response.logprobs, response.text)
+        entry["logprobs"] = self._logprobs(response.token_ids, response.logprobs, choice.sent_chars)
         entry["finish_reason"] = response.finish_reason or None
+        choice.sent_chars += len(response.text)
         await self.stream.write(f"{self._head}{json.dumps(entry)}]}}\n\n".encode())
 
     async def _send_error(self, error: ApiError) -> None:
@@ -353,8 +376,10 @@ class _Reply:
         except (TimeoutError, ConnectionError):
             pass  # the client is gone or reads nothing
 
-    def _logprobs(self, token_ids, logprobs, text: str) -> dict | None:
-        """OpenAI's logprobs object for these tokens: per token, its text and logprob."""
+    def _logprobs(self, token_ids, logprobs, text_offset: int) -> dict | None:
+        """OpenAI's logprobs object for these tokens: per token, its text and logprob (and, for
+        completions, where its text starts in the choice's text: from `text_offset`, the characters
+        sent before them)."""
         if not self.req.logprobs:
             return None
         assert self.tokenizer is not None
@@ -368,7 +393,7 @@ class _Reply:
                 for p, lp in zip(pieces, logprobs)
             ]
             return {"content": content, "refusal": None}
-        offsets, at = [], 0
+        offsets, at = [], text_offset
         for p in pieces:
             offsets.append(at)
             at += len(p)
@@ -388,7 +413,7 @@ class _Reply:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
-            entry["logprobs"] = self._logprobs(c.token_ids, c.logprobs, text)
+            entry["logprobs"] = self._logprobs(c.token_ids, c.logprobs, 0)
             entry["finish_reason"] = c.finish_reason
             choices.append(entry)
         return {

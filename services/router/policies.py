@@ -3,8 +3,10 @@
 - prefill: least estimated time to the first token. A prefill worker runs one batch at a time, so
   the wait of a new prompt is roughly the prompt tokens ahead of it times the worker's recent
   seconds/token; KV-aware (the default), its own compute is the prompt's tokens less those of its
-  longest prefix that the worker has cached (its PrefixIndex), at the same rate. Least-loaded
-  leaves that out: the queue alone decides.
+  longest prefix that the worker has cached (its PrefixIndex), at one rate for all candidates (the
+  fastest's): each worker's rate comes from its recent batches and is noisy for short prompts, so
+  comparing uncached tokens at different rates would let that noise outweigh a cached prefix.
+  Least-loaded leaves that out: the queue alone decides.
 - decode: most free KV blocks (less those promised to requests waiting there, whichever router sent
   them, and what this router has just sent there), then the smaller
   running batch; a worker on the KV's own node wins ties, since its pull is a local copy.
@@ -60,8 +62,10 @@ def pick_prefill(
     if not candidates:
         raise NoWorkerError("no healthy prefill worker")
 
+    rate = min(seconds_per_prefill_token(ep) for ep in candidates)
+
     def key(ep: Endpoint):
-        compute = (prompt_tokens - cached_tokens(ep)) * seconds_per_prefill_token(ep)
+        compute = (prompt_tokens - cached_tokens(ep)) * rate
         return (estimated_prefill_delay(ep) + compute, ep.inflight_requests, ep.address)
 
     return min(candidates, key=key)

@@ -20,7 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import grpc
@@ -131,6 +131,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         sp.max_tokens = min(
             sp.max_tokens or max(self.default_max_tokens, sp.min_tokens), self.max_model_len - prompt_len
         )
+        sp.min_tokens = min(sp.min_tokens, sp.max_tokens)  # the context ends generation first
         if not sp.HasField("seed"):
             sp.seed = random.getrandbits(63)
         sp.logprobs = sp.logprobs or logprobs
@@ -145,6 +146,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Generate(self, request: router_pb2.GenerateRequest, context):
         # A coroutine writing with context.write rather than an async generator, so that a client
         # cancel always lands inside this code and the downstream call is cancelled at once.
+        arrived = time.monotonic()
         self.check_open()
         has_text, has_ids = bool(request.prompt), len(request.token_ids) > 0
         if has_text == has_ids:
@@ -170,6 +172,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
             api=Api.GRPC,
             deadline=None if remaining is None else time.monotonic() + remaining,
+            arrived=arrived,
         )
         await self.generate(generation, context.write)
 
@@ -177,10 +180,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """Serves one validated request, handing each GenerateResponse to `write` (which waits while
         the client is slow to read); raises ServiceError for a status the client gets. Whatever ends
         it (the last token, an error, a cancel of the calling task) frees its KV on every worker."""
-        timer = RequestTimer()
+        timer = RequestTimer(arrived=gen.arrived)  # TTFT counts the tokenizing and checks before
         prompt, sampling, request_id = gen.prompt, gen.sampling, gen.request_id
         detok = IncrementalDetokenizer(self.tokenizer, prompt, gen.skip_special_tokens)
-        stops = StopStrings(gen.stop) if gen.stop else None
+        stops = StopStrings(gen.stop, sampling.min_tokens) if gen.stop else None
         ticket = self.admission.admit(len(prompt))  # past a bound: RESOURCE_EXHAUSTED at once
         state = _RequestState(prompt, sampling, request_id, gen.deadline)
         state.cache_salt = gen.cache_salt
@@ -193,19 +196,22 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             async for chunk in self._tokens(state, timer):
                 ticket.prefilled()
-                gap = timer.tokens(len(chunk.token_ids))
-                if timer.num_tokens > len(chunk.token_ids):
-                    slo.itl.observe(gap)
                 finish_reason = chunk.finish_reason
-                text = detok.add(list(chunk.token_ids))
-                if finish_reason:
-                    text += detok.flush()
-                if stops is not None:
-                    text = stops.feed(text, bool(finish_reason), match=timer.num_tokens >= sampling.min_tokens)
-                    if stops.stopped:
+                token_ids, logprobs = chunk.token_ids, chunk.logprobs
+                if stops is None:
+                    text = detok.add(list(token_ids))
+                    if finish_reason:
+                        text += detok.flush()
+                else:
+                    text, kept = _until_stop(detok, stops, list(token_ids), bool(finish_reason), timer.num_tokens)
+                    if stops.stopped:  # the tokens after the one that completed it are dropped
                         finish_reason = FinishReason.STOP
-                response = router_pb2.GenerateResponse(token_ids=chunk.token_ids, text=text, request_id=request_id)
-                response.logprobs.extend(chunk.logprobs)  # present only when requested
+                        token_ids, logprobs = token_ids[:kept], logprobs[:kept]
+                gap = timer.tokens(len(token_ids))
+                if timer.num_tokens > len(token_ids):
+                    slo.itl.observe(gap)
+                response = router_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id)
+                response.logprobs.extend(logprobs)  # present only when requested
                 if finish_reason:
                     ttft_met, tpot_met = slo.finish(timer, finish_reason, len(prompt), gen.ttft_slo, gen.tpot_slo)
                     judged = True
@@ -241,10 +247,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 state.write_started = 0.0
                 if finish_reason:
                     return  # (after a stop string, the finally cancels the worker's call)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):  # the client went away (or its write failed)
             if not judged:
                 slo.finish(timer, FinishReason.CANCELLED, len(prompt), gen.ttft_slo, gen.tpot_slo)
             if state.stalled:  # our cancel, not the client's: tell it why (when it reads again)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # the cancel ends here, as this error
                 raise ServiceError(
                     grpc.StatusCode.CANCELLED,
                     f"the client read nothing for {self.client_stall_seconds:g} s (--client-stall-seconds)",
@@ -577,6 +586,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
         await self.kvstore.close()
 
 
+def _until_stop(
+    detok: IncrementalDetokenizer, stops: StopStrings, token_ids: list[int], final: bool, tokens_before: int
+) -> tuple[str, int]:
+    """The text of a chunk's tokens, stop strings matched token by token (a chunk may hold several
+    when the client reads slower than they come); and how many of its tokens are output: up to the
+    one that completed a stop string. No stop string is matched before sampling.min_tokens."""
+    out = []
+    min_tokens = stops.min_tokens
+    for i, token in enumerate(token_ids):
+        last = final and i == len(token_ids) - 1
+        text = detok.add([token]) + (detok.flush() if last else "")
+        out.append(stops.feed(text, last, match=tokens_before + i + 1 >= min_tokens))
+        if stops.stopped:
+            return "".join(out), i + 1
+    return "".join(out), len(token_ids)
+
+
 def _unavailable(details: str) -> grpc.aio.AioRpcError:
     """A worker that broke off is taken as down: the request fails over (RETRYABLE)."""
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
@@ -603,6 +629,7 @@ class Generation:
     skip_special_tokens: bool = True
     api: Api = Api.GRPC
     deadline: float | None = None  # time.monotonic() by which the client wants the answer
+    arrived: float = field(default_factory=time.monotonic)  # when the request reached the router
 
 
 class _RequestState:

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 
 class StopStrings:
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], min_tokens: int = 0):
         self.stops = stops
+        self.min_tokens = min_tokens  # none is matched in the text of the first min_tokens tokens
         self.held = ""
         self.stopped = False
 
     def feed(self, text: str, final: bool = False, match: bool = True) -> str:
         """The part of `text` (after what was held) that is certainly output; `stopped` turns true
         when a stop string was found (nothing after it is ever output). `final`: no more text
-        comes, so nothing is held back. `match` false (before min_tokens): the text is output as is."""
+        comes, so nothing is held back. `match` false (before min_tokens): no stop string ends in this
+        text, but its end may begin one, so that much is still held."""
         if self.stopped:
             return ""
         text = self.held + text
-        if not match:
-            self.held = ""
-            return text
-        ends = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        ends = [i for i in (text.find(s) for s in self.stops) if i >= 0] if match else []
         if ends:
             self.held, self.stopped = "", True
             return text[: min(ends)]

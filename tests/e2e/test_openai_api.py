@@ -262,6 +262,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 9}, 400, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "cache_salt": "s" * 300}, 400, "cache_salt"),
     ("/v1/completions", {"prompt": "hi", "request_id": "a\tb"}, 400, "request_id"),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "request_id": "r" * 127}, 400, "request_id"),
     ("/v1/completions", {"prompt": "hi", "slo_ttft_seconds": 0}, 400, "slo_ttft_seconds"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {"prompt": "word " * 3000}, 413, "prompt"),
@@ -301,6 +302,8 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(cluster):
         error = answer["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], case
         assert error["param"] == param, f"{case}: {error}"
+    gzip = {"Content-Encoding": "gzip"}  # a body that says it is compressed and is not
+    assert _http(address, "POST", "/v1/completions", b"not gzip at all", gzip)[0] == 400
     assert _http(address, "GET", "/v1/completions")[0] == 405
     assert _http(address, "GET", "/v1/models/gpt-4")[0] == 404
     assert _http(address, "GET", "/health")[0] == 200
@@ -395,6 +398,12 @@ def test_a_router_without_workers_answers_503_429_401_and_no_chat_template(tmp_p
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong" * 5, max_retries=0).models.list()
         assert _http(address, "GET", "/v1/models")[0] == 401
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)  # a key that is not UTF-8
+        conn.putrequest("GET", "/v1/models")
+        conn.putheader("Authorization", b"Bearer \xff\xfe")
+        conn.endheaders()
+        assert conn.getresponse().status == 401
+        conn.close()
         with pytest.raises(openai.BadRequestError, match="chat template") as err:
             api.chat.completions.create(model=model, messages=MSG)
         assert err.value.body["param"] == "messages"

@@ -164,6 +164,8 @@ def test_router_readiness_follows_its_workers_for_the_server_and_the_service_nam
             str(router_port),
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
             "--prefill",
             f"127.0.0.1:{prefill_port}",
             "--decode",

@@ -117,3 +117,28 @@ def test_bad_values_name_their_parameter(body, chat, param):
         parse(body, chat=chat)
     assert err.value.status == 400 and err.value.param == param
     assert set(err.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_chunk_of_several_tokens_stops_at_the_token_that_completes_the_stop_string():
+    """A slow client's tokens come merged: the output ends at the token completing the stop string,
+    and no stop string is matched in the first min_tokens tokens' text."""
+    from transformers import AutoTokenizer
+
+    from services.router.detokenizer import IncrementalDetokenizer
+    from services.router.server import _until_stop
+    from services.tiny_models import get_model
+
+    tokenizer = AutoTokenizer.from_pretrained(get_model("llama"))
+    ids = tokenizer.encode(" hello world, once upon a time there lived a fox")
+    pieces = [tokenizer.decode([t]) for t in ids]
+    whole = "".join(pieces)
+    k = next(i for i in range(2, len(ids)) if len(pieces[i]) > 1)
+    stop = pieces[k - 1][-1:] + pieces[k][:2]  # spans tokens k-1 and k
+    at = whole.index(stop)
+    complete = next(i for i in range(len(ids)) if len("".join(pieces[: i + 1])) >= at + len(stop))
+    text, kept = _until_stop(IncrementalDetokenizer(tokenizer, []), StopStrings((stop,)), ids, True, 0)
+    assert (text, kept) == (whole[:at], complete + 1)
+    # with min_tokens past the token completing it, that occurrence is output like any text
+    later = StopStrings((stop,), min_tokens=complete + 2)
+    text, kept = _until_stop(IncrementalDetokenizer(tokenizer, []), later, ids, True, 0)
+    assert text.startswith(whole[: at + len(stop)]) and (kept == len(ids)) != later.stopped
