@@ -95,6 +95,8 @@ def start_side(name: str, checkout: str, args, workdir: str) -> Side:
     ready = os.path.join(workdir, f"{name}-ready.json")
     argv = [sys.executable, "-m", "services.cli", "up", "--emulate", os.path.abspath(args.profile)]
     argv += ["--port", "0", "--ready-file", ready, "--log-dir", os.path.join(workdir, f"{name}-logs")]
+    if _has_flag(checkout, "--http-port"):  # (a base checkout from before the HTTP API has no such flag)
+        argv += ["--http-port", "0"]
     argv += ["--on-exit", "stop", f"--worker-arg=--stream-interval {args.stream_interval}"]
     if args.routers > 1:
         argv += ["--routers", str(args.routers)]
@@ -110,6 +112,11 @@ def start_side(name: str, checkout: str, args, workdir: str) -> Side:
         time.sleep(0.2)
     with open(ready) as f:
         return Side(name, checkout, proc, json.load(f))
+
+
+def _has_flag(checkout: str, flag: str) -> bool:
+    with open(os.path.join(checkout, "services", "cli", "up.py")) as f:
+        return f'"{flag}"' in f.read()
 
 
 def stop_side(side: Side) -> None:

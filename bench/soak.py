@@ -60,7 +60,7 @@ class Cluster:
 
     def __init__(self, folder: str):
         self.ready = os.path.join(folder, "ready.json")
-        args = ["--prefill", "2", "--decode", "2", "--nodes", "2", "--routers", "2", "--port", "0"]
+        args = ["--prefill", "2", "--decode", "2", "--nodes", "2", "--routers", "2", "--port", "0", "--http-port", "0"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", *args, "--ready-file", self.ready]
             + ["--log-dir", os.path.join(folder, "logs")],

@@ -1,7 +1,7 @@
 """A whole cluster as local processes (`pdserve up`, the demo, the e2e tests and benchmarks).
 
 `Cluster` starts K kvstore daemons (each emulating one node), N prefill and M decode workers
-spread over those nodes (or colocated workers), and the router, in that order; waits until every
+spread over those nodes (or colocated workers), and the router, all at once; waits until every
 gRPC server reports SERVING through the standard health service; `info()` is every service's gRPC
 and metrics address; `stop()` stops them router first (SIGTERM, then SIGKILL after the grace
 period). The command around it (ready file, signals, restarts) is services/cli/up.py.
@@ -399,12 +399,15 @@ class Cluster:
             return ""
 
     def start(self, timeout: float = 180.0, progress=print, cancelled=lambda: False) -> None:
-        """Starts in dependency order: kvstore daemons, workers, router. Raises StartCancelled
-        as soon as `cancelled()` turns true (a Ctrl-C while a large model loads)."""
+        """Starts every service at once, then waits until each serves, in dependency order:
+        kvstore daemons, workers, router. Each waits for what it needs (a worker for its node's
+        daemon, the router for its workers: one never seen healthy is not an ejection), so their
+        imports and model loads overlap. Raises StartCancelled as soon as `cancelled()` turns true
+        (a Ctrl-C while a large model loads)."""
+        for proc in self.procs:
+            self._start(proc)
         for roles in (("kvstore",), ("prefill", "decode", "colocated", "follower"), ("router",)):
             group = [p for p in self.procs if p.role in roles]
-            for proc in group:
-                self._start(proc)
             self._wait_serving(group, timeout, cancelled)
             for proc in group:
                 if proc.role == "follower":

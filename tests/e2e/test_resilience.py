@@ -136,6 +136,8 @@ def _launch(tmp_path):
             "up",
             "--port",
             "0",
+            "--http-port",
+            "0",
             "--ready-file",
             str(ready),
             "--log-dir",

@@ -37,7 +37,8 @@ def test_a_bad_emulation_or_cluster_setup_is_refused_up_front(tmp_path, args, me
 
 def _assert_refused(tmp_path, args: list[str], message: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--port", "0", "--log-dir", str(tmp_path), *args],
+        [sys.executable, "-m", "services.cli", "up", "--port", "0", "--http-port", "0", "--log-dir", str(tmp_path)]
+        + list(args),
         cwd=ROOT,
         capture_output=True,
         text=True,

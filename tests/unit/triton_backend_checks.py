@@ -28,19 +28,19 @@ def run(arch: str) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 19, 33)]
     seqs = [
-        Sequence.from_prompt(str(i), p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        Sequence.from_prompt(str(i), p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         for i, p in enumerate(prompts)
     ]
     engine.prefill(seqs)
     while not all(s.finished for s in seqs):
         engine.decode_step([s for s in seqs if not s.finished])
     expected = [
-        hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, len(p) :].tolist()
+        hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=4, min_new_tokens=4)[0, len(p) :].tolist()
         for p in prompts
     ]
     # chunked prefill: 8 tokens a step, the prompts' chunks beside the others' next tokens
     chunked = [
-        Sequence.from_prompt(f"c{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        Sequence.from_prompt(f"c{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         for i, p in enumerate(prompts)
     ]
     scheduler = BatchScheduler(engine.block_manager, max_num_seqs=4, max_num_batched_tokens=8, chunked_prefill=True)
