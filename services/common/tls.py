@@ -51,7 +51,8 @@ class TlsFiles:
         with open(self.cert, "rb") as c, open(self.key, "rb") as k, open(self.ca, "rb") as a:
             return c.read(), k.read(), a.read()
 
-    def _stamp(self) -> tuple[float, ...]:
+    def stamp(self) -> tuple[float, ...]:
+        """The files' modification times: a change means a renewal to load."""
         return tuple(os.stat(path).st_mtime_ns for path in (self.cert, self.key, self.ca))
 
 
@@ -68,14 +69,14 @@ def socket_context(files: TlsFiles, server: bool) -> ssl.SSLContext:
 def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.ServerCredentials:
     """Credentials that pick up new files: gRPC asks the fetcher at each new connection."""
     cert, key, ca = files.read()
-    stamp = [files._stamp()]
+    stamp = [files.stamp()]
 
     def configuration(cert: bytes, key: bytes, ca: bytes):
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def fetch():
         try:
-            now = files._stamp()
+            now = files.stamp()
             if now == stamp[0]:
                 return None  # unchanged: keep the current configuration
             new = configuration(*files.read())

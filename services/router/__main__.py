@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.common.admission import Admission, refusals_counter
@@ -136,7 +137,10 @@ def main(argv=None) -> None:
     if roles not in ({Role.COLOCATED}, {Role.PREFILL, Role.DECODE}):
         raise SystemExit("give prefill and decode workers (disaggregated), or colocated workers alone")
     # Here, not at the top: transformers imports torch when it is installed (its RoPE utilities),
-    # and the router's image has none; `--help` and a refused command line need neither.
+    # and the router's image has none; `--help` and a refused command line need neither. Where torch
+    # is installed (a development machine, `pdserve up`), it is hidden from this process as the image
+    # lacks it: the router uses only the tokenizer, and importing torch costs seconds at every start.
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     from transformers import AutoTokenizer
 
     model_dir = model_dir_or_default(args.model)

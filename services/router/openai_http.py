@@ -66,6 +66,22 @@ def api_error(exc: ServiceError) -> ApiError:
     return ApiError(status, exc.message, param, type=kind, code=code, headers=headers)
 
 
+async def _follow_certificate(tls: TlsFiles, context: ssl.SSLContext, interval: float = 2.0) -> None:
+    """A renewed certificate (its files rewritten, as cert-manager or `pdserve up` renew them) is
+    served from the next connection on, as on the gRPC port (common/tls.py): no restart."""
+    stamp = tls.stamp()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = tls.stamp()
+            if now != stamp:
+                context.load_cert_chain(tls.cert, tls.key)
+                stamp = now
+                log.info("HTTP API: serving the renewed certificate %s", tls.cert)
+        except (OSError, ssl.SSLError) as exc:  # half-written files: the next look will do
+            log.warning("HTTP API: cannot load the renewed certificate yet: %s", exc)
+
+
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
@@ -96,6 +112,7 @@ class OpenAiServer:
             registry=registry,
         )
         self._runner: web.AppRunner | None = None
+        self._reloader: asyncio.Task | None = None
         self.bound_port = 0
 
     # ---- serving ------------------------------------------------------------------------------
@@ -114,6 +131,7 @@ class OpenAiServer:
         if tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(tls.cert, tls.key)
+            self._reloader = asyncio.create_task(_follow_certificate(tls, context))
         # handler_cancellation: a client that goes away cancels its handler, and so its request
         self._runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -124,6 +142,8 @@ class OpenAiServer:
         return self.bound_port
 
     async def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -18,6 +18,7 @@ from workload import model_dir, workload  # noqa: F401 - fixtures shared by the 
 from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
 from services.common.grpc_client import sync_channel
 from services.common.tls import TlsFiles
+from services.tiny_models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -119,8 +120,7 @@ def start_cluster(tmp_path, *args: str, timeout: float = 240.0) -> RunningCluste
     return RunningCluster(proc, json.loads(ready.read_text()), str(log_path), str(ready))
 
 
-@pytest.fixture(scope="module")
-def cluster_factory(tmp_path_factory):
+def _clusters(tmp_path_factory):
     started: list[RunningCluster] = []
 
     def make(*args: str) -> RunningCluster:
@@ -133,3 +133,21 @@ def cluster_factory(tmp_path_factory):
         if cluster.proc.poll() is None:
             code = cluster.stop()
             assert code == 0, f"launcher exited {code}:\n{open(cluster.log_path).read()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def cluster_factory(tmp_path_factory):
+    yield from _clusters(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def session_cluster_factory(tmp_path_factory):
+    yield from _clusters(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def two_node(session_cluster_factory):
+    """Disaggregated over two nodes (KV over UCX), 2 prefill and 2 decode workers: shared by the
+    modules that only send it requests (test_cluster.py, test_openai_api.py), started once."""
+    model = get_model("llama")  # (workload.py's model_dir)
+    return session_cluster_factory("--model", model, "--prefill", "2", "--decode", "2", "--nodes", "2")

@@ -29,12 +29,7 @@ from services.runtime.step_log import read_step_log
 pytestmark = pytest.mark.slow
 
 
-# ---- disaggregated, two nodes --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_node(cluster_factory, model_dir):
-    return cluster_factory("--model", model_dir, "--prefill", "2", "--decode", "2", "--nodes", "2")
-
-
+# ---- disaggregated, two nodes (conftest.py's two_node) --------------------------------------------
 def test_two_nodes_exact_outputs_with_kv_over_ucx(two_node, workload, model_dir):
     prefill_nodes = {s["node"] for s in two_node.services("prefill")}
     decode_nodes = {s["node"] for s in two_node.services("decode")}

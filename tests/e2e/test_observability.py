@@ -66,7 +66,7 @@ def loaded(cluster):
         out = []
         for start in range(0, NUM_REQUESTS, 4):
             out += await asyncio.gather(*(one(i) for i in range(start, start + 4)))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.3)
         return out
 
     return asyncio.run(waves())

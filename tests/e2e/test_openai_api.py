@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def cluster(cluster_factory, model_dir):
-    return cluster_factory("--model", model_dir)
+def cluster(two_node):
+    return two_node  # (conftest.py's, shared with test_cluster.py)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +52,15 @@ def _router_metric(cluster, name: str, **labels) -> float:
 
 
 def test_completions_and_chat_equal_transformers_generate(cluster, workload, model_dir, tokenizer):
-    grpc_before = _router_metric(cluster, "pdserve_requests_total", api="grpc")
+    names = ("pdserve_requests_total", "pdserve_time_to_first_token_seconds_count")
+    before = {(name, api): _router_metric(cluster, name, api=api) for name in names for api in ("grpc", "http")}
     check_completions_exact(cluster, workload, tokenizer)
     check_chat_exact(cluster, model_dir)
     cluster.wait_idle()
     # the same request metrics as gRPC's, under api="http"
-    assert _router_metric(cluster, "pdserve_requests_total", api="http") == len(workload) + 4
-    assert _router_metric(cluster, "pdserve_time_to_first_token_seconds_count", api="http") == len(workload) + 4
-    assert _router_metric(cluster, "pdserve_requests_total", api="grpc") == grpc_before
+    for name in names:
+        assert _router_metric(cluster, name, api="http") - before[name, "http"] == len(workload) + 4
+        assert _router_metric(cluster, name, api="grpc") == before[name, "grpc"]
     assert _router_metric(cluster, "pdserve_http_responses_total", status="200") >= len(workload) + 4
 
 

@@ -155,11 +155,11 @@ def test_reflection_is_off_on_internal_services_and_on_at_the_router(cluster):
         assert ("pdserve.v1.Router" in names) == (svc["role"] == "router"), svc["name"]
 
 
-def _served_certificate(address: str, ca: str) -> x509.Certificate:
+def _served_certificate(address: str, ca: str, alpn: str = "h2") -> x509.Certificate:
     host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=ca)
     context.check_hostname = False
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols([alpn])
     with (
         socket.create_connection((host, int(port)), timeout=5) as sock,
         context.wrap_socket(sock, server_hostname="pdserve") as tls,
@@ -173,12 +173,16 @@ def test_a_renewed_certificate_is_served_without_a_restart(cluster):
     tls = _client_tls(cluster)
     router = next(s for s in cluster.info["services"] if s["role"] == "router")
     before = _served_certificate(cluster.router, tls.ca)
+    before_http = _served_certificate(cluster.info["http"], tls.ca, alpn="http/1.1")
+    assert before_http.serial_number == before.serial_number  # one certificate for both APIs
     ca = ClusterCa(os.path.dirname(tls.ca), tls.ca)
     renewed = ca.issue("router", "127.0.0.1")  # rewrites the router's files in place, as a renewal does
     assert renewed.cert.endswith("router.crt")
     deadline = time.monotonic() + 10
-    while _served_certificate(cluster.router, tls.ca).serial_number == before.serial_number:
-        assert time.monotonic() < deadline, "the renewed certificate was not served"
-        time.sleep(0.2)
+    for address, alpn in ((cluster.router, "h2"), (cluster.info["http"], "http/1.1")):
+        while _served_certificate(address, tls.ca, alpn).serial_number == before.serial_number:
+            assert time.monotonic() < deadline, f"the renewed certificate was not served on {address}"
+            time.sleep(0.2)
     assert asyncio.run(_generate(cluster, {"prompt": "still serving", "max_tokens": 3}))
+    assert _https(cluster, "GET", "/v1/models")[0] == 200
     assert router["pid"] == next(s for s in cluster.info["services"] if s["role"] == "router")["pid"]

@@ -114,8 +114,9 @@ def destination_share(model_dir: str, tp: int, num_tokens: int) -> int:
 @pytest.mark.parametrize(
     "model, prefill, decode",
     [
-        ("llama", (2, 1), (1, 1)),
         ("qwen2", (2, 2), (1, 1)),  # (and Qwen3 pp 2 -> tp 2 below, over 2 pods)
+        # (Llama tp 2 -> tp 1 alone: tests/integration/test_kvstore.py's shard pulls; left out here
+        # for make test's time, the case above reshards tensor and pipeline parallelism at once)
         # (K/V heads replicated on decode ranks: tests/integration/test_kvstore.py's tp1 -> tp8 pull,
         # byte for byte, and test_engine_exact.py's Mistral on 2 ranks)
     ],
