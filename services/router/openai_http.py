@@ -212,6 +212,7 @@ class OpenAiServer:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrived = time.monotonic()  # TTFT counts reading, parsing, rendering and tokenizing too
         self.service.check_open()
         try:
             raw = await request.read()
@@ -228,7 +229,8 @@ class OpenAiServer:
         choices = len(prompts) * req.n
         if choices > 1 and len(reply_id) > validation.MAX_REQUEST_ID_CHARS - len(f"-{choices - 1}"):
             raise ApiError(400, "request_id: too long to number the choices (request_id-<index>)", "request_id")
-        reply = _Reply(req, self.model_name, self._generations(req, prompts, reply_id), request, reply_id)
+        generations = self._generations(req, prompts, reply_id, arrived)
+        reply = _Reply(req, self.model_name, generations, request, reply_id)
         return await reply.serve(self.service)
 
     async def _prompt_ids(self, req: OpenAiRequest) -> list[list[int]]:
@@ -252,7 +254,9 @@ class OpenAiServer:
             for p in req.prompts
         ]
 
-    def _generations(self, req: OpenAiRequest, prompts: list[list[int]], base_id: str) -> list[Generation]:
+    def _generations(
+        self, req: OpenAiRequest, prompts: list[list[int]], base_id: str, arrived: float
+    ) -> list[Generation]:
         """One per choice: each prompt n times."""
         service = self.service
         ttft_slo, tpot_slo = service.slo_targets(req.slo_ttft_seconds, req.slo_tpot_seconds, field="slo_")
@@ -276,6 +280,7 @@ class OpenAiServer:
                         cache_salt=req.cache_salt,
                         skip_special_tokens=req.skip_special_tokens,
                         api=Api.HTTP,
+                        arrived=arrived,
                     )
                 )
         return generations
