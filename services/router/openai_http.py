@@ -261,7 +261,6 @@ class OpenAiServer:
         service = self.service
         ttft_slo, tpot_slo = service.slo_targets(req.slo_ttft_seconds, req.slo_tpot_seconds, field="slo_")
         requested = req.sampling
-        requested.min_tokens = req.min_tokens
         generations: list[Generation] = []
         for prompt in prompts:
             for j in range(req.n):
@@ -288,12 +287,15 @@ class OpenAiServer:
 
 class _Choice:
     def __init__(self) -> None:
+        # gathered for the whole answer (not streamed)
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        # streamed: whether its first chunk went out, and the characters sent (logprobs.text_offset)
+        self.started = False
+        self.sent_chars = 0
         self.finish_reason: str | None = None
         self.usage = router_pb2.Usage()
-        self.sent_chars = 0  # of text streamed so far (completions' logprobs.text_offset)
 
 
 class _Reply:
@@ -358,19 +360,18 @@ class _Reply:
 
     async def _write(self, index: int, response: router_pb2.GenerateResponse) -> None:
         choice = self.choices[index]
-        choice.token_ids.extend(response.token_ids)
-        choice.logprobs.extend(response.logprobs)
         if response.finish_reason:
             choice.finish_reason = response.finish_reason
             choice.usage = response.usage
         if not self.req.stream:
             choice.text.append(response.text)
+            choice.token_ids.extend(response.token_ids)
+            choice.logprobs.extend(response.logprobs)
             return
         if self.stream is None:
             self.stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await self.stream.prepare(self.request)
-        first = not choice.text
-        choice.text.append(response.text)  # (streamed; kept only to know the first message)
+        first, choice.started = not choice.started, True
         if not first and not response.finish_reason and not response.logprobs:
             # the per-token path: one string to format, no dict to build. A message whose text is
             # held back (a partial character, a stop string's start) still goes out, as vLLM's do:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.v1 import common_pb2
-from services.common.validation import MAX_CACHE_SALT_CHARS, MAX_REQUEST_ID_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from services.common.validation import MAX_CACHE_SALT_CHARS, MAX_REQUEST_ID_CHARS
 
 MAX_CHOICES = 128  # prompts x n in one request (OpenAI's limit on n)
 MAX_TOKENS_LIMIT = (1 << 31) - 1
@@ -67,7 +67,6 @@ class OpenAiRequest:
     include_usage: bool = False
     logprobs: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's extra)
-    min_tokens: int = 0
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -213,11 +212,7 @@ def _stop(body: _Body) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad("stop", "must be a string or an array of strings")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise bad("stop", f"{len(stops)} stop strings, at most {MAX_STOP_STRINGS} allowed")
-    if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
-        raise bad("stop", f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
-    return stops
+    return stops  # (how many, how long: validation.sampling, as for gRPC)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -304,9 +299,7 @@ def parse(data: Any, *, chat: bool) -> OpenAiRequest:
             raise bad("stop_token_ids", f"must be an array of token ids, got {_json_type(stop_ids)}")
         sampling.stop_token_ids.extend(_token_list("stop_token_ids", stop_ids) if stop_ids else [])
     sampling.stop.extend(_stop(body))
-    min_tokens = body.integer("min_tokens", 0, 0, MAX_TOKENS_LIMIT) or 0
-    if max_tokens is not None and min_tokens > max_tokens:
-        raise bad("min_tokens", f"must be at most max_tokens ({max_tokens}), got {min_tokens}")
+    sampling.min_tokens = body.integer("min_tokens", 0, 0, MAX_TOKENS_LIMIT) or 0  # (<= max_tokens: validation)
 
     if chat:
         logprobs = body.boolean("logprobs", False)
@@ -356,7 +349,6 @@ def parse(data: Any, *, chat: bool) -> OpenAiRequest:
         include_usage=include_usage,
         logprobs=logprobs,
         return_tokens_as_token_ids=body.boolean("return_tokens_as_token_ids", False),
-        min_tokens=min_tokens,
         add_special_tokens=body.boolean("add_special_tokens", True),
         add_generation_prompt=body.boolean("add_generation_prompt", True),
         continue_final_message=body.boolean("continue_final_message", False),

@@ -593,11 +593,10 @@ def _until_stop(
     when the client reads slower than they come); and how many of its tokens are output: up to the
     one that completed a stop string. No stop string is matched before sampling.min_tokens."""
     out = []
-    min_tokens = stops.min_tokens
     for i, token in enumerate(token_ids):
         last = final and i == len(token_ids) - 1
         text = detok.add([token]) + (detok.flush() if last else "")
-        out.append(stops.feed(text, last, match=tokens_before + i + 1 >= min_tokens))
+        out.append(stops.feed(text, last, tokens_before + i + 1))
         if stops.stopped:
             return "".join(out), i + 1
     return "".join(out), len(token_ids)

@@ -16,15 +16,16 @@ class StopStrings:
         self.held = ""
         self.stopped = False
 
-    def feed(self, text: str, final: bool = False, match: bool = True) -> str:
+    def feed(self, text: str, final: bool = False, num_tokens: int = 0) -> str:
         """The part of `text` (after what was held) that is certainly output; `stopped` turns true
         when a stop string was found (nothing after it is ever output). `final`: no more text
-        comes, so nothing is held back. `match` false (before min_tokens): no stop string ends in this
-        text, but its end may begin one, so that much is still held."""
+        comes, so nothing is held back. `num_tokens`: the output tokens so far, this text's
+        included; below min_tokens no stop string ends in this text, but its end may begin one,
+        so that much is still held."""
         if self.stopped:
             return ""
         text = self.held + text
-        ends = [i for i in (text.find(s) for s in self.stops) if i >= 0] if match else []
+        ends = [i for i in (text.find(s) for s in self.stops) if i >= 0] if num_tokens >= self.min_tokens else []
         if ends:
             self.held, self.stopped = "", True
             return text[: min(ends)]

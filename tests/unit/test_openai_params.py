@@ -38,9 +38,9 @@ def test_stop_strings_hold_back_only_a_possible_start():
     assert matcher.feed("EN") == ""
     assert matcher.feed("D and more") == "" and matcher.stopped
     assert matcher.feed("later") == ""
-    before_min = StopStrings(("ab",))
-    assert before_min.feed("xab", match=False) == "xab" and not before_min.stopped  # min_tokens not reached
-    assert before_min.feed("yab") == "y" and before_min.stopped
+    before_min = StopStrings(("ab",), min_tokens=2)
+    assert before_min.feed("xab", num_tokens=1) == "xab" and not before_min.stopped  # min_tokens not reached
+    assert before_min.feed("yab", num_tokens=2) == "y" and before_min.stopped
 
 
 def test_a_completion_body_becomes_sampling_and_extras():
@@ -71,7 +71,7 @@ def test_a_completion_body_becomes_sampling_and_extras():
     assert req.prompts == [[1, 2], [3]] and req.n == 2 and req.stream and req.include_usage and req.logprobs
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.ignore_eos) == (7, 0, 0.5, 0, True)
     assert sp.seed == (1 << 64) - 1 and list(sp.stop) == ["x"] and list(sp.stop_token_ids) == [4]
-    assert req.min_tokens == 2 and req.slo_ttft_seconds == 0.5 and req.slo_tpot_seconds is None
+    assert sp.min_tokens == 2 and req.slo_ttft_seconds == 0.5 and req.slo_tpot_seconds is None
     assert not parse({"prompt": "hi"}, chat=False).sampling.HasField("temperature")  # unset: the default
 
 
