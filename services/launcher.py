@@ -281,13 +281,27 @@ def prometheus_config(
 ) -> dict:
     """A Prometheus configuration scraping a local cluster, with the project's rule files.
     Targets carry the same `component` label the Kubernetes scrape config derives from pod labels,
-    so the dashboards and rules work on both."""
+    so the dashboards and rules work on both. Under TLS it scrapes over HTTPS with the cluster's
+    client certificate (the ready file's "tls"), which the services' /metrics ask for."""
+    tls = info.get("tls")
+    https = {}
+    if tls:
+        https = {
+            "scheme": "https",
+            "tls_config": {
+                "ca_file": tls["ca"],
+                "cert_file": tls["cert"],
+                "key_file": tls["key"],
+                "server_name": tls["server_name"],
+            },
+        }
     return {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "rule_files": [os.path.join(rules_dir, "*.yml")],
         "scrape_configs": [
             {
                 "job_name": "pdserve",
+                **https,
                 "static_configs": [
                     {
                         "targets": [svc["metrics"]],

@@ -149,6 +149,10 @@ GLOBAL = obj(
                 "secretName": string("a Secret with tls.crt, tls.key and ca.crt shared by every component"),
                 "serverName": string("the DNS name every certificate carries and peers check", minLength=1),
                 "healthPort": PORT,
+                "metrics": string(
+                    "/metrics over HTTPS for scrapers with a cluster certificate, any scraper, or plaintext",
+                    enum=["mutual", "server", "off"],
+                ),
                 "certManager": obj(
                     {
                         "enabled": BOOL,

@@ -7,8 +7,10 @@ Every flag `--some-flag` falls back to `PDSERVE_SOME_FLAG`; a flag given on the 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 
 from .grpc_client import use_tls
 from .tls import TlsFiles, add_tls_flags
@@ -88,7 +90,6 @@ def exit_with_parent(parent_pid: int) -> None:
     """SIGTERM (a graceful drain) when the parent process dies, however it dies: `pdserve up`
     killed with SIGKILL must not leave its services running. Linux only (prctl)."""
     import ctypes
-    import signal
 
     PR_SET_PDEATHSIG = 1
     try:
@@ -121,6 +122,10 @@ def pin_to_cpus(cpus: set[int]) -> None:
 
 
 def setup_logging(level: str, service: str) -> None:
+    # A crash in native code (UCX, gRPC, torch) leaves every thread's Python stack in the log, and
+    # `kill -USR1` prints them from a live process that seems stuck.
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",

@@ -18,10 +18,11 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 
 from .errors import ServiceError
 from .memory import trim_when_idle
+from .metrics_http import MetricsTls, start_metrics_server
 from .tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class ServiceRunner:
         api_keys: frozenset[str] = frozenset(),
         protected_service: str = "",
         health_port: int = 0,
+        metrics_tls: MetricsTls = MetricsTls.MUTUAL,
     ):
         self.name = name
         self.host = host
@@ -278,6 +280,7 @@ class ServiceRunner:
         # connections over them): `pdserve up --routers N` serves N routers at one address.
         self.shared_port = shared_port
         self.metrics_port = metrics_port
+        self.metrics_tls = metrics_tls  # with TLS on: who may scrape (common/metrics_http.py)
         self.registry = registry
         self.grace_seconds = grace_seconds
         # TLS on its ports (common/tls.py); an internal service requires a client certificate
@@ -313,6 +316,7 @@ class ServiceRunner:
             tls=TlsFiles.from_args(args),
             reflection=args.reflection == "on",
             health_port=args.health_port,
+            metrics_tls=MetricsTls(args.metrics_tls),
             **options,
         )
 
@@ -343,10 +347,12 @@ class ServiceRunner:
             await self._health_server.start()
         self._trimmer = asyncio.create_task(trim_when_idle(self.run_housekeeping))
         if self.metrics_port >= 0:
-            start_http_server(
+            self.metrics_port = start_metrics_server(
+                self.host if self.host not in ("[::]", "") else "0.0.0.0",
                 self.metrics_port,
-                addr=self.host if self.host not in ("[::]", "") else "0.0.0.0",
-                registry=self.registry,
+                self.registry,
+                self.tls,
+                self.metrics_tls,
             )
         for n in names:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)

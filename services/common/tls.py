@@ -17,13 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVER_NAME = "pdserve"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,30 +71,54 @@ def socket_context(files: TlsFiles, server: bool) -> ssl.SSLContext:
     return context
 
 
+class Reloading(Generic[T]):
+    """What `build(files)` makes of the TLS files, made again once they change (a renewal: cert-manager
+    or `pdserve up` rewrite them in place), looked at no more than every `interval` seconds. A
+    build that fails (files half written) keeps the last one, and is tried again at the next look."""
+
+    def __init__(self, files: TlsFiles, build: Callable[[TlsFiles], T], interval: float = 1.0):
+        self.files = files
+        self._build = build
+        self._interval = interval
+        self._stamp = files.stamp()
+        self._value = build(files)
+        self._looked_at = time.monotonic()
+        self.generation = 0  # how many times it was made again
+
+    def get(self) -> T:
+        now = time.monotonic()
+        if now - self._looked_at >= self._interval:
+            self._looked_at = now
+            try:
+                stamp = self.files.stamp()
+                if stamp != self._stamp:
+                    self._value = self._build(self.files)
+                    self._stamp = stamp
+                    self.generation += 1
+                    log.info("TLS files reloaded: %s", self.files.cert)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                log.warning("TLS files not reloaded yet: %s", exc)
+        return self._value
+
+
 def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.ServerCredentials:
     """Credentials that pick up new files: gRPC asks the fetcher at each new connection."""
-    cert, key, ca = files.read()
-    stamp = [files.stamp()]
 
-    def configuration(cert: bytes, key: bytes, ca: bytes):
+    def configuration(files: TlsFiles):
+        cert, key, ca = files.read()
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    def fetch():
-        try:
-            now = files.stamp()
-            if now == stamp[0]:
-                return None  # unchanged: keep the current configuration
-            new = configuration(*files.read())
-        except (OSError, ValueError) as exc:  # half-written files: keep serving the old ones
-            log.warning("TLS files not reloaded: %s", exc)
-            return None
-        stamp[0] = now
-        log.info("TLS certificate reloaded from %s", files.cert)
-        return new
+    current = Reloading(files, configuration, interval=0.0)
+    served = [current.generation]
 
-    return grpc.dynamic_ssl_server_credentials(
-        configuration(cert, key, ca), fetch, require_client_authentication=require_client_cert
-    )
+    def fetch():
+        configuration = current.get()
+        if current.generation == served[0]:
+            return None  # unchanged: keep the current configuration
+        served[0] = current.generation
+        return configuration
+
+    return grpc.dynamic_ssl_server_credentials(current.get(), fetch, require_client_authentication=require_client_cert)
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -110,6 +139,13 @@ def add_tls_flags(parser) -> None:
         default=0,
         type=int,
         help="also serve the health service alone, in plaintext, on this port (probes that cannot do TLS; 0: no)",
+    )
+    parser.add_flag(
+        "--metrics-tls",
+        default="mutual",
+        choices=["mutual", "server", "off"],
+        help="with TLS on, /metrics is HTTPS for scrapers with a cluster client certificate (mutual), "
+        "for any scraper (server), or plaintext HTTP (off)",
     )
     parser.add_flag(
         "--tls-server-name",

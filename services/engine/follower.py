@@ -133,6 +133,7 @@ def main() -> None:
         "--tls-server-name", default=DEFAULT_SERVER_NAME, help="the name the worker's certificate carries"
     )
     args = parser.parse_args()
+    faulthandler.enable()  # a native crash leaves the Python stacks in the log
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 prints where every thread is
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s follower-pod-{args.pod} %(levelname)s %(message)s")
     sys.exit(run(args.leader, args.pod, TlsFiles.from_args(args), args.device))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import sys
@@ -20,6 +21,7 @@ from .runner import ForwardInputs
 def follow(spec: dict) -> None:
     rank = spec["rank"]
     die_with_parent(spec["parent"])
+    faulthandler.enable()  # a native crash leaves the Python stacks in the log
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank-{rank} %(levelname)s %(message)s")
     torch.set_num_threads(spec["threads"])
     fields = config_fields(spec)

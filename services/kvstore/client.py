@@ -34,7 +34,7 @@ import grpc
 
 from pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.common.enums import ReleaseReason
-from services.common.grpc_client import aio_channel
+from services.common.grpc_client import PeerChannel
 
 if TYPE_CHECKING:  # the router uses this client (Release) and imports no torch
     from services.engine.kv_cache import InstanceKv
@@ -54,7 +54,7 @@ class KvStoreClient:
         self.pool_id = ""
         self.node_id = ""
         self.transfer_address = ""  # the daemon's UCX listener, as other nodes reach it
-        self._stubs: dict[str, tuple[grpc.aio.Channel, kvstore_pb2_grpc.KvStoreStub]] = {}
+        self._stubs: dict[str, tuple[PeerChannel, kvstore_pb2_grpc.KvStoreStub]] = {}
         self._watch: asyncio.Task | None = None
         self._published: dict[str, list[int]] = {}  # kv_id -> blocks not yet released to us
         self._closing = False
@@ -75,9 +75,13 @@ class KvStoreClient:
         """The stub of the daemon at `address` (default: this node's), one channel per address."""
         address = address or self.address
         if address not in self._stubs:
-            channel = aio_channel(address)
-            self._stubs[address] = (channel, kvstore_pb2_grpc.KvStoreStub(channel))
-        return self._stubs[address][1]
+            peer = PeerChannel(address)
+            self._stubs[address] = (peer, kvstore_pb2_grpc.KvStoreStub(peer.channel))
+        peer, stub = self._stubs[address]
+        if peer.renewed():  # this process's certificate was: a new channel
+            stub = kvstore_pb2_grpc.KvStoreStub(peer.channel)
+            self._stubs[address] = (peer, stub)
+        return stub
 
     async def register_pool(
         self, worker_id: str, instance_kv: InstanceKv, on_released: OnReleased, timeout: float = 30.0
@@ -220,8 +224,8 @@ class KvStoreClient:
                 await self._watch
             except (asyncio.CancelledError, Exception):
                 pass
-        for channel, _ in self._stubs.values():
-            await channel.close()
+        for peer, _ in self._stubs.values():
+            await peer.close()
         self._stubs.clear()
 
     async def _keep_registered(self, request, on_released: OnReleased, ready: asyncio.Future, timeout: float) -> None:

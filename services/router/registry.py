@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.enums import Role
-from services.common.grpc_client import aio_channel
+from services.common.grpc_client import PeerChannel
 
 from .prefix_index import PrefixIndex
 from .worker_calls import WorkerCall
@@ -66,9 +66,10 @@ class Endpoint:
     address: str
     role: Role
     source: str  # "static" or the DNS name it came from
-    channel: grpc.aio.Channel
-    stub: Any  # the role's stub (ROLE_STUBS): PrefillWorkerStub, DecodeWorkerStub or ColocatedWorkerStub
-    stats_stub: common_pb2_grpc.WorkerStub
+    peer: PeerChannel
+    # on peer.channel (_make_stubs): the role's stub (ROLE_STUBS), and Worker for Stats
+    stub: Any = None
+    stats_stub: Any = None
     stats: common_pb2.WorkerStats | None = None
     healthy: bool = False
     last_ok: float = 0.0
@@ -129,14 +130,18 @@ class WorkerRegistry:
         key = (role, address)
         if key in self.endpoints:
             return
-        channel = aio_channel(address)
-        stub: Any = ROLE_STUBS[role](channel)
-        ep = self.endpoints[key] = Endpoint(address, role, source, channel, stub, common_pb2_grpc.WorkerStub(channel))
-        if role is Role.DECODE:
-            ep.call = WorkerCall(address, stub.Decode, worker_pb2.DecodeStreamRequest)
-        elif role is Role.COLOCATED:
-            ep.call = WorkerCall(address, stub.Generate, worker_pb2.GenerateStreamRequest)
+        ep = self.endpoints[key] = Endpoint(address, role, source, PeerChannel(address))
+        _make_stubs(ep)
         log.info("registered %s worker %s (%s)", role, address, source)
+
+    def _follow_renewals(self) -> None:
+        """After this process's certificate was renewed: new calls over new channels (PeerChannel);
+        a decode or colocated worker's call ends once the requests on it have."""
+        for ep in self.endpoints.values():
+            if ep.peer.renewed():
+                if ep.call is not None:
+                    ep.call.retire()
+                _make_stubs(ep)
 
     async def _resolve(self) -> None:
         for role, addrs in self.static.items():
@@ -194,6 +199,7 @@ class WorkerRegistry:
 
     async def refresh(self) -> None:
         await self._resolve()
+        self._follow_renewals()
         await asyncio.gather(*(self._poll(ep) for ep in list(self.endpoints.values())))
 
     async def start(self) -> None:
@@ -236,7 +242,17 @@ class WorkerRegistry:
             await _close(ep)
 
 
+def _make_stubs(ep: Endpoint) -> None:
+    channel = ep.peer.channel
+    ep.stub = ROLE_STUBS[ep.role](channel)
+    ep.stats_stub = common_pb2_grpc.WorkerStub(channel)
+    if ep.role is Role.DECODE:
+        ep.call = WorkerCall(ep.address, ep.stub.Decode, worker_pb2.DecodeStreamRequest)
+    elif ep.role is Role.COLOCATED:
+        ep.call = WorkerCall(ep.address, ep.stub.Generate, worker_pb2.GenerateStreamRequest)
+
+
 async def _close(ep: Endpoint) -> None:
     if ep.call is not None:
         await ep.call.close()
-    await ep.channel.close()
+    await ep.peer.close()

@@ -99,9 +99,11 @@ class WorkerCall:
         self._next_id = 0
         self._outbox: asyncio.Queue | None = None  # requests to send; None: not open
         self._reader: asyncio.Task | None = None
+        self._retired = False  # takes no new request; its side of the call closes once none is left
 
     def open(self, start, timeout: float | None) -> RequestStream:
         """Starts a request (a DecodeRequest or GenerateTokensRequest) on the call."""
+        assert not self._retired, "a retired call takes no new request"
         if self._outbox is None:
             self._connect()
         assert self._outbox is not None
@@ -115,6 +117,19 @@ class WorkerCall:
     def cancel(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is not None and self._outbox is not None:
             self._outbox.put_nowait(self._request_type(stream_id=stream_id, cancel=True))
+            self._end_if_retired()
+
+    def retire(self) -> None:
+        """Takes no new request (the router opens another call, e.g. over a renewed channel): the
+        requests on it run to their end, then the call ends (the worker ends it once the router
+        has closed its side and no request is left, streaming.py)."""
+        self._retired = True
+        self._end_if_retired()
+
+    def _end_if_retired(self) -> None:
+        if self._retired and not self._streams and self._outbox is not None:
+            self._outbox.put_nowait(None)  # closes our side of the call
+            self._outbox = None
 
     def _connect(self) -> None:
         outbox: asyncio.Queue = asyncio.Queue()
@@ -147,6 +162,7 @@ class WorkerCall:
                     if item.chunk.finish_reason:
                         del self._streams[item.stream_id]
                     stream.deliver(item.chunk)
+                self._end_if_retired()
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:

@@ -591,3 +591,49 @@ def test_tls_with_cert_manager_issues_a_certificate_per_component(parsers):
 
 def test_tls_without_certificates_is_refused():
     assert "global.tls.secretName" in render_error("pdserve", {"global": {"tls": {"enabled": True}}})
+
+
+@pytest.mark.parametrize("metrics", ["mutual", "server", "off"])
+def test_tls_metrics_are_scraped_over_https_with_a_cluster_certificate(parsers, metrics):
+    """global.tls.metrics reaches every service's --metrics-tls, and the scrapers follow it: the
+    pods' prometheus.io/scheme annotation (prometheus-kubernetes.yml turns it into __scheme__) and
+    the ServiceMonitors' scheme and tlsConfig (a client certificate only for "mutual")."""
+    import yaml
+
+    objects = render(
+        "pdserve",
+        {
+            "global": {
+                "tls": {"enabled": True, "secretName": "pdserve-tls", "metrics": metrics},
+                "monitoring": {"serviceMonitor": True},
+            }
+        },
+    )
+    pods = [w for w in objects if w["kind"] in ("Deployment", "DaemonSet")]
+    with open(os.path.join(ROOT, "deploy", "prometheus", "prometheus-kubernetes.yml")) as f:
+        (job,) = yaml.safe_load(f)["scrape_configs"]
+    for workload in pods:
+        assert parse_container(container_of(workload), parsers[component_of(workload)]).metrics_tls == metrics
+        pod = workload["spec"]["template"]
+        labels = {"__address__": "10.0.0.7:7000", "__meta_kubernetes_pod_ip": "10.0.0.7", "__scheme__": "http"}
+        for key, value in {**pod["metadata"]["labels"], **pod["metadata"]["annotations"]}.items():
+            kind = "label" if key in pod["metadata"]["labels"] else "annotation"
+            labels[f"__meta_kubernetes_pod_{kind}_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+        target = _relabel(job["relabel_configs"], labels)
+        assert target is not None and target["__scheme__"] == ("http" if metrics == "off" else "https")
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {f"pd-{c}" for c in ("router", "prefill", "decode", "kvstore")}
+    for monitor in monitors:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        if metrics == "off":
+            assert "scheme" not in endpoint and "tlsConfig" not in endpoint
+            continue
+        assert endpoint["scheme"] == "https"
+        tls = endpoint["tlsConfig"]
+        assert tls["serverName"] == "pdserve" and tls["ca"]["secret"] == {"name": "pdserve-tls", "key": "ca.crt"}
+        assert ("cert" in tls and "keySecret" in tls) == (metrics == "mutual")
+
+
+def test_tls_metrics_mode_is_checked():
+    error = render_error("pdserve", {"global": {"tls": {"enabled": True, "secretName": "s", "metrics": "plain"}}})
+    assert "metrics" in error and "mutual" in error  # the values schema's enum

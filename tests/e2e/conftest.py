@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -51,8 +52,15 @@ class RunningCluster:
                 out.append(kvstore_pb2_grpc.KvStoreStub(ch).Stats(kvstore_pb2.KvStoreStatsRequest(), timeout=5))
         return out
 
-    def metrics_text(self, service: dict) -> str:
-        with urllib.request.urlopen(f"http://{service['metrics']}/metrics", timeout=5) as r:
+    def metrics_text(self, service: dict, tls: TlsFiles | None = None) -> str:
+        """Its /metrics; under TLS, presenting `tls` (a cluster certificate) as the client's."""
+        if tls is None:
+            with urllib.request.urlopen(f"http://{service['metrics']}/metrics", timeout=5) as r:
+                return r.read().decode()
+        context = ssl.create_default_context(cafile=tls.ca)
+        context.check_hostname = False  # (addressed by IP; the certificate names tls.server_name)
+        context.load_cert_chain(tls.cert, tls.key)
+        with urllib.request.urlopen(f"https://{service['metrics']}/metrics", timeout=5, context=context) as r:
             return r.read().decode()
 
     def stop(self) -> int:

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,9 +19,10 @@ import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_server import need_binary, running_prometheus
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.launcher import free_port, prometheus_config
+from services.launcher import prometheus_config
 from services.tiny_models import CORPUS_WORDS, get_model
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PROM_DIR = os.path.join(ROOT, "deploy", "prometheus")
 GRAFANA_DIR = os.path.join(ROOT, "deploy", "grafana")
 NUM_REQUESTS = 24
-
-
-def _need(binary: str) -> str:
-    path = shutil.which(binary)
-    assert path, f"{binary} is not installed: run `make install` (installs Debian's prometheus package)"
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -74,41 +68,14 @@ def loaded(cluster):
 
 @pytest.fixture(scope="module")
 def prometheus(cluster, loaded, tmp_path_factory):
-    binary = _need("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
-    config_path = tmp / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(prometheus_config(cluster.info, scrape_interval="1s")))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config_path}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.3)
-    # more traffic while Prometheus watches, so rates over the last minute are not zero (HTTP too:
-    # the dashboards' per-API panels)
-    http_load(cluster)
-    loaded.extend(load_again(cluster))
-    time.sleep(4)  # a few scrapes and rule evaluations after the load
-    yield url, config_path
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_prometheus(prometheus_config(cluster.info, scrape_interval="1s"), tmp) as url:
+        # more traffic while Prometheus watches, so rates over the last minute are not zero (HTTP
+        # too: the dashboards' per-API panels)
+        http_load(cluster)
+        loaded.extend(load_again(cluster))
+        time.sleep(4)  # a few scrapes and rule evaluations after the load
+        yield url, tmp / "prometheus.yml"
 
 
 def load_again(cluster, n: int = 12) -> list:
@@ -167,7 +134,7 @@ def rules() -> list[dict]:
 
 # ---- the checks ----------------------------------------------------------------------------------
 def test_promtool_accepts_configs_and_rules(prometheus):
-    promtool = _need("promtool")
+    promtool = need_binary("promtool")
     _, generated = prometheus
     for config in (os.path.join(PROM_DIR, "prometheus.yml"), str(generated)):
         out = subprocess.run([promtool, "check", "config", config], capture_output=True, text=True)

@@ -14,18 +14,21 @@ import os
 import socket
 import ssl
 import time
+import urllib.request
 
 import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_server import running_prometheus
 
 from pdserve.v1 import common_pb2, common_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
 from services.cli.generate import router_channel
 from services.common.certs import ClusterCa, new_cluster_ca
 from services.common.grpc_client import sync_channel
 from services.common.tls import TlsFiles
+from services.launcher import prometheus_config
 from services.tiny_models import get_model
 
 pytestmark = pytest.mark.slow
@@ -155,11 +158,44 @@ def test_reflection_is_off_on_internal_services_and_on_at_the_router(cluster):
         assert ("pdserve.v1.Router" in names) == (svc["role"] == "router"), svc["name"]
 
 
-def _served_certificate(address: str, ca: str, alpn: str = "h2") -> x509.Certificate:
+def test_metrics_are_served_to_cluster_members_only(cluster, tmp_path):
+    """Every service's /metrics is HTTPS for clients with a cluster certificate (`--metrics-tls
+    mutual`, the default under TLS): refused in plaintext, without a certificate, or with another
+    CA's; and a real Prometheus with `pdserve up --prometheus-config`'s configuration scrapes them."""
+    tls = _client_tls(cluster)
+    stranger = new_cluster_ca(str(tmp_path / "other-ca")).issue("stranger", "127.0.0.1")
+    services = [s for s in cluster.info["services"] if s["metrics"]]
+    assert {s["role"] for s in services} == {"router", "prefill", "decode", "kvstore"}
+    for svc in services:
+        assert "process_resident_memory_bytes" in cluster.metrics_text(svc, tls)
+        for how in ("plaintext", "no certificate", "another CA's certificate"):
+            with pytest.raises(OSError):  # a failed handshake, or the connection closed on it
+                if how == "plaintext":
+                    cluster.metrics_text(svc)
+                elif how == "no certificate":
+                    context = ssl.create_default_context(cafile=tls.ca)
+                    context.check_hostname = False
+                    urllib.request.urlopen(f"https://{svc['metrics']}/metrics", timeout=5, context=context).read()
+                else:
+                    cluster.metrics_text(svc, TlsFiles(stranger.cert, stranger.key, tls.ca))
+    with running_prometheus(prometheus_config(cluster.info, scrape_interval="1s"), tmp_path) as url:
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as r:
+                targets = json.load(r)["data"]["activeTargets"]
+            if len(targets) == len(services) and all(t["health"] == "up" for t in targets):
+                break
+            assert time.monotonic() < deadline, [(t["scrapeUrl"], t["health"], t["lastError"]) for t in targets]
+            time.sleep(0.5)
+
+
+def _served_certificate(address: str, ca: str, alpn: str = "h2", client: TlsFiles | None = None) -> x509.Certificate:
     host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=ca)
     context.check_hostname = False
     context.set_alpn_protocols([alpn])
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
     with (
         socket.create_connection((host, int(port)), timeout=5) as sock,
         context.wrap_socket(sock, server_hostname="pdserve") as tls,
@@ -174,13 +210,14 @@ def test_a_renewed_certificate_is_served_without_a_restart(cluster):
     router = next(s for s in cluster.info["services"] if s["role"] == "router")
     before = _served_certificate(cluster.router, tls.ca)
     before_http = _served_certificate(cluster.info["http"], tls.ca, alpn="http/1.1")
-    assert before_http.serial_number == before.serial_number  # one certificate for both APIs
+    before_metrics = _served_certificate(router["metrics"], tls.ca, alpn="http/1.1", client=tls)
+    assert before_http.serial_number == before.serial_number == before_metrics.serial_number  # one for every port
     ca = ClusterCa(os.path.dirname(tls.ca), tls.ca)
     renewed = ca.issue("router", "127.0.0.1")  # rewrites the router's files in place, as a renewal does
     assert renewed.cert.endswith("router.crt")
     deadline = time.monotonic() + 10
-    for address, alpn in ((cluster.router, "h2"), (cluster.info["http"], "http/1.1")):
-        while _served_certificate(address, tls.ca, alpn).serial_number == before.serial_number:
+    for address, alpn in ((cluster.router, "h2"), (cluster.info["http"], "http/1.1"), (router["metrics"], "http/1.1")):
+        while _served_certificate(address, tls.ca, alpn, client=tls).serial_number == before.serial_number:
             assert time.monotonic() < deadline, f"the renewed certificate was not served on {address}"
             time.sleep(0.2)
     assert asyncio.run(_generate(cluster, {"prompt": "still serving", "max_tokens": 3}))

@@ -2,10 +2,15 @@
 headless service), health from real gRPC Stats servers, and the dispatch policies."""
 
 import asyncio
+import time
 
 import grpc
+import pytest
 
 from pdserve.v1 import common_pb2, common_pb2_grpc
+from services.common.certs import new_cluster_ca
+from services.common.grpc_client import use_tls
+from services.common.tls import channel_credentials, channel_options, server_credentials
 from services.launcher import free_port
 from services.router.policies import pick_decode, pick_prefill
 from services.router.registry import WorkerRegistry
@@ -216,3 +221,61 @@ def test_router_readiness_follows_its_workers_for_the_server_and_the_service_nam
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_channels_follow_a_renewed_certificate_through_a_ca_rotation(tmp_path):
+    """The router's channels present this process's certificate as renewed on disk. A CA rotation:
+    both CAs trusted, every certificate renewed by the new one, then the old CA dropped; a worker
+    restarted after that accepts only the new CA's certificates, and the router reaches it again. A
+    channel opened before the renewal presents the old certificate on every connection it makes:
+    it is refused (checked too)."""
+    old_ca, new_ca = new_cluster_ca(str(tmp_path / "old")), new_cluster_ca(str(tmp_path / "new"))
+    worker_files, router_files = old_ca.issue("worker", "127.0.0.1"), old_ca.issue("router", "127.0.0.1")
+    stale = channel_credentials(router_files)  # what a channel opened now keeps
+    address = f"127.0.0.1:{free_port()}"
+
+    async def serve() -> grpc.aio.Server:
+        server = grpc.aio.server()
+        common_pb2_grpc.add_WorkerServicer_to_server(FakeWorkerStats(role="prefill"), server)
+        assert server.add_secure_port(address, server_credentials(worker_files, require_client_cert=True))
+        await server.start()
+        return server
+
+    def rewrite(path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    async def run():
+        server = await serve()
+        use_tls(router_files)
+        registry = WorkerRegistry({"prefill": [address]}, {}, poll_interval=0.1)
+        try:
+            await registry.start()
+            assert [ep.address for ep in registry.eligible("prefill")] == [address]
+            old_pem, new_pem = (open(ca.ca, "rb").read() for ca in (old_ca, new_ca))
+            rewrite(old_ca.ca, old_pem + new_pem)  # (the path both files name) both CAs trusted
+            for files, name in ((worker_files, "worker"), (router_files, "router")):
+                renewed = new_ca.issue(name, "127.0.0.1")
+                rewrite(files.cert, open(renewed.cert, "rb").read())
+                rewrite(files.key, open(renewed.key, "rb").read())
+            rewrite(old_ca.ca, new_pem)  # the old CA dropped
+            await asyncio.sleep(1.1)  # (a process looks at its files at most once a second)
+            await server.stop(None)  # the worker restarts: new connections, new CA only
+            server = await serve()
+            restarted = time.monotonic()
+            deadline = restarted + 10
+            while not [ep for ep in registry.eligible("prefill") if ep.last_ok > restarted]:  # a Stats answer
+                assert time.monotonic() < deadline, "the router did not reach the restarted worker"
+                await registry.refresh()
+                await asyncio.sleep(0.1)
+            options = channel_options(router_files)
+            async with grpc.aio.secure_channel(address, stale, options=options) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await common_pb2_grpc.WorkerStub(channel).Stats(common_pb2.StatsRequest(), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            use_tls(None)
+            await registry.close()
+            await server.stop(None)
+
+    asyncio.run(run())

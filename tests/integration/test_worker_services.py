@@ -104,6 +104,16 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
             stats = await _stats(channel)
             assert stats.kv_blocks_free == stats.kv_blocks_total
             assert metrics.get_sample_value("pdserve_decode_failed_steps_total") == 1
+            # a retired call (the router opens another after a certificate renewal): the request on
+            # it runs to its end, then the worker ends the call
+            on_retired = asyncio.ensure_future(generate(10, 6))
+            await asyncio.sleep(0)  # (it has opened its stream)
+            call.retire()
+            tokens, error = await on_retired
+            assert error is None and len(tokens) == 6
+            reader = call._reader
+            assert reader is not None
+            await asyncio.wait_for(reader, 5)
         await _stop(runner, service)
 
     asyncio.run(scenario())

@@ -155,7 +155,7 @@ def test_cache_events_give_each_reader_what_changed_or_a_snapshot():
 
 
 def _worker(address: str, role: Role, queued_tokens: int = 0, cached: list[bytes] = ()) -> Endpoint:
-    ep = Endpoint(address, role, "static", channel=None, stub=None, stats_stub=None)
+    ep = Endpoint(address, role, "static", peer=None, stub=None, stats_stub=None)
     ep.stats = common_pb2.WorkerStats(
         block_size=BS, queued_prompt_tokens=queued_tokens, prefill_seconds_per_token=1e-3, prefix_cache={}
     )

@@ -9,7 +9,7 @@ from services.router.registry import Endpoint
 
 
 def _colocated(address: str, requests: int, queued_prompt_tokens: int) -> Endpoint:
-    ep = Endpoint(address, Role.COLOCATED, "static", channel=None, stub=None, stats_stub=None)
+    ep = Endpoint(address, Role.COLOCATED, "static", peer=None, stub=None, stats_stub=None)
     ep.inflight_requests, ep.inflight_prompt_tokens = requests, queued_prompt_tokens
     return ep
 
@@ -28,7 +28,7 @@ def test_a_colocated_request_goes_where_the_least_work_is_outstanding():
 
 
 def _decode(address: str, free: int, promised: int, reserved: int) -> Endpoint:
-    ep = Endpoint(address, Role.DECODE, "static", channel=None, stub=None, stats_stub=None)
+    ep = Endpoint(address, Role.DECODE, "static", peer=None, stub=None, stats_stub=None)
     ep.stats = common_pb2.WorkerStats(kv_blocks_total=1000, kv_blocks_free=free, kv_blocks_promised=promised)
     ep.reserved_blocks = reserved
     return ep

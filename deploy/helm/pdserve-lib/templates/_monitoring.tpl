@@ -38,6 +38,23 @@ spec:
     - port: metrics
       path: /metrics
       interval: {{ .Values.serviceMonitor.interval }}
+      {{- with include "pdserve-lib.tls" . }}
+      {{- $tls := fromYaml . }}
+      {{- if ne $tls.metrics "off" }}
+      # HTTPS (global.tls.metrics); "mutual" wants a client certificate of the cluster's CA: the
+      # component's own, which the operator reads from its Secret
+      scheme: https
+      tlsConfig:
+        serverName: {{ $tls.serverName }}
+        ca:
+          secret: {name: {{ $tls.secretName }}, key: ca.crt}
+        {{- if eq $tls.metrics "mutual" }}
+        cert:
+          secret: {name: {{ $tls.secretName }}, key: tls.crt}
+        keySecret: {name: {{ $tls.secretName }}, key: tls.key}
+        {{- end }}
+      {{- end }}
+      {{- end }}
       relabelings:
         # the same target labels as deploy/prometheus/prometheus-kubernetes.yml
         - sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]

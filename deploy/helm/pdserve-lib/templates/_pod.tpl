@@ -7,6 +7,11 @@ Pieces of every pdserve pod. They take a chart's context (`.`) unless said other
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .Values.metricsPort | quote }}
 prometheus.io/path: /metrics
+{{- with include "pdserve-lib.tls" . }}
+{{- if ne (fromYaml .).metrics "off" }}
+prometheus.io/scheme: https
+{{- end }}
+{{- end }}
 {{- with .Values.podAnnotations }}
 {{ toYaml . }}
 {{- end }}
@@ -39,6 +44,7 @@ bind fails at start-up and the pod crash-loops. */}}
 - --tls-ca=/etc/pdserve/tls/ca.crt
 - --tls-server-name={{ $tls.serverName }}
 - --health-port={{ $tls.healthPort }}
+- --metrics-tls={{ $tls.metrics }}
 {{- end }}
 {{- end -}}
 
@@ -51,6 +57,7 @@ bind fails at start-up and the pod crash-loops. */}}
 {{- end -}}
 serverName: {{ $tls.serverName | default "pdserve" }}
 healthPort: {{ $tls.healthPort | default 7900 }}
+metrics: {{ $tls.metrics | default "mutual" | quote }}
 secretName: {{ if ($tls.certManager | default dict).enabled }}{{ include "pdserve-lib.fullname" . }}-tls{{ else }}{{ $tls.secretName }}{{ end }}
 {{- end -}}
 {{- end -}}
