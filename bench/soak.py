@@ -58,9 +58,9 @@ def references(n: int, seed: int) -> list[dict]:
 class Cluster:
     """`pdserve up` in a subprocess: its ready file is rewritten when it restarts a service."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, layout: tuple[str, ...] = ("--prefill", "2", "--decode", "2", "--routers", "2")):
         self.ready = os.path.join(folder, "ready.json")
-        args = ["--prefill", "2", "--decode", "2", "--nodes", "2", "--routers", "2", "--port", "0", "--http-port", "0"]
+        args = [*layout, "--nodes", "2", "--port", "0", "--http-port", "0"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", *args, "--ready-file", self.ready]
             + ["--log-dir", os.path.join(folder, "logs")],

@@ -1,10 +1,11 @@
 """Handing freed heap memory back to the operating system after a burst of work.
 
 glibc's malloc keeps memory a process has freed (in each thread's arena, below the top of the
-heap) for reuse, so after an overload burst a service's resident memory stays near its peak: on a
-2-core test cluster each worker kept 200-300 MB more anonymous memory after 3,000 requests than
-before. `trim_when_idle` calls malloc_trim(0) once the process has been quiet for a while after
-a lot of work, which returns those free pages. It must not overlap a worker's engine step: the trim
+heap) for reuse, so after an overload burst a service's resident memory stays near its peak.
+`trim_when_idle` calls malloc_trim(0) once the process has been quiet for a while after a lot of
+work, which returns those free pages; a worker first frees what its engine keeps between steps,
+sized for the largest batch of the burst (Engine.release_idle_memory). It must not overlap a
+worker's engine step: the trim
 holds malloc's locks, and a step allocating meanwhile would be late (a worker emulating a GPU serves
 one request at a time with almost no CPU, so "quiet" says nothing about whether it is serving). A
 worker therefore runs it on its engine thread, and only while the engine has no work

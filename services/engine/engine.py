@@ -79,6 +79,9 @@ class EngineBase(ABC):
     def free(self, seq: Sequence) -> None:
         self.block_manager.free_seq(seq)
 
+    def release_idle_memory(self) -> None:
+        """Called between requests, when nothing runs: frees what is kept for the next step."""
+
     def min_transfer_seconds(self, num_tokens: int) -> float:
         """The least a pull of `num_tokens` tokens' KV into this engine may take (an emulated device
         takes what its profile says; a real one, whatever the copy takes)."""
@@ -327,6 +330,9 @@ class Engine(EngineBase):
 
     def _mixed(self, seqs: list[Sequence], num_tokens: list[int], completing: list[int]) -> SampleResult:
         return self._sample([seqs[i] for i in completing], self.runner.mixed(seqs, num_tokens, completing))
+
+    def release_idle_memory(self) -> None:
+        self.backend.release_idle_memory()
 
     def close(self) -> None:
         if self.ranks is not None:

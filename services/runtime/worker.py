@@ -474,7 +474,15 @@ def run_worker(role: Role, args, make_service: ServiceFactory) -> None:
             raise SystemExit(f"{role}: {exc}") from None
         if args.step_log:
             service.step_log = StepLog(args.step_log.replace("{worker}", worker_id))
-        runner.run_housekeeping = service.thread.post_when_idle
+
+        def housekeeping(trim: Callable[[], None]) -> None:  # between requests (common/memory.py)
+            def run() -> None:
+                engine.release_idle_memory()
+                trim()
+
+            service.thread.post_when_idle(run)
+
+        runner.run_housekeeping = housekeeping
         # Serving (NOT_SERVING, Stats saying why) while start() waits for this node's kvstore
         # daemon: a worker started before its daemon waits for it instead of exiting.
         await runner.set_serving(False)

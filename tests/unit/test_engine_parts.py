@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -299,3 +300,45 @@ def test_triton_backend_through_the_engine_matches_transformers_in_interpreter()
     assert results == {
         arch: {"same_tokens": True, "chunked_same_tokens": True} for arch in ("llama", "mistral", "qwen3")
     }
+
+
+def test_prompts_of_every_length_do_not_grow_the_heap_without_bound():
+    """oneDNN compiles and keeps a primitive per input shape: prefills of prompts of every length
+    used to grow a worker by hundreds of MB (its caches hold 1,024 each by default; the backend caps
+    them, reference.py). In a fresh process, as a worker starts: malloc's bytes in use after 150
+    prefills of random lengths stay within a few MB of those after a warm-up. (glibc's mallinfo2.)"""
+    script = """
+import ctypes, random
+import torch
+from services.engine.config import EngineConfig, SamplingParams
+from services.engine.engine import Engine
+from services.engine.sequence import Sequence
+from services.tiny_models import get_model
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.set_num_threads(1)
+engine = Engine(get_model("llama"), EngineConfig(dtype="float32", device="cpu", block_size=16, kv_cache_bytes=16 << 20))
+rng = random.Random(0)
+def prefills(n):
+    for i in range(n):
+        seqs = [Sequence.from_prompt(f"{n}-{i}-{j}", [rng.randint(3, 900) for _ in range(rng.randint(5, 120))],
+                                     SamplingParams(max_tokens=1, temperature=0)) for j in range(rng.randint(1, 8))]
+        engine.prefill(seqs)
+        for seq in seqs:
+            engine.free(seq)
+prefills(30)
+before = libc.mallinfo2().uordblks
+prefills(150)
+print((libc.mallinfo2().uordblks - before) >> 20)
+"""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("needs glibc (mallinfo2)")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown_mib = int(out.stdout.split()[-1])
+    assert grown_mib < 32, f"malloc'd memory grew {grown_mib} MiB over 150 prefills of random lengths"

@@ -125,3 +125,7 @@ class Backend(ABC):
 
     def forget(self, seq_id: str) -> None:
         """The sequence's KV blocks were given up: drop anything cached about them."""
+
+    def release_idle_memory(self) -> None:
+        """No sequence is running: free what is kept between steps (sized for the largest batch
+        seen; made again as needed)."""

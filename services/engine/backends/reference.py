@@ -11,6 +11,7 @@ sizes no slower; results differ from `F.linear` only by summation order.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ from services.engine.layers.rotary import RotaryEmbedding, apply_rope
 
 from .base import AttentionShape, Backend, CachedContext, LinearKernel, Metadata, NormKernel, StepInputs
 from .kv_mirror import DecodeKvMirror
+
+# oneDNN keeps a compiled primitive per input shape, in its own cache and in ideep's for the linear
+# ops, 1,024 of each unless these say otherwise. Prompts and batches of every size fill both, and a
+# worker keeps hundreds of MB it never gives back (docs/reliability.md has the figures); 64 of each
+# keep what a decode batch reuses step after step. Read when oneDNN first runs, so set on import.
+for _capacity in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_capacity, "64")
 
 
 class TorchLinear:
@@ -204,6 +212,10 @@ class TorchBackend(Backend):
     def forget(self, seq_id: str) -> None:
         if self.mirror is not None:
             self.mirror.drop(seq_id)
+
+    def release_idle_memory(self) -> None:
+        if self.mirror is not None:
+            self.mirror.clear()  # up to cpu_decode_kv_mirror_bytes after a burst of long batches
 
 
 # ---- the reference operations, also what other backends are tested against ----------------------
