@@ -44,7 +44,7 @@ async def bursts(cluster: Cluster, requests: int, count: int, settle: float, see
     rng = random.Random(seed)
     info = cluster.info()
     pids = {s["name"]: s["pid"] for s in info["services"]}
-    rows = []
+    rows: list[dict] = []
     async with grpc.aio.insecure_channel(info["router"]) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         for _ in range(4):  # warm-up: every path taken, then idle long enough to be trimmed

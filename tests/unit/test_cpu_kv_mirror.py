@@ -74,6 +74,17 @@ def test_mirror_matches_gather_path_with_joins_leaves_and_mixed_lengths():
         with_mirror.free(a)
         without.free(b)
     assert with_mirror.block_manager.num_free == free_at_start
+    # idle: the mirror, sized for the largest batch it held, is freed, and made again when needed
+    assert with_mirror.backend.mirror.caches
+    with_mirror.release_idle_memory()
+    assert with_mirror.backend.mirror.caches == []
+    sampling = SamplingParams(max_tokens=4, temperature=0)
+    a, b = (Sequence.from_prompt("after", prompts[0][:50], sampling) for _ in range(2))
+    with_mirror.prefill([a])
+    without.prefill([b])
+    for _ in range(3):
+        assert [o.token_id for o in with_mirror.decode_step([a])] == [o.token_id for o in without.decode_step([b])]
+        torch.testing.assert_close(with_mirror.last_logits, without.last_logits, atol=1e-4, rtol=0)
 
 
 def test_attention_groups_bound_padding_and_cover_every_slot():
