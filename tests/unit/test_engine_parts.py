@@ -283,12 +283,13 @@ def test_tensor_parallel_linear_layers_split_a_checkpoint_as_megatron_does():
 def test_triton_backend_through_the_engine_matches_transformers_in_interpreter():
     """The whole Triton backend (its metadata, RoPE + K/V write, paged decode attention, fused norm
     and SiLU) in an engine on CPU tensors under Triton's interpreter: the same greedy tokens as
-    transformers for Llama (tied, llama3 RoPE), Mistral (one K/V head) and Qwen3 (q/k norms). The
-    device check is faked there, and CUDA graphs are off: both need a GPU."""
+    transformers for Llama (tied, llama3 RoPE, K/V heads shared by query heads) and Qwen3 (q/k
+    norms). (Mistral's one K/V head is the same grouping, at another ratio: left out for make
+    test's time.) The device check is faked there, and CUDA graphs are off: both need a GPU."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "unit", "triton_backend_checks.py"), "llama", "mistral", "qwen3"],
+        [sys.executable, os.path.join(ROOT, "tests", "unit", "triton_backend_checks.py"), "llama", "qwen3"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -298,7 +299,7 @@ def test_triton_backend_through_the_engine_matches_transformers_in_interpreter()
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert results == {
-        arch: {"same_tokens": True, "chunked_same_tokens": True} for arch in ("llama", "mistral", "qwen3")
+        arch: {"same_tokens": True, "chunked_same_tokens": True} for arch in ("llama", "qwen3")
     }
 
 
