@@ -298,9 +298,7 @@ def test_triton_backend_through_the_engine_matches_transformers_in_interpreter()
     )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert results == {
-        arch: {"same_tokens": True, "chunked_same_tokens": True} for arch in ("llama", "qwen3")
-    }
+    assert results == {arch: {"same_tokens": True, "chunked_same_tokens": True} for arch in ("llama", "qwen3")}
 
 
 def test_prompts_of_every_length_do_not_grow_the_heap_without_bound():
