@@ -71,6 +71,7 @@ def start_metrics_server(
     host: str, port: int, registry: CollectorRegistry, tls: TlsFiles | None, mode: MetricsTls
 ) -> int:
     """Serves /metrics on host:port (port 0: a free one) until the process exits; returns the port."""
+    host = host.strip("[]")  # ("[::1]", as --host takes an IPv6 address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
     server = cast(_MetricsServer, make_server(host, port, make_wsgi_app(registry), server_class, _QuietHandler))

@@ -332,7 +332,10 @@ class Engine(EngineBase):
         return self._sample([seqs[i] for i in completing], self.runner.mixed(seqs, num_tokens, completing))
 
     def release_idle_memory(self) -> None:
-        self.backend.release_idle_memory()
+        # Alone only: every rank orders a decode batch by what its own mirror holds, so a mirror
+        # cleared on this rank and not on the others would have them disagree on the order.
+        if self.ranks is None:
+            self.backend.release_idle_memory()
 
     def close(self) -> None:
         if self.ranks is not None:

@@ -304,7 +304,9 @@ class StreamingWorker:
                 call.ready.clear()
                 if call.pending:
                     await context.write(call.take())
-                elif call.closed and not call.jobs:
+                # (also after a write: the last chunk of a request cancelled just before the
+                # caller closed its side sets nothing off again)
+                if call.closed and not call.jobs and not call.pending:
                     return
         finally:
             reader.cancel()

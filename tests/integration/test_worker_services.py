@@ -114,6 +114,27 @@ def test_a_failing_batch_step_fails_its_streams_frees_their_blocks_and_the_worke
             reader = call._reader
             assert reader is not None
             await asyncio.wait_for(reader, 5)
+            # the last request cancelled mid-stream, then the call retired at once (its cancel and
+            # the close of the router's side back to back): the call ends, the blocks are freed
+            call = WorkerCall(address, worker_pb2_grpc.ColocatedWorkerStub(channel).Generate, GenerateStreamRequest)
+            request = worker_pb2.GenerateTokensRequest(
+                request_id="long",
+                token_ids=[7] * 12,
+                sampling=common_pb2.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+            )
+            stream = call.open(request, timeout=30)
+            await stream.__anext__()
+            stream.cancel()
+            call.retire()
+            reader = call._reader
+            assert reader is not None
+            await asyncio.wait_for(reader, 5)
+            for _ in range(100):  # (the cancel reaches the engine thread between steps)
+                stats = await _stats(channel)
+                if stats.kv_blocks_free == stats.kv_blocks_total:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == 0
         await _stop(runner, service)
 
     asyncio.run(scenario())
