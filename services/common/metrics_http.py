@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from .tls import Reloading, TlsFiles
+from .tls import Reloading, TlsFiles, server_context
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,6 @@ class MetricsTls(StrEnum):
     MUTUAL = "mutual"  # HTTPS; the scraper needs a client certificate of the cluster's CA
     SERVER = "server"  # HTTPS; any scraper
     OFF = "off"  # plaintext HTTP
-
-
-def https_context(files: TlsFiles, mutual: bool) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(files.cert, files.key)
-    if mutual:
-        context.load_verify_locations(files.ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -77,6 +67,6 @@ def start_metrics_server(
     server = cast(_MetricsServer, make_server(host, port, make_wsgi_app(registry), server_class, _QuietHandler))
     if tls is not None and mode is not MetricsTls.OFF:
         mutual = mode is MetricsTls.MUTUAL
-        server.https = Reloading(tls, lambda files: https_context(files, mutual))
+        server.https = Reloading(tls, lambda files: server_context(files, mutual))
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server.server_port

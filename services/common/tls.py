@@ -61,11 +61,22 @@ class TlsFiles:
         return tuple(os.stat(path).st_mtime_ns for path in (self.cert, self.key, self.ca))
 
 
+def server_context(files: TlsFiles, require_client_cert: bool) -> ssl.SSLContext:
+    """A TLS server presenting this service's certificate; with `require_client_cert`, only to
+    clients presenting one of the cluster's CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=files.ca if require_client_cert else None)
+    context.load_cert_chain(files.cert, files.key)
+    if require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def socket_context(files: TlsFiles, server: bool) -> ssl.SSLContext:
     """For a plain socket between services (an instance's rendezvous, engine/parallel.py): mutual,
     the peer's certificate checked against the cluster's CA (and, by a client, the server name)."""
-    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
-    context = ssl.create_default_context(purpose, cafile=files.ca)
+    if server:
+        return server_context(files, require_client_cert=True)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=files.ca)
     context.load_cert_chain(files.cert, files.key)
     context.verify_mode = ssl.CERT_REQUIRED
     return context

@@ -33,7 +33,7 @@ from pdserve.v1 import router_pb2
 from services.common import validation
 from services.common.errors import PastContextError, ServiceError
 from services.common.server import api_key_refusal
-from services.common.tls import TlsFiles
+from services.common.tls import Reloading, TlsFiles
 
 from .openai_params import ApiError, OpenAiRequest, parse
 from .server import Api, Generation, RouterService
@@ -66,20 +66,12 @@ def api_error(exc: ServiceError) -> ApiError:
     return ApiError(status, exc.message, param, type=kind, code=code, headers=headers)
 
 
-async def _follow_certificate(tls: TlsFiles, context: ssl.SSLContext, interval: float = 2.0) -> None:
+async def _follow_certificate(certificate: Reloading[None], interval: float = 2.0) -> None:
     """A renewed certificate (its files rewritten, as cert-manager or `pdserve up` renew them) is
     served from the next connection on, as on the gRPC port (common/tls.py): no restart."""
-    stamp = tls.stamp()
     while True:
         await asyncio.sleep(interval)
-        try:
-            now = tls.stamp()
-            if now != stamp:
-                context.load_cert_chain(tls.cert, tls.key)
-                stamp = now
-                log.info("HTTP API: serving the renewed certificate %s", tls.cert)
-        except (OSError, ssl.SSLError) as exc:  # half-written files: the next look will do
-            log.warning("HTTP API: cannot load the renewed certificate yet: %s", exc)
+        certificate.get()
 
 
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
@@ -130,8 +122,9 @@ class OpenAiServer:
         context = None
         if tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(tls.cert, tls.key)
-            self._reloader = asyncio.create_task(_follow_certificate(tls, context))
+            # aiohttp keeps this context: a renewal is loaded into it
+            certificate = Reloading(tls, lambda files: context.load_cert_chain(files.cert, files.key), interval=0.0)
+            self._reloader = asyncio.create_task(_follow_certificate(certificate))
         # handler_cancellation: a client that goes away cancels its handler, and so its request
         self._runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
