@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +31,23 @@ PROFILE = LatencyProfile.load(PROFILE_PATH)
 
 
 @pytest.fixture(scope="module")
-def emulated(cluster_factory, model_dir):
+def emulated_model(model_dir, tmp_path_factory) -> str:
+    """The tiny checkpoint with a 2,048-token window. An emulated engine uses a checkpoint for its
+    vocabulary, special tokens and context limit only (it runs no weights); the window the test
+    model was built with (1,024) is too short for the low-load TTFT check's prompt."""
+    path = tmp_path_factory.mktemp("emulated-model")
+    for name in os.listdir(model_dir):
+        shutil.copy(os.path.join(model_dir, name), path / name)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def emulated(cluster_factory, emulated_model):
     return cluster_factory(
-        "--model", model_dir, "--emulate", PROFILE_PATH, "--prefill", "2", "--decode", "4", "--nodes", "2"
+        "--model", emulated_model, "--emulate", PROFILE_PATH, "--prefill", "2", "--decode", "4", "--nodes", "2"
     )
 
 
@@ -82,11 +97,18 @@ def test_concurrent_requests_get_the_emulators_tokens_and_move_the_scaled_kv(emu
 def test_at_low_load_ttft_and_tpot_are_the_profiles(emulated):
     """One request at a time: the worker's prefill and the time per output token are the profile's
     within 10% (+2 ms: the serving system's own work per token is in TPOT); so is TTFT (median of
-    three) for a prompt whose prefill is long enough that the router's and worker's fixed cost on
-    this machine (2-3 ms) fits in the margin. Shorter prompts' TTFT: never below the profile."""
+    three) for a prompt whose prefill (47 ms) is long enough that what the router and the worker
+    add to it fits in the margin: 3.5-4.9 ms (median) on this 2-core machine with the cluster's 11
+    processes, most of it two gRPC hops (docs/architecture.md, "Emulated engines"). Shorter prompts' TTFT:
+    never below the profile."""
+
+    async def warm_up():  # first calls between each pair of processes open connections and UCX endpoints
+        await asyncio.gather(*(_generate(emulated.router, [5 + i] * 40, 8) for i in range(16)))
+
+    asyncio.run(warm_up())
     emulated.wait_idle()
     before = _emulation_counters(emulated)  # earlier tests' steps (concurrent requests) are not at low load
-    for n in (100, 800):
+    for n in (100, 1600):
         # a new prompt each time: a repeated one would find its blocks in the prefill worker's cache
         prompts = [[3 + (i + 101 * k + n) % 997 for i in range(n)] for k in range(3)]
         timings = [asyncio.run(_generate(emulated.router, prompt, 64))[2].timing for prompt in prompts]
@@ -97,7 +119,7 @@ def test_at_low_load_ttft_and_tpot_are_the_profiles(emulated):
             assert step <= timing.tpot_seconds <= step * 1.1 + 0.002, (n, timing)
             assert timing.ttft_seconds >= prefill  # an emulated device is never faster than its profile
         ttft = sorted(t.ttft_seconds for t in timings)[1]
-        if n == 800:
+        if n == 1600:
             assert ttft <= prefill * 1.1 + 0.002, (n, ttft, prefill)
     emulated.wait_idle()
     # the workers count their steps, and those that ran past the profile (few should, at this load)
