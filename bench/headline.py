@@ -33,6 +33,7 @@ takes hours.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from services.tiny_models import get_model
 
 from .control_plane import scrape
 from .emulated_fidelity import MODEL, SLOS
-from .loadgen import RequestResult, attainment, run_trace
+from .loadgen import RequestResult, attainment, percentile, run_trace
 
 CONFIGS = ("disaggregated", "colocated prefill-first", "colocated chunked")
 SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2, 1.6, 2.0)
@@ -121,7 +122,9 @@ def cluster_spec(args, plan_path: str, config: str, log_dir: str) -> ClusterSpec
         router_port=0,
         log_dir=log_dir,
         worker_args=["--stream-interval", "8"] + chunked,
-        router_args=["--slo-ttft-seconds", str(ttft), "--slo-tpot-seconds", str(tpot)],
+        # No in-flight bound at the router: its default (2,048) is about what 8 GPUs' batches hold,
+        # and its refusals near the knee would measure that knob, not the configuration.
+        router_args=["--slo-ttft-seconds", str(ttft), "--slo-tpot-seconds", str(tpot), "--max-inflight-requests", "0"],
         profiles=profiles,
     )
 
@@ -217,16 +220,21 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
                 "ttft_attainment": sum(r.ok and r.ttft <= ttft for r in results) / len(results),
                 "tpot_attainment": sum(r.ok and r.tpot <= tpot for r in results) / len(results),
                 "errors": sum(not r.ok for r in results),
+                "error_kinds": dict(collections.Counter(r.error.split(":")[0] or "none" for r in results if not r.ok)),
                 # steps that ended over 1 ms past the profile's time: a large share means this
                 # machine was too slow for the cluster at this --slow, and the point is not the profile's
                 "late_step_share": late / steps if steps else 0.0,
+                # the load generator's lateness, in the profile's time (as the SLOs)
+                "sent_late_p50_s": percentile([r.sent_late for r in results], 0.5) / args.slow,
+                "sent_late_p99_s": percentile([r.sent_late for r in results], 0.99) / args.slow,
                 "seconds": round(time.monotonic() - started, 1),
             }
             points.append(point)
             print(
                 f"  {workload:<13} {config:<24} {rate:7.1f} req/s  attainment {point['attainment']:.3f} "
                 f"(TTFT {point['ttft_attainment']:.3f}, TPOT {point['tpot_attainment']:.3f}; "
-                f"simulated {point['simulated']:.3f}; late steps {100 * point['late_step_share']:.1f}%)  "
+                f"simulated {point['simulated']:.3f}; late steps {100 * point['late_step_share']:.1f}%; "
+                f"sent late p99 {1e3 * point['sent_late_p99_s']:.1f} ms)  "
                 f"({point['seconds']:.0f} s)",
                 flush=True,
             )

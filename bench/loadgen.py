@@ -36,6 +36,9 @@ class RequestResult:
     tpot: float = 0.0
     e2e: float = float("nan")
     error: str = ""
+    # how long after its scheduled arrival the request went out: a load generator that falls
+    # behind sends fewer requests a second than the trace says, and the cluster looks better
+    sent_late: float = 0.0
     # the router's own account (Timing, on the last message): TTFT from its arrival, and the
     # worker's queue and prefill inside it
     router_ttft: float = float("nan")
@@ -104,7 +107,9 @@ async def run_trace_async(
         delay = start + request.arrival_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        late = time.perf_counter() - (start + request.arrival_s)
         result = await _one(stubs[i % len(stubs)], request, i, vocab_size, seed, timeout)
+        result.sent_late = late
         bar.update(1)
         return result
 
