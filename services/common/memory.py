@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -43,17 +44,25 @@ def resident_anonymous_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
-async def trim_when_idle(run: Callable[[Callable[[], None]], None]) -> None:
-    """Runs until cancelled: malloc_trim(0) each time the process turns idle after a stretch of work,
-    through `run` (which may run it later, elsewhere, or not at all: a worker's engine thread)."""
+def release_freed_memory() -> None:
+    """Frees garbage in reference cycles, then hands freed heap pages back (malloc_trim(0)). The
+    collector's oldest generation runs only after enough new allocations, which a quiet process
+    does not make: without the collect, a burst's cyclic garbage (failed calls' exceptions with
+    their tracebacks and frames, tasks, calls) would stay until the next load."""
+    before = resident_anonymous_bytes()
+    gc.collect()
     malloc_trim = _malloc_trim()
-    if malloc_trim is None:
-        return
-
-    def trim() -> None:
-        before = resident_anonymous_bytes()
+    if malloc_trim is not None:
         malloc_trim(0)
-        log.debug("idle: returned %d MiB of freed memory", (before - resident_anonymous_bytes()) >> 20)
+    log.debug("idle: returned %d MiB of freed memory", (before - resident_anonymous_bytes()) >> 20)
+
+
+async def trim_when_idle(run: Callable[[Callable[[], None]], None]) -> None:
+    """Runs until cancelled: release_freed_memory each time the process turns idle after a stretch
+    of work, through `run` (which may run it later, elsewhere, or not at all: a worker's engine
+    thread)."""
+    if _malloc_trim() is None:
+        return
 
     cpu_at_trim = last_cpu = time.process_time()
     quiet = 0
@@ -64,5 +73,5 @@ async def trim_when_idle(run: Callable[[Callable[[], None]], None]) -> None:
         last_cpu = cpu
         if quiet >= IDLE_CHECKS and cpu - cpu_at_trim > WORK_CPU_SECONDS:
             quiet = 0
-            run(trim)
+            run(release_freed_memory)
             cpu_at_trim = last_cpu = time.process_time()
