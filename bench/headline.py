@@ -211,6 +211,7 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
             results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
             steps, late = (a - b for a, b in zip(emulation_steps(cluster), (steps_before, late_before), strict=True))
             by_rate[rate] = results
+            sent_late = [r.sent_late for r in results]
             point = {
                 "rate": rate,
                 "rate_per_gpu": rate / gpus(plan, config),
@@ -225,8 +226,8 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
                 # machine was too slow for the cluster at this --slow, and the point is not the profile's
                 "late_step_share": late / steps if steps else 0.0,
                 # the load generator's lateness, in the profile's time (as the SLOs)
-                "sent_late_p50_s": percentile([r.sent_late for r in results], 0.5) / args.slow,
-                "sent_late_p99_s": percentile([r.sent_late for r in results], 0.99) / args.slow,
+                "sent_late_p50_s": percentile(sent_late, 0.5) / args.slow,
+                "sent_late_p99_s": percentile(sent_late, 0.99) / args.slow,
                 "seconds": round(time.monotonic() - started, 1),
             }
             points.append(point)

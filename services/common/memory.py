@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import time
@@ -30,6 +31,7 @@ IDLE_CHECKS = 3  # quiet this many intervals in a row: idle
 WORK_CPU_SECONDS = 10.0  # CPU time spent since the last trim that makes another one worth it
 
 
+@functools.cache  # (find_library runs ldconfig in a subprocess: looked up once)
 def _malloc_trim():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

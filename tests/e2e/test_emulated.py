@@ -36,8 +36,7 @@ def emulated_model(model_dir, tmp_path_factory) -> str:
     vocabulary, special tokens and context limit only (it runs no weights); the window the test
     model was built with (1,024) is too short for the low-load TTFT check's prompt."""
     path = tmp_path_factory.mktemp("emulated-model")
-    for name in os.listdir(model_dir):
-        shutil.copy(os.path.join(model_dir, name), path / name)
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
     config = json.loads((path / "config.json").read_text())
     config["max_position_embeddings"] = 2048
     (path / "config.json").write_text(json.dumps(config))
