@@ -23,6 +23,7 @@ on this machine's cores, the load generator included. Writes JSON and a PNG.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -102,12 +103,12 @@ def run_size(args, workers: int, profile_path: str, profile: LatencyProfile) -> 
         router = cluster.info()["router"]
         run_trace(router, make_trace("code", 50.0, 20, seed=99), 1024, progress=False)  # warm up
         rate = args.start_rate
-        while True:
+        for step in itertools.count(1):
             n = max(20, int(rate * args.step_seconds))
             trace = make_trace("code", rate, n, seed=args.seed, max_model_len=4096)
             before = cpu_by_group(cluster)
             wall = time.monotonic()
-            results = run_trace(router, trace, 1024, seed=args.seed, progress=False, timeout=120)
+            results = run_trace(router, trace, 1024, seed=args.seed + step, progress=False, timeout=120)
             wall = time.monotonic() - wall
             after = cpu_by_group(cluster)
             ok = [r for r in results if r.ok]

@@ -124,11 +124,11 @@ def run_layout(args, layout: str, workload: str, profile: LatencyProfile, profil
             trace_attainment(config, lambda rate: rescale_rate(base, rate, 1.0), slo, 0.9), 0.9, guess=0.5
         )
         points = []
-        for fraction in args.fractions:
+        for k, fraction in enumerate(args.fractions):
             rate = knee * fraction
             trace = rescale_rate(base, rate, 1.0)
             started = time.monotonic()
-            results: list[RequestResult] = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
+            results: list[RequestResult] = run_trace(router, trace, vocab, seed=args.seed + k, timeout=3600)
             simulated = simulate(config, trace, slo)
             point = {
                 "fraction_of_knee": fraction,

@@ -204,11 +204,12 @@ def run_config(args, plan: dict, plan_path: str, workload: str, config: str, rat
     points, by_rate = [], {}
     try:
         router = cluster.info()["router"]
-        for rate in rates:
+        for k, rate in enumerate(rates):
             started = time.monotonic()
             trace = request_trace(args, workload, rate, min_requests)
             steps_before, late_before = emulation_steps(cluster)
-            results = run_trace(router, trace, vocab, seed=args.seed, timeout=3600)
+            # each rate its own prompts: the cluster's prefix caches still hold the last rate's
+            results = run_trace(router, trace, vocab, seed=args.seed + k, timeout=3600)
             steps, late = (a - b for a, b in zip(emulation_steps(cluster), (steps_before, late_before), strict=True))
             by_rate[rate] = results
             sent_late = [r.sent_late for r in results]

@@ -51,7 +51,9 @@ class RequestResult:
 
 
 def synthetic_prompt(request: TraceRequest, index: int, vocab_size: int, seed: int) -> list[int]:
-    """Token ids for a trace request that has only a length (ids above the special tokens)."""
+    """Token ids for a trace request that has only a length (ids above the special tokens). The same
+    (seed, index) gives the same ids: a bench that replays traces on one cluster gives each replay its
+    own seed, or its prompts hit the prefix caches the earlier replays filled."""
     rng = random.Random(seed * 1_000_003 + index)
     return [rng.randrange(3, vocab_size) for _ in range(request.prompt_tokens)]
 

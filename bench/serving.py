@@ -105,7 +105,9 @@ class ConfigRunner:
         rate = round(rate, 4)
         if rate not in self.runs:
             trace = rescale_rate(self.base_trace, rate, from_rate=1.0)
-            self.runs[rate] = run_trace(self.router, trace, self.vocab, seed=self.seed, progress=False)
+            # each probe its own prompts: the cluster's prefix caches hold the earlier probes'
+            seed = self.seed + 1000 * (len(self.runs) + 1)
+            self.runs[rate] = run_trace(self.router, trace, self.vocab, seed=seed, progress=False)
         return self.runs[rate]
 
     def unloaded(self, n: int = 8) -> tuple[float, float, float]:
