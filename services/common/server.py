@@ -75,12 +75,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )
         self._max: dict[tuple[str, str], int] = {}
 
-    def _observe(self, method: str, direction: str, message) -> None:
-        size = message.ByteSize() if hasattr(message, "ByteSize") else 0
+    def _recorder(self, method: str, direction: str) -> Callable[[int], None]:
+        """Records one serialized message's size: read from the bytes gRPC sends or received, as
+        the serializers see them (computing a message's size is a second serialization)."""
         key = (method, direction)
-        if size > self._max.get(key, -1):
-            self._max[key] = size
-            self.largest.labels(method, direction).set(size)
+
+        def record(size: int) -> None:
+            if size > self._max.get(key, -1):
+                self._max[key] = size
+                self.largest.labels(method, direction).set(size)
+
+        return record
 
     def _unauthenticated(self, handler_call_details) -> str:
         """Why the call may not go on ("" when it may)."""
@@ -96,25 +101,30 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        observe = self._observe
         refusal = self._unauthenticated(handler_call_details)
         if refusal:
             return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, refusal)
-        if handler.request_deserializer is not None and (handler.unary_unary or handler.unary_stream):
-            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        if handler.request_deserializer is not None:
+            handler = handler._replace(
+                request_deserializer=_measured_parse(
+                    handler.request_deserializer,
+                    self._recorder(method, "request"),
+                    tolerant=bool(handler.unary_unary or handler.unary_stream),
+                )
+            )
+        if handler.response_serializer is not None:
+            handler = handler._replace(
+                response_serializer=_measured_serialize(handler.response_serializer, self._recorder(method, "response"))
+            )
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
                 await _reject_undecodable(request, context)
-                observe(method, "request", request)
                 try:
-                    response = await inner(request, context)
+                    return await inner(request, context)
                 except ServiceError as exc:
                     await context.abort(exc.code, exc.message, exc.trailing_metadata())
-                if response is not None:
-                    observe(method, "response", response)
-                return response
 
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream:
@@ -123,23 +133,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
                 async def yielded(request, context):
                     await _reject_undecodable(request, context)
-                    observe(method, "request", request)
                     try:
                         async for response in inner_stream(request, context):
-                            observe(method, "response", response)
                             yield response
                     except ServiceError as exc:
                         await context.abort(exc.code, exc.message, exc.trailing_metadata())
 
                 return handler._replace(unary_stream=yielded)
 
-            async def written(request, context):  # a coroutine that writes with context.write: watch the writes
+            async def written(request, context):  # a coroutine that writes with context.write
                 await _reject_undecodable(request, context)
-                observe(method, "request", request)
                 try:
-                    return await inner_stream(
-                        request, _ObservedWrites(context, lambda m: observe(method, "response", m))
-                    )
+                    return await inner_stream(request, context)
                 except ServiceError as exc:
                     await context.abort(exc.code, exc.message, exc.trailing_metadata())
 
@@ -148,16 +153,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             # the workers' calls carrying many requests (coroutines that write); not reflection's
             inner_call = handler.stream_stream
 
-            async def observed_requests(requests):
-                async for request in requests:
-                    observe(method, "request", request)
-                    yield request
-
             async def call(requests, context):
                 try:
-                    return await inner_call(
-                        observed_requests(requests), _ObservedWrites(context, lambda m: observe(method, "response", m))
-                    )
+                    return await inner_call(requests, context)
                 except ServiceError as exc:
                     await context.abort(exc.code, exc.message, exc.trailing_metadata())
 
@@ -204,8 +202,14 @@ class _Undecodable:
         self.error = error
 
 
-def _tolerant(deserialize):
+def _measured_parse(deserialize, record: Callable[[int], None], tolerant: bool):
+    """The request deserializer, recording each message's size; a tolerant one answers a message
+    that does not parse with _Undecodable, for the handler to refuse with INVALID_ARGUMENT."""
+
     def parse(data: bytes):
+        record(len(data))
+        if not tolerant:
+            return deserialize(data)
         try:
             return deserialize(data)
         except Exception as exc:
@@ -214,27 +218,21 @@ def _tolerant(deserialize):
     return parse
 
 
+def _measured_serialize(serialize, record: Callable[[int], None]):
+    def serialized(message) -> bytes:
+        data = serialize(message)
+        record(len(data))
+        return data
+
+    return serialized
+
+
 async def _reject_undecodable(request, context) -> None:
     if isinstance(request, _Undecodable):
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"request: cannot be parsed ({request.error}); string fields must be valid UTF-8",
         )
-
-
-class _ObservedWrites:
-    """A servicer context whose write() reports each message first; everything else delegates."""
-
-    def __init__(self, context, on_write):
-        self._context = context
-        self._on_write = on_write
-
-    async def write(self, message) -> None:
-        self._on_write(message)
-        await self._context.write(message)
-
-    def __getattr__(self, name):
-        return getattr(self._context, name)
 
 
 def _status(serving: bool) -> int:
