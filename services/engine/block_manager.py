@@ -153,7 +153,7 @@ class BlockManager:
 
     def blocks_needed_for_step(self, seq: Sequence) -> int:
         """Blocks a decode step of `seq` would allocate (0 or 1)."""
-        return int(self.blocks_for_tokens(len(seq.token_ids)) > len(seq.block_table))
+        return int(len(seq.token_ids) > len(seq.block_table) * self.block_size)  # (inline: every sequence, every step)
 
     def free_seq(self, seq: Sequence) -> None:
         self.free(self.detach(seq))

@@ -42,6 +42,18 @@ from .worker import PrefillRate, register_kv_gauges, worker_stats
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class Produced:
+    """What a request's steps produced and the engine thread hands to the loop: plain values, the
+    message is built once, on the loop, in the call's next StreamUpdate (worker.proto TokenChunk)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    queue_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+
 @dataclass(eq=False)
 class StreamJob:
     """One request on a call. `seq.status` is where it is (sequence.py)."""
@@ -52,7 +64,7 @@ class StreamJob:
     call: ServedCall | None = None  # the call it answers on
     enqueued_at: float = field(default_factory=time.monotonic)
     handle: common_pb2.KvHandle | None = None  # decode: where its KV waits to be pulled
-    unsent: common_pb2.TokenChunk | None = None  # tokens held back by --stream-interval
+    unsent: Produced | None = None  # tokens held back by --stream-interval
     prefill_started: float | None = None  # when its first prefill (or first chunk) here began
     prefilled: bool = False  # that prefill's end was reported (TokenChunk.queue_seconds)
     ticket: Ticket | None = None  # its share of the admission bounds, until its stream ends
@@ -130,7 +142,7 @@ class StreamingWorker:
         self.admission = Admission(
             f"{self.role} worker", max_inflight_requests, max_queued_prompt_tokens, refusals_counter(registry)
         )
-        self._outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceError]] = []  # engine thread
+        self._outgoing: list[tuple[StreamJob, Produced | ServiceError]] = []  # engine thread
         self.draining = False
         self._preemptions_seen = 0
         self.thread = EngineThread(f"{self.role}-engine", self.step, self.scheduler.has_work)
@@ -232,23 +244,23 @@ class StreamingWorker:
         job = self.jobs.get(out.seq.seq_id)
         if job is None:
             return
-        chunk = job.unsent or common_pb2.TokenChunk()
+        produced = job.unsent or Produced()
         if job.prefill_started is not None and not job.prefilled:  # (a recompute after preemption is not a wait)
             job.prefilled = True
-            chunk.queue_seconds = job.prefill_started - job.enqueued_at
-            chunk.prefill_seconds = step_ended - job.prefill_started
-        chunk.token_ids.append(out.token_id)
+            produced.queue_seconds = job.prefill_started - job.enqueued_at
+            produced.prefill_seconds = step_ended - job.prefill_started
+        produced.token_ids.append(out.token_id)
         if out.seq.sampling.logprobs:
-            chunk.logprobs.append(out.logprob)
-        chunk.finish_reason = out.finish_reason or ""
+            produced.logprobs.append(out.logprob)
+        produced.finish_reason = out.finish_reason or ""
         # A request's first and last tokens go at once (TTFT and end-to-end latency as without
         # grouping); those between, every --stream-interval tokens.
         first = out.seq.num_output_tokens == 1
-        if first or out.finish_reason or len(chunk.token_ids) >= self.stream_interval:
+        if first or out.finish_reason or len(produced.token_ids) >= self.stream_interval:
             job.unsent = None
-            self._outgoing.append((job, chunk))
+            self._outgoing.append((job, produced))
         else:
-            job.unsent = chunk
+            job.unsent = produced
         if out.finish_reason:
             del self.jobs[out.seq.seq_id]
 
@@ -364,7 +376,7 @@ class StreamingWorker:
         self.thread.stop()
 
 
-def _dispatch(outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceError]]) -> None:
+def _dispatch(outgoing: list[tuple[StreamJob, Produced | ServiceError]]) -> None:
     """Asyncio side: a step's chunks to their calls (a job cancelled meanwhile gets nothing more)."""
     for job, item in outgoing:
         call = job.call
@@ -375,20 +387,27 @@ def _dispatch(outgoing: list[tuple[StreamJob, common_pb2.TokenChunk | ServiceErr
 class ServedCall:
     """Asyncio side: one caller's call as the worker serves it (the router's end is
     router/worker_calls.WorkerCall), its requests in progress and what they produced but was
-    not yet written (at most one chunk per request: later tokens merge into it)."""
+    not yet written: the next StreamUpdate, with at most one chunk per request (later tokens join it)."""
 
     def __init__(self) -> None:
         self.jobs: dict[int, StreamJob] = {}  # stream_id -> job, until its stream ends
-        self.pending: dict[int, worker_pb2.StreamChunk] = {}
+        self.update = worker_pb2.StreamUpdate()
+        self.pending: dict[int, worker_pb2.StreamChunk] = {}  # stream_id -> its chunk in self.update
         self.ready = asyncio.Event()  # something to write, or the caller closed its side
         self.closed = False
 
-    def add(self, stream_id: int, item: common_pb2.TokenChunk | ServiceError) -> None:
+    def add(self, stream_id: int, item: Produced | ServiceError) -> None:
         if isinstance(item, ServiceError):
             self.fail(stream_id, item)
             return
-        self._pending(stream_id).chunk.MergeFrom(item)  # appends the tokens and logprobs, takes a finish_reason
+        chunk = self._pending(stream_id).chunk
+        chunk.token_ids.extend(item.token_ids)
+        if item.logprobs:
+            chunk.logprobs.extend(item.logprobs)
+        if item.prefill_seconds:
+            chunk.queue_seconds, chunk.prefill_seconds = item.queue_seconds, item.prefill_seconds
         if item.finish_reason:
+            chunk.finish_reason = item.finish_reason
             self.end(stream_id)
         else:
             ticket = self.jobs[stream_id].ticket
@@ -412,10 +431,10 @@ class ServedCall:
     def _pending(self, stream_id: int) -> worker_pb2.StreamChunk:
         chunk = self.pending.get(stream_id)
         if chunk is None:
-            chunk = self.pending[stream_id] = worker_pb2.StreamChunk(stream_id=stream_id)
+            chunk = self.pending[stream_id] = self.update.chunks.add(stream_id=stream_id)
         return chunk
 
     def take(self) -> worker_pb2.StreamUpdate:
-        update = worker_pb2.StreamUpdate(chunks=self.pending.values())
+        update, self.update = self.update, worker_pb2.StreamUpdate()
         self.pending = {}
         return update
