@@ -1,10 +1,12 @@
 import json
+import os
 import random
 
 import numpy as np
 import pytest
 
 from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency
+from services.planner import cli as planner_cli
 from services.planner.analytic import (
     Parallelism,
     analytic_profile,
@@ -229,3 +231,34 @@ def test_step_log_refit_recovers_the_decode_model_clients_see(tmp_path):
     # only the steps inside a window count
     with pytest.raises(ValueError, match="no usable steps"):
         refit_from_step_logs(profile, [str(path)], since=t + 1)
+
+
+PROFILES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "profiles")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(PROFILES_DIR) if f.endswith(".json")))
+def test_each_profile_in_the_repo_loads_says_its_source_and_is_listed(name, tmp_path):
+    """The profiles emulated clusters run on: each loads, says where its numbers come from, is in
+    profiles/README.md, and an analytic one is what the planner derives today (regenerated)."""
+    path = os.path.join(PROFILES_DIR, name)
+    profile = LatencyProfile.load(path)
+    assert profile.source in ("measured", "analytic")
+    with open(os.path.join(PROFILES_DIR, "README.md")) as f:
+        assert f"`{name}`" in f.read()
+    if profile.source == "analytic":
+        again = tmp_path / name
+        argv = ["profile", "--analytic", "--model", profile.model, "--gpu", profile.device, "--out", str(again)]
+        assert planner_cli.main(argv) == 0
+        with open(path) as f, open(again) as g:
+            stored, derived = _flat(json.load(f)), _flat(json.load(g))
+        assert stored.keys() == derived.keys()
+        for key, value in derived.items():  # (least squares' last digits vary with the BLAS)
+            assert stored[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list):
+        return {k: v for i, value in enumerate(tree) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix: tree}
