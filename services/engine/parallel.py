@@ -37,6 +37,7 @@ its next pass would be paired with them.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import logging
 import os
@@ -173,9 +174,13 @@ class Ranks:
         listener = None
         if config.pods > 1:  # the store on the port after the followers' (a fixed port others can reach)
             listener = _listen(config.rendezvous)
-            store_port = listener.getsockname()[1] + 1
-        else:
-            store_port = _free_port()
+            host = config.rendezvous.rpartition(":")[0]
+            store_listener = _listen(f"{host}:{listener.getsockname()[1] + 1}")
+        else:  # only this pod's ranks join
+            store_listener = _listen("127.0.0.1:0")
+        store_host, store_port = store_listener.getsockname()[:2]
+        if ipaddress.ip_address(store_host).is_unspecified:
+            store_host = "127.0.0.1"
         threads_before = torch.get_num_threads()
         # on the CPU the pod's threads are shared out: ranks waiting on each other's all-reduce
         # must not also compete for cores
@@ -185,15 +190,17 @@ class Ranks:
         try:
             if listener is not None:  # before this pod's ranks start: they all join within START_TIMEOUT
                 ranks._accept_followers(listener, config.pods, spec, tls)
-            local = {**spec, "store_host": "127.0.0.1", "threads": torch.get_num_threads()}
+            local = {**spec, "store_host": store_host, "threads": torch.get_num_threads()}
             ranks._adopt(start_pod_ranks(local, range(1, per_pod)))
-            ranks.tp, ranks.pipeline = join_group(0, config, f"127.0.0.1:{store_port}", model_config.num_layers)
+            address = f"{store_host}:{store_port}"
+            ranks.tp, ranks.pipeline = join_group(0, config, address, model_config.num_layers, store_listener)
         except BaseException:
             ranks.abort()
             raise
         finally:
             if listener is not None:
                 listener.close()
+            store_listener.close()  # (a no-op once the store has taken it)
         log.info(
             "%d ranks: tp %d x pp %d over %d pod(s) (pids here %s)",
             size,
@@ -291,22 +298,32 @@ class Ranks:
             os._exit(1)
 
 
-def join_group(rank: int, config: EngineConfig, address: str, num_layers: int) -> tuple[TensorParallel, Pipeline]:
+def join_group(
+    rank: int, config: EngineConfig, address: str, num_layers: int, store_listener: socket.socket | None = None
+) -> tuple[TensorParallel, Pipeline]:
     """Joins the instance's process group (`config` is this rank's: its device is the rank's own):
-    this rank's TensorParallel (with its stage's all-reduce) and Pipeline."""
+    this rank's TensorParallel (with its stage's all-reduce) and Pipeline. Rank 0 serves the group's
+    store at `address` on `store_listener`, a socket bound where the instance was told to listen:
+    a store torch opens itself listens on every interface."""
     tp, pp = config.tensor_parallel, config.pipeline_parallel
     on_cuda = config.device.startswith("cuda")
     if on_cuda:
         torch.cuda.set_device(config.device)  # this rank's own (rank.py: rank_device)
     # NCCL wants a GPU per rank; ranks sharing one go through gloo, their tensors through host memory
     via_host = on_cuda and config.ranks_share_device
-    dist.init_process_group(
-        "nccl" if on_cuda and not via_host else "gloo",
-        init_method=f"tcp://{address}",
-        rank=rank,
-        world_size=tp * pp,
+    backend, world_size = "nccl" if on_cuda and not via_host else "gloo", tp * pp
+    host, _, port = address.rpartition(":")
+    store = dist.TCPStore(
+        host,
+        int(port),
+        world_size,
+        is_master=store_listener is not None,
         timeout=START_TIMEOUT,
+        wait_for_workers=False,
+        # the store's from now on (it closes it)
+        master_listen_fd=store_listener.detach() if store_listener is not None else None,
     )
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=START_TIMEOUT)
     # every rank creates every stage's group, in the same order (torch.distributed requires it)
     groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if pp > 1 else None for s in range(pp)]
     stage = rank // tp
@@ -436,12 +453,6 @@ def rank_device(device: str, rank: int) -> str:
         return device
     first = int(device.partition(":")[2] or 0)
     return f"cuda:{first + rank}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def die_with_parent(parent: int) -> None:

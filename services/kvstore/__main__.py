@@ -6,7 +6,9 @@ SIGTERM: in-flight pulls finish, watch streams end, the process exits 0.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import socket
 
 from services.common.flags import FlagParser, common_server_flags, setup_process
@@ -68,6 +70,13 @@ def default_transfer_host() -> str:
         return "127.0.0.1"
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def serve(args) -> None:
     transfer_host = args.transfer_host or default_transfer_host()
     grpc_host = args.host if args.host not in ("0.0.0.0", "::", "[::]", "") else transfer_host
@@ -103,8 +112,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_process(args, "kvstore")
     logging.getLogger("ucx").setLevel(logging.WARNING)  # ucxx logs its own env defaults at INFO
-    tls = configure_ucx_environment(args.ucx_tls)
-    log.info("UCX_TLS=%s", tls)
+    loopback_only = all(is_loopback(host) for host in (args.host, args.transfer_host or default_transfer_host()))
+    tls = configure_ucx_environment(args.ucx_tls, loopback_only)
+    log.info("UCX_TLS=%s UCX_NET_DEVICES=%s", tls, os.environ.get("UCX_NET_DEVICES", "(all)"))
     run_event_loop(serve(args))
 
 

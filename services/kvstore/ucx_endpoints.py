@@ -30,15 +30,20 @@ CONTROL_TAG = 0  # the tag of control frames (ucxx mixes it with the endpoint's 
 IDLE_POLL_MAX_SECONDS = 0.002  # worst added latency of a request on an idle pooled endpoint
 
 
-def configure_ucx_environment(tls: str = "") -> str:
+def configure_ucx_environment(tls: str = "", loopback_only: bool = False) -> str:
     """Sets UCX_* variables before ucxx is first used; returns the UCX_TLS in effect.
 
     `tls` wins, then an existing UCX_TLS, then tcp,self,sm (CPU pools). On GPU nodes use e.g.
-    "rc,cuda_copy,cuda_ipc,tcp,sm,self" (RDMA NIC) so GPU buffers go device to device."""
+    "rc,cuda_copy,cuda_ipc,tcp,sm,self" (RDMA NIC) so GPU buffers go device to device.
+    `loopback_only` (the daemon serves and transfers on a loopback address): UCX's network
+    transports open their sockets on `lo` only (UCX_NET_DEVICES, unless set), not on every
+    interface; elsewhere UCX_NET_DEVICES is the operator's (it also picks RDMA devices)."""
     if tls:
         os.environ["UCX_TLS"] = tls
     else:
         os.environ.setdefault("UCX_TLS", DEFAULT_CPU_TLS)
+    if loopback_only:
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
     # ucxx sets variables (UCX_MEMTYPE_CACHE...) that this UCX build does not know; UCX would warn
     # about each of them at start-up.
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
