@@ -58,6 +58,8 @@ from typing import IO, TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from services.common.net import is_loopback
+
 from .config import EngineConfig, ModelConfig, stage_layers
 from .layers.linear import TensorParallel
 
@@ -175,7 +177,11 @@ class Ranks:
         if config.pods > 1:  # the store on the port after the followers' (a fixed port others can reach)
             listener = _listen(config.rendezvous)
             host = config.rendezvous.rpartition(":")[0]
-            store_listener = _listen(f"{host}:{listener.getsockname()[1] + 1}")
+            try:
+                store_listener = _listen(f"{host}:{listener.getsockname()[1] + 1}")
+            except OSError:
+                listener.close()
+                raise
         else:  # only this pod's ranks join
             store_listener = _listen("127.0.0.1:0")
         store_host, store_port = store_listener.getsockname()[:2]
@@ -313,6 +319,10 @@ def join_group(
     via_host = on_cuda and config.ranks_share_device
     backend, world_size = "nccl" if on_cuda and not via_host else "gloo", tp * pp
     host, _, port = address.rpartition(":")
+    if is_loopback(host):  # every rank on this host: so are their sockets
+        # (gloo and NCCL otherwise listen on the address the hostname resolves to)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     store = dist.TCPStore(
         host,
         int(port),

@@ -6,13 +6,13 @@ SIGTERM: in-flight pulls finish, watch streams end, the process exits 0.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
 
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
+from services.common.net import is_loopback
 from services.common.server import ServiceRunner, run_event_loop
 
 from .daemon import KvStoreConfig, KvStoreDaemon
@@ -68,13 +68,6 @@ def default_transfer_host() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 async def serve(args) -> None:

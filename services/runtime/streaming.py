@@ -404,7 +404,7 @@ class ServedCall:
         chunk.token_ids.extend(item.token_ids)
         if item.logprobs:
             chunk.logprobs.extend(item.logprobs)
-        if item.prefill_seconds:
+        if item.queue_seconds or item.prefill_seconds:
             chunk.queue_seconds, chunk.prefill_seconds = item.queue_seconds, item.prefill_seconds
         if item.finish_reason:
             chunk.finish_reason = item.finish_reason

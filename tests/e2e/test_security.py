@@ -171,6 +171,8 @@ def _listening(pid: int) -> list[tuple[str, int]]:
             inodes.add(target[8:-1])
     found = []
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        if not os.path.exists(f"/proc/{pid}/net/{table}"):  # (a kernel without IPv6)
+            continue
         with open(f"/proc/{pid}/net/{table}") as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
