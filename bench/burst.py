@@ -8,6 +8,7 @@ bench/heap_probe): bytes in use against free bytes the heap keeps, live memory a
 
     python -m bench.burst                      # docs/reliability.md's table: 3 bursts of 3,000
     PYTHONMALLOC=malloc python -m bench.burst --bursts 1 --heap    # every Python object on glibc's heap
+    python -m bench.burst --bursts 1 --up-arg=--worker-arg=--no-prefix-caching  # flags for `pdserve up`
 
 Results: <out>.json.
 """
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=15.0, help="seconds after a burst before memory is read")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heap", action="store_true", help="also read each service's glibc heap (mallinfo2)")
+    ap.add_argument("--up-arg", action="append", default=[], help="extra flag for `pdserve up` (repeatable)")
     ap.add_argument("--out", default="results/burst-memory")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
             probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heap_probe")
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (probe, os.environ.get("PYTHONPATH")) if p)
             os.environ["PDSERVE_HEAP_DIR"] = heap_dir
-        cluster = Cluster(folder, ("--prefill", "1", "--decode", "1"))
+        cluster = Cluster(folder, ("--prefill", "1", "--decode", "1", *args.up_arg))
         try:
             rows = asyncio.run(bursts(cluster, args.requests, args.bursts, args.settle, args.seed, heap_dir))
         finally:
