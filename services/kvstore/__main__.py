@@ -71,7 +71,7 @@ def default_transfer_host() -> str:
 
 
 async def serve(args) -> None:
-    transfer_host = args.transfer_host or default_transfer_host()
+    transfer_host = args.transfer_host
     grpc_host = args.host if args.host not in ("0.0.0.0", "::", "[::]", "") else transfer_host
     config = KvStoreConfig(
         node_id=args.node_id,
@@ -105,7 +105,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_process(args, "kvstore")
     logging.getLogger("ucx").setLevel(logging.WARNING)  # ucxx logs its own env defaults at INFO
-    loopback_only = all(is_loopback(host) for host in (args.host, args.transfer_host or default_transfer_host()))
+    args.transfer_host = args.transfer_host or default_transfer_host()  # (resolved once)
+    loopback_only = is_loopback(args.host) and is_loopback(args.transfer_host)
     tls = configure_ucx_environment(args.ucx_tls, loopback_only)
     log.info("UCX_TLS=%s UCX_NET_DEVICES=%s", tls, os.environ.get("UCX_NET_DEVICES", "(all)"))
     run_event_loop(serve(args))
