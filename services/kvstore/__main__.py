@@ -12,7 +12,6 @@ import socket
 
 from services.common.flags import FlagParser, common_server_flags, setup_process
 from services.common.metrics import new_registry
-from services.common.net import is_loopback
 from services.common.server import ServiceRunner, run_event_loop
 
 from .daemon import KvStoreConfig, KvStoreDaemon
@@ -31,9 +30,17 @@ def parser() -> FlagParser:
         help="gRPC host:port other nodes use to reach this daemon (default: transfer host and --port)",
     )
     p.add_flag(
-        "--transfer-host", default="", help="address of this node that peers use for UCX (default: this host's IP)"
+        "--transfer-host",
+        default="",
+        help="an address of this node's interface that peers reach for UCX transfers: UCX listens on that "
+        "interface only (default: this host's IP)",
     )
-    p.add_flag("--transfer-port", default=0, type=int, help="UCX listener port (0: any free port)")
+    p.add_flag(
+        "--transfer-port",
+        default=0,
+        type=int,
+        help="port UCX's TCP transport listens on, on --transfer-host's interface (0: any free port)",
+    )
     p.add_flag(
         "--ucx-tls",
         default="",
@@ -71,12 +78,9 @@ def default_transfer_host() -> str:
 
 
 async def serve(args) -> None:
-    transfer_host = args.transfer_host
-    grpc_host = args.host if args.host not in ("0.0.0.0", "::", "[::]", "") else transfer_host
+    grpc_host = args.host if args.host not in ("0.0.0.0", "::", "[::]", "") else args.transfer_host
     config = KvStoreConfig(
         node_id=args.node_id,
-        transfer_host=transfer_host,
-        transfer_port=args.transfer_port,
         advertise_address=args.advertise_address or f"{grpc_host}:{args.port}",
         ttl_seconds=args.ttl_seconds,
         host_tier_bytes=args.host_tier_bytes,
@@ -106,9 +110,13 @@ def main(argv=None) -> None:
     setup_process(args, "kvstore")
     logging.getLogger("ucx").setLevel(logging.WARNING)  # ucxx logs its own env defaults at INFO
     args.transfer_host = args.transfer_host or default_transfer_host()  # (resolved once)
-    loopback_only = is_loopback(args.host) and is_loopback(args.transfer_host)
-    tls = configure_ucx_environment(args.ucx_tls, loopback_only)
-    log.info("UCX_TLS=%s UCX_NET_DEVICES=%s", tls, os.environ.get("UCX_NET_DEVICES", "(all)"))
+    tls = configure_ucx_environment(args.ucx_tls, args.transfer_host, args.transfer_port)
+    log.info(
+        "UCX_TLS=%s UCX_NET_DEVICES=%s UCX_TCP_PORT_RANGE=%s",
+        tls,
+        os.environ.get("UCX_NET_DEVICES", "(all)"),
+        os.environ.get("UCX_TCP_PORT_RANGE", "(any)"),
+    )
     run_event_loop(serve(args))
 
 

@@ -53,7 +53,7 @@ class KvStoreClient:
         self.address = address  # this node's daemon
         self.pool_id = ""
         self.node_id = ""
-        self.transfer_address = ""  # the daemon's UCX listener, as other nodes reach it
+        self.transfer_address = ""  # the daemon's UCX worker address, as other nodes reach it
         self._stubs: dict[str, tuple[PeerChannel, kvstore_pb2_grpc.KvStoreStub]] = {}
         self._watch: asyncio.Task | None = None
         self._published: dict[str, list[int]] = {}  # kv_id -> blocks not yet released to us

@@ -1,6 +1,6 @@
 """The kvstore daemon: the KvStore gRPC servicer, pulls (local copy or UCX), and the TTL sweeper.
 
-One asyncio loop runs everything: gRPC handlers, the UCX listener's handlers and the sweeper.
+One asyncio loop runs everything: gRPC handlers, the UCX connections' handlers and the sweeper.
 Block copies between mapped pools run in worker threads (torch releases the GIL), so a large
 copy does not stall the loop. See docs/kvstore.md for the protocol and the entry lifecycle.
 """
@@ -32,6 +32,7 @@ from .host_tier import HostTier
 from .metrics import KvStoreMetrics
 from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, rank_layout, resharding_plan
+from .ucx_endpoints import parse_address, this_worker_address
 from .ucx_transfer import UcxPuller, UcxTransferServer
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 @dataclass
 class KvStoreConfig:
     node_id: str
-    transfer_host: str = "127.0.0.1"  # advertised host of the UCX listener
-    transfer_port: int = 0
     advertise_address: str = ""  # gRPC host:port other nodes use; set once the port is bound
     ttl_seconds: float = 30.0
     host_tier_bytes: int = 1 << 30
@@ -85,10 +84,10 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        port = self.ucx_server.start(self.config.transfer_port)
-        self.transfer_address = f"{self.config.transfer_host}:{port}"
+        self.ucx_server.start()
+        self.transfer_address = this_worker_address()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="kvstore-sweeper")
-        log.info("node %s: UCX transfers on %s", self.config.node_id, self.transfer_address)
+        log.info("node %s: UCX transfers at worker address %s", self.config.node_id, self.transfer_address)
 
     def add_to_server(self, server: grpc.aio.Server) -> str:
         kvstore_pb2_grpc.add_KvStoreServicer_to_server(self, server)
@@ -238,9 +237,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
         record, pool, hashes = self._prefix_request(request)
         fingerprint = record.layout.fingerprint()
         if request.source_transfer_address:
-            host, _, port = request.source_transfer_address.rpartition(":")
-            if not host or not port.isdigit():
-                raise invalid("source_transfer_address", f"expected host:port, got {request.source_transfer_address!r}")
+            parse_address(request.source_transfer_address, "source_transfer_address")
             if not request.block_ids:
                 raise invalid("block_ids", "needed with source_transfer_address")
         if not request.block_ids:
@@ -373,7 +370,7 @@ class KvStoreDaemon(kvstore_pb2_grpc.KvStoreServicer):
             ):
                 table.drop(entry, ReleaseReason.EXPIRED)  # the host tier never had room: give the blocks back
                 self.metrics.expired.inc()
-        await self.puller.endpoints.close_idle()
+        await self.puller.connections.close_idle()
         now = time.monotonic()
         for record in list(table.pools.values()):
             if not record.watched and now - record.registered_at > cfg.watch_grace_seconds:

@@ -1,53 +1,152 @@
-"""UCX plumbing for the kvstore: environment, pooled endpoints to peers, idle-connection waiting.
+"""UCX plumbing for the kvstore: environment, connections to peer daemons, idle-connection waiting.
 
-Why pool endpoints: opening a UCX endpoint (connect + wire-up + ucxx's tag exchange) costs far more
-than a pull's messages (docs/kvstore.md has the figures). So a pulling daemon keeps a few idle
-endpoints per peer and uses each for one transfer at a time (ucxx tagged messages on one endpoint match in
-order, so interleaving two transfers on one endpoint would mix their messages).
+No listening socket of its own: a daemon's transfer address is its UCX worker address ("ucx:" and
+the address in base64), which names the transports' own endpoints (the TCP transport listens on
+the interface of --transfer-host, at --transfer-port). A pulling daemon opens an endpoint to that
+address and says hello on HELLO_TAG with a connection id and its own worker address; the source
+opens an endpoint back and acknowledges. A connection's messages carry tags made of its id, the
+sending side and the message's tag, so they match no other connection's. (A sockaddr listener, the
+usual way to accept UCX connections, binds every interface: ucxx does not let it bind one.)
 
-Why not simply post a receive on every idle endpoint: in ucxx's default (thread) progress mode an
-awaited request is a coroutine that checks it on every event-loop turn, so each idle endpoint with
-a posted receive would keep the loop spinning. Instead RequestWaiter probes all idle server-side
-endpoints from one task, backing off to IDLE_POLL_MAX_SECONDS when nothing arrives.
+Why pool connections: opening one (two endpoints, wire-up, the hello) costs far more than a pull's
+messages (docs/kvstore.md has the figures). So a pulling daemon keeps a few idle connections per
+peer and uses each for one transfer at a time (UCX matches tagged messages in order, so
+interleaving two transfers on one connection would mix their messages).
+
+Why not simply post a receive on every idle connection: in ucxx's default (thread) progress mode
+an awaited request is a coroutine that checks it on every event-loop turn, so each idle connection
+with a posted receive would keep the loop spinning. Instead RequestWaiter probes all idle
+server-side connections from one task, backing off to IDLE_POLL_MAX_SECONDS when nothing arrives,
+and the Acceptor probes for hellos, backing off to HELLO_POLL_BUSY_SECONDS while connections are
+being opened and to HELLO_POLL_QUIET_SECONDS after a quiet minute (an idle daemon's CPU).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import ctypes
+import ipaddress
+import json
 import logging
 import os
+import secrets
+import socket
 import time
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+import numpy as np
+
+from services.common.background import in_background
+from services.common.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-# ucxx has no type information, so its endpoints and listeners are Any here
+# ucxx has no type information, so its endpoints are Any here
 Endpoint: TypeAlias = Any
-Listener: TypeAlias = Any
 
 DEFAULT_CPU_TLS = "tcp,self,sm"
-CONTROL_TAG = 0  # the tag of control frames (ucxx mixes it with the endpoint's own tag)
-IDLE_POLL_MAX_SECONDS = 0.002  # worst added latency of a request on an idle pooled endpoint
+RDMA_TRANSPORTS = ("rc", "ud", "dc", "ib")  # UCX_TLS names (and prefixes) of InfiniBand/RoCE transports
+ADDRESS_PREFIX = "ucx:"
+MAX_ADDRESS_BYTES = 8192  # a UCX worker address is ~200 bytes over tcp and sm, more with RDMA devices
+HELLO_TAG = 0x7064_7365_7276_6501  # a new connection's first message, matched by the source's worker
+CONTROL_TAG = 0  # the tag of control frames within a connection
+CONNECTION_TAG_BITS = 23  # a connection's own tags are 0 .. 2**23 - 1
+GOODBYE_TAG = (1 << CONNECTION_TAG_BITS) - 1  # the side that ends a connection says so
+GOODBYE_SECONDS = 1.0
+_GOODBYE = np.zeros(1, dtype=np.uint8)
+PEER_POLL_MAX_SECONDS = 0.005  # worst delay in noticing, during a transfer, that the peer left
+MIN_ADDRESS_BYTES = 16
+ADDRESS_VERSION_MASK = 0x0F  # the low bits of a packed UCX worker address's first byte
+MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
+MAX_HELLO_BYTES = 64 << 10
+IDLE_POLL_MAX_SECONDS = 0.002  # worst added latency of a request on an idle pooled connection
+HELLO_POLL_BUSY_SECONDS = 0.01  # worst added latency of opening a connection, a minute after the last
+HELLO_POLL_QUIET_SECONDS = 0.05  # and after that
 
 
-def configure_ucx_environment(tls: str = "", loopback_only: bool = False) -> str:
+def configure_ucx_environment(tls: str = "", transfer_host: str = "", transfer_port: int = 0) -> str:
     """Sets UCX_* variables before ucxx is first used; returns the UCX_TLS in effect.
 
     `tls` wins, then an existing UCX_TLS, then tcp,self,sm (CPU pools). On GPU nodes use e.g.
     "rc,cuda_copy,cuda_ipc,tcp,sm,self" (RDMA NIC) so GPU buffers go device to device.
-    `loopback_only` (the daemon serves and transfers on a loopback address): UCX's network
-    transports open their sockets on `lo` only (UCX_NET_DEVICES, unless set), not on every
-    interface; elsewhere UCX_NET_DEVICES is the operator's (it also picks RDMA devices)."""
+    UCX's TCP transport listens on the interface of `transfer_host` only (UCX_NET_DEVICES), at
+    `transfer_port` when one is given (UCX_TCP_PORT_RANGE), unless those variables are set. With
+    an RDMA transport UCX_NET_DEVICES is the operator's: it also names the RDMA devices."""
     if tls:
         os.environ["UCX_TLS"] = tls
     else:
         os.environ.setdefault("UCX_TLS", DEFAULT_CPU_TLS)
-    if loopback_only:
-        os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    listed = os.environ["UCX_TLS"]  # "all" or "^..." (all but those) may include RDMA too
+    rdma = listed == "all" or listed.startswith("^") or any(t.startswith(RDMA_TRANSPORTS) for t in listed.split(","))
+    if transfer_host and not rdma and "UCX_NET_DEVICES" not in os.environ:
+        device = interface_of(transfer_host)
+        if device:
+            os.environ["UCX_NET_DEVICES"] = device
+        else:
+            log.warning("no interface holds %s: UCX may listen on every interface", transfer_host)
+    if transfer_port:
+        os.environ.setdefault("UCX_TCP_PORT_RANGE", f"{transfer_port}-{transfer_port}")
     # ucxx sets variables (UCX_MEMTYPE_CACHE...) that this UCX build does not know; UCX would warn
     # about each of them at start-up.
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     return os.environ["UCX_TLS"]
+
+
+def interface_of(host: str) -> str:
+    """The name of the network interface that holds `host`'s address ("" if none does)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return ""
+    wanted = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    return next((name for name, address in interface_addresses() if address in wanted), "")
+
+
+class _SockAddr(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 26)]
+
+
+class _IfAddrs(ctypes.Structure):
+    pass
+
+
+_IfAddrs._fields_ = [
+    ("next", ctypes.POINTER(_IfAddrs)),
+    ("name", ctypes.c_char_p),
+    ("flags", ctypes.c_uint),
+    ("addr", ctypes.POINTER(_SockAddr)),
+    ("netmask", ctypes.POINTER(_SockAddr)),
+    ("ifu", ctypes.c_void_p),
+    ("data", ctypes.c_void_p),
+]
+
+
+def interface_addresses() -> list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """(interface, address) for every IP address of this machine, secondary ones included
+    (getifaddrs(3): sockaddr_in holds the address at bytes 2..6, sockaddr_in6 at 6..22)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    head = ctypes.POINTER(_IfAddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        return []
+    found: list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+    try:
+        entry = head
+        while entry:
+            item = entry.contents
+            if item.addr and item.name:
+                family, data = item.addr.contents.family, bytes(item.addr.contents.data)
+                if family == socket.AF_INET:
+                    found.append((item.name.decode(), ipaddress.IPv4Address(data[2:6])))
+                elif family == socket.AF_INET6:
+                    found.append((item.name.decode(), ipaddress.IPv6Address(data[6:22])))
+            entry = item.next
+    finally:
+        libc.freeifaddrs(head)
+    return found
 
 
 def ucxx_module():
@@ -56,89 +155,337 @@ def ucxx_module():
     return ucxx
 
 
-class EndpointPool:
-    """Idle endpoints to peer daemons, keyed by "host:port"; one transfer per endpoint at a time."""
+def address_text(worker_address: bytes) -> str:
+    return ADDRESS_PREFIX + base64.urlsafe_b64encode(worker_address).decode()
+
+
+def parse_address(text: str, field: str = "handle.transfer_address") -> bytes:
+    """The UCX worker address in a transfer address; INVALID_ARGUMENT naming `field` if malformed."""
+    if not text.startswith(ADDRESS_PREFIX) or len(text) > 2 * MAX_ADDRESS_BYTES:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: expected {ADDRESS_PREFIX}<UCX worker address in base64>, got {text[:80]!r}",
+        )
+    try:
+        address = base64.urlsafe_b64decode(text[len(ADDRESS_PREFIX) :].encode())
+    except (binascii.Error, ValueError):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: not base64") from None
+    if not address:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: empty UCX worker address")
+    return address
+
+
+def this_worker_address() -> str:
+    return address_text(bytes(ucxx_module().get_worker_address()))
+
+
+async def endpoint_to(address: bytes) -> Endpoint:
+    """An endpoint to the UCX worker at `address`. UCX trusts the address's bytes (garbage can fail
+    an assertion and end the process), so one not of this worker's format is refused first."""
+    ucxx = ucxx_module()
+    own = bytes(ucxx.get_worker_address())
+    if len(address) < MIN_ADDRESS_BYTES or address[0] & ADDRESS_VERSION_MASK != own[0] & ADDRESS_VERSION_MASK:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "handle.transfer_address: not a UCX worker address")
+    return await ucxx.create_endpoint_from_worker_address(ucxx.get_ucx_address_from_buffer(address))
+
+
+T = TypeVar("T")
+
+
+class Connection:
+    """One conversation between two daemons: an endpoint to the peer's worker, and tags only this
+    connection uses (its id, the sending side, the message's own tag).
+
+    Each side has its own endpoint (UCX may carry both over one socket), so closing one tells the
+    other nothing: a side that ends the connection says goodbye first (GOODBYE_TAG), and `closed`
+    is true once the peer has said it or is gone."""
+
+    def __init__(self, ep: Endpoint, connection_id: int, dialed: bool):
+        self.ep = ep
+        self.id = connection_id
+        self._sends, self._receives = (0, 1) if dialed else (1, 0)
+        self._peer_left = False
+        self._ending = False
+
+    def _tag(self, tag: int, side: int) -> int:
+        if not 0 <= tag < 1 << CONNECTION_TAG_BITS:
+            raise ValueError(f"tag {tag} out of a connection's range")
+        return (self.id << (CONNECTION_TAG_BITS + 1)) | (side << CONNECTION_TAG_BITS) | tag
+
+    @property
+    def closed(self) -> bool:
+        if not self._peer_left and not self.ep.closed:
+            self._peer_left = self.tag_probe(GOODBYE_TAG).matched
+        return self._peer_left or self._ending or self.ep.closed
+
+    async def send(self, buffer, tag: int) -> None:
+        await self.ep.send(buffer, tag=self._tag(tag, self._sends), force_tag=True)
+
+    async def recv(self, buffer, tag: int) -> None:
+        await self.ep.recv(buffer, tag=self._tag(tag, self._receives), force_tag=True)
+
+    def tag_probe(self, tag: int, remove: bool = False):
+        return self.ep.tag_probe(self._tag(tag, self._receives), force_tag=True, remove=remove)
+
+    async def recv_with_handle(self, buffer, probe) -> None:
+        await self.ep.recv_with_handle(buffer, probe)
+
+    async def while_peer_stays(self, work: Awaitable[T]) -> T:
+        """`work`'s result; if the peer leaves first, `work` is cancelled and ConnectionError
+        raised (a transfer waits on messages that would never come)."""
+        task = asyncio.ensure_future(work)
+        delay = 0.0
+        try:
+            while not task.done():
+                delay = min(max(2 * delay, 0.0001), PEER_POLL_MAX_SECONDS)
+                await asyncio.wait([task], timeout=delay)
+                if not task.done() and self.closed:
+                    task.cancel()
+                    await asyncio.wait([task])
+                    raise ConnectionError("the peer left the connection")
+            return task.result()
+        finally:
+            if not task.done():  # we were cancelled: so is the work, and it cleans up first
+                task.cancel()
+                await asyncio.wait([task])
+
+    async def close(self) -> None:
+        """Says goodbye (unless the peer is gone), then closes the endpoint, which also cancels the
+        sends and receives still posted (after a failure). Idempotent."""
+        if self._ending:
+            return
+        self._ending = True
+        if not self._peer_left and not self.ep.closed:
+            try:
+                goodbye = self.ep.send(_GOODBYE, tag=self._tag(GOODBYE_TAG, self._sends), force_tag=True)
+                await asyncio.wait_for(goodbye, GOODBYE_SECONDS)
+            except Exception:
+                pass  # the peer's endpoint tells it, or its own timeout does
+        if self._peer_left:  # take its goodbye off UCX's queue of unexpected messages
+            probe = self.tag_probe(GOODBYE_TAG, remove=True)
+            if probe.matched:
+                try:
+                    await asyncio.wait_for(self.recv_with_handle(np.empty(probe.length or 1, np.uint8), probe), 1.0)
+                except Exception:
+                    pass
+        if not self.ep.closed:
+            await self.ep.close()
+
+
+def _frame(message: dict) -> np.ndarray:
+    return np.frombuffer(json.dumps(message).encode(), dtype=np.uint8)
+
+
+def _message(body: np.ndarray) -> dict:
+    message = json.loads(body.tobytes())
+    if not isinstance(message, dict):
+        raise ValueError("control frame is not a JSON object")
+    return message
+
+
+async def send_frame(connection: Connection, message: dict) -> None:
+    await connection.send(_frame(message), CONTROL_TAG)
+
+
+async def recv_frame(connection: Connection) -> dict:
+    """The next control frame. Probing the tag tells its length, so a frame is a single message."""
+    while not (probe := connection.tag_probe(CONTROL_TAG, remove=True)).matched:
+        if connection.closed:
+            raise ConnectionError("the peer closed the connection")
+        await asyncio.sleep(0)
+    if not 0 < probe.length <= MAX_CONTROL_BYTES:
+        raise ValueError(f"bad control frame length {probe.length}")
+    body = np.empty(probe.length, dtype=np.uint8)
+    await connection.recv_with_handle(body, probe)
+    return _message(body)
+
+
+class ConnectionPool:
+    """The dialing side: idle connections to peer daemons, keyed by transfer address; one transfer
+    per connection at a time."""
 
     def __init__(self, connect_timeout: float, max_idle_per_peer: int = 4, idle_seconds: float = 30.0):
         self.connect_timeout = connect_timeout
         self.max_idle_per_peer = max_idle_per_peer
-        self.idle_seconds = idle_seconds
-        self._idle: dict[str, list[tuple[Endpoint, float]]] = {}  # address -> [(endpoint, idle since)]
+        self.idle_seconds = idle_seconds  # the source closes connections idle 3x as long
+        self._idle: dict[str, list[tuple[Connection, float]]] = {}  # address -> [(connection, idle since)]
 
-    async def acquire(self, host: str, port: int) -> tuple[Endpoint, bool]:
-        """(endpoint, reused): an idle endpoint to the peer if one is alive, else a new one.
-        Raises whatever connecting raises (the caller maps it to UNAVAILABLE)."""
-        idle = self._idle.get(f"{host}:{port}", [])
+    async def acquire(self, address: str) -> tuple[Connection, bool]:
+        """(connection, reused): an idle connection to the peer if one is alive, else a new one.
+        Raises ServiceError INVALID_ARGUMENT for a malformed address, else whatever connecting
+        raises (the caller maps it to UNAVAILABLE)."""
+        peer = parse_address(address)
+        idle, fresh_since = self._idle.get(address, []), time.monotonic() - self.idle_seconds
         while idle:
-            ep, _ = idle.pop()
-            if not ep.closed:
-                return ep, True
-        ep = await asyncio.wait_for(
-            ucxx_module().create_endpoint(host, port, connect_timeout=self.connect_timeout), self.connect_timeout
-        )
-        return ep, False
-
-    async def give_back(self, host: str, port: int, ep) -> None:
-        """Returns an endpoint whose last transfer ended cleanly (no message in flight)."""
-        idle = self._idle.setdefault(f"{host}:{port}", [])
-        if ep.closed or len(idle) >= self.max_idle_per_peer:
-            await self.discard(ep)
-        else:
-            idle.append((ep, time.monotonic()))
+            connection, since = idle.pop()
+            if not connection.closed and since > fresh_since:
+                return connection, True
+            await self.discard(connection)
+        ep = await asyncio.wait_for(endpoint_to(peer), self.connect_timeout)
+        connection = Connection(ep, secrets.randbits(64 - CONNECTION_TAG_BITS - 1), dialed=True)
+        try:
+            hello = {"connection": connection.id, "reply_to": this_worker_address()}
+            await asyncio.wait_for(self._hello(connection, hello), self.connect_timeout)
+        except BaseException:
+            await self.discard(connection)
+            raise
+        return connection, False
 
     @staticmethod
-    async def discard(ep) -> None:
-        if not ep.closed:
-            await ep.close()  # also cancels receives still posted (after a failure)
+    async def _hello(connection: Connection, hello: dict) -> None:
+        await connection.ep.send(_frame(hello), tag=HELLO_TAG, force_tag=True)
+        reply = await recv_frame(connection)
+        if not reply.get("ok"):
+            raise ConnectionError(f"the peer refused the connection: {reply.get('message', '')}")
+
+    async def give_back(self, address: str, connection: Connection) -> None:
+        """Returns a connection whose last transfer ended cleanly (no message in flight)."""
+        idle = self._idle.setdefault(address, [])
+        if connection.closed or len(idle) >= self.max_idle_per_peer:
+            await self.discard(connection)
+        else:
+            idle.append((connection, time.monotonic()))
+
+    @staticmethod
+    async def discard(connection: Connection) -> None:
+        await connection.close()
 
     async def close_idle(self, everything: bool = False) -> None:
-        """Closes endpoints idle for longer than idle_seconds (all of them when `everything`)."""
-        deadline = time.monotonic() - self.idle_seconds
-        for address, idle in list(self._idle.items()):
-            keep = [] if everything else [(ep, t) for ep, t in idle if t > deadline and not ep.closed]
-            for ep, t in idle:
-                if (ep, t) not in keep:
-                    await self.discard(ep)
-            self._idle[address] = keep
+        """Closes connections idle for longer than idle_seconds (all of them when `everything`)."""
+        deadline, stale = time.monotonic() - self.idle_seconds, []
+        for address, idle in list(self._idle.items()):  # (sorted out before the first await)
+            keep = [] if everything else [(c, t) for c, t in idle if t > deadline and not c.closed]
+            stale += [c for c, t in idle if (c, t) not in keep]
+            if keep:
+                self._idle[address] = keep
+            else:
+                del self._idle[address]
+        for connection in stale:
+            await self.discard(connection)
+
+
+class Acceptor:
+    """The source side: takes each hello, opens the endpoint back to its sender and hands the new
+    connection to `serve` (run as a task, which ends the connection when it returns)."""
+
+    def __init__(self, serve: Callable[[Connection], Awaitable[None]], max_connections: int = 4096):
+        self._serve = serve
+        self.max_connections = max_connections
+        self.connections: dict[int, asyncio.Task] = {}  # connection id -> the task serving it
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        ucxx_module().continuous_ucx_progress()
+        self._task = asyncio.create_task(self._accept_forever(), name="kvstore-ucx-acceptor")
+
+    async def close(self) -> None:
+        """Stops accepting, then ends every connection (a transfer in progress fails)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for task in list(self.connections.values()):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections.values()), timeout=5.0)
+
+    async def _accept_forever(self) -> None:
+        # ucxx's application context: its worker-level probe and receive are not in ucxx's API
+        context, delay, last_hello = ucxx_module().core._get_ctx(), 0.0, 0.0
+        while True:
+            try:
+                probe = context.tag_probe(HELLO_TAG, remove=True)
+            except Exception:
+                log.exception("probing for UCX hellos failed")
+                probe = None
+            if probe is None or not probe.matched:
+                quiet = time.monotonic() - last_hello > 60.0
+                delay = min(max(2 * delay, 0.0001), HELLO_POLL_QUIET_SECONDS if quiet else HELLO_POLL_BUSY_SECONDS)
+                await asyncio.sleep(delay)
+                continue
+            delay, last_hello = 0.0, time.monotonic()
+            # each in its own task: a hello whose bytes never come must not hold up the next
+            in_background(self._take_hello(context, probe))
+
+    async def _take_hello(self, context, probe) -> None:
+        body = np.empty(max(1, min(probe.length, MAX_HELLO_BYTES)), dtype=np.uint8)
+        try:  # (a longer one is cut short: UCX reports it truncated)
+            await asyncio.wait_for(context.recv_with_handle(body, probe), GOODBYE_SECONDS)
+            hello = _message(body[: probe.length])
+            connection_id, reply_to = int(hello["connection"]), parse_address(str(hello["reply_to"]))
+            if not 0 <= connection_id < 1 << (64 - CONNECTION_TAG_BITS - 1):
+                raise ValueError(f"connection id {connection_id} out of range")
+            ep = await endpoint_to(reply_to)
+        except Exception as e:  # a stranger's garbage: nobody to answer
+            log.info("a bad UCX hello: %r", e)
+            return
+        connection = Connection(ep, connection_id, dialed=False)
+        refusal = ""
+        if connection_id in self.connections:
+            refusal = "connection id in use"  # (2**40 random ids: a peer's bug, not chance)
+        elif len(self.connections) >= self.max_connections:
+            refusal = f"{self.max_connections} connections open"
+        if refusal:
+            try:
+                await asyncio.wait_for(send_frame(connection, {"ok": False, "message": refusal}), GOODBYE_SECONDS)
+            except Exception:
+                pass
+            await connection.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections[connection_id] = task
+        try:
+            await send_frame(connection, {"ok": True})
+            await self._serve(connection)
+        except Exception as e:  # the peer went away or broke protocol: only this connection ends
+            log.info("UCX connection from a peer failed: %r", e)
+        finally:
+            if self.connections.get(connection_id) is task:
+                del self.connections[connection_id]
+            await connection.close()
 
 
 class RequestWaiter:
-    """Server side: tells each connection handler when its endpoint has a new request (True) or
-    its peer went away (False), probing all waiting endpoints from one polling task."""
+    """Source side: tells each connection's handler when it has a new request (True), or its peer
+    went away or it stayed idle for `idle_seconds` (False), probing all waiting connections from
+    one polling task."""
 
-    def __init__(self) -> None:
-        self._waiting: dict[Endpoint, asyncio.Future] = {}
+    def __init__(self, idle_seconds: float = 90.0) -> None:
+        self.idle_seconds = idle_seconds
+        self._waiting: dict[Connection, tuple[asyncio.Future, float]] = {}
         self._task: asyncio.Task | None = None
         self._delay = 0.0
 
-    async def next_request(self, ep) -> bool:
+    async def next_request(self, connection: Connection, idle_seconds: float | None = None) -> bool:
+        """`idle_seconds`: this wait's own limit (a new connection's first request comes at once)."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting[ep] = future
+        limit = self.idle_seconds if idle_seconds is None else idle_seconds
+        self._waiting[connection] = (future, time.monotonic() - self.idle_seconds + limit)
         self._delay = 0.0  # a request is often on its way (a new connection): look again soon
         if self._task is None:
             self._task = asyncio.create_task(self._poll(), name="kvstore-ucx-request-waiter")
         try:
             return await future
         finally:
-            self._waiting.pop(ep, None)
+            self._waiting.pop(connection, None)
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for future in self._waiting.values():
+        for future, _ in self._waiting.values():
             if not future.done():
                 future.set_result(False)
 
     async def _poll(self) -> None:
         while self._waiting:
-            arrived = False
-            for ep, future in list(self._waiting.items()):
+            arrived, given_up = False, time.monotonic() - self.idle_seconds
+            for connection, (future, since) in list(self._waiting.items()):
                 if future.done():
                     continue
-                if ep.closed:
+                if connection.closed or since < given_up:
                     future.set_result(False)
-                elif ep.tag_probe(CONTROL_TAG).matched:
+                elif connection.tag_probe(CONTROL_TAG).matched:
                     future.set_result(True)
                     arrived = True
             # Busy: look again at once. Quiet: back off to IDLE_POLL_MAX_SECONDS between looks.

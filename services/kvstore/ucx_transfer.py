@@ -1,9 +1,9 @@
 """Daemon-to-daemon KV transfer over UCX (ucxx), received straight into the destination pool.
 
-The pulling daemon connects to the source daemon's listener (KvHandle.transfer_address), or reuses
-an idle endpoint to it (ucx_endpoints.py). A control frame is one tagged message on tag 0 holding
-UTF-8 JSON (the receiver learns its length by probing the tag). Data messages use tags 1, 2, ...
-One transfer on an endpoint:
+The pulling daemon connects to the source daemon (KvHandle.transfer_address, its UCX worker
+address), or reuses an idle connection to it (ucx_endpoints.py). A control frame is one tagged
+message on the connection's tag 0 holding UTF-8 JSON (the receiver learns its length by probing the
+tag). Data messages use tags 1, 2, ... One transfer on a connection:
 
     puller -> source   {"op": "fetch", "kv_id", "access_token", "fingerprint", "dst_blocks": [...],
                         "tensor_parallel", "pipeline_parallel",             (the destination's layout)
@@ -31,7 +31,7 @@ A prefix-tier fetch (prefix_store.py) runs the same way:
     source -> puller   {"ok": true}                 (rows unpinned)
 
 Each side's last message is received before the other sends again, so a transfer ends with nothing
-in flight and the endpoint can carry the next one. On any failure both sides close the endpoint.
+in flight and the connection can carry the next one. On any failure both sides close it.
 
 The source holds the entry's lock from "fetch" to "commit", so the entry cannot be pulled twice,
 moved to the host tier or freed while its bytes are on the wire. If anything fails before the
@@ -42,13 +42,11 @@ destination blocks then hold garbage, which is fine: they are the puller's and u
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
-import numpy as np
 import torch
 
 from services.common.errors import ServiceError
@@ -58,49 +56,27 @@ from .block_runs import RankRows, contiguous_runs, piece_bytes, piece_view
 from .entries import EntryTable
 from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, resharding_plan
-from .ucx_endpoints import CONTROL_TAG, Endpoint, EndpointPool, Listener, RequestWaiter, ucxx_module
+from .ucx_endpoints import (
+    Acceptor,
+    Connection,
+    ConnectionPool,
+    RequestWaiter,
+    recv_frame,
+    send_frame,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 FIRST_RUN_TAG = 1
-MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
+FIRST_REQUEST_SECONDS = 10.0
 
 
 def _ucx_buffer(rows: torch.Tensor):
     """What ucxx can send from / receive into without a copy: numpy shares a CPU tensor's memory,
     a CUDA tensor is passed as is (__cuda_array_interface__)."""
     return rows if rows.is_cuda else rows.numpy()
-
-
-async def send_frame(ep, message: dict) -> None:
-    await ep.send(np.frombuffer(json.dumps(message).encode(), dtype=np.uint8), tag=CONTROL_TAG)
-
-
-async def recv_frame(ep) -> dict:
-    """The next control frame. Probing the tag tells its length, so a frame is a single message."""
-    while not (probe := ep.tag_probe(CONTROL_TAG, remove=True)).matched:
-        if ep.closed:
-            raise ConnectionError("the peer closed the connection")
-        await asyncio.sleep(0)
-    if not 0 < probe.length <= MAX_CONTROL_BYTES:
-        raise ValueError(f"bad control frame length {probe.length}")
-    body = np.empty(probe.length, dtype=np.uint8)
-    await ep.recv_with_handle(body, probe)
-    message = json.loads(body.tobytes())
-    if not isinstance(message, dict):
-        raise ValueError("control frame is not a JSON object")
-    return message
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"handle.transfer_address: expected host:port, got {address!r}"
-        )
-    return host.strip("[]"), int(port)
 
 
 def piece_list(piece: Piece) -> list[int]:
@@ -161,45 +137,29 @@ class UcxTransferServer:
         self.prefix = prefix
         self.transfer_timeout = transfer_timeout
         self.on_sent = on_sent
-        self._listener: Listener | None = None
-        self._connections: dict[Endpoint, asyncio.Task] = {}  # endpoint -> the task serving it
+        self._acceptor = Acceptor(self._serve_connection)
         self._waiter = RequestWaiter()
 
-    def start(self, port: int) -> int:
-        """Listens on all interfaces; returns the bound port (port 0: any free one)."""
-        self._listener = ucxx_module().create_listener(self._serve_connection, port=port)
-        return self._listener.port
+    def start(self) -> None:
+        self._acceptor.start()
 
     async def close(self) -> None:
-        """Ends every connection (a transfer in progress fails; its entry stays as it was), then
-        the listener: ucxx warns about a listener dropped while its handlers still run."""
+        """Ends every connection (a transfer in progress fails; its entry stays as it was)."""
         self._waiter.close()
-        for task in list(self._connections.values()):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(list(self._connections.values()), timeout=5.0)
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        await self._acceptor.close()
 
-    async def _serve_connection(self, ep) -> None:
-        """One peer connection: serves its transfers one after another until the peer closes."""
-        task = asyncio.current_task()
-        assert task is not None  # ucxx runs each connection handler as a task
-        self._connections[ep] = task
+    async def _serve_connection(self, connection: Connection) -> None:
+        """One peer connection: serves its transfers one after another until the peer closes it
+        or leaves it idle."""
+        first_wait: float | None = FIRST_REQUEST_SECONDS  # a puller asks at once: a stranger holds no slot long
         try:
-            while await self._waiter.next_request(ep):
-                await asyncio.wait_for(self._serve_one(ep), self.transfer_timeout)
+            while await self._waiter.next_request(connection, first_wait):
+                first_wait = None
+                await asyncio.wait_for(connection.while_peer_stays(self._serve_one(connection)), self.transfer_timeout)
         except TimeoutError:
             log.warning("UCX transfer to a peer timed out after %.1fs", self.transfer_timeout)
-        except Exception as e:  # the peer went away or broke protocol: only this connection ends
-            log.info("UCX transfer to a peer failed: %r", e)
-        finally:
-            self._connections.pop(ep, None)
-            if not ep.closed:
-                ep.abort()
 
-    async def _serve_one(self, ep) -> None:
+    async def _serve_one(self, ep: Connection) -> None:
         request = await recv_frame(ep)
         if request.get("op") == "prefix":
             await self._serve_prefix(ep, request)
@@ -242,8 +202,7 @@ class UcxTransferServer:
             )
             committed = (await recv_frame(ep)).get("op") == "commit"
         except BaseException:
-            if not ep.closed:  # sends may still be posted on the packed buffers: stopped before they go
-                ep.abort()
+            await ep.close()  # sends may still be posted on the packed buffers: stopped before they go
             raise
         finally:
             self.table.end_transfer(entry, succeeded=committed)
@@ -252,7 +211,7 @@ class UcxTransferServer:
         self.on_sent(nbytes)
         await send_frame(ep, {"ok": True})
 
-    async def _serve_prefix(self, ep, request: dict) -> None:
+    async def _serve_prefix(self, ep: Connection, request: dict) -> None:
         fingerprint = str(request["fingerprint"])
         hashes = [bytes.fromhex(h) for h in request["hashes"]]
         rows_tensor, rows = self.prefix.take(fingerprint, hashes)
@@ -267,8 +226,7 @@ class UcxTransferServer:
                 await ep.send(_ucx_buffer(packed.view(-1)), tag=FIRST_RUN_TAG)
             done = (await recv_frame(ep)).get("op") == "done"
         except BaseException:
-            if not ep.closed:
-                ep.abort()
+            await ep.close()
             raise
         finally:
             self.prefix.unpin(fingerprint, rows)
@@ -282,7 +240,7 @@ class UcxPuller:
     """The pulling side: fetches one entry from a remote daemon into blocks of a local pool."""
 
     def __init__(self, connect_timeout: float, transfer_timeout: float):
-        self.endpoints = EndpointPool(connect_timeout)
+        self.connections = ConnectionPool(connect_timeout)
         self.transfer_timeout = transfer_timeout
 
     async def fetch(
@@ -304,51 +262,56 @@ class UcxPuller:
             lambda ep: self._fetch(ep, kv_id, access_token, layout, source, destination),
         )
 
-    async def _exchange(self, address: str, what: str, run: Callable[[Any], Awaitable[tuple[T, bool]]]) -> T:
-        """`run(ep)` on an endpoint to the daemon at `address` (pooled, or new), which returns its
-        result and whether the endpoint is clean for reuse. Raises ServiceError: `run`'s own (the
-        source said no: the endpoint goes back), UNAVAILABLE when the daemon cannot be reached or
-        the connection fails, DEADLINE_EXCEEDED past the transfer timeout."""
-        host, port = split_host_port(address)
+    async def _exchange(self, address: str, what: str, run: Callable[[Connection], Awaitable[tuple[T, bool]]]) -> T:
+        """`run(connection)` on a connection to the daemon at `address` (pooled, or new), which
+        returns its result and whether the connection is clean for reuse. Raises ServiceError:
+        `run`'s own (the source said no: the connection goes back), INVALID_ARGUMENT for a malformed
+        address, UNAVAILABLE when the daemon cannot be reached or the connection fails,
+        DEADLINE_EXCEEDED past the transfer timeout."""
+        pool = self.connections
         may_retry = True
         while True:
             try:
-                ep, reused = await self.endpoints.acquire(host, port)
+                connection, reused = await pool.acquire(address)
+            except ServiceError:
+                raise
             except Exception as e:
                 raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore transfer listener at {address}: {e!r}"
+                    grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore daemon at {address[:40]}...: {e!r}"
                 ) from None
             try:
-                result, clean = await asyncio.wait_for(run(ep), self.transfer_timeout)
+                result, clean = await asyncio.wait_for(
+                    connection.while_peer_stays(run(connection)), self.transfer_timeout
+                )
             except ServiceError:  # the source said no: the conversation ended cleanly
-                await self.endpoints.give_back(host, port, ep)
+                await pool.give_back(address, connection)
                 raise
             except TimeoutError:
-                await self.endpoints.discard(ep)
+                await pool.discard(connection)
                 raise ServiceError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} from {address} took over {self.transfer_timeout}s"
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} took over {self.transfer_timeout}s"
                 ) from None
             except Exception as e:
-                await self.endpoints.discard(ep)
-                # Nothing was committed, so trying again is safe; a pooled endpoint may have died
+                await pool.discard(connection)
+                # Nothing was committed, so trying again is safe; a pooled connection may have died
                 # idle (its peer restarted) without us noticing yet.
                 if reused and may_retry:
-                    log.info("pooled endpoint to %s failed (%r): retrying on a new one", address, e)
+                    log.info("pooled connection for %s failed (%r): retrying on a new one", what, e)
                     may_retry = False
                     continue
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{what} from {address} failed: {e!r}") from None
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{what} failed: {e!r}") from None
             except BaseException:  # cancelled: receives may still be posted on our blocks
-                await self.endpoints.discard(ep)
+                await pool.discard(connection)
                 raise
             if clean:
-                await self.endpoints.give_back(host, port, ep)
+                await pool.give_back(address, connection)
             else:
-                await self.endpoints.discard(ep)
+                await pool.discard(connection)
             return result
 
     async def _fetch(
         self,
-        ep,
+        ep: Connection,
         kv_id: str,
         access_token: str,
         layout: KvLayout,
@@ -385,7 +348,7 @@ class UcxPuller:
                 *(ep.recv(_ucx_buffer(buffer.view(-1)), tag=FIRST_RUN_TAG + i) for i, buffer in enumerate(landing))
             )
         except BaseException:
-            await EndpointPool.discard(ep)  # cancels the receives still posted, before the buffers go
+            await ep.close()  # cancels the receives still posted, before the buffers go
             raise
         await asyncio.to_thread(_unpack, targets, landing)
         nbytes = pieces_bytes(pieces, len(dst_ids), layout)
@@ -409,7 +372,7 @@ class UcxPuller:
         )
 
     async def _fetch_prefix(
-        self, ep, fingerprint: str, hashes: list[bytes], pool_rows: torch.Tensor, dst_ids: list[int]
+        self, ep: Connection, fingerprint: str, hashes: list[bytes], pool_rows: torch.Tensor, dst_ids: list[int]
     ) -> tuple[tuple[int, int], bool]:
         """((blocks, bytes) received, whether the endpoint is clean for reuse)."""
         block_bytes = pool_rows.shape[1]
@@ -424,7 +387,7 @@ class UcxPuller:
             try:
                 await ep.recv(_ucx_buffer(landing.view(-1)), tag=FIRST_RUN_TAG)
             except BaseException:
-                await EndpointPool.discard(ep)  # cancels the receive still posted, before the buffer goes
+                await ep.close()  # cancels the receive still posted, before the buffer goes
                 raise
 
             def scatter() -> None:
@@ -438,4 +401,4 @@ class UcxPuller:
         return (count, count * block_bytes), True
 
     async def close(self) -> None:
-        await self.endpoints.close_idle(everything=True)
+        await self.connections.close_idle(everything=True)

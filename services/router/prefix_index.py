@@ -137,7 +137,7 @@ class NodePrefixes:
         if stats is None or not stats.kvstore_transfer_address or not stats.block_size:
             return
         hashes = self._nodes[stats.node_id][1] if stats.node_id in self._nodes else OrderedDict()
-        self._nodes[stats.node_id] = (stats.kvstore_transfer_address, hashes)  # (a restarted daemon's port)
+        self._nodes[stats.node_id] = (stats.kvstore_transfer_address, hashes)  # (a restarted daemon's new address)
         computed = (len(token_ids) - 1) // stats.block_size * stats.block_size
         for block_hash in block_hashes(token_ids[:computed], stats.block_size, salt):
             hashes[block_hash] = None

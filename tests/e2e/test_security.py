@@ -31,6 +31,7 @@ from services.common.grpc_client import sync_channel
 from services.common.tls import TlsFiles
 from services.launcher import prometheus_config
 from services.tiny_models import get_model
+from tests.proc_sockets import listening_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -159,47 +160,15 @@ def test_reflection_is_off_on_internal_services_and_on_at_the_router(cluster):
         assert ("pdserve.v1.Router" in names) == (svc["role"] == "router"), svc["name"]
 
 
-def _listening(pid: int) -> list[tuple[str, int]]:
-    """The (address, port) of each TCP socket process `pid` listens on, from /proc."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = []
-    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        if not os.path.exists(f"/proc/{pid}/net/{table}"):  # (a kernel without IPv6)
-            continue
-        with open(f"/proc/{pid}/net/{table}") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                    continue
-                address, port = fields[1].split(":")
-                raw = bytes.fromhex(address)  # 32-bit words, each little-endian
-                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                found.append((socket.inet_ntop(family, raw), int(port, 16)))
-    return found
-
-
 def test_every_port_binds_the_host_given(cluster):
-    """`pdserve up` binds to --host (127.0.0.1): no service listens on another interface's address,
-    UCX's transports included (the kvstore sets UCX_NET_DEVICES=lo). The one exception, stated in
-    docs/reliability.md: a kvstore's UCX connection listener on the unspecified address, as ucxx
-    0.52's listener takes a port and no address."""
+    """`pdserve up` binds to --host (127.0.0.1): no service listens on another interface's address
+    or on the unspecified one, UCX's transports included (a kvstore's UCX listens on the interface
+    of its --transfer-host, and takes connections without a sockaddr listener)."""
     for svc in cluster.info["services"]:
-        unspecified = []
-        for address, port in _listening(svc["pid"]):
+        for address, port in listening_sockets(svc["pid"]):
             ip = ipaddress.ip_address(address)
-            if ip.is_unspecified:
-                unspecified.append(port)
-            else:
-                mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-                assert (mapped or ip).is_loopback, (svc["name"], address, port)
-        assert len(unspecified) <= (1 if svc["role"] == "kvstore" else 0), (svc["name"], unspecified)
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            assert (mapped or ip).is_loopback, (svc["name"], address, port)
 
 
 def test_metrics_are_served_to_cluster_members_only(cluster, tmp_path):

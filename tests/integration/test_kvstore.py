@@ -29,6 +29,7 @@ from services.engine.kv_cache import InstanceKv, KvLayout, KvPool
 from services.kvstore.client import KvStoreClient
 from services.kvstore.shards import instance_shards, rank_layout
 from services.launcher import free_port
+from tests.proc_sockets import ipv4_addresses, listening_sockets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # 64 blocks of 4 KiB: runs of several blocks exceed UCX's 8 KiB rendezvous threshold.
@@ -47,10 +48,11 @@ class Daemon:
     metrics_port: int
     proc: subprocess.Popen
     log_path: str
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stats(self) -> kvstore_pb2.KvStoreStats:
         with grpc.insecure_channel(self.address) as channel:
@@ -83,7 +85,13 @@ class Daemon:
 
 
 def launch(
-    node_id: str, log_dir, *extra: str, env: dict | None = None, port: int | None = None, log_name: str | None = None
+    node_id: str,
+    log_dir,
+    *extra: str,
+    env: dict | None = None,
+    port: int | None = None,
+    log_name: str | None = None,
+    host: str = "127.0.0.1",
 ) -> Daemon:
     port, metrics_port = port or free_port(), free_port()
     log_path = str(log_dir / f"{log_name or 'kvstore-' + node_id}.log")
@@ -92,13 +100,13 @@ def launch(
         "-m",
         "services.kvstore",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--metrics-port",
         str(metrics_port),
         "--transfer-host",
-        "127.0.0.1",
+        host,
         "--transfer-port",
         "0",
         "--grace-seconds",
@@ -112,7 +120,14 @@ def launch(
     proc = subprocess.Popen(
         args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=open(log_path, "w"), stderr=subprocess.STDOUT
     )
-    return Daemon(node_id, port, metrics_port, proc, log_path)
+    return Daemon(node_id, port, metrics_port, proc, log_path, host)
+
+
+def ucx_peer(*args: str) -> str:
+    """Runs tests/ucx_peer.py (UCX from a process of its own); returns the last line it printed."""
+    command = [sys.executable, "-m", "tests.ucx_peer", *args]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
+    return out.strip().splitlines()[-1]
 
 
 def wait_until_serving(daemon: Daemon, timeout: float = 60.0) -> None:
@@ -257,7 +272,7 @@ def test_cross_node_pull_over_ucx_is_byte_exact(nodes):
         async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
             handle, data = await prefill.publish("req-ucx", src, seed=1)
             assert (handle.node_id, handle.kvstore_address) == ("A", a.address)
-            assert handle.transfer_address.startswith("127.0.0.1:")
+            assert handle.transfer_address.startswith("ucx:")  # A's UCX worker address
             assert (handle.num_blocks, handle.num_tokens) == (7, 25)
             assert handle.layout_fingerprint == LAYOUT.fingerprint()
 
@@ -631,7 +646,7 @@ def test_failed_remote_pulls_leave_the_entry_pullable(nodes):
             # A source node that cannot be reached.
             gone = common_pb2.KvHandle()
             gone.CopyFrom(handle)
-            gone.node_id, gone.transfer_address = "Z", f"127.0.0.1:{free_port()}"
+            gone.node_id, gone.transfer_address = "Z", ucx_peer("dead-address")
             started = time.monotonic()
             await expect_rpc_error(grpc.StatusCode.UNAVAILABLE, decode.client.pull([0, 1, 2], gone))
             assert time.monotonic() - started < 5  # B's --connect-timeout-seconds is 1
@@ -645,6 +660,57 @@ def test_failed_remote_pulls_leave_the_entry_pullable(nodes):
 
 
 # ---- operations ---------------------------------------------------------------------------------
+def test_a_pull_abandoned_mid_transfer_frees_the_entry_for_the_next_at_once(nodes):
+    """A puller that drops its connection once the source has begun sending (its Pull cancelled)
+    says goodbye: the source stops at once and the entry is pullable again, not after the source's
+    30 s transfer timeout (each side has its own UCX endpoint: closing one tells the other
+    nothing, tests/ucx_peer.py)."""
+    a, b = nodes["A"], nodes["B"]
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
+            blocks = [0, 1, 2, 3, 4, 5, 6]
+            handle, data = await prefill.publish("abandoned", blocks, seed=41)
+            fetch = {
+                "kv_id": handle.kv_id,
+                "access_token": handle.access_token,
+                "fingerprint": LAYOUT.fingerprint(),
+                "dst_blocks": blocks,
+            }
+            await asyncio.to_thread(ucx_peer, "abandon", handle.transfer_address, json.dumps(fetch))
+            started = time.monotonic()
+            response = await decode.client.pull([10, 11, 12, 13, 14, 15, 16], handle)
+            assert time.monotonic() - started < 5
+            assert response.path == "ucx" and torch.equal(decode.rows[[10, 11, 12, 13, 14, 15, 16]], data)
+            assert (await prefill.wait_released("abandoned"))[1] == "pulled"
+
+    run(scenario())
+
+
+def test_garbage_hellos_and_addresses_leave_the_daemon_serving(nodes):
+    """UCX trusts a worker address's bytes (garbage can fail an assertion and end the process): a
+    stranger's hellos (not JSON, no address, another format's address, random bytes, oversized)
+    and handles with garbage addresses are refused, and the daemon goes on serving pulls."""
+    a, b = nodes["A"], nodes["B"]
+
+    async def scenario():
+        async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
+            handle, data = await prefill.publish("after-garbage", [1, 2], seed=42)
+            assert await asyncio.to_thread(ucx_peer, "garbage", handle.transfer_address) == "sent 8"
+            for address in ["ucx:" + "B" * 300, "ucx:" + "A" * 12, "10.0.0.1:7101"]:
+                forged = common_pb2.KvHandle()
+                forged.CopyFrom(handle)
+                forged.node_id, forged.transfer_address = "Z", address
+                details = await expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, decode.client.pull([3, 4], forged))
+                assert "transfer_address" in details
+            await decode.client.pull([3, 4], handle)
+            assert torch.equal(decode.rows[[3, 4]], data)
+
+    run(scenario())
+    for daemon in (a, b):
+        assert daemon.proc.poll() is None and "Traceback" not in daemon.log()
+
+
 def test_metrics_endpoint_exposes_the_kvstore_metrics(nodes):
     a, b = nodes["A"], nodes["B"]
 
@@ -737,6 +803,44 @@ def test_a_restarted_daemon_gets_the_pool_registered_again(tmp_path):
             if daemon is not None and daemon.proc.poll() is None:
                 daemon.stop()
     assert "Traceback" not in second.log()
+
+
+def test_daemons_on_another_address_listen_there_only_and_pull_over_it(tmp_path):
+    """Daemons given this machine's non-loopback address (--host and --transfer-host, as the Helm
+    chart passes the node's IP) listen on that address only: gRPC, metrics, and UCX's TCP transport
+    (at --transfer-port), with no sockaddr listener on every interface; a pull between two of them
+    goes over that transport (UCX_TLS=tcp,self: not shared memory, though both are on this host)."""
+    ip = next((address for name, address in ipv4_addresses() if not address.startswith("127.")), "")
+    if not ip:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    ucx_port, tcp_only = free_port(), {"UCX_TLS": "tcp,self"}
+    source = launch("G", tmp_path, "--transfer-port", str(ucx_port), env=tcp_only, host=ip)
+    puller = launch("H", tmp_path, env=tcp_only, host=ip)
+    try:
+        for daemon in (source, puller):
+            wait_until_serving(daemon)
+        listening = {  # (an IPv4-mapped IPv6 address is the IPv4 one)
+            daemon.node_id: [(a.removeprefix("::ffff:"), port) for a, port in listening_sockets(daemon.proc.pid)]
+            for daemon in (source, puller)
+        }
+        for node, sockets in listening.items():
+            assert sockets and all(address == ip for address, _ in sockets), (node, sockets)
+        assert (ip, ucx_port) in listening["G"]
+
+        async def scenario():
+            async with Worker(source, "prefill-g") as prefill, Worker(puller, "decode-h") as decode:
+                handle, data = await prefill.publish("over-eth", [1, 2, 3], seed=31)
+                response = await decode.client.pull([7, 8, 9], handle)
+                assert response.path == "ucx" and torch.equal(decode.rows[[7, 8, 9]], data)
+                assert await prefill.wait_released("over-eth") == ([1, 2, 3], "pulled")
+
+        run(scenario())
+    finally:
+        for daemon in (source, puller):
+            if daemon.proc.poll() is None:
+                daemon.stop()
+    for daemon in (source, puller):
+        assert "Traceback" not in daemon.log()
 
 
 def test_cpu_affinity_flag_pins_every_thread(tmp_path):

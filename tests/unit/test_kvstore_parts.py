@@ -1,6 +1,7 @@
 """Unit tests of the kvstore's pure pieces: block runs, host-tier accounting, the entry table."""
 
 import asyncio
+import os
 import threading
 
 import grpc
@@ -14,7 +15,9 @@ from services.kvstore.daemon import copy_until_cancelled
 from services.kvstore.entries import EntryTable
 from services.kvstore.host_tier import HostTier
 from services.kvstore.shards import instance_shards, resharding_plan
-from services.kvstore.ucx_transfer import check_runs, split_host_port
+from services.kvstore.ucx_endpoints import address_text, configure_ucx_environment, interface_of, parse_address
+from services.kvstore.ucx_transfer import check_runs
+from tests.proc_sockets import ipv4_addresses
 
 LAYOUT = KvLayout(num_blocks=16, num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype="float32", model_id="t")
 
@@ -97,12 +100,32 @@ def test_check_runs_rejects_a_source_that_does_not_tile_the_destination():
         check_runs([[1, 2]], dst)  # does not start at 0
 
 
-def test_split_host_port():
-    assert split_host_port("10.0.0.1:7000") == ("10.0.0.1", 7000)
-    assert split_host_port("[::1]:7000") == ("::1", 7000)
-    with pytest.raises(ServiceError) as e:
-        split_host_port("nonsense")
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "transfer_address" in e.value.message
+def test_a_transfer_address_is_a_ucx_worker_address_in_base64():
+    address = bytes(range(256)) * 2
+    assert address_text(address).startswith("ucx:") and parse_address(address_text(address)) == address
+    for bad in ["10.0.0.1:7000", "ucx:", "ucx:not base64!", "ucx:" + "A" * 20000]:
+        with pytest.raises(ServiceError) as e:
+            parse_address(bad)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "handle.transfer_address" in e.value.message, bad
+
+
+def test_ucx_listens_on_the_interface_of_the_transfer_host(monkeypatch):
+    for name in ("UCX_TLS", "UCX_NET_DEVICES", "UCX_TCP_PORT_RANGE", "UCX_WARN_UNUSED_ENV_VARS"):
+        monkeypatch.setenv(name, "")  # (so that monkeypatch restores what was there, or nothing)
+        monkeypatch.delenv(name)
+    assert interface_of("127.0.0.1") == interface_of("localhost") == interface_of("::1") == "lo"
+    assert interface_of("192.0.2.254") == interface_of("no-such-host.invalid") == ""
+    listed = ipv4_addresses()  # every IPv4 address `ip` lists, secondary ones too, is found
+    assert listed and all(interface_of(address) == name for name, address in listed), listed
+    configure_ucx_environment("", "127.0.0.1", 7101)
+    assert (os.environ["UCX_NET_DEVICES"], os.environ["UCX_TCP_PORT_RANGE"]) == ("lo", "7101-7101")
+    for transports in ("rc,tcp,sm,self", "all", "^sm"):  # may use RDMA: its devices are the operator's
+        monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
+        configure_ucx_environment(transports, "127.0.0.1")
+        assert "UCX_NET_DEVICES" not in os.environ, transports
+    monkeypatch.setenv("UCX_NET_DEVICES", "eth7")
+    configure_ucx_environment("tcp", "127.0.0.1")  # the operator's choice stands
+    assert os.environ["UCX_NET_DEVICES"] == "eth7"
 
 
 # ---- host tier ----------------------------------------------------------------------------------
