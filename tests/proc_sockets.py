@@ -40,3 +40,11 @@ def ipv4_addresses() -> list[tuple[str, str]]:
     except (OSError, subprocess.CalledProcessError):
         return []
     return [(line.split()[1], line.split()[3].split("/")[0]) for line in out.splitlines()]
+
+
+def is_up(interface: str) -> bool:
+    try:
+        with open(f"/sys/class/net/{interface}/operstate") as f:
+            return f.read().strip() in ("up", "unknown")  # (lo says "unknown")
+    except OSError:
+        return False

@@ -2,7 +2,8 @@
 must not start UCX itself: its variables are read once per process).
 
     python -m tests.ucx_peer dead-address          # prints the address of a worker that then exits
-    python -m tests.ucx_peer abandon ADDRESS JSON  # asks for an entry, takes the reply, leaves
+    python -m tests.ucx_peer abandon ADDRESS JSON  # asks for an entry, takes the reply, leaves it
+                                                   # (and stays until its stdin closes)
     python -m tests.ucx_peer garbage ADDRESS       # hellos a daemon must survive
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from services.kvstore.ucx_endpoints import (
     HELLO_TAG,
     ConnectionPool,
+    address_text,
     configure_ucx_environment,
     endpoint_to,
     parse_address,
@@ -36,12 +38,16 @@ async def abandon(address: str, fetch: dict) -> None:
     assert reply.get("ok"), reply
     await pool.discard(connection)
     print("abandoned", flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # alive: the source learns of it from the goodbye alone
 
 
 async def garbage(address: str) -> None:
     ep = await endpoint_to(parse_address(address))
-    own = parse_address(this_worker_address())
+    own_text = this_worker_address()
+    own = parse_address(own_text)
     wrong_version = bytes([own[0] ^ 0x0F]) + own[1:]
+    corrupted = bytearray(base64.urlsafe_b64decode(own_text[4:]))
+    corrupted[-1] ^= 0xFF
     hellos = [
         b"not json",
         b"[1, 2]",
@@ -49,7 +55,10 @@ async def garbage(address: str) -> None:
         json.dumps({"connection": -1, "reply_to": this_worker_address()}).encode(),
         json.dumps({"connection": 2, "reply_to": "10.0.0.1:7101"}).encode(),
         json.dumps({"connection": 3, "reply_to": "ucx:" + base64.urlsafe_b64encode(b"\x07" * 200).decode()}).encode(),
-        json.dumps({"connection": 4, "reply_to": "ucx:" + base64.urlsafe_b64encode(wrong_version).decode()}).encode(),
+        json.dumps({"connection": 4, "reply_to": address_text(wrong_version)}).encode(),
+        json.dumps({"connection": 5, "reply_to": address_text(own[:16])}).encode(),  # cut, yet "valid"
+        json.dumps({"connection": 6, "reply_to": own_text[:40]}).encode(),  # cut
+        json.dumps({"connection": 7, "reply_to": "ucx:" + base64.urlsafe_b64encode(corrupted).decode()}).encode(),
         b"x" * (1 << 17),  # over the hello size limit
     ]
     for hello in hellos:

@@ -13,6 +13,7 @@ one node (ucx_transfer.py packs a piece that is not contiguous before it goes on
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,3 +141,19 @@ def _whole(shard: Shard, piece: Piece) -> bool:
 def _synchronize(tensors: Sequence[torch.Tensor]) -> None:
     for device in {t.device for t in tensors if t.is_cuda}:
         torch.cuda.synchronize(device)
+
+
+async def to_the_end(fn, *args):
+    """fn(*args) in a worker thread. A cancelled caller (its client's deadline, or it went away)
+    still waits for the thread to end before it raises: the blocks and rows it copies may not be
+    handed back while it does."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # a second cancellation (server stop) must not end the wait early
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                pass
+        raise

@@ -26,7 +26,7 @@ from services.common.enums import ReleaseReason
 from services.common.errors import ServiceError, invalid
 from services.engine.kv_cache import OWNER_PROOF_BYTES, SHM_DIR, KvLayout, KvPool
 
-from .block_runs import CopyStopped, RankRows, copy_pieces
+from .block_runs import CopyStopped, RankRows, copy_pieces, to_the_end
 from .entries import EntryTable, KvEntry, PoolRecord, check_block_ids, host_parts
 from .host_tier import HostTier
 from .metrics import KvStoreMetrics
@@ -441,22 +441,6 @@ async def copy_until_cancelled(src: list[RankRows], dst: list[RankRows], pieces:
         error = None if copy.cancelled() else copy.exception()
         if error is not None and not isinstance(error, CopyStopped):
             log.error("copy of a cancelled pull failed: %r", error)
-        raise
-
-
-async def to_the_end(fn, *args):
-    """fn(*args) in a worker thread. A cancelled caller (its client's deadline, or it went away)
-    still waits for the thread to end before it raises: the blocks and rows it copies may not be
-    handed back while it does."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():  # a second cancellation (server stop) must not end the wait early
-            try:
-                await asyncio.wait([task])
-            except asyncio.CancelledError:
-                pass
         raise
 
 

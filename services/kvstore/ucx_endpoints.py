@@ -33,7 +33,9 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -59,10 +61,11 @@ GOODBYE_TAG = (1 << CONNECTION_TAG_BITS) - 1  # the side that ends a connection 
 GOODBYE_SECONDS = 1.0
 _GOODBYE = np.zeros(1, dtype=np.uint8)
 PEER_POLL_MAX_SECONDS = 0.005  # worst delay in noticing, during a transfer, that the peer left
+GOODBYE_POLL_SECONDS = 0.05  # and, between transfers, that it closed the connection
 MIN_ADDRESS_BYTES = 16
 ADDRESS_VERSION_MASK = 0x0F  # the low bits of a packed UCX worker address's first byte
 MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
-MAX_HELLO_BYTES = 64 << 10
+MAX_HELLO_BYTES = 4096  # a hello is ~400 bytes; UCX sends this much eagerly
 IDLE_POLL_MAX_SECONDS = 0.002  # worst added latency of a request on an idle pooled connection
 HELLO_POLL_BUSY_SECONDS = 0.01  # worst added latency of opening a connection, a minute after the last
 HELLO_POLL_QUIET_SECONDS = 0.05  # and after that
@@ -140,7 +143,8 @@ def interface_addresses() -> list[tuple[str, ipaddress.IPv4Address | ipaddress.I
             if item.addr and item.name:
                 family, data = item.addr.contents.family, bytes(item.addr.contents.data)
                 if family == socket.AF_INET:
-                    found.append((item.name.decode(), ipaddress.IPv4Address(data[2:6])))
+                    # (an alias label, "eth0:1", names its device before the colon)
+                    found.append((item.name.decode().split(":")[0], ipaddress.IPv4Address(data[2:6])))
                 elif family == socket.AF_INET6:
                     found.append((item.name.decode(), ipaddress.IPv6Address(data[6:22])))
             entry = item.next
@@ -156,7 +160,10 @@ def ucxx_module():
 
 
 def address_text(worker_address: bytes) -> str:
-    return ADDRESS_PREFIX + base64.urlsafe_b64encode(worker_address).decode()
+    """ "ucx:" and, in base64, the address's length, its CRC-32 and the address: UCX reads an
+    address's bytes on trust (a cut or corrupted one can fail an assertion and end the process)."""
+    envelope = struct.pack(">HI", len(worker_address), zlib.crc32(worker_address)) + worker_address
+    return ADDRESS_PREFIX + base64.urlsafe_b64encode(envelope).decode()
 
 
 def parse_address(text: str, field: str = "handle.transfer_address") -> bytes:
@@ -167,11 +174,12 @@ def parse_address(text: str, field: str = "handle.transfer_address") -> bytes:
             f"{field}: expected {ADDRESS_PREFIX}<UCX worker address in base64>, got {text[:80]!r}",
         )
     try:
-        address = base64.urlsafe_b64decode(text[len(ADDRESS_PREFIX) :].encode())
+        envelope = base64.urlsafe_b64decode(text[len(ADDRESS_PREFIX) :].encode())
     except (binascii.Error, ValueError):
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: not base64") from None
-    if not address:
-        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: empty UCX worker address")
+    address = envelope[6:]
+    if len(envelope) < 6 or struct.unpack(">HI", envelope[:6]) != (len(address), zlib.crc32(address)):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: cut short or corrupted")
     return address
 
 
@@ -212,11 +220,15 @@ class Connection:
             raise ValueError(f"tag {tag} out of a connection's range")
         return (self.id << (CONNECTION_TAG_BITS + 1)) | (side << CONNECTION_TAG_BITS) | tag
 
-    @property
-    def closed(self) -> bool:
+    def peer_left(self) -> bool:
+        """The peer said goodbye or is gone."""
         if not self._peer_left and not self.ep.closed:
             self._peer_left = self.tag_probe(GOODBYE_TAG).matched
-        return self._peer_left or self._ending or self.ep.closed
+        return self._peer_left or self.ep.closed
+
+    @property
+    def closed(self) -> bool:
+        return self._ending or self.peer_left()
 
     async def send(self, buffer, tag: int) -> None:
         await self.ep.send(buffer, tag=self._tag(tag, self._sends), force_tag=True)
@@ -239,11 +251,12 @@ class Connection:
             while not task.done():
                 delay = min(max(2 * delay, 0.0001), PEER_POLL_MAX_SECONDS)
                 await asyncio.wait([task], timeout=delay)
-                if not task.done() and self.closed:
+                if not task.done() and self.peer_left():
                     task.cancel()
                     await asyncio.wait([task])
-                    raise ConnectionError("the peer left the connection")
-            return task.result()
+                    if task.cancelled():
+                        raise ConnectionError("the peer left the connection")
+            return task.result()  # (its own error, if it ended in one meanwhile)
         finally:
             if not task.done():  # we were cancelled: so is the work, and it cleans up first
                 task.cancel()
@@ -251,25 +264,23 @@ class Connection:
 
     async def close(self) -> None:
         """Says goodbye (unless the peer is gone), then closes the endpoint, which also cancels the
-        sends and receives still posted (after a failure). Idempotent."""
+        sends and receives still posted (after a failure). Idempotent; the endpoint is closed
+        even if this is cancelled."""
         if self._ending:
             return
         self._ending = True
-        if not self._peer_left and not self.ep.closed:
-            try:
+        try:
+            if not self.peer_left():
                 goodbye = self.ep.send(_GOODBYE, tag=self._tag(GOODBYE_TAG, self._sends), force_tag=True)
                 await asyncio.wait_for(goodbye, GOODBYE_SECONDS)
-            except Exception:
-                pass  # the peer's endpoint tells it, or its own timeout does
-        if self._peer_left:  # take its goodbye off UCX's queue of unexpected messages
+            # take the peer's goodbye, if it said one too, off UCX's queue of unexpected messages
             probe = self.tag_probe(GOODBYE_TAG, remove=True)
             if probe.matched:
-                try:
-                    await asyncio.wait_for(self.recv_with_handle(np.empty(probe.length or 1, np.uint8), probe), 1.0)
-                except Exception:
-                    pass
-        if not self.ep.closed:
-            await self.ep.close()
+                await asyncio.wait_for(self.recv_with_handle(np.empty(max(1, probe.length), np.uint8), probe), 1.0)
+        except Exception:
+            pass  # the peer's endpoint tells it, or its own timeout does
+        finally:
+            self.ep.abort()
 
 
 def _frame(message: dict) -> np.ndarray:
@@ -293,11 +304,9 @@ async def recv_frame(connection: Connection) -> dict:
         if connection.closed:
             raise ConnectionError("the peer closed the connection")
         await asyncio.sleep(0)
-    if not 0 < probe.length <= MAX_CONTROL_BYTES:
-        raise ValueError(f"bad control frame length {probe.length}")
-    body = np.empty(probe.length, dtype=np.uint8)
-    await connection.recv_with_handle(body, probe)
-    return _message(body)
+    body = np.empty(max(1, min(probe.length, MAX_CONTROL_BYTES)), dtype=np.uint8)
+    await connection.recv_with_handle(body, probe)  # (a longer one raises: truncated)
+    return _message(body[: probe.length])
 
 
 class ConnectionPool:
@@ -316,11 +325,17 @@ class ConnectionPool:
         raises (the caller maps it to UNAVAILABLE)."""
         peer = parse_address(address)
         idle, fresh_since = self._idle.get(address, []), time.monotonic() - self.idle_seconds
-        while idle:
+        reused, stale = None, []
+        while idle and reused is None:  # (no await until it is out of the pool: see close_idle)
             connection, since = idle.pop()
             if not connection.closed and since > fresh_since:
-                return connection, True
+                reused = connection
+            else:
+                stale.append(connection)
+        for connection in stale:
             await self.discard(connection)
+        if reused is not None:
+            return reused, True
         ep = await asyncio.wait_for(endpoint_to(peer), self.connect_timeout)
         connection = Connection(ep, secrets.randbits(64 - CONNECTION_TAG_BITS - 1), dialed=True)
         try:
@@ -407,30 +422,26 @@ class Acceptor:
             in_background(self._take_hello(context, probe))
 
     async def _take_hello(self, context, probe) -> None:
+        # (a longer one is cut short: UCX reports it truncated; the buffer stays referenced until
+        # the receive ends, as UCX writes into it until then)
         body = np.empty(max(1, min(probe.length, MAX_HELLO_BYTES)), dtype=np.uint8)
-        try:  # (a longer one is cut short: UCX reports it truncated)
-            await asyncio.wait_for(context.recv_with_handle(body, probe), GOODBYE_SECONDS)
+        try:
+            await context.recv_with_handle(body, probe)
             hello = _message(body[: probe.length])
             connection_id, reply_to = int(hello["connection"]), parse_address(str(hello["reply_to"]))
             if not 0 <= connection_id < 1 << (64 - CONNECTION_TAG_BITS - 1):
                 raise ValueError(f"connection id {connection_id} out of range")
+            # Not answered (the puller's connect timeout tells it): an id in use would be answered
+            # on the live connection's tags (2**40 random ids: a peer's bug, not chance).
+            if connection_id in self.connections:
+                raise ValueError(f"connection id {connection_id} in use")
+            if len(self.connections) >= self.max_connections:
+                raise ValueError(f"{self.max_connections} connections open")
             ep = await endpoint_to(reply_to)
-        except Exception as e:  # a stranger's garbage: nobody to answer
-            log.info("a bad UCX hello: %r", e)
+        except Exception as e:  # a stranger's garbage, or no room
+            log.info("UCX hello not taken: %r", e)
             return
         connection = Connection(ep, connection_id, dialed=False)
-        refusal = ""
-        if connection_id in self.connections:
-            refusal = "connection id in use"  # (2**40 random ids: a peer's bug, not chance)
-        elif len(self.connections) >= self.max_connections:
-            refusal = f"{self.max_connections} connections open"
-        if refusal:
-            try:
-                await asyncio.wait_for(send_frame(connection, {"ok": False, "message": refusal}), GOODBYE_SECONDS)
-            except Exception:
-                pass
-            await connection.close()
-            return
         task = asyncio.current_task()
         assert task is not None
         self.connections[connection_id] = task
@@ -478,12 +489,16 @@ class RequestWaiter:
                 future.set_result(False)
 
     async def _poll(self) -> None:
+        goodbyes_seen = 0.0
         while self._waiting:
-            arrived, given_up = False, time.monotonic() - self.idle_seconds
+            now = time.monotonic()
+            arrived, given_up = False, now - self.idle_seconds
+            look_for_goodbyes = now - goodbyes_seen > GOODBYE_POLL_SECONDS  # (a second probe each)
+            goodbyes_seen = now if look_for_goodbyes else goodbyes_seen
             for connection, (future, since) in list(self._waiting.items()):
                 if future.done():
                     continue
-                if connection.closed or since < given_up:
+                if connection.ep.closed or since < given_up or (look_for_goodbyes and connection.closed):
                     future.set_result(False)
                 elif connection.tag_probe(CONTROL_TAG).matched:
                     future.set_result(True)

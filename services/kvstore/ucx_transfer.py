@@ -52,7 +52,7 @@ import torch
 from services.common.errors import ServiceError
 from services.engine.kv_cache import KvLayout
 
-from .block_runs import RankRows, contiguous_runs, piece_bytes, piece_view
+from .block_runs import RankRows, contiguous_runs, piece_bytes, piece_view, to_the_end
 from .entries import EntryTable
 from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, resharding_plan
@@ -195,7 +195,7 @@ class UcxTransferServer:
             slices = [
                 part for piece in pieces for part in run_slices(source[piece.src_rank], piece, runs, entry.layout)
             ]
-            messages = await asyncio.to_thread(_packed, slices)  # a copy of the pieces that are not whole shards
+            messages = await to_the_end(_packed, slices)  # a copy of the pieces that are not whole shards
             await send_frame(ep, {"ok": True, "runs": runs, "pieces": [piece_list(p) for p in pieces], "bytes": nbytes})
             await asyncio.gather(
                 *(ep.send(_ucx_buffer(m.view(-1)), tag=FIRST_RUN_TAG + i) for i, m in enumerate(messages))
@@ -221,7 +221,7 @@ class UcxTransferServer:
             await send_frame(ep, {"ok": True, "count": len(rows)})
             nbytes = 0
             if rows:
-                packed = await asyncio.to_thread(lambda: rows_tensor[torch.tensor(rows)].contiguous())
+                packed = await to_the_end(lambda: rows_tensor[torch.tensor(rows)].contiguous())
                 nbytes = packed.numel()
                 await ep.send(_ucx_buffer(packed.view(-1)), tag=FIRST_RUN_TAG)
             done = (await recv_frame(ep)).get("op") == "done"
@@ -350,7 +350,7 @@ class UcxPuller:
         except BaseException:
             await ep.close()  # cancels the receives still posted, before the buffers go
             raise
-        await asyncio.to_thread(_unpack, targets, landing)
+        await to_the_end(_unpack, targets, landing)  # (a cancel waits: it writes our blocks)
         nbytes = pieces_bytes(pieces, len(dst_ids), layout)
         try:
             await send_frame(ep, {"op": "commit"})
@@ -395,7 +395,7 @@ class UcxPuller:
                 if pool_rows.is_cuda:
                     torch.cuda.synchronize(pool_rows.device)
 
-            await asyncio.to_thread(scatter)
+            await to_the_end(scatter)
         await send_frame(ep, {"op": "done"})
         await recv_frame(ep)
         return (count, count * block_bytes), True

@@ -29,7 +29,7 @@ from services.engine.kv_cache import InstanceKv, KvLayout, KvPool
 from services.kvstore.client import KvStoreClient
 from services.kvstore.shards import instance_shards, rank_layout
 from services.launcher import free_port
-from tests.proc_sockets import ipv4_addresses, listening_sockets
+from tests.proc_sockets import ipv4_addresses, is_up, listening_sockets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # 64 blocks of 4 KiB: runs of several blocks exceed UCX's 8 KiB rendezvous threshold.
@@ -148,7 +148,7 @@ def nodes(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("kvstore")
     daemons = {
         "A": launch("A", log_dir, "--ttl-seconds", "30"),
-        "B": launch("B", log_dir, "--ttl-seconds", "30", "--connect-timeout-seconds", "1"),
+        "B": launch("B", log_dir, "--ttl-seconds", "30", "--connect-timeout-seconds", "3"),
         "C": launch(
             "C",
             log_dir,
@@ -649,7 +649,7 @@ def test_failed_remote_pulls_leave_the_entry_pullable(nodes):
             gone.node_id, gone.transfer_address = "Z", ucx_peer("dead-address")
             started = time.monotonic()
             await expect_rpc_error(grpc.StatusCode.UNAVAILABLE, decode.client.pull([0, 1, 2], gone))
-            assert time.monotonic() - started < 5  # B's --connect-timeout-seconds is 1
+            assert time.monotonic() - started < 5  # B's --connect-timeout-seconds is 3
 
             response = await decode.client.pull([10, 11, 12], handle)  # still there, intact
             assert response.path == "ucx" and torch.equal(decode.rows[[10, 11, 12]], data)
@@ -677,10 +677,16 @@ def test_a_pull_abandoned_mid_transfer_frees_the_entry_for_the_next_at_once(node
                 "fingerprint": LAYOUT.fingerprint(),
                 "dst_blocks": blocks,
             }
-            await asyncio.to_thread(ucx_peer, "abandon", handle.transfer_address, json.dumps(fetch))
-            started = time.monotonic()
-            response = await decode.client.pull([10, 11, 12, 13, 14, 15, 16], handle)
-            assert time.monotonic() - started < 5
+            command = [sys.executable, "-m", "tests.ucx_peer", "abandon", handle.transfer_address, json.dumps(fetch)]
+            peer = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:  # the peer stays alive: only its goodbye can tell the source
+                assert peer.stdout is not None
+                assert (await asyncio.to_thread(peer.stdout.readline)).strip() == "abandoned"
+                started = time.monotonic()
+                response = await decode.client.pull([10, 11, 12, 13, 14, 15, 16], handle)
+                assert time.monotonic() - started < 5
+            finally:
+                peer.communicate(timeout=30)  # (closes its stdin: it exits)
             assert response.path == "ucx" and torch.equal(decode.rows[[10, 11, 12, 13, 14, 15, 16]], data)
             assert (await prefill.wait_released("abandoned"))[1] == "pulled"
 
@@ -696,7 +702,7 @@ def test_garbage_hellos_and_addresses_leave_the_daemon_serving(nodes):
     async def scenario():
         async with Worker(a, "prefill-a") as prefill, Worker(b, "decode-b") as decode:
             handle, data = await prefill.publish("after-garbage", [1, 2], seed=42)
-            assert await asyncio.to_thread(ucx_peer, "garbage", handle.transfer_address) == "sent 8"
+            assert await asyncio.to_thread(ucx_peer, "garbage", handle.transfer_address) == "sent 11"
             for address in ["ucx:" + "B" * 300, "ucx:" + "A" * 12, "10.0.0.1:7101"]:
                 forged = common_pb2.KvHandle()
                 forged.CopyFrom(handle)
@@ -810,7 +816,7 @@ def test_daemons_on_another_address_listen_there_only_and_pull_over_it(tmp_path)
     chart passes the node's IP) listen on that address only: gRPC, metrics, and UCX's TCP transport
     (at --transfer-port), with no sockaddr listener on every interface; a pull between two of them
     goes over that transport (UCX_TLS=tcp,self: not shared memory, though both are on this host)."""
-    ip = next((address for name, address in ipv4_addresses() if not address.startswith("127.")), "")
+    ip = next((address for name, address in ipv4_addresses() if not address.startswith("127.") and is_up(name)), "")
     if not ip:
         pytest.skip("this machine has no non-loopback IPv4 address")
     ucx_port, tcp_only = free_port(), {"UCX_TLS": "tcp,self"}
