@@ -376,7 +376,9 @@ def kvstore_schema() -> dict:
                 "description": "true: the daemon uses the node's network (UCX over the "
                 "node's NICs, RDMA); false: pod network, gRPC via a hostPort",
             },
-            "transferPort": PORT,
+            "transferPort": integer(
+                1, 65520, description="the first of the 16 ports UCX's TCP transport may listen on"
+            ),
             "ucxTls": string("--ucx-tls, e.g. rc,cuda_copy,cuda_ipc,tcp,sm,self; empty: the daemon's default"),
             "ttlSeconds": number(0, exclusive=True),
             "hostTierBytes": integer(0),

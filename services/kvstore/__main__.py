@@ -39,7 +39,8 @@ def parser() -> FlagParser:
         "--transfer-port",
         default=0,
         type=int,
-        help="port UCX's TCP transport listens on, on --transfer-host's interface (0: any free port)",
+        help="UCX's TCP transport listens on one of the 16 ports from this one, on --transfer-host's "
+        "interface (0: any free port)",
     )
     p.add_flag(
         "--ucx-tls",

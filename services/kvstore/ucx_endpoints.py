@@ -63,6 +63,9 @@ _GOODBYE = np.zeros(1, dtype=np.uint8)
 PEER_POLL_MAX_SECONDS = 0.005  # worst delay in noticing, during a transfer, that the peer left
 GOODBYE_POLL_SECONDS = 0.05  # and, between transfers, that it closed the connection
 MIN_ADDRESS_BYTES = 16
+# A daemon restarted at once finds its last port held by its connections in TIME_WAIT (UCX binds
+# without SO_REUSEADDR) for a minute: it takes another of the range.
+TRANSFER_PORTS = 16
 ADDRESS_VERSION_MASK = 0x0F  # the low bits of a packed UCX worker address's first byte
 MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
 MAX_HELLO_BYTES = 4096  # a hello is ~400 bytes; UCX sends this much eagerly
@@ -76,8 +79,9 @@ def configure_ucx_environment(tls: str = "", transfer_host: str = "", transfer_p
 
     `tls` wins, then an existing UCX_TLS, then tcp,self,sm (CPU pools). On GPU nodes use e.g.
     "rc,cuda_copy,cuda_ipc,tcp,sm,self" (RDMA NIC) so GPU buffers go device to device.
-    UCX's TCP transport listens on the interface of `transfer_host` only (UCX_NET_DEVICES), at
-    `transfer_port` when one is given (UCX_TCP_PORT_RANGE), unless those variables are set. With
+    UCX's TCP transport listens on the interface of `transfer_host` only (UCX_NET_DEVICES), on
+    one of TRANSFER_PORTS ports from `transfer_port` when one is given (UCX_TCP_PORT_RANGE), unless
+    those variables are set. With
     an RDMA transport UCX_NET_DEVICES is the operator's: it also names the RDMA devices."""
     if tls:
         os.environ["UCX_TLS"] = tls
@@ -92,7 +96,7 @@ def configure_ucx_environment(tls: str = "", transfer_host: str = "", transfer_p
         else:
             log.warning("no interface holds %s: UCX may listen on every interface", transfer_host)
     if transfer_port:
-        os.environ.setdefault("UCX_TCP_PORT_RANGE", f"{transfer_port}-{transfer_port}")
+        os.environ.setdefault("UCX_TCP_PORT_RANGE", f"{transfer_port}-{transfer_port + TRANSFER_PORTS - 1}")
     # ucxx sets variables (UCX_MEMTYPE_CACHE...) that this UCX build does not know; UCX would warn
     # about each of them at start-up.
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")

@@ -831,7 +831,7 @@ def test_daemons_on_another_address_listen_there_only_and_pull_over_it(tmp_path)
         }
         for node, sockets in listening.items():
             assert sockets and all(address == ip for address, _ in sockets), (node, sockets)
-        assert (ip, ucx_port) in listening["G"]
+        assert any(address == ip and ucx_port <= port < ucx_port + 16 for address, port in listening["G"])
 
         async def scenario():
             async with Worker(source, "prefill-g") as prefill, Worker(puller, "decode-h") as decode:
@@ -847,6 +847,40 @@ def test_daemons_on_another_address_listen_there_only_and_pull_over_it(tmp_path)
                 daemon.stop()
     for daemon in (source, puller):
         assert "Traceback" not in daemon.log()
+
+
+def test_a_daemon_killed_after_transfers_restarts_at_once_on_its_fixed_ports(tmp_path):
+    """SIGKILL of a daemon whose UCX port (--transfer-port, fixed as in the Helm chart) carried a
+    pull: its connections linger in TIME_WAIT for a minute, which a new bind to that port fails
+    on (UCX binds without SO_REUSEADDR). The restarted daemon takes another port of its range and
+    serves pulls again at once."""
+    ucx_port, tcp_only = free_port(), {"UCX_TLS": "tcp,self"}
+    first = launch("I", tmp_path, "--transfer-port", str(ucx_port), env=tcp_only, log_name="kvstore-I-first")
+    puller = launch("J", tmp_path, env=tcp_only)
+    second = None
+
+    async def pull_from(source: Daemon) -> None:
+        async with Worker(source, "prefill-i") as prefill, Worker(puller, "decode-j") as decode:
+            handle, data = await prefill.publish("over-tcp", [1, 2], seed=51)
+            response = await decode.client.pull([3, 4], handle)
+            assert response.path == "ucx" and torch.equal(decode.rows[[3, 4]], data)
+
+    try:
+        for daemon in (first, puller):
+            wait_until_serving(daemon)
+        run(pull_from(first))
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        second = launch(
+            "I", tmp_path, "--transfer-port", str(ucx_port), env=tcp_only, port=first.port, log_name="kvstore-I-second"
+        )
+        wait_until_serving(second, timeout=20)
+        run(pull_from(second))
+    finally:
+        for daemon in (second, puller):
+            if daemon is not None and daemon.proc.poll() is None:
+                daemon.stop()
+    assert second is not None and "Traceback" not in second.log()
 
 
 def test_cpu_affinity_flag_pins_every_thread(tmp_path):

@@ -129,7 +129,7 @@ def test_ucx_listens_on_the_interface_of_the_transfer_host(monkeypatch):
     listed = ipv4_addresses()  # every IPv4 address `ip` lists, secondary ones too, is found
     assert listed and all(interface_of(address) == name for name, address in listed), listed
     configure_ucx_environment("", "127.0.0.1", 7101)
-    assert (os.environ["UCX_NET_DEVICES"], os.environ["UCX_TCP_PORT_RANGE"]) == ("lo", "7101-7101")
+    assert (os.environ["UCX_NET_DEVICES"], os.environ["UCX_TCP_PORT_RANGE"]) == ("lo", "7101-7116")
     for transports in ("rc,tcp,sm,self", "all", "^sm"):  # may use RDMA: its devices are the operator's
         monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
         configure_ucx_environment(transports, "127.0.0.1")
