@@ -25,7 +25,8 @@ ENV = {"UCX_TLS": "tcp,self"}
 
 def echo_forever() -> None:
     from services.common.server import run_event_loop
-    from services.kvstore.ucx_endpoints import Acceptor, configure_ucx_environment, recv_frame, send_frame
+    from services.kvstore.ucx_endpoints import Acceptor, recv_frame, send_frame
+    from services.kvstore.ucx_environment import configure_ucx_environment
 
     configure_ucx_environment("", "127.0.0.1")
 
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     if args.serve:
         echo_forever()
         return
-    from services.kvstore.ucx_endpoints import configure_ucx_environment
+    from services.kvstore.ucx_environment import configure_ucx_environment
 
     configure_ucx_environment("", "127.0.0.1")
     child = subprocess.Popen(

@@ -20,13 +20,13 @@ from services.kvstore.ucx_endpoints import (
     HELLO_TAG,
     ConnectionPool,
     address_text,
-    configure_ucx_environment,
     endpoint_to,
     parse_address,
     recv_frame,
     send_frame,
     this_worker_address,
 )
+from services.kvstore.ucx_environment import configure_ucx_environment
 
 
 async def abandon(address: str, fetch: dict) -> None:

@@ -15,7 +15,7 @@ from services.common.metrics import new_registry
 from services.common.server import ServiceRunner, run_event_loop
 
 from .daemon import KvStoreConfig, KvStoreDaemon
-from .ucx_endpoints import configure_ucx_environment
+from .ucx_environment import TRANSFER_PORTS, configure_ucx_environment
 
 log = logging.getLogger("services.kvstore")
 
@@ -68,7 +68,16 @@ def parser() -> FlagParser:
 
 
 def parse_args(argv=None):
-    return parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.transfer_port:  # UCX takes one of the 16 ports from it, at random
+        ucx_ports = range(args.transfer_port, args.transfer_port + TRANSFER_PORTS)
+        if ucx_ports.stop > 65536:
+            p.error(f"--transfer-port: at most {65536 - TRANSFER_PORTS} (UCX may take any of {TRANSFER_PORTS} ports)")
+        for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+            if port in ucx_ports:
+                p.error(f"{flag} {port} is among --transfer-port's {ucx_ports.start}-{ucx_ports.stop - 1}")
+    return args
 
 
 def default_transfer_host() -> str:

@@ -1,8 +1,9 @@
-"""UCX plumbing for the kvstore: environment, connections to peer daemons, idle-connection waiting.
+"""UCX plumbing for the kvstore: transfer addresses, connections to peer daemons, idle-connection waiting.
 
-No listening socket of its own: a daemon's transfer address is its UCX worker address ("ucx:" and
-the address in base64), which names the transports' own endpoints (the TCP transport listens on
-the interface of --transfer-host, at --transfer-port). A pulling daemon opens an endpoint to that
+No listening socket of its own: a daemon's transfer address is its UCX worker address ("ucx:" and,
+in base64, the address with its length and CRC-32), which names the transports' own endpoints (the
+TCP transport listens on the interface of --transfer-host, on one of the ports from
+--transfer-port). A pulling daemon opens an endpoint to that
 address and says hello on HELLO_TAG with a connection id and its own worker address; the source
 opens an endpoint back and acknowledges. A connection's messages carry tags made of its id, the
 sending side and the message's tag, so they match no other connection's. (A sockaddr listener, the
@@ -26,13 +27,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ctypes
-import ipaddress
 import json
 import logging
-import os
 import secrets
-import socket
 import struct
 import time
 import zlib
@@ -45,13 +42,13 @@ import numpy as np
 from services.common.background import in_background
 from services.common.errors import ServiceError
 
+from .ucx_environment import ucxx_module
+
 log = logging.getLogger(__name__)
 
 # ucxx has no type information, so its endpoints are Any here
 Endpoint: TypeAlias = Any
 
-DEFAULT_CPU_TLS = "tcp,self,sm"
-RDMA_TRANSPORTS = ("rc", "ud", "dc", "ib")  # UCX_TLS names (and prefixes) of InfiniBand/RoCE transports
 ADDRESS_PREFIX = "ucx:"
 MAX_ADDRESS_BYTES = 8192  # a UCX worker address is ~200 bytes over tcp and sm, more with RDMA devices
 HELLO_TAG = 0x7064_7365_7276_6501  # a new connection's first message, matched by the source's worker
@@ -63,104 +60,12 @@ _GOODBYE = np.zeros(1, dtype=np.uint8)
 PEER_POLL_MAX_SECONDS = 0.005  # worst delay in noticing, during a transfer, that the peer left
 GOODBYE_POLL_SECONDS = 0.05  # and, between transfers, that it closed the connection
 MIN_ADDRESS_BYTES = 16
-# A daemon restarted at once finds its last port held by its connections in TIME_WAIT (UCX binds
-# without SO_REUSEADDR) for a minute: it takes another of the range.
-TRANSFER_PORTS = 16
 ADDRESS_VERSION_MASK = 0x0F  # the low bits of a packed UCX worker address's first byte
 MAX_CONTROL_BYTES = 16 << 20  # a frame longer than this is garbage, not a request
 MAX_HELLO_BYTES = 4096  # a hello is ~400 bytes; UCX sends this much eagerly
 IDLE_POLL_MAX_SECONDS = 0.002  # worst added latency of a request on an idle pooled connection
 HELLO_POLL_BUSY_SECONDS = 0.01  # worst added latency of opening a connection, a minute after the last
 HELLO_POLL_QUIET_SECONDS = 0.05  # and after that
-
-
-def configure_ucx_environment(tls: str = "", transfer_host: str = "", transfer_port: int = 0) -> str:
-    """Sets UCX_* variables before ucxx is first used; returns the UCX_TLS in effect.
-
-    `tls` wins, then an existing UCX_TLS, then tcp,self,sm (CPU pools). On GPU nodes use e.g.
-    "rc,cuda_copy,cuda_ipc,tcp,sm,self" (RDMA NIC) so GPU buffers go device to device.
-    UCX's TCP transport listens on the interface of `transfer_host` only (UCX_NET_DEVICES), on
-    one of TRANSFER_PORTS ports from `transfer_port` when one is given (UCX_TCP_PORT_RANGE), unless
-    those variables are set. With
-    an RDMA transport UCX_NET_DEVICES is the operator's: it also names the RDMA devices."""
-    if tls:
-        os.environ["UCX_TLS"] = tls
-    else:
-        os.environ.setdefault("UCX_TLS", DEFAULT_CPU_TLS)
-    listed = os.environ["UCX_TLS"]  # "all" or "^..." (all but those) may include RDMA too
-    rdma = listed == "all" or listed.startswith("^") or any(t.startswith(RDMA_TRANSPORTS) for t in listed.split(","))
-    if transfer_host and not rdma and "UCX_NET_DEVICES" not in os.environ:
-        device = interface_of(transfer_host)
-        if device:
-            os.environ["UCX_NET_DEVICES"] = device
-        else:
-            log.warning("no interface holds %s: UCX may listen on every interface", transfer_host)
-    if transfer_port:
-        os.environ.setdefault("UCX_TCP_PORT_RANGE", f"{transfer_port}-{transfer_port + TRANSFER_PORTS - 1}")
-    # ucxx sets variables (UCX_MEMTYPE_CACHE...) that this UCX build does not know; UCX would warn
-    # about each of them at start-up.
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    return os.environ["UCX_TLS"]
-
-
-def interface_of(host: str) -> str:
-    """The name of the network interface that holds `host`'s address ("" if none does)."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
-    except OSError:
-        return ""
-    wanted = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
-    return next((name for name, address in interface_addresses() if address in wanted), "")
-
-
-class _SockAddr(ctypes.Structure):
-    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 26)]
-
-
-class _IfAddrs(ctypes.Structure):
-    pass
-
-
-_IfAddrs._fields_ = [
-    ("next", ctypes.POINTER(_IfAddrs)),
-    ("name", ctypes.c_char_p),
-    ("flags", ctypes.c_uint),
-    ("addr", ctypes.POINTER(_SockAddr)),
-    ("netmask", ctypes.POINTER(_SockAddr)),
-    ("ifu", ctypes.c_void_p),
-    ("data", ctypes.c_void_p),
-]
-
-
-def interface_addresses() -> list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
-    """(interface, address) for every IP address of this machine, secondary ones included
-    (getifaddrs(3): sockaddr_in holds the address at bytes 2..6, sockaddr_in6 at 6..22)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    head = ctypes.POINTER(_IfAddrs)()
-    if libc.getifaddrs(ctypes.byref(head)) != 0:
-        return []
-    found: list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
-    try:
-        entry = head
-        while entry:
-            item = entry.contents
-            if item.addr and item.name:
-                family, data = item.addr.contents.family, bytes(item.addr.contents.data)
-                if family == socket.AF_INET:
-                    # (an alias label, "eth0:1", names its device before the colon)
-                    found.append((item.name.decode().split(":")[0], ipaddress.IPv4Address(data[2:6])))
-                elif family == socket.AF_INET6:
-                    found.append((item.name.decode(), ipaddress.IPv6Address(data[6:22])))
-            entry = item.next
-    finally:
-        libc.freeifaddrs(head)
-    return found
-
-
-def ucxx_module():
-    import ucxx  # imported late, after configure_ucx_environment: UCX reads UCX_* when it starts
-
-    return ucxx
 
 
 def address_text(worker_address: bytes) -> str:
@@ -336,8 +241,8 @@ class ConnectionPool:
                 reused = connection
             else:
                 stale.append(connection)
-        for connection in stale:
-            await self.discard(connection)
+        for connection in stale:  # (in the background: a cancel here would lose `reused`)
+            in_background(self.discard(connection))
         if reused is not None:
             return reused, True
         ep = await asyncio.wait_for(endpoint_to(peer), self.connect_timeout)
@@ -391,6 +296,7 @@ class Acceptor:
         self._serve = serve
         self.max_connections = max_connections
         self.connections: dict[int, asyncio.Task] = {}  # connection id -> the task serving it
+        self._hellos: set[asyncio.Task] = set()  # each hello's task, from its arrival to its end
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -402,10 +308,10 @@ class Acceptor:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for task in list(self.connections.values()):
+        for task in self._hellos:
             task.cancel()
-        if self.connections:
-            await asyncio.wait(list(self.connections.values()), timeout=5.0)
+        if self._hellos:
+            await asyncio.wait(list(self._hellos), timeout=5.0)
 
     async def _accept_forever(self) -> None:
         # ucxx's application context: its worker-level probe and receive are not in ucxx's API
@@ -423,7 +329,9 @@ class Acceptor:
                 continue
             delay, last_hello = 0.0, time.monotonic()
             # each in its own task: a hello whose bytes never come must not hold up the next
-            in_background(self._take_hello(context, probe))
+            task = asyncio.create_task(self._take_hello(context, probe))
+            self._hellos.add(task)
+            task.add_done_callback(self._hellos.discard)
 
     async def _take_hello(self, context, probe) -> None:
         # (a longer one is cut short: UCX reports it truncated; the buffer stays referenced until
@@ -435,29 +343,30 @@ class Acceptor:
             connection_id, reply_to = int(hello["connection"]), parse_address(str(hello["reply_to"]))
             if not 0 <= connection_id < 1 << (64 - CONNECTION_TAG_BITS - 1):
                 raise ValueError(f"connection id {connection_id} out of range")
-            # Not answered (the puller's connect timeout tells it): an id in use would be answered
-            # on the live connection's tags (2**40 random ids: a peer's bug, not chance).
+            # Not answered (the puller's connect timeout tells it): an answer would go on the live
+            # connection's tags (2**40 random ids: a peer's bug, not chance).
             if connection_id in self.connections:
                 raise ValueError(f"connection id {connection_id} in use")
-            if len(self.connections) >= self.max_connections:
-                raise ValueError(f"{self.max_connections} connections open")
-            ep = await endpoint_to(reply_to)
-        except Exception as e:  # a stranger's garbage, or no room
+        except Exception as e:  # a stranger's garbage
             log.info("UCX hello not taken: %r", e)
             return
-        connection = Connection(ep, connection_id, dialed=False)
         task = asyncio.current_task()
         assert task is not None
-        self.connections[connection_id] = task
+        self.connections[connection_id] = task  # (before any await: ids are checked against it)
+        connection = None
         try:
+            connection = Connection(await endpoint_to(reply_to), connection_id, dialed=False)
+            if len(self.connections) > self.max_connections:
+                await send_frame(connection, {"ok": False, "message": f"{self.max_connections} connections open"})
+                return
             await send_frame(connection, {"ok": True})
             await self._serve(connection)
         except Exception as e:  # the peer went away or broke protocol: only this connection ends
             log.info("UCX connection from a peer failed: %r", e)
         finally:
-            if self.connections.get(connection_id) is task:
-                del self.connections[connection_id]
-            await connection.close()
+            del self.connections[connection_id]
+            if connection is not None:
+                await connection.close()
 
 
 class RequestWaiter:

@@ -386,10 +386,12 @@ def test_unsupported_or_invalid_values_are_refused(planner_values):
     assert "replicaCount" in render_error("prefill", {"replicaCount": "two"})
     assert "replicas" in render_error("prefill", {"replicas": 2})  # misspelt key: unknown keys are refused
     assert "router.discovery.prefill.port" in render_error("pdserve", {"prefill": {"port": 7201}})
-    assert "kvstorePort" in render_error("pdserve", {"kvstore": {"port": 7111}})
+    assert "kvstorePort" in render_error("pdserve", {"kvstore": {"port": 7130}})
     # two listeners on one port: the second bind would fail and the pod crash-loop
     assert "decode.port and decode.metricsPort are both 7300" in render_error("decode", {"metricsPort": 7300})
     assert "kvstore.port and kvstore.transferPort are both 7100" in render_error("kvstore", {"transferPort": 7100})
+    # UCX takes one of the 16 ports from transferPort
+    assert "kvstore.port and kvstore.transferPort are both 7100" in render_error("kvstore", {"transferPort": 7090})
     assert "router.port and router.metricsPort" in render_error("router", {"metricsPort": 7000})
     assert "router.metricsPort and router.httpPort are both 9000" in render_error("router", {"httpPort": 9000})
     assert "router.port and router.httpPort" in render_error("pdserve", {"router": {"httpPort": 7000}})

@@ -16,13 +16,8 @@ from services.kvstore.daemon import copy_until_cancelled
 from services.kvstore.entries import EntryTable
 from services.kvstore.host_tier import HostTier
 from services.kvstore.shards import instance_shards, resharding_plan
-from services.kvstore.ucx_endpoints import (
-    address_text,
-    configure_ucx_environment,
-    interface_addresses,
-    interface_of,
-    parse_address,
-)
+from services.kvstore.ucx_endpoints import address_text, parse_address
+from services.kvstore.ucx_environment import configure_ucx_environment, interface_addresses, interface_of
 from services.kvstore.ucx_transfer import check_runs
 from tests.proc_sockets import ipv4_addresses
 
@@ -329,3 +324,17 @@ def test_a_failed_move_to_the_host_tier_gives_its_bytes_back(monkeypatch):
     asyncio.run(daemon.sweep())  # the retry moves it
     assert daemon.table.count("host") == 1 and daemon.table.host.used_bytes == 2 * LAYOUT.block_bytes
     pool.close()
+
+
+def test_the_transfer_ports_may_not_hold_the_other_ports(capsys):
+    from services.kvstore.__main__ import parse_args
+
+    assert parse_args(["--transfer-port", "7101", "--port", "7100", "--metrics-port", "7117"]).transfer_port == 7101
+    for argv, said in [
+        (["--transfer-port", "7101", "--port", "7116"], "--port 7116 is among --transfer-port's 7101-7116"),
+        (["--transfer-port", "9100"], "--metrics-port 9100"),  # (its default)
+        (["--transfer-port", "65530"], "--transfer-port: at most 65520"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert said in capsys.readouterr().err

@@ -169,13 +169,16 @@ def test_the_pool_hands_out_only_fresh_live_connections_each_to_one_transfer(mon
         now = time.monotonic()
         pool._idle[address] = [(live, now), (dead, now), (stale, now - 31)]  # (taken from the end)
         assert await pool.acquire(address) == (live, True)
+        await asyncio.sleep(0.01)  # (stale ones are closed in the background)
         assert stale.ep.aborted and not pool._idle.get(address)
         await pool.give_back(address, live)
         assert pool._idle[address][0][0] is live
-        # The sweeper's close_idle and a pull's acquire interleave: never the same connection twice.
+        # The sweeper's close_idle and a pull's acquire interleave: never a connection both handed
+        # out and closed (acquire took a connection out only after awaiting the stale ones' close).
         older = connected_pair(4)[0]
-        pool._idle[address].insert(0, (older, now - 31))
-        taken = await asyncio.gather(pool.acquire(address), pool.close_idle())
-        assert taken[0] == (live, True) and older.ep.aborted and not pool._idle.get(address)
+        pool._idle[address].append((older, now - 31))
+        taken = await asyncio.gather(pool.acquire(address), pool.close_idle(everything=True))
+        await asyncio.sleep(0.01)  # (stale ones are closed in the background)
+        assert taken[0] == (live, True) and not live.closed and older.ep.aborted and not pool._idle.get(address)
 
     asyncio.run(scenario())

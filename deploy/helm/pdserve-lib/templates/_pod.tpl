@@ -18,17 +18,21 @@ prometheus.io/scheme: https
 {{- end -}}
 
 {{/* Flags every server has (services/common/flags.py common_server_flags). The ports the pod
-listens on must differ (the kvstore's transferPort and the router's httpPort too), or the second
-bind fails at start-up and the pod crash-loops. */}}
+listens on must differ (the kvstore's transferPort, the first of the 16 its UCX may take, and the
+router's httpPort too), or a bind fails at start-up and the pod crash-loops. */}}
 {{- define "pdserve-lib.serverArgs" -}}
 {{- $ports := dict -}}
 {{- range $key := list "port" "metricsPort" "transferPort" "httpPort" -}}
 {{- with index $.Values $key -}}
-{{- $taken := get $ports (toString (int .)) -}}
+{{- $first := int . -}}
+{{- range $i := until (ternary 16 1 (eq $key "transferPort")) -}}
+{{- $port := add $first $i -}}
+{{- $taken := get $ports (toString $port) -}}
 {{- if $taken -}}
-{{- fail (printf "%s.%s and %s.%s are both %d: the pod listens on each, so they must differ" $.Chart.Name $taken $.Chart.Name $key (int .)) -}}
+{{- fail (printf "%s.%s and %s.%s are both %d: the pod listens on each, so they must differ" $.Chart.Name $taken $.Chart.Name $key $port) -}}
 {{- end -}}
-{{- $_ := set $ports (toString (int .)) $key -}}
+{{- $_ := set $ports (toString $port) $key -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 - --host=0.0.0.0
