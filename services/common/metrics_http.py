@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 from enum import StrEnum
@@ -43,6 +44,13 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _MetricsServer(ThreadingWSGIServer):
     https: Reloading[ssl.SSLContext] | None = None
+
+    def server_bind(self) -> None:
+        # HTTPServer's looks the host's name up (socket.getfqdn, a reverse lookup through NSS: it
+        # can hang without a resolver, and it crashed a kvstore starting on a non-loopback address)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        self.setup_environ()
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, address = super().get_request()

@@ -4,6 +4,7 @@ variables before ucxx starts (UCX reads them once per process)."""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import ipaddress
 import logging
 import os
@@ -104,4 +105,9 @@ def interface_addresses() -> list[tuple[str, ipaddress.IPv4Address | ipaddress.I
 def ucxx_module():
     import ucxx  # imported late, after configure_ucx_environment: UCX reads UCX_* when it starts
 
+    try:  # ucxx's progress thread imports cuda.core as it starts; loading its libraries there while
+        # the main thread looked a name up (NSS) crashed a daemon once: they load here first
+        importlib.import_module("cuda.core")
+    except ImportError:
+        pass
     return ucxx
