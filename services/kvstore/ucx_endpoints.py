@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import secrets
@@ -92,15 +93,19 @@ def parse_address(text: str, field: str = "handle.transfer_address") -> bytes:
     return address
 
 
+@functools.cache
+def _own_address() -> bytes:
+    return bytes(ucxx_module().get_worker_address())  # (fixed for the process's life)
+
+
 def this_worker_address() -> str:
-    return address_text(bytes(ucxx_module().get_worker_address()))
+    return address_text(_own_address())
 
 
 async def endpoint_to(address: bytes) -> Endpoint:
     """An endpoint to the UCX worker at `address`. UCX trusts the address's bytes (garbage can fail
     an assertion and end the process), so one not of this worker's format is refused first."""
-    ucxx = ucxx_module()
-    own = bytes(ucxx.get_worker_address())
+    ucxx, own = ucxx_module(), _own_address()
     if len(address) < MIN_ADDRESS_BYTES or address[0] & ADDRESS_VERSION_MASK != own[0] & ADDRESS_VERSION_MASK:
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "handle.transfer_address: not a UCX worker address")
     return await ucxx.create_endpoint_from_worker_address(ucxx.get_ucx_address_from_buffer(address))
@@ -180,8 +185,7 @@ class Connection:
         self._ending = True
         try:
             if not self.peer_left():
-                goodbye = self.ep.send(_GOODBYE, tag=self._tag(GOODBYE_TAG, self._sends), force_tag=True)
-                await asyncio.wait_for(goodbye, GOODBYE_SECONDS)
+                await asyncio.wait_for(self.send(_GOODBYE, GOODBYE_TAG), GOODBYE_SECONDS)
             # take the peer's goodbye, if it said one too, off UCX's queue of unexpected messages
             probe = self.tag_probe(GOODBYE_TAG, remove=True)
             if probe.matched:
@@ -295,7 +299,7 @@ class Acceptor:
     def __init__(self, serve: Callable[[Connection], Awaitable[None]], max_connections: int = 4096):
         self._serve = serve
         self.max_connections = max_connections
-        self.connections: dict[int, asyncio.Task] = {}  # connection id -> the task serving it
+        self.connections: set[int] = set()  # the ids of the connections open
         self._hellos: set[asyncio.Task] = set()  # each hello's task, from its arrival to its end
         self._task: asyncio.Task | None = None
 
@@ -350,9 +354,7 @@ class Acceptor:
         except Exception as e:  # a stranger's garbage
             log.info("UCX hello not taken: %r", e)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self.connections[connection_id] = task  # (before any await: ids are checked against it)
+        self.connections.add(connection_id)  # (before any await: ids are checked against it)
         connection = None
         try:
             connection = Connection(await endpoint_to(reply_to), connection_id, dialed=False)
@@ -364,7 +366,7 @@ class Acceptor:
         except Exception as e:  # the peer went away or broke protocol: only this connection ends
             log.info("UCX connection from a peer failed: %r", e)
         finally:
-            del self.connections[connection_id]
+            self.connections.discard(connection_id)
             if connection is not None:
                 await connection.close()
 
@@ -376,7 +378,7 @@ class RequestWaiter:
 
     def __init__(self, idle_seconds: float = 90.0) -> None:
         self.idle_seconds = idle_seconds
-        self._waiting: dict[Connection, tuple[asyncio.Future, float]] = {}
+        self._waiting: dict[Connection, tuple[asyncio.Future, float]] = {}  # -> (future, deadline)
         self._task: asyncio.Task | None = None
         self._delay = 0.0
 
@@ -384,7 +386,7 @@ class RequestWaiter:
         """`idle_seconds`: this wait's own limit (a new connection's first request comes at once)."""
         future = asyncio.get_running_loop().create_future()
         limit = self.idle_seconds if idle_seconds is None else idle_seconds
-        self._waiting[connection] = (future, time.monotonic() - self.idle_seconds + limit)
+        self._waiting[connection] = (future, time.monotonic() + limit)
         self._delay = 0.0  # a request is often on its way (a new connection): look again soon
         if self._task is None:
             self._task = asyncio.create_task(self._poll(), name="kvstore-ucx-request-waiter")
@@ -405,13 +407,13 @@ class RequestWaiter:
         goodbyes_seen = 0.0
         while self._waiting:
             now = time.monotonic()
-            arrived, given_up = False, now - self.idle_seconds
+            arrived = False
             look_for_goodbyes = now - goodbyes_seen > GOODBYE_POLL_SECONDS  # (a second probe each)
             goodbyes_seen = now if look_for_goodbyes else goodbyes_seen
-            for connection, (future, since) in list(self._waiting.items()):
+            for connection, (future, deadline) in list(self._waiting.items()):
                 if future.done():
                     continue
-                if connection.ep.closed or since < given_up or (look_for_goodbyes and connection.closed):
+                if connection.ep.closed or now > deadline or (look_for_goodbyes and connection.closed):
                     future.set_result(False)
                 elif connection.tag_probe(CONTROL_TAG).matched:
                     future.set_result(True)
