@@ -414,6 +414,8 @@ class RequestWaiter:
                 if future.done():
                     continue
                 if connection.ep.closed or now > deadline or (look_for_goodbyes and connection.closed):
+                    why = "endpoint closed" if connection.ep.closed else "idle" if now > deadline else "goodbye"
+                    log.info("UCX connection %x from a peer ends: %s", connection.id, why)
                     future.set_result(False)
                 elif connection.tag_probe(CONTROL_TAG).matched:
                     future.set_result(True)

@@ -129,6 +129,19 @@ def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
     return checked
 
 
+async def first_answer(connection: Connection, within: float | None) -> dict:
+    """The source's answer to a request: at once from a source that still serves the connection
+    (it answers before it packs or sends anything). On a pooled connection, none `within` seconds
+    means the source's side has ended without its goodbye reaching this side: ConnectionError,
+    and the pull is retried on a new connection."""
+    if within is None:
+        return await recv_frame(connection)
+    try:
+        return await asyncio.wait_for(recv_frame(connection), within)
+    except TimeoutError:
+        raise ConnectionError(f"no answer on a pooled connection within {within:.0f}s") from None
+
+
 class UcxTransferServer:
     """The source side: serves this daemon's entries to pulling daemons on other nodes."""
 
@@ -195,8 +208,9 @@ class UcxTransferServer:
             slices = [
                 part for piece in pieces for part in run_slices(source[piece.src_rank], piece, runs, entry.layout)
             ]
-            messages = await to_the_end(_packed, slices)  # a copy of the pieces that are not whole shards
+            # the answer first, at once: a puller on a pooled connection counts on it (first_answer)
             await send_frame(ep, {"ok": True, "runs": runs, "pieces": [piece_list(p) for p in pieces], "bytes": nbytes})
+            messages = await to_the_end(_packed, slices)  # a copy of the pieces that are not whole shards
             await asyncio.gather(
                 *(ep.send(_ucx_buffer(m.view(-1)), tag=FIRST_RUN_TAG + i) for i, m in enumerate(messages))
             )
@@ -259,12 +273,15 @@ class UcxPuller:
         return await self._exchange(
             address,
             f"transfer of {kv_id!r}",
-            lambda ep: self._fetch(ep, kv_id, access_token, layout, source, destination),
+            lambda ep, within: self._fetch(ep, within, kv_id, access_token, layout, source, destination),
         )
 
-    async def _exchange(self, address: str, what: str, run: Callable[[Connection], Awaitable[tuple[T, bool]]]) -> T:
-        """`run(connection)` on a connection to the daemon at `address` (pooled, or new), which
-        returns its result and whether the connection is clean for reuse. Raises ServiceError:
+    async def _exchange(
+        self, address: str, what: str, run: Callable[[Connection, float | None], Awaitable[tuple[T, bool]]]
+    ) -> T:
+        """`run(connection, within)` on a connection to the daemon at `address` (pooled, or new),
+        which returns its result and whether the connection is clean for reuse (`within`: the
+        limit of the source's first answer, on a pooled connection). Raises ServiceError:
         `run`'s own (the source said no: the connection goes back), INVALID_ARGUMENT for a malformed
         address, UNAVAILABLE when the daemon cannot be reached or the connection fails,
         DEADLINE_EXCEEDED past the transfer timeout."""
@@ -280,8 +297,9 @@ class UcxPuller:
                     grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore daemon at {address[:40]}...: {e!r}"
                 ) from None
             try:
+                within = pool.connect_timeout if reused else None
                 result, clean = await asyncio.wait_for(
-                    connection.while_peer_stays(run(connection)), self.transfer_timeout
+                    connection.while_peer_stays(run(connection, within)), self.transfer_timeout
                 )
             except ServiceError:  # the source said no: the conversation ended cleanly
                 await pool.give_back(address, connection)
@@ -296,7 +314,7 @@ class UcxPuller:
                 # Nothing was committed, so trying again is safe; a pooled connection may have died
                 # idle (its peer restarted) without us noticing yet.
                 if reused and may_retry:
-                    log.info("pooled connection for %s failed (%r): retrying on a new one", what, e)
+                    log.warning("pooled connection for %s failed (%r): retrying on a new one", what, e)
                     may_retry = False
                     continue
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{what} failed: {e!r}") from None
@@ -312,6 +330,7 @@ class UcxPuller:
     async def _fetch(
         self,
         ep: Connection,
+        within: float | None,
         kv_id: str,
         access_token: str,
         layout: KvLayout,
@@ -333,7 +352,7 @@ class UcxPuller:
                 **dict(zip(LAYOUT_KEYS, (*degrees(dst_shards), *source), strict=True)),
             },
         )
-        reply = await recv_frame(ep)
+        reply = await first_answer(ep, within)
         if not reply.get("ok"):
             code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)
             raise ServiceError(code, f"source daemon: {reply.get('message', '')}")
@@ -368,17 +387,25 @@ class UcxPuller:
         """Copies the leading blocks of `hashes` that the prefix tier of the daemon at `address`
         holds into `pool_rows[dst_ids[i]]`; returns (blocks, bytes). Raises ServiceError as fetch."""
         return await self._exchange(
-            address, "prefix fetch", lambda ep: self._fetch_prefix(ep, fingerprint, hashes, pool_rows, dst_ids)
+            address,
+            "prefix fetch",
+            lambda ep, within: self._fetch_prefix(ep, within, fingerprint, hashes, pool_rows, dst_ids),
         )
 
     async def _fetch_prefix(
-        self, ep: Connection, fingerprint: str, hashes: list[bytes], pool_rows: torch.Tensor, dst_ids: list[int]
+        self,
+        ep: Connection,
+        within: float | None,
+        fingerprint: str,
+        hashes: list[bytes],
+        pool_rows: torch.Tensor,
+        dst_ids: list[int],
     ) -> tuple[tuple[int, int], bool]:
         """((blocks, bytes) received, whether the endpoint is clean for reuse)."""
         block_bytes = pool_rows.shape[1]
         request = {"op": "prefix", "fingerprint": fingerprint, "hashes": [h.hex() for h in hashes]}
         await send_frame(ep, {**request, "block_bytes": block_bytes})
-        reply = await recv_frame(ep)
+        reply = await first_answer(ep, within)
         count = int(reply.get("count", -1))
         if not reply.get("ok") or not 0 <= count <= len(hashes):
             raise ValueError(f"bad prefix reply {reply!r}")

@@ -178,7 +178,16 @@ def nodes(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def leaves_nothing_behind(nodes):
+def leaves_nothing_behind(nodes, request):
+    starts = {daemon.node_id: os.path.getsize(daemon.log_path) for daemon in nodes.values()}
+
+    def logs_of_this_test():  # (shown when the test fails)
+        for daemon in nodes.values():
+            with open(daemon.log_path, errors="replace") as f:
+                f.seek(starts[daemon.node_id])
+                yield f"kvstore {daemon.node_id} log during the test", f.read()[-20000:]
+
+    request.node.failure_logs = logs_of_this_test
     yield
     deadline = time.monotonic() + 5
     for daemon in nodes.values():

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from services.kvstore import ucx_endpoints
 from services.kvstore.ucx_endpoints import Connection, ConnectionPool, recv_frame, send_frame
+from services.kvstore.ucx_transfer import UcxPuller
 
 
 @dataclass
@@ -180,5 +182,38 @@ def test_the_pool_hands_out_only_fresh_live_connections_each_to_one_transfer(mon
         taken = await asyncio.gather(pool.acquire(address), pool.close_idle(everything=True))
         await asyncio.sleep(0.01)  # (stale ones are closed in the background)
         assert taken[0] == (live, True) and not live.closed and older.ep.aborted and not pool._idle.get(address)
+
+    asyncio.run(scenario())
+
+
+def test_a_pooled_connection_the_source_no_longer_serves_is_retried_on_a_new_one():
+    """The source answers a request at once; on a pooled connection no answer within the connect
+    timeout means the source's side ended without its goodbye reaching the puller: the pull goes
+    on a new connection instead of waiting out the transfer timeout."""
+
+    async def scenario():
+        puller = UcxPuller(connect_timeout=0.2, transfer_timeout=30.0)
+        stale, _ = connected_pair(1)  # (its source side is gone: nothing answers)
+        fresh, source = connected_pair(2)
+        handed = iter([(stale, True), (fresh, False)])
+
+        async def acquire(address: str):
+            return next(handed)
+
+        puller.connections.acquire = acquire  # type: ignore[method-assign]
+
+        async def serve() -> None:  # the source of the new connection: holds none of the blocks
+            assert (await recv_frame(source))["op"] == "prefix"
+            await send_frame(source, {"ok": True, "count": 0})
+            assert (await recv_frame(source))["op"] == "done"
+            await send_frame(source, {"ok": True})
+
+        serving = asyncio.ensure_future(serve())
+        started = time.monotonic()
+        rows = torch.zeros((4, 8), dtype=torch.uint8)
+        assert await puller.fetch_prefix("ucx:peer", "fp", [b"\x01" * 16], rows, [0]) == (0, 0)
+        assert time.monotonic() - started < 5.0 and stale.closed  # (without the limit: the 30 s timeout)
+        await serving
+        assert puller.connections._idle["ucx:peer"][0][0] is fresh  # (back in the pool)
 
     asyncio.run(scenario())
