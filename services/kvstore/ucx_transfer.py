@@ -71,6 +71,9 @@ T = TypeVar("T")
 
 FIRST_RUN_TAG = 1
 FIRST_REQUEST_SECONDS = 10.0
+# A source answers a request in milliseconds; on a pooled connection, no answer in this long means
+# the connection is dead (see ask): a false alarm only costs opening a new one.
+POOLED_ANSWER_SECONDS = 1.0
 
 
 def _ucx_buffer(rows: torch.Tensor):
@@ -129,17 +132,23 @@ def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
     return checked
 
 
-async def first_answer(connection: Connection, within: float | None) -> dict:
-    """The source's answer to a request: at once from a source that still serves the connection
-    (it answers before it packs or sends anything). On a pooled connection, none `within` seconds
-    means the source's side has ended without its goodbye reaching this side: ConnectionError,
+async def ask(connection: Connection, request: dict, within: float | None) -> dict:
+    """Sends a request and returns the source's answer, which comes at once from a source that
+    still serves the connection (it answers before it packs or sends anything). On a pooled
+    connection, none `within` seconds means the connection no longer works although the puller has
+    not seen it end (UCX closed the source's endpoint of it: docs/kvstore.md): ConnectionError,
     and the pull is retried on a new connection."""
-    if within is None:
+
+    async def exchange() -> dict:
+        await send_frame(connection, request)
         return await recv_frame(connection)
+
+    if within is None:
+        return await exchange()
     try:
-        return await asyncio.wait_for(recv_frame(connection), within)
+        return await asyncio.wait_for(exchange(), within)
     except TimeoutError:
-        raise ConnectionError(f"no answer on a pooled connection within {within:.0f}s") from None
+        raise ConnectionError(f"no answer on a pooled connection within {within}s") from None
 
 
 class UcxTransferServer:
@@ -208,7 +217,7 @@ class UcxTransferServer:
             slices = [
                 part for piece in pieces for part in run_slices(source[piece.src_rank], piece, runs, entry.layout)
             ]
-            # the answer first, at once: a puller on a pooled connection counts on it (first_answer)
+            # the answer first, at once: a puller on a pooled connection counts on it (ask)
             await send_frame(ep, {"ok": True, "runs": runs, "pieces": [piece_list(p) for p in pieces], "bytes": nbytes})
             messages = await to_the_end(_packed, slices)  # a copy of the pieces that are not whole shards
             await asyncio.gather(
@@ -297,7 +306,7 @@ class UcxPuller:
                     grpc.StatusCode.UNAVAILABLE, f"cannot reach the kvstore daemon at {address[:40]}...: {e!r}"
                 ) from None
             try:
-                within = pool.connect_timeout if reused else None
+                within = POOLED_ANSWER_SECONDS if reused else None
                 result, clean = await asyncio.wait_for(
                     connection.while_peer_stays(run(connection, within)), self.transfer_timeout
                 )
@@ -341,18 +350,15 @@ class UcxPuller:
         dst_ids = list(destination[0].ids)
         dst_shards = [side.shard for side in destination]
         pieces = resharding_plan(instance_shards(layout, *source), dst_shards)
-        await send_frame(
-            ep,
-            {
-                "op": "fetch",
-                "kv_id": kv_id,
-                "access_token": access_token,
-                "fingerprint": layout.fingerprint(),
-                "dst_blocks": dst_ids,
-                **dict(zip(LAYOUT_KEYS, (*degrees(dst_shards), *source), strict=True)),
-            },
-        )
-        reply = await first_answer(ep, within)
+        request = {
+            "op": "fetch",
+            "kv_id": kv_id,
+            "access_token": access_token,
+            "fingerprint": layout.fingerprint(),
+            "dst_blocks": dst_ids,
+            **dict(zip(LAYOUT_KEYS, (*degrees(dst_shards), *source), strict=True)),
+        }
+        reply = await ask(ep, request, within)
         if not reply.get("ok"):
             code = grpc.StatusCode.__members__.get(str(reply.get("code")), grpc.StatusCode.UNKNOWN)
             raise ServiceError(code, f"source daemon: {reply.get('message', '')}")
@@ -404,8 +410,7 @@ class UcxPuller:
         """((blocks, bytes) received, whether the endpoint is clean for reuse)."""
         block_bytes = pool_rows.shape[1]
         request = {"op": "prefix", "fingerprint": fingerprint, "hashes": [h.hex() for h in hashes]}
-        await send_frame(ep, {**request, "block_bytes": block_bytes})
-        reply = await first_answer(ep, within)
+        reply = await ask(ep, {**request, "block_bytes": block_bytes}, within)
         count = int(reply.get("count", -1))
         if not reply.get("ok") or not 0 <= count <= len(hashes):
             raise ValueError(f"bad prefix reply {reply!r}")

@@ -187,12 +187,12 @@ def test_the_pool_hands_out_only_fresh_live_connections_each_to_one_transfer(mon
 
 
 def test_a_pooled_connection_the_source_no_longer_serves_is_retried_on_a_new_one():
-    """The source answers a request at once; on a pooled connection no answer within the connect
-    timeout means the source's side ended without its goodbye reaching the puller: the pull goes
-    on a new connection instead of waiting out the transfer timeout."""
+    """The source answers a request at once; on a pooled connection no answer within a second
+    means the source's side ended without its goodbye reaching the puller: the pull goes on a new
+    connection instead of waiting out the transfer timeout."""
 
     async def scenario():
-        puller = UcxPuller(connect_timeout=0.2, transfer_timeout=30.0)
+        puller = UcxPuller(connect_timeout=5.0, transfer_timeout=30.0)
         stale, _ = connected_pair(1)  # (its source side is gone: nothing answers)
         fresh, source = connected_pair(2)
         handed = iter([(stale, True), (fresh, False)])
