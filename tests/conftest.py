@@ -17,6 +17,9 @@ def pytest_runtest_makereport(item, call):
     report = yield
     logs = getattr(item, "failure_logs", None)
     if report.failed and logs is not None:
-        for title, text in logs():
-            report.sections.append((title, text))
+        try:
+            for title, text in logs():
+                report.sections.append((title, text))
+        except Exception as e:  # (the report matters more than its logs)
+            report.sections.append(("logs", f"could not be read: {e!r}"))
     return report

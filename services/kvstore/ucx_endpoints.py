@@ -232,12 +232,12 @@ class ConnectionPool:
         self.idle_seconds = idle_seconds  # the source closes connections idle 3x as long
         self._idle: dict[str, list[tuple[Connection, float]]] = {}  # address -> [(connection, idle since)]
 
-    async def acquire(self, address: str) -> tuple[Connection, bool]:
-        """(connection, reused): an idle connection to the peer if one is alive, else a new one.
-        Raises ServiceError INVALID_ARGUMENT for a malformed address, else whatever connecting
-        raises (the caller maps it to UNAVAILABLE)."""
+    async def acquire(self, address: str, new: bool = False) -> tuple[Connection, bool]:
+        """(connection, reused): an idle connection to the peer if one is alive (unless `new`),
+        else a new one. Raises ServiceError INVALID_ARGUMENT for a malformed address, else
+        whatever connecting raises (the caller maps it to UNAVAILABLE)."""
         peer = parse_address(address)
-        idle, fresh_since = self._idle.get(address, []), time.monotonic() - self.idle_seconds
+        idle, fresh_since = [] if new else self._idle.get(address, []), time.monotonic() - self.idle_seconds
         reused, stale = None, []
         while idle and reused is None:  # (no await until it is out of the pool: see close_idle)
             connection, since = idle.pop()

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -57,6 +58,7 @@ from .entries import EntryTable
 from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, resharding_plan
 from .ucx_endpoints import (
+    CONTROL_TAG,
     Acceptor,
     Connection,
     ConnectionPool,
@@ -135,20 +137,18 @@ def check_runs(runs, dst_ids: Sequence[int]) -> list[tuple[int, int]]:
 async def ask(connection: Connection, request: dict, within: float | None) -> dict:
     """Sends a request and returns the source's answer, which comes at once from a source that
     still serves the connection (it answers before it packs or sends anything). On a pooled
-    connection, none `within` seconds means the connection no longer works although the puller has
-    not seen it end (UCX closed the source's endpoint of it: docs/kvstore.md): ConnectionError,
-    and the pull is retried on a new connection."""
-
-    async def exchange() -> dict:
-        await send_frame(connection, request)
-        return await recv_frame(connection)
-
-    if within is None:
-        return await exchange()
-    try:
-        return await asyncio.wait_for(exchange(), within)
-    except TimeoutError:
-        raise ConnectionError(f"no answer on a pooled connection within {within}s") from None
+    connection, no answer arriving within `within` seconds means the connection no longer works
+    although the puller has not seen it end (UCX closed the source's endpoint of it:
+    docs/kvstore.md): ConnectionError, and the pull is retried on a new connection. (Only the
+    answer's arrival is timed: a send or receive under way is not cut short.)"""
+    await send_frame(connection, request)
+    if within is not None:
+        deadline = time.monotonic() + within
+        while not connection.tag_probe(CONTROL_TAG).matched:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no answer on a pooled connection within {within}s")
+            await asyncio.sleep(0)
+    return await recv_frame(connection)
 
 
 class UcxTransferServer:
@@ -298,7 +298,7 @@ class UcxPuller:
         may_retry = True
         while True:
             try:
-                connection, reused = await pool.acquire(address)
+                connection, reused = await pool.acquire(address, new=not may_retry)
             except ServiceError:
                 raise
             except Exception as e:

@@ -196,8 +196,10 @@ def test_a_pooled_connection_the_source_no_longer_serves_is_retried_on_a_new_one
         stale, _ = connected_pair(1)  # (its source side is gone: nothing answers)
         fresh, source = connected_pair(2)
         handed = iter([(stale, True), (fresh, False)])
+        asked_new = []
 
-        async def acquire(address: str):
+        async def acquire(address: str, new: bool = False):
+            asked_new.append(new)
             return next(handed)
 
         puller.connections.acquire = acquire  # type: ignore[method-assign]
@@ -215,5 +217,6 @@ def test_a_pooled_connection_the_source_no_longer_serves_is_retried_on_a_new_one
         assert time.monotonic() - started < 5.0 and stale.closed  # (without the limit: the 30 s timeout)
         await serving
         assert puller.connections._idle["ucx:peer"][0][0] is fresh  # (back in the pool)
+        assert asked_new == [False, True]  # (not another pooled one: it may be as dead)
 
     asyncio.run(scenario())
