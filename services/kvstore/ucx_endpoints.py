@@ -211,11 +211,16 @@ async def send_frame(connection: Connection, message: dict) -> None:
     await connection.send(_frame(message), CONTROL_TAG)
 
 
-async def recv_frame(connection: Connection) -> dict:
-    """The next control frame. Probing the tag tells its length, so a frame is a single message."""
+async def recv_frame(connection: Connection, within: float | None = None) -> dict:
+    """The next control frame. Probing the tag tells its length, so a frame is a single message.
+    `within`: the seconds it may take to arrive (ConnectionError past them); once it has arrived,
+    its receive is never cut short."""
+    deadline = None if within is None else time.monotonic() + within
     while not (probe := connection.tag_probe(CONTROL_TAG, remove=True)).matched:
         if connection.closed:
             raise ConnectionError("the peer closed the connection")
+        if deadline is not None and time.monotonic() > deadline:
+            raise ConnectionError(f"no answer within {within}s")
         await asyncio.sleep(0)
     body = np.empty(max(1, min(probe.length, MAX_CONTROL_BYTES)), dtype=np.uint8)
     await connection.recv_with_handle(body, probe)  # (a longer one raises: truncated)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -58,7 +57,6 @@ from .entries import EntryTable
 from .prefix_store import PrefixStore
 from .shards import Piece, degrees, instance_shards, resharding_plan
 from .ucx_endpoints import (
-    CONTROL_TAG,
     Acceptor,
     Connection,
     ConnectionPool,
@@ -142,13 +140,7 @@ async def ask(connection: Connection, request: dict, within: float | None) -> di
     docs/kvstore.md): ConnectionError, and the pull is retried on a new connection. (Only the
     answer's arrival is timed: a send or receive under way is not cut short.)"""
     await send_frame(connection, request)
-    if within is not None:
-        deadline = time.monotonic() + within
-        while not connection.tag_probe(CONTROL_TAG).matched:
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"no answer on a pooled connection within {within}s")
-            await asyncio.sleep(0)
-    return await recv_frame(connection)
+    return await recv_frame(connection, within)
 
 
 class UcxTransferServer:
