@@ -18,8 +18,9 @@ trials as server-sent event streams through the router's OpenAI-compatible HTTP 
 is measured next to gRPC's (a checkout without the HTTP API runs gRPC only). Measured per trial,
 from /proc and the decode worker's metrics:
 - router CPU per streamed token, and the token rate the whole path reached;
-- decode worker CPU per token: everything but the engine call, as the emulated engine's call is a
-  sleep and a hash per sequence;
+- decode worker CPU per token, all of it (the emulated engine's call is a sleep and a hash per
+  sequence), and outside the engine call: less the CPU its engine thread spent inside engine.run
+  (pdserve_decode_engine_cpu_seconds_total), the serving path alone;
 - the client's inter-message gaps (p50, p99) against the decode worker's mean step time: what the
   router and the gRPC hops add to each token's delivery.
 Everything, the load generator included, shares this machine's cores: token rates are what the
@@ -147,12 +148,15 @@ def engine_thread_cpu(pid: int) -> float:
     return total
 
 
-def decode_steps(side: Side) -> tuple[float, float]:
-    """The decode worker's decode steps so far: (seconds, count), from its Prometheus endpoint."""
-    samples = scrape(side.metrics("decode"), kind="decode")
+def decode_steps(side: Side) -> tuple[float, float, float]:
+    """The decode worker's decode steps so far, from its Prometheus endpoint: (seconds, count, CPU
+    seconds inside the engine's calls; nan for a checkout that does not count those)."""
+    steps = scrape(side.metrics("decode"), kind="decode")
+    engine_cpu = scrape(side.metrics("decode")).get("pdserve_decode_engine_cpu_seconds_total", math.nan)
     return (
-        samples.get("pdserve_decode_step_duration_seconds_sum", 0.0),
-        samples.get("pdserve_decode_step_duration_seconds_count", 0.0),
+        steps.get("pdserve_decode_step_duration_seconds_sum", 0.0),
+        steps.get("pdserve_decode_step_duration_seconds_count", 0.0),
+        engine_cpu,
     )
 
 
@@ -266,6 +270,9 @@ def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
         # of which on the engine thread, in series with the step (0 for a checkout whose engine
         # thread has no OS name)
         "decode_engine_thread_us_per_token": 1e6 * engine_thread / received,
+        # the serving path alone (the issue's "everything but the engine call"): the decode
+        # worker's CPU less what its engine thread spent inside engine.run
+        "decode_serving_us_per_token": 1e6 * (cpu["decode"] - (steps_after[2] - steps_before[2])) / received,
         "other_us_per_token": 1e6 * (cpu["prefill"] + cpu["kvstore"]) / received,
         "step_ms_mean": 1000 * (steps_after[0] - steps_before[0]) / max(1, step_count),
         "gap_ms_p50": 1000 * percentile(gaps, 0.5),
@@ -277,6 +284,7 @@ METRICS = (
     "router_us_per_token",
     "decode_us_per_token",
     "decode_engine_thread_us_per_token",
+    "decode_serving_us_per_token",
     "token_rate",
     "step_ms_mean",
     "gap_ms_p50",
@@ -390,7 +398,8 @@ def main(argv=None) -> int:
                 print(
                     f"{streams:4d} streams {name}: router {s['router_us_per_token']:6.1f} us/token  decode "
                     f"{s['decode_us_per_token']:6.1f} us/token "
-                    f"({s['decode_engine_thread_us_per_token']:.1f} on its engine thread)  "
+                    f"({s['decode_engine_thread_us_per_token']:.1f} on its engine thread, "
+                    f"{s['decode_serving_us_per_token']:.1f} outside the engine call)  "
                     f"{s['token_rate']:7.0f} tokens/s  step "
                     f"{s['step_ms_mean']:.2f} ms  gap p50 {s['gap_ms_p50']:.2f} p99 {s['gap_ms_p99']:.2f} ms",
                     flush=True,
@@ -399,7 +408,8 @@ def main(argv=None) -> int:
                 r = summary["head_over_base"]
                 print(
                     f"{streams:4d} streams head/base: router CPU/token {r['router_us_per_token']:.2f}x  decode "
-                    f"CPU/token {r['decode_us_per_token']:.2f}x  tokens/s {r['token_rate']:.2f}x",
+                    f"CPU/token {r['decode_us_per_token']:.2f}x (outside the engine call "
+                    f"{r['decode_serving_us_per_token']:.2f}x)  tokens/s {r['token_rate']:.2f}x",
                     flush=True,
                 )
             if "http_over_grpc" in summary:

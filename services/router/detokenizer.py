@@ -18,6 +18,7 @@ gives for the whole output.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 from functools import lru_cache
 
 _CONTEXT_TOKENS = 5  # prompt tokens kept as left context for the first output tokens
@@ -79,7 +80,7 @@ class IncrementalDetokenizer:
             ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
-    def add(self, token_ids: list[int]) -> str:
+    def add(self, token_ids: Iterable[int]) -> str:
         """Returns the text the new tokens complete (possibly "")."""
         if self._bytes is not None:
             table = self._bytes

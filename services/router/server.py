@@ -195,11 +195,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         slo.inflight.inc()
         try:
             async for chunk in self._tokens(state, timer):
-                ticket.prefilled()
+                if not timer.num_tokens:
+                    ticket.prefilled()
                 finish_reason = chunk.finish_reason
                 token_ids, logprobs = chunk.token_ids, chunk.logprobs
                 if stops is None:
-                    text = detok.add(list(token_ids))
+                    text = detok.add(token_ids)
                     if finish_reason:
                         text += detok.flush()
                 else:
@@ -211,7 +212,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if timer.num_tokens > len(token_ids):
                     slo.itl.observe(gap)
                 response = router_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id)
-                response.logprobs.extend(logprobs)  # present only when requested
+                if logprobs:  # present only when requested
+                    response.logprobs.extend(logprobs)
                 if finish_reason:
                     ttft_met, tpot_met = slo.finish(timer, finish_reason, len(prompt), gen.ttft_slo, gen.tpot_slo)
                     judged = True

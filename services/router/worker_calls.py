@@ -31,16 +31,22 @@ _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 class RequestStream:
     """One request on a WorkerCall: an async iterator of its TokenChunks, ending after the one with
-    a finish_reason. What arrived while the reader was away comes as one chunk."""
+    a finish_reason. What arrived while the reader was away comes as one chunk. Its deadline is one
+    timer for the whole request, not one per token: past it the request is cancelled at the worker
+    and the iterator raises DEADLINE_EXCEEDED once the tokens that came before are taken."""
 
     def __init__(self, owner: WorkerCall, stream_id: int, deadline: float | None):
         self._owner = owner
         self.stream_id = stream_id
-        self._deadline = deadline  # loop time, or None
         self._pending: common_pb2.TokenChunk | None = None
         self._error: grpc.aio.AioRpcError | None = None
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future | None = None  # the request's coroutine, waiting for either
+        self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._expire)
         self.done = False  # the worker ended it (a finish_reason or an error), or it was cancelled
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     # ---- from the reader task --------------------------------------------------------------------
     def deliver(self, chunk: common_pb2.TokenChunk) -> None:
@@ -48,11 +54,23 @@ class RequestStream:
             self._pending = chunk
         else:
             self._pending.MergeFrom(chunk)  # appends tokens and logprobs, takes a finish_reason
-        self._ready.set()
+        self._wake()
 
     def fail(self, error: grpc.aio.AioRpcError) -> None:
         self._error = error
-        self._ready.set()
+        self._stop_timer()
+        self._wake()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.done and self._error is None:
+            self._owner.cancel(self.stream_id)  # (idempotent: the worker may have just ended it)
+            self.fail(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # ---- from the request's coroutine -------------------------------------------------------------
     def __aiter__(self) -> RequestStream:
@@ -62,20 +80,16 @@ class RequestStream:
         if self.done:
             raise StopAsyncIteration
         if self._pending is None and self._error is None:
-            if self._deadline is None:
-                await self._ready.wait()
-            else:
-                try:
-                    async with asyncio.timeout_at(self._deadline):
-                        await self._ready.wait()
-                except TimeoutError:
-                    self.cancel()
-                    raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        self._ready.clear()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         chunk, self._pending = self._pending, None
         if chunk is not None:
             if chunk.finish_reason:
                 self.done = True
+                self._stop_timer()
             return chunk  # the tokens before an error still count (the failover resumes after them)
         assert self._error is not None
         self.done = True
@@ -83,6 +97,7 @@ class RequestStream:
 
     def cancel(self) -> None:
         """Stops the request at the worker (freeing its blocks) unless it has ended. Idempotent."""
+        self._stop_timer()
         if not self.done:
             self.done = True
             self._owner.cancel(self.stream_id)

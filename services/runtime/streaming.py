@@ -102,6 +102,12 @@ class BatchMetrics:
         self.generated_tokens = Counter(
             "pdserve_decode_generated_tokens_total", "Tokens produced by this worker.", registry=registry
         )
+        self.engine_cpu_seconds = Counter(
+            "pdserve_decode_engine_cpu_seconds_total",
+            "CPU time of the engine thread inside the engine's steps (the model's host side); "
+            "what the process spends beyond it is the serving path.",
+            registry=registry,
+        )
         self.failed_steps = Counter(
             "pdserve_decode_failed_steps_total",
             "Engine steps that raised; their requests failed with INTERNAL.",
@@ -194,6 +200,7 @@ class StreamingWorker:
                 next_token = len(seq) - seq.num_cached == 1 and seq.num_cached > 0 and job is not None and job.prefilled
                 if job is not None and job.prefill_started is None and not next_token:
                     job.prefill_started = started
+        cpu_started = time.thread_time()
         try:
             outputs = self.engine.run(plan)
         except Exception as exc:
@@ -201,6 +208,8 @@ class StreamingWorker:
             self.metrics.failed_steps.inc()
             self.fail(plan, f"engine step failed: {exc!r}")
             return
+        finally:
+            self.metrics.engine_cpu_seconds.inc(time.thread_time() - cpu_started)
         ended = time.monotonic()
         self.finishing([out.seq for out in outputs if out.finish_reason])
         self.scheduler.finish_step(plan)
@@ -400,7 +409,10 @@ class ServedCall:
         if isinstance(item, ServiceError):
             self.fail(stream_id, item)
             return
-        chunk = self._pending(stream_id).chunk
+        pending = self.pending.get(stream_id)  # (_pending inlined: every request, every step)
+        if pending is None:
+            pending = self.pending[stream_id] = self.update.chunks.add(stream_id=stream_id)
+        chunk = pending.chunk
         chunk.token_ids.extend(item.token_ids)
         if item.logprobs:
             chunk.logprobs.extend(item.logprobs)

@@ -442,6 +442,71 @@ def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
     assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
 
 
+def test_a_request_past_its_deadline_gets_its_tokens_then_deadline_exceeded_and_frees_its_blocks():
+    """The router's stream of one request on a shared worker call (WorkerCall.open with a timeout):
+    at its deadline the worker stops it and frees its blocks, its reader first takes the tokens that
+    came before (also when it was not reading), then DEADLINE_EXCEEDED; the call's other request,
+    without a deadline, runs to its end."""
+    step = 0.02  # seconds per emulated decode step
+    profile = LatencyProfile(
+        prefill=PrefillLatency(a=step, b=0.0, c=0.0),
+        decode=DecodeLatency(a=step, b=0.0, c=0.0),
+        kv_bytes_per_token=4096,
+        kv_capacity_tokens=16 * 256,
+        block_size=16,
+        max_batched_tokens=256,
+        max_num_seqs=8,
+        model="llama-3-8b",
+        device="H100-80G",
+        source="analytic",
+    )
+    engine = EmulatedEngine(get_model("llama"), EngineConfig(device="emulated"), profile)
+
+    def request(request_id: str, max_tokens: int) -> worker_pb2.GenerateTokensRequest:
+        sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return worker_pb2.GenerateTokensRequest(request_id=request_id, token_ids=[7] * 12, sampling=sampling)
+
+    async def read(stream, pause: float = 0.0) -> tuple[int, grpc.aio.AioRpcError | None]:
+        tokens = 0
+        try:
+            async for chunk in stream:
+                tokens += len(chunk.token_ids)
+                await asyncio.sleep(pause)
+        except grpc.aio.AioRpcError as exc:
+            return tokens, exc
+        return tokens, None
+
+    async def scenario():
+        service = ColocatedService(engine, node_id="n", model_name="m", registry=CollectorRegistry())
+        runner, address = await _serve(Role.COLOCATED, service)
+        async with aio_channel(address) as channel:
+            call = WorkerCall(address, worker_pb2_grpc.ColocatedWorkerStub(channel).Generate, GenerateStreamRequest)
+            started = time.monotonic()
+            results = await asyncio.gather(
+                read(call.open(request("reads", 1000), timeout=0.3)),
+                read(call.open(request("sleeps", 1000), timeout=0.3), pause=0.6),  # asleep at its deadline
+                read(call.open(request("no-deadline", 40), timeout=None)),
+            )
+            elapsed = time.monotonic() - started
+            for _ in range(100):  # (the cancels reach the engine thread between steps)
+                stats = await _stats(channel)
+                if stats.kv_blocks_free == stats.kv_blocks_total and stats.running == 0:
+                    break
+                await asyncio.sleep(0.02)
+        await _stop(runner, service)
+        return results, elapsed, stats
+
+    (reads, sleeps, other), elapsed, stats = asyncio.run(scenario())
+    engine.close()
+    for tokens, error in (reads, sleeps):
+        assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0 < tokens < 0.3 / step + 5  # what came before the deadline, nothing after
+    assert sleeps[0] >= 2  # its first chunk, then the tokens that came while it slept, merged
+    assert other == (40, None)
+    assert elapsed < 1.5
+    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
+
+
 def test_a_worker_started_before_its_kvstore_daemon_waits_for_it(tmp_path):
     """A prefill worker whose node's daemon is not up yet serves NOT_SERVING, its Stats saying why,
     instead of exiting (it used to exit with code 1 after 5 s, burning the launcher's restarts);
