@@ -40,6 +40,7 @@ from .prefix_index import NodePrefixes, PrefixRoutingMetrics, PromptPrefix
 from .registry import Endpoint, WorkerRegistry
 from .slo import RequestTimer, SloTracker
 from .stop_strings import StopStrings
+from .worker_calls import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if finish_reason:
                         text += detok.flush()
                 else:
-                    text, kept = _until_stop(detok, stops, list(token_ids), bool(finish_reason), timer.num_tokens)
+                    text, kept = _until_stop(detok, stops, token_ids, bool(finish_reason), timer.num_tokens)
                     if stops.stopped:  # the tokens after the one that completed it are dropped
                         finish_reason = FinishReason.STOP
                         token_ids, logprobs = token_ids[:kept], logprobs[:kept]
@@ -312,7 +313,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     state.task.cancel()
 
     async def _tokens(self, state: _RequestState, timer: RequestTimer):
-        """Yields TokenChunks until a finish_reason, failing over between workers."""
+        """Yields a request's Tokens until a finish_reason, failing over between workers."""
         while True:
             try:
                 if self.mode == "colocated":
@@ -411,10 +412,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             state.outputs.append(first.first_token_id)
             if not first.finish_reason:  # read on its own, so that the request's end cannot cancel it
                 state.handle_read = asyncio.ensure_future(self._read_handle(ep, state))
-            yield common_pb2.TokenChunk(
-                token_ids=[first.first_token_id],
+            yield Tokens(
+                [first.first_token_id],
+                [first.first_logprob] if state.sampling.logprobs else [],
                 finish_reason=first.finish_reason,
-                logprobs=[first.first_logprob] if state.sampling.logprobs else [],
             )
             if first.finish_reason:
                 return
@@ -530,7 +531,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         await self._release(handle)
 
     async def _stream(self, ep: Endpoint, call, state: _RequestState, prompt_tokens: int):
-        """Relays a worker's TokenChunk stream; cancels the call if the client goes away."""
+        """Relays a worker's stream of Tokens; cancels the call if the client goes away."""
         ep.inflight_requests += 1
         ep.inflight_prompt_tokens += prompt_tokens
         state.call = call

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -29,6 +30,36 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
+@dataclass(slots=True)
+class Tokens:
+    """What a request's worker sent it (a TokenChunk, or its entry in an update's columns), as plain
+    values: the router reads each a few times per token, and a message's fields cost more to read."""
+
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    queue_seconds: float = 0.0  # on the first token from a worker that prefilled it (colocated)
+    prefill_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, chunk: common_pb2.TokenChunk) -> Tokens:
+        return cls(
+            list(chunk.token_ids), list(chunk.logprobs), chunk.finish_reason, chunk.queue_seconds, chunk.prefill_seconds
+        )
+
+    def merge(self, later: Tokens) -> None:
+        """Appends what came after (as TokenChunk.MergeFrom: tokens and logprobs added, a later end
+        or timing taken)."""
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        if later.finish_reason:
+            self.finish_reason = later.finish_reason
+        if later.queue_seconds:
+            self.queue_seconds = later.queue_seconds
+        if later.prefill_seconds:
+            self.prefill_seconds = later.prefill_seconds
+
+
 class RequestStream:
     """One request on a WorkerCall: an async iterator of its TokenChunks, ending after the one with
     a finish_reason. What arrived while the reader was away comes as one chunk. Its deadline is one
@@ -38,7 +69,7 @@ class RequestStream:
     def __init__(self, owner: WorkerCall, stream_id: int, deadline: float | None):
         self._owner = owner
         self.stream_id = stream_id
-        self._pending: common_pb2.TokenChunk | None = None
+        self._pending: Tokens | None = None
         self._error: grpc.aio.AioRpcError | None = None
         self._waiter: asyncio.Future | None = None  # the request's coroutine, waiting for either
         self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._expire)
@@ -49,11 +80,11 @@ class RequestStream:
             self._waiter.set_result(None)
 
     # ---- from the reader task --------------------------------------------------------------------
-    def deliver(self, chunk: common_pb2.TokenChunk) -> None:
+    def deliver(self, tokens: Tokens) -> None:
         if self._pending is None:
-            self._pending = chunk
+            self._pending = tokens
         else:
-            self._pending.MergeFrom(chunk)  # appends tokens and logprobs, takes a finish_reason
+            self._pending.merge(tokens)
         self._wake()
 
     def fail(self, error: grpc.aio.AioRpcError) -> None:
@@ -76,7 +107,7 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> common_pb2.TokenChunk:
+    async def __anext__(self) -> Tokens:
         if self.done:
             raise StopAsyncIteration
         if self._pending is None and self._error is None:
@@ -164,6 +195,13 @@ class WorkerCall:
         error = _error(grpc.StatusCode.UNAVAILABLE, f"worker {self.name} ended the call")
         try:
             async for update in call:
+                if update.stream_ids:  # requests' plain next tokens (worker.proto StreamUpdate)
+                    tokens, start = list(update.token_ids), 0
+                    for stream_id, count in zip(list(update.stream_ids), list(update.token_counts), strict=True):
+                        stream = self._streams.get(stream_id)
+                        if stream is not None:  # (else cancelled here meanwhile)
+                            stream.deliver(Tokens(tokens[start : start + count]))
+                        start += count
                 for item in update.chunks:
                     stream = self._streams.get(item.stream_id)
                     if stream is None:
@@ -172,11 +210,11 @@ class WorkerCall:
                         del self._streams[item.stream_id]
                         stream.fail(_error(_STATUS.get(item.status_code, grpc.StatusCode.UNKNOWN), item.details))
                         if item.chunk.token_ids:
-                            stream.deliver(item.chunk)
+                            stream.deliver(Tokens.of(item.chunk))
                         continue
                     if item.chunk.finish_reason:
                         del self._streams[item.stream_id]
-                    stream.deliver(item.chunk)
+                    stream.deliver(Tokens.of(item.chunk))
                 self._end_if_retired()
         except grpc.aio.AioRpcError as exc:
             error = exc

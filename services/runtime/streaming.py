@@ -323,11 +323,11 @@ class StreamingWorker:
             while True:
                 await call.ready.wait()
                 call.ready.clear()
-                if call.pending:
+                if call.has_news():
                     await context.write(call.take())
                 # (also after a write: the last chunk of a request cancelled just before the
                 # caller closed its side sets nothing off again)
-                if call.closed and not call.jobs and not call.pending:
+                if call.closed and not call.jobs and not call.has_news():
                     return
         finally:
             reader.cancel()
@@ -396,23 +396,39 @@ def _dispatch(outgoing: list[tuple[StreamJob, Produced | ServiceError]]) -> None
 class ServedCall:
     """Asyncio side: one caller's call as the worker serves it (the router's end is
     router/worker_calls.WorkerCall), its requests in progress and what they produced but was
-    not yet written: the next StreamUpdate, with at most one chunk per request (later tokens join it)."""
+    not yet written: the next StreamUpdate (worker.proto). A request's plain next tokens go in its
+    columns, kept here as lists until the write; anything more (an end, logprobs, timings) in one
+    chunk per request, which that request's later tokens join."""
 
     def __init__(self) -> None:
         self.jobs: dict[int, StreamJob] = {}  # stream_id -> job, until its stream ends
         self.update = worker_pb2.StreamUpdate()
         self.pending: dict[int, worker_pb2.StreamChunk] = {}  # stream_id -> its chunk in self.update
+        self.stream_ids: list[int] = []  # the columns of the next update
+        self.token_counts: list[int] = []
+        self.token_ids: list[int] = []
         self.ready = asyncio.Event()  # something to write, or the caller closed its side
         self.closed = False
+
+    def has_news(self) -> bool:
+        return bool(self.stream_ids or self.pending)
 
     def add(self, stream_id: int, item: Produced | ServiceError) -> None:
         if isinstance(item, ServiceError):
             self.fail(stream_id, item)
             return
-        pending = self.pending.get(stream_id)  # (_pending inlined: every request, every step)
-        if pending is None:
-            pending = self.pending[stream_id] = self.update.chunks.add(stream_id=stream_id)
-        chunk = pending.chunk
+        if stream_id not in self.pending and not (
+            item.finish_reason or item.logprobs or item.queue_seconds or item.prefill_seconds
+        ):
+            self.stream_ids.append(stream_id)
+            self.token_counts.append(len(item.token_ids))
+            self.token_ids += item.token_ids
+            ticket = self.jobs[stream_id].ticket
+            if ticket is not None:
+                ticket.prefilled()
+            self.ready.set()
+            return
+        chunk = self._pending(stream_id).chunk
         chunk.token_ids.extend(item.token_ids)
         if item.logprobs:
             chunk.logprobs.extend(item.logprobs)
@@ -448,5 +464,10 @@ class ServedCall:
 
     def take(self) -> worker_pb2.StreamUpdate:
         update, self.update = self.update, worker_pb2.StreamUpdate()
+        if self.stream_ids:
+            update.stream_ids.extend(self.stream_ids)
+            update.token_counts.extend(self.token_counts)
+            update.token_ids.extend(self.token_ids)
+            self.stream_ids, self.token_counts, self.token_ids = [], [], []
         self.pending = {}
         return update

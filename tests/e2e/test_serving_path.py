@@ -107,12 +107,13 @@ def test_concurrent_requests_some_cancelled_share_the_call_and_free_every_block(
             assert tokens == expected, i
     cluster.wait_idle()
     # each step's tokens went to the router in one message: the decode workers' largest response
-    # carried many requests' chunks
+    # carried many requests' tokens (an update for one request alone is ~12 bytes, each more adds
+    # 3-5 in the columns)
     sizes = [
         _metric(cluster, svc, "pdserve_grpc_largest_message_bytes", method="Decode", direction="response")
         for svc in cluster.services("decode")
     ]
-    assert max(sizes) > 200
+    assert max(sizes) > 64
 
 
 def test_requests_on_a_decode_worker_killed_mid_stream_all_resume_identically(cluster, model_dir):

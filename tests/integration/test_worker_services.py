@@ -416,7 +416,12 @@ def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
             status: dict[int, tuple[int, str]] = {}
             most_per_update, second_batch_sent, closed = 0, False, False
             async for update in call:
-                most_per_update = max(most_per_update, len(update.chunks))
+                most_per_update = max(most_per_update, len(set(update.stream_ids)) + len(update.chunks))
+                offset = 0  # requests' plain tokens in the columns, before their chunks' (worker.proto)
+                for stream_id, count in zip(update.stream_ids, update.token_counts, strict=True):
+                    tokens[stream_id].extend(update.token_ids[offset : offset + count])
+                    offset += count
+                assert offset == len(update.token_ids)
                 for item in update.chunks:
                     tokens[item.stream_id].extend(item.chunk.token_ids)
                     if item.status_code:

@@ -144,3 +144,84 @@ def test_an_unexpected_router_error_is_internal_and_counted(tokenizer):
 
     asyncio.run(run())
     assert registry.get_sample_value("pdserve_requests_total", {"finish_reason": "error", "api": "grpc"}) == 2
+
+
+def test_a_worker_calls_updates_reach_each_request_in_order():
+    """The worker's side of a call (streaming.ServedCall) builds StreamUpdates, plain tokens in the
+    columns and the rest in chunks; the router's side (worker_calls.WorkerCall) sorts them to the
+    requests. Whatever the mix, each request gets its tokens in order, its logprobs, its timings
+    and its end, and one that failed raises its status after the tokens before."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import grpc
+
+    from pdserve.v1 import worker_pb2
+    from services.common.errors import ServiceError
+    from services.router.worker_calls import WorkerCall
+    from services.runtime.streaming import Produced, ServedCall
+
+    served = ServedCall()
+    # (add() reads a job's admission ticket only)
+    served.jobs = {i: SimpleNamespace(ticket=None) for i in (1, 2, 3, 4)}  # type: ignore[misc]
+    updates = []
+    # 1: plain tokens over two updates, then its end; 2: a first token with timings (a chunk), then
+    # plain tokens that must join that chunk; 3: logprobs throughout; 4: tokens, then a failure
+    served.add(1, Produced([10, 11]))
+    served.add(2, Produced([20], queue_seconds=0.5, prefill_seconds=0.25))
+    served.add(3, Produced([30], [-0.5]))
+    served.add(4, Produced([40]))
+    served.add(2, Produced([21]))
+    served.add(1, Produced([12]))
+    updates.append(served.take())
+    served.add(1, Produced([13]))
+    served.add(4, Produced([41]))
+    served.add(3, Produced([31], [-0.25], finish_reason="stop"))
+    served.add(1, Produced([14], finish_reason="length"))
+    served.add(4, ServiceError(grpc.StatusCode.INTERNAL, "device lost"))
+    served.add(2, Produced([22], finish_reason="stop"))
+    updates.append(served.take())
+    assert not served.has_news()
+    assert list(updates[0].stream_ids) == [1, 4, 1] and list(updates[0].token_ids) == [10, 11, 40, 12]
+    assert {c.stream_id for c in updates[0].chunks} == {2, 3}
+
+    class FakeCall:  # the stub's call: yields the updates, as grpc.aio's does
+        def __init__(self, messages):
+            self.messages = iter(messages)
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(0)
+            try:
+                return next(self.messages)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        def cancel(self):
+            pass
+
+    async def scenario():
+        call = WorkerCall("w", lambda requests: FakeCall(updates), worker_pb2.GenerateStreamRequest)
+        streams = {i: call.open(worker_pb2.GenerateTokensRequest(), timeout=None) for i in (1, 2, 3, 4)}
+        got: dict[int, list] = {}
+
+        async def read(i):
+            got[i] = []
+            try:
+                async for tokens in streams[i]:
+                    got[i].append(tokens)
+            except grpc.aio.AioRpcError as exc:
+                got[i].append(exc.code())
+
+        await asyncio.gather(*(read(i) for i in streams))
+        return got
+
+    got = asyncio.run(scenario())
+    merged = {i: [t for c in got[i] if not isinstance(c, grpc.StatusCode) for t in c.token_ids] for i in got}
+    assert merged == {1: [10, 11, 12, 13, 14], 2: [20, 21, 22], 3: [30, 31], 4: [40, 41]}
+    assert got[1][-1].finish_reason == "length" and got[2][-1].finish_reason == "stop"
+    assert [lp for chunk in got[3] for lp in chunk.logprobs] == [-0.5, -0.25]
+    assert got[2][0].queue_seconds == 0.5 and got[2][0].prefill_seconds == 0.25
+    assert got[4][-1] == grpc.StatusCode.INTERNAL
