@@ -202,14 +202,15 @@ class StreamingWorker:
                     job.prefill_started = started
         cpu_started = time.thread_time()
         try:
-            outputs = self.engine.run(plan)
+            outputs, failure = self.engine.run(plan), None
         except Exception as exc:
-            log.exception("engine step failed; failing its %d requests", len(plan.seqs))
+            outputs, failure = [], exc
+        self.metrics.engine_cpu_seconds.inc(time.thread_time() - cpu_started)
+        if failure is not None:
+            log.error("engine step failed; failing its %d requests", len(plan.seqs), exc_info=failure)
             self.metrics.failed_steps.inc()
-            self.fail(plan, f"engine step failed: {exc!r}")
+            self.fail(plan, f"engine step failed: {failure!r}")
             return
-        finally:
-            self.metrics.engine_cpu_seconds.inc(time.thread_time() - cpu_started)
         ended = time.monotonic()
         self.finishing([out.seq for out in outputs if out.finish_reason])
         self.scheduler.finish_step(plan)
@@ -420,12 +421,11 @@ class ServedCall:
         if stream_id not in self.pending and not (
             item.finish_reason or item.logprobs or item.queue_seconds or item.prefill_seconds
         ):
+            # (no timings: not the first token after a prefill here, so its ticket has no queued
+            # prompt tokens left to give back)
             self.stream_ids.append(stream_id)
             self.token_counts.append(len(item.token_ids))
             self.token_ids += item.token_ids
-            ticket = self.jobs[stream_id].ticket
-            if ticket is not None:
-                ticket.prefilled()
             self.ready.set()
             return
         chunk = self._pending(stream_id).chunk
