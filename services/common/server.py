@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 # Control messages are small; KV never travels over gRPC. A generous cap still catches misuse.
 MAX_MESSAGE_BYTES = 16 << 20
+# A router's word, in the metadata of its call to a decode or colocated worker, that it reads
+# StreamUpdate's columns (worker.proto): routers from before them do not, and may meet newer
+# workers during a rolling upgrade.
+COLUMNS_METADATA = ("pdserve-stream-columns", "1")
 GRPC_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start "fine" and
     # the kernel would split connections between the two (two clusters on the default port).

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.v1 import common_pb2
+from services.common.server import COLUMNS_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class WorkerCall:
                 yield request
 
         self._outbox = outbox
-        call = self._method(requests())
+        call = self._method(requests(), metadata=(COLUMNS_METADATA,))
         self._reader = asyncio.create_task(self._read(call, outbox))
 
     async def _read(self, call, outbox: asyncio.Queue) -> None:

@@ -31,6 +31,7 @@ from services.common.admission import Admission, Ticket, refusals_counter
 from services.common.enums import Role
 from services.common.errors import ServiceError, invalid
 from services.common.metrics import TOKEN_LATENCY_BUCKETS
+from services.common.server import COLUMNS_METADATA
 from services.engine.engine import EngineBase, StepOutput
 from services.engine.scheduler import AbortOutcome, BatchScheduler, StepKind, StepPlan
 from services.engine.sequence import Sequence
@@ -318,7 +319,7 @@ class StreamingWorker:
 
         A coroutine writing with context.write, not an async generator: when the caller goes away,
         grpc cancels this coroutine wherever it waits."""
-        call = ServedCall()
+        call = ServedCall(columns=COLUMNS_METADATA in (context.invocation_metadata() or ()))
         reader = asyncio.create_task(self._read_call(requests, call))
         try:
             while True:
@@ -401,7 +402,8 @@ class ServedCall:
     columns, kept here as lists until the write; anything more (an end, logprobs, timings) in one
     chunk per request, which that request's later tokens join."""
 
-    def __init__(self) -> None:
+    def __init__(self, columns: bool = True) -> None:
+        self.columns = columns  # the caller reads the update's columns (COLUMNS_METADATA)
         self.jobs: dict[int, StreamJob] = {}  # stream_id -> job, until its stream ends
         self.update = worker_pb2.StreamUpdate()
         self.pending: dict[int, worker_pb2.StreamChunk] = {}  # stream_id -> its chunk in self.update
@@ -418,8 +420,10 @@ class ServedCall:
         if isinstance(item, ServiceError):
             self.fail(stream_id, item)
             return
-        if stream_id not in self.pending and not (
-            item.finish_reason or item.logprobs or item.queue_seconds or item.prefill_seconds
+        if (
+            self.columns
+            and stream_id not in self.pending
+            and not (item.finish_reason or item.logprobs or item.queue_seconds or item.prefill_seconds)
         ):
             # (no timings: not the first token after a prefill here, so its ticket has no queued
             # prompt tokens left to give back)

@@ -24,7 +24,7 @@ from services.colocated.server import ColocatedService
 from services.common.enums import Role
 from services.common.grpc_client import aio_channel
 from services.common.latency_profile import DecodeLatency, LatencyProfile, PrefillLatency
-from services.common.server import ServiceRunner
+from services.common.server import COLUMNS_METADATA, ServiceRunner
 from services.decode.server import DecodeService
 from services.engine.config import EngineConfig
 from services.engine.emulated import EmulatedEngine
@@ -386,11 +386,13 @@ def test_an_emulated_prefill_pipeline_takes_the_next_batch_once_its_first_stage_
     engine.close()
 
 
-def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
+@pytest.mark.parametrize("columns", [True, False], ids=["router-reads-columns", "older-router"])
+def test_one_call_carries_many_requests_and_a_bad_one_fails_alone(columns):
     """A colocated worker's call (the router's one call per worker, raw here): each step's tokens
     for every request come in one StreamUpdate; a request that fails validation, or that reuses a
     stream id in progress, gets its status on its own stream while the others go on; cancelling
-    one and then ending the call frees every block."""
+    one and then ending the call frees every block. Plain tokens come in the update's columns only
+    to a caller that said it reads them (an older router, during a rolling upgrade, does not)."""
     engine = _engine()
 
     def start(stream_id: int, token_ids: list[int], max_tokens: int) -> GenerateStreamRequest:
@@ -408,14 +410,16 @@ def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
                 while (item := await outbox.get()) is not None:
                     yield item
 
-            call = worker_pb2_grpc.ColocatedWorkerStub(channel).Generate(requests())
+            metadata = (COLUMNS_METADATA,) if columns else ()
+            call = worker_pb2_grpc.ColocatedWorkerStub(channel).Generate(requests(), metadata=metadata)
             for i in (1, 2, 3):
                 outbox.put_nowait(start(i, [5 + i] * 12, 30))
             outbox.put_nowait(start(4, [5, 99999], 30))  # past the vocabulary
             tokens: dict[int, list[int]] = {i: [] for i in (1, 2, 3, 4, 5)}
             status: dict[int, tuple[int, str]] = {}
-            most_per_update, second_batch_sent, closed = 0, False, False
+            most_per_update, second_batch_sent, closed, in_columns = 0, False, False, 0
             async for update in call:
+                in_columns += len(update.token_ids)
                 most_per_update = max(most_per_update, len(set(update.stream_ids)) + len(update.chunks))
                 offset = 0  # requests' plain tokens in the columns, before their chunks' (worker.proto)
                 for stream_id, count in zip(update.stream_ids, update.token_counts, strict=True):
@@ -436,10 +440,11 @@ def test_one_call_carries_many_requests_and_a_bad_one_fails_alone():
                     outbox.put_nowait(None)  # the caller is done: the call ends when its requests have
             stats = await _stats(channel)
         await _stop(runner, service)
-        return tokens, status, most_per_update, stats
+        return tokens, status, most_per_update, stats, in_columns
 
-    tokens, status, most_per_update, stats = asyncio.run(scenario())
+    tokens, status, most_per_update, stats, in_columns = asyncio.run(scenario())
     engine.close()
+    assert (in_columns > 0) == columns
     assert len(tokens[1]) == len(tokens[2]) == 30 and 0 < len(tokens[3]) < 30  # 3 was cancelled
     assert status[4][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and status[4][1].startswith("token_ids")
     assert status[5][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and status[5][1].startswith("stream_id")

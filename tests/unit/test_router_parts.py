@@ -158,6 +158,7 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
 
     from pdserve.v1 import worker_pb2
     from services.common.errors import ServiceError
+    from services.common.server import COLUMNS_METADATA
     from services.router.worker_calls import WorkerCall
     from services.runtime.streaming import Produced, ServedCall
 
@@ -203,7 +204,13 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
             pass
 
     async def scenario():
-        call = WorkerCall("w", lambda requests: FakeCall(updates), worker_pb2.GenerateStreamRequest)
+        sent_metadata = []
+
+        def method(requests, metadata):
+            sent_metadata.extend(metadata)
+            return FakeCall(updates)
+
+        call = WorkerCall("w", method, worker_pb2.GenerateStreamRequest)
         streams = {i: call.open(worker_pb2.GenerateTokensRequest(), timeout=None) for i in (1, 2, 3, 4)}
         got: dict[int, list] = {}
 
@@ -216,6 +223,7 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
                 got[i].append(exc.code())
 
         await asyncio.gather(*(read(i) for i in streams))
+        assert COLUMNS_METADATA in sent_metadata  # the router tells the worker it reads the columns
         return got
 
     got = asyncio.run(scenario())
