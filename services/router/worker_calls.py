@@ -197,8 +197,17 @@ class WorkerCall:
         try:
             async for update in call:
                 if update.stream_ids:  # requests' plain next tokens (worker.proto StreamUpdate)
-                    tokens, start = list(update.token_ids), 0
-                    for stream_id, count in zip(list(update.stream_ids), list(update.token_counts), strict=True):
+                    stream_ids, counts, tokens = (
+                        list(update.stream_ids),
+                        list(update.token_counts),
+                        list(update.token_ids),
+                    )
+                    if len(counts) != len(stream_ids) or sum(counts) != len(tokens):
+                        raise _error(
+                            grpc.StatusCode.INTERNAL, f"worker {self.name} sent an update whose columns differ"
+                        )
+                    start = 0
+                    for stream_id, count in zip(stream_ids, counts):
                         stream = self._streams.get(stream_id)
                         if stream is not None:  # (else cancelled here meanwhile)
                             stream.deliver(Tokens(tokens[start : start + count]))

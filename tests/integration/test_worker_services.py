@@ -420,7 +420,8 @@ def test_one_call_carries_many_requests_and_a_bad_one_fails_alone(columns):
             most_per_update, second_batch_sent, closed, in_columns = 0, False, False, 0
             async for update in call:
                 in_columns += len(update.token_ids)
-                most_per_update = max(most_per_update, len(set(update.stream_ids)) + len(update.chunks))
+                news = set(update.stream_ids) | {item.stream_id for item in update.chunks}
+                most_per_update = max(most_per_update, len(news))
                 offset = 0  # requests' plain tokens in the columns, before their chunks' (worker.proto)
                 for stream_id, count in zip(update.stream_ids, update.token_counts, strict=True):
                     tokens[stream_id].extend(update.token_ids[offset : offset + count])

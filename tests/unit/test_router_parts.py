@@ -186,29 +186,12 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
     assert list(updates[0].stream_ids) == [1, 4, 1] and list(updates[0].token_ids) == [10, 11, 40, 12]
     assert {c.stream_id for c in updates[0].chunks} == {2, 3}
 
-    class FakeCall:  # the stub's call: yields the updates, as grpc.aio's does
-        def __init__(self, messages):
-            self.messages = iter(messages)
-
-        def __aiter__(self):
-            return self
-
-        async def __anext__(self):
-            await asyncio.sleep(0)
-            try:
-                return next(self.messages)
-            except StopIteration:
-                raise StopAsyncIteration from None
-
-        def cancel(self):
-            pass
-
     async def scenario():
         sent_metadata = []
 
         def method(requests, metadata):
             sent_metadata.extend(metadata)
-            return FakeCall(updates)
+            return _WorkerCallUpdates(updates)
 
         call = WorkerCall("w", method, worker_pb2.GenerateStreamRequest)
         streams = {i: call.open(worker_pb2.GenerateTokensRequest(), timeout=None) for i in (1, 2, 3, 4)}
@@ -233,3 +216,50 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
     assert [lp for chunk in got[3] for lp in chunk.logprobs] == [-0.5, -0.25]
     assert got[2][0].queue_seconds == 0.5 and got[2][0].prefill_seconds == 0.25
     assert got[4][-1] == grpc.StatusCode.INTERNAL
+
+
+class _WorkerCallUpdates:
+    """A stub's call to a worker, as grpc.aio's: yields the given StreamUpdates, then ends."""
+
+    def __init__(self, updates):
+        self.updates = iter(updates)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import asyncio
+
+        await asyncio.sleep(0)
+        try:
+            return next(self.updates)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self):
+        pass
+
+
+def test_a_worker_update_whose_columns_differ_fails_the_calls_requests_with_internal():
+    import asyncio
+
+    import grpc
+
+    from pdserve.v1 import worker_pb2
+    from services.router.worker_calls import WorkerCall
+
+    bad = worker_pb2.StreamUpdate(stream_ids=[1, 2], token_counts=[1, 2], token_ids=[5, 6])  # 3 counted, 2 sent
+
+    async def scenario():
+        call = WorkerCall("w", lambda requests, metadata: _WorkerCallUpdates([bad]), worker_pb2.GenerateStreamRequest)
+        streams = [call.open(worker_pb2.GenerateTokensRequest(), timeout=None) for _ in range(2)]
+        codes = []
+        for stream in streams:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stream:
+                    pass
+            codes.append((err.value.code(), err.value.details()))
+        return codes
+
+    for code, details in asyncio.run(scenario()):
+        assert code == grpc.StatusCode.INTERNAL and "columns" in details
