@@ -151,9 +151,18 @@ class BlockManager:
         if need > len(seq.block_table):
             seq.block_table.extend(self.allocate(need - len(seq.block_table)))
 
-    def blocks_needed_for_step(self, seq: Sequence) -> int:
-        """Blocks a decode step of `seq` would allocate (0 or 1)."""
-        return int(len(seq.token_ids) > len(seq.block_table) * self.block_size)  # (inline: every sequence, every step)
+    def blocks_needed_for_step(self, seqs: list[Sequence]) -> int:
+        """Blocks a decode step of `seqs` would allocate (0 or 1 each)."""
+        size = self.block_size  # (a loop of its own: every sequence, every step)
+        return sum(len(seq.token_ids) > len(seq.block_table) * size for seq in seqs)
+
+    def allocate_for_step(self, seqs: list[Sequence]) -> None:
+        """Gives each sequence the block its next token needs, if it needs one (a decode step):
+        allocate_seq for each, without the call for those that need none."""
+        size = self.block_size
+        for seq in seqs:
+            if len(seq.token_ids) > len(seq.block_table) * size:
+                self.allocate_seq(seq)
 
     def free_seq(self, seq: Sequence) -> None:
         self.free(self.detach(seq))

@@ -116,8 +116,7 @@ class EngineBase(ABC):
         return outputs, time.monotonic()
 
     def decode_step(self, seqs: list[Sequence]) -> list[StepOutput]:
-        for seq in seqs:
-            self.block_manager.allocate_seq(seq)
+        self.block_manager.allocate_for_step(seqs)
         result = self._decode(seqs)
         self._computed(seqs, [len(seq) for seq in seqs])
         return self._append(seqs, result)

@@ -190,8 +190,7 @@ class BatchScheduler:
         self._reserve_decode_blocks()
         if not self.running:
             return None
-        for seq in self.running:
-            self.blocks.allocate_seq(seq)
+        self.blocks.allocate_for_step(self.running)
         return StepPlan(StepKind.DECODE, list(self.running))
 
     def _schedule_chunked(self) -> StepPlan | None:
@@ -239,7 +238,7 @@ class BatchScheduler:
     def _reserve_decode_blocks(self) -> None:
         """Preempts from the back until every running sequence can grow by one token."""
         while self.running:
-            need = sum(self.blocks.blocks_needed_for_step(s) for s in self.running)
+            need = self.blocks.blocks_needed_for_step(self.running)
             if need <= self.blocks.num_free:
                 return
             victim = self.running.pop()

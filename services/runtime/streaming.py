@@ -252,28 +252,31 @@ class StreamingWorker:
         self.metrics.generated_tokens.inc(len(outputs))
 
     def _deliver(self, out: StepOutput, step_ended: float) -> None:
-        job = self.jobs.get(out.seq.seq_id)
+        seq = out.seq
+        job = self.jobs.get(seq.seq_id)
         if job is None:
             return
-        produced = job.unsent or Produced()
+        produced = job.unsent
+        if produced is None:
+            produced = Produced([out.token_id], [])
+        else:
+            produced.token_ids.append(out.token_id)
         if job.prefill_started is not None and not job.prefilled:  # (a recompute after preemption is not a wait)
             job.prefilled = True
             produced.queue_seconds = job.prefill_started - job.enqueued_at
             produced.prefill_seconds = step_ended - job.prefill_started
-        produced.token_ids.append(out.token_id)
-        if out.seq.sampling.logprobs:
+        if seq.sampling.logprobs:
             produced.logprobs.append(out.logprob)
-        produced.finish_reason = out.finish_reason or ""
+        if out.finish_reason:
+            produced.finish_reason = out.finish_reason
+            del self.jobs[seq.seq_id]
         # A request's first and last tokens go at once (TTFT and end-to-end latency as without
         # grouping); those between, every --stream-interval tokens.
-        first = out.seq.num_output_tokens == 1
-        if first or out.finish_reason or len(produced.token_ids) >= self.stream_interval:
+        if out.finish_reason or len(produced.token_ids) >= self.stream_interval or seq.num_output_tokens == 1:
             job.unsent = None
             self._outgoing.append((job, produced))
         else:
             job.unsent = produced
-        if out.finish_reason:
-            del self.jobs[out.seq.seq_id]
 
     def _flush(self) -> None:
         """Engine thread: hands the step's chunks to the asyncio loop, all in one callback."""

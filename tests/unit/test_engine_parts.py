@@ -109,15 +109,28 @@ def test_block_manager_reference_counts():
         bm.allocate(5)
 
 
+def test_a_decode_step_allocates_a_block_only_for_a_sequence_whose_next_token_needs_one():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    full = Sequence.from_prompt("full", [1] * 8, SamplingParams())  # its 2 blocks are full
+    room = Sequence.from_prompt("room", [1] * 6, SamplingParams())  # its 2nd block has room
+    for seq in (full, room):
+        bm.allocate_seq(seq)
+    full.token_ids.append(2)
+    room.token_ids.append(2)
+    assert bm.blocks_needed_for_step([full, room]) == 1
+    bm.allocate_for_step([full, room])
+    assert (len(full.block_table), len(room.block_table), bm.num_free) == (3, 2, 3)
+    assert bm.blocks_needed_for_step([full, room]) == 0
+
 def test_block_manager_sequences_and_the_log_of_discarded_kv():
     """Per-sequence accounting allocates only what a sequence lacks, and every sequence whose
     blocks are taken (freed, or detached for a quarantine) is logged once for the runner's caches."""
     bm = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence.from_prompt("s", [1] * 9, SamplingParams())
     bm.allocate_seq(seq, num_tokens=4)
-    assert len(seq.block_table) == 1 and bm.blocks_needed_for_step(seq) == 1
+    assert len(seq.block_table) == 1 and bm.blocks_needed_for_step([seq]) == 1
     bm.allocate_seq(seq)
-    assert len(seq.block_table) == 3 and bm.num_free == 5 and bm.blocks_needed_for_step(seq) == 0
+    assert len(seq.block_table) == 3 and bm.num_free == 5 and bm.blocks_needed_for_step([seq]) == 0
     assert bm.take_discarded() == []
     held = bm.detach(seq)
     assert seq.block_table == [] and bm.num_free == 5 and bm.take_discarded() == ["s"]
