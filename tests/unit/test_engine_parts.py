@@ -122,6 +122,7 @@ def test_a_decode_step_allocates_a_block_only_for_a_sequence_whose_next_token_ne
     assert (len(full.block_table), len(room.block_table), bm.num_free) == (3, 2, 3)
     assert bm.blocks_needed_for_step([full, room]) == 0
 
+
 def test_block_manager_sequences_and_the_log_of_discarded_kv():
     """Per-sequence accounting allocates only what a sequence lacks, and every sequence whose
     blocks are taken (freed, or detached for a quarantine) is logged once for the runner's caches."""
