@@ -270,6 +270,25 @@ DASHBOARDS = {
                 "timeseries",
             ),
             (
+                # the process's CPU beyond the engine call is the serving path (scheduling, streaming, gRPC)
+                "CPU per generated token: serving path and engine call",
+                "s",
+                [
+                    q(
+                        f"(sum by (instance) (rate(process_cpu_seconds_total[{RATE}]))"
+                        f" - sum by (instance) (rate(pdserve_decode_engine_cpu_seconds_total[{RATE}])))"
+                        f" / sum by (instance) (rate(pdserve_decode_generated_tokens_total[{RATE}]))",
+                        "serving path {{instance}}",
+                    ),
+                    q(
+                        f"sum by (instance) (rate(pdserve_decode_engine_cpu_seconds_total[{RATE}]))"
+                        f" / sum by (instance) (rate(pdserve_decode_generated_tokens_total[{RATE}]))",
+                        "engine call {{instance}}",
+                    ),
+                ],
+                "timeseries",
+            ),
+            (
                 "Preemptions and KV recomputes",
                 "ops",
                 [
