@@ -1,10 +1,10 @@
 """The router's one call per decode (or colocated) worker, carrying all its requests to that worker.
 
 Each request is a stream on the call (worker.proto: DecodeWorker.Decode, ColocatedWorker.Generate):
-`WorkerCall.open` starts it and returns a `RequestStream`, which yields the request's TokenChunks as
-a worker's per-request call would have, and raises the same AioRpcError a per-request call would
+`WorkerCall.open` starts it and returns a `RequestStream`, which yields the request's `Tokens` (what
+a worker's per-request call would have sent as TokenChunks), and raises the same AioRpcError a per-request call would
 (the worker's status for that request; UNAVAILABLE for all of them when the call breaks, so each
-fails over as before). One task reads the call and sorts each step's chunks to their requests; it
+fails over as before). One task reads the call and sorts each step's update to its requests; it
 never waits on a request, so a client that stops reading holds up nobody else: its tokens wait in
 its RequestStream, merged into one chunk, until it reads or the router gives up on it.
 """
@@ -62,8 +62,8 @@ class Tokens:
 
 
 class RequestStream:
-    """One request on a WorkerCall: an async iterator of its TokenChunks, ending after the one with
-    a finish_reason. What arrived while the reader was away comes as one chunk. Its deadline is one
+    """One request on a WorkerCall: an async iterator of its Tokens, ending after those with a
+    finish_reason. What arrived while the reader was away comes merged, as one. Its deadline is one
     timer for the whole request, not one per token: past it the request is cancelled at the worker
     and the iterator raises DEADLINE_EXCEEDED once the tokens that came before are taken."""
 

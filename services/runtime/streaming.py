@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Produced:
     """What a request's steps produced and the engine thread hands to the loop: plain values, the
-    message is built once, on the loop, in the call's next StreamUpdate (worker.proto TokenChunk)."""
+    message is built once, on the loop, in the call's next StreamUpdate (its columns, or a
+    TokenChunk: worker.proto)."""
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
