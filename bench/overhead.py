@@ -17,12 +17,15 @@ trials as server-sent event streams through the router's OpenAI-compatible HTTP 
 (/v1/completions, stream=true), alternating with the gRPC ones, so the SSE path's cost per token
 is measured next to gRPC's (a checkout without the HTTP API runs gRPC only). Measured per trial,
 from /proc and the decode worker's metrics:
-- router CPU per streamed token, and the token rate the whole path reached;
+- router CPU per streamed token (and the part of it in the kernel: socket writes and wake-ups),
+  and the token rate the whole path reached;
 - decode worker CPU per token, all of it (the emulated engine's call is a sleep and a hash per
   sequence), and outside the engine call: less the CPU its engine thread spent inside engine.run
   (pdserve_decode_engine_cpu_seconds_total), the serving path alone;
-- the client's inter-message gaps (p50, p99) against the decode worker's mean step time: what the
-  router and the gRPC hops add to each token's delivery.
+- the client's inter-message gaps (p50, p99) against the decode worker's mean step time;
+- the router's own delay per token (p50, p99 of pdserve_router_token_relay_seconds over the trial,
+  read from its buckets as histogram_quantile does): from the decode worker's message reaching the
+  router to the router starting the client's message.
 Everything, the load generator included, shares this machine's cores: token rates are what the
 path reached here, CPU per token is what it costs. Medians over rounds, and head/base ratios.
 Writes JSON and a PNG to --out.
@@ -41,14 +44,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-from .control_plane import cpu_seconds, scrape
+from .control_plane import TICKS, cpu_seconds, scrape
 from .emulated_fidelity import DEFAULT_PROFILE
 from .loadgen import percentile
 
@@ -228,6 +233,48 @@ async def _trial(routers: list[str], streams: int, tokens: int) -> tuple[int, li
     return sum(counts), gaps
 
 
+def kernel_cpu_seconds(pid: int) -> float:
+    """The system (kernel) part of a process's CPU time so far: for the router, mostly the socket
+    writes and wake-ups behind each message."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[12]) / TICKS
+
+
+RELAY = "pdserve_router_token_relay_seconds"
+
+
+def relay_buckets(side: Side, api: str) -> dict[float, float]:
+    """The routers' buckets of their delay per token (RELAY) for one API, summed: upper bound ->
+    cumulative count. Empty for a checkout without the metric."""
+    buckets: dict[float, float] = {}
+    for router in side.routers():
+        text = urllib.request.urlopen(f"http://{router['metrics']}/metrics", timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name != RELAY:
+                continue
+            for sample in family.samples:
+                if sample.name == RELAY + "_bucket" and sample.labels.get("api") == api:
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The q-quantile of what a histogram counted between two scrapes, as Prometheus's
+    histogram_quantile reads buckets: linear within the bucket it falls in. NaN when none."""
+    bounds = sorted(after)
+    counts = [after[le] - before.get(le, 0.0) for le in bounds]
+    if not counts or counts[-1] <= 0:
+        return math.nan
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for le, count in zip(bounds, counts, strict=True):
+        if count >= rank and count > below:
+            return lower if math.isinf(le) else lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
+
+
 def emulated_engine_us_per_token() -> float:
     """What the emulated engine's own call costs per token (its token function, timed here): the
     part of the decode worker's CPU that is the "engine call", not the serving path."""
@@ -244,6 +291,8 @@ def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
     routers = side.routers()
     cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
     cpu_before["router"] = sum(cpu_seconds(r["pid"]) for r in routers)
+    router_kernel_before = sum(kernel_cpu_seconds(r["pid"]) for r in routers)
+    relay_before = relay_buckets(side, api)
     engine_before = engine_thread_cpu(pids["decode"])
     steps_before = decode_steps(side)
     wall = time.perf_counter()
@@ -257,6 +306,8 @@ def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
     wall = time.perf_counter() - wall
     cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
     cpu["router"] = sum(cpu_seconds(r["pid"]) for r in routers) - cpu_before["router"]
+    router_kernel = sum(kernel_cpu_seconds(r["pid"]) for r in routers) - router_kernel_before
+    relay_after = relay_buckets(side, api)
     engine_thread = engine_thread_cpu(pids["decode"]) - engine_before
     steps_after = decode_steps(side)
     step_count = steps_after[1] - steps_before[1]
@@ -266,6 +317,7 @@ def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
         "tokens": received,
         "token_rate": received / wall,
         "router_us_per_token": 1e6 * cpu["router"] / received,  # all routers together
+        "router_kernel_us_per_token": 1e6 * router_kernel / received,  # of it, in the kernel
         "decode_us_per_token": 1e6 * cpu["decode"] / received,
         # of which on the engine thread, in series with the step (0 for a checkout whose engine
         # thread has no OS name)
@@ -277,11 +329,15 @@ def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
         "step_ms_mean": 1000 * (steps_after[0] - steps_before[0]) / max(1, step_count),
         "gap_ms_p50": 1000 * percentile(gaps, 0.5),
         "gap_ms_p99": 1000 * percentile(gaps, 0.99),
+        # what the router added to each message after a request's first (its relay histogram)
+        "relay_ms_p50": 1000 * bucket_quantile(relay_before, relay_after, 0.5),
+        "relay_ms_p99": 1000 * bucket_quantile(relay_before, relay_after, 0.99),
     }
 
 
 METRICS = (
     "router_us_per_token",
+    "router_kernel_us_per_token",
     "decode_us_per_token",
     "decode_engine_thread_us_per_token",
     "decode_serving_us_per_token",
@@ -289,6 +345,8 @@ METRICS = (
     "step_ms_mean",
     "gap_ms_p50",
     "gap_ms_p99",
+    "relay_ms_p50",
+    "relay_ms_p99",
 )
 
 
@@ -321,11 +379,18 @@ def plot(results: dict, path: str) -> None:
 
     batches = [r["streams"] for r in results["points"]]
     names = results["sides"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    # (hatched: the part of a bar's figure in this metric, where counted)
+    parts = {"router_us_per_token": "router_kernel_us_per_token", "decode_us_per_token": "decode_serving_us_per_token"}
     for ax, metric, ylabel in zip(
         axes,
-        ("router_us_per_token", "decode_us_per_token", "gap_ms_p99"),
-        ("router CPU per token (us)", "decode worker CPU per token (us)", "client inter-message gap p99 (ms)"),
+        ("router_us_per_token", "decode_us_per_token", "gap_ms_p99", "relay_ms_p99"),
+        (
+            "router CPU per token (us)",
+            "decode worker CPU per token (us)",
+            "client inter-message gap p99 (ms)",
+            "router delay per token p99 (ms)",
+        ),
         strict=True,
     ):
         width = 0.8 / len(names)
@@ -335,19 +400,20 @@ def plot(results: dict, path: str) -> None:
             label = f"{name} ({commit})" if commit else name
             xs = [i + k * width for i in range(len(batches))]
             ax.bar(xs, values, width, label=label, color=f"C{k}")
-            if metric == "decode_us_per_token":  # the part outside the engine call, where counted
-                serving = [p["summary"][name].get("decode_serving_us_per_token", math.nan) for p in results["points"]]
-                if not any(math.isnan(v) for v in serving):
-                    ax.bar(xs, serving, width, fill=False, hatch="//", edgecolor="black", linewidth=0)
+            if metric in parts:
+                part = [p["summary"][name].get(parts[metric], math.nan) for p in results["points"]]
+                if not any(math.isnan(v) for v in part):
+                    ax.bar(xs, part, width, fill=False, hatch="//", edgecolor="black", linewidth=0)
         ax.set_xticks(
             [i + width * (len(names) - 1) / 2 for i in range(len(batches))], [f"{b} streams" for b in batches]
         )
         ax.set_ylabel(ylabel)
+    axes[3].axhline(2.0, color="gray", linestyle="--", linewidth=1)  # the issue's bound at p99
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names))
     fig.suptitle(
         "serving path per streamed token, measured on this CPU (engines emulated at H100 timings);\n"
-        "hatched: the decode worker's CPU outside the engine call"
+        "hatched: the router's CPU in the kernel; the decode worker's outside the engine call. Dashed: 2 ms"
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
@@ -410,7 +476,9 @@ def main(argv=None) -> int:
                     f"({s['decode_engine_thread_us_per_token']:.1f} on its engine thread, "
                     f"{s['decode_serving_us_per_token']:.1f} outside the engine call)  "
                     f"{s['token_rate']:7.0f} tokens/s  step "
-                    f"{s['step_ms_mean']:.2f} ms  gap p50 {s['gap_ms_p50']:.2f} p99 {s['gap_ms_p99']:.2f} ms",
+                    f"{s['step_ms_mean']:.2f} ms  gap p50 {s['gap_ms_p50']:.2f} p99 {s['gap_ms_p99']:.2f} ms  "
+                    f"router kernel {s['router_kernel_us_per_token']:.1f} us/token, delay per token p50 "
+                    f"{s['relay_ms_p50']:.2f} p99 {s['relay_ms_p99']:.2f} ms",
                     flush=True,
                 )
             if "head_over_base" in summary:

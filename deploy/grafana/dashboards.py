@@ -119,6 +119,12 @@ DASHBOARDS = {
             ("Router overhead in TTFT", "s", quantiles("pdserve_router_overhead_seconds"), "timeseries"),
             ("Inter-token latency", "s", quantiles("pdserve_inter_token_latency_seconds", selector=API), "timeseries"),
             (
+                "Router delay per token (worker's message in to client's message out)",
+                "s",
+                quantiles("pdserve_router_token_relay_seconds", selector=API),
+                "timeseries",
+            ),
+            (
                 "Tokens per second",
                 "short",
                 [

@@ -74,6 +74,27 @@ TOKEN_LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+# What a process adds to each token on its way (the router's relay): tens of microseconds to
+# tens of milliseconds, with the 2 ms the serving path aims for as a bound.
+RELAY_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 # KV transfers: tens of microseconds (local copy of a few blocks) to seconds (slow links).
 TRANSFER_LATENCY_BUCKETS = (
     0.00005,

@@ -212,6 +212,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 gap = timer.tokens(len(token_ids))
                 if timer.num_tokens > len(token_ids):
                     slo.itl.observe(gap)
+                if chunk.arrived:
+                    slo.relay.observe(timer.last_token - chunk.arrived)
                 response = router_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id)
                 if logprobs:  # present only when requested
                     response.logprobs.extend(logprobs)

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.enums import FinishReason
-from services.common.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_COUNT_BUCKETS, TOKEN_LATENCY_BUCKETS
+from services.common.metrics import (
+    RELAY_LATENCY_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    TOKEN_COUNT_BUCKETS,
+    TOKEN_LATENCY_BUCKETS,
+)
 
 
 @dataclass
@@ -90,6 +95,14 @@ class SloTracker:
             "Gaps between consecutive token messages to clients.",
             api,
             buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.relay = Histogram(
+            "pdserve_router_token_relay_seconds",
+            "From a worker's message with a request's next tokens reaching the router to the router "
+            "starting their message to the client: what the router adds to each token's delivery.",
+            api,
+            buckets=RELAY_LATENCY_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
@@ -200,6 +213,7 @@ class ApiSlo:
     def __init__(self, tracker: SloTracker, api: str):
         t = self.tracker = tracker
         self.ttft, self.tpot, self.itl, self.e2e = (h.labels(api) for h in (t.ttft, t.tpot, t.itl, t.e2e))
+        self.relay = t.relay.labels(api)
         self.requests = {reason: t.requests.labels(reason, api) for reason in FinishReason}
         self.prompt_tokens, self.generation_tokens = t.prompt_tokens.labels(api), t.generation_tokens.labels(api)
         self.slo_requests, self.slo_ttft_met = t.slo_requests.labels(api), t.slo_ttft_met.labels(api)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,16 +42,25 @@ class Tokens:
     finish_reason: str = ""
     queue_seconds: float = 0.0  # on the first token from a worker that prefilled it (colocated)
     prefill_seconds: float = 0.0
+    # When the worker's message holding them reached the router (monotonic; the earliest, when
+    # merged): what the router adds to their delivery is measured from it. 0 for a prefill call's
+    # first token, which TTFT's router overhead counts.
+    arrived: float = 0.0
 
     @classmethod
-    def of(cls, chunk: common_pb2.TokenChunk) -> Tokens:
+    def of(cls, chunk: common_pb2.TokenChunk, arrived: float) -> Tokens:
         return cls(
-            list(chunk.token_ids), list(chunk.logprobs), chunk.finish_reason, chunk.queue_seconds, chunk.prefill_seconds
+            list(chunk.token_ids),
+            list(chunk.logprobs),
+            chunk.finish_reason,
+            chunk.queue_seconds,
+            chunk.prefill_seconds,
+            arrived,
         )
 
     def merge(self, later: Tokens) -> None:
         """Appends what came after (as TokenChunk.MergeFrom: tokens and logprobs added, a later end
-        or timing taken)."""
+        or timing taken; the earlier arrival kept)."""
         self.token_ids += later.token_ids
         self.logprobs += later.logprobs
         if later.finish_reason:
@@ -196,6 +206,7 @@ class WorkerCall:
         error = _error(grpc.StatusCode.UNAVAILABLE, f"worker {self.name} ended the call")
         try:
             async for update in call:
+                arrived = time.monotonic()
                 if update.stream_ids:  # requests' plain next tokens (worker.proto StreamUpdate)
                     stream_ids, counts, tokens = (
                         list(update.stream_ids),
@@ -210,7 +221,7 @@ class WorkerCall:
                     for stream_id, count in zip(stream_ids, counts):
                         stream = self._streams.get(stream_id)
                         if stream is not None:  # (else cancelled here meanwhile)
-                            stream.deliver(Tokens(tokens[start : start + count]))
+                            stream.deliver(Tokens(tokens[start : start + count], arrived=arrived))
                         start += count
                 for item in update.chunks:
                     stream = self._streams.get(item.stream_id)
@@ -220,11 +231,11 @@ class WorkerCall:
                         del self._streams[item.stream_id]
                         stream.fail(_error(_STATUS.get(item.status_code, grpc.StatusCode.UNKNOWN), item.details))
                         if item.chunk.token_ids:
-                            stream.deliver(Tokens.of(item.chunk))
+                            stream.deliver(Tokens.of(item.chunk, arrived))
                         continue
                     if item.chunk.finish_reason:
                         del self._streams[item.stream_id]
-                    stream.deliver(Tokens.of(item.chunk))
+                    stream.deliver(Tokens.of(item.chunk, arrived))
                 self._end_if_retired()
         except grpc.aio.AioRpcError as exc:
             error = exc

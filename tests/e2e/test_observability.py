@@ -212,6 +212,11 @@ def test_histograms_and_slo_counters_agree_with_what_clients_saw(cluster, loaded
             le = float(s.labels["le"])
             assert s.value == sum(1 for t in ttfts if t <= le), f"bucket le={le}"
     assert sample("pdserve_slo_requests", "pdserve_slo_requests_total") == len(loaded)
+    # every message after a request's first came from its decode worker's call: each has a gap
+    # since the one before (ITL) and a delay at the router (relay), and nothing else has either
+    relayed = sample("pdserve_router_token_relay_seconds", "pdserve_router_token_relay_seconds_count")
+    assert relayed == sample("pdserve_inter_token_latency_seconds", "pdserve_inter_token_latency_seconds_count") > 0
+    assert 0 < sample("pdserve_router_token_relay_seconds", "pdserve_router_token_relay_seconds_sum") < relayed
     assert sample("pdserve_slo_ttft_met", "pdserve_slo_ttft_met_total") == sum(r.timing.slo_ttft_met for r in loaded)
     assert sample("pdserve_slo_tpot_met", "pdserve_slo_tpot_met_total") == sum(r.timing.slo_tpot_met for r in loaded)
     assert sample("pdserve_slo_met", "pdserve_slo_met_total") == sum(

@@ -8,7 +8,7 @@ import pytest
 
 from bench.distserve_puzzle import CASES, CONTEXT, PromptScaledSearch
 from bench.loadgen import RequestResult, attainment, percentile, summarize
-from bench.overhead import METRICS
+from bench.overhead import METRICS, bucket_quantile
 from bench.overhead import summarize as summarize_overhead
 from bench.serving import goodput, steady_state_limit
 from services.planner.hardware import ClusterSpec, GiB, get_gpu, get_model_shape
@@ -124,3 +124,15 @@ def test_overhead_ratios_are_medians_of_paired_rounds():
     assert out["base"]["router_us_per_token"] == 100 and out["head"]["router_us_per_token"] == 50
     assert out["head_over_base"]["router_us_per_token"] == 0.5  # of 0.5, 0.2 and 0.9
     assert math.isnan(out["head_over_base"]["decode_engine_thread_us_per_token"])
+
+
+def test_the_routers_delay_quantiles_come_from_the_buckets_increase_as_histogram_quantile_reads_them():
+    """bench.overhead reads the router's delay per token from its histogram's buckets, scraped
+    before and after a trial: only what the trial added counts, linear within a bucket."""
+    before = {0.001: 10.0, 0.002: 10.0, 0.005: 10.0, math.inf: 10.0}
+    after = {0.001: 10.0, 0.002: 60.0, 0.005: 100.0, math.inf: 100.0}  # the trial: 50 in (1, 2] ms, 40 in (2, 5]
+    assert bucket_quantile(before, after, 0.5) == pytest.approx(0.001 + 0.001 * 45 / 50)
+    assert bucket_quantile(before, after, 0.99) == pytest.approx(0.002 + 0.003 * (89.1 - 50) / 40)
+    assert bucket_quantile({}, {0.001: 0.0, math.inf: 5.0}, 0.99) == 0.001  # past the last bound: that bound
+    assert math.isnan(bucket_quantile(after, after, 0.99))  # nothing counted during the trial
+    assert math.isnan(bucket_quantile({}, {}, 0.5))  # a checkout without the metric

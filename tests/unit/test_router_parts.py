@@ -218,6 +218,42 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
     assert got[4][-1] == grpc.StatusCode.INTERNAL
 
 
+def test_tokens_that_waited_for_their_reader_keep_the_arrival_of_the_first():
+    """The router's delay per token (pdserve_router_token_relay_seconds) counts from when the
+    worker's message reached the router; tokens merged while their reader was away keep the
+    earliest arrival, so the delay is the oldest token's."""
+    import asyncio
+    import time
+
+    import grpc
+
+    from pdserve.v1 import worker_pb2
+    from services.router.worker_calls import WorkerCall
+
+    updates = [worker_pb2.StreamUpdate(stream_ids=[1], token_counts=[1], token_ids=[t]) for t in (7, 8)]
+    sent_at: list[float] = []
+
+    class Paced(_WorkerCallUpdates):
+        async def __anext__(self):
+            await asyncio.sleep(0.01)
+            update = await super().__anext__()
+            sent_at.append(time.monotonic())
+            return update
+
+    async def scenario():
+        call = WorkerCall("w", lambda requests, metadata: Paced(updates), worker_pb2.GenerateStreamRequest)
+        stream = call.open(worker_pb2.GenerateTokensRequest(), timeout=None)
+        await asyncio.sleep(0.1)  # both updates come, then the call ends, while nobody reads
+        tokens = await stream.__anext__()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stream.__anext__()
+        return tokens
+
+    tokens = asyncio.run(scenario())
+    assert tokens.token_ids == [7, 8]
+    assert len(sent_at) == 2 and sent_at[0] <= tokens.arrived < sent_at[1]
+
+
 class _WorkerCallUpdates:
     """A stub's call to a worker, as grpc.aio's: yields the given StreamUpdates, then ends."""
 
