@@ -147,6 +147,58 @@ def test_promtool_accepts_configs_and_rules(prometheus):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_router_saturation_alert_fires_past_a_quarter_of_the_tpot_slo_and_not_below(tmp_path):
+    """promtool's rule tests on synthetic series: a router delaying tokens ~50 ms at p99 under a
+    100 ms TPOT SLO fires PdserveRouterSaturated once its 10 minutes have passed; one at ~5 ms
+    never does."""
+    promtool = need_binary("promtool")
+    rule = next(r for r in rules() if r.get("alert") == "PdserveRouterSaturated")
+    bounds = ("0.005", "0.01", "0.05", "+Inf")
+    relay = "pdserve_router_token_relay_seconds_bucket"
+    series = []
+    for instance, first_full in (("slow", "0.05"), ("fast", "0.005")):  # every token in (0.01, 0.05] or <= 5 ms
+        for le in bounds:
+            full = bounds.index(le) >= bounds.index(first_full)
+            series.append(
+                {
+                    "series": f'{relay}{{instance="{instance}",api="grpc",le="{le}"}}',
+                    "values": "0+100x30" if full else "0x30",
+                }
+            )
+    series.append({"series": 'pdserve_slo_target_seconds{instance="slow",slo="tpot"}', "values": "0.1x30"})
+    p99 = 0.01 + 0.04 * 0.99
+    test = {
+        "rule_files": [os.path.join(PROM_DIR, "rules", "pdserve-alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": "PdserveRouterSaturated", "exp_alerts": []},  # pending
+                    {
+                        "eval_time": "20m",
+                        "alertname": "PdserveRouterSaturated",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "instance": "slow"},
+                                "exp_annotations": {
+                                    "summary": f"router slow delays tokens {p99 * 1000:.4g}ms at p99",
+                                    "description": rule["annotations"]["description"],
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "router-saturated.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_every_target_is_scraped(prometheus, cluster):
     url, _ = prometheus
     up = {r["metric"]["service"]: r["value"][1] for r in query(url, "up")}
@@ -181,6 +233,7 @@ def test_every_alert_rule_evaluates_and_its_signal_returns_data(prometheus):
         "PdserveKvTransferFailures",
         "PdserveShedding",
         "PdserveWorkerEjected",
+        "PdserveRouterSaturated",
     }
     for rule in alerts:
         query(url, rule["expr"])
