@@ -210,10 +210,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         finish_reason = FinishReason.STOP
                         token_ids, logprobs = token_ids[:kept], logprobs[:kept]
                 gap = timer.tokens(len(token_ids))
-                if timer.num_tokens > len(token_ids):
+                if timer.num_tokens > len(token_ids):  # (the first token is TTFT's)
                     slo.itl.observe(gap)
-                if chunk.arrived:
-                    slo.relay.observe(timer.last_token - chunk.arrived)
+                    if chunk.arrived:  # (0: a re-prefill's first token, after a failover)
+                        slo.relay.observe(timer.last_token - chunk.arrived)
                 response = router_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id)
                 if logprobs:  # present only when requested
                     response.logprobs.extend(logprobs)

@@ -100,7 +100,8 @@ class SloTracker:
         self.relay = Histogram(
             "pdserve_router_token_relay_seconds",
             "From a worker's message with a request's next tokens reaching the router to the router "
-            "starting their message to the client: what the router adds to each token's delivery.",
+            "starting their message to the client: how long tokens wait at the router (for its loop, "
+            "or for the client to take the message before).",
             api,
             buckets=RELAY_LATENCY_BUCKETS,
             registry=r,

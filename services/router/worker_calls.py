@@ -42,9 +42,8 @@ class Tokens:
     finish_reason: str = ""
     queue_seconds: float = 0.0  # on the first token from a worker that prefilled it (colocated)
     prefill_seconds: float = 0.0
-    # When the worker's message holding them reached the router (monotonic; the earliest, when
-    # merged): what the router adds to their delivery is measured from it. 0 for a prefill call's
-    # first token, which TTFT's router overhead counts.
+    # When the worker's message holding them reached the router (monotonic; merged, the oldest's):
+    # how long they wait at the router is measured from it. 0 for a prefill call's first token.
     arrived: float = 0.0
 
     @classmethod
@@ -60,7 +59,7 @@ class Tokens:
 
     def merge(self, later: Tokens) -> None:
         """Appends what came after (as TokenChunk.MergeFrom: tokens and logprobs added, a later end
-        or timing taken; the earlier arrival kept)."""
+        or timing taken, the earlier arrival kept)."""
         self.token_ids += later.token_ids
         self.logprobs += later.logprobs
         if later.finish_reason:
@@ -207,13 +206,13 @@ class WorkerCall:
         try:
             async for update in call:
                 arrived = time.monotonic()
-                if update.stream_ids:  # requests' plain next tokens (worker.proto StreamUpdate)
+                if update.stream_ids or update.token_ids:  # plain next tokens (worker.proto StreamUpdate)
                     stream_ids, counts, tokens = (
                         list(update.stream_ids),
                         list(update.token_counts),
                         list(update.token_ids),
                     )
-                    if len(counts) != len(stream_ids) or sum(counts) != len(tokens):
+                    if len(counts) != len(stream_ids) or sum(counts) != len(tokens) or min(counts, default=0) < 1:
                         raise _error(
                             grpc.StatusCode.INTERNAL, f"worker {self.name} sent an update whose columns differ"
                         )

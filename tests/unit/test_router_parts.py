@@ -218,10 +218,10 @@ def test_a_worker_calls_updates_reach_each_request_in_order():
     assert got[4][-1] == grpc.StatusCode.INTERNAL
 
 
-def test_tokens_that_waited_for_their_reader_keep_the_arrival_of_the_first():
-    """The router's delay per token (pdserve_router_token_relay_seconds) counts from when the
-    worker's message reached the router; tokens merged while their reader was away keep the
-    earliest arrival, so the delay is the oldest token's."""
+def test_tokens_that_waited_for_their_reader_keep_the_arrival_of_the_oldest():
+    """How long tokens wait at the router (pdserve_router_token_relay_seconds) counts from when
+    the worker's message reached it; tokens merged while their reader was away keep the oldest
+    one's arrival, so the wait is the oldest token's."""
     import asyncio
     import time
 
@@ -254,6 +254,76 @@ def test_tokens_that_waited_for_their_reader_keep_the_arrival_of_the_first():
     assert len(sent_at) == 2 and sent_at[0] <= tokens.arrived < sent_at[1]
 
 
+def test_tokens_wait_at_the_router_for_a_slow_client_and_the_first_message_is_not_counted(tokenizer):
+    """pdserve_router_token_relay_seconds, through RouterService.generate over a worker call:
+    every message after a request's first counts once (the first is TTFT's, here a colocated
+    worker's), from its oldest token's arrival, so tokens that came while the client was still
+    taking the message before (a 100 ms write here, a token every 10 ms) count that wait."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pdserve.v1 import common_pb2, worker_pb2
+    from services.router.server import Generation, RouterService
+    from services.router.worker_calls import WorkerCall
+
+    tokens = 12
+
+    class PacedWorker(_WorkerCallUpdates):  # one token every 10 ms, the last with its end
+        def __init__(self):
+            updates = [
+                worker_pb2.StreamUpdate(stream_ids=[1], token_counts=[1], token_ids=[100 + i]) for i in range(1, tokens)
+            ]
+            end = worker_pb2.StreamUpdate()
+            end.chunks.add(stream_id=1).chunk.MergeFrom(common_pb2.TokenChunk(token_ids=[100], finish_reason="length"))
+            super().__init__(updates + [end])
+
+        async def __anext__(self):
+            await asyncio.sleep(0.01)
+            return await super().__anext__()
+
+    registry = CollectorRegistry()
+    slo = SloTracker(registry, ttft_slo=1.0, tpot_slo=1.0, window_seconds=60)
+    service = RouterService(
+        SimpleNamespace(roles=frozenset({"colocated"})),
+        tokenizer,
+        model_id="m",
+        max_model_len=256,
+        vocab_size=1024,
+        slo=slo,
+    )
+    call = WorkerCall("w", lambda requests, metadata: PacedWorker(), worker_pb2.GenerateStreamRequest)
+    worker = SimpleNamespace(inflight_requests=0, inflight_prompt_tokens=0, role="colocated", address="w")
+
+    async def colocated(state, timer):  # the real relaying (_stream) over the paced call, no dispatch
+        async for chunk in service._stream(worker, call.open(worker_pb2.GenerateTokensRequest(), None), state, 0):
+            yield chunk
+
+    service._colocated = colocated  # type: ignore[method-assign]
+    messages = []
+
+    async def slow_client(response):
+        messages.append(response)
+        await asyncio.sleep(0.1)
+
+    async def run():
+        try:
+            await service.generate(
+                Generation([1, 2, 3], common_pb2.SamplingParams(max_tokens=tokens), "r", 1.0, 1.0), slow_client
+            )
+        finally:
+            await service.kvstore.close()
+
+    asyncio.run(run())
+    grpc_api = {"api": "grpc"}
+    assert sum(len(m.token_ids) for m in messages) == tokens and 1 < len(messages) < tokens  # merged while writing
+    relayed = registry.get_sample_value("pdserve_router_token_relay_seconds_count", grpc_api)
+    assert (
+        relayed == len(messages) - 1 == registry.get_sample_value("pdserve_inter_token_latency_seconds_count", grpc_api)
+    )
+    # each message's oldest token came ~10 ms into the 100 ms write before it
+    assert registry.get_sample_value("pdserve_router_token_relay_seconds_bucket", {**grpc_api, "le": "0.05"}) == 0
+
+
 class _WorkerCallUpdates:
     """A stub's call to a worker, as grpc.aio's: yields the given StreamUpdates, then ends."""
 
@@ -276,7 +346,16 @@ class _WorkerCallUpdates:
         pass
 
 
-def test_a_worker_update_whose_columns_differ_fails_the_calls_requests_with_internal():
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"stream_ids": [1, 2], "token_counts": [1, 2], "token_ids": [5, 6]},  # 3 counted, 2 sent
+        {"token_counts": [1], "token_ids": [5]},  # tokens for no stream
+        {"stream_ids": [1, 2], "token_counts": [0, 1], "token_ids": [5]},  # an entry of no tokens
+    ],
+    ids=["counts-differ", "no-stream-ids", "empty-entry"],
+)
+def test_a_worker_update_whose_columns_differ_fails_the_calls_requests_with_internal(columns):
     import asyncio
 
     import grpc
@@ -284,7 +363,7 @@ def test_a_worker_update_whose_columns_differ_fails_the_calls_requests_with_inte
     from pdserve.v1 import worker_pb2
     from services.router.worker_calls import WorkerCall
 
-    bad = worker_pb2.StreamUpdate(stream_ids=[1, 2], token_counts=[1, 2], token_ids=[5, 6])  # 3 counted, 2 sent
+    bad = worker_pb2.StreamUpdate(**columns)
 
     async def scenario():
         call = WorkerCall("w", lambda requests, metadata: _WorkerCallUpdates([bad]), worker_pb2.GenerateStreamRequest)
