@@ -1011,3 +1011,23 @@ def test_a_handle_that_misstates_its_layout_is_refused_and_the_entry_stays_pulla
             assert torch.equal(decode.pools[0].tensor[[5, 6]], whole)
 
     run(scenario())
+
+
+def test_the_kv_throughput_bench_moves_exact_bytes_through_the_kvstore_and_raw(tmp_path):
+    """bench.kv_throughput (the GPU acceptance figures of the serving-path issue, run here on CPU
+    pools): two real daemons, a pull on one node and one over UCX, a raw copy and a raw ucxx
+    transfer, the pulled bytes checked; it reports each path's GB/s and the kvstore's over raw."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.kv_throughput", "--mib", "4", "--rounds", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "kv-throughput.json").read_text())
+    assert results["bytes"] == 4 << 20 and results["device"] == "cpu"
+    assert set(results["gb_per_s"]) == {"kvstore local", "kvstore UCX", "raw copy", "raw UCX"}
+    assert all(len(trials) == 2 for trials in results["trials"].values())
+    assert all(v > 0 for v in results["gb_per_s"].values()) and all(v > 0 for v in results["over_raw"].values())
+    assert (tmp_path / "kv-throughput.png").stat().st_size > 0
