@@ -12,6 +12,8 @@
 7. bench.prefix_cache: multi-turn chat without prefix caching and with all of it (engines emulated
    at H100 timings): prefill tokens computed and TTFT (docs/benchmarks.md has both workloads and
    every configuration).
+8. bench.kv_throughput: KV through the kvstore (same node, UCX between two daemons) against a raw
+   copy and a raw ucxx transfer of the same bytes (last: it starts UCX in this process).
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, mixed_batch, overhead, pipeline, prefix_cache, serving, soak
+from . import engine, kv_throughput, mixed_batch, overhead, pipeline, prefix_cache, serving, soak
 
 
 def main(argv=None) -> int:
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     prefix_cache.main(
         ["--mode", "emulated", "--workloads", "multi-turn", "--conversations", "12", "--configs", "none,all"]
     )
+    print("\n== KV through the kvstore against raw copies (CPU pools) ==", flush=True)
+    kv_throughput.main(["--rounds", "5", "--out", "results/kv-throughput"])
     print(f"\nmake bench finished in {time.monotonic() - started:.0f} s; results in results/")
     return 0
 
