@@ -15,8 +15,10 @@ kvstore and raw, the four in turn (the order reversed every round, so all see th
   daemons' transports) with one frame before and an acknowledgement after.
 GB/s is bytes over the wall time of the Pull RPC (what a decode worker waits for) or of the raw
 transfer; ratios are medians of per-round ratios. The daemons' own timing of each pull
-(PullResponse.seconds) is kept too. The first round checks the pulled bytes. Writes JSON and a
-PNG to --out.
+(PullResponse.seconds, without the RPC) gives a second ratio. A warm-up round checks the pulled
+bytes. Writes JSON and a PNG to --out, and the daemons' and the receiver's logs to --out/logs,
+where UCX names the protocol it chose for each transfer (UCX_PROTO_INFO=y: on a GPU, look for
+cuda_ipc).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,41 +39,72 @@ RAW_OF = {"kvstore local": "raw copy", "kvstore UCX": "raw UCX"}
 
 
 # ---- the raw UCX receiver, a process of its own (UCX reads its variables once per process) ----------
-def receive_forever(tls: str, device: str, nbytes: int) -> None:
+def receive_forever(tls: str, device: str, nbytes: int, address_file: str) -> None:
     import torch
 
     from services.common.server import run_event_loop
-    from services.kvstore.ucx_endpoints import Acceptor, recv_frame, send_frame, this_worker_address
+    from services.kvstore.ucx_endpoints import Acceptor, RequestWaiter, recv_frame, send_frame, this_worker_address
     from services.kvstore.ucx_environment import configure_ucx_environment
     from services.kvstore.ucx_transfer import FIRST_RUN_TAG, _ucx_buffer
 
     configure_ucx_environment(tls, "127.0.0.1")
     landing = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    waiter = RequestWaiter(idle_seconds=3600.0)  # (recv_frame alone would spin between requests, as in a daemon)
 
     async def serve(connection) -> None:
-        while not connection.closed:
+        while await waiter.next_request(connection):
             request = await recv_frame(connection)
             await connection.recv(_ucx_buffer(landing[: int(request["bytes"])]), FIRST_RUN_TAG)
+            synchronize(device)  # (as a daemon does before it answers a pull)
             await send_frame(connection, {"ok": True})
 
     async def main() -> None:
         Acceptor(serve).start()
-        print(this_worker_address(), flush=True)
+        with open(address_file + ".tmp", "w") as f:
+            f.write(this_worker_address())
+        os.rename(address_file + ".tmp", address_file)
         await asyncio.to_thread(sys.stdin.read)  # until the bench closes our stdin
 
     run_event_loop(main())
 
 
 # ---- the bench ----------------------------------------------------------------------------------
-def start_daemon(node_id: str, tls: str, workdir: str) -> tuple[subprocess.Popen, str]:
+STARTUP_SECONDS = 120.0
+UCX_LOGGED = dict(os.environ, UCX_PROTO_INFO="y")  # each process logs the protocols UCX picks
+
+
+def start(argv: list[str], log_path: str, **kwargs) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen(argv, cwd=ROOT, env=UCX_LOGGED, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+
+
+def start_daemon(node_id: str, tls: str, logs: str) -> tuple[subprocess.Popen, str]:
     from services.launcher import free_port
 
     port = free_port()
     argv = [sys.executable, "-m", "services.kvstore", "--node-id", node_id, "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--metrics-port", "-1", "--transfer-host", "127.0.0.1", "--ucx-tls", tls]
     argv += ["--host-tier-bytes", "0", "--prefix-store-bytes", "0"]
-    log = open(os.path.join(workdir, f"kvstore-{node_id}.log"), "w")
-    return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), f"127.0.0.1:{port}"
+    return start(argv, os.path.join(logs, f"kvstore-{node_id}.log")), f"127.0.0.1:{port}"
+
+
+async def within_startup(what, procs: list[subprocess.Popen], logs: str):
+    """`what` (a coroutine) once done, unless a process exits first or it takes STARTUP_SECONDS."""
+    task = asyncio.ensure_future(what)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not task.done():
+        if any(proc.poll() is not None for proc in procs) or time.monotonic() > deadline:
+            task.cancel()
+            raise RuntimeError(f"a process of the bench exited or did not start; see {logs}")
+        await asyncio.wait([task], timeout=0.2)
+    return task.result()
+
+
+async def read_when_written(path: str) -> str:
+    while not os.path.exists(path):
+        await asyncio.sleep(0.05)
+    with open(path) as f:
+        return f.read().strip()
 
 
 class Pool:
@@ -103,7 +135,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-async def measure(args, workdir: str) -> dict:
+async def measure(args, logs: str) -> dict:
     import torch
 
     from services.engine.kv_cache import KvLayout
@@ -126,18 +158,18 @@ async def measure(args, workdir: str) -> dict:
     )
     nbytes = layout.num_blocks * layout.block_bytes
     blocks = list(range(layout.num_blocks))
-    daemons = [start_daemon(node, tls, workdir) for node in ("A", "B")]
-    peer = subprocess.Popen(
-        [sys.executable, "-m", "bench.kv_throughput", "--receive", tls, args.device, str(nbytes)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    procs: list[subprocess.Popen] = []
     pools: list[Pool] = []
     try:
-        assert peer.stdout is not None
-        peer_address = peer.stdout.readline().strip()
+        daemons = [start_daemon(node, tls, logs) for node in ("A", "B")]
+        procs += [proc for proc, _ in daemons]
+        address_file = os.path.join(logs, "receiver-address")
+        if os.path.exists(address_file):  # (an earlier run's)
+            os.remove(address_file)
+        receive = [sys.executable, "-m", "bench.kv_throughput", "--receive", tls, args.device, str(nbytes)]
+        receive.append(address_file)
+        procs.append(start(receive, os.path.join(logs, "receiver.log"), stdin=subprocess.PIPE))
+        peer_address = await within_startup(read_when_written(address_file), procs, logs)
         configure_ucx_environment(tls, "127.0.0.1")
         connections = ConnectionPool(connect_timeout=30.0)
         source = Pool(layout, args.device, daemons[0][1], "source")
@@ -145,7 +177,7 @@ async def measure(args, workdir: str) -> dict:
         remote = Pool(layout, args.device, daemons[1][1], "destination-b")
         pools = [source, local, remote]
         for pool in pools:
-            await pool.register()
+            await within_startup(pool.register(), procs, logs)
         source.rows.copy_(torch.randint(0, 256, source.rows.shape, dtype=torch.uint8, device=args.device))
         synchronize(args.device)
         published = 0
@@ -187,6 +219,7 @@ async def measure(args, workdir: str) -> dict:
         for name in PATHS:  # warm up (connections, first-call paths), and check the bytes
             for pool in (local, remote):
                 pool.rows.zero_()
+            synchronize(args.device)  # (before a daemon writes the same memory)
             await runs[name]()
         await pull(local)
         await pull(remote)
@@ -205,21 +238,23 @@ async def measure(args, workdir: str) -> dict:
     finally:
         for pool in pools:
             await pool.close()
-        if peer.stdin is not None:
-            peer.stdin.close()
-        for proc in [peer] + [d for d, _ in daemons]:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
             proc.terminate()
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
     summary = {name: statistics.median(t["gb_per_s"] for t in trials[name]) for name in PATHS}
-    ratios = {
-        name: statistics.median(
-            k["gb_per_s"] / r["gb_per_s"] for k, r in zip(trials[name], trials[RAW_OF[name]], strict=True)
-        )
-        for name in RAW_OF
-    }
+
+    def over_raw(name: str, seconds: str) -> float:  # per round: raw's seconds over the kvstore's
+        pairs = zip(trials[name], trials[RAW_OF[name]], strict=True)
+        return statistics.median(raw["seconds"] / kvstore[seconds] for kvstore, raw in pairs)
+
+    ratios = {name: over_raw(name, "seconds") for name in RAW_OF}
+    # the daemons' own timing of the pull, without the Pull RPC around it
+    ratios_own = {name: over_raw(name, "own_seconds") for name in RAW_OF}
     return {
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "this machine's CPU",
@@ -229,6 +264,7 @@ async def measure(args, workdir: str) -> dict:
         "rounds": args.rounds,
         "gb_per_s": summary,
         "over_raw": ratios,
+        "over_raw_daemon_timing": ratios_own,
         "trials": trials,
     }
 
@@ -256,25 +292,31 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--receive"]:
-        receive_forever(argv[1], argv[2], int(argv[3]))
+        receive_forever(argv[1], argv[2], int(argv[3]), argv[4])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--mib", type=int, default=0, help="bytes per transfer (default: 64 MiB on cpu, 1024 on cuda)")
-    ap.add_argument("--block-kib", type=int, default=256, help="KV block size (a multiple of 32 KiB)")
+    ap.add_argument("--block-kib", type=int, default=256, help="KV block size (a multiple of 32 KiB, <= --mib)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ucx-tls", default="", help=f"UCX transports (default: {TLS})")
     ap.add_argument("--out", default="results/kv-throughput")
     args = ap.parse_args(argv)
     args.mib = args.mib or (1024 if args.device == "cuda" else 64)
-    if args.block_kib % 32:
-        ap.error("--block-kib: a multiple of 32")
-    os.makedirs(args.out, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pdserve-kv-throughput-") as workdir:
-        results = asyncio.run(measure(args, workdir))
+    if args.block_kib < 32 or args.block_kib % 32 or args.block_kib > args.mib * 1024:
+        ap.error("--block-kib: a multiple of 32, at most --mib MiB")
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
+    logs = os.path.join(args.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    results = asyncio.run(measure(args, logs))
     for name in PATHS:
-        ratio = f"  ({results['over_raw'][name]:.2f}x {RAW_OF[name]})" if name in RAW_OF else ""
+        ratio = ""
+        if name in RAW_OF:
+            own = results["over_raw_daemon_timing"][name]
+            ratio = f"  ({results['over_raw'][name]:.2f}x {RAW_OF[name]}; {own:.2f}x by the daemon's own timing)"
         print(f"{name:14s} {results['gb_per_s'][name]:8.2f} GB/s{ratio}")
+    print(f"UCX's protocol choices are in {logs}/ (UCX_PROTO_INFO)")
     with open(os.path.join(args.out, "kv-throughput.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out, "kv-throughput.png"))

@@ -1017,14 +1017,21 @@ def test_the_kv_throughput_bench_moves_exact_bytes_through_the_kvstore_and_raw(t
     """bench.kv_throughput (the GPU acceptance figures of the serving-path issue, run here on CPU
     pools): two real daemons, a pull on one node and one over UCX, a raw copy and a raw ucxx
     transfer, the pulled bytes checked; it reports each path's GB/s and the kvstore's over raw."""
-    out = subprocess.run(
+    bench = subprocess.Popen(
         [sys.executable, "-m", "bench.kv_throughput", "--mib", "4", "--rounds", "2", "--out", str(tmp_path)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
+        start_new_session=True,  # its daemons and receiver go with it if it hangs
     )
-    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        output, _ = bench.communicate(timeout=300)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 0, output
     results = json.loads((tmp_path / "kv-throughput.json").read_text())
     assert results["bytes"] == 4 << 20 and results["device"] == "cpu"
     assert set(results["gb_per_s"]) == {"kvstore local", "kvstore UCX", "raw copy", "raw UCX"}
