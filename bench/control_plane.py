@@ -43,14 +43,25 @@ from .loadgen import percentile, run_trace
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int, tid: int | str | None = None) -> float:
-    """User + system CPU time of a process (or of its thread `tid`) so far (0 when it is gone)."""
+def _cpu_ticks(pid: int, tid: int | str | None) -> tuple[int, int]:
+    """(user, system) clock ticks of a process or of its thread `tid` so far ((0, 0) when gone)."""
     try:
         with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+        return 0, 0
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_seconds(pid: int, tid: int | str | None = None) -> float:
+    """User + system CPU time of a process (or of its thread `tid`) so far (0 when it is gone)."""
+    return sum(_cpu_ticks(pid, tid)) / TICKS
+
+
+def kernel_cpu_seconds(pid: int) -> float:
+    """The system (kernel) part of a process's CPU time so far: for the router, mostly the socket
+    writes and wake-ups behind each message."""
+    return _cpu_ticks(pid, None)[1] / TICKS
 
 
 def scrape(metrics_address: str, **labels: str) -> dict[str, float]:

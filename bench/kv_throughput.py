@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from tqdm import tqdm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TLS = {"cpu": "tcp,self,sm", "cuda": "tcp,sm,self,cuda_copy,cuda_ipc"}
 PATHS = ("kvstore local", "kvstore UCX", "raw copy", "raw UCX")
@@ -227,8 +229,6 @@ async def measure(args, logs: str) -> dict:
         assert torch.equal(local.rows, source.rows) and torch.equal(remote.rows, source.rows)
         trials: dict[str, list[dict]] = {name: [] for name in PATHS}
         order = list(PATHS)
-        from tqdm import tqdm
-
         for _ in tqdm(range(args.rounds), desc=f"{nbytes / 2**20:.0f} MiB transfers", unit="round"):
             for name in order:
                 wall, own = await runs[name]()

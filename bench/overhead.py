@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-from .control_plane import TICKS, cpu_seconds, scrape
+from .control_plane import cpu_seconds, kernel_cpu_seconds, scrape
 from .emulated_fidelity import DEFAULT_PROFILE
 from .loadgen import percentile
 
@@ -233,13 +233,6 @@ async def _trial(routers: list[str], streams: int, tokens: int) -> tuple[int, li
     return sum(counts), gaps
 
 
-def kernel_cpu_seconds(pid: int) -> float:
-    """The system (kernel) part of a process's CPU time so far: for the router, mostly the socket
-    writes and wake-ups behind each message."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[12]) / TICKS
-
-
 RELAY = "pdserve_router_token_relay_seconds"
 
 
@@ -289,10 +282,10 @@ def emulated_engine_us_per_token() -> float:
 def trial(side: Side, streams: int, tokens: int, api: str = "grpc") -> dict:
     pids = {role: side.pid(role) for role in ("decode", "prefill", "kvstore")}
     routers = side.routers()
+    relay_before = relay_buckets(side, api)  # (before the CPU counts: serving the scrape is not the path's)
     cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
     cpu_before["router"] = sum(cpu_seconds(r["pid"]) for r in routers)
     router_kernel_before = sum(kernel_cpu_seconds(r["pid"]) for r in routers)
-    relay_before = relay_buckets(side, api)
     engine_before = engine_thread_cpu(pids["decode"])
     steps_before = decode_steps(side)
     wall = time.perf_counter()
