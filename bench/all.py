@@ -6,13 +6,15 @@
    same cores, chat-like workload (a shortened sweep; docs/benchmarks.md has the longer runs).
 4. bench.overhead: the serving path's CPU per streamed token, router and decode worker (this
    checkout alone; `--base` compares two checkouts side by side).
-5. bench.soak: 90 s of load with a random service SIGKILLed every 20 s: requests lost, exact,
+5. bench.serving_tpot: TPOT through the router against the engine alone at batch 64, engines
+   emulated at H100 timings, then the llama-serve test model running on the CPU.
+6. bench.soak: 90 s of load with a random service SIGKILLed every 20 s: requests lost, exact,
    memory slopes.
-6. bench.pipeline: decode on 2 pipeline stages, the batch whole against cut into micro-batches.
-7. bench.prefix_cache: multi-turn chat without prefix caching and with all of it (engines emulated
+7. bench.pipeline: decode on 2 pipeline stages, the batch whole against cut into micro-batches.
+8. bench.prefix_cache: multi-turn chat without prefix caching and with all of it (engines emulated
    at H100 timings): prefill tokens computed and TTFT (docs/benchmarks.md has both workloads and
    every configuration).
-8. bench.kv_throughput: KV through the kvstore (same node, UCX between two daemons) against a raw
+9. bench.kv_throughput: KV through the kvstore (same node, UCX between two daemons) against a raw
    copy and a raw ucxx transfer of the same bytes (last: it starts UCX in this process).
 
 Results (JSON + PNG) go to results/. Longer or GPU runs: call the modules directly (see --help).
@@ -23,7 +25,8 @@ from __future__ import annotations
 import sys
 import time
 
-from . import engine, kv_throughput, mixed_batch, overhead, pipeline, prefix_cache, serving, soak
+from . import engine, kv_throughput, mixed_batch, overhead, pipeline, prefix_cache, serving, serving_tpot, soak
+from .emulated_fidelity import DEFAULT_PROFILE
 
 
 def main(argv=None) -> int:
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
     )
     print("\n== serving path: CPU per streamed token (engines emulated at H100 timings) ==", flush=True)
     overhead.main(["--rounds", "1", "--out", "results/overhead"])
+    print("\n== serving path: TPOT through the router against the engine alone, batch 64 ==", flush=True)
+    serving_tpot.main(["--emulate", DEFAULT_PROFILE, "--model", "llama", "--out", "results/serving-tpot-emulated"])
+    serving_tpot.main(["--rounds", "2", "--out", "results/serving-tpot-cpu"])
     print("\n== soak: services SIGKILLed at random under load (docs/reliability.md has 30 minutes) ==", flush=True)
     soak.main(["--minutes", "1.5", "--kill-every", "20", "--probe-seconds", "10", "--out", "results/soak"])
     print("\n== pipeline parallelism: decode micro-batches on 2 stages ==", flush=True)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from services.engine.config import BACKENDS, EngineConfig, ModelConfig, SamplingParams
-from services.engine.engine import Engine
+from services.engine.engine import Engine, EngineBase
 from services.engine.sequence import Sequence
 from services.tiny_models import IN_MEMORY_ONLY, get_model, hf_config
 
@@ -53,7 +53,7 @@ def measure_copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def engine_trial(engine: Engine, batch: int, prompt_len: int, decode_steps: int, seed: int) -> tuple[float, float]:
+def engine_trial(engine: EngineBase, batch: int, prompt_len: int, decode_steps: int, seed: int) -> tuple[float, float]:
     """One prefill of `batch` prompts and `decode_steps` decode steps: (prefill s, seconds per step)."""
     device = engine.config.device
     prompts = _prompts(batch, prompt_len, engine.model_config.vocab_size, seed)

@@ -8,13 +8,18 @@ thousands of tokens take seconds, and two routers over the same workers (`pdserv
 - the requests on a decode worker killed mid-stream all resume elsewhere, identical;
 - a client that stops reading holds up nobody, and is cancelled after --client-stall-seconds,
   its blocks freed;
-- both routers serve at once over the same workers, exact, each counting its own requests."""
+- both routers serve at once over the same workers, exact, each counting its own requests;
+- bench.serving_tpot (TPOT through the router against the engine alone) runs, emulated and on
+  the CPU's model."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -209,3 +214,44 @@ def test_two_routers_serve_the_same_workers_at_once(cluster, model_dir):
     # both routers' requests ran on both decode workers, and every block came back
     assert all(_metric(cluster, w, "pdserve_decode_generated_tokens_total") > 0 for w in cluster.services("decode"))
     cluster.wait_idle()
+
+
+def _run_serving_tpot_bench(tmp_path, *flags: str) -> dict:
+    """bench.serving_tpot, small: its own cluster, engine-only and serving trials alternating."""
+    out = tmp_path / "serving-tpot"
+    argv = [sys.executable, "-m", "bench.serving_tpot", "--model", "llama", "--batch", "8", "--prompt-tokens", "16"]
+    argv += ["--tokens", "128", "--rounds", "2", "--out", str(out), *flags]
+    bench = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = bench.communicate(timeout=300)
+    finally:
+        if bench.poll() is None:  # its cluster goes with it
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 0, output
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert result["batch"] == 8 and len(result["rounds"]) == 2
+    # every serving trial had decode steps at the whole batch, and was timed over them
+    assert all(r["full_batch_steps"] >= 8 for r in result["rounds"])
+    return result
+
+
+def test_the_serving_tpot_bench_emulated_times_the_whole_batch_against_the_engine_alone(tmp_path):
+    """bench.serving_tpot with engines emulated at the H100 profile: the decode worker's steps take
+    the engine-only steps' time (the same profile, the same batch), and the client's TPOT through
+    the router is that plus what the serving path adds: not less, and not several times more."""
+    profile = os.path.join(ROOT, "profiles", "llama-3-8b-H100-80G-analytic.json")
+    result = _run_serving_tpot_bench(tmp_path, "--emulate", profile)
+    assert result["worker_step_over_engine"] == pytest.approx(1.0, abs=0.2)
+    assert 0.95 <= result["serving_over_engine"] < 2.0
+
+
+def test_the_serving_tpot_bench_runs_the_model_on_the_cpu(tmp_path):
+    """The same bench with the model running (the tiny Llama on the CPU): the path its GPU run takes
+    (--device cuda:0), here on the CPU; the ratio is this machine's and not checked."""
+    result = _run_serving_tpot_bench(tmp_path)
+    assert result["device"] == "cpu" and result["emulated_profile"] == ""
+    assert result["engine_tpot_s"] > 0 and result["tpot_s"] > 0 and result["worker_period_s"] > 0

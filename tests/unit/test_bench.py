@@ -1,7 +1,9 @@
 """The benchmark's arithmetic on synthetic latencies with known answers: attainment, percentiles,
 and the goodput search (the same bisection the planner uses), without running a cluster."""
 
+import json
 import math
+import os
 import random
 
 import pytest
@@ -136,3 +138,39 @@ def test_the_routers_delay_quantiles_come_from_the_buckets_increase_as_histogram
     assert bucket_quantile({}, {0.001: 0.0, math.inf: 5.0}, 0.99) == 0.001  # past the last bound: that bound
     assert math.isnan(bucket_quantile(after, after, 0.99))  # nothing counted during the trial
     assert math.isnan(bucket_quantile({}, {}, 0.5))  # a checkout without the metric
+
+
+def test_serving_tpot_counts_each_streams_tokens_within_the_full_batch_window():
+    """bench.serving_tpot times a stream over the window when every stream was decoding: its first
+    decoded token is its second (the prefill worker's is the first), and a message may carry several."""
+    from bench.serving_tpot import second_token_arrival, window_tpot
+
+    stream = [(10.0, 1), (10.5, 1), (11.0, 1), (11.1, 2), (11.2, 1), (12.0, 1)]
+    assert second_token_arrival(stream) == 10.5
+    assert second_token_arrival([(1.0, 3)]) == 1.0  # first and second in one message
+    with pytest.raises(ValueError):
+        second_token_arrival([(1.0, 1)])
+    # inside [10.5, 11.2]: 10.5, 11.0, 11.1 (2 tokens), 11.2: 4 tokens after the first in 0.7 s
+    assert window_tpot(stream, 10.5, 11.2) == pytest.approx(0.7 / 4)
+    assert math.isnan(window_tpot(stream, 10.6, 10.9))  # no message, or one: no TPOT
+
+
+def test_serving_tpot_saves_a_full_size_spec_once_in_the_dtype_it_runs(tmp_path, monkeypatch):
+    """Workers load checkpoint folders, so bench.serving_tpot saves an in-memory-only spec (the
+    Llama-3-8B shape on a GPU) with random weights: here the tiny Llama's spec stands in for it."""
+    import bench.serving_tpot as serving_tpot
+    from services.engine.config import ModelConfig
+    from services.tiny_models import hf_config
+
+    monkeypatch.setattr(serving_tpot, "IN_MEMORY_ONLY", ("llama",))
+    monkeypatch.setattr(serving_tpot, "cache_dir", lambda: str(tmp_path))
+    folder = serving_tpot.checkpoint_folder("llama", "bfloat16", "cpu")
+    assert folder.startswith(str(tmp_path)) and folder.endswith("-bfloat16")
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    assert config["dtype"] == "bfloat16" and config["hidden_size"] == hf_config("llama").hidden_size
+    assert ModelConfig.from_pretrained(folder).vocab_size == hf_config("llama").vocab_size
+    assert os.path.exists(os.path.join(folder, "tokenizer.json"))
+    mtime = os.path.getmtime(os.path.join(folder, "config.json"))
+    assert serving_tpot.checkpoint_folder("llama", "bfloat16", "cpu") == folder  # found, not saved again
+    assert os.path.getmtime(os.path.join(folder, "config.json")) == mtime
+    assert [p for p in os.listdir(os.path.dirname(folder)) if p.startswith(".")] == []  # no temporary left
