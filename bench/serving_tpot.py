@@ -81,17 +81,22 @@ def checkpoint_folder(model: str, dtype: str, device: str) -> str:
         del hf
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # the workers, other processes, load it on the same GPU
-        os.rename(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first
+            if not os.path.exists(os.path.join(folder, "config.json")):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def kv_cache_gb(folder: str, dtype: str, batch: int, context: int, block_size: int = 16) -> float:
-    """Enough KV pool for `batch` sequences of `context` tokens, with room to spare."""
+    """Enough KV pool for `batch` sequences of `context` tokens, and for one of the model's
+    longest (an engine takes no smaller pool), with room to spare."""
     config = ModelConfig.from_pretrained(folder)
     per_token = config.kv_elements_per_token * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    blocks = batch * (context // block_size + 2)
+    blocks = max(batch * (context // block_size + 2), config.max_model_len // block_size + 2)
     return round(1.5 * blocks * block_size * per_token / 2**30 + 0.05, 2)
 
 
@@ -139,37 +144,55 @@ def window_tpot(arrivals: list[tuple[float, int]], start: float, end: float) -> 
 
 
 def serving_trial(cluster: Cluster, prompts: list[list[int]], pacer: list[int], tokens: int, step_logs: str) -> dict:
-    """The streams' TPOT while all of them were decoding: prefills and KV transfers end at
-    different times, so the decode batch fills up over the first steps and empties over the last;
-    only the window between the last stream's first decoded token (its second: the prefill worker
-    makes the first) and the first stream's last one is at the full batch."""
+    started = time.monotonic()
     streams = asyncio.run(_streams(cluster.info()["router"], prompts, tokens, pacer))
     received = [sum(n for _, n in arrivals) for arrivals in streams]
     if received != [tokens] * len(prompts):
         raise RuntimeError(f"streams received {received}, not {tokens} tokens each")
-    start, end = max(second_token_arrival(a) for a in streams), min(a[-1][0] for a in streams)
-    tpots = [window_tpot(arrivals, start, end) for arrivals in streams]
     steps = [
         step
         for name in sorted(os.listdir(step_logs))
         for step in read_step_log(os.path.join(step_logs, name))
-        if step["kind"] == "decode" and start <= step["t"] <= end
+        if step["t"] >= started
     ]
-    full = [step for step in steps if step["batch"] == len(prompts)]
+    return full_batch_window(streams, steps, len(prompts[0]))
+
+
+def full_batch_window(streams: list[list[tuple[float, int]]], steps: list[dict], prompt_tokens: int) -> dict:
+    """The streams' TPOT while all of them were decoding, and the decode worker's steps then (from
+    the workers' step logs). Prefills and KV transfers end at different times, so the decode batch
+    fills up over the first steps and empties over the last: the window runs from the last
+    stream's first decoded token (its second: the prefill worker makes the first) to the first
+    stream's last one. Client arrivals lag the steps by a relay, so the window's first and last
+    steps may be a stream short: the worker's figures take the steps at the full batch."""
+    batch = len(streams)
+    start, end = max(second_token_arrival(a) for a in streams), min(a[-1][0] for a in streams)
+    tpots = [window_tpot(arrivals, start, end) for arrivals in streams]
+    window = [step for step in steps if step["kind"] == "decode" and start <= step["t"] <= end]
+    full = [step for step in window if step["batch"] == batch]
     if len(full) < 8 or any(t != t for t in tpots):
         raise RuntimeError(
-            f"{len(full)} decode steps ran at the full batch of {len(prompts)} (largest: "
-            f"{max((step['batch'] for step in steps), default=0)}; every stream decoding for {end - start:.2f} s): "
-            f"prefills ended too far apart for --tokens {tokens}"
+            f"{len(full)} decode steps ran at the full batch of {batch} (largest: "
+            f"{max((step['batch'] for step in window), default=0)}; every stream decoding for {end - start:.2f} s): "
+            f"prefills ended too far apart for the streams' tokens (raise --tokens)"
         )
     return {
         "tpot_s": statistics.median(tpots),
         "tpot_s_p90": percentile(tpots, 0.9),
+        "window_steps": len(window),
         "full_batch_steps": len(full),
-        # the decode worker's engine call at the full batch, and the time from one step's start to
-        # the next's (the call and the worker's own work between steps)
+        # the decode worker's engine call at the full batch, and the time from one such step's
+        # start to the next's (the call and the worker's own work between steps)
         "worker_step_s": statistics.median(step["seconds"] for step in full),
-        "worker_period_s": statistics.median(b["t"] - a["t"] for a, b in zip(steps, steps[1:])),
+        "worker_period_s": statistics.median(
+            b["t"] - a["t"] for a, b in zip(window, window[1:]) if a["batch"] == b["batch"] == batch
+        ),
+        # how the streams' prompts were prefilled: how many in each prefill step that had any
+        "stream_prefill_batches": [
+            n
+            for step in steps
+            if step["kind"] == "prefill" and (n := sum(1 for length in step["lengths"] if length == prompt_tokens))
+        ],
     }
 
 
@@ -247,7 +270,13 @@ def main(argv=None) -> dict:
         ap.error("--emulate runs no model: leave --device out")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    began = time.monotonic()
+
+    def phase(what: str) -> None:  # (a run cut short by a time limit still says how far it got)
+        print(f"[{time.monotonic() - began:6.1f} s] {what}", flush=True)
+
     folder = checkpoint_folder(args.model, dtype, args.device)
+    phase(f"checkpoint {folder}")
     # (an emulated engine's pool is its profile's)
     kv_gb = args.kv_cache_gb or kv_cache_gb(folder, dtype, args.batch, args.prompt_tokens + args.tokens)
     if args.emulate:
@@ -258,13 +287,30 @@ def main(argv=None) -> dict:
 
     engine_args = worker_parser(Role.DECODE, "", port=0, metrics_port=-1).parse_args(worker_flags)
     engine = engine_from_flags(engine_args, Role.DECODE)
+    phase("engine-only engine built")
     vocab = engine.model_config.vocab_size
-    pacer_tokens = min(4096, engine.max_model_len - 2)
+    budget = engine.config.max_num_batched_tokens
+    if args.batch * args.prompt_tokens > budget:
+        print(f"note: the {args.batch} prompts exceed one prefill batch ({budget} tokens): they are prefilled in turns")
+    # The pacer fills a prefill batch alone, as far as the model's length allows: a stream that
+    # reaches the prefill worker before its batch forms cannot join it.
+    pacer_tokens = min(budget, engine.max_model_len - 2)
 
     def prompts_of_round(seed: int) -> tuple[list[list[int]], list[int]]:  # new each round: no cached prefix
         pacer = _prompts(1, pacer_tokens, vocab, seed + 1_000_000)[0]
         return _prompts(args.batch, args.prompt_tokens, vocab, seed), pacer
 
+    meta = {
+        "model": args.model,
+        "dtype": dtype,
+        "device": args.device,
+        "emulated_profile": args.emulate,
+        "device_name": device_name(args, dtype, threads),
+        "backend": engine.backend.name if isinstance(engine, Engine) else "none (emulated)",
+        "batch": args.batch,
+        "prompt_tokens": args.prompt_tokens,
+        "tokens": args.tokens,
+    }
     step_logs = tempfile.mkdtemp(prefix="pdserve-steps-")
     spec = ClusterSpec(
         model=folder,
@@ -276,12 +322,14 @@ def main(argv=None) -> dict:
         worker_args=[*engine_flags, "--step-log", os.path.join(step_logs, "{worker}.jsonl")],
     )
     cluster = Cluster(spec)
-    cluster.start(progress=lambda line: None)
-    rounds = []
+    rounds: list[dict] = []
     try:
+        cluster.start(progress=lambda line: None)
+        phase("cluster up")
         engine_trial(engine, args.batch, args.prompt_tokens, 4, seed=10_000)  # warm-ups: graphs, connections
         prompts, pacer = prompts_of_round(10_001)
         serving_trial(cluster, prompts, pacer, args.tokens, step_logs)
+        phase("warmed up")
         for r in tqdm(range(args.rounds), desc="rounds (engine and serving)"):
             prompts, pacer = prompts_of_round(r)
             order = ("engine", "serving") if r % 2 == 0 else ("serving", "engine")
@@ -293,31 +341,16 @@ def main(argv=None) -> dict:
                     row.update(serving_trial(cluster, prompts, pacer, args.tokens, step_logs))
             row["serving_over_engine"] = row["tpot_s"] / row["engine_tpot_s"]
             rounds.append(row)
+            tqdm.write(
+                f"round {r + 1}: engine {1e3 * row['engine_tpot_s']:.2f} ms, through the router "
+                f"{1e3 * row['tpot_s']:.2f} ms ({row['serving_over_engine']:.2f}x)"
+            )
+            write_result(summarize(meta, rounds), args.out, plot_too=False)  # what a cut-short run leaves
     finally:
         cluster.stop()
         shutil.rmtree(step_logs, ignore_errors=True)
 
-    def median(key: str) -> float:
-        return statistics.median(r[key] for r in rounds)
-
-    result = {
-        "model": args.model,
-        "dtype": dtype,
-        "device": args.device,
-        "emulated_profile": args.emulate,
-        "device_name": device_name(args, dtype, threads),
-        "backend": engine.backend.name if isinstance(engine, Engine) else "none (emulated)",
-        "batch": args.batch,
-        "prompt_tokens": args.prompt_tokens,
-        "tokens": args.tokens,
-        "engine_tpot_s": median("engine_tpot_s"),
-        "tpot_s": median("tpot_s"),
-        "worker_step_s": median("worker_step_s"),
-        "worker_period_s": median("worker_period_s"),
-        "serving_over_engine": median("serving_over_engine"),
-        "worker_step_over_engine": statistics.median(r["worker_step_s"] / r["engine_tpot_s"] for r in rounds),
-        "rounds": rounds,
-    }
+    result = summarize(meta, rounds)
     print(
         f"\n{result['device_name']}, batch {args.batch}, prompts of {args.prompt_tokens}, {args.tokens} tokens "
         f"each; medians of {args.rounds} rounds"
@@ -331,12 +364,35 @@ def main(argv=None) -> dict:
         f"  through the router, client TPOT: {1e3 * result['tpot_s']:7.2f} ms "
         f"({result['serving_over_engine']:.2f}x the engine's; the goal on a GPU: <= 1.10x)"
     )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    plot(result, args.out + ".png")
+    write_result(result, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")
     return result
+
+
+def summarize(meta: dict, rounds: list[dict]) -> dict:
+    """Medians over the rounds; the ratios are medians of each round's."""
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    return {
+        **meta,
+        "engine_tpot_s": median("engine_tpot_s"),
+        "tpot_s": median("tpot_s"),
+        "worker_step_s": median("worker_step_s"),
+        "worker_period_s": median("worker_period_s"),
+        "serving_over_engine": median("serving_over_engine"),
+        "worker_step_over_engine": statistics.median(r["worker_step_s"] / r["engine_tpot_s"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
+def write_result(result: dict, out: str, plot_too: bool = True) -> None:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    if plot_too:
+        plot(result, out + ".png")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.certs import new_cluster_ca
 from services.common.grpc_client import sync_channel
 from services.common.tls import TlsFiles
 
@@ -349,6 +348,8 @@ class Cluster:
 
     def _issue_certificates(self) -> None:
         """A CA for this cluster and a certificate for each service (and for the launcher's clients)."""
+        from services.common.certs import new_cluster_ca  # (cryptography: only with --tls)
+
         ca = new_cluster_ca(os.path.join(self.spec.log_dir, "tls"))
         for proc in self.procs:
             files = ca.issue(proc.name, self.spec.host)

@@ -174,3 +174,32 @@ def test_serving_tpot_saves_a_full_size_spec_once_in_the_dtype_it_runs(tmp_path,
     assert serving_tpot.checkpoint_folder("llama", "bfloat16", "cpu") == folder  # found, not saved again
     assert os.path.getmtime(os.path.join(folder, "config.json")) == mtime
     assert [p for p in os.listdir(os.path.dirname(folder)) if p.startswith(".")] == []  # no temporary left
+
+
+def test_serving_tpot_takes_the_decode_workers_steps_at_the_full_batch_within_the_window():
+    """bench.serving_tpot's window, from synthetic streams and step-log records: the streams decode
+    together from t=1.0 (the last one's second token) to t=2.0 (the first one's last); the worker's
+    engine call and step-to-step time come from the steps at the full batch inside it, and the
+    prefill steps say how the streams' prompts were batched (the pacer's, of another length, not)."""
+    from bench.serving_tpot import full_batch_window
+
+    def stream(first: float, last: float, step: float) -> list[tuple[float, int]]:
+        times = [first + i * step for i in range(round((last - first) / step) + 1)]
+        return [(t, 1) for t in times]
+
+    streams = [stream(0.5, 2.5, 0.1), stream(0.9, 2.0, 0.1)]  # second tokens at 0.6 and 1.0
+    steps = [{"kind": "prefill", "lengths": [4000], "seconds": 0.3, "t": 0.0}]
+    steps += [
+        {"kind": "prefill", "lengths": [16], "seconds": 0.1, "t": 0.3},
+        {"kind": "prefill", "lengths": [16], "seconds": 0.1, "t": 0.7},
+    ]
+    steps += [{"kind": "decode", "batch": 1, "seconds": 0.01, "t": 0.45 + 0.1 * i} for i in range(5)]
+    steps += [{"kind": "decode", "batch": 2, "seconds": 0.09, "t": 0.95 + 0.1 * i} for i in range(11)]
+    steps += [{"kind": "decode", "batch": 1, "seconds": 0.01, "t": 2.05 + 0.1 * i} for i in range(4)]
+    out = full_batch_window(streams, steps, prompt_tokens=16)
+    assert out["tpot_s"] == pytest.approx(0.1)
+    assert out["window_steps"] == 10 and out["full_batch_steps"] == 10  # 1.05 .. 1.95
+    assert out["worker_step_s"] == pytest.approx(0.09) and out["worker_period_s"] == pytest.approx(0.1)
+    assert out["stream_prefill_batches"] == [1, 1]
+    with pytest.raises(RuntimeError, match="full batch of 2"):  # the streams never decoded together long enough
+        full_batch_window([stream(0.5, 1.0, 0.1), stream(0.9, 1.5, 0.1)], steps, prompt_tokens=16)
