@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import statistics
@@ -52,7 +53,7 @@ from services.engine.engine import Engine
 from services.launcher import Cluster, ClusterSpec
 from services.runtime.step_log import read_step_log
 from services.runtime.worker import engine_from_flags, worker_parser
-from services.tiny_models import IN_MEMORY_ONLY, SPECS, build_tokenizer, get_model, hf_config, spec_key
+from services.tiny_models import IN_MEMORY_ONLY, SPECS, build_model, built_once, get_model, spec_key
 
 from .engine import _prompts, engine_trial
 from .loadgen import percentile
@@ -64,30 +65,10 @@ def checkpoint_folder(model: str, dtype: str, device: str) -> str:
         return model
     if model not in IN_MEMORY_ONLY:
         return get_model(model)
-    import transformers
-
-    root = os.path.join(cache_dir(), "models")
-    folder = os.path.join(root, f"{spec_key(model)}-{dtype}")
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{spec_key(model)}-", dir=root)
-    try:
-        build_tokenizer(tmp)
-        torch.manual_seed(0)
-        with torch.device(device):  # initialised where it will run: minutes faster than on the CPU
-            hf = transformers.AutoModelForCausalLM.from_config(hf_config(model), dtype=getattr(torch, dtype))
-        hf.save_pretrained(tmp)
-        del hf
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()  # the workers, other processes, load it on the same GPU
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first
-            if not os.path.exists(os.path.join(folder, "config.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    folder = os.path.join(cache_dir(), "models", f"{spec_key(model)}-{dtype}")
+    built_once(folder, lambda tmp: build_model(model, tmp, dtype=dtype, device=device))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the workers, other processes, load it on the same GPU
     return folder
 
 
@@ -170,7 +151,7 @@ def full_batch_window(streams: list[list[tuple[float, int]]], steps: list[dict],
     tpots = [window_tpot(arrivals, start, end) for arrivals in streams]
     window = [step for step in steps if step["kind"] == "decode" and start <= step["t"] <= end]
     full = [step for step in window if step["batch"] == batch]
-    if len(full) < 8 or any(t != t for t in tpots):
+    if len(full) < 8 or any(math.isnan(t) for t in tpots):
         raise RuntimeError(
             f"{len(full)} decode steps ran at the full batch of {batch} (largest: "
             f"{max((step['batch'] for step in window), default=0)}; every stream decoding for {end - start:.2f} s): "

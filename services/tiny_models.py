@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 
 from services.common.paths import cache_dir
 
@@ -191,17 +192,47 @@ def spec_key(name: str) -> str:
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def build_model(name: str, folder: str, seed: int = 0, max_shard_size: str | None = None) -> None:
+def build_model(
+    name: str,
+    folder: str,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> None:
+    """Spec `name` with random weights (initialised on `device`: a full-size one is minutes faster
+    on a GPU) and the tokenizer, saved to `folder`."""
     import torch
     import transformers
 
     build_tokenizer(folder)
     config = hf_config(name)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     model.generation_config.save_pretrained(folder)
+
+
+def built_once(folder: str, build: Callable[[str], None]) -> str:
+    """`folder`, built by `build` (given a fresh folder) unless it is there: safe across processes,
+    which see a whole checkpoint or none."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    root = os.path.dirname(folder)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=root)
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first
+            if not os.path.exists(os.path.join(folder, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def get_model(name: str = "llama", root: str | None = None, max_shard_size: str | None = None) -> str:
@@ -211,21 +242,7 @@ def get_model(name: str = "llama", root: str | None = None, max_shard_size: str 
         raise ValueError(f"unknown test model {name!r}; known: {', '.join(known)}")
     root = root or os.path.join(cache_dir(), "models")
     key = spec_key(name) + (f"-sharded{max_shard_size}" if max_shard_size else "")
-    folder = os.path.join(root, key)
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
-    try:
-        build_model(name, tmp, max_shard_size=max_shard_size)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first
-            if not os.path.exists(os.path.join(folder, "config.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return built_once(os.path.join(root, key), lambda tmp: build_model(name, tmp, max_shard_size=max_shard_size))
 
 
 DEFAULT_SERVED_NAME = "pdserve-tiny-llama"  # the embedded model's name in the APIs
